@@ -1,0 +1,1 @@
+"""Contracts shared by the engine and the gateway (torch-free)."""

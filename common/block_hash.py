@@ -1,0 +1,32 @@
+"""Prefix block hashing: the contract shared by the engine's prefix cache and the gateway's router.
+
+Block i of a token sequence (block size B) hashes to
+    h_i = xxh64(h_{i-1} as 8 little-endian bytes || token ids of block i as int64 little-endian)
+with no prefix for block 0. Only full blocks are hashed. Torch-free on purpose (the gateway image has no torch).
+"""
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+import xxhash
+
+
+def hash_block(token_ids: Sequence[int], parent: int | None = None) -> int:
+    """Hash one full block of token ids, chained to the previous block's hash (None for block 0)."""
+    h = xxhash.xxh64()
+    if parent is not None:
+        h.update(struct.pack("<Q", parent))
+    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return h.intdigest()
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None = None) -> list[int]:
+    """Chained hashes of every full block of `token_ids` (a trailing partial block is not hashed)."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    hashes: list[int] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(token_ids[start:start + block_size], parent)
+        hashes.append(parent)
+    return hashes

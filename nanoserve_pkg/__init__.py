@@ -1,0 +1,1 @@
+"""nanoserve: a compact, Kubernetes-native LLM serving platform."""
