@@ -1,0 +1,1 @@
+"""Kernels for the paged KV cache: Triton on GPU, plain-PyTorch references everywhere."""

@@ -1,0 +1,25 @@
+"""Supported architectures (config.json "architectures") and the decoder switches each one sets."""
+from nanoserve.engine_pod.errors import ModelLoadError
+from nanoserve.engine_pod.models.decoder import DecoderForCausalLM
+
+
+def _switches(arch: str, cfg: dict) -> dict:
+    bias = bool(cfg.get("attention_bias", False))
+    if arch == "Qwen3ForCausalLM":
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
+    if arch == "Qwen2ForCausalLM":
+        return dict(qkv_bias=True, o_bias=False, qk_norm=False)
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)  # LlamaForCausalLM
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:
+    archs = cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type"), cfg.get("model_type"))]
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise ModelLoadError(f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return DecoderForCausalLM(cfg, max_position, **_switches(arch, cfg))

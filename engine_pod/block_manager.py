@@ -1,0 +1,142 @@
+"""Paged KV-cache bookkeeping with prefix caching.
+
+Blocks hold `block_size` tokens of KV. A block that is full gets a chained hash (common.block_hash) and is
+entered in `hash_to_block`, so a later sequence with the same prefix reuses it instead of recomputing it.
+Freed blocks keep their hash (lazy eviction) and stay hit-able until they are handed out again; the least
+recently freed block is handed out first.
+"""
+from collections import OrderedDict
+
+from nanoserve.common.block_hash import hash_block
+from nanoserve.engine_pod.sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()  # kept to verify a hash hit (hash collisions must not leak KV)
+
+
+class BlockManager:
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.hash_to_block: dict[int, int] = {}
+        self.free_block_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.record_events = False              # the server turns this on to feed /v1/cache/events
+        self.events: list[tuple[str, int]] = []  # ("stored" | "removed", block hash)
+        self.prefix_queries = 0                  # tokens looked up in the prefix cache
+        self.prefix_hits = 0                     # of those, tokens found
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    # ---- prefix cache -------------------------------------------------------------------------
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the longest cached prefix of `seq`. The last token is always left to compute,
+        since its logits are needed."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, parent, B = [], None, self.block_size
+        for i in range((seq.num_tokens - 1) // B):
+            tokens = tuple(seq.token_ids[i * B:(i + 1) * B])
+            parent = hash_block(tokens, parent)
+            block_id = self.hash_to_block.get(parent)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def _take_free_block(self) -> Block:
+        block_id, _ = self.free_block_ids.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict: its KV is about to be overwritten
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+                if self.record_events:
+                    self.events.append(("removed", block.hash))
+            block.hash, block.token_ids = None, ()
+        block.ref_count = 1
+        return block
+
+    def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Hash the blocks that `num_tokens` computed tokens fill, so later requests can hit them."""
+        B = self.block_size
+        while len(seq.block_hashes) < num_tokens // B:
+            i = len(seq.block_hashes)
+            tokens = tuple(seq.token_ids[i * B:(i + 1) * B])
+            h = hash_block(tokens, seq.block_hashes[-1] if i else None)
+            seq.block_hashes.append(h)
+            if not self.enable_prefix_caching:
+                continue
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self.hash_to_block:
+                block.hash, block.token_ids = h, tokens
+                self.hash_to_block[h] = block.block_id
+                if self.record_events:
+                    self.events.append(("stored", h))
+
+    # ---- allocation ---------------------------------------------------------------------------
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> int:
+        """Free blocks that admitting/extending `seq` by `num_new_tokens` would consume."""
+        have = len(seq.block_table) or len(hits)
+        computed = seq.num_computed_tokens or len(hits) * self.block_size
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # cached but free: leaves the free list
+        return max(0, self.blocks_for(computed + num_new_tokens) - have) + revived
+
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
+        return self.blocks_needed(seq, num_new_tokens, hits) <= self.num_free_blocks
+
+    def take_prefix(self, seq: Sequence, hits: list[int]) -> None:
+        """Admit `seq` with its cached prefix: share the hit blocks and skip their computation."""
+        assert not seq.block_table
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free_block_ids[block_id]
+            block.ref_count += 1
+            seq.block_table.append(block_id)
+        seq.block_hashes = [self.blocks[b].hash for b in hits]
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        self.prefix_queries += seq.num_tokens
+        self.prefix_hits += seq.num_cached_tokens
+
+    def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Give `seq` blocks for its next `num_new_tokens` tokens (caller checked `can_allocate`)."""
+        end = seq.num_computed_tokens + num_new_tokens
+        while len(seq.block_table) < self.blocks_for(end):
+            seq.block_table.append(self._take_free_block().block_id)
+        self._register_full_blocks(seq, end)
+
+    def free(self, seq: Sequence) -> None:
+        """Release `seq`'s blocks. Tail blocks are freed first so they are evicted before the shared head."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block_id} freed twice"
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+        seq.block_table = []
+        seq.block_hashes = []
+        seq.num_computed_tokens = 0
+
+    def cached_hashes(self) -> list[int]:
+        """Every hash a new request could hit now (the snapshot of the cache-state feed)."""
+        return list(self.hash_to_block)
+
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / max(1, self.num_blocks)

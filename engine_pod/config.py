@@ -1,0 +1,71 @@
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoserve.engine_pod.errors import ConfigError, ModelLoadError
+
+
+@dataclass
+class Config:
+    """Every engine knob in one place. `model` is a Hugging Face folder (or "smollm2-135m")."""
+    model: str
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192     # tokens per step, prefill chunks and decodes together
+    kvcache_block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    enforce_eager: bool = False
+    device: str | None = None              # None: cuda when available, else cpu
+    dtype: str | None = None               # None: bfloat16 on GPU, float32 on CPU
+    enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"        # "fcfs" or "priority"
+    num_kvcache_blocks: int = -1           # -1: size the cache from free memory
+    cpu_kvcache_gib: float = 1.0           # KV-cache budget on CPU, where free memory is not measured
+    attention_backend: str | None = None   # None: auto ("torch" on CPU, "flash_attn" when installed)
+    seed: int = 0
+    hf_config: dict = field(default_factory=dict, repr=False)
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        from nanoserve.engine_pod.default_model import resolve_model
+        self.model = resolve_model(self.model)
+        path = os.path.join(self.model, "config.json")
+        if not os.path.isfile(path):
+            raise ModelLoadError(f"no config.json in model folder {self.model!r}")
+        self.hf_config = _read_json(self.model, "config.json")
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype is None:
+            self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.kvcache_block_size < 1:
+            raise ConfigError(f"kvcache_block_size must be >= 1, got {self.kvcache_block_size}")
+        if self.scheduling_policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
+        if not 1 <= self.tensor_parallel_size <= 8:
+            raise ConfigError(f"tensor_parallel_size must be in 1..8, got {self.tensor_parallel_size}")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        hf_max = self.hf_config.get("max_position_embeddings")
+        if hf_max:
+            self.max_model_len = min(self.max_model_len, hf_max)
+        self.eos_token_ids = sorted(_eos_ids(self.hf_config) | _eos_ids(_read_json(self.model, "generation_config.json")))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def _read_json(folder: str, name: str) -> dict:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _eos_ids(cfg: dict) -> set[int]:
+    eos = cfg.get("eos_token_id")
+    return {e for e in (eos if isinstance(eos, list) else [eos]) if e is not None}

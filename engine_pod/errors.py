@@ -1,0 +1,21 @@
+"""Typed exceptions: bad input fails loudly, before it can take KV blocks or a queue slot."""
+
+
+class NanoserveError(Exception):
+    """Base class of every error nanoserve raises on purpose."""
+
+
+class InvalidRequestError(NanoserveError, ValueError):
+    """A request (prompt or sampling parameters) that can never be served as given."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ModelLoadError(NanoserveError):
+    """A model folder that is missing, incomplete, or of an architecture we do not support."""
+
+
+class ConfigError(NanoserveError, ValueError):
+    """Engine settings that do not fit together (or do not fit the model)."""

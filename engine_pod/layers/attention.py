@@ -1,0 +1,57 @@
+"""Paged attention with one small backend seam: "torch" (reference, any device), "flash_attn" (GPU).
+
+Every backend does the same two things per layer: store the new tokens' k/v into the paged cache, then
+attend each sequence's new queries over its cached context. The Triton backend plugs in here.
+"""
+import torch
+from torch import nn
+
+from nanoserve.engine_pod.context import get_context
+from nanoserve.kernels.attention_ref import paged_attention_ref, store_kvcache_ref
+
+
+def flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def pick_backend(requested: str | None, device: str, block_size: int) -> str:
+    if requested:
+        return requested
+    if device.startswith("cuda") and block_size % 256 == 0 and flash_attn_available():
+        return "flash_attn"
+    return "torch"
+
+
+class Attention(nn.Module):
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale, self.num_kv_heads = num_heads, head_dim, scale, num_kv_heads
+        self.backend = "torch"
+        self.k_cache = self.v_cache = torch.tensor([])  # bound to the runner's cache after allocation
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim]."""
+        ctx = get_context()
+        if self.backend == "flash_attn":
+            return self._flash_attn(q, k, v, ctx)
+        store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        return paged_attention_ref(q, self.k_cache, self.v_cache, ctx.query_lens_list, ctx.context_lens_list,
+                                   ctx.block_tables, self.scale)
+
+    def _flash_attn(self, q, k, v, ctx):
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+        store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_decode:
+            return flash_attn_with_kvcache(q.unsqueeze(1), self.k_cache, self.v_cache,
+                                           cache_seqlens=ctx.context_lens, block_table=ctx.block_tables,
+                                           softmax_scale=self.scale, causal=True).squeeze(1)
+        cu_k = torch.nn.functional.pad(ctx.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return flash_attn_varlen_func(q, self.k_cache, self.v_cache, cu_seqlens_q=ctx.cu_seqlens_q,
+                                      cu_seqlens_k=cu_k, max_seqlen_q=ctx.max_seqlen_q,
+                                      max_seqlen_k=ctx.max_seqlen_k, softmax_scale=self.scale, causal=True,
+                                      block_table=ctx.block_tables)

@@ -1,0 +1,50 @@
+"""Rotary position embedding (neox style, as Llama/Qwen), with Llama-3 and linear frequency scaling."""
+import math
+
+import torch
+from torch import nn
+
+
+def rope_parameters(hf_config: dict) -> tuple[float, dict]:
+    """(theta, scaling) from a config.json, in either the transformers 4 or 5 spelling."""
+    params = hf_config.get("rope_parameters") or {}
+    theta = hf_config.get("rope_theta") or params.get("rope_theta") or 10000.0
+    scaling = hf_config.get("rope_scaling") or params
+    return float(theta), dict(scaling or {})
+
+
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
+                               torch.where(wavelen < old_len / high, inv_freq, smoothed))
+    elif kind != "default":
+        raise NotImplementedError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+
+    def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict):
+        super().__init__()
+        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, -1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)

@@ -1,0 +1,165 @@
+"""The engine: requests in, tokens out, one `step()` at a time.
+
+`add_request` validates and queues; `step` schedules a batch, runs it on every rank and applies the
+sampled tokens; `abort` drops a request and frees its blocks at once. `LLM.generate` (llm.py) and the
+HTTP server both drive this class.
+"""
+import atexit
+import multiprocessing as mp
+import os
+import socket
+import time
+import uuid
+from multiprocessing.shared_memory import SharedMemory
+
+from transformers import AutoTokenizer
+
+from nanoserve.engine_pod.block_manager import BlockManager
+from nanoserve.engine_pod.config import Config
+from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.model_runner import ModelRunner, StepInputs, TPLink, worker_main
+from nanoserve.engine_pod.sampler import Sampler
+from nanoserve.engine_pod.sampling_params import SamplingParams
+from nanoserve.engine_pod.scheduler import Scheduler
+from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.stop import StopChecker
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LLMEngine:
+
+    def __init__(self, model: str, **kwargs):
+        config = Config(model, **kwargs)
+        self.config = config
+        self.workers, self.shm = [], None
+        link = None
+        if config.tensor_parallel_size > 1:
+            self.shm, link = self._start_workers(config)
+        self.model_runner = ModelRunner(config, 0, link)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self.sampler = Sampler(self.model_runner.device)
+        self.stop_checker = StopChecker(self.tokenizer)
+        self.requests: dict[int, Sequence] = {}
+        self._closed = False
+        atexit.register(self.exit)
+
+    def _start_workers(self, config: Config):
+        # Unique names: two engines on one host must not share a segment or a port.
+        name = f"nanoserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        blocks_per_seq = -(-config.max_model_len // config.kvcache_block_size)
+        size = 2**20 + 16 * (4 * config.max_num_batched_tokens + config.max_num_seqs * (blocks_per_seq + 4))
+        shm = SharedMemory(name=name, create=True, size=size)
+        ctx = mp.get_context("spawn")
+        link = TPLink(port=_free_port(), shm_name=name, events=[ctx.Event() for _ in range(1, config.tensor_parallel_size)])
+        # Workers must not put the current directory on sys.path: our operator/ folder shadows the stdlib's.
+        os.environ.setdefault("PYTHONSAFEPATH", "1")
+        for rank in range(1, config.tensor_parallel_size):
+            proc = ctx.Process(target=worker_main, args=(config, rank, link), daemon=True)
+            proc.start()
+            self.workers.append(proc)
+        return shm, link
+
+    def exit(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.model_runner.call("exit")
+        for proc in self.workers:
+            proc.join(timeout=30)
+        if self.shm is not None:
+            self.shm.close()
+            self.shm.unlink()
+        atexit.unregister(self.exit)
+
+    # ---- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) and 0 <= t < self.config.hf_config["vocab_size"] for t in prompt):
+            raise InvalidRequestError("prompt token ids must be integers in [0, vocab_size)", "prompt")
+        return list(prompt)
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Validate one request and turn it into a Sequence (not yet queued)."""
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        limit = self.config.max_model_len
+        if len(token_ids) >= limit:
+            raise InvalidRequestError(f"prompt has {len(token_ids)} tokens; this engine's max_model_len is {limit}, "
+                                      "which must leave room for at least one generated token", "prompt")
+        need = self.block_manager.blocks_for(min(len(token_ids) + params.max_tokens, limit))
+        if need > self.block_manager.num_blocks:
+            raise InvalidRequestError(f"request needs {need} KV-cache blocks but the cache has only "
+                                      f"{self.block_manager.num_blocks}; lower max_tokens or the prompt", "max_tokens")
+        return Sequence(token_ids, params, arrival=time.monotonic())
+
+    def add_sequence(self, seq: Sequence) -> None:
+        self.requests[seq.seq_id] = seq
+        self.scheduler.add(seq)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        seq = self.make_sequence(prompt, params)
+        self.add_sequence(seq)
+        return seq
+
+    def abort(self, seq_id: int) -> None:
+        """Drop a request wherever it is; its blocks are free when this returns."""
+        seq = self.requests.pop(seq_id, None)
+        if seq is not None and not seq.is_finished:
+            seq.finish_reason = "abort"
+            self.scheduler.finish(seq)
+            self.sampler.forget(seq_id)
+
+    def has_unfinished(self) -> bool:
+        return not self.scheduler.is_finished()
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _inputs(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
+        B = self.config.kvcache_block_size
+        x = StepInputs([], [], [], [0], [], [], [])
+        sampling = []
+        for seq, n in batch:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            x.input_ids += seq.token_ids[start:end]
+            x.positions += range(start, end)
+            x.slot_mapping += [seq.block_table[p // B] * B + p % B for p in range(start, end)]
+            x.cu_seqlens_q.append(x.cu_seqlens_q[-1] + n)
+            x.context_lens.append(end)
+            x.block_tables.append(seq.block_table)
+            if end == seq.num_tokens:  # the prompt is done: this step yields a token
+                x.logits_indices.append(x.cu_seqlens_q[-1] - 1)
+                sampling.append(seq)
+        return x, sampling
+
+    def step(self) -> list[Sequence]:
+        """Run one batch. Returns the sequences that got a token (finished ones have `finish_reason`)."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            if self.has_unfinished():
+                raise RuntimeError("scheduler made no progress although requests are pending")
+            return []
+        inputs, sampling = self._inputs(batch)
+        logits = self.model_runner.call("run", inputs)
+        tokens = self.sampler(logits, [s.params for s in sampling], [s.seq_id for s in sampling]) if sampling else []
+        self.scheduler.postprocess(batch, {s.seq_id: t for s, t in zip(sampling, tokens)})
+        for seq in sampling:
+            if not seq.is_finished and self.stop_checker.hit(seq):
+                seq.finish_reason = "stop"
+                self.scheduler.finish(seq)
+            if seq.is_finished:
+                self.requests.pop(seq.seq_id, None)
+                self.sampler.forget(seq.seq_id)
+        return sampling
+
+    def decode(self, seq: Sequence) -> str:
+        """The completion text, cut before a matched stop string."""
+        return self.stop_checker.text(seq)

@@ -1,0 +1,46 @@
+"""Load Hugging Face safetensors into a (possibly tensor-parallel) model; each parameter loads its shard."""
+import glob
+import os
+
+from safetensors import safe_open
+from torch import nn
+
+from nanoserve.engine_pod.errors import ModelLoadError
+
+
+def load_model(model: nn.Module, path: str) -> None:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weights in model folder {path!r}")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules_mapping", {})
+    loaded: set[str] = set()
+    for file in files:
+        with safe_open(file, "pt", "cpu") as f:
+            for name in f.keys():
+                target, shard = _target(name, packed)
+                if target not in params:
+                    continue  # e.g. rotary inv_freq buffers, or lm_head.weight of a tied model
+                param = params[target]
+                loader = getattr(param, "weight_loader", None)
+                tensor = f.get_tensor(name)
+                if loader is None:
+                    param.data.copy_(tensor)
+                elif shard is None:
+                    loader(param, tensor)
+                else:
+                    loader(param, tensor, shard)
+                loaded.add(target)
+    if getattr(model, "tie_word_embeddings", False):
+        loaded.add("lm_head.weight")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ModelLoadError(f"weights missing from {path!r}: {', '.join(missing[:5])}"
+                             + (" ..." if len(missing) > 5 else ""))
+
+
+def _target(name: str, packed: dict) -> tuple[str, object]:
+    for hf_name, (ours, shard) in packed.items():
+        if f".{hf_name}." in name:
+            return name.replace(f".{hf_name}.", f".{ours}."), shard
+    return name, None

@@ -1,0 +1,174 @@
+"""Runs the model, one step at a time, on one rank; owns the paged KV cache.
+
+Tensor parallelism (Nano-vLLM's scheme): rank 0 lives in the engine process and drives. Ranks 1..N-1
+are spawned processes that loop in `worker_main`, each waiting on its event for the next command,
+which rank 0 pickles into a shared-memory segment. The model's collectives (torch.distributed: gloo on
+CPU, NCCL on GPU) keep the ranks in lockstep inside each forward.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+
+import torch
+import torch.distributed as dist
+
+from nanoserve.engine_pod.config import Config
+from nanoserve.engine_pod.context import Context, set_context
+from nanoserve.engine_pod.layers.attention import Attention, pick_backend
+from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
+from nanoserve.engine_pod.loader import load_model
+from nanoserve.engine_pod.models import build_model
+
+
+@dataclass
+class StepInputs:
+    """One step's batch as plain lists: cheap to pickle to the workers, turned into tensors on each rank."""
+    input_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    cu_seqlens_q: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    logits_indices: list[int]  # rows whose logits are needed (last token of each sequence that samples)
+
+
+@dataclass
+class TPLink:
+    """How rank 0 reaches its workers: a free TCP port for the process group, one shm segment, events."""
+    port: int
+    shm_name: str
+    events: list
+
+
+class ModelRunner:
+
+    def __init__(self, config: Config, rank: int, link: TPLink | None = None):
+        self.config, self.rank, self.world = config, rank, config.tensor_parallel_size
+        self.link = link
+        self.device = torch.device(f"cuda:{rank}" if config.device.startswith("cuda") else config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{link.port}",
+                                    world_size=self.world, rank=rank)
+        set_tensor_parallel(rank, self.world)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(config.torch_dtype)
+        with torch.device(self.device):
+            self.model = build_model(config.hf_config, config.max_model_len)
+        torch.set_default_dtype(default_dtype)
+        load_model(self.model, config.model)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        backend = pick_backend(config.attention_backend, config.device, config.kvcache_block_size)
+        for layer in self.attention_layers:
+            layer.backend = backend
+        self.num_kvcache_blocks = self._allocate_kv_cache()
+        if self.world > 1:
+            self.shm = SharedMemory(name=link.shm_name)
+            dist.barrier()
+
+    # ---- KV cache -----------------------------------------------------------------------------
+    def _block_bytes(self) -> int:
+        a = self.attention_layers[0]
+        dtype_size = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        return 2 * len(self.attention_layers) * self.config.kvcache_block_size * a.num_kv_heads * a.head_dim * dtype_size
+
+    def _allocate_kv_cache(self) -> int:
+        cfg = self.config
+        if cfg.num_kvcache_blocks > 0:
+            num_blocks = cfg.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            stats = torch.cuda.memory_stats(self.device)
+            peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+            activations = self._activation_estimate()
+            num_blocks = int(total * cfg.gpu_memory_utilization - (total - free) - activations
+                             - (peak - current)) // self._block_bytes()
+        else:
+            num_blocks = int(cfg.cpu_kvcache_gib * 2**30) // self._block_bytes()
+        if self.world > 1:  # every rank must agree on the block count
+            t = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            num_blocks = int(t.item())
+        if num_blocks < 1:
+            from nanoserve.engine_pod.errors import ConfigError
+            raise ConfigError("no memory left for the KV cache: raise gpu_memory_utilization or lower max_model_len")
+        a = self.attention_layers[0]
+        self.kv_cache = torch.empty(2, len(self.attention_layers), num_blocks, cfg.kvcache_block_size,
+                                    a.num_kv_heads, a.head_dim, dtype=cfg.torch_dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
+
+    def _activation_estimate(self) -> int:
+        """Bytes a full step's activations may take: a generous multiple of the widest hidden state."""
+        hf = self.config.hf_config
+        width = max(hf["hidden_size"] * 4, hf["intermediate_size"] * 2 // self.world)
+        dtype_size = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        return self.config.max_num_batched_tokens * width * dtype_size * 4
+
+    # ---- one step -----------------------------------------------------------------------------
+    def _to_device(self, values, dtype=torch.int64) -> torch.Tensor:
+        t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return t.to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Forward one batch; rank 0 gets the logits of `inputs.logits_indices`, other ranks None."""
+        query_lens = [b - a for a, b in zip(inputs.cu_seqlens_q, inputs.cu_seqlens_q[1:])]
+        width = max(map(len, inputs.block_tables))
+        tables = [t + [-1] * (width - len(t)) for t in inputs.block_tables]
+        set_context(Context(
+            slot_mapping=self._to_device(inputs.slot_mapping),
+            cu_seqlens_q=self._to_device(inputs.cu_seqlens_q, torch.int32),
+            context_lens=self._to_device(inputs.context_lens, torch.int32),
+            block_tables=self._to_device(tables, torch.int32),
+            max_seqlen_q=max(query_lens), max_seqlen_k=max(inputs.context_lens),
+            query_lens_list=query_lens, context_lens_list=inputs.context_lens,
+            is_decode=max(query_lens) == 1))
+        hidden = self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions))
+        logits = self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
+        set_context(None)
+        return logits
+
+    # ---- leader/worker plumbing ---------------------------------------------------------------
+    def call(self, method: str, *args):
+        """Run `method` on every rank (rank 0 broadcasts it through shared memory first)."""
+        if self.world > 1 and self.rank == 0:
+            data = pickle.dumps((method, args))
+            if len(data) + 4 > self.shm.size:
+                raise RuntimeError(f"step command of {len(data)} bytes exceeds the shared-memory segment")
+            self.shm.buf[:4] = len(data).to_bytes(4, "little")
+            self.shm.buf[4:4 + len(data)] = data
+            for event in self.link.events:
+                event.set()
+        return getattr(self, method)(*args)
+
+    def _read_command(self):
+        event = self.link.events[self.rank - 1]
+        event.wait()
+        n = int.from_bytes(self.shm.buf[:4], "little")
+        method, args = pickle.loads(self.shm.buf[4:4 + n])
+        event.clear()
+        return method, args
+
+    def loop(self) -> None:
+        while True:
+            method, args = self._read_command()
+            getattr(self, method)(*args)
+            if method == "exit":
+                break
+
+    def exit(self) -> None:
+        if self.world > 1:
+            self.shm.close()
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def worker_main(config: Config, rank: int, link: TPLink) -> None:
+    """Entry point of a spawned tensor-parallel worker (rank >= 1)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+    ModelRunner(config, rank, link).loop()

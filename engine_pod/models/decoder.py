@@ -1,0 +1,113 @@
+"""The decoder-only transformer shared by Llama, Qwen2 and Qwen3; they differ only in small switches.
+
+Switches: `qkv_bias` (Qwen2), `qk_norm` (Qwen3: RMSNorm on each head of q and k before rotary),
+`o_bias` (Llama with attention_bias). Weights load from Hugging Face names through
+`packed_modules_mapping` (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+"""
+import torch
+from torch import nn
+
+from nanoserve.engine_pod.layers.activation import SiluAndMul
+from nanoserve.engine_pod.layers.attention import Attention
+from nanoserve.engine_pod.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanoserve.engine_pod.layers.layernorm import RMSNorm
+from nanoserve.engine_pod.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanoserve.engine_pod.layers.rotary import RotaryEmbedding, rope_parameters
+
+
+class DecoderAttention(nn.Module):
+
+    def __init__(self, cfg: dict, max_position: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        self.head_dim = cfg.get("head_dim") or hidden // heads
+        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, kv_heads, bias=qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=o_bias)
+        self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, *rope_parameters(cfg))
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], -1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        return self.o_proj(self.attn(q, k, v).flatten(1))
+
+
+class DecoderMLP(nn.Module):
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+
+    def __init__(self, cfg: dict, max_position: int, **switches):
+        super().__init__()
+        eps = cfg.get("rms_norm_eps", 1e-6)
+        self.self_attn = DecoderAttention(cfg, max_position, **switches)
+        self.mlp = DecoderMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("mlp_bias", False))
+        self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
+        self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
+
+    def forward(self, positions, x, residual):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+
+    def __init__(self, cfg: dict, max_position: int, **switches):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
+        self.layers = nn.ModuleList(DecoderLayer(cfg, max_position, **switches)
+                                    for _ in range(cfg["num_hidden_layers"]))
+        self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class DecoderForCausalLM(nn.Module):
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: dict, max_position: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+        super().__init__()
+        self.model = DecoderModel(cfg, max_position, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm)
+        self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"])
+        self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head(hidden)

@@ -1,0 +1,126 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each computes.
+
+One rule covers prefill and decode: a scheduled sequence computes its next
+`min(num_tokens - num_computed_tokens, budget)` tokens, so long prompts are chunked and prefill chunks
+share a step with decodes under `max_num_batched_tokens`. Running sequences go first (decodes keep
+flowing), then waiting ones are admitted while blocks, seats and budget last. When a running sequence
+needs a block and none is free, the least important running sequence is preempted (its blocks freed, its
+tokens recomputed later, cheaply when its prefix is still cached).
+"""
+import bisect
+from collections.abc import Callable
+
+from nanoserve.engine_pod.block_manager import BlockManager
+from nanoserve.engine_pod.config import Config
+from nanoserve.engine_pod.sequence import Sequence, SequenceStatus
+
+
+# Ordering policies: a sort key, smaller runs first and is preempted last.
+def fcfs_key(seq: Sequence) -> tuple:
+    return (seq.arrival, seq.seq_id)
+
+
+def priority_key(seq: Sequence) -> tuple:
+    return (seq.params.priority, seq.arrival, seq.seq_id)
+
+
+POLICIES: dict[str, Callable[[Sequence], tuple]] = {"fcfs": fcfs_key, "priority": priority_key}
+
+
+class Scheduler:
+
+    def __init__(self, config: Config, block_manager: BlockManager):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.eos_token_ids = set(config.eos_token_ids)
+        self.key = POLICIES[config.scheduling_policy]
+        self.block_manager = block_manager
+        self.waiting: list[Sequence] = []   # sorted by self.key
+        self.running: list[Sequence] = []   # sorted by self.key
+        self.num_preemptions = 0
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        bisect.insort(self.waiting, seq, key=self.key)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """Pick this step's batch: (sequence, number of tokens to compute now) pairs."""
+        budget = self.max_num_batched_tokens
+        batch: list[tuple[Sequence, int]] = []
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.can_allocate(seq, n):
+                victim = self.running[-1]  # the least important running sequence
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                self.block_manager.allocate(seq, n)
+                batch.append((seq, n))
+                budget -= n
+                i += 1
+
+        # No admissions in a step that preempted: memory is tight, let the running ones finish first.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            hits = self.block_manager.find_cached_prefix(seq)
+            n = min(seq.num_tokens - len(hits) * self.block_manager.block_size, budget)
+            if not self.block_manager.can_allocate(seq, n, hits):
+                break
+            self.waiting.pop(0)
+            self.block_manager.take_prefix(seq, hits)
+            self.block_manager.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=self.key)
+            batch.append((seq, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(seq)
+
+    def postprocess(self, batch: list[tuple[Sequence, int]], token_ids: dict[int, int]) -> list[Sequence]:
+        """Advance the computed counts, append sampled tokens (`seq_id -> token`), retire finished ones."""
+        finished = []
+        for seq, n in batch:
+            seq.num_computed_tokens += n
+            token = token_ids.get(seq.seq_id)
+            if token is None:  # a prefill chunk that did not reach the end of the prompt
+                continue
+            seq.append_token(token)
+            reason = self._stop_reason(seq, token)
+            if reason:
+                seq.finish_reason = reason
+                self.finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
+            return "stop"
+        if seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        """Retire `seq` (finished, stopped by a stop string, or aborted) and free its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED

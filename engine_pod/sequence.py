@@ -1,0 +1,60 @@
+from enum import Enum, auto
+from itertools import count
+
+from nanoserve.engine_pod.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """One request: its tokens, how many of them have KV in the cache, and the blocks holding that KV.
+
+    Prefill and decode are the same thing here: each step computes `num_tokens - num_computed_tokens`
+    tokens (or a chunk of them); a decode step is simply one token.
+    """
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], params: SamplingParams, arrival: float = 0.0):
+        self.seq_id = next(Sequence._ids)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.num_computed_tokens = 0   # tokens whose KV is in the cache (prefix hits included)
+        self.num_cached_tokens = 0     # of those, tokens found in the prefix cache at admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks registered so far
+        self.params = params
+        self.arrival = arrival
+        self.finish_reason: str | None = None  # "stop", "length" or "abort"
+        self.num_preemptions = 0
+        self.generator = None  # torch.Generator for seeded sampling, made by the sampler
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

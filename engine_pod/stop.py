@@ -1,0 +1,23 @@
+"""Stop strings: detect them in the generated text and cut the text before them."""
+from nanoserve.engine_pod.sequence import Sequence
+
+
+class StopChecker:
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def hit(self, seq: Sequence) -> bool:
+        """Whether the newest token completed one of `seq`'s stop strings."""
+        stops = seq.params.stop
+        if not stops:
+            return False
+        # A stop string of L characters ends within the last L tokens (plus a few for multi-token characters).
+        window = seq.completion_token_ids[-(max(map(len, stops)) + 4):]
+        tail = self.tokenizer.decode(window, skip_special_tokens=True)
+        return any(s in tail for s in stops)
+
+    def text(self, seq: Sequence) -> str:
+        text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=len(text))
+        return text[:cut]

@@ -1,0 +1,57 @@
+"""Fixtures shared by every suite: tiny random Hugging Face models built on the spot, with fixed seeds."""
+import json
+import os
+
+import pytest
+
+
+def build_tokenizer(folder: str, vocab_size: int) -> None:
+    """A word-level tokenizer over the words w0..w{V-1}, saved as a Hugging Face fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1", bos_token="w2")
+    fast.chat_template = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
+                          "{% if add_generation_prompt %}w5{% endif %}")
+    fast.save_pretrained(folder)
+
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.25, eos_token_id=None,
+            bos_token_id=None, pad_token_id=None)
+
+
+def build_tiny_model(folder: str, arch: str, seed: int = 0, **overrides) -> str:
+    """Save a small random model of `arch` ("llama", "qwen2", "qwen3") with its tokenizer into `folder`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    params = {**TINY, **overrides}
+    if arch == "qwen3":
+        params.setdefault("head_dim", 32)
+    cfg = AutoConfig.for_model(arch, **params)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.save_pretrained(folder)
+    build_tokenizer(folder, params["vocab_size"])
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """One tiny model folder per supported architecture. qwen2 has an odd vocabulary (padding under TP)
+    and biases; llama has tied embeddings."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "llama": build_tiny_model(str(root / "llama"), "llama", tie_word_embeddings=True),
+        "qwen2": build_tiny_model(str(root / "qwen2"), "qwen2", vocab_size=251, tie_word_embeddings=False),
+        "qwen3": build_tiny_model(str(root / "qwen3"), "qwen3", tie_word_embeddings=False),
+    }
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    from nanoserve.engine_pod.default_model import ensure_default_model
+    return ensure_default_model()
