@@ -1,0 +1,44 @@
+"""TP=2 on CPU (gloo, two processes: this one drives, a spawned worker follows through shared memory)
+gives the same greedy tokens as TP=1, for an odd vocabulary (padded shards) and qkv biases."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nanoserve.engine_pod import LLM, SamplingParams
+
+PROMPTS = [[3, 4, 5], list(range(10, 50)), [7] * 19]
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_tp2_equals_tp1(tiny_models, arch):
+    one = LLM(tiny_models[arch], num_kvcache_blocks=64)
+    expected = [o["token_ids"] for o in one.generate(PROMPTS, GREEDY)]
+    one.exit()
+    two = LLM(tiny_models[arch], tensor_parallel_size=2, num_kvcache_blocks=64, max_num_batched_tokens=32)
+    try:
+        assert [o["token_ids"] for o in two.generate(PROMPTS, GREEDY)] == expected
+        assert two.workers[0].is_alive()
+    finally:
+        two.exit()
+    assert not two.workers[0].is_alive()
+
+
+def test_two_tp_engines_on_one_host(tiny_models):
+    # Another process runs its own TP=2 engine while ours runs: shared-memory names and ports must differ.
+    script = (f"from nanoserve.engine_pod import LLM, SamplingParams\n"
+              f"llm = LLM({tiny_models['qwen3']!r}, tensor_parallel_size=2, num_kvcache_blocks=32)\n"
+              f"print(llm.generate([{PROMPTS[1]!r}], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))"
+              f"[0]['token_ids'])\nllm.exit()\n")
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONSAFEPATH": "1"})
+    ours = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
+    try:
+        mine = ours.generate([PROMPTS[1]], GREEDY)[0]["token_ids"]
+    finally:
+        ours.exit()
+    theirs, _ = other.communicate(timeout=300)
+    assert other.returncode == 0
+    assert theirs.strip() == str(mine)
