@@ -1,0 +1,70 @@
+"""What one engine's prefix cache holds, as far as the gateway knows.
+
+Precise mode: the engine's cache-event feed (snapshot, then stored/removed deltas) gives the exact set of
+block hashes it can hit. Approximate mode, while there is no feed: the blocks of the prompts the gateway
+routed to the engine, in an LRU bounded like a real cache.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+
+class CacheIndex:
+    def __init__(self, block_size: int = 16, approx_capacity: int = 1 << 16) -> None:
+        self.block_size = block_size  # replaced by the feed's snapshot: engines may differ
+        self.approx_capacity = approx_capacity
+        self.precise: set[int] | None = None  # None while no feed is live
+        self.approx: OrderedDict[int, None] = OrderedDict()
+
+    @property
+    def is_precise(self) -> bool:
+        return self.precise is not None
+
+    def apply(self, event: dict) -> None:
+        """Apply one cache-feed event."""
+        kind = event.get("type")
+        if kind == "snapshot":
+            self.block_size = int(event["block_size"])
+            self.precise = set(event["hashes"])
+            self.approx.clear()  # the feed now tells the truth
+        elif self.precise is None:
+            raise ValueError(f"cache feed sent {kind!r} before its snapshot")
+        elif kind == "stored":
+            self.precise.update(event["hashes"])
+        elif kind == "removed":
+            self.precise.difference_update(event["hashes"])
+        # Unknown event types are ignored: newer engines may send more.
+
+    def feed_lost(self) -> None:
+        """The feed ended, most likely because the engine stopped: its cache is gone."""
+        self.precise = None
+        self.approx.clear()
+
+    def reset(self) -> None:
+        """The engine went down: forget everything (a restarted engine starts cold)."""
+        self.feed_lost()
+
+    def record(self, hashes: Sequence[int]) -> None:
+        """Approximate mode: remember a prompt routed here. No-op while the feed is live."""
+        if self.precise is not None:
+            return
+        # Leaf first, root last: shared prefixes end up most recent, so eviction trims prompts from the tail.
+        for h in reversed(hashes):
+            self.approx[h] = None
+            self.approx.move_to_end(h)
+        while len(self.approx) > self.approx_capacity:
+            self.approx.popitem(last=False)
+
+    def match(self, hashes: Iterable[int]) -> int:
+        """Number of leading blocks of the prompt that this engine holds."""
+        held = self.precise if self.precise is not None else self.approx
+        n = 0
+        for h in hashes:
+            if h not in held:
+                break
+            n += 1
+        return n
+
+    def __len__(self) -> int:
+        return len(self.precise) if self.precise is not None else len(self.approx)

@@ -1,0 +1,47 @@
+"""Gateway configuration: routing thresholds in one dataclass, the rest (endpoints, health, retries) in another."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RoutingConfig:
+    """Thresholds of the cache-aware policy (prior art: sgl-router's cache_threshold 0.3, balance 64 abs / 1.5 rel)."""
+    # A cache match counts only if it covers at least this fraction of the prompt's full blocks.
+    cache_threshold: float = 0.3
+    # The best-matching engine is skipped when it is overloaded relative to the least-loaded one:
+    # load > min_load + balance_abs_threshold AND load > min_load * balance_rel_threshold.
+    balance_abs_threshold: int = 16
+    balance_rel_threshold: float = 1.5
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    engines: list[str] = field(default_factory=list)  # static engine base URLs
+    service: str | None = None        # Kubernetes Service whose EndpointSlices list the engines
+    namespace: str = "default"
+    port_name: str | None = None      # EndpointSlice port name (None: the first port)
+    scheme: str = "http"
+    model: str | None = None          # HF folder with the engines' tokenizer (None: route by load only)
+    served_model_name: str | None = None  # when set, requests for another model get 404
+    policy: str = "cache-aware"       # cache-aware | round-robin | least-loaded
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    block_size: int = 16              # until an engine's cache feed reports its own
+    approx_capacity_blocks: int = 1 << 16  # per-engine LRU bound of the approximate index
+    # Active health checks.
+    health_path: str = "/ready"
+    health_interval: float = 2.0
+    health_timeout: float = 2.0
+    unhealthy_threshold: int = 2      # consecutive failed probes before an engine is marked down
+    healthy_threshold: int = 1        # consecutive good probes before it is routed to again
+    metrics_interval: float = 2.0     # engine /metrics scrape period (waiting queue)
+    metrics_max_age: float = 5.0      # older scrapes are ignored
+    feed_retry_interval: float = 1.0  # reconnect delay of the cache-event feed
+    feed_idle_timeout: float = 120.0  # reconnect (and resync) a feed silent for this long
+    # Proxying.
+    max_attempts: int = 3             # tries per request, each on the next-best engine, before the first byte
+    retry_backoff: float = 0.05       # seconds, doubled after each failed attempt
+    connect_timeout: float = 5.0
+    read_timeout: float = 600.0       # longest silence from an engine mid-response
