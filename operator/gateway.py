@@ -1,0 +1,71 @@
+"""Pure rendering of the gateway: its Deployment, client-facing Service and EndpointSlice RBAC."""
+
+from nanoserve.operator.names import GATEWAY_PORT, engine_name, gateway_name, labels, selector, service_name
+from nanoserve.operator.security import container_security, pod_security
+
+
+def render_gateway_rbac(name: str) -> list[dict]:
+    """The gateway watches its engines' EndpointSlices, in its own namespace only."""
+    sa = gateway_name(name)
+    meta = {"name": sa, "labels": labels(name, "gateway")}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta,
+         "automountServiceAccountToken": True},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
+         "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+         "subjects": [{"kind": "ServiceAccount", "name": sa}]},
+    ]
+
+
+def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
+    gw = spec["gateway"]
+    http = lambda path: {"httpGet": {"path": path, "port": "http"}}  # noqa: E731
+    container = {
+        "name": "gateway",
+        "image": gw["image"],
+        "command": ["nanoserve", "gateway"],
+        "args": ["--port", str(GATEWAY_PORT), "--service", engine_name(name), "--namespace", namespace,
+                 "--policy", gw["policy"]],
+        "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}],
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+        "readinessProbe": {**http("/ready"), "periodSeconds": 5},
+        "livenessProbe": {**http("/health"), "periodSeconds": 10, "failureThreshold": 3},
+        "securityContext": container_security(),
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": gateway_name(name), "labels": labels(name, "gateway")},
+        "spec": {
+            "replicas": gw["replicas"],
+            "selector": {"matchLabels": selector(name, "gateway")},
+            "template": {
+                "metadata": {"labels": labels(name, "gateway")},
+                "spec": {
+                    "serviceAccountName": gateway_name(name),
+                    "securityContext": pod_security(),
+                    "enableServiceLinks": False,
+                    "containers": [container],
+                    "volumes": [{"name": "tmp", "emptyDir": {}}],
+                },
+            },
+        },
+    }
+
+
+def render_gateway_service(name: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": service_name(name), "labels": labels(name, "gateway")},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector(name, "gateway"),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }

@@ -1,0 +1,30 @@
+"""spec -> manifests: every child of one InferenceService, and the ones to remove."""
+
+from nanoserve.operator.engine import render_engine_deployment, render_engine_service
+from nanoserve.operator.gateway import render_gateway_deployment, render_gateway_rbac, render_gateway_service
+from nanoserve.operator.names import ENGINE_PORT, engine_name, service_name
+
+
+def render(name: str, namespace: str, spec: dict) -> list[dict]:
+    """All children, in apply order (RBAC before the pods that use it). Owners are added by the caller."""
+    objs = [render_engine_service(name), render_engine_deployment(name, spec)]
+    if spec["gateway"]["enabled"]:
+        objs += render_gateway_rbac(name)
+        objs += [render_gateway_service(name), render_gateway_deployment(name, namespace, spec)]
+    return objs
+
+
+def render_stale(name: str, namespace: str, spec: dict) -> list[dict]:
+    """Children that a previous spec produced and this one does not (the gateway when disabled)."""
+    if spec["gateway"]["enabled"]:
+        return []
+    enabled = {**spec, "gateway": {**spec["gateway"], "enabled": True}}
+    wanted = {(o["kind"], o["metadata"]["name"]) for o in render(name, namespace, spec)}
+    return [o for o in render(name, namespace, enabled) if (o["kind"], o["metadata"]["name"]) not in wanted]
+
+
+def service_url(name: str, namespace: str, spec: dict) -> str:
+    """Where clients reach the service: the gateway, or the engines directly without one."""
+    if spec["gateway"]["enabled"]:
+        return f"http://{service_name(name)}.{namespace}.svc"
+    return f"http://{engine_name(name)}.{namespace}.svc:{ENGINE_PORT}"

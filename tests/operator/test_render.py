@@ -1,0 +1,172 @@
+"""Pure rendering: every child is a valid Kubernetes 1.37 object and wires up as the design says."""
+
+import copy
+import pathlib
+
+import kubernetes_validate
+import pytest
+import yaml
+from crd_schema import default_spec
+
+from nanoserve.operator.engine import DRAIN_SECONDS
+from nanoserve.operator.render import render, render_stale, service_url
+
+EXAMPLES = sorted((pathlib.Path(__file__).parents[2] / "examples").glob("inferenceservice*.yaml"))
+
+SPECS = {
+    "defaults": {},
+    "cpu builtin": {"device": "cpu"},
+    "hf tp4": {"model": {"name": "Qwen/Qwen3-0.6B"}, "tensorParallelSize": 4, "replicas": 3},
+    "pvc": {"model": {"pvc": "models", "path": "qwen3/0.6b"}, "engine": {"enforceEager": True}},
+    "no gateway": {"gateway": {"enabled": False}},
+    "api key + overrides": {"apiKeySecret": "key", "resources": {"requests": {"cpu": 3}, "limits": {"memory": "9Gi"}},
+                            "engine": {"extraArgs": ["--seed", "1"]}, "gateway": {"policy": "round-robin"}},
+    **{p.name: yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES},
+}
+
+
+def children(spec: dict, name: str = "demo", namespace: str = "ml") -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in render(name, namespace, default_spec(spec))}
+
+
+def engine_container(objs: dict) -> dict:
+    (c,) = objs["Deployment", "demo-engine"]["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def flags(args: list[str]) -> dict[str, str | bool]:
+    """--a 1 --b → {'--a': '1', '--b': True}."""
+    out, i = {}, 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out[args[i]], i = args[i + 1], i + 2
+        else:
+            out[args[i]], i = True, i + 1
+    return out
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_every_child_is_valid_for_kubernetes_1_37(spec):
+    for obj in children(spec).values():
+        kubernetes_validate.validate(obj, "1.37", strict=True)
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_render_is_pure(spec):
+    full = default_spec(spec)
+    before = copy.deepcopy(full)
+    assert render("demo", "ml", full) == render("demo", "ml", full)
+    assert full == before
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_engine_args_carry_the_spec(spec):
+    full = default_spec(spec)
+    c = engine_container(children(spec))
+    assert c["command"] == ["nanoserve", "serve"]
+    f = flags(c["args"])
+    assert f["--port"] == str(c["ports"][0]["containerPort"])
+    assert f["--tensor-parallel-size"] == str(full["tensorParallelSize"])
+    assert f["--max-model-len"] == str(full["engine"]["maxModelLen"])
+    assert f["--max-num-seqs"] == str(full["engine"]["maxNumSeqs"])
+    assert f["--max-num-batched-tokens"] == str(full["engine"]["maxNumBatchedTokens"])
+    assert float(f["--gpu-memory-utilization"]) == full["engine"]["gpuMemoryUtilization"]
+    assert f["--kvcache-block-size"] == str(full["engine"]["kvcacheBlockSize"])
+    assert ("--enforce-eager" in f) == full["engine"]["enforceEager"]
+    extra = full["engine"].get("extraArgs", [])
+    assert c["args"][len(c["args"]) - len(extra):] == extra
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_gpus_follow_tensor_parallel_size(spec):
+    full = default_spec(spec)
+    res = engine_container(children(spec))["resources"]
+    gpus = res["limits"].get("nvidia.com/gpu")
+    assert gpus == (full["tensorParallelSize"] if full["device"] == "gpu" else None)
+    for kind in ("requests", "limits"):
+        for key, value in full.get("resources", {}).get(kind, {}).items():
+            assert res[kind][key] == value
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_engine_pod_shape(spec):
+    objs = children(spec)
+    pod = objs["Deployment", "demo-engine"]["spec"]["template"]["spec"]
+    c = engine_container(objs)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health"
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # slow model loads
+    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] == DRAIN_SECONDS
+    assert pod["terminationGracePeriodSeconds"] > DRAIN_SECONDS + 60  # time left to drain after preStop
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    for cont in pod["containers"] + pod.get("initContainers", []):
+        assert cont["securityContext"]["readOnlyRootFilesystem"] is True
+        assert cont["securityContext"]["allowPrivilegeEscalation"] is False
+        for m in cont["volumeMounts"]:
+            assert m["name"] in volumes
+
+
+def test_model_sources():
+    c = engine_container(children({"model": {"builtin": "smollm2-135m"}}))
+    assert flags(c["args"])["--model"] == "smollm2-135m"
+
+    objs = children({"model": {"pvc": "models", "path": "qwen3/0.6b"}})
+    c, pod = engine_container(objs), objs["Deployment", "demo-engine"]["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert vol["persistentVolumeClaim"] == {"claimName": "models", "readOnly": True}
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    assert mount["readOnly"] and flags(c["args"])["--model"] == f"{mount['mountPath']}/qwen3/0.6b"
+
+    objs = children({"model": {"name": "Qwen/Qwen3-0.6B"}})
+    c, pod = engine_container(objs), objs["Deployment", "demo-engine"]["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    model_dir = flags(c["args"])["--model"]
+    assert "Qwen/Qwen3-0.6B" in init["command"] and model_dir in init["command"]
+    shared = {m["name"] for m in init["volumeMounts"]} & {m["name"] for m in c["volumeMounts"]}
+    assert any(model_dir.startswith(m["mountPath"]) for m in c["volumeMounts"] if m["name"] in shared)
+
+
+def test_api_key_comes_from_the_secret():
+    env = {e["name"]: e for e in engine_container(children({"apiKeySecret": "key"}))["env"]}
+    assert env["NANOSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "key"
+    assert "NANOSERVE_API_KEY" not in {e["name"] for e in engine_container(children({}))["env"]}
+
+
+def test_services_select_their_pods_and_the_gateway_finds_the_engines():
+    objs = children({})
+    engine_svc, gw_svc = objs["Service", "demo-engine"], objs["Service", "demo"]
+    engine_pods = objs["Deployment", "demo-engine"]["spec"]["template"]["metadata"]["labels"]
+    gw_dep = objs["Deployment", "demo-gateway"]
+    gw_pods = gw_dep["spec"]["template"]["metadata"]["labels"]
+    assert engine_svc["spec"]["clusterIP"] == "None"
+    assert engine_svc["spec"]["selector"].items() <= engine_pods.items()
+    assert not engine_svc["spec"]["selector"].items() <= gw_pods.items()
+    assert gw_svc["spec"]["selector"].items() <= gw_pods.items()
+    for dep in (objs["Deployment", "demo-engine"], gw_dep):
+        assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    f = flags(gw_dep["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert (f["--service"], f["--namespace"]) == ("demo-engine", "ml")
+    assert f["--policy"] == "cache-aware"
+
+
+def test_gateway_rbac_covers_endpointslice_discovery():
+    objs = children({})
+    sa = objs["Deployment", "demo-gateway"]["spec"]["template"]["spec"]["serviceAccountName"]
+    binding = objs["RoleBinding", sa]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa}]
+    (rule,) = objs["Role", binding["roleRef"]["name"]]["rules"]
+    assert rule["apiGroups"] == ["discovery.k8s.io"] and rule["resources"] == ["endpointslices"]
+    assert set(rule["verbs"]) == {"get", "list", "watch"}
+
+
+def test_disabling_the_gateway_removes_exactly_its_objects():
+    with_gw, without = children({}), children({"gateway": {"enabled": False}})
+    stale = render_stale("demo", "ml", default_spec({"gateway": {"enabled": False}}))
+    assert {(o["kind"], o["metadata"]["name"]) for o in stale} == set(with_gw) - set(without)
+    assert stale and render_stale("demo", "ml", default_spec({})) == []
+    assert "demo-engine" in service_url("demo", "ml", default_spec({"gateway": {"enabled": False}}))
+    assert service_url("demo", "ml", default_spec({})).startswith("http://demo.ml.svc")
