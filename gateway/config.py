@@ -45,3 +45,4 @@ class GatewayConfig:
     retry_backoff: float = 0.05       # seconds, doubled after each failed attempt
     connect_timeout: float = 5.0
     read_timeout: float = 600.0       # longest silence from an engine mid-response
+    drain_timeout: float = 30.0       # on shutdown, how long open requests may still run

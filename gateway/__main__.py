@@ -1,0 +1,3 @@
+from nanoserve.gateway.cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""The gateway application: state, background tasks, routes; `run_gateway` serves it."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from nanoserve.gateway.cache_feed import follow_feed
+from nanoserve.gateway.config import GatewayConfig
+from nanoserve.gateway.discovery import EndpointSliceWatcher, Targets, static_targets
+from nanoserve.gateway.endpoints import Endpoint, EndpointPool
+from nanoserve.gateway.errors import error_response
+from nanoserve.gateway.health import watch_engine
+from nanoserve.gateway.metrics import GatewayMetrics
+from nanoserve.gateway.policy import make_policy
+from nanoserve.gateway.prompt import PromptTokenizer, load_tokenizer
+from nanoserve.gateway.proxy import handle_generate
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, config: GatewayConfig, tokenizer: PromptTokenizer | None = None) -> None:
+        self.config = config
+        self.pool = EndpointPool(config)
+        self.policy = make_policy(config.policy, config.routing)
+        self.metrics = GatewayMetrics()
+        self.tokenizer = tokenizer
+        self.url: str | None = None  # set by serve()
+        self.session: aiohttp.ClientSession | None = None
+        self._engine_tasks: dict[str, list[asyncio.Task]] = {}
+        self._discovery: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        if self.tokenizer is None and self.config.model:
+            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
+        # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding.
+        self.session = aiohttp.ClientSession(auto_decompress=False,
+                                             connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        if self.config.service:
+            watcher = EndpointSliceWatcher(self.config.service, self.config.namespace, self.set_targets,
+                                           self.config.port_name, self.config.scheme)
+            self._discovery = asyncio.create_task(watcher.run())
+        else:
+            self.set_targets(static_targets(self.config.engines))
+
+    async def stop(self) -> None:
+        tasks = [t for ts in self._engine_tasks.values() for t in ts]
+        if self._discovery is not None:
+            tasks.append(self._discovery)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._engine_tasks.clear()
+        if self.session is not None:
+            await self.session.close()
+
+    def set_targets(self, targets: Targets) -> None:
+        """New engine list from discovery: start watching new engines, stop watching removed ones."""
+        added, removed = self.pool.set_targets(targets)
+        for ep in removed:
+            for t in self._engine_tasks.pop(ep.url, []):
+                t.cancel()
+        for ep in added:
+            self._engine_tasks[ep.url] = self._watch(ep)
+        if added or removed:
+            log.info("engines: %s", sorted(self.pool.endpoints))
+
+    def _watch(self, ep: Endpoint) -> list[asyncio.Task]:
+        cfg = self.config
+        tasks = [asyncio.create_task(watch_engine(self.session, ep, cfg))]
+        if self.policy.uses_cache:
+            tasks.append(asyncio.create_task(follow_feed(self.session, ep.url, ep.cache,
+                                                         cfg.feed_retry_interval, cfg.feed_idle_timeout)))
+        return tasks
+
+    # Routes.
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        return await handle_generate(self, request)
+
+    async def models(self, request: web.Request) -> web.Response:
+        """Union of the engines' model lists (by id)."""
+        async def fetch(ep: Endpoint) -> list[dict]:
+            try:
+                timeout = aiohttp.ClientTimeout(total=self.config.health_timeout)
+                async with self.session.get(ep.url + "/v1/models", timeout=timeout) as resp:
+                    return (await resp.json()).get("data", []) if resp.status == 200 else []
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                return []
+        results = await asyncio.gather(*(fetch(ep) for ep in self.pool.routable()))
+        merged: dict[str, dict] = {}
+        for data in results:
+            for model in data:
+                merged.setdefault(model.get("id"), model)
+        if not merged:
+            return error_response(503, "no healthy engine", "server_error", "no_healthy_engine")
+        return web.json_response({"object": "list", "data": list(merged.values())})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        n = len(self.pool.routable())
+        return web.json_response({"ready": n > 0, "engines": n}, status=200 if n else 503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(self.pool),
+                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def build_app(config: GatewayConfig, tokenizer: PromptTokenizer | None = None) -> web.Application:
+    """The aiohttp app; background tasks start and stop with it. app[GATEWAY] is the Gateway."""
+    gw = Gateway(config, tokenizer)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[GATEWAY] = gw
+    app.router.add_post("/v1/completions", gw.generate)
+    app.router.add_post("/v1/chat/completions", gw.generate)
+    app.router.add_get("/v1/models", gw.models)
+    app.router.add_get("/health", gw.health)
+    app.router.add_get("/ready", gw.ready)
+    app.router.add_get("/metrics", gw.prometheus)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        await gw.start()
+        yield
+        await gw.stop()
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def serve(config: GatewayConfig, tokenizer: PromptTokenizer | None = None) -> AsyncIterator[Gateway]:
+    """Serve the gateway inside an `async with`; yields the Gateway, its base URL in `.url`
+    (port 0 picks a free port)."""
+    app = build_app(config, tokenizer)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
+    gw = app[GATEWAY]
+    gw.url = f"http://{host}:{port}"
+    try:
+        yield gw
+    finally:
+        await runner.cleanup()
+
+
+async def run_gateway(config: GatewayConfig) -> None:
+    """Serve until cancelled, e.g. `asyncio.run(run_gateway(cfg))`. SIGTERM (Kubernetes) and SIGINT drain
+    open requests for up to `drain_timeout` seconds."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not in the main thread / not on Unix
+            loop.add_signal_handler(sig, task.cancel)
+    async with serve(config) as gw:
+        log.info("gateway on %s, policy %s, engines %s", gw.url, config.policy,
+                 config.engines or f"service {config.namespace}/{config.service}")
+        await asyncio.Event().wait()

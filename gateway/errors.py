@@ -1,0 +1,20 @@
+"""OpenAI-shaped errors, as JSON responses and as a server-sent event."""
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, type_: str, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(error_body(message, type_, code), status=status, headers=headers)
+
+
+def sse_error(message: str, code: str) -> bytes:
+    """The event that ends a stream cut off mid-way (clients such as openai-python raise it as APIError)."""
+    return b"data: " + json.dumps(error_body(message, "server_error", code)).encode() + b"\n\n"

@@ -1,0 +1,238 @@
+"""A fake nanoserve engine for gateway tests (in the spirit of sgl-router's mock worker).
+
+Speaks the engine HTTP API (completions and chat, streaming or not, /v1/models, /health, /ready, /metrics)
+and the cache-state feed (/v1/cache/events), with a small LRU "prefix cache" of prompt block hashes so
+routing quality shows up in `vllm:prefix_cache_hits_total`. Faults: latency, failing the next N requests,
+crashing after N requests (process exit, or a dropped connection in-process), not ready, no feed.
+
+Run as a process: python fake_engine.py --port 8001 --name e1 [--tokenizer DIR] [--crash-after 3] ...
+or in-process: web.AppRunner(build_app(FakeConfig(...))). GET/POST /fake/state reads/changes the faults.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, fields
+
+from aiohttp import web
+
+from nanoserve.common.block_hash import block_hashes
+
+
+
+@dataclass
+class FakeConfig:
+    name: str = "fake"
+    model: str = "fake-model"
+    tokenizer: str | None = None  # HF folder; without it prompts are not hashed
+    latency: float = 0.0          # seconds before each streamed chunk (and before a full reply)
+    tokens: int = 4               # chunks per reply
+    fail_next: int = 0            # answer the next N generation requests with fail_status
+    fail_status: int = 500
+    crash_after: int = -1         # serve N generation requests, then crash on the next one (-1: never)
+    crash_chunks: int = 1         # chunks sent before crashing (0: die before answering)
+    exit_on_crash: bool = True    # exit the process; False (in-process): drop the connection
+    feed: bool = True             # serve /v1/cache/events
+    ready: bool = True
+    block_size: int = 16
+    cache_blocks: int = 4096
+
+
+class FakeEngine:
+    def __init__(self, cfg: FakeConfig) -> None:
+        self.cfg = cfg
+        self.tok = None
+        if cfg.tokenizer:
+            from transformers import AutoTokenizer
+            self.tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        self.requests = 0      # generation requests received
+        self.running = 0
+        self.queries = 0       # prompt tokens looked up in the prefix cache
+        self.hits = 0          # of which cached
+        self.cache: OrderedDict[int, None] = OrderedDict()
+        self.subscribers: list[asyncio.Queue] = []
+
+    # Prefix cache.
+
+    def prompt_ids(self, path: str, body: dict) -> list[int]:
+        if self.tok is None:
+            return []
+        if path.endswith("/chat/completions"):
+            text = self.tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
+            return self.tok.encode(text, add_special_tokens=False)
+        prompt = body["prompt"]
+        return self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def use_cache(self, ids: list[int]) -> None:
+        hashes = block_hashes(ids, self.cfg.block_size)
+        hit = 0
+        while hit < len(hashes) and hashes[hit] in self.cache:
+            hit += 1
+        self.queries += len(ids)
+        self.hits += hit * self.cfg.block_size
+        stored = [h for h in hashes if h not in self.cache]
+        for h in hashes:
+            self.cache[h] = None
+            self.cache.move_to_end(h)
+        removed = []
+        while len(self.cache) > self.cfg.cache_blocks:
+            removed.append(self.cache.popitem(last=False)[0])
+        for kind, hs in (("stored", stored), ("removed", removed)):
+            if hs:
+                self.publish({"type": kind, "hashes": hs})
+
+    def publish(self, event: dict | None) -> None:
+        for q in self.subscribers:
+            q.put_nowait(event)
+
+    # Routes.
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests += 1
+        cfg = self.cfg
+        if cfg.fail_next > 0:
+            cfg.fail_next -= 1
+            headers = {"Retry-After": "1"} if cfg.fail_status == 429 else None
+            return web.json_response({"error": {"message": "injected failure", "type": "server_error",
+                                                "param": None, "code": None}}, status=cfg.fail_status,
+                                     headers=headers)
+        if "messages" not in body and "prompt" not in body:
+            return web.json_response({"error": {"message": "prompt or messages required", "param": None,
+                                                "type": "invalid_request_error", "code": None}}, status=400)
+        crash = cfg.crash_after >= 0 and self.requests > cfg.crash_after
+        if crash and cfg.crash_chunks == 0:
+            return await self.die(request)
+        self.use_cache(self.prompt_ids(request.path, body))
+        chat = request.path.endswith("/chat/completions")
+        self.running += 1
+        try:
+            if body.get("stream"):
+                return await self.stream(request, chat, crash)
+            await asyncio.sleep(cfg.latency)
+            text = "ok " * cfg.tokens
+            choice = {"index": 0, "finish_reason": "length"}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            return web.json_response({"id": f"cmpl-{cfg.name}", "object": "chat.completion" if chat
+                                      else "text_completion", "model": self.cfg.model, "engine": cfg.name,
+                                      "choices": [choice]})
+        finally:
+            self.running -= 1
+
+    async def stream(self, request: web.Request, chat: bool, crash: bool) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(self.cfg.tokens):
+            if crash and i == self.cfg.crash_chunks:
+                return await self.die(request)
+            await asyncio.sleep(self.cfg.latency)
+            last = i == self.cfg.tokens - 1
+            choice = {"index": 0, "finish_reason": "length" if last else None}
+            choice.update({"delta": {"content": "ok "}} if chat else {"text": "ok "})
+            chunk = {"id": f"cmpl-{self.cfg.name}", "object": "chat.completion.chunk" if chat
+                     else "text_completion", "model": self.cfg.model, "engine": self.cfg.name, "choices": [choice]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    async def die(self, request: web.Request) -> web.StreamResponse:
+        if self.cfg.exit_on_crash:
+            os._exit(1)
+        request.transport.abort()  # in-process: drop the connection mid-response
+        raise asyncio.CancelledError
+
+    async def cache_events(self, request: web.Request) -> web.StreamResponse:
+        if not self.cfg.feed:
+            raise web.HTTPNotFound()
+        q: asyncio.Queue = asyncio.Queue()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        snapshot = {"type": "snapshot", "block_size": self.cfg.block_size, "hashes": list(self.cache)}
+        self.subscribers.append(q)
+        try:
+            await resp.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+            while True:
+                try:
+                    event = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    await resp.write(b": ping\n\n")
+                    continue
+                if event is None:
+                    break
+                await resp.write(b"data: " + json.dumps(event).encode() + b"\n\n")
+        finally:
+            self.subscribers.remove(q)
+        return resp
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.cfg.model, "object": "model",
+                                                              "owned_by": "nanoserve"}]})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return web.json_response({"ready": self.cfg.ready}, status=200 if self.cfg.ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        label = f'{{model_name="{self.cfg.model}"}}'
+        lines = [
+            "# TYPE vllm:num_requests_running gauge", f'vllm:num_requests_running{label} {self.running}',
+            "# TYPE vllm:num_requests_waiting gauge", f'vllm:num_requests_waiting{label} 0',
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f'vllm:kv_cache_usage_perc{label} {len(self.cache) / self.cfg.cache_blocks}',
+            "# TYPE vllm:prefix_cache_queries counter", f'vllm:prefix_cache_queries_total{label} {self.queries}',
+            "# TYPE vllm:prefix_cache_hits counter", f'vllm:prefix_cache_hits_total{label} {self.hits}',
+        ]
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+
+    async def state(self, request: web.Request) -> web.Response:
+        """GET: counters and faults; POST a JSON object to change faults (e.g. {"fail_next": 2})."""
+        if request.method == "POST":
+            for k, v in (await request.json()).items():
+                setattr(self.cfg, k, v)
+        return web.json_response({"requests": self.requests, "queries": self.queries, "hits": self.hits,
+                                  "cached_blocks": len(self.cache), **asdict(self.cfg)})
+
+
+def build_app(cfg: FakeConfig) -> web.Application:
+    engine = FakeEngine(cfg)
+    app = web.Application()
+    app["engine"] = engine
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        app.router.add_post(path, engine.generate)
+    app.router.add_get("/v1/cache/events", engine.cache_events)
+    app.router.add_get("/v1/models", engine.models)
+    app.router.add_get("/health", engine.health)
+    app.router.add_get("/ready", engine.ready)
+    app.router.add_get("/metrics", engine.metrics)
+    app.router.add_route("*", "/fake/state", engine.state)
+
+    async def end_feeds(app: web.Application) -> None:
+        engine.publish(None)  # the feed ends when the engine stops
+    app.on_shutdown.append(end_feeds)
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    for f in fields(FakeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default)
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            p.add_argument(flag, type=kind, default=f.default)
+    args = vars(p.parse_args())
+    host, port = args.pop("host"), args.pop("port")
+    web.run_app(build_app(FakeConfig(**args)), host=host, port=port, print=None, shutdown_timeout=0.5)
+
+
+if __name__ == "__main__":
+    main()
