@@ -48,6 +48,7 @@ class LLMEngine:
         self.sampler = Sampler(self.model_runner.device)
         self.stop_checker = StopChecker(self.tokenizer)
         self.requests: dict[int, Sequence] = {}
+        self.last_batch: list[tuple[Sequence, int]] = []
         self._closed = False
         atexit.register(self.exit)
 
@@ -142,7 +143,7 @@ class LLMEngine:
 
     def step(self) -> list[Sequence]:
         """Run one batch. Returns the sequences that got a token (finished ones have `finish_reason`)."""
-        batch = self.scheduler.schedule()
+        batch = self.last_batch = self.scheduler.schedule()
         if not batch:
             if self.has_unfinished():
                 raise RuntimeError("scheduler made no progress although requests are pending")

@@ -18,6 +18,9 @@ class StopChecker:
         return any(s in tail for s in stops)
 
     def text(self, seq: Sequence) -> str:
-        text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in seq.params.stop) if i >= 0), default=len(text))
-        return text[:cut]
+        return cut_at_stop(self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True), seq.params.stop)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """The text before the first occurrence of any stop string."""
+    return text[:min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))]

@@ -1,0 +1,104 @@
+"""The `nanoserve` command: `serve` (the engine pod), `generate` (offline), `gateway`, `up` (local stack)."""
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from nanoserve.engine_pod.default_model import DEFAULT_MODEL
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model folder, or smollm2-135m (default)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--kvcache-block-size", type=int, default=16)
+    p.add_argument("--num-kvcache-blocks", type=int, default=-1, help="fixed KV-cache size (default: from memory)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--cpu-kvcache-gib", type=float, default=1.0)
+    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--attention-backend", default=None, choices=["torch", "flash_attn", "triton"])
+
+
+_ENGINE_KEYS = ("model", "tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                "kvcache_block_size", "num_kvcache_blocks", "gpu_memory_utilization", "cpu_kvcache_gib",
+                "enforce_eager", "enable_prefix_caching", "scheduling_policy", "device", "dtype", "attention_backend")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in _ENGINE_KEYS}
+
+
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--api-key", default=os.environ.get("NANOSERVE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (env NANOSERVE_API_KEY)")
+    p.add_argument("--max-pending", type=int, default=256, help="waiting requests beyond this get 429")
+    p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
+    p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to finish requests after SIGTERM")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nanoserve.engine_pod.serve import run_server
+    asyncio.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
+                           served_model_name=args.served_model_name or _default_name(args.model),
+                           api_key=args.api_key, max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
+                           drain_timeout=args.drain_timeout))
+    return 0
+
+
+def _default_name(model: str) -> str | None:
+    return DEFAULT_MODEL if model == DEFAULT_MODEL else None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from nanoserve.engine_pod import LLM, SamplingParams
+    llm = LLM(**engine_kwargs(args))
+    prompts = args.prompt or ["The capital of France is"]
+    if args.chat:
+        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in prompts]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    for prompt, out in zip(prompts, llm.generate(prompts, params)):
+        print(f"{prompt!r} -> {out['text']!r}")
+    llm.exit()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (the engine pod)")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(fn=cmd_serve)
+    gen = sub.add_parser("generate", help="generate offline from prompts")
+    add_engine_args(gen)
+    gen.add_argument("prompt", nargs="*")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.set_defaults(fn=cmd_generate)
+    gateway = sub.add_parser("gateway", help="the prefix-cache-aware router", add_help=False)
+    gateway.set_defaults(fn=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "gateway":
+        from nanoserve.gateway.cli import main as gateway_main
+        return gateway_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

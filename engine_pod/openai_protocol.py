@@ -1,0 +1,140 @@
+"""OpenAI request parsing and validation: JSON body -> (prompt token ids, SamplingParams, options).
+
+Everything a client can get wrong becomes an `APIError` with an OpenAI-shaped body and a 4xx status;
+the server never answers a bad request with a 500.
+"""
+from dataclasses import dataclass
+
+from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class ParsedRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+# Accepted only at their no-op values: anything else is refused rather than silently ignored.
+_UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
+                "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
+                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
+                "response_format": (None, {"type": "text"})}
+
+
+def _get(body: dict, name: str, types: tuple, default=None):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        names = "/".join(t.__name__ for t in types)
+        raise APIError(400, f"'{name}' must be of type {names}, got {type(value).__name__}", name)
+    return value
+
+
+def _sampling_params(body: dict, prompt_len: int, max_model_len: int) -> SamplingParams:
+    for name, allowed in _UNSUPPORTED.items():
+        if body.get(name) not in allowed:
+            raise APIError(400, f"'{name}' is not supported by this server", name)
+    max_tokens = _get(body, "max_completion_tokens", (int,)) or _get(body, "max_tokens", (int,))
+    if max_tokens is None:
+        max_tokens = max_model_len - prompt_len
+    if prompt_len + max_tokens > max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                            f"completion). Please reduce the length of the prompt or completion.", "max_tokens",
+                       "context_length_exceeded")
+    stop = _get(body, "stop", (str, list))
+    if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
+        raise APIError(400, "'stop' must be a string or a list of strings", "stop")
+    stop_ids = _get(body, "stop_token_ids", (list,), [])
+    if not all(isinstance(t, int) for t in stop_ids):
+        raise APIError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
+    try:
+        return SamplingParams(
+            temperature=float(_get(body, "temperature", (int, float), 1.0)),
+            top_p=float(_get(body, "top_p", (int, float), 1.0)),
+            top_k=_get(body, "top_k", (int,), -1),
+            max_tokens=max_tokens,
+            ignore_eos=_get(body, "ignore_eos", (bool,), False),
+            stop=stop, stop_token_ids=stop_ids,
+            seed=_get(body, "seed", (int,)),
+            priority=_get(body, "priority", (int,), 0))
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), e.param) from None
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    if options and not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return stream, bool(options.get("include_usage", False))
+
+
+def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    if not ids:
+        raise APIError(400, "the prompt is empty", "prompt")
+    if len(ids) >= max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; the prompt has "
+                            f"{len(ids)} tokens", "prompt", "context_length_exceeded")
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
+        raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
+
+
+def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int) -> ParsedRequest:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        ids = prompt
+    elif prompt is None:
+        raise APIError(400, "'prompt' is required", "prompt")
+    else:
+        raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    check_prompt_ids(ids, vocab_size, max_model_len)
+    stream, include_usage = _stream_options(body)
+    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len), stream, include_usage)
+
+
+def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int) -> ParsedRequest:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", "messages")
+    rendered = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+            raise APIError(400, f"messages[{i}] must be an object with a role of system, user, assistant, "
+                                "developer or tool", "messages")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text is supported
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+        rendered.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    try:
+        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # template errors, e.g. roles that must alternate
+        raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    check_prompt_ids(ids, vocab_size, max_model_len)
+    stream, include_usage = _stream_options(body)
+    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len), stream, include_usage)

@@ -1,0 +1,60 @@
+"""`nanoserve serve`: listen first, load the model in the background, drain on SIGTERM, exit 0."""
+import asyncio
+import logging
+import os
+import signal
+
+from aiohttp import web
+
+from nanoserve.engine_pod.async_engine import AsyncEngine
+from nanoserve.engine_pod.llm_engine import LLMEngine
+from nanoserve.engine_pod.metrics import EngineMetrics
+from nanoserve.engine_pod.server import ServerState, create_app
+
+log = logging.getLogger("nanoserve.serve")
+
+
+async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 8000, served_model_name: str | None = None,
+                     api_key: str | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
+                     drain_timeout: float = 120.0, ready_file: str | None = None) -> None:
+    model = engine_kwargs.pop("model")
+    name = served_model_name or os.path.basename(os.path.normpath(model))
+    state = ServerState(name, api_key, max_pending, max_body_bytes)
+    runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    log.info("listening on %s:%d; loading %s", host, port, model)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    engine = None
+    try:
+        load = asyncio.ensure_future(asyncio.to_thread(LLMEngine, model, **engine_kwargs))
+        await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if not load.done():
+            return  # stopped while loading
+        engine = load.result()
+        from transformers import AutoTokenizer
+        state.tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
+        state.engine = AsyncEngine(engine, EngineMetrics(name))
+        state.engine.start()
+        log.info("ready: model %s, %d KV blocks of %d tokens", name, engine.block_manager.num_blocks,
+                 engine.config.kvcache_block_size)
+        if ready_file:
+            open(ready_file, "w").close()
+        await stop.wait()
+        # Drain: /ready says 503, new requests get 503, running ones finish or time out.
+        state.draining = True
+        log.info("draining %d in-flight requests (up to %.0fs)", state.inflight, drain_timeout)
+        deadline = loop.time() + drain_timeout
+        while state.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+        if state.engine is not None:
+            state.engine.stop()
+        if engine is not None:
+            engine.exit()

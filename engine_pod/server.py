@@ -1,0 +1,248 @@
+"""The engine pod's HTTP server: OpenAI-compatible API, health, readiness, metrics, cache-state feed.
+
+The server listens before the model is loaded (/health answers, /ready says 503 until the engine is up),
+sheds load with 429 past `max_pending` waiting requests, and on SIGTERM drains: /ready turns 503, new
+requests get 503, running ones finish (up to `drain_timeout`), then it exits 0.
+"""
+import asyncio
+import json
+import time
+import uuid
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from nanoserve.engine_pod.async_engine import AsyncEngine
+from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
+from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.text_stream import TextStream
+
+STATE = web.AppKey("state", object)
+
+
+class ServerState:
+    """What the handlers share: the engine once loaded, and the drain and load counters."""
+
+    def __init__(self, model_name: str, api_key: str | None = None, max_pending: int = 256,
+                 max_body_bytes: int = 8 << 20):
+        self.model_name, self.api_key, self.max_pending = model_name, api_key, max_pending
+        self.max_body_bytes = max_body_bytes
+        self.engine: AsyncEngine | None = None  # set when the model is loaded
+        self.tokenizer = None                   # the server's own copy: the engine thread uses its own
+        self.draining = False
+        self.inflight = 0
+        self.created = int(time.time())
+
+
+def _error(status: int, message: str, param=None, code=None) -> web.Response:
+    return web.json_response(APIError(status, message, param, code).body(), status=status)
+
+
+@web.middleware
+async def errors_and_auth(request: web.Request, handler):
+    state: ServerState = request.app[STATE]
+    if state.api_key and request.path.startswith("/v1/"):
+        if request.headers.get("Authorization", "") != f"Bearer {state.api_key}":
+            return _error(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+    try:
+        return await handler(request)
+    except APIError as e:
+        return web.json_response(e.body(), status=e.status, headers={"Retry-After": "1"} if e.status == 429 else None)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return _error(e.status, e.reason if e.status != 413 else
+                      f"request body too large (limit {state.max_body_bytes} bytes)")
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception as e:  # a bug, not bad input: still answer in OpenAI's shape
+        return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
+
+
+async def _json_body(request: web.Request) -> dict:
+    try:
+        body = await request.json()
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    return body
+
+
+def _engine(state: ServerState, body: dict) -> AsyncEngine:
+    model = body.get("model")
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"The model `{model}` does not exist. This server serves `{state.model_name}`.", "model",
+                       "model_not_found")
+    if state.draining:
+        raise APIError(503, "server is shutting down", type="service_unavailable")
+    if state.engine is None:
+        raise APIError(503, "model is still loading", type="service_unavailable")
+    if state.engine.error is not None:
+        raise APIError(500, f"engine failed: {state.engine.error!r}")
+    if state.engine.num_waiting >= state.max_pending:
+        raise APIError(429, f"too many requests waiting ({state.engine.num_waiting}); retry later",
+                       type="rate_limit_error")
+    return state.engine
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _serve(request, chat=True)
+
+
+async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
+    state: ServerState = request.app[STATE]
+    body = await _json_body(request)
+    engine = _engine(state, body)
+    cfg = engine.engine.config
+    parse = parse_chat if chat else parse_completion
+    req = parse(body, state.tokenizer, cfg.hf_config["vocab_size"], cfg.max_model_len)
+    seq = Sequence(req.prompt_ids, req.params, arrival=time.monotonic())
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    state.inflight += 1
+    try:
+        if req.stream:
+            return await _stream(request, state, engine, seq, req, rid, chat)
+        return await _complete(request, state, engine, seq, req, rid, chat)
+    finally:
+        state.inflight -= 1
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
+    n = len(req.prompt_ids)
+    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+async def _complete(request, state, engine, seq, req, rid, chat) -> web.Response:
+    text = TextStream(state.tokenizer, req.params.stop)
+    finish, cached, count = None, 0, 0
+    gen = engine.generate(seq)
+    try:
+        async for delta in gen:
+            text.token_ids += delta.token_ids
+            finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
+            if _client_gone(request):
+                break
+    finally:
+        await gen.aclose()
+    content = text.full_text()
+    choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
+               "finish_reason": finish} if chat else
+              {"index": 0, "text": content, "logprobs": None, "finish_reason": finish})
+    return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                              "created": int(time.time()), "model": state.model_name, "choices": [choice],
+                              "usage": _usage(req, count, cached)})
+
+
+async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+
+    async def send(choices: list, **extra) -> None:
+        chunk = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
+        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+    def choice(text: str, finish: str | None, first: bool = False) -> dict:
+        if not chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text or not finish else {})
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    text = TextStream(state.tokenizer, req.params.stop)
+    cached = count = 0
+    gen = engine.generate(seq)
+    try:
+        if chat:
+            await send([choice("", None, first=True)])
+        async for delta in gen:
+            if _client_gone(request):
+                return resp  # leaving the generator aborts the request and frees its blocks
+            finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
+            piece = text.push(delta.token_ids, finish is not None)
+            if piece or finish:
+                await send([choice(piece, finish)])
+        if req.include_usage:
+            await send([], usage=_usage(req, count, cached))
+        await resp.write(b"data: [DONE]\n\n")
+    except ConnectionResetError:
+        pass  # client went away mid-write
+    finally:
+        await gen.aclose()
+    return resp
+
+
+async def models(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    max_len = state.engine.engine.config.max_model_len if state.engine else None
+    return web.json_response({"object": "list", "data": [{"id": state.model_name, "object": "model",
+                                                          "created": state.created, "owned_by": "nanoserve",
+                                                          "max_model_len": max_len}]})
+
+
+async def cache_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: a snapshot of the cached block hashes, then stored/removed deltas."""
+    state: ServerState = request.app[STATE]
+    engine = _engine(state, {})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    q = await engine.subscribe_cache_events()
+    block_size = engine.engine.config.kvcache_block_size
+    try:
+        while not state.draining:
+            try:
+                kind, hashes = await asyncio.wait_for(q.get(), timeout=10)
+            except asyncio.TimeoutError:
+                await resp.write(b": ping\n\n")
+                continue
+            event = {"type": kind, "hashes": hashes}
+            if kind == "snapshot":
+                event["block_size"] = block_size
+            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+    except ConnectionResetError:
+        pass
+    finally:
+        engine.unsubscribe_cache_events(q)
+    return resp
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[STATE].engine
+    if engine is not None and engine.error is not None:
+        return web.json_response({"status": "engine failed", "error": repr(engine.error)}, status=500)
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    if state.engine is None or state.draining:
+        return web.json_response({"ready": False, "draining": state.draining}, status=503)
+    return web.json_response({"ready": True})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[STATE].engine
+    data = generate_latest(engine.metrics.registry) if engine else b""
+    return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(state: ServerState) -> web.Application:
+    app = web.Application(middlewares=[errors_and_auth], client_max_size=state.max_body_bytes)
+    app[STATE] = state
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/cache/events", cache_events)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics)
+    return app

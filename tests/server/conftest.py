@@ -1,0 +1,73 @@
+"""A real `nanoserve serve` process on 127.0.0.1, started per test module."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+
+    def __init__(self, model: str, *args: str, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--device", "cpu", *args]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_models):
+    server = ServerProcess(tiny_models["qwen3"], "--num-kvcache-blocks", "512", "--served-model-name", "tiny",
+                           "--max-model-len", "512")
+    yield server.wait_ready()
+    server.stop()
+
+
+@pytest.fixture
+def start_server():
+    """Start extra servers with their own settings; each is stopped when the test ends."""
+    started = []
+
+    def start(model: str, *args: str, env: dict | None = None) -> ServerProcess:
+        server = ServerProcess(model, *args, env=env)
+        started.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in started:
+        server.stop()

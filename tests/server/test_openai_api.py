@@ -1,0 +1,96 @@
+"""The official openai client against a real server: completions and chat, streamed and not."""
+import asyncio
+
+import aiohttp
+
+import openai
+import pytest
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_completion_streamed_equals_whole(client):
+    kw = dict(model="tiny", prompt="w5 w6 w7 w8", max_tokens=16, temperature=0)
+    whole = client.completions.create(**kw)
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage.prompt_tokens == 4 and whole.usage.completion_tokens == 16
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_completion_with_token_ids_and_stop(client):
+    whole = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0)
+    words = whole.choices[0].text.split()
+    stopped = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0, stop=[words[2]])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].text.split() == words[:words.index(words[2])]
+    streamed = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0,
+                                         stop=[words[2]], stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == stopped.choices[0].text
+
+
+def test_chat_streamed_equals_whole(client):
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "w10 w11"}], max_tokens=12, temperature=0)
+    whole = client.chat.completions.create(**kw)
+    assert whole.choices[0].message.role == "assistant" and whole.choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_seeded_sampling_reproduces(client):
+    kw = dict(model="tiny", prompt="w20 w21", max_tokens=10, temperature=1.0, seed=7)
+    assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+
+
+def test_prefix_cache_hit_is_reported(client):
+    prompt = list(range(30, 30 + 40))
+    client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+    again = client.completions.create(model="tiny", prompt=prompt, max_tokens=2)
+    assert again.usage.prompt_tokens_details.cached_tokens == 32  # two full 16-token blocks
+
+
+def test_32_concurrent_streams_are_batched(tiny_server):
+    client = openai.AsyncOpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
+
+    async def stream(i):
+        text, tokens = "", 0
+        async for c in await client.completions.create(model="tiny", prompt=[40 + i, 41, 42], max_tokens=48,
+                                                       temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                                       stream_options={"include_usage": True}):
+            text += c.choices[0].text if c.choices else ""
+            tokens = c.usage.completion_tokens if c.usage else tokens
+        return text, tokens
+
+    async def max_running(done):
+        seen = 0
+        async with aiohttp.ClientSession() as http:
+            while not done.is_set():
+                async with http.get(f"{tiny_server.url}/metrics") as r:
+                    body = await r.text()
+                for line in body.splitlines():
+                    if line.startswith("vllm:num_requests_running{"):
+                        seen = max(seen, float(line.split()[-1]))
+                await asyncio.sleep(0.005)
+        return seen
+
+    async def main():
+        done = asyncio.Event()
+        watcher = asyncio.create_task(max_running(done))
+        texts = await asyncio.gather(*(stream(i) for i in range(32)))
+        done.set()
+        return texts, await watcher
+
+    results, running = asyncio.run(main())
+    assert len(results) == 32 and all(tokens == 48 and text for text, tokens in results)
+    assert running > 1

@@ -1,0 +1,166 @@
+"""Bad input, disconnects, overload, auth, body limits, metrics and the cache-state feed, over real HTTP."""
+import asyncio
+import json
+import signal
+import time
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nanoserve.common.block_hash import block_hashes
+
+
+def post(url, path, body, headers=None, raw=None):
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url + path, data=raw if raw is not None else json.dumps(body),
+                              headers={"Content-Type": "application/json", **(headers or {})}) as r:
+                return r.status, await r.json(content_type=None), r.headers
+    return asyncio.run(go())
+
+
+def get_metrics(url) -> dict[str, float]:
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(url + "/metrics") as r:
+                return await r.text()
+    values = {}
+    for family in text_string_to_metric_families(asyncio.run(go())):
+        for sample in family.samples:
+            values[sample.name] = values.get(sample.name, 0) + sample.value
+    return values
+
+
+@pytest.mark.parametrize("path, body, raw, param", [
+    ("/v1/completions", None, b"{not json", None),
+    ("/v1/completions", None, b"[1, 2]", None),
+    ("/v1/completions", {"model": "tiny"}, None, "prompt"),
+    ("/v1/completions", {"prompt": 12}, None, "prompt"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": -1}, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "max_tokens": "ten"}, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "temperature": -1}, None, "temperature"),
+    ("/v1/completions", {"prompt": "w5", "top_p": 2}, None, "top_p"),
+    ("/v1/completions", {"prompt": "", "max_tokens": 3}, None, "prompt"),
+    ("/v1/completions", {"prompt": [1, 99999]}, None, "prompt"),
+    ("/v1/completions", {"prompt": " ".join(["w9"] * 600)}, None, "prompt"),
+    ("/v1/completions", {"prompt": "w5 w6", "max_tokens": 511}, None, "max_tokens"),
+    ("/v1/completions", {"prompt": "w5", "n": 3}, None, "n"),
+    ("/v1/completions", {"prompt": "w5", "stream": "yes"}, None, "stream"),
+    ("/v1/chat/completions", {"messages": []}, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, None, "messages"),
+    ("/v1/chat/completions", {}, None, "messages"),
+])
+def test_bad_input_is_400_with_a_message(tiny_server, path, body, raw, param):
+    status, payload, _ = post(tiny_server.url, path, body, raw=raw)
+    assert status == 400, payload
+    assert payload["error"]["message"] and payload["error"]["type"] == "invalid_request_error"
+    assert payload["error"]["param"] == param
+
+
+def test_unknown_model_is_404_model_not_found(tiny_server):
+    status, payload, _ = post(tiny_server.url, "/v1/completions", {"model": "gpt-9", "prompt": "w5"})
+    assert status == 404 and payload["error"]["code"] == "model_not_found"
+    assert "gpt-9" in payload["error"]["message"]
+
+
+def test_disconnecting_100_streams_frees_every_block(tiny_server):
+    async def one(session, i):
+        async with session.post(tiny_server.url + "/v1/completions",
+                                json={"prompt": [i % 200 + 3] * 40, "max_tokens": 400, "stream": True,
+                                      "ignore_eos": True}) as r:
+            assert r.status == 200
+            await r.content.readline()  # the first token arrived: the request holds blocks
+            # leaving the block drops the connection mid-stream
+
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            await asyncio.gather(*(one(s, i) for i in range(100)))
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 30
+    while True:
+        m = get_metrics(tiny_server.url)
+        if (m["vllm:kv_cache_usage_perc"], m["vllm:num_requests_running"], m["vllm:num_requests_waiting"]) == (0, 0, 0):
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.1)
+    assert m["vllm:request_success_total"] >= 100  # the aborts are counted, as finished_reason="abort"
+    assert m["vllm:generation_tokens_total"] < 100 * 400  # they really stopped early
+
+
+def test_metrics_parse_and_carry_vllm_names(tiny_server):
+    post(tiny_server.url, "/v1/completions", {"prompt": "w5 w6", "max_tokens": 3})
+    names = set(get_metrics(tiny_server.url))
+    for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+                 "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket"]:
+        assert name in names
+
+
+def test_cache_events_feed_reports_stored_blocks(tiny_server):
+    prompt = list(range(100, 150))  # 3 full blocks
+
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            async with s.get(tiny_server.url + "/v1/cache/events") as feed:
+                first = json.loads((await feed.content.readline()).decode()[len("data: "):])
+                await feed.content.readline()
+                async with s.post(tiny_server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 1}) as r:
+                    assert r.status == 200
+                stored = set()
+                while not set(block_hashes(prompt, 16)) <= stored:
+                    line = (await asyncio.wait_for(feed.content.readline(), 10)).decode()
+                    if line.startswith("data: "):
+                        event = json.loads(line[len("data: "):])
+                        if event["type"] == "stored":
+                            stored |= set(event["hashes"])
+                return first, stored
+
+    snapshot, stored = asyncio.run(main())
+    assert snapshot["type"] == "snapshot" and snapshot["block_size"] == 16
+    assert set(block_hashes(prompt, 16)) <= stored
+
+
+def test_auth_body_limit_overload_and_drain(tiny_models, start_server):
+    server = start_server(tiny_models["llama"], "--num-kvcache-blocks", "256", "--max-num-seqs", "1",
+                          "--max-pending", "2", "--max-body-bytes", "2000", "--drain-timeout", "60",
+                          env={"NANOSERVE_API_KEY": "sesame"})
+    auth = {"Authorization": "Bearer sesame"}
+    status, payload, _ = post(server.url, "/v1/completions", {"prompt": "w5"})
+    assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+    status, payload, _ = post(server.url, "/v1/completions", {"prompt": "w5 " * 1000}, headers=auth)
+    assert status == 413 and "too large" in payload["error"]["message"]
+
+    async def burst():
+        async with aiohttp.ClientSession(headers=auth) as s:
+            async def one(i):
+                async with s.post(server.url + "/v1/completions",
+                                  json={"prompt": [i + 3] * 8, "max_tokens": 30, "ignore_eos": True}) as r:
+                    return r.status, r.headers.get("Retry-After")
+            return await asyncio.gather(*(one(i) for i in range(12)))
+
+    results = asyncio.run(burst())
+    assert {s for s, _ in results} == {200, 429}
+    assert all(retry == "1" for s, retry in results if s == 429)
+
+    async def drain():
+        async with aiohttp.ClientSession(headers=auth) as s:
+            async with s.post(server.url + "/v1/completions",
+                              json={"prompt": "w5 w6", "max_tokens": 1000, "ignore_eos": True, "stream": True}) as r:
+                first = await r.content.readline()  # the stream is running
+                server.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.2)
+                async with s.get(server.url + "/ready") as ready:
+                    ready_status = ready.status
+                async with s.post(server.url + "/v1/completions", json={"prompt": "w5"}) as late:
+                    late_status = late.status
+                return (first + await r.read()).decode(), ready_status, late_status
+
+    body, ready, late = asyncio.run(drain())
+    assert ready == 503 and late == 503
+    assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in body
+    assert server.proc.wait(timeout=60) == 0
