@@ -30,6 +30,7 @@ class GatewayConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     block_size: int = 16              # until an engine's cache feed reports its own
     approx_capacity_blocks: int = 1 << 16  # per-engine LRU bound of the approximate index
+    pending_ttl: float = 10.0         # precise mode: a routed prompt counts as cached until confirmed or this old
     # Active health checks.
     health_path: str = "/ready"
     health_interval: float = 2.0

@@ -68,7 +68,8 @@ class EndpointPool:
         for url, ready in targets.items():
             ep = self.endpoints.get(url)
             if ep is None:
-                ep = Endpoint(url, CacheIndex(self.config.block_size, self.config.approx_capacity_blocks))
+                cfg = self.config
+                ep = Endpoint(url, CacheIndex(cfg.block_size, cfg.approx_capacity_blocks, cfg.pending_ttl))
                 self.endpoints[url] = ep
                 added.append(ep)
             ep.ready = ready

@@ -141,3 +141,14 @@ def until():
 def dead_url() -> str:
     """A URL nothing listens on."""
     return f"http://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def http_ready():
+    """Wait (bounded) until a URL answers."""
+    return wait_http

@@ -45,8 +45,7 @@ def test_feed_loss_forgets_everything_and_falls_back_to_approximate():
     hs = block_hashes(prompt(1, 64), 16)
     idx.record(hs)
     idx.apply({"type": "snapshot", "block_size": 16, "hashes": hs})
-    idx.record(block_hashes(prompt(2, 64), 16))  # ignored: the feed is the truth
-    assert len(idx) == len(hs)
+    assert len(idx) == len(hs) and not idx.approx  # the feed is the truth
     idx.feed_lost()
     assert not idx.is_precise and idx.match(hs) == 0 and len(idx) == 0
 
@@ -82,3 +81,19 @@ def test_approximate_lru_refreshes_reused_prefixes():
     idx.record(block_hashes(prompt(9, 4 * 3), 4))
     assert idx.match(shared) == len(shared)
     assert idx.match(other) == 0
+
+
+def test_routed_prompt_is_pending_until_the_feed_confirms_or_it_expires():
+    ttl = 10.0
+    idx = CacheIndex(block_size=4, pending_ttl=ttl)
+    idx.apply({"type": "snapshot", "block_size": 4, "hashes": []})
+    hs = block_hashes(prompt(10, 4 * 5), 4)
+    t0 = 100.0
+    idx.record(hs, now=t0)
+    assert idx.match(hs, now=t0 + ttl / 2) == len(hs)  # the stored event may not have arrived yet
+    assert idx.match(hs, now=t0 + ttl) == 0           # it never did: forget it
+    idx.apply({"type": "stored", "hashes": hs[:2]})
+    assert idx.match(hs, now=t0 + ttl) == 2
+    assert len(idx.pending) == len(hs) - 2
+    idx.record(block_hashes(prompt(11, 8), 4), now=t0 + ttl)  # expired entries are pruned on the way
+    assert not set(idx.pending) & set(hs)

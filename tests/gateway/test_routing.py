@@ -1,0 +1,154 @@
+"""Cache-aware routing end to end: tokenizer + cache feed + policy, against fake engines that keep a
+prefix cache of prompt blocks (their `vllm:prefix_cache_hits_total` shows what routing saved)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import aiohttp
+
+BLOCK = 8  # engines' block size, unlike the gateway's default: the feed's snapshot must win
+SYSTEM = "system says " + " ".join(f"w{i}" for i in range(6))  # shared by all, short: first turns spread
+
+
+class Conversation:
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.messages = [{"role": "system", "content": SYSTEM}]
+        self.engines: list[str] = []
+
+    def next_request(self, stream: bool = False) -> dict:
+        words = " ".join(f"w{self.rng.randrange(500)}" for _ in range(self.rng.randrange(30, 50)))
+        self.messages.append({"role": "user", "content": words})
+        return {"model": "fake-model", "messages": list(self.messages), "stream": stream}
+
+    def answered(self, engine: str, text: str) -> None:
+        self.engines.append(engine)
+        self.messages.append({"role": "assistant", "content": text})
+
+
+async def chat(session, gw_url: str, conv: Conversation, stream: bool = False) -> tuple[int, list[str]]:
+    """One turn; returns (status, SSE data payloads or [json body])."""
+    async with session.post(gw_url + "/v1/chat/completions", json=conv.next_request(stream)) as resp:
+        raw = await resp.read()
+        if resp.status != 200:
+            return resp.status, [raw.decode()]
+        if stream:
+            data = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+            text = "".join(json.loads(d)["choices"][0]["delta"]["content"] for d in data
+                           if d != "[DONE]" and "choices" in json.loads(d))
+        else:
+            data = [raw.decode()]
+            text = json.loads(raw)["choices"][0]["message"]["content"]
+        conv.answered(resp.headers["X-Nanoserve-Engine"], text)
+        return resp.status, data
+
+
+async def total_hits(session, engines) -> int:
+    return sum([(await (await session.get(e.url + "/fake/state")).json())["hits"] for e in engines])
+
+
+async def run_conversations(gw_url: str, n_conv: int, turns: int) -> list[Conversation]:
+    convs = [Conversation(seed) for seed in range(n_conv)]
+    async with aiohttp.ClientSession() as s:
+        for _ in range(turns):  # interleaved, one request at a time
+            for conv in convs:
+                status, _ = await chat(s, gw_url, conv)
+                assert status == 200
+    return convs
+
+
+def test_precise_index_follows_the_feed(spawn_engines, start_gateway, tiny_tokenizer, until):
+    engines = spawn_engines(2, tokenizer=tiny_tokenizer, block_size=BLOCK)
+
+    async def main():
+        async with start_gateway([e.url for e in engines], model=tiny_tokenizer) as gw, \
+                aiohttp.ClientSession() as s:
+            [conv] = await run_conversations(gw.url, 1, 2)
+            await until(lambda: all(ep.cache.is_precise for ep in gw.pool.endpoints.values()))
+            for e in engines:
+                ep = gw.pool.endpoints[e.url]
+                assert ep.cache.block_size == BLOCK
+                state = await (await s.get(e.url + "/fake/state")).json()
+                await until(lambda: len(ep.cache) == state["cached_blocks"])
+            assert len(set(conv.engines)) == 1
+            assert len(gw.pool.endpoints[conv.engines[0]].cache) > 0
+    asyncio.run(main())
+
+
+def test_conversations_stick_and_hit_more_than_round_robin(spawn_engines, start_gateway, tiny_tokenizer):
+    n_conv, turns = 5, 4  # 5 conversations on 3 engines: round-robin moves each one every turn
+    hits = {}
+    for policy in ("cache-aware", "round-robin"):
+        engines = spawn_engines(3, tokenizer=tiny_tokenizer, block_size=BLOCK)
+
+        async def main():
+            async with start_gateway([e.url for e in engines], model=tiny_tokenizer, policy=policy) as gw, \
+                    aiohttp.ClientSession() as s:
+                convs = await run_conversations(gw.url, n_conv, turns)
+                hits[policy] = await total_hits(s, engines)
+                return convs
+        convs = asyncio.run(main())
+        if policy == "cache-aware":
+            assert all(len(set(c.engines)) == 1 for c in convs)  # every turn on one engine
+            assert len({c.engines[0] for c in convs}) > 1        # but not all conversations on one
+        for e in engines:
+            e.kill()
+    assert hits["cache-aware"] > 2 * hits["round-robin"]
+
+
+def test_approximate_mode_without_feed_still_sticks(spawn_engines, start_gateway, tiny_tokenizer):
+    engines = spawn_engines(3, tokenizer=tiny_tokenizer, feed=False)
+
+    async def main():
+        async with start_gateway([e.url for e in engines], model=tiny_tokenizer) as gw:
+            convs = await run_conversations(gw.url, 4, 3)
+            assert not any(ep.cache.is_precise for ep in gw.pool.endpoints.values())
+            assert all(len(set(c.engines)) == 1 for c in convs)
+            assert len({c.engines[0] for c in convs}) > 1
+    asyncio.run(main())
+
+
+def test_killing_an_engine_mid_run_loses_no_unstarted_request(spawn_engines, start_gateway, tiny_tokenizer,
+                                                              until):
+    engines = spawn_engines(3, tokenizer=tiny_tokenizer, block_size=BLOCK, latency=0.03, tokens=8)
+    victim = engines[0]
+    results: list[tuple[bool, int, list[str]]] = []
+
+    async def converse(s, gw_url, conv: Conversation, turns: int) -> None:
+        for t in range(turns):
+            stream = (conv.rng.random() < 0.5)
+            status, data = await chat(s, gw_url, conv, stream)
+            results.append((stream, status, data))
+            if status == 200 and stream and data[-1] != "[DONE]":
+                conv.messages.pop()  # cut off: ask again
+
+    async def main():
+        async with start_gateway([e.url for e in engines], model=tiny_tokenizer, unhealthy_threshold=1) as gw, \
+                aiohttp.ClientSession() as s:
+            convs = [Conversation(seed) for seed in range(6)]
+            run = asyncio.gather(*(converse(s, gw.url, c, 5) for c in convs))
+            victim_ep = gw.pool.endpoints[victim.url]
+            await until(lambda: len(results) >= 6 and victim_ep.in_flight > 0)
+            victim.kill()  # with requests open on it
+            await run
+            for stream, status, data in results:
+                assert status == 200, data
+                if not stream or data[-1] == "[DONE]":
+                    continue
+                # Cut off mid-stream: only after it had started, and with an error event.
+                assert len(data) >= 2 and "choices" in json.loads(data[0])
+                assert json.loads(data[-1])["error"]["code"] == "upstream_disconnected"
+            assert any(victim.url in c.engines for c in convs)  # the victim did serve before dying
+            metrics = gw.metrics.render(gw.pool).decode()
+            cut = sum(1 for stream, _, data in results if stream and data[-1] != "[DONE]")
+            assert f"nanoserve_gateway_stream_errors_total {cut}.0" in metrics
+            assert cut > 0 or "nanoserve_gateway_retries_total{" in metrics  # its open requests were handled
+            assert victim.url not in [ep.url for ep in gw.pool.routable()]
+
+            victim.restart()  # same URL, cold cache: new conversations go there first
+            await until(lambda: gw.pool.endpoints[victim.url].routable)
+            fresh = await run_conversations(gw.url, 2, 2)
+            assert victim.url in {c.engines[0] for c in fresh}
+    asyncio.run(main())
