@@ -15,6 +15,7 @@ class Context:
     query_lens_list: list[int]      # host copies, so the reference path needs no device sync
     context_lens_list: list[int]
     is_decode: bool                 # every sequence computes exactly one token
+    num_splits: int = 1             # KV splits per sequence in the Triton decode kernel
 
 
 _context: Context | None = None

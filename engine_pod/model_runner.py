@@ -65,6 +65,20 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.num_kvcache_blocks = self._allocate_kv_cache()
+        self.graphs, self.num_splits_for = None, None
+        if backend == "triton":  # imported here: CPU installs need no triton
+            from nanoserve.kernels.paged_attention import num_splits_for
+            self.num_splits_for = num_splits_for
+        if self.device.type == "cuda" and not config.enforce_eager and backend == "triton":
+            from nanoserve.engine_pod.cuda_graphs import DecodeGraphs
+            a = self.attention_layers[0]
+            self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
+                                       -(-config.max_model_len // config.kvcache_block_size),
+                                       config.hf_config["hidden_size"], a.num_kv_heads, config.torch_dtype,
+                                       self.device)
+            self.graphs.capture()
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 1
         if self.world > 1:
             self.shm = SharedMemory(name=link.shm_name)
             dist.barrier()
@@ -120,18 +134,25 @@ class ModelRunner:
         query_lens = [b - a for a, b in zip(inputs.cu_seqlens_q, inputs.cu_seqlens_q[1:])]
         width = max(map(len, inputs.block_tables))
         tables = [t + [-1] * (width - len(t)) for t in inputs.block_tables]
-        set_context(Context(
+        is_decode = max(query_lens) == 1
+        ctx = Context(
             slot_mapping=self._to_device(inputs.slot_mapping),
             cu_seqlens_q=self._to_device(inputs.cu_seqlens_q, torch.int32),
             context_lens=self._to_device(inputs.context_lens, torch.int32),
             block_tables=self._to_device(tables, torch.int32),
             max_seqlen_q=max(query_lens), max_seqlen_k=max(inputs.context_lens),
-            query_lens_list=query_lens, context_lens_list=inputs.context_lens,
-            is_decode=max(query_lens) == 1))
-        hidden = self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions))
-        logits = self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
-        set_context(None)
-        return logits
+            query_lens_list=query_lens, context_lens_list=inputs.context_lens, is_decode=is_decode,
+            num_splits=self.num_splits_for(len(query_lens), self.attention_layers[0].num_kv_heads,
+                                           max(inputs.context_lens), self.num_sms)
+            if is_decode and self.num_splits_for else 1)
+        input_ids, positions = self._to_device(inputs.input_ids), self._to_device(inputs.positions)
+        if is_decode and self.graphs is not None and self.graphs.fits(len(query_lens)):
+            hidden = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
+        else:
+            set_context(ctx)
+            hidden = self.model(input_ids, positions)
+            set_context(None)
+        return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
 
     # ---- leader/worker plumbing ---------------------------------------------------------------
     def call(self, method: str, *args):

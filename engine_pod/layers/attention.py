@@ -1,7 +1,8 @@
-"""Paged attention with one small backend seam: "torch" (reference, any device), "flash_attn" (GPU).
+"""Paged attention with one small backend seam: "triton" (the GPU default), "flash_attn" (GPU, when
+installed and asked for), "torch" (the plain reference: CPU, tests).
 
 Every backend does the same two things per layer: store the new tokens' k/v into the paged cache, then
-attend each sequence's new queries over its cached context. The Triton backend plugs in here.
+attend each sequence's new queries over its cached context.
 """
 import torch
 from torch import nn
@@ -19,11 +20,15 @@ def flash_attn_available() -> bool:
 
 
 def pick_backend(requested: str | None, device: str, block_size: int) -> str:
+    from nanoserve.engine_pod.errors import ConfigError
+    if requested == "flash_attn" and (not flash_attn_available() or block_size % 256):
+        raise ConfigError("attention_backend='flash_attn' needs the flash_attn package and kvcache_block_size "
+                          "a multiple of 256")
+    if requested in ("triton", "flash_attn") and not device.startswith("cuda"):
+        raise ConfigError(f"attention_backend={requested!r} needs a CUDA device")
     if requested:
         return requested
-    if device.startswith("cuda") and block_size % 256 == 0 and flash_attn_available():
-        return "flash_attn"
-    return "torch"
+    return "triton" if device.startswith("cuda") else "torch"
 
 
 class Attention(nn.Module):
@@ -37,6 +42,12 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim]."""
         ctx = get_context()
+        if self.backend == "triton":
+            from nanoserve.kernels.kv_store import store_kvcache
+            from nanoserve.kernels.paged_attention import paged_attention
+            store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            return paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
+                                   ctx.block_tables, self.scale, ctx.max_seqlen_q, ctx.num_splits)
         if self.backend == "flash_attn":
             return self._flash_attn(q, k, v, ctx)
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)

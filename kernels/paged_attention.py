@@ -1,0 +1,150 @@
+"""Triton kernel: causal attention of varlen queries over a paged KV cache (prefill, chunked prefill with
+a cached prefix, and decode are one kernel). Reference: `attention_ref.paged_attention_ref`.
+
+Each program takes one sequence, one KV head, a tile of its query tokens and one split of its context.
+The query rows of a tile are (token, head-of-this-KV-group) pairs, so the KV tile read from memory is
+used by every query head that shares it (GQA). When the batch is too small to fill the GPU, the context
+is split across programs and the partial results are merged through their log-sum-exp.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_attention_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
+        cu_q_ptr, ctx_ptr, block_table_ptr,
+        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
+        stride_bt, stride_split_o, stride_split_l, num_heads,
+        scale_log2,
+        GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        NUM_SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    tile = tl.program_id(2) // NUM_SPLITS
+    split = tl.program_id(2) % NUM_SPLITS
+
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    ctx = tl.load(ctx_ptr + seq)
+    if tile * BLOCK_T >= q_len:
+        return
+
+    rows = tl.arange(0, BLOCK_M)
+    t_local = tile * BLOCK_T + rows // GROUP_P
+    g = rows % GROUP_P
+    row_ok = (rows // GROUP_P < BLOCK_T) & (g < GROUP) & (t_local < q_len)
+    pos = ctx - q_len + t_local                      # absolute position of each query row
+    head = kv_head * GROUP + g
+    d = tl.arange(0, HEAD_DIM_P)
+    d_ok = d < HEAD_DIM
+
+    q = tl.load(q_ptr + (q_start + t_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+
+    # Keys this tile may see (causal), then this split's share of them, in whole BLOCK_N steps.
+    last_t = tl.minimum(q_len, (tile + 1) * BLOCK_T) - 1
+    kv_end = ctx - q_len + last_t + 1
+    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(kv_end, lo + per_split)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
+    n_offs = tl.arange(0, BLOCK_N)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + n_offs
+        n_ok = n < hi
+        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        visible = n_ok[None, :] & (n[None, :] <= pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    token = q_start + t_local
+    o_off = split * stride_split_o + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    if NUM_SPLITS > 1:
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+        tl.store(lse_ptr + split * stride_split_l + token * num_heads + head, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_split_o, stride_split_l, stride_pt, stride_ph,
+                         stride_ot, stride_oh, num_heads,
+                         NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    s = tl.arange(0, NUM_SPLITS)
+    lse = tl.load(lse_ptr + s * stride_split_l + token * num_heads + head)
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.math.exp2(lse - m)
+    w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+    d = tl.arange(0, HEAD_DIM_P)
+    part = tl.load(part_ptr + s[:, None] * stride_split_o + token * stride_pt + head * stride_ph + d[None, :],
+                   mask=d[None, :] < HEAD_DIM, other=0.0)
+    out = tl.sum(part * w[:, None], 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def num_splits_for(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
+    """Split the context only when sequences x KV heads leave most of the GPU idle."""
+    programs = num_seqs * num_kv_heads
+    if programs >= num_sms:
+        return 1
+    splits = triton.next_power_of_2(-(-2 * num_sms // programs))
+    return max(1, min(splits, 16, triton.next_power_of_2(-(-max_context // 256))))
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_seqlen_q: int,
+                    num_splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [tokens, heads, head_dim]; caches [num_blocks, block_size, kv_heads, head_dim]; block_tables int32
+    [seqs, max_blocks]; cu_seqlens_q int32 [seqs + 1]; context_lens int32 [seqs]. `max_seqlen_q` bounds the
+    grid (it is 1 for decode, so a CUDA graph can capture this call)."""
+    tokens, heads, dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    group_p = triton.next_power_of_2(group)
+    num_seqs = context_lens.shape[0]
+    if max_seqlen_q == 1:
+        block_m, block_t, block_n, warps, stages = max(16, group_p), 1, 64, 4, 3
+    else:
+        block_m = max(64, group_p)
+        block_t, block_n, warps, stages = block_m // group_p, 64, 4, 2
+    tiles = -(-max_seqlen_q // block_t)
+    out = torch.empty_like(q) if out is None else out
+    dim_p = triton.next_power_of_2(dim)
+    if num_splits > 1:
+        part = torch.empty((num_splits, tokens, heads, dim_p), dtype=torch.float32, device=q.device)
+        lse = torch.empty((num_splits, tokens, heads), dtype=torch.float32, device=q.device)
+        target, stride_split_o, stride_split_l = part, part.stride(0), lse.stride(0)
+        t_stride, h_stride = part.stride(1), part.stride(2)
+    else:
+        target, lse, stride_split_o, stride_split_l = out, out, 0, 0
+        t_stride, h_stride = out.stride(0), out.stride(1)
+    _paged_attention_kernel[(num_seqs, kv_heads, tiles * num_splits)](
+        q, k_cache, v_cache, target, lse, cu_seqlens_q, context_lens, block_tables,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), t_stride, h_stride,
+        block_tables.stride(0), stride_split_o, stride_split_l, heads, scale * 1.4426950408889634,
+        GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, HEAD_DIM_P=dim_p, BLOCK_SIZE=block_size, BLOCK_T=block_t,
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages)
+    if num_splits > 1:
+        _merge_splits_kernel[(tokens, heads)](part, lse, out, part.stride(0), lse.stride(0), part.stride(1),
+                                              part.stride(2), out.stride(0), out.stride(1), heads,
+                                              NUM_SPLITS=num_splits, HEAD_DIM=dim, HEAD_DIM_P=dim_p)
+    return out
