@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -13,6 +14,9 @@ from aiohttp import web
 from nanoserve.gateway.endpoints import Endpoint
 from nanoserve.gateway.errors import error_response, sse_error
 from nanoserve.gateway.prompt import prompt_of
+
+if TYPE_CHECKING:
+    from nanoserve.gateway.app import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def _forward_headers(headers) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
-async def handle_generate(gw, request: web.Request) -> web.StreamResponse:
+async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamResponse:
     """POST /v1/completions and /v1/chat/completions."""
     raw = await request.read()
     try:
@@ -81,7 +85,8 @@ async def handle_generate(gw, request: web.Request) -> web.StreamResponse:
                           "upstream_unavailable")
 
 
-async def _attempt(gw, request: web.Request, ep: Endpoint, raw: bytes, headers: dict[str, str]):
+async def _attempt(gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes,
+                   headers: dict[str, str]) -> web.StreamResponse | Failure:
     """One try on one engine: a prepared response once bytes reached the client, else a Failure."""
     cfg = gw.config
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
@@ -118,7 +123,7 @@ async def _attempt(gw, request: web.Request, ep: Endpoint, raw: bytes, headers: 
         ep.in_flight -= 1
 
 
-async def _pump(gw, ep: Endpoint, up: aiohttp.ClientResponse, resp: web.StreamResponse, first: bytes) -> None:
+async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web.StreamResponse, first: bytes) -> None:
     """Copy the engine's bytes as they arrive. If the engine dies mid-way, end an event stream with an
     error event (a JSON body can only be cut off). A client that goes away ends the copy (and the
     upstream connection, so the engine stops generating)."""

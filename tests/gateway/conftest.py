@@ -152,3 +152,14 @@ def port() -> int:
 def http_ready():
     """Wait (bounded) until a URL answers."""
     return wait_http
+
+
+@pytest.fixture(scope="session")
+def fake_engine_module():
+    """tests/gateway/fake_engine.py as a module, for in-process engines (`build_app(FakeConfig(...))`)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("nanoserve_tests_fake_engine", FAKE_ENGINE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module

@@ -191,10 +191,15 @@ class FakeEngine:
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
     async def state(self, request: web.Request) -> web.Response:
-        """GET: counters and faults; POST a JSON object to change faults (e.g. {"fail_next": 2})."""
+        """GET: counters and faults; POST a JSON object to change faults (e.g. {"fail_next": 2}),
+        or {"reset": true} to empty the cache and zero the counters (reuse between test runs)."""
         if request.method == "POST":
             for k, v in (await request.json()).items():
-                setattr(self.cfg, k, v)
+                if k == "reset":
+                    self.cache.clear()
+                    self.requests = self.queries = self.hits = 0
+                else:
+                    setattr(self.cfg, k, v)
         return web.json_response({"requests": self.requests, "queries": self.queries, "hits": self.hits,
                                   "cached_blocks": len(self.cache), **asdict(self.cfg)})
 

@@ -188,3 +188,25 @@ def test_metrics_count_requests_per_engine(spawn_engines, start_gateway):
                 assert f'nanoserve_gateway_engine_up{{engine="{e.url}"}} 1.0' in text
             assert f'nanoserve_gateway_routing_decisions_total{{reason="round_robin"}} {n}.0' in text
     asyncio.run(main())
+
+
+def test_in_process_fake_engine_drops_the_connection_mid_stream(start_gateway, fake_engine_module):
+    """The fake engine also runs inside the test's event loop (no process to kill: it drops the socket)."""
+    from aiohttp import web
+    fake = fake_engine_module
+
+    async def main():
+        runner = web.AppRunner(fake.build_app(fake.FakeConfig(crash_after=0, crash_chunks=1,
+                                                              exit_on_crash=False)))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with start_gateway([url]) as gw, aiohttp.ClientSession() as s:
+                status, _, body = await post(s, gw.url + "/v1/completions", {"prompt": "w1", "stream": True})
+                data = events(body)
+                assert status == 200 and len(data) == 2
+                assert json.loads(data[1])["error"]["code"] == "upstream_disconnected"
+        finally:
+            await runner.cleanup()
+    asyncio.run(main())

@@ -79,22 +79,22 @@ def test_precise_index_follows_the_feed(spawn_engines, start_gateway, tiny_token
 
 def test_conversations_stick_and_hit_more_than_round_robin(spawn_engines, start_gateway, tiny_tokenizer):
     n_conv, turns = 5, 4  # 5 conversations on 3 engines: round-robin moves each one every turn
+    engines = spawn_engines(3, tokenizer=tiny_tokenizer, block_size=BLOCK)
     hits = {}
-    for policy in ("cache-aware", "round-robin"):
-        engines = spawn_engines(3, tokenizer=tiny_tokenizer, block_size=BLOCK)
 
-        async def main():
-            async with start_gateway([e.url for e in engines], model=tiny_tokenizer, policy=policy) as gw, \
-                    aiohttp.ClientSession() as s:
+    async def main(policy: str) -> list[Conversation]:
+        async with aiohttp.ClientSession() as s:
+            for e in engines:  # same engines, cold caches
+                await s.post(e.url + "/fake/state", json={"reset": True})
+            async with start_gateway([e.url for e in engines], model=tiny_tokenizer, policy=policy) as gw:
                 convs = await run_conversations(gw.url, n_conv, turns)
-                hits[policy] = await total_hits(s, engines)
-                return convs
-        convs = asyncio.run(main())
-        if policy == "cache-aware":
-            assert all(len(set(c.engines)) == 1 for c in convs)  # every turn on one engine
-            assert len({c.engines[0] for c in convs}) > 1        # but not all conversations on one
-        for e in engines:
-            e.kill()
+            hits[policy] = await total_hits(s, engines)
+            return convs
+
+    convs = asyncio.run(main("cache-aware"))
+    assert all(len(set(c.engines)) == 1 for c in convs)  # every turn on one engine
+    assert len({c.engines[0] for c in convs}) > 1        # but not all conversations on one
+    asyncio.run(main("round-robin"))
     assert hits["cache-aware"] > 2 * hits["round-robin"]
 
 

@@ -1,0 +1,102 @@
+"""The cache-feed client against a scripted event stream on a real socket."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+from aiohttp import web
+
+from nanoserve.gateway.cache_feed import follow_feed, read_feed
+from nanoserve.gateway.cache_index import CacheIndex
+
+SNAPSHOT = list(range(1, 30_001))  # ~200 KB on one line: more than a default readline() accepts
+BIG = 2**64 - 1                    # hashes are unsigned 64-bit
+
+
+def feed_app(events: list[bytes], status: int = 200) -> web.Application:
+    async def handler(request):
+        if status != 200:
+            raise web.HTTPNotFound()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for e in events:
+            await resp.write(e)
+            await asyncio.sleep(0)
+        return resp  # the stream ends, as when the engine stops
+    app = web.Application()
+    app.router.add_get("/v1/cache/events", handler)
+    return app
+
+
+async def serving(app: web.Application):
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+def data(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def test_snapshot_pings_and_deltas_are_applied():
+    snapshot = data({"type": "snapshot", "block_size": 32, "hashes": SNAPSHOT})
+    events = [snapshot[:1000], snapshot[1000:],  # an event split across chunks
+              b": ping\n\n",
+              data({"type": "stored", "hashes": [BIG, 0]}),
+              data({"type": "removed", "hashes": SNAPSHOT[:10]})]
+    index = CacheIndex(block_size=16)
+
+    async def main():
+        runner, url = await serving(feed_app(events))
+        async with aiohttp.ClientSession() as s:
+            assert await read_feed(s, url, index, idle_timeout=10) is True
+        await runner.cleanup()
+    asyncio.run(main())
+    assert index.block_size == 32
+    assert len(index) == len(SNAPSHOT) - 10 + 2
+    assert index.match([BIG, 0]) == 2 and index.match(SNAPSHOT[:11]) == 0
+
+
+def test_missing_feed_is_reported():
+    async def main():
+        runner, url = await serving(feed_app([], status=404))
+        async with aiohttp.ClientSession() as s:
+            assert await read_feed(s, url, CacheIndex(), idle_timeout=10) is False
+        await runner.cleanup()
+    asyncio.run(main())
+
+
+class RecordingIndex(CacheIndex):
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[str] = []
+
+    def apply(self, event: dict) -> None:
+        super().apply(event)
+        self.log.append(event["type"])
+
+    def feed_lost(self) -> None:
+        super().feed_lost()
+        self.log.append("lost")
+
+
+def test_follow_feed_forgets_the_cache_when_the_stream_ends_and_reconnects():
+    index = RecordingIndex()
+
+    async def main():
+        runner, url = await serving(feed_app([data({"type": "snapshot", "block_size": 16, "hashes": [7]})]))
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.create_task(follow_feed(s, url, index, retry_interval=0.01, idle_timeout=10))
+            for _ in range(500):  # bounded wait for a few connect / end cycles
+                if index.log.count("lost") >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+    asyncio.run(main())
+    assert index.log[:6] == ["snapshot", "lost"] * 3  # each connection: a snapshot, then forgotten at its end
+    assert not index.is_precise or index.log[-1] == "snapshot"
