@@ -45,6 +45,7 @@ class Gateway:
         if self.config.service:
             watcher = EndpointSliceWatcher(self.config.service, self.config.namespace, self.set_targets,
                                            self.config.port_name, self.config.scheme)
+            watcher.connect()
             self._discovery = asyncio.create_task(watcher.run())
         else:
             self.set_targets(static_targets(self.config.engines))

@@ -63,45 +63,63 @@ class EndpointSliceWatcher:
         self.on_targets = on_targets
         self.port_name = port_name
         self.scheme = scheme
+        self.api: Any = None
+        self.watch_factory: Callable[[], Any] | None = None
         self._stop = threading.Event()
 
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        deliver = lambda targets: loop.call_soon_threadsafe(self.on_targets, targets)  # noqa: E731
-        try:
-            await asyncio.to_thread(self._watch_forever, deliver)
-        finally:
-            self._stop.set()  # on cancellation the thread ends at its next watch timeout
-
-    def _watch_forever(self, deliver: Callable[[Targets], None]) -> None:
+    def connect(self) -> None:
+        """Load the in-cluster (or kubeconfig) credentials; raises at startup when there are none."""
         from kubernetes import client, config, watch  # lazy: only needed in a cluster
         try:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        api = client.DiscoveryV1Api()
+        self.api, self.watch_factory = client.DiscoveryV1Api(), watch.Watch
+
+    async def run(self) -> None:
+        """Watch in a daemon thread (the client blocks) until cancelled."""
+        loop = asyncio.get_running_loop()
+
+        def deliver(targets: Targets) -> None:
+            if not self._stop.is_set():
+                loop.call_soon_threadsafe(self.on_targets, targets)
+        thread = threading.Thread(target=self.watch_forever, args=(deliver,), daemon=True,
+                                  name="endpointslice-watch")
+        thread.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self._stop.set()  # the thread ends at its next event or watch timeout
+
+    def watch_forever(self, deliver: Callable[[Targets], None]) -> None:
         while not self._stop.is_set():
             try:
-                listing = api.list_namespaced_endpoint_slice(self.namespace, label_selector=self.selector)
-                slices = {s.metadata.name: self._parse(s) for s in listing.items}
-                deliver(merge_slices(slices))
-                stream = watch.Watch().stream(api.list_namespaced_endpoint_slice, self.namespace,
-                                              label_selector=self.selector, timeout_seconds=30,
-                                              resource_version=listing.metadata.resource_version)
-                for event in stream:
-                    if self._stop.is_set():
-                        return
-                    obj = event["object"]
-                    if event["type"] == "DELETED":
-                        slices.pop(obj.metadata.name, None)
-                    elif event["type"] in ("ADDED", "MODIFIED"):
-                        slices[obj.metadata.name] = self._parse(obj)
-                    else:
-                        continue
-                    deliver(merge_slices(slices))
+                self.watch_once(deliver)
             except Exception as e:  # noqa: BLE001 - API errors, 410 Gone: back off and re-list
                 log.warning("EndpointSlice watch of %s: %r", self.selector, e)
                 self._stop.wait(2.0)
+
+    def watch_once(self, deliver: Callable[[Targets], None]) -> None:
+        """One list, then one watch from its resourceVersion until it times out or errs."""
+        listing = self.api.list_namespaced_endpoint_slice(self.namespace, label_selector=self.selector)
+        slices = {s.metadata.name: self._parse(s) for s in listing.items}
+        deliver(merge_slices(slices))
+        stream = self.watch_factory().stream(self.api.list_namespaced_endpoint_slice, self.namespace,
+                                             label_selector=self.selector, timeout_seconds=30,
+                                             resource_version=listing.metadata.resource_version)
+        for event in stream:
+            if self._stop.is_set():
+                return
+            kind, obj = event["type"], event["object"]
+            if kind == "ERROR":
+                return  # e.g. 410 Gone: re-list
+            if kind == "DELETED":
+                slices.pop(obj.metadata.name, None)
+            elif kind in ("ADDED", "MODIFIED"):
+                slices[obj.metadata.name] = self._parse(obj)
+            else:
+                continue  # BOOKMARK
+            deliver(merge_slices(slices))
 
     def _parse(self, obj: Any) -> Targets:
         return parse_endpoint_slice(obj, self.port_name, self.scheme)

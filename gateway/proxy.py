@@ -56,7 +56,13 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
     endpoints = gw.pool.routable()
     if not endpoints:
         return error_response(503, "no healthy engine", "server_error", "no_healthy_engine")
-    prompt = prompt_of(gw.tokenizer, request.path, body) if gw.policy.uses_cache else None
+    prompt = None
+    if gw.policy.uses_cache:
+        # Long prompts are tokenized off the event loop (the tokenizer releases the GIL) so streams keep flowing.
+        if len(raw) > 16384:
+            prompt = await asyncio.to_thread(prompt_of, gw.tokenizer, request.path, body)
+        else:
+            prompt = prompt_of(gw.tokenizer, request.path, body)
     decision = gw.policy.rank(gw.pool.candidates(endpoints, prompt))
     gw.metrics.decisions.labels(decision.reason).inc()
     gw.metrics.matched_blocks.observe(decision.matched)

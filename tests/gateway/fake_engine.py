@@ -207,7 +207,6 @@ class FakeEngine:
 def build_app(cfg: FakeConfig) -> web.Application:
     engine = FakeEngine(cfg)
     app = web.Application()
-    app["engine"] = engine
     for path in ("/v1/completions", "/v1/chat/completions"):
         app.router.add_post(path, engine.generate)
     app.router.add_get("/v1/cache/events", engine.cache_events)

@@ -55,3 +55,36 @@ def test_slices_merge_and_any_ready_wins():
     b = {"http://10.0.0.1:8000": True, "http://10.0.0.3:8000": False}
     assert merge_slices({"a": a, "b": b}) == {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": True,
                                               "http://10.0.0.3:8000": False}
+
+
+def test_watcher_applies_list_then_watch_events():
+    from types import SimpleNamespace
+
+    from nanoserve.gateway.discovery import EndpointSliceWatcher
+    a = make_slice([(["10.0.0.1"], True)], [("http", 8000)], name="a")
+    b = make_slice([(["10.0.0.2"], False)], [("http", 8000)], name="b")
+    b_ready = make_slice([(["10.0.0.2"], True)], [("http", 8000)], name="b")
+    calls = []
+
+    class FakeApi:
+        def list_namespaced_endpoint_slice(self, namespace, label_selector):
+            calls.append((namespace, label_selector))
+            return SimpleNamespace(items=[a], metadata=SimpleNamespace(resource_version="7"))
+
+    class FakeWatch:
+        def stream(self, fn, namespace, **kw):
+            assert kw["resource_version"] == "7" and kw["label_selector"] == calls[0][1]
+            yield {"type": "ADDED", "object": b}
+            yield {"type": "BOOKMARK", "object": b}
+            yield {"type": "MODIFIED", "object": b_ready}
+            yield {"type": "DELETED", "object": a}
+
+    delivered = []
+    w = EndpointSliceWatcher("engines", "llm", on_targets=None, port_name="http")
+    w.api, w.watch_factory = FakeApi(), FakeWatch
+    w.watch_once(delivered.append)
+    assert calls == [("llm", "kubernetes.io/service-name=engines")]
+    assert delivered == [{"http://10.0.0.1:8000": True},
+                         {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": False},
+                         {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": True},
+                         {"http://10.0.0.2:8000": True}]
