@@ -45,12 +45,19 @@ async def chat(session, gw_url: str, conv: Conversation, stream: bool = False) -
         return resp.status, data
 
 
-async def total_hits(session, engines) -> int:
-    return sum([(await (await session.get(e.url + "/fake/state")).json())["hits"] for e in engines])
+async def total_hits(session, engines) -> float:
+    """Prefix-cache hits summed over the engines, from their Prometheus /metrics (as real engines report)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    total = 0.0
+    for e in engines:
+        text = await (await session.get(e.url + "/metrics")).text()
+        total += sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "vllm:prefix_cache_hits_total")
+    return total
 
 
-async def run_conversations(gw_url: str, n_conv: int, turns: int) -> list[Conversation]:
-    convs = [Conversation(seed) for seed in range(n_conv)]
+async def run_conversations(gw_url: str, n_conv: int, turns: int, first_seed: int = 0) -> list[Conversation]:
+    convs = [Conversation(seed) for seed in range(first_seed, first_seed + n_conv)]
     async with aiohttp.ClientSession() as s:
         for _ in range(turns):  # interleaved, one request at a time
             for conv in convs:
@@ -82,19 +89,20 @@ def test_conversations_stick_and_hit_more_than_round_robin(spawn_engines, start_
     engines = spawn_engines(3, tokenizer=tiny_tokenizer, block_size=BLOCK)
     hits = {}
 
-    async def main(policy: str) -> list[Conversation]:
+    async def main(policy: str, first_seed: int) -> list[Conversation]:
+        # Same engines for both policies, new conversations each time (no engine restart or reset needed;
+        # the warm shared system prompt only helps the second run, round-robin).
         async with aiohttp.ClientSession() as s:
-            for e in engines:  # same engines, cold caches
-                await s.post(e.url + "/fake/state", json={"reset": True})
+            before = await total_hits(s, engines)
             async with start_gateway([e.url for e in engines], model=tiny_tokenizer, policy=policy) as gw:
-                convs = await run_conversations(gw.url, n_conv, turns)
-            hits[policy] = await total_hits(s, engines)
+                convs = await run_conversations(gw.url, n_conv, turns, first_seed)
+            hits[policy] = await total_hits(s, engines) - before
             return convs
 
-    convs = asyncio.run(main("cache-aware"))
+    convs = asyncio.run(main("cache-aware", 0))
     assert all(len(set(c.engines)) == 1 for c in convs)  # every turn on one engine
     assert len({c.engines[0] for c in convs}) > 1        # but not all conversations on one
-    asyncio.run(main("round-robin"))
+    asyncio.run(main("round-robin", 1000))
     assert hits["cache-aware"] > 2 * hits["round-robin"]
 
 
@@ -151,4 +159,34 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(spawn_engines, sta
             await until(lambda: gw.pool.endpoints[victim.url].routable)
             fresh = await run_conversations(gw.url, 2, 2)
             assert victim.url in {c.engines[0] for c in fresh}
+    asyncio.run(main())
+
+
+def test_long_prompts_are_routed_by_cache_too(start_gateway, tiny_tokenizer, fake_engine_module):
+    """Prompts over the inline limit are tokenized in a worker thread; routing must not change."""
+    from aiohttp import web
+    fake = fake_engine_module
+    prompt = " ".join(f"w{i % 500}" for i in range(4000))  # ~24 KB
+
+    async def main():
+        runners, urls = [], []
+        for i in range(2):  # in-process engines without a feed: the gateway's approximate index decides
+            runner = web.AppRunner(fake.build_app(fake.FakeConfig(name=f"e{i}", feed=False)))
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            runners.append(runner)
+            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        try:
+            async with start_gateway(urls, model=tiny_tokenizer) as gw, aiohttp.ClientSession() as s:
+                served = []
+                for _ in range(3):
+                    async with s.post(gw.url + "/v1/completions", json={"prompt": prompt}) as r:
+                        assert r.status == 200
+                        served.append(r.headers["X-Nanoserve-Engine"])
+                assert len(set(served)) == 1
+                metrics = gw.metrics.render(gw.pool).decode()
+                assert 'nanoserve_gateway_routing_decisions_total{reason="cache_hit"} 2.0' in metrics
+        finally:
+            for runner in runners:
+                await runner.cleanup()
     asyncio.run(main())
