@@ -32,7 +32,8 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.tokenizer = tokenizer
         self.url: str | None = None  # set by serve()
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # proxied requests: the client's own headers
+        self.control: aiohttp.ClientSession | None = None  # the gateway's calls: probes, feeds, /v1/models
         self._engine_tasks: dict[str, list[asyncio.Task]] = {}
         self._discovery: asyncio.Task | None = None
 
@@ -40,8 +41,10 @@ class Gateway:
         if self.tokenizer is None and self.config.model:
             self.tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
         # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding.
-        self.session = aiohttp.ClientSession(auto_decompress=False,
-                                             connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        self.session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
+        key = self.config.engine_api_key
+        self.control = aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"} if key else None,
+                                             connector=aiohttp.TCPConnector(limit=0))
         if self.config.service:
             watcher = EndpointSliceWatcher(self.config.service, self.config.namespace, self.set_targets,
                                            self.config.port_name, self.config.scheme)
@@ -58,8 +61,9 @@ class Gateway:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._engine_tasks.clear()
-        if self.session is not None:
-            await self.session.close()
+        for session in (self.session, self.control):
+            if session is not None:
+                await session.close()
 
     def set_targets(self, targets: Targets) -> None:
         """New engine list from discovery: start watching new engines, stop watching removed ones."""
@@ -74,9 +78,9 @@ class Gateway:
 
     def _watch(self, ep: Endpoint) -> list[asyncio.Task]:
         cfg = self.config
-        tasks = [asyncio.create_task(watch_engine(self.session, ep, cfg))]
+        tasks = [asyncio.create_task(watch_engine(self.control, ep, cfg))]
         if self.policy.uses_cache:
-            tasks.append(asyncio.create_task(follow_feed(self.session, ep.url, ep.cache,
+            tasks.append(asyncio.create_task(follow_feed(self.control, ep.url, ep.cache,
                                                          cfg.feed_retry_interval, cfg.feed_idle_timeout)))
         return tasks
 
@@ -90,7 +94,7 @@ class Gateway:
         async def fetch(ep: Endpoint) -> list[dict]:
             try:
                 timeout = aiohttp.ClientTimeout(total=self.config.health_timeout)
-                async with self.session.get(ep.url + "/v1/models", timeout=timeout) as resp:
+                async with self.control.get(ep.url + "/v1/models", timeout=timeout) as resp:
                     return (await resp.json()).get("data", []) if resp.status == 200 else []
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
                 return []

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 
 from nanoserve.gateway.config import GatewayConfig, RoutingConfig
 
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port-name", help="EndpointSlice port name (default: the first port)")
     p.add_argument("--model", help="Hugging Face folder with the engines' tokenizer (without it: route by load)")
     p.add_argument("--served-model-name", help="reject requests for other model names with 404")
+    p.add_argument("--engine-api-key", default=os.environ.get("NANOSERVE_API_KEY"),
+                   help="the engines' API key, for the gateway's own calls (default: $NANOSERVE_API_KEY)")
     p.add_argument("--policy", default=d.policy, choices=["cache-aware", "round-robin", "least-loaded"])
     p.add_argument("--cache-threshold", type=float, default=r.cache_threshold,
                    help="least fraction of the prompt's blocks a cache match must cover")
@@ -43,7 +46,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(
         host=args.host, port=args.port, engines=args.engine, service=args.service, namespace=args.namespace,
         port_name=args.port_name, model=args.model, served_model_name=args.served_model_name,
-        policy=args.policy, routing=routing, block_size=args.block_size,
+        engine_api_key=args.engine_api_key, policy=args.policy, routing=routing, block_size=args.block_size,
         approx_capacity_blocks=args.approx_capacity_blocks, health_interval=args.health_interval,
         unhealthy_threshold=args.unhealthy_threshold, healthy_threshold=args.healthy_threshold,
         max_attempts=args.max_attempts)

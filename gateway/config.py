@@ -26,6 +26,7 @@ class GatewayConfig:
     scheme: str = "http"
     model: str | None = None          # HF folder with the engines' tokenizer (None: route by load only)
     served_model_name: str | None = None  # when set, requests for another model get 404
+    engine_api_key: str | None = None  # the gateway's own engine calls (feed, /v1/models); clients send theirs
     policy: str = "cache-aware"       # cache-aware | round-robin | least-loaded
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     block_size: int = 16              # until an engine's cache feed reports its own

@@ -39,6 +39,7 @@ class FakeConfig:
     ready: bool = True
     block_size: int = 16
     cache_blocks: int = 4096
+    api_key: str | None = None    # when set, /v1/* needs "Authorization: Bearer <key>" (as the engine server)
 
 
 class FakeEngine:
@@ -206,7 +207,15 @@ class FakeEngine:
 
 def build_app(cfg: FakeConfig) -> web.Application:
     engine = FakeEngine(cfg)
-    app = web.Application()
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if cfg.api_key and request.path.startswith("/v1/") and \
+                request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
+            return web.json_response({"error": {"message": "invalid API key", "type": "invalid_request_error",
+                                                "param": None, "code": "invalid_api_key"}}, status=401)
+        return await handler(request)
+    app = web.Application(middlewares=[auth])
     for path in ("/v1/completions", "/v1/chat/completions"):
         app.router.add_post(path, engine.generate)
     app.router.add_get("/v1/cache/events", engine.cache_events)

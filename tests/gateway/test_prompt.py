@@ -28,6 +28,14 @@ def test_chat_is_rendered_with_the_template_without_special_tokens(tok, tiny_tok
     assert hf.bos_token_id not in p.token_ids  # the template, not encode(), decides on special tokens
 
 
+def test_chat_messages_are_normalised_like_the_engine_does(tok):
+    """Text parts are joined, "developer" is "system", extra keys are dropped (engine_pod/openai_protocol.py)."""
+    plain = prompt_of(tok, "/v1/chat/completions", {"messages": MESSAGES}).token_ids
+    fancy = [{"role": "developer", "content": "w1 w2", "name": "ops"},
+             {"role": "user", "content": [{"type": "text", "text": "w3 "}, {"type": "text", "text": "w4 w5"}]}]
+    assert prompt_of(tok, "/v1/chat/completions", {"messages": fancy}).token_ids == plain
+
+
 def test_completion_prompts(tok, tiny_tokenizer):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(tiny_tokenizer)

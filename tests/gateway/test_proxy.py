@@ -210,3 +210,30 @@ def test_in_process_fake_engine_drops_the_connection_mid_stream(start_gateway, f
         finally:
             await runner.cleanup()
     asyncio.run(main())
+
+
+def test_engine_api_key_for_own_calls_and_client_keys_pass_through(start_gateway, fake_engine_module):
+    from aiohttp import web
+    fake = fake_engine_module
+
+    async def main():
+        runner = web.AppRunner(fake.build_app(fake.FakeConfig(api_key="sekret")))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            async with start_gateway([url], engine_api_key="sekret", policy="cache-aware") as gw, \
+                    aiohttp.ClientSession() as s:
+                assert (await s.get(gw.url + "/v1/models")).status == 200
+                for _ in range(100):  # the feed authenticates too (bounded wait for its snapshot)
+                    if gw.pool.endpoints[url].cache.is_precise:
+                        break
+                    await asyncio.sleep(0.02)
+                assert gw.pool.endpoints[url].cache.is_precise
+                # Client requests carry the client's key, never the gateway's.
+                assert (await post(s, gw.url + "/v1/chat/completions", CHAT))[0] == 401
+                auth = {"Authorization": "Bearer sekret"}
+                assert (await post(s, gw.url + "/v1/chat/completions", CHAT, headers=auth))[0] == 200
+        finally:
+            await runner.cleanup()
+    asyncio.run(main())
