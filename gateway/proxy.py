@@ -58,7 +58,7 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
         return error_response(503, "no healthy engine", "server_error", "no_healthy_engine")
     prompt = None
     if gw.policy.uses_cache:
-        # Long prompts are tokenized off the event loop (the tokenizer releases the GIL) so streams keep flowing.
+        # Long prompts are tokenized off the event loop (the Rust tokenizer releases the GIL): streams keep flowing.
         if len(raw) > 16384:
             prompt = await asyncio.to_thread(prompt_of, gw.tokenizer, request.path, body)
         else:
