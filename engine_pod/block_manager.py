@@ -122,6 +122,18 @@ class BlockManager:
             seq.block_table.append(self._take_free_block().block_id)
         self._register_full_blocks(seq, end)
 
+    def try_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Extend a running sequence by `num_new_tokens` if the blocks are there (the per-step hot path)."""
+        end = seq.num_computed_tokens + num_new_tokens
+        need = (end + self.block_size - 1) // self.block_size - len(seq.block_table)
+        if need > len(self.free_block_ids):
+            return False
+        for _ in range(need):
+            seq.block_table.append(self._take_free_block().block_id)
+        if end // self.block_size > len(seq.block_hashes):
+            self._register_full_blocks(seq, end)
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks. Tail blocks are freed first so they are evicted before the shared head."""
         for block_id in reversed(seq.block_table):

@@ -48,6 +48,10 @@ class Config:
             raise ConfigError(f"tensor_parallel_size must be in 1..8, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        for key in ("num_attention_heads", "num_key_value_heads"):
+            if hf.get(key) and hf[key] % tp:
+                raise ConfigError(f"tensor_parallel_size={tp} does not divide {key}={hf[key]}")
         hf_max = self.hf_config.get("max_position_embeddings")
         if hf_max:
             self.max_model_len = min(self.max_model_len, hf_max)

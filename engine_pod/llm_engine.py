@@ -17,11 +17,12 @@ from transformers import AutoTokenizer
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
-from nanoserve.engine_pod.model_runner import ModelRunner, StepInputs, TPLink, worker_main
+from nanoserve.engine_pod.model_runner import ModelRunner, TPLink, worker_main
 from nanoserve.engine_pod.sampler import Sampler
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.step_inputs import prepare
 from nanoserve.engine_pod.stop import StopChecker
 
 
@@ -40,7 +41,11 @@ class LLMEngine:
         link = None
         if config.tensor_parallel_size > 1:
             self.shm, link = self._start_workers(config)
-        self.model_runner = ModelRunner(config, 0, link)
+        try:
+            self.model_runner = ModelRunner(config, 0, link)
+        except BaseException:
+            self._stop_workers(timeout=0)  # they may wait in a collective that will never come
+            raise
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
@@ -73,12 +78,18 @@ class LLMEngine:
             return
         self._closed = True
         self.model_runner.call("exit")
+        self._stop_workers()
+        atexit.unregister(self.exit)
+
+    def _stop_workers(self, timeout: float = 30) -> None:
         for proc in self.workers:
-            proc.join(timeout=30)
+            proc.join(timeout=timeout)
+            if proc.is_alive():
+                proc.kill()
         if self.shm is not None:
             self.shm.close()
             self.shm.unlink()
-        atexit.unregister(self.exit)
+            self.shm = None
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -124,23 +135,6 @@ class LLMEngine:
         return not self.scheduler.is_finished()
 
     # ---- one step -----------------------------------------------------------------------------
-    def _inputs(self, batch: list[tuple[Sequence, int]]) -> tuple[StepInputs, list[Sequence]]:
-        B = self.config.kvcache_block_size
-        x = StepInputs([], [], [], [0], [], [], [])
-        sampling = []
-        for seq, n in batch:
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            x.input_ids += seq.token_ids[start:end]
-            x.positions += range(start, end)
-            x.slot_mapping += [seq.block_table[p // B] * B + p % B for p in range(start, end)]
-            x.cu_seqlens_q.append(x.cu_seqlens_q[-1] + n)
-            x.context_lens.append(end)
-            x.block_tables.append(seq.block_table)
-            if end == seq.num_tokens:  # the prompt is done: this step yields a token
-                x.logits_indices.append(x.cu_seqlens_q[-1] - 1)
-                sampling.append(seq)
-        return x, sampling
-
     def step(self) -> list[Sequence]:
         """Run one batch. Returns the sequences that got a token (finished ones have `finish_reason`)."""
         batch = self.last_batch = self.scheduler.schedule()
@@ -148,7 +142,7 @@ class LLMEngine:
             if self.has_unfinished():
                 raise RuntimeError("scheduler made no progress although requests are pending")
             return []
-        inputs, sampling = self._inputs(batch)
+        inputs, sampling = prepare(batch, self.config.kvcache_block_size)
         logits = self.model_runner.call("run", inputs)
         tokens = self.sampler(logits, [s.params for s in sampling], [s.seq_id for s in sampling]) if sampling else []
         self.scheduler.postprocess(batch, {s.seq_id: t for s, t in zip(sampling, tokens)})

@@ -7,9 +7,11 @@ CPU, NCCL on GPU) keep the ranks in lockstep inside each forward.
 """
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -19,18 +21,7 @@ from nanoserve.engine_pod.layers.attention import Attention, pick_backend
 from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
-
-
-@dataclass
-class StepInputs:
-    """One step's batch as plain lists: cheap to pickle to the workers, turned into tensors on each rank."""
-    input_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    cu_seqlens_q: list[int]
-    context_lens: list[int]
-    block_tables: list[list[int]]
-    logits_indices: list[int]  # rows whose logits are needed (last token of each sequence that samples)
+from nanoserve.engine_pod.step_inputs import StepInputs, to_device
 
 
 @dataclass
@@ -53,7 +44,15 @@ class ModelRunner:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{link.port}",
                                     world_size=self.world, rank=rank)
-        set_tensor_parallel(rank, self.world)
+        try:
+            self._build(config, link)
+        except BaseException:
+            if self.world > 1:
+                dist.destroy_process_group()
+            raise
+
+    def _build(self, config: Config, link: TPLink | None) -> None:
+        set_tensor_parallel(self.rank, self.world)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(config.torch_dtype)
         with torch.device(self.device):
@@ -65,23 +64,26 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.num_kvcache_blocks = self._allocate_kv_cache()
-        self.graphs, self.num_splits_for = None, None
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
+            if self.device.type == "cuda" else 1
+        self.graphs, self.num_splits_for, self.graph_capture_s = None, None, 0.0
         if backend == "triton":  # imported here: CPU installs need no triton
             from nanoserve.kernels.paged_attention import num_splits_for
             self.num_splits_for = num_splits_for
-        if self.device.type == "cuda" and not config.enforce_eager and backend == "triton":
-            from nanoserve.engine_pod.cuda_graphs import DecodeGraphs
-            a = self.attention_layers[0]
-            self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
-                                       -(-config.max_model_len // config.kvcache_block_size),
-                                       config.hf_config["hidden_size"], a.num_kv_heads, config.torch_dtype,
-                                       self.device)
-            self.graphs.capture()
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
-            if self.device.type == "cuda" else 1
+            if not config.enforce_eager:
+                self._capture_graphs()
         if self.world > 1:
             self.shm = SharedMemory(name=link.shm_name)
             dist.barrier()
+
+    def _capture_graphs(self) -> None:
+        from nanoserve.engine_pod.cuda_graphs import DecodeGraphs
+        cfg, a = self.config, self.attention_layers[0]
+        t = time.perf_counter()
+        self.graphs = DecodeGraphs(self.model, cfg.max_num_seqs, -(-cfg.max_model_len // cfg.kvcache_block_size),
+                                   cfg.hf_config["hidden_size"], a.num_kv_heads, cfg.torch_dtype, self.device)
+        self.graphs.capture()
+        self.graph_capture_s = time.perf_counter() - t
 
     # ---- KV cache -----------------------------------------------------------------------------
     def _block_bytes(self) -> int:
@@ -124,35 +126,28 @@ class ModelRunner:
         return self.config.max_num_batched_tokens * width * dtype_size * 4
 
     # ---- one step -----------------------------------------------------------------------------
-    def _to_device(self, values, dtype=torch.int64) -> torch.Tensor:
-        t = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
-        return t.to(self.device, non_blocking=True)
-
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one batch; rank 0 gets the logits of `inputs.logits_indices`, other ranks None."""
-        query_lens = [b - a for a, b in zip(inputs.cu_seqlens_q, inputs.cu_seqlens_q[1:])]
-        width = max(map(len, inputs.block_tables))
-        tables = [t + [-1] * (width - len(t)) for t in inputs.block_tables]
-        is_decode = max(query_lens) == 1
-        ctx = Context(
-            slot_mapping=self._to_device(inputs.slot_mapping),
-            cu_seqlens_q=self._to_device(inputs.cu_seqlens_q, torch.int32),
-            context_lens=self._to_device(inputs.context_lens, torch.int32),
-            block_tables=self._to_device(tables, torch.int32),
-            max_seqlen_q=max(query_lens), max_seqlen_k=max(inputs.context_lens),
-            query_lens_list=query_lens, context_lens_list=inputs.context_lens, is_decode=is_decode,
-            num_splits=self.num_splits_for(len(query_lens), self.attention_layers[0].num_kv_heads,
-                                           max(inputs.context_lens), self.num_sms)
-            if is_decode and self.num_splits_for else 1)
-        input_ids, positions = self._to_device(inputs.input_ids), self._to_device(inputs.positions)
-        if is_decode and self.graphs is not None and self.graphs.fits(len(query_lens)):
-            hidden = self.graphs.run(input_ids, positions, ctx.slot_mapping, ctx.context_lens, ctx.block_tables)
+        t = to_device(inputs, self.device)
+        num_seqs = len(inputs.context_lens)
+        is_decode = inputs.max_seqlen_q == 1
+        splits = 1
+        if is_decode and self.num_splits_for is not None:
+            splits = self.num_splits_for(num_seqs, self.attention_layers[0].num_kv_heads, inputs.max_seqlen_k,
+                                         self.num_sms)
+        if is_decode and self.graphs is not None and self.graphs.fits(num_seqs):
+            hidden = self.graphs.run(t["input_ids"], t["positions"], t["slot_mapping"], t["context_lens"],
+                                     t["block_tables"])
         else:
-            set_context(ctx)
-            hidden = self.model(input_ids, positions)
+            set_context(Context(
+                slot_mapping=t["slot_mapping"], cu_seqlens_q=t["cu_seqlens_q"], context_lens=t["context_lens"],
+                block_tables=t["block_tables"], max_seqlen_q=inputs.max_seqlen_q, max_seqlen_k=inputs.max_seqlen_k,
+                query_lens_list=np.diff(inputs.cu_seqlens_q).tolist(), context_lens_list=inputs.context_lens.tolist(),
+                is_decode=is_decode, num_splits=splits))
+            hidden = self.model(t["input_ids"], t["positions"])
             set_context(None)
-        return self.model.compute_logits(hidden[self._to_device(inputs.logits_indices)])
+        return self.model.compute_logits(hidden[t["logits_indices"]])
 
     # ---- leader/worker plumbing ---------------------------------------------------------------
     def call(self, method: str, *args):

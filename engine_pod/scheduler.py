@@ -57,14 +57,13 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.block_manager.can_allocate(seq, n):
+            while not self.block_manager.try_allocate(seq, n):
                 victim = self.running[-1]  # the least important running sequence
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
-                self.block_manager.allocate(seq, n)
                 batch.append((seq, n))
                 budget -= n
                 i += 1

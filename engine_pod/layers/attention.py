@@ -57,12 +57,12 @@ class Attention(nn.Module):
     def _flash_attn(self, q, k, v, ctx):
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        tables, lens = ctx.block_tables.to(torch.int32), ctx.context_lens.to(torch.int32)
         if ctx.is_decode:
-            return flash_attn_with_kvcache(q.unsqueeze(1), self.k_cache, self.v_cache,
-                                           cache_seqlens=ctx.context_lens, block_table=ctx.block_tables,
-                                           softmax_scale=self.scale, causal=True).squeeze(1)
-        cu_k = torch.nn.functional.pad(ctx.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
-        return flash_attn_varlen_func(q, self.k_cache, self.v_cache, cu_seqlens_q=ctx.cu_seqlens_q,
+            return flash_attn_with_kvcache(q.unsqueeze(1), self.k_cache, self.v_cache, cache_seqlens=lens,
+                                           block_table=tables, softmax_scale=self.scale, causal=True).squeeze(1)
+        cu_k = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return flash_attn_varlen_func(q, self.k_cache, self.v_cache, cu_seqlens_q=ctx.cu_seqlens_q.to(torch.int32),
                                       cu_seqlens_k=cu_k, max_seqlen_q=ctx.max_seqlen_q,
                                       max_seqlen_k=ctx.max_seqlen_k, softmax_scale=self.scale, causal=True,
-                                      block_table=ctx.block_tables)
+                                      block_table=tables)

@@ -1,0 +1,65 @@
+"""Decode attention micro-benchmark: time and achieved bandwidth (KV bytes read / time) of the Triton
+paged-attention kernel at batch 256, 16 query / 8 KV heads, head_dim 128, mean context 256 / 850 / 2000,
+against the card's measured copy bandwidth (same run)."""
+import json
+import os
+import sys
+from random import randint, seed
+
+import torch
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import copy_bandwidth  # noqa: E402
+
+from nanoserve.kernels.paged_attention import num_splits_for, paged_attention  # noqa: E402
+
+BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
+
+
+def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3):
+    seed(mean_ctx)
+    ctx = [randint(max(1, mean_ctx // 2), mean_ctx * 3 // 2) for _ in range(BATCH)]
+    blocks = [-(-c // block_size) for c in ctx]
+    total = sum(blocks)
+    sets = []
+    for _ in range(copies):  # rotate inputs so repeated runs do not read from L2
+        kc = torch.randn(total, block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        perm = torch.randperm(total, device="cuda", dtype=torch.int32)
+        table = torch.full((BATCH, max(blocks)), -1, dtype=torch.int32, device="cuda")
+        i = 0
+        for s, n in enumerate(blocks):
+            table[s, :n] = perm[i:i + n]
+            i += n
+        q = torch.randn(BATCH, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+        sets.append((q, kc, vc, table))
+    cu = torch.arange(BATCH + 1, dtype=torch.int32, device="cuda")
+    lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = num_splits if num_splits else num_splits_for(BATCH, KV_HEADS, max(ctx), sms)
+    it = iter(range(1 << 30))
+
+    def run():
+        q, kc, vc, table = sets[next(it) % copies]
+        paged_attention(q, kc, vc, cu, lens, table, DIM ** -0.5, 1, num_splits=splits)
+
+    ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
+    kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2  # k and v, bf16
+    return {"mean_ctx": mean_ctx, "block_size": block_size, "splits": splits, "us": round(ms * 1e3, 1),
+            "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}
+
+
+def main() -> None:
+    bw = copy_bandwidth()
+    print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    for block_size in (16, 256):
+        for mean_ctx in (256, 850, 2000):
+            for splits in (None, 1, 2):
+                r = case(mean_ctx, block_size, splits)
+                r["fraction_of_copy"] = round(r["tb_per_s"] * 1e12 / bw, 3)
+                print("RESULT " + json.dumps(r), flush=True)
+
+
+if __name__ == "__main__":
+    main()
