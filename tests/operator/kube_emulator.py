@@ -8,19 +8,17 @@ Each fix is small and named after the gap it closes (tests in test_emulator.py):
   reasons       errors say NotFound / AlreadyExists / Invalid, as the real server does
   crds          a created CRD registers its resource (with subresources) and validates CRs (schema + CEL)
   apply/put     server-side apply creates missing objects; PUT replaces
-  finalizers    removing the last finalizer of a deleting object deletes it
   subresources  /status and /scale write only their part; the main resource ignores status
   selectors     labelSelector and fieldSelector filter lists and watches
-  watches       streamed as application/json (client-go rejects octet-stream); "watch list"
-                requests get the bookmark that ends their initial events
+  watches       streamed as application/json (client-go rejects octet-stream); a watch from a
+                resourceVersion replays what happened since; "watch list" gets its closing bookmark
+  deletes       one place for deletion: finalizers hold it, the last one removed completes it
 Not emulated: controllers (Deployments never get pods), garbage collection, RBAC, admission, SSA field ownership.
 """
 
-import asyncio
 import copy
 import datetime
 import re
-import threading
 import uuid
 
 import aiohttp.web
@@ -86,6 +84,7 @@ def matches_selector(labels: dict, selector: str) -> bool:
 @attrs.define(kw_only=True)
 class Emulator(kmock.KubernetesEmulator):
     _rv: int = attrs.field(default=0, init=False)  # the last resourceVersion handed out
+    _log: list = attrs.field(factory=list, init=False)  # (resourceVersion, resource, event), for watches
     _schemas: dict = attrs.field(factory=dict, init=False)  # resource -> openAPIV3Schema
     _scale: dict = attrs.field(factory=dict, init=False)  # resource -> CRD's scale subresource
 
@@ -127,24 +126,36 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_watch(self, request):
         yield b""  # headers out now: the stream exists even while nothing happens
-        res, ns = request.resource, request.namespace
+        res, ns, params = request.resource, request.namespace, request.params
+
         def mine(obj: dict) -> bool:
             meta = obj.get("metadata", {})
             return (ns is None or meta.get("namespace") == ns) and \
-                request.name in (None, meta.get("name")) and selected(obj, request.params)
-        async with self._lock:
-            initial = [o.last.raw for (r, _, _), o in self._objects.items() if r == res and not o.deleted]
+                request.name in (None, meta.get("name")) and selected(obj, params)
+
+        since = params.get("resourceVersion", "")
+        async with self._lock:  # snapshot and live position taken together: no event falls between
+            mark = await self._buses[res].mark()
+            if since in ("", "0") or params.get("sendInitialEvents") == "true":
+                replay = [{"type": "ADDED", "object": o.last.raw}
+                          for (r, _, _), o in self._objects.items() if r == res and not o.deleted]
+            else:  # a watch from a resourceVersion continues from there, as after a list or a GET
+                replay = [e for rv, r, e in self._log if r == res and rv > int(since)]
             rv = str(self._rv)
-        for obj in filter(mine, initial):
-            yield {"type": "ADDED", "object": obj}
-        if request.params.get("sendInitialEvents") == "true":  # "watch list": a bookmark ends the replay
-            info = self.resources[res]
-            yield {"type": "BOOKMARK", "object": {
-                "kind": info.kind, "apiVersion": f"{res.group}/{res.version}".lstrip("/"),
-                "metadata": {"resourceVersion": rv, "annotations": {"k8s.io/initial-events-end": "true"}}}}
-        async for event in self._buses[res]:
-            if mine(event.get("object", {})):
-                yield event
+        try:
+            for event in replay:
+                if mine(event["object"]):
+                    yield event
+            if params.get("sendInitialEvents") == "true":  # "watch list": a bookmark ends the replay
+                info = self.resources[res]
+                yield {"type": "BOOKMARK", "object": {
+                    "kind": info.kind, "apiVersion": f"{res.group}/{res.version}".lstrip("/"),
+                    "metadata": {"resourceVersion": rv, "annotations": {"k8s.io/initial-events-end": "true"}}}}
+            async for event in self._buses[res].stream(since=mark):
+                if mine(event.get("object", {})):
+                    yield event
+        finally:
+            await self._buses[res].unmark(mark)
 
     async def _serve_fetch(self, request):
         obj = await super()._serve_fetch(request)
@@ -155,13 +166,31 @@ class Emulator(kmock.KubernetesEmulator):
     # ---- writes ---------------------------------------------------------------------------
     async def _handle(self, request):
         is_write = request.method in (enums.method.POST, enums.method.PATCH, enums.method.PUT)
-        if request.resource is None or not is_write:
+        is_delete = request.method == enums.method.DELETE and request.name
+        if request.resource is None or not (is_write or is_delete):
             return await super()._handle(request)
         async with self._lock:
-            obj, event = self._write(request)
-        if event:
-            await self._buses[request.resource].put(event)
+            obj, event = self._delete(request) if is_delete else self._write(request)
+            if event:  # logged for watches that resume from a resourceVersion
+                self._log.append((int(event["object"]["metadata"]["resourceVersion"]), request.resource, event))
+                await self._buses[request.resource].put(event)
         return aiohttp.web.json_response(obj, status=201 if event and event["type"] == "ADDED" else 200)
+
+    def _delete(self, request) -> tuple[dict, dict | None]:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self._objects or self._objects[key].deleted:
+            raise k8s.KubernetesError(404, message=f"{request.resource.plural} {request.name!r} not found")
+        old = self._objects[key].last.raw
+        if old["metadata"].get("deletionTimestamp"):
+            return old, None
+        self._rv += 1
+        meta = {**old["metadata"], "resourceVersion": str(self._rv)}
+        if meta.get("finalizers"):  # finalizers hold the object until they are removed
+            meta["deletionTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            self._objects[key].history.append(new := {**old, "metadata": meta})
+            return new, {"type": "MODIFIED", "object": new}
+        self._objects[key].delete()
+        return old, {"type": "DELETED", "object": {**old, "metadata": meta}}
 
     def _write(self, request) -> tuple[dict, dict | None]:
         res, sub = request.resource, request.subresource
@@ -253,48 +282,3 @@ class Emulator(kmock.KubernetesEmulator):
                 "spec": {"replicas": obj.get("spec", {}).get("replicas", 0)},
                 "status": {"replicas": status.get("replicas", 0), "selector": status.get("selector", "")}}
 
-
-class EmulatorThread:
-    """Serves the emulator on 127.0.0.1 from its own thread and event loop: test code (and kopf,
-    in its own process) can block as it likes without ever stalling the API server."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-
-    def __enter__(self) -> "EmulatorThread":
-        self.thread.start()
-        self.call(self._start())
-        return self
-
-    async def _start(self) -> None:
-        self.emulator = Emulator()
-        await self.emulator.__aenter__()
-        self.server = kmock.Server(self.emulator)
-        await self.server.__aenter__()
-        self.url = f"http://127.0.0.1:{self.server.port}"
-
-    async def _stop(self) -> None:
-        try:  # open watch streams would hold the shutdown forever
-            await asyncio.wait_for(self.server.__aexit__(None, None, None), 5)
-        except TimeoutError:
-            pass
-        await self.emulator.__aexit__(None, None, None)
-
-    def call(self, coro, timeout: float = 30):
-        """Runs a coroutine on the emulator's loop (e.g. to inspect or seed state) and returns its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def __exit__(self, *exc) -> None:
-        self.call(self._stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-    def kubeconfig(self, path) -> str:
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "emulator"}}],
-            "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "tester",
-                                                         "namespace": "default"}}]}))
-        return str(path)
