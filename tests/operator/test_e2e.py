@@ -8,7 +8,7 @@ import itertools
 import json
 
 import pytest
-from conftest import NAMESPACE, Operator, wait_for
+from op_harness import NAMESPACE, Operator, wait_for
 
 _ids = itertools.count()
 
