@@ -22,6 +22,10 @@ def render_gateway_rbac(name: str) -> list[dict]:
 
 def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
     gw = spec["gateway"]
+    env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
+    if spec.get("apiKeySecret"):  # the gateway's own calls to the engines (health, metrics) need the key
+        env.append({"name": "NANOSERVE_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": spec["apiKeySecret"], "key": "api-key"}}})
     http = lambda path: {"httpGet": {"path": path, "port": "http"}}  # noqa: E731
     container = {
         "name": "gateway",
@@ -30,7 +34,7 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
         "args": ["--port", str(GATEWAY_PORT), "--service", engine_name(name), "--namespace", namespace,
                  "--policy", gw["policy"]],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}],
+        "env": env,
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
         "readinessProbe": {**http("/ready"), "periodSeconds": 5},
         "livenessProbe": {**http("/health"), "periodSeconds": 10, "failureThreshold": 3},

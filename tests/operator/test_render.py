@@ -20,7 +20,7 @@ SPECS = {
     "pvc": {"model": {"pvc": "models", "path": "qwen3/0.6b"}, "engine": {"enforceEager": True}},
     "no gateway": {"gateway": {"enabled": False}},
     "api key + overrides": {"apiKeySecret": "key", "resources": {"requests": {"cpu": 3}, "limits": {"memory": "9Gi"}},
-                            "engine": {"extraArgs": ["--seed", "1"]}, "gateway": {"policy": "round-robin"}},
+                            "engine": {"extraArgs": ["--scheduling-policy", "priority"]}, "gateway": {"policy": "round-robin"}},
     **{p.name: yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES},
 }
 
@@ -170,3 +170,9 @@ def test_disabling_the_gateway_removes_exactly_its_objects():
     assert stale and render_stale("demo", "ml", default_spec({})) == []
     assert "demo-engine" in service_url("demo", "ml", default_spec({"gateway": {"enabled": False}}))
     assert service_url("demo", "ml", default_spec({})).startswith("http://demo.ml.svc")
+
+
+def test_api_key_reaches_the_gateway_too():
+    (c,) = children({"apiKeySecret": "key"})["Deployment", "demo-gateway"]["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in c["env"]}
+    assert env["NANOSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "key"
