@@ -25,7 +25,7 @@ cat "$OUT/env.txt"
 run() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -E "RESULT|passed|failed|error|Error|card" ; }
 run python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py -x
 run python bench/attention_kernel.py
-run python bench/throughput.py
+run python bench/throughput.py --profile
 [ "${1:-}" = quick ] && exit 0
 run python bench/throughput.py --enforce-eager
 run python bench/throughput.py --block-size 256 --label graphs-block256

@@ -36,6 +36,37 @@ def prefix_sharing_workload():
     return prompts, params
 
 
+def profile_phases(llm) -> dict[str, float]:
+    """Wrap the engine's per-step calls with host timers. GPU time shows up in "sample" (its .tolist() waits
+    for the forward) and in "run" when the launch queue is full."""
+    import nanoserve.engine_pod.llm_engine as engine_module
+    totals: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
+    llm.scheduler.postprocess = timed("postprocess", llm.scheduler.postprocess)
+    llm.model_runner.call = timed("run", llm.model_runner.call)
+    sampler = llm.sampler
+
+    class TimedSampler:  # the engine also calls sampler.forget()
+        __call__ = staticmethod(timed("sample", sampler.__call__))
+
+        def __getattr__(self, name):
+            return getattr(sampler, name)
+
+    llm.sampler = TimedSampler()
+    engine_module.prepare = timed("prepare", engine_module.prepare)
+    return totals
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--enforce-eager", action="store_true")
@@ -44,6 +75,7 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--label", default="")
+    ap.add_argument("--profile", action="store_true", help="split the wall time into host phases and GPU waits")
     args = ap.parse_args()
     path = qwen3_0_6b_path()
     t0 = time.perf_counter()
@@ -57,6 +89,7 @@ def main() -> None:
     llm.generate(["Benchmark: "], SamplingParams())
     bm = llm.block_manager
     hits0, queries0 = bm.prefix_hits, bm.prefix_queries
+    phases = profile_phases(llm) if args.profile else None
     torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -71,6 +104,8 @@ def main() -> None:
         "load_s": round(load_s, 2), "graph_capture_s": round(llm.model_runner.graph_capture_s, 2), "kv_blocks": bm.num_blocks, "preemptions": llm.scheduler.num_preemptions,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "card": torch.cuda.get_device_name(),
     }
+    if phases is not None:
+        result["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
     llm.exit()
     print("RESULT " + json.dumps(result), flush=True)
 

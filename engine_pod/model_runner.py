@@ -21,7 +21,7 @@ from nanoserve.engine_pod.layers.attention import Attention, pick_backend
 from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
-from nanoserve.engine_pod.step_inputs import StepInputs, to_device
+from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
 
 
 @dataclass
@@ -52,6 +52,7 @@ class ModelRunner:
             raise
 
     def _build(self, config: Config, link: TPLink | None) -> None:
+        self.upload = Uploader(self.device)
         set_tensor_parallel(self.rank, self.world)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(config.torch_dtype)
@@ -129,7 +130,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one batch; rank 0 gets the logits of `inputs.logits_indices`, other ranks None."""
-        t = to_device(inputs, self.device)
+        t = self.upload(inputs)
         num_seqs = len(inputs.context_lens)
         is_decode = inputs.max_seqlen_q == 1
         splits = 1

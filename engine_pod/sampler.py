@@ -34,18 +34,22 @@ class Sampler:
         if bool(greedy.all()):
             return logits.argmax(-1).tolist()
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
-        logits = logits / temps.unsqueeze(1)
+        logits = logits / temps.unsqueeze(1)  # greedy rows keep their argmax: they are divided by 1
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
             top_k = torch.tensor([p.top_k for p in params], device=logits.device)
             top_p = torch.tensor([p.top_p for p in params], device=logits.device)
             logits = apply_top_k_top_p(logits, top_k, top_p)
-        probs = logits.softmax(-1)
-        noise = torch.empty_like(probs).exponential_()
+        noise = torch.empty_like(logits).exponential_()
         for row, (p, seq_id) in enumerate(zip(params, seq_ids)):
             if p.seed is not None and not p.greedy:
                 gen = self.generators.get(seq_id)
                 if gen is None:
                     gen = self.generators[seq_id] = torch.Generator(logits.device).manual_seed(p.seed)
                 noise[row].exponential_(generator=gen)
-        sampled = (probs / noise.clamp_min(1e-10)).argmax(-1)
-        return torch.where(greedy, logits.argmax(-1), sampled).tolist()
+        return exponential_race(logits, noise, greedy).tolist()
+
+
+def exponential_race(logits: torch.Tensor, noise: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+    """argmax(softmax(logits) / noise) per row (a draw from the softmax), or plain argmax for greedy rows."""
+    sampled = (logits.softmax(-1) / noise.clamp_min(1e-10)).argmax(-1)
+    return torch.where(greedy, logits.argmax(-1), sampled)

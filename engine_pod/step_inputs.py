@@ -60,18 +60,35 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
                       max_q, max(ctx)), sampling
 
 
-def to_device(x: StepInputs, device: torch.device) -> dict[str, torch.Tensor]:
-    """All arrays in one host-to-device copy (pinned on CUDA), split into named views."""
-    parts = [x.input_ids, x.positions, x.slot_mapping, x.cu_seqlens_q, x.context_lens, x.logits_indices,
-             x.block_tables.reshape(-1)]
-    host = torch.from_numpy(np.concatenate(parts))
-    if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
+class Uploader:
+    """Moves a step's arrays to the device in one copy, through a reused pinned buffer on CUDA (pinning a
+    fresh buffer every step costs more than the copy). Safe to reuse: each step waits for the previous
+    one's sampled tokens, hence for its copy, before it uploads."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned = torch.empty(0, dtype=torch.int64)
+
+    def __call__(self, x: StepInputs) -> dict[str, torch.Tensor]:
+        parts = [x.input_ids, x.positions, x.slot_mapping, x.cu_seqlens_q, x.context_lens, x.logits_indices,
+                 x.block_tables.reshape(-1)]
+        return _split(self._upload(np.concatenate(parts)), parts, x.block_tables.shape)
+
+    def _upload(self, flat: np.ndarray) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return torch.from_numpy(flat).to(self.device)
+        if self.pinned.numel() < flat.size:
+            self.pinned = torch.empty(max(flat.size, 2 * self.pinned.numel()), dtype=torch.int64, pin_memory=True)
+        host = self.pinned[:flat.size]
+        host.numpy()[:] = flat
+        return host.to(self.device, non_blocking=True)
+
+
+def _split(flat: torch.Tensor, parts: list[np.ndarray], table_shape) -> dict[str, torch.Tensor]:
     names = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_indices", "block_tables"]
     out, offset = {}, 0
     for name, part in zip(names, parts):
         out[name] = flat[offset:offset + part.size]
         offset += part.size
-    out["block_tables"] = out["block_tables"].view(x.block_tables.shape)
+    out["block_tables"] = out["block_tables"].view(table_shape)
     return out

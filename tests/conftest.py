@@ -1,22 +1,5 @@
 """Fixtures shared by every suite: tiny random Hugging Face models built on the spot, with fixed seeds."""
-import json
-import os
-
 import pytest
-
-
-def build_tokenizer(folder: str, vocab_size: int) -> None:
-    """A word-level tokenizer over the words w0..w{V-1}, saved as a Hugging Face fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    vocab = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1", bos_token="w2")
-    fast.chat_template = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
-                          "{% if add_generation_prompt %}w5{% endif %}")
-    fast.save_pretrained(folder)
 
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -26,17 +9,11 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
 
 def build_tiny_model(folder: str, arch: str, seed: int = 0, **overrides) -> str:
     """Save a small random model of `arch` ("llama", "qwen2", "qwen3") with its tokenizer into `folder`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    params = {**TINY, **overrides}
+    from nanoserve.engine_pod.random_model import save_random_model
+    params = {**TINY, **overrides, "model_type": arch}
     if arch == "qwen3":
         params.setdefault("head_dim", 32)
-    cfg = AutoConfig.for_model(arch, **params)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    model.save_pretrained(folder)
-    build_tokenizer(folder, params["vocab_size"])
-    return folder
+    return save_random_model(folder, params, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -41,8 +41,15 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, -1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if q.is_cuda:
+            from nanoserve.kernels.elementwise import apply_rotary as fused
+            return fused(positions, q, k, self.cos_sin)
+        return apply_rotary(positions, q, k, self.cos_sin)
+
+
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
