@@ -61,13 +61,16 @@ def test_hashes_per_block_size():
 
 
 def test_gateway_does_not_import_torch(tiny_tokenizer):
+    # As in the gateway image: torch is absent (transformers imports torch whenever it can find it, so
+    # "not in sys.modules" would test transformers; None makes any import of it fail, and hides it from find_spec).
     code = (
         "import sys\n"
+        "sys.modules['torch'] = None\n"
         "import nanoserve.gateway, nanoserve.gateway.cli, nanoserve.gateway.app\n"
         "from nanoserve.gateway.prompt import load_tokenizer, prompt_of\n"
         f"tok = load_tokenizer({tiny_tokenizer!r})\n"
         "assert prompt_of(tok, '/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'w1'}]})\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "assert sys.modules['torch'] is None, 'torch was imported'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONSAFEPATH": "1"},
                          capture_output=True, text=True, timeout=120)
