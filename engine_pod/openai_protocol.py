@@ -5,6 +5,7 @@ the server never answers a bad request with a 500.
 """
 from dataclasses import dataclass
 
+from nanoserve.common.chat import template_messages
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.sampling_params import SamplingParams
 
@@ -114,22 +115,10 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int)
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int) -> ParsedRequest:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", "messages")
-    rendered = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
-            raise APIError(400, f"messages[{i}] must be an object with a role of system, user, assistant, "
-                                "developer or tool", "messages")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text is supported
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
-        rendered.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
+    try:
+        rendered = template_messages(body.get("messages"))
+    except ValueError as e:
+        raise APIError(400, str(e), "messages") from None
     try:
         text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # template errors, e.g. roles that must alternate

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from nanoserve.common.block_hash import block_hashes
+from nanoserve.common.chat import template_messages
 
 
 class Prompt:
@@ -43,20 +44,6 @@ class PromptTokenizer:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             return prompt
         raise ValueError("prompt must be a string or a list of token ids")
-
-
-def template_messages(messages: list[dict]) -> list[dict]:
-    """The messages as the engine server hands them to the chat template (engine_pod/openai_protocol.py):
-    role and content only, text parts joined, "developer" as "system". Keep the two in step."""
-    out = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            content = "".join(part["text"] for part in content)
-        if not isinstance(content, str):
-            raise ValueError("message content must be text")
-        out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
-    return out
 
 
 def load_tokenizer(path: str) -> PromptTokenizer:
