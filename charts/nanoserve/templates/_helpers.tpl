@@ -1,0 +1,67 @@
+{{/* Names and labels. Full name: the release name, or RELEASE-nanoserve when it doesn't say nanoserve. */}}
+{{- define "nanoserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "nanoserve.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else if contains (include "nanoserve.name" .) .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "nanoserve.name" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "nanoserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "nanoserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "nanoserve.labels" -}}
+{{ include "nanoserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end }}
+
+{{- define "nanoserve.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "nanoserve.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+What the operator does in each namespace it serves (tests/helm/test_rbac.py checks these against the
+API calls a real `kopf run` makes, and against what the Roles it creates for gateways grant).
+*/}}
+{{- define "nanoserve.namespacedRules" -}}
+- apiGroups: [serving.nanoserve.io]
+  resources: [inferenceservices]
+  verbs: [get, list, watch, patch]
+- apiGroups: [serving.nanoserve.io]
+  resources: [inferenceservices/status]
+  verbs: [patch]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, patch, delete]
+- apiGroups: [""]
+  resources: [services, serviceaccounts]
+  verbs: [get, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, patch, delete]
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get]
+# Granted to each gateway's Role: Kubernetes lets the operator grant only what it holds itself.
+- apiGroups: [discovery.k8s.io]
+  resources: [endpointslices]
+  verbs: [get, list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
