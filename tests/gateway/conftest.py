@@ -1,7 +1,8 @@
 """Fixtures for gateway tests: a tiny tokenizer folder, fake engine processes, an in-process gateway.
 
-Everything listens on 127.0.0.1. Engines are started through `spawn_engines(n, **options)`, which returns
-objects with `.url`, `.kill()` and `.restart()`; a fixture of the same shape can start real engine servers.
+Everything listens on 127.0.0.1. Fake engines come from `spawn_engines(n, **options)`; `backend` gives the
+same interface over fake or real `nanoserve serve` processes (objects with `.url`, `.proc`, `.kill()`,
+`.restart()`), so routing tests run against both.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -46,9 +49,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 30.0) -> None:
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll until `url` answers 200 (bounded); give up early if `proc` exits."""
     deadline = time.monotonic() + timeout
     while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=1.0):
                 return
@@ -58,23 +64,30 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-class FakeEngineProcess:
-    """tests/gateway/fake_engine.py in a subprocess on a fixed port (so a restart keeps its URL)."""
+class EngineProcess:
+    """An engine in a subprocess on a fixed port (so a restart keeps its URL): `.url`, `.proc`, `.kill()`,
+    `.restart()`. `args` are the command after the port is known; `ready_path` answers 200 once it serves."""
 
-    def __init__(self, name: str, options: dict) -> None:
-        self.name, self.options = name, options
+    def __init__(self, args: list[str], ready_path: str = "/health", log: Path | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [a.format(port=self.port) for a in args]
+        self.ready_path, self.log = ready_path, log
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        args = [sys.executable, str(FAKE_ENGINE), "--port", str(self.port), "--name", self.name]
-        for k, v in self.options.items():
-            args += ["--" + k.replace("_", "-"), str(v)]
-        self.proc = subprocess.Popen(args, env={**os.environ, "PYTHONSAFEPATH": "1"})
+        out = open(self.log, "ab") if self.log else None  # real engines log their loading; keep it for failures
+        self.proc = subprocess.Popen(self.args, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out,
+                                     stderr=subprocess.STDOUT if out else None)
+        if out:
+            out.close()
 
-    def wait(self) -> None:
-        wait_http(self.url + "/health")
+    def wait(self, timeout: float = 120.0) -> None:
+        try:
+            wait_http(self.url + self.ready_path, timeout, self.proc)
+        except (TimeoutError, RuntimeError) as e:
+            tail = self.log.read_text()[-3000:] if self.log and self.log.exists() else ""
+            raise RuntimeError(f"{self.args[:5]}: {e}\n{tail}") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -87,22 +100,97 @@ class FakeEngineProcess:
         self.wait()
 
 
+def fake_engine(name: str, options: dict) -> EngineProcess:
+    """tests/gateway/fake_engine.py with FakeConfig options."""
+    args = [sys.executable, str(FAKE_ENGINE), "--port", "{port}", "--name", name]
+    for k, v in options.items():
+        args += ["--" + k.replace("_", "-"), str(v)]
+    return EngineProcess(args)
+
+
+def real_engine(model: str, log: Path, *engine_args: str) -> EngineProcess:
+    """`nanoserve serve` on CPU; ready once the model is loaded."""
+    args = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", model, "--host", "127.0.0.1",
+            "--port", "{port}", "--device", "cpu", *engine_args]
+    return EngineProcess(args, "/ready", log)
+
+
+def start_all(engines: list[EngineProcess]) -> None:
+    for e in engines:  # start all, then wait: they boot in parallel
+        e.start()
+    for e in engines:
+        e.wait()
+
+
 @pytest.fixture
 def spawn_engines():
-    started: list[FakeEngineProcess] = []
+    """`spawn_engines(n, **FakeConfig options)`: fake engines, killed when the test ends."""
+    started: list[EngineProcess] = []
 
-    def spawn(n: int, **options) -> list[FakeEngineProcess]:
-        engines = [FakeEngineProcess(f"e{len(started) + i}", options) for i in range(n)]
-        for e in engines:  # start all, then wait: they boot in parallel
-            e.start()
+    def spawn(n: int, **options) -> list[EngineProcess]:
+        engines = [fake_engine(f"e{len(started) + i}", options) for i in range(n)]
         started.extend(engines)
-        for e in engines:
-            e.wait()
+        start_all(engines)
         return engines
 
     yield spawn
     for e in started:
         e.kill()
+
+
+REAL_BLOCK_SIZE = 8  # small blocks: short test conversations still span several
+REAL_ENGINE_ARGS = ("--kvcache-block-size", str(REAL_BLOCK_SIZE), "--num-kvcache-blocks", "1024",
+                    "--max-model-len", "1024", "--served-model-name", "tiny")
+
+
+@pytest.fixture(scope="session")
+def real_engine_pool(tiny_models, tmp_path_factory):
+    """`take(n)`: the first n of a few `nanoserve serve` processes on the tiny qwen3 model, started on first
+    use and shared by the session (each costs a torch import and a model load); dead ones are restarted.
+    Tests must not assume cold caches."""
+    logs = tmp_path_factory.mktemp("engine-logs")
+    pool: list[EngineProcess] = []
+
+    def take(n: int) -> list[EngineProcess]:
+        while len(pool) < n:
+            pool.append(real_engine(tiny_models["qwen3"], logs / f"e{len(pool)}.log", *REAL_ENGINE_ARGS))
+        dead = [e for e in pool[:n] if e.proc is None or e.proc.poll() is not None]
+        start_all(dead)
+        return pool[:n]
+
+    yield take
+    for e in pool:
+        e.kill()
+
+
+@dataclass
+class Backend:
+    """Engines behind the gateway, fake or real, with what a test needs to talk to them."""
+    kind: str        # "fake" | "real"
+    tokenizer: str   # the engines' tokenizer folder (the gateway's `model`)
+    model: str       # the served model name
+    spawn: Callable[..., list[EngineProcess]]  # spawn(n, block_size=..., latency=..., tokens=...)
+
+
+# Fake-engine options a real engine has by nature (pacing) and may ignore.
+_PACING = {"latency", "tokens", "tokenizer"}
+
+
+@pytest.fixture(params=["fake", "real"])
+def backend(request, tiny_tokenizer) -> Backend:
+    """The same routing tests against fake engines (fast, exact) and real `nanoserve serve` processes."""
+    if request.param == "fake":
+        spawn = request.getfixturevalue("spawn_engines")
+        return Backend("fake", tiny_tokenizer, "fake-model",
+                       lambda n, **options: spawn(n, tokenizer=tiny_tokenizer, **options))
+    take = request.getfixturevalue("real_engine_pool")
+
+    def spawn_real(n: int, **options) -> list[EngineProcess]:
+        options = {k: v for k, v in options.items() if k not in _PACING}
+        if options.pop("block_size", REAL_BLOCK_SIZE) != REAL_BLOCK_SIZE or options:
+            raise ValueError(f"real engines cannot do {options}: use spawn_engines (fake) for faults")
+        return take(n)
+    return Backend("real", request.getfixturevalue("tiny_models")["qwen3"], "tiny", spawn_real)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Cache-aware routing end to end: tokenizer + cache feed + policy, against fake engines that keep a
-prefix cache of prompt blocks (their `vllm:prefix_cache_hits_total` shows what routing saved)."""
+"""Cache-aware routing end to end: tokenizer + cache feed + policy, against engines that keep a prefix cache
+(their `vllm:prefix_cache_hits_total` shows what routing saved). Tests taking `backend` run twice: on fake
+engines and on real `nanoserve serve` processes with a tiny random model (words w0..w255)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,20 +9,25 @@ import random
 
 import aiohttp
 
+from nanoserve.gateway.prompt import Prompt
+
 BLOCK = 8  # engines' block size, unlike the gateway's default: the feed's snapshot must win
-SYSTEM = "system says " + " ".join(f"w{i}" for i in range(6))  # shared by all, short: first turns spread
+SYSTEM = " ".join(f"w{i}" for i in range(10, 18))  # shared by all, short: first turns spread
+MAX_TOKENS = 16  # real engines' replies (fake ones answer `tokens` chunks)
 
 
 class Conversation:
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, model: str = "fake-model") -> None:
         self.rng = random.Random(seed)
+        self.model = model
         self.messages = [{"role": "system", "content": SYSTEM}]
         self.engines: list[str] = []
 
     def next_request(self, stream: bool = False) -> dict:
-        words = " ".join(f"w{self.rng.randrange(500)}" for _ in range(self.rng.randrange(30, 50)))
+        # Words both vocabularies know (the fake engines' tokenizer and the tiny model's), none of them special.
+        words = " ".join(f"w{self.rng.randrange(10, 250)}" for _ in range(self.rng.randrange(30, 50)))
         self.messages.append({"role": "user", "content": words})
-        return {"model": "fake-model", "messages": list(self.messages), "stream": stream}
+        return {"model": self.model, "messages": list(self.messages), "stream": stream, "max_tokens": MAX_TOKENS}
 
     def answered(self, engine: str, text: str) -> None:
         self.engines.append(engine)
@@ -36,8 +42,8 @@ async def chat(session, gw_url: str, conv: Conversation, stream: bool = False) -
             return resp.status, [raw.decode()]
         if stream:
             data = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
-            text = "".join(json.loads(d)["choices"][0]["delta"]["content"] for d in data
-                           if d != "[DONE]" and "choices" in json.loads(d))
+            text = "".join(c["delta"].get("content", "") for d in data if d != "[DONE]"
+                           for c in json.loads(d).get("choices", []))
         else:
             data = [raw.decode()]
             text = json.loads(raw)["choices"][0]["message"]["content"]
@@ -56,8 +62,20 @@ async def total_hits(session, engines) -> float:
     return total
 
 
-async def run_conversations(gw_url: str, n_conv: int, turns: int, first_seed: int = 0) -> list[Conversation]:
-    convs = [Conversation(seed) for seed in range(first_seed, first_seed + n_conv)]
+async def cached_hashes(session, engine_url: str) -> set[int]:
+    """What an engine's prefix cache holds now: the snapshot that opens a fresh cache-event feed."""
+    async with session.get(engine_url + "/v1/cache/events") as resp:
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                assert event["type"] == "snapshot"
+                return set(event["hashes"])
+    raise AssertionError("the feed ended before its snapshot")
+
+
+async def run_conversations(gw_url: str, n_conv: int, turns: int, first_seed: int = 0,
+                            model: str = "fake-model") -> list[Conversation]:
+    convs = [Conversation(seed, model) for seed in range(first_seed, first_seed + n_conv)]
     async with aiohttp.ClientSession() as s:
         for _ in range(turns):  # interleaved, one request at a time
             for conv in convs:
@@ -66,27 +84,28 @@ async def run_conversations(gw_url: str, n_conv: int, turns: int, first_seed: in
     return convs
 
 
-def test_precise_index_follows_the_feed(spawn_engines, start_gateway, tiny_tokenizer, until):
-    engines = spawn_engines(2, tokenizer=tiny_tokenizer, block_size=BLOCK)
+def test_precise_index_follows_the_feed(backend, start_gateway, until):
+    engines = backend.spawn(2, block_size=BLOCK)
 
     async def main():
-        async with start_gateway([e.url for e in engines], model=tiny_tokenizer) as gw, \
+        async with start_gateway([e.url for e in engines], model=backend.tokenizer) as gw, \
                 aiohttp.ClientSession() as s:
-            [conv] = await run_conversations(gw.url, 1, 2)
+            [conv] = await run_conversations(gw.url, 1, 3, model=backend.model)
             await until(lambda: all(ep.cache.is_precise for ep in gw.pool.endpoints.values()))
-            for e in engines:
+            for e in engines:  # quiet now: the gateway's index converges to exactly what the engine holds
                 ep = gw.pool.endpoints[e.url]
                 assert ep.cache.block_size == BLOCK
-                state = await (await s.get(e.url + "/fake/state")).json()
-                await until(lambda: len(ep.cache) == state["cached_blocks"])
+                held = await cached_hashes(s, e.url)
+                await until(lambda: ep.cache.precise == held)
             assert len(set(conv.engines)) == 1
-            assert len(gw.pool.endpoints[conv.engines[0]].cache) > 0
+            history = Prompt(gw.tokenizer.chat_ids(conv.messages)).hashes(BLOCK)
+            assert gw.pool.endpoints[conv.engines[0]].cache.match(history) > 2
     asyncio.run(main())
 
 
-def test_conversations_stick_and_hit_more_than_round_robin(spawn_engines, start_gateway, tiny_tokenizer):
+def test_conversations_stick_and_hit_more_than_round_robin(backend, start_gateway):
     n_conv, turns = 5, 4  # 5 conversations on 3 engines: round-robin moves each one every turn
-    engines = spawn_engines(3, tokenizer=tiny_tokenizer, block_size=BLOCK)
+    engines = backend.spawn(3, block_size=BLOCK)
     hits = {}
 
     async def main(policy: str, first_seed: int) -> list[Conversation]:
@@ -94,8 +113,8 @@ def test_conversations_stick_and_hit_more_than_round_robin(spawn_engines, start_
         # the warm shared system prompt only helps the second run, round-robin).
         async with aiohttp.ClientSession() as s:
             before = await total_hits(s, engines)
-            async with start_gateway([e.url for e in engines], model=tiny_tokenizer, policy=policy) as gw:
-                convs = await run_conversations(gw.url, n_conv, turns, first_seed)
+            async with start_gateway([e.url for e in engines], model=backend.tokenizer, policy=policy) as gw:
+                convs = await run_conversations(gw.url, n_conv, turns, first_seed, backend.model)
             hits[policy] = await total_hits(s, engines) - before
             return convs
 
@@ -118,9 +137,8 @@ def test_approximate_mode_without_feed_still_sticks(spawn_engines, start_gateway
     asyncio.run(main())
 
 
-def test_killing_an_engine_mid_run_loses_no_unstarted_request(spawn_engines, start_gateway, tiny_tokenizer,
-                                                              until):
-    engines = spawn_engines(3, tokenizer=tiny_tokenizer, block_size=BLOCK, latency=0.03, tokens=8)
+def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gateway, until):
+    engines = backend.spawn(3, block_size=BLOCK, latency=0.03, tokens=8)
     victim = engines[0]
     results: list[tuple[bool, int, list[str]]] = []
 
@@ -133,9 +151,9 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(spawn_engines, sta
                 conv.messages.pop()  # cut off: ask again
 
     async def main():
-        async with start_gateway([e.url for e in engines], model=tiny_tokenizer, unhealthy_threshold=1) as gw, \
+        async with start_gateway([e.url for e in engines], model=backend.tokenizer, unhealthy_threshold=1) as gw, \
                 aiohttp.ClientSession() as s:
-            convs = [Conversation(seed) for seed in range(6)]
+            convs = [Conversation(seed, backend.model) for seed in range(6)]
             run = asyncio.gather(*(converse(s, gw.url, c, 5) for c in convs))
             victim_ep = gw.pool.endpoints[victim.url]
             await until(lambda: len(results) >= 6 and victim_ep.in_flight > 0)
@@ -157,7 +175,7 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(spawn_engines, sta
 
             victim.restart()  # same URL, cold cache: new conversations go there first
             await until(lambda: gw.pool.endpoints[victim.url].routable)
-            fresh = await run_conversations(gw.url, 2, 2)
+            fresh = await run_conversations(gw.url, 2, 2, 100, backend.model)
             assert victim.url in {c.engines[0] for c in fresh}
     asyncio.run(main())
 
