@@ -73,6 +73,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from nanoserve.engine_pod.up import run_up
+    return asyncio.run(run_up(engine_kwargs(args), args.replicas, host=args.host, port=args.port,
+                              served_model_name=args.served_model_name, policy=args.policy,
+                              drain_timeout=args.drain_timeout))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
@@ -89,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.set_defaults(fn=cmd_generate)
+    up = sub.add_parser("up", help="N local engine processes and the gateway in front (CPU by default)")
+    add_engine_args(up)
+    up.add_argument("--replicas", type=int, default=2, help="engine processes")
+    up.add_argument("--host", default="127.0.0.1", help="the gateway's address")
+    up.add_argument("--port", type=int, default=8080, help="the gateway's port (engines take free ports)")
+    up.add_argument("--served-model-name", default=None)
+    up.add_argument("--policy", default="cache-aware", choices=["cache-aware", "round-robin", "least-loaded"])
+    up.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on stop")
+    up.set_defaults(fn=cmd_up, device="cpu")
     gateway = sub.add_parser("gateway", help="the prefix-cache-aware router", add_help=False)
     gateway.set_defaults(fn=None)
     args, rest = parser.parse_known_args(argv)

@@ -1,0 +1,77 @@
+"""`nanoserve up --replicas 2`: two real engines and the gateway from one command, used with the openai client."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+from nanoserve.engine_pod.up import engine_argv
+
+
+def test_engine_argv_round_trips_through_the_serve_parser():
+    import argparse
+
+    from nanoserve.engine_pod.cli import add_engine_args, engine_kwargs
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    args = p.parse_args(["--model", "m", "--enforce-eager", "--no-prefix-caching", "--num-kvcache-blocks", "64",
+                         "--device", "cpu", "--cpu-kvcache-gib", "0.5"])
+    kwargs = engine_kwargs(args)
+    assert engine_kwargs(p.parse_args(engine_argv(kwargs))) == kwargs
+
+
+def wait_ready(url: str, proc: subprocess.Popen, engines: int, timeout: float = 120.0) -> None:
+    """Until the gateway reports `engines` routable engines (bounded; fails fast if `up` exits)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "nanoserve up exited early"
+        try:
+            with urllib.request.urlopen(url + "/ready", timeout=1) as r:
+                if json.load(r)["engines"] == engines:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError("the gateway did not see its engines")
+
+
+def test_up_serves_chat_through_the_gateway_and_stops_cleanly(tiny_models, port, tmp_path):
+    import openai
+    log = tmp_path / "up.log"
+    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "up", "--replicas", "2", "--model", tiny_models["qwen3"],
+           "--port", str(port), "--num-kvcache-blocks", "256", "--max-model-len", "512",
+           "--served-model-name", "tiny"]
+    with open(log, "wb") as out:
+        # Own session: if the test fails, the whole tree is killed below.
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, proc, engines=2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        messages = [{"role": "system", "content": "w10 w11 w12"}, {"role": "user", "content": "w20 w21 w22"}]
+        reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
+        assert reply.choices[0].message.role == "assistant"
+        assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
+        stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
+                                                stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert streamed == reply.choices[0].message.content  # greedy: the same reply, streamed
+
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text())]
+        assert len(pids) == 2
+        for pid in pids:  # the engines were stopped and reaped by `up`
+            assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        print(log.read_text()[-3000:])
