@@ -37,23 +37,24 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{/*
 What the operator does in each namespace it serves (tests/helm/test_rbac.py checks these against the
 API calls a real `kopf run` makes, and against what the Roles it creates for gateways grant).
+Children are written by server-side apply: `create` as well as `patch` for the first apply.
 */}}
 {{- define "nanoserve.namespacedRules" -}}
 - apiGroups: [serving.nanoserve.io]
   resources: [inferenceservices]
-  verbs: [get, list, watch, patch]
+  verbs: [list, watch, patch]
 - apiGroups: [serving.nanoserve.io]
   resources: [inferenceservices/status]
   verbs: [patch]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, patch, delete]
+  verbs: [get, create, patch, delete]
 - apiGroups: [""]
   resources: [services, serviceaccounts]
-  verbs: [get, patch, delete]
+  verbs: [create, patch, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, patch, delete]
+  verbs: [create, patch, delete]
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
