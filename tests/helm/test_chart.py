@@ -1,0 +1,157 @@
+"""The chart with the real helm v4.3.1: lint, templates (default and not), schema, Kubernetes 1.37 validity."""
+
+import json
+
+import kubernetes_validate
+import pytest
+import yaml
+from crd_schema import CRD_PATH, apply_defaults, validation_errors, version_schema
+from helm_tool import CHART, HELM_VERSION, REPO
+
+CUSTOM = {
+    "image": {"repository": "registry.example/nanoserve/operator", "tag": "v9", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "watchNamespaces": ["ml", "team-b"],
+    "resyncSeconds": 10,
+    "serviceAccount": {"name": "ops", "annotations": {"team": "ml"}},
+    "healthPort": 9090,
+    "resources": {"requests": {"cpu": "200m", "memory": "300Mi"}, "limits": {"memory": "600Mi"}},
+    "podAnnotations": {"a": "b"},
+    "podLabels": {"tier": "control"},
+    "priorityClassName": "system-cluster-critical",
+    "nodeSelector": {"kubernetes.io/os": "linux"},
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+    "example": {"enabled": True},
+}
+VALUES = {"default": {}, "custom": CUSTOM}
+BAD = {
+    "unknown key": {"replicas": 2},
+    "pull policy": {"image": {"pullPolicy": "Sometimes"}},
+    "empty repository": {"image": {"repository": ""}},
+    "namespace name": {"watchNamespaces": ["Not_A_Namespace"]},
+    "duplicate namespace": {"watchNamespaces": ["a", "a"]},
+    "privileged port": {"healthPort": 80},
+    "resync": {"resyncSeconds": 0},
+    "quantity": {"resources": {"limits": {"memory": "lots"}}},
+    "pull secret": {"imagePullSecrets": ["regcred"]},
+    "toleration": {"tolerations": [{"operator": "Maybe"}]},
+    "node selector": {"nodeSelector": {"disk": 1}},
+}
+
+
+def by_kind(objs: list[dict]) -> dict[tuple[str, str | None, str], dict]:
+    return {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs}
+
+
+def operator(objs: list[dict]) -> dict:
+    (dep,) = [o for o in objs if o["kind"] == "Deployment"]
+    return dep
+
+
+def test_helm_is_the_pinned_version(helm):
+    assert helm("version", "--short").stdout.startswith(HELM_VERSION)
+
+
+@pytest.mark.parametrize("values", VALUES.values(), ids=VALUES)
+def test_lint_strict(helm, values, tmp_path):
+    (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+    out = helm("lint", "--strict", str(CHART), "--namespace", "ml", "--values", str(tmp_path / "values.yaml"))
+    assert "1 chart(s) linted, 0 chart(s) failed" in out.stdout
+
+
+@pytest.mark.parametrize("values", VALUES.values(), ids=VALUES)
+def test_every_rendered_object_is_valid_for_kubernetes_1_37(helm, values):
+    objs = helm.template(values, namespace="ml")
+    crs = [o for o in objs if o["kind"] == "InferenceService"]
+    for obj in objs:
+        if obj not in crs:
+            kubernetes_validate.validate(obj, "1.37", strict=True)
+    schema = version_schema(yaml.safe_load(CRD_PATH.read_text()))
+    for cr in crs:  # custom resources: against the CRD itself
+        assert validation_errors(schema, apply_defaults(schema, cr)) == []
+
+
+@pytest.mark.parametrize("values", [{"watchNamespaces": ["a"], "example": {"enabled": True}},
+                                    {"serviceAccount": {"create": False, "name": ""}}], ids=["example", "sa"])
+def test_inconsistent_values_fail_with_a_message(helm, values):
+    proc = helm.template(values, namespace="ml", check=False)
+    assert proc.returncode != 0
+    assert "watchNamespaces leaves out" in proc.stderr or "serviceAccount.name is required" in proc.stderr
+
+
+@pytest.mark.parametrize("values", BAD.values(), ids=BAD)
+def test_schema_rejects_bad_values(helm, values):
+    proc = helm.template(values, check=False)
+    assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr
+
+
+def test_crd_is_the_one_in_crds(helm):
+    (crd,) = [o for o in helm.template() if o["kind"] == "CustomResourceDefinition"]
+    assert crd == yaml.safe_load(CRD_PATH.read_text())
+    link = CHART / "crds" / "inferenceservice.yaml"
+    assert link.is_symlink() and link.resolve() == CRD_PATH.resolve()  # one source of truth
+
+
+def test_operator_deployment_defaults(helm):
+    objs = helm.template()
+    pod = operator(objs)["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == f"ghcr.io/nanoserve/operator:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+    assert c["command"] == ["kopf", "run"] and "--all-namespaces" in c["args"] and "--standalone" in c["args"]
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    # The probe hits the port and path kopf serves its liveness on.
+    probe = c["livenessProbe"]["httpGet"]
+    port = next(p["containerPort"] for p in c["ports"] if p["name"] == probe["port"])
+    assert f"--liveness=http://0.0.0.0:{port}{probe['path']}" in c["args"]
+    assert pod["serviceAccountName"] in {o["metadata"]["name"] for o in objs if o["kind"] == "ServiceAccount"}
+    kinds = {o["kind"] for o in objs}
+    assert "Role" not in kinds and "InferenceService" not in kinds  # cluster-wide, no example by default
+
+
+def test_custom_values_reach_the_objects(helm):
+    objs = helm.template(CUSTOM, namespace="ml")
+    dep = operator(objs)
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.example/nanoserve/operator:v9" and c["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        assert pod[key] == CUSTOM[key]
+    assert c["resources"] == CUSTOM["resources"]
+    assert dep["spec"]["template"]["metadata"]["annotations"] == {"a": "b"}
+    assert dep["spec"]["template"]["metadata"]["labels"]["tier"] == "control"
+    assert {"--namespace=ml", "--namespace=team-b"} <= set(c["args"]) and "--all-namespaces" not in c["args"]
+    assert "--liveness=http://0.0.0.0:9090/healthz" in c["args"]
+    assert {e["name"]: e["value"] for e in c["env"]}["NANOSERVE_RESYNC_SECONDS"] == "10"
+    assert pod["serviceAccountName"] == "ops"
+    objs_by = by_kind(objs)
+    assert objs_by["ServiceAccount", "ml", "ops"]["metadata"]["annotations"] == {"team": "ml"}
+    for ns in ("ml", "team-b"):  # namespace-scoped: a Role per watched namespace
+        assert ("Role", ns, "nanoserve") in objs_by and ("RoleBinding", ns, "nanoserve") in objs_by
+    assert {k[1] for k in objs_by if k[0] == "Role"} == {"ml", "team-b"}
+
+
+def test_example_is_examples_inferenceservice(helm):
+    (cr,) = [o for o in helm.template({"example": {"enabled": True}}, namespace="ml") if o["kind"] == "InferenceService"]
+    example = yaml.safe_load((REPO / "examples" / "inferenceservice.yaml").read_text())
+    assert (cr["metadata"]["name"], cr["spec"]) == (example["metadata"]["name"], example["spec"])
+    assert cr["metadata"]["namespace"] == "ml"
+
+
+def test_notes_tell_how_to_apply_and_reach_the_gateway(helm):
+    notes = helm("install", "nanoserve", str(CHART), "--dry-run=client", "--namespace", "ml").stdout
+    assert "kubectl apply -n ml -f examples/inferenceservice.yaml" in notes
+    assert "kubectl port-forward -n ml svc/smollm2" in notes and "/v1/completions" in notes
+
+
+def test_values_schema_is_valid_json_schema():
+    import jsonschema
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
+    jsonschema.validate(CUSTOM, schema)
