@@ -55,7 +55,7 @@ def main() -> None:
     print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     for block_size in (16, 256):
         for mean_ctx in (256, 850, 2000):
-            for splits in (None, 1, 2):
+            for splits in (None, 2):
                 r = case(mean_ctx, block_size, splits)
                 r["fraction_of_copy"] = round(r["tb_per_s"] * 1e12 / bw, 3)
                 print("RESULT " + json.dumps(r), flush=True)

@@ -30,3 +30,7 @@ run python bench/throughput.py --profile
 run python bench/throughput.py --enforce-eager
 run python bench/throughput.py --block-size 256 --label graphs-block256
 run python bench/throughput.py --prefix-sharing
+if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  run python bench/throughput.py --tp 2 --label graphs-tp2
+  run python bench/throughput.py --label graphs-tp1-same-machine
+fi
