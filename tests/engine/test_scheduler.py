@@ -1,5 +1,7 @@
 """Scheduling policies: first-come first-served by default; `priority` runs lower values first and
 preempts the least important running request first."""
+import pytest
+
 from nanoserve.engine_pod import LLM, SamplingParams
 
 
@@ -11,20 +13,12 @@ def finish_order(llm, params_list):
     return order
 
 
-def test_fcfs_with_one_seat_runs_in_arrival_order(tiny_models):
-    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_seqs=1)
+@pytest.mark.parametrize("policy, order", [("fcfs", [0, 1, 2]), ("priority", [1, 2, 0])])
+def test_one_seat_runs_in_policy_order(tiny_models, policy, order):
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_seqs=1, scheduling_policy=policy)
     try:
         params = [SamplingParams(max_tokens=3, priority=p, ignore_eos=True) for p in (5, 1, 3)]
-        assert finish_order(llm, params) == [0, 1, 2]
-    finally:
-        llm.exit()
-
-
-def test_priority_with_one_seat_runs_lowest_first(tiny_models):
-    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_seqs=1, scheduling_policy="priority")
-    try:
-        params = [SamplingParams(max_tokens=3, priority=p, ignore_eos=True) for p in (5, 1, 3)]
-        assert finish_order(llm, params) == [1, 2, 0]
+        assert finish_order(llm, params) == order
     finally:
         llm.exit()
 
