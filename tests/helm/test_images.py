@@ -99,15 +99,13 @@ def test_gateway_shim_runs_the_gateway_without_torch(tmp_path):
 
 
 def test_operator_command_is_kopf_run_of_the_handlers():
-    import click
     import kopf.cli
     cmd = command(IMAGES["operator"])
     assert cmd[:2] == ["kopf", "run"]
     ctx = kopf.cli.run.make_context("run", cmd[2:])  # parses the flags, runs nothing
     assert ctx.params["modules"] == ("nanoserve.operator.handlers",)
     assert ctx.params["standalone"] and ctx.params["clusterwide"]
-    assert isinstance(kopf.cli.run, click.Command)
-    __import__("nanoserve.operator.handlers")
+    __import__("nanoserve.operator.handlers")  # the module kopf is told to load
 
 
 @pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["ml"]}], ids=["cluster-wide", "namespaced"])
