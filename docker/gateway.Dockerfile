@@ -17,8 +17,6 @@ FROM python:3.12-slim-bookworm
 RUN groupadd --gid 1000 nanoserve \
     && useradd --uid 1000 --gid 1000 --no-create-home --shell /usr/sbin/nologin nanoserve
 COPY --from=build /opt/venv /opt/venv
-# `nanoserve gateway` without torch: see docker/nanoserve-gateway.
-COPY --chmod=755 docker/nanoserve-gateway /opt/venv/bin/nanoserve
 ENV PATH=/opt/venv/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp HF_HOME=/tmp/huggingface
 USER 1000:1000
 EXPOSE 8080

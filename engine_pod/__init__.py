@@ -1,6 +1,22 @@
-"""The nanoserve inference engine: `from nanoserve.engine_pod import LLM, SamplingParams`."""
-from nanoserve.engine_pod.errors import ConfigError, InvalidRequestError, ModelLoadError, NanoserveError
-from nanoserve.engine_pod.llm import LLM
-from nanoserve.engine_pod.sampling_params import SamplingParams
+"""The nanoserve inference engine: `from nanoserve.engine_pod import LLM, SamplingParams`.
 
-__all__ = ["LLM", "SamplingParams", "NanoserveError", "InvalidRequestError", "ModelLoadError", "ConfigError"]
+Imported lazily, so that torch-free parts under this package (the CLI's `gateway` command, the default
+model's name) do not pull torch in.
+"""
+import importlib
+
+_EXPORTS = {
+    "LLM": "nanoserve.engine_pod.llm",
+    "SamplingParams": "nanoserve.engine_pod.sampling_params",
+    "NanoserveError": "nanoserve.engine_pod.errors",
+    "InvalidRequestError": "nanoserve.engine_pod.errors",
+    "ModelLoadError": "nanoserve.engine_pod.errors",
+    "ConfigError": "nanoserve.engine_pod.errors",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
