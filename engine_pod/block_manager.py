@@ -92,11 +92,10 @@ class BlockManager:
 
     # ---- allocation ---------------------------------------------------------------------------
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> int:
-        """Free blocks that admitting/extending `seq` by `num_new_tokens` would consume."""
-        have = len(seq.block_table) or len(hits)
-        computed = seq.num_computed_tokens or len(hits) * self.block_size
-        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # cached but free: leaves the free list
-        return max(0, self.blocks_for(computed + num_new_tokens) - have) + revived
+        """Free blocks that admitting waiting `seq`, with its cached prefix `hits` and `num_new_tokens` to
+        compute, would consume (hit blocks that are cached but free leave the free list too)."""
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return self.blocks_for(len(hits) * self.block_size + num_new_tokens) - len(hits) + revived
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
         return self.blocks_needed(seq, num_new_tokens, hits) <= self.num_free_blocks
@@ -117,10 +116,8 @@ class BlockManager:
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Give `seq` blocks for its next `num_new_tokens` tokens (caller checked `can_allocate`)."""
-        end = seq.num_computed_tokens + num_new_tokens
-        while len(seq.block_table) < self.blocks_for(end):
-            seq.block_table.append(self._take_free_block().block_id)
-        self._register_full_blocks(seq, end)
+        if not self.try_allocate(seq, num_new_tokens):
+            raise RuntimeError("out of KV blocks: allocate() without a successful can_allocate()")
 
     def try_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         """Extend a running sequence by `num_new_tokens` if the blocks are there (the per-step hot path)."""

@@ -42,8 +42,7 @@ class BlockManagerMachine(RuleBasedStateMachine):
     def extend(self, i, token):
         seq = self.live[i % len(self.live)]
         seq.append_token(token)
-        if self.bm.can_allocate(seq, 1):
-            self.bm.allocate(seq, 1)
+        if self.bm.try_allocate(seq, 1):
             seq.num_computed_tokens += 1
         else:  # what the scheduler does when memory runs out: preempt
             self.bm.free(seq)
