@@ -55,6 +55,7 @@ class LLMEngine:
         self.requests: dict[int, Sequence] = {}
         self.last_batch: list[tuple[Sequence, int]] = []
         self._closed = False
+        self._broken = False  # a step failed on rank 0: workers may wait in a collective forever
         atexit.register(self.exit)
 
     def _start_workers(self, config: Config):
@@ -77,8 +78,12 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
-        self.model_runner.call("exit")
-        self._stop_workers()
+        if self._broken:
+            self.model_runner.abandon()
+            self._stop_workers(timeout=0)
+        else:
+            self.model_runner.call("exit")
+            self._stop_workers()
         atexit.unregister(self.exit)
 
     def _stop_workers(self, timeout: float = 30) -> None:
@@ -86,6 +91,7 @@ class LLMEngine:
             proc.join(timeout=timeout)
             if proc.is_alive():
                 proc.kill()
+                proc.join(timeout=10)
         if self.shm is not None:
             self.shm.close()
             self.shm.unlink()
@@ -143,7 +149,11 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress although requests are pending")
             return []
         inputs, sampling = prepare(batch, self.config.kvcache_block_size)
-        logits = self.model_runner.call("run", inputs)
+        try:
+            logits = self.model_runner.call("run", inputs)
+        except BaseException:
+            self._broken = self.config.tensor_parallel_size > 1
+            raise
         tokens = self.sampler(logits, [s.params for s in sampling], [s.seq_id for s in sampling]) if sampling else []
         self.scheduler.postprocess(batch, {s.seq_id: t for s, t in zip(sampling, tokens)})
         for seq in sampling:

@@ -184,6 +184,16 @@ class ModelRunner:
             dist.barrier()
             dist.destroy_process_group()
 
+    def abandon(self) -> None:
+        """Rank 0 leaves without the workers (they are killed): no collective, which could wait forever."""
+        if self.world > 1:
+            self.shm.close()
+            abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if abort is not None and self.device.type == "cuda":
+                abort()
+            else:
+                dist.destroy_process_group()
+
 
 def worker_main(config: Config, rank: int, link: TPLink) -> None:
     """Entry point of a spawned tensor-parallel worker (rank >= 1)."""

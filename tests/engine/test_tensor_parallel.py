@@ -42,3 +42,19 @@ def test_two_tp_engines_on_one_host(tiny_models):
     theirs, _ = other.communicate(timeout=300)
     assert other.returncode == 0
     assert theirs.strip() == str(mine)
+
+
+def test_failed_step_tears_down_without_hanging(tiny_models):
+    # Rank 0 fails inside the forward, after the worker entered it: the worker waits in a collective
+    # that never comes, so exit must not try a graceful (collective) shutdown.
+    llm = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
+    llm.model_runner.model.compute_logits = lambda hidden: (_ for _ in ()).throw(RuntimeError("boom"))
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.generate([PROMPTS[0]], GREEDY)
+    llm.exit()
+    assert not llm.workers[0].is_alive()
+    again = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)  # the group was released
+    try:
+        assert len(again.generate([PROMPTS[0]], GREEDY)[0]["token_ids"]) == 10
+    finally:
+        again.exit()
