@@ -1,15 +1,17 @@
 """Routing benchmark: cache-aware vs round-robin vs least-loaded on the same real engines and requests.
 
-Multi-turn chat: many users, each with one of a few shared system prompts, several turns each, users arriving
-as a Poisson process (each user's turns are sequential, with a short think time). Greedy decoding, so every
-policy sees the same conversations. Each policy gets freshly started engines (cold caches) and the gateway
-in front; reported: engine prefix-cache hit rate (from their /metrics), TTFT (first content token) p50/p90/mean,
-output tokens/s, and two oracle hit rates computed offline from the prompts:
+Multi-turn chat: many users, each with one of a few long shared system prompts, several short turns each, users
+arriving as a Poisson process (each user's turns are sequential, with a think time). Greedy decoding, so every
+policy sees the same conversations. The engines' KV caches are small: one engine holds about two of the system
+prompts, the fleet all of them. Each policy gets freshly started engines (cold caches) and the gateway in front;
+reported: engine prefix-cache hit rate (from their /metrics), two oracle hit rates computed offline from the prompts,
   fleet oracle: each prompt sent to the engine whose cache (simulated LRU of the engines' size) holds most of it;
-  unbounded:    one infinite cache (the workload's reuse ceiling).
+  one engine:   all prompts through one LRU cache of an engine's size (shows one engine cannot hold the working set);
+  unbounded:    one infinite cache (the workload's reuse ceiling);
+TTFT (first content token, at the client) p50/p90, the engines' mean queue time, output tokens/s.
 
-    python bench/routing.py                      # tiny random model, 3 CPU engines, a few minutes on 2 cores
-    python bench/routing.py --model smollm2-135m --users 12
+    python bench/routing.py                      # SmolLM2-135M, 3 CPU engines, about 3 minutes a policy on 2 cores
+    python bench/routing.py --model tiny         # a tiny random qwen3: fast, but prefill is too cheap to matter
 """
 from __future__ import annotations
 
@@ -18,7 +20,6 @@ import asyncio
 import json
 import os
 import random
-import statistics
 import sys
 import time
 import urllib.request
@@ -55,8 +56,7 @@ class Turn:
 class Run:
     policy: str
     turns: list[Turn] = field(default_factory=list)
-    hits: float = 0.0
-    queries: float = 0.0
+    counters: dict[str, float] = field(default_factory=dict)  # summed over the engines' /metrics
     seconds: float = 0.0
 
 
@@ -70,7 +70,7 @@ async def user(s: aiohttp.ClientSession, url: str, args, uid: int, start: float,
     messages = [{"role": "system", "content": system}]
     await asyncio.sleep(max(0.0, start - (time.monotonic() - t0)))
     for _ in range(args.turns):
-        messages.append({"role": "user", "content": words(rng, rng.randrange(20, 40))})
+        messages.append({"role": "user", "content": words(rng, rng.randrange(10, 20))})
         turn = Turn(time.monotonic() - t0, list(messages))
         body = {"model": "bench", "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True}
@@ -93,17 +93,21 @@ async def user(s: aiohttp.ClientSession, url: str, args, uid: int, start: float,
         await asyncio.sleep(rng.expovariate(1 / args.think))
 
 
-def engine_counters(urls: list[str]) -> tuple[float, float]:
-    """(prefix-cache hits, queries) in prompt tokens, summed over the engines."""
+COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+            "vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count")
+
+
+def engine_counters(urls: list[str]) -> dict[str, float]:
+    """COUNTERS summed over the engines (prefix-cache ones in prompt tokens)."""
     from prometheus_client.parser import text_string_to_metric_families
-    hits = queries = 0.0
+    sums = dict.fromkeys(COUNTERS, 0.0)
     for url in urls:
         with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
             for family in text_string_to_metric_families(r.read().decode()):
                 for sample in family.samples:
-                    hits += sample.value if sample.name == "vllm:prefix_cache_hits_total" else 0
-                    queries += sample.value if sample.name == "vllm:prefix_cache_queries_total" else 0
-    return hits, queries
+                    if sample.name in sums:
+                        sums[sample.name] += sample.value
+    return sums
 
 
 def wait_ready(urls: list[str], procs, timeout: float = 300.0) -> None:
@@ -123,8 +127,9 @@ async def run_policy(policy: str, model: str, args) -> Run:
     from nanoserve.gateway import GatewayConfig, serve
     ports = [free_port() for _ in range(args.engines)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
+    # max_model_len: a prompt must fit the (small) cache, else the engine could never schedule it.
     kwargs = dict(model=model, device="cpu", kvcache_block_size=args.block_size,
-                  num_kvcache_blocks=args.kv_blocks, max_model_len=4096)
+                  num_kvcache_blocks=args.kv_blocks, max_model_len=min(4096, args.kv_blocks * args.block_size))
     procs = [start_engine(kwargs, p, "bench", drain_timeout=5) for p in ports]
     run = Run(policy)
     try:
@@ -142,7 +147,7 @@ async def run_policy(policy: str, model: str, args) -> Run:
             t0 = time.monotonic()
             await asyncio.gather(*(user(s, gw.url, args, u, starts[u], t0, run) for u in range(args.users)))
             run.seconds = time.monotonic() - t0
-        run.hits, run.queries = engine_counters(urls)
+        run.counters = engine_counters(urls)
     finally:
         stop_engines(procs, timeout=30)
     return run
@@ -179,38 +184,45 @@ def percentile(xs: list[float], q: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model folder or smollm2-135m (default: a tiny random qwen3)")
+    p.add_argument("--model", default="smollm2-135m", help="model folder, smollm2-135m, or tiny (a random qwen3)")
     p.add_argument("--engines", type=int, default=3)
-    p.add_argument("--users", type=int, default=24)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--systems", type=int, default=4, help="distinct shared system prompts")
-    p.add_argument("--system-words", type=int, default=120)
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--rate", type=float, default=2.0, help="new users per second (Poisson)")
-    p.add_argument("--think", type=float, default=0.3, help="mean seconds between a reply and the next turn")
+    p.add_argument("--users", type=int, default=30)
+    p.add_argument("--turns", type=int, default=3)
+    p.add_argument("--systems", type=int, default=6, help="distinct shared system prompts")
+    p.add_argument("--system-words", type=int, default=100, help="about 4 SmolLM2 tokens a word")
+    p.add_argument("--max-tokens", type=int, default=8, help="short outputs: TTFT is prefill, not decode")
+    p.add_argument("--rate", type=float, default=0.25, help="new users per second (Poisson)")
+    p.add_argument("--think", type=float, default=1.0, help="mean seconds between a reply and the next turn")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-blocks", type=int, default=256, help="per engine: less than the workload's working set")
+    p.add_argument("--kv-blocks", type=int, default=80, help="per engine: about 2 of the system prompts")
+    p.add_argument("--engine-threads", type=int, default=1, help="torch threads per engine (3 engines share 2 cores)")
     p.add_argument("--policies", default="cache-aware,round-robin,least-loaded")
     args = p.parse_args()
     from nanoserve.engine_pod.default_model import resolve_model
     from nanoserve.gateway.prompt import load_tokenizer
-    model = resolve_model(args.model) if args.model else tiny_model()
+    os.environ["OMP_NUM_THREADS"] = str(args.engine_threads)  # inherited by the engines; oversubscription hurts
+    model = tiny_model() if args.model == "tiny" else resolve_model(args.model)
     tok = load_tokenizer(model)
-    print(f"model {args.model or 'tiny random qwen3'}, {args.engines} engines x {args.kv_blocks} blocks of "
-          f"{args.block_size}, {args.users} users x {args.turns} turns, {args.systems} system prompts, "
-          f"{args.rate}/s arrivals, {args.max_tokens} output tokens", flush=True)
-    print("| policy | engine hit rate | fleet oracle | unbounded | TTFT mean | TTFT p50 | TTFT p90 | output tok/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    system_tokens = len(tok.chat_ids([{"role": "system", "content": words(random.Random(1000), args.system_words)}]))
+    print(f"model {args.model}, {args.engines} engines x {args.kv_blocks} blocks of {args.block_size} "
+          f"({args.engine_threads} thread each), {args.users} users x {args.turns} turns, {args.systems} system "
+          f"prompts of ~{system_tokens} tokens, {args.rate}/s users, {args.think} s think, {args.max_tokens} output tokens",
+          flush=True)
+    print("| policy | engine hit rate | fleet oracle | one-engine oracle | unbounded | TTFT p50 | TTFT p90 "
+          "| engine queue mean | output tok/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for policy in args.policies.split(","):
         run = asyncio.run(run_policy(policy, model, args))
         turns = sorted(run.turns, key=lambda t: t.sent)
         prompts = [tok.chat_ids(t.messages) for t in turns]
         fleet, unbounded = oracle_hit_rates(prompts, args.block_size, args.engines, args.kv_blocks)
-        ttft = [t.ttft for t in turns]
-        print(f"| {policy} | {run.hits / run.queries:.1%} | {fleet:.1%} | {unbounded:.1%} | "
-              f"{statistics.mean(ttft) * 1e3:.0f} ms | {percentile(ttft, 0.5) * 1e3:.0f} ms | "
-              f"{percentile(ttft, 0.9) * 1e3:.0f} ms | {sum(t.tokens for t in turns) / run.seconds:.0f} |",
-              flush=True)
+        one, _ = oracle_hit_rates(prompts, args.block_size, 1, args.kv_blocks)
+        ttft, c = [t.ttft for t in turns], run.counters
+        queue = c["vllm:request_queue_time_seconds_sum"] / max(1.0, c["vllm:request_queue_time_seconds_count"])
+        print(f"| {policy} | {c['vllm:prefix_cache_hits_total'] / c['vllm:prefix_cache_queries_total']:.1%} | "
+              f"{fleet:.1%} | {one:.1%} | {unbounded:.1%} | {percentile(ttft, 0.5) * 1e3:.0f} ms | "
+              f"{percentile(ttft, 0.9) * 1e3:.0f} ms | {queue * 1e3:.0f} ms | "
+              f"{sum(t.tokens for t in turns) / run.seconds:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
