@@ -14,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
-from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.text_stream import TextStream
 
 STATE = web.AppKey("state", object)
@@ -101,7 +101,10 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     cfg = engine.engine.config
     parse = parse_chat if chat else parse_completion
     req = parse(body, state.tokenizer, cfg.hf_config["vocab_size"], cfg.max_model_len)
-    seq = Sequence(req.prompt_ids, req.params, arrival=time.monotonic())
+    try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache)
+        seq = engine.engine.make_sequence(req.prompt_ids, req.params)
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), e.param) from None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     state.inflight += 1
     try:

@@ -164,3 +164,13 @@ def test_auth_body_limit_overload_and_drain(tiny_models, start_server):
     assert ready == 503 and late == 503
     assert body.rstrip().endswith("data: [DONE]") and '"finish_reason": "length"' in body
     assert server.proc.wait(timeout=60) == 0
+
+
+def test_request_that_can_never_fit_the_cache_is_400_and_the_engine_lives(tiny_models, start_server):
+    # 4 blocks of 16 tokens: a 20-token prompt with 100 new tokens could never fit, even alone.
+    server = start_server(tiny_models["qwen3"], "--num-kvcache-blocks", "4", "--max-model-len", "512")
+    status, payload, _ = post(server.url, "/v1/completions", {"prompt": [5] * 20, "max_tokens": 100})
+    assert status == 400 and "KV-cache blocks" in payload["error"]["message"]
+    assert payload["error"]["param"] == "max_tokens"
+    status, payload, _ = post(server.url, "/v1/completions", {"prompt": [5] * 20, "max_tokens": 20})
+    assert status == 200 and payload["usage"]["completion_tokens"] == 20
