@@ -43,7 +43,6 @@ class AsyncEngine:
         self.requests: dict[int, _Request] = {}          # engine thread only
         self.subscribers: list[asyncio.Queue] = []       # cache-event feeds, engine thread only
         self.num_waiting = 0                             # written by the engine thread, read anywhere
-        self.num_running = 0
         self._wake = threading.Event()
         self._stop = False
         self.error: BaseException | None = None
@@ -169,7 +168,6 @@ class AsyncEngine:
     def _publish_state(self) -> None:
         sched, bm = self.engine.scheduler, self.engine.block_manager
         self.num_waiting = len(sched.waiting) + self.inbox.qsize()
-        self.num_running = len(sched.running)
         self.labeled("num_requests_waiting").set(len(sched.waiting))
         self.labeled("num_requests_running").set(len(sched.running))
         self.labeled("kv_cache_usage_perc").set(bm.usage())

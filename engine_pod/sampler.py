@@ -30,9 +30,9 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int]) -> list[int]:
         logits = logits.float()
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        if bool(greedy.all()):
+        if all(p.greedy for p in params):  # decided on the host: no device sync before the sampling kernels
             return logits.argmax(-1).tolist()
+        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
         temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
         logits = logits / temps.unsqueeze(1)  # greedy rows keep their argmax: they are divided by 1
         if any(p.top_k > 0 or p.top_p < 1 for p in params):
