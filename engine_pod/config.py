@@ -25,7 +25,6 @@ class Config:
     num_kvcache_blocks: int = -1           # -1: size the cache from free memory
     cpu_kvcache_gib: float = 1.0           # KV-cache budget on CPU, where free memory is not measured
     attention_backend: str | None = None   # None: auto ("torch" on CPU, "flash_attn" when installed)
-    seed: int = 0
     hf_config: dict = field(default_factory=dict, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 

@@ -30,7 +30,6 @@ class DecodeGraphs:
         self.hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.num_kv_heads = num_kv_heads
-        self.max_context = max_blocks_per_seq
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _context(self, bs: int) -> Context:
