@@ -144,7 +144,7 @@ class AsyncEngine:
             if req is not None and req.scheduled_at is None:
                 req.scheduled_at = started
                 self.labeled("request_queue_time").observe(started - seq.arrival)
-        for seq in sampled:
+        for seq, token in sampled:
             req = self.requests.get(seq.seq_id)
             if req is None:
                 continue
@@ -155,7 +155,7 @@ class AsyncEngine:
                 self.labeled("inter_token_latency").observe(now - req.last_token_at)
             req.last_token_at = now
             self.labeled("generation_tokens").inc()
-            self._post(req.out, TokenDelta([seq.last_token], seq.finish_reason, seq.num_cached_tokens))
+            self._post(req.out, TokenDelta([token], seq.finish_reason, seq.num_cached_tokens))
             if seq.finish_reason is not None:
                 del self.requests[seq.seq_id]
                 self.labeled("request_success", finished_reason=seq.finish_reason).inc()

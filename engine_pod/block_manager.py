@@ -76,7 +76,7 @@ class BlockManager:
     def _register_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Hash the blocks that `num_tokens` computed tokens fill, so later requests can hit them."""
         B = self.block_size
-        while len(seq.block_hashes) < num_tokens // B:
+        while len(seq.block_hashes) < num_tokens // B:  # placeholders are never hashed: callers stop before
             i = len(seq.block_hashes)
             tokens = tuple(seq.token_ids[i * B:(i + 1) * B])
             h = hash_block(tokens, seq.block_hashes[-1] if i else None)
@@ -127,9 +127,14 @@ class BlockManager:
             return False
         for _ in range(need):
             seq.block_table.append(self._take_free_block().block_id)
-        if end // self.block_size > len(seq.block_hashes):
-            self._register_full_blocks(seq, end)
+        known = min(end, seq.num_tokens - seq.num_pending)
+        if known // self.block_size > len(seq.block_hashes):
+            self._register_full_blocks(seq, known)
         return True
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Hash the full blocks of `seq`'s computed tokens whose ids are known."""
+        self._register_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending))
 
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks. Tail blocks are freed first so they are evicted before the shared head."""

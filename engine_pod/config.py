@@ -24,7 +24,8 @@ class Config:
     scheduling_policy: str = "fcfs"        # "fcfs" or "priority"
     num_kvcache_blocks: int = -1           # -1: size the cache from free memory
     cpu_kvcache_gib: float = 1.0           # KV-cache budget on CPU, where free memory is not measured
-    attention_backend: str | None = None   # None: auto ("torch" on CPU, "flash_attn" when installed)
+    attention_backend: str | None = None   # None: auto ("triton" on CUDA, "torch" on CPU)
+    async_scheduling: bool | None = None   # schedule step N+1 while step N runs; None: on with CUDA
     hf_config: dict = field(default_factory=dict, repr=False)
     eos_token_ids: list[int] = field(default_factory=list)
 
@@ -39,6 +40,8 @@ class Config:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype is None:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device.startswith("cuda")
         if self.kvcache_block_size < 1:
             raise ConfigError(f"kvcache_block_size must be >= 1, got {self.kvcache_block_size}")
         if self.scheduling_policy not in ("fcfs", "priority"):

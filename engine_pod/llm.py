@@ -25,7 +25,7 @@ class LLM(LLMEngine):
         bar = tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm)
         try:
             while self.has_unfinished():
-                bar.update(sum(s.is_finished for s in self.step()))
+                bar.update(sum(s.is_finished for s, _ in self.step()))
         finally:
             bar.close()
             for seq in seqs:  # an interrupted generate leaves nothing queued and no block taken

@@ -7,9 +7,11 @@ HTTP server both drive this class.
 import atexit
 import multiprocessing as mp
 import os
+import random
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 
 from transformers import AutoTokenizer
@@ -18,12 +20,20 @@ from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.model_runner import ModelRunner, TPLink, worker_main
-from nanoserve.engine_pod.sampler import Sampler
+from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
-from nanoserve.engine_pod.step_inputs import prepare
+from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
 from nanoserve.engine_pod.stop import StopChecker
+
+
+@dataclass
+class InFlight:
+    """A launched step's sampling rows: the sequences, their placeholders' positions, the tokens coming."""
+    seqs: list[Sequence]
+    positions: list[int]
+    tokens: SampledTokens
 
 
 def _free_port() -> int:
@@ -43,6 +53,8 @@ class LLMEngine:
             self.shm, link = self._start_workers(config)
         try:
             self.model_runner = ModelRunner(config, 0, link)
+            if self.model_runner.device.type == "cuda":
+                self.model_runner.call("warmup")
         except BaseException:
             self._stop_workers(timeout=0)  # they may wait in a collective that will never come
             raise
@@ -50,7 +62,9 @@ class LLMEngine:
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.sampler = Sampler(self.model_runner.device)
+        self.rng = random.Random()  # seeds of the rows that sample without a request seed
+        self.download = Downloader(self.model_runner.device, config.max_num_seqs)
+        self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
         self.stop_checker = StopChecker(self.tokenizer)
         self.requests: dict[int, Sequence] = {}
         self.last_batch: list[tuple[Sequence, int]] = []
@@ -65,7 +79,11 @@ class LLMEngine:
         size = 2**20 + 16 * (4 * config.max_num_batched_tokens + config.max_num_seqs * (blocks_per_seq + 4))
         shm = SharedMemory(name=name, create=True, size=size)
         ctx = mp.get_context("spawn")
-        link = TPLink(port=_free_port(), shm_name=name, events=[ctx.Event() for _ in range(1, config.tensor_parallel_size)])
+        workers = range(1, config.tensor_parallel_size)
+        link = TPLink(port=_free_port(), shm_name=name, posted=[ctx.Event() for _ in workers],
+                      read=[ctx.Event() for _ in workers])
+        for read in link.read:
+            read.set()  # nothing posted yet: the segment is free
         # Workers must not put the current directory on sys.path: our operator/ folder shadows the stdlib's.
         os.environ.setdefault("PYTHONSAFEPATH", "1")
         for rank in range(1, config.tensor_parallel_size):
@@ -135,35 +153,53 @@ class LLMEngine:
         if seq is not None and not seq.is_finished:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
-            self.sampler.forget(seq_id)
 
     def has_unfinished(self) -> bool:
-        return not self.scheduler.is_finished()
+        return not self.scheduler.is_finished() or self.in_flight is not None
 
     # ---- one step -----------------------------------------------------------------------------
-    def step(self) -> list[Sequence]:
-        """Run one batch. Returns the sequences that got a token (finished ones have `finish_reason`)."""
+    def step(self) -> list[tuple[Sequence, int]]:
+        """Run one batch. Returns `(sequence, new token)` for each sequence that got a token (finished ones
+        have `finish_reason`). With async scheduling these are the previous step's tokens: this step is
+        launched first, so the GPU works on it while the host applies them and schedules the next one."""
         batch = self.last_batch = self.scheduler.schedule()
-        if not batch:
-            if self.has_unfinished():
-                raise RuntimeError("scheduler made no progress although requests are pending")
-            return []
-        inputs, sampling = prepare(batch, self.config.kvcache_block_size)
-        try:
-            logits = self.model_runner.call("run", inputs)
-        except BaseException:
-            self._broken = self.config.tensor_parallel_size > 1
-            raise
-        tokens = self.sampler(logits, [s.params for s in sampling], [s.seq_id for s in sampling]) if sampling else []
-        self.scheduler.postprocess(batch, {s.seq_id: t for s, t in zip(sampling, tokens)})
-        for seq in sampling:
-            if not seq.is_finished and self.stop_checker.hit(seq):
+        launched = None
+        if batch:
+            inputs, sampling = prepare(batch, self.config.kvcache_block_size)
+            if inputs.prev_rows is not None:
+                inputs.prev_count = len(self.in_flight.seqs)
+            if sampling:
+                inputs.sampling = sampling_inputs(sampling, self.rng)
+            try:
+                tokens = self.model_runner.call("run", inputs)
+            except BaseException:
+                self._broken = self.config.tensor_parallel_size > 1
+                raise
+            positions = self.scheduler.advance(batch, sampling)
+            if sampling:
+                launched = InFlight(sampling, positions, self.download(tokens))
+        elif self.in_flight is None and self.has_unfinished():
+            raise RuntimeError("scheduler made no progress although requests are pending")
+        if self.config.async_scheduling:
+            done, self.in_flight = self.in_flight, launched
+        else:
+            done = launched
+        return self._apply(done) if done is not None else []
+
+    def _apply(self, flight: "InFlight") -> list[tuple[Sequence, int]]:
+        """Put a step's sampled tokens in place of their placeholders; retire what they finish."""
+        out = []
+        for seq, position, token in zip(flight.seqs, flight.positions, flight.tokens.wait()):
+            if seq.is_finished:  # aborted, or stopped by the step before, while this one ran
+                continue
+            self.scheduler.resolve(seq, position, token)
+            if not seq.is_finished and self.stop_checker.hit(seq, position + 1):
                 seq.finish_reason = "stop"
                 self.scheduler.finish(seq)
             if seq.is_finished:
                 self.requests.pop(seq.seq_id, None)
-                self.sampler.forget(seq.seq_id)
-        return sampling
+            out.append((seq, token))
+        return out
 
     def decode(self, seq: Sequence) -> str:
         """The completion text, cut before a matched stop string."""

@@ -3,7 +3,9 @@
 Tensor parallelism (Nano-vLLM's scheme): rank 0 lives in the engine process and drives. Ranks 1..N-1
 are spawned processes that loop in `worker_main`, each waiting on its event for the next command,
 which rank 0 pickles into a shared-memory segment. The model's collectives (torch.distributed: gloo on
-CPU, NCCL on GPU) keep the ranks in lockstep inside each forward.
+CPU, NCCL on GPU) keep the ranks in lockstep inside each forward. NCCL collectives return before the
+peers join them, so rank 0 can run ahead of its workers; it writes the next command only once every
+worker has acknowledged reading the last one (`read` events), else it could overwrite a command unread.
 """
 import os
 import pickle
@@ -21,15 +23,21 @@ from nanoserve.engine_pod.layers.attention import Attention, pick_backend
 from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
+from nanoserve.engine_pod.sampler import SamplingInputs, sample
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
+
+
+WORKER_TIMEOUT_S = 600  # a worker busy this long with one step is gone (first steps compile kernels)
 
 
 @dataclass
 class TPLink:
-    """How rank 0 reaches its workers: a free TCP port for the process group, one shm segment, events."""
+    """How rank 0 reaches its workers: a free TCP port for the process group, one shm segment, and per
+    worker a `posted` event (a command waits) and a `read` event (the worker has taken it)."""
     port: int
     shm_name: str
-    events: list
+    posted: list
+    read: list
 
 
 class ModelRunner:
@@ -53,6 +61,7 @@ class ModelRunner:
 
     def _build(self, config: Config, link: TPLink | None) -> None:
         self.upload = Uploader(self.device)
+        self.prev_tokens: torch.Tensor | None = None  # rank 0: the last step's sampled tokens, on the device
         set_tensor_parallel(self.rank, self.world)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(config.torch_dtype)
@@ -129,8 +138,33 @@ class ModelRunner:
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Forward one batch and sample its sampling rows; rank 0 gets the token ids (on the device, not
+        waited for), other ranks None."""
+        if inputs.sampling is None:
+            self._forward(inputs)
+            return None
+        logits = self.logits(inputs)
+        if logits is None:  # workers: rank 0 gathered their share
+            return None
+        self.prev_tokens = sample(logits, inputs.sampling, self.uploaded)
+        return self.prev_tokens
+
+    @torch.inference_mode()
+    def logits(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one batch; rank 0 gets the logits of `inputs.logits_indices`, other ranks None."""
-        t = self.upload(inputs)
+        hidden = self._forward(inputs)
+        return self.model.compute_logits(hidden[self.uploaded["logits_indices"]])
+
+    def _forward(self, inputs: StepInputs) -> torch.Tensor:
+        t = self.uploaded = self.upload(inputs)
+        input_ids = t["input_ids"]
+        if inputs.prev_count:  # rows whose input token the previous step sampled and the host has not seen
+            prev = self.prev_tokens if self.rank == 0 else torch.empty(inputs.prev_count, dtype=torch.int64,
+                                                                        device=self.device)
+            if self.world > 1:
+                dist.broadcast(prev, src=0)
+            rows = t["prev_rows"]
+            input_ids = torch.where(rows >= 0, prev[rows.clamp(min=0)], input_ids)
         num_seqs = len(inputs.context_lens)
         is_decode = inputs.max_seqlen_q == 1
         splits = 1
@@ -138,7 +172,7 @@ class ModelRunner:
             splits = self.num_splits_for(num_seqs, self.attention_layers[0].num_kv_heads, inputs.max_seqlen_k,
                                          self.num_sms)
         if is_decode and self.graphs is not None and self.graphs.fits(num_seqs):
-            hidden = self.graphs.run(t["input_ids"], t["positions"], t["slot_mapping"], t["context_lens"],
+            hidden = self.graphs.run(input_ids, t["positions"], t["slot_mapping"], t["context_lens"],
                                      t["block_tables"])
         else:
             set_context(Context(
@@ -146,9 +180,32 @@ class ModelRunner:
                 block_tables=t["block_tables"], max_seqlen_q=inputs.max_seqlen_q, max_seqlen_k=inputs.max_seqlen_k,
                 query_lens_list=np.diff(inputs.cu_seqlens_q).tolist(), context_lens_list=inputs.context_lens.tolist(),
                 is_decode=is_decode, num_splits=splits))
-            hidden = self.model(t["input_ids"], t["positions"])
+            hidden = self.model(input_ids, t["positions"])
             set_context(None)
-        return self.model.compute_logits(hidden[t["logits_indices"]])
+        return hidden
+
+    def warmup(self) -> None:
+        """One full-size prefill step and a decode step with sampled and greedy rows, nothing stored: the
+        kernels compile now instead of under the first requests, and a step that cannot fit in memory
+        fails here."""
+        cfg = self.config
+        tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
+        lens = [min(cfg.max_model_len, tokens - i) for i in range(0, tokens, cfg.max_model_len)]
+        for q_lens in (lens, [1] * min(cfg.max_num_seqs, 8)):
+            n, seqs = sum(q_lens), len(q_lens)
+            cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+            rows = np.arange(seqs)
+            sampling = SamplingInputs(np.where(rows % 2, 0.0, 1.0), np.full(seqs, -1), np.ones(seqs),
+                                      rows.astype(np.int64), False, False)
+            positions = np.concatenate([np.arange(q) for q in q_lens]).astype(np.int64)
+            inputs = StepInputs(np.zeros(n, np.int64), positions, np.full(n, -1, np.int64), cu,
+                                np.asarray(q_lens, np.int64), np.zeros((seqs, -(-max(q_lens) // cfg.kvcache_block_size)),
+                                                                        np.int64),
+                                cu[1:] - 1, max(q_lens), max(q_lens), sampling=sampling)
+            self.run(inputs)
+        self.prev_tokens = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ---- leader/worker plumbing ---------------------------------------------------------------
     def call(self, method: str, *args):
@@ -157,18 +214,24 @@ class ModelRunner:
             data = pickle.dumps((method, args))
             if len(data) + 4 > self.shm.size:
                 raise RuntimeError(f"step command of {len(data)} bytes exceeds the shared-memory segment")
+            for rank, read in enumerate(self.link.read, 1):
+                if not read.wait(timeout=WORKER_TIMEOUT_S):
+                    raise RuntimeError(f"tensor-parallel worker {rank} did not take a command for "
+                                       f"{WORKER_TIMEOUT_S} s: it is dead or stuck")
+                read.clear()
             self.shm.buf[:4] = len(data).to_bytes(4, "little")
             self.shm.buf[4:4 + len(data)] = data
-            for event in self.link.events:
-                event.set()
+            for posted in self.link.posted:
+                posted.set()
         return getattr(self, method)(*args)
 
     def _read_command(self):
-        event = self.link.events[self.rank - 1]
-        event.wait()
+        posted, read = self.link.posted[self.rank - 1], self.link.read[self.rank - 1]
+        posted.wait()
+        posted.clear()
         n = int.from_bytes(self.shm.buf[:4], "little")
         method, args = pickle.loads(self.shm.buf[4:4 + n])
-        event.clear()
+        read.set()
         return method, args
 
     def loop(self) -> None:

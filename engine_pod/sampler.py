@@ -1,11 +1,52 @@
-"""Token sampling for a batch of sequences with per-request parameters.
+"""Token sampling for a batch of sequences with per-request parameters, on the device, without a host sync.
 
-Sampling draws with the exponential race (argmax of p / E, E ~ Exp(1)), which needs no sort and lets a
-seeded request draw its noise from its own generator, so its tokens do not depend on the batch around it.
+The host side (`sampling_inputs`) turns each sampling row's parameters into arrays that travel with the
+step's inputs in its one upload; the device side (`sample`) masks top-k/top-p when asked and draws with
+Gumbel-max (kernels/sampling.py on CUDA, its torch reference elsewhere). Every row draws from its own
+seed: a seeded request's seed mixed with the token's position, so its tokens do not depend on the batch
+around it; other rows take fresh random seeds.
 """
+import random
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
-from nanoserve.engine_pod.sampling_params import SamplingParams
+from nanoserve.engine_pod.sequence import Sequence
+
+_MASK63 = (1 << 63) - 1
+
+
+@dataclass
+class SamplingInputs:
+    temperatures: np.ndarray  # float64 [rows]; 0 = greedy
+    top_k: np.ndarray         # int64 [rows]; -1 = off
+    top_p: np.ndarray         # float64 [rows]
+    seeds: np.ndarray         # int64 [rows]
+    all_greedy: bool          # decided on the host, so the device needs no check
+    needs_top: bool           # some row has top-k or top-p
+
+
+def row_seed(seed: int, position: int) -> int:
+    """A request seed and a token position mixed into one 63-bit seed (splitmix64's finalizer)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (x ^ (x >> 31)) & _MASK63
+
+
+def sampling_inputs(seqs: list[Sequence], rng: random.Random) -> SamplingInputs:
+    """The sampling rows of one step, in the order of their logits. A row samples the token at position
+    `seq.num_tokens` (before its placeholder is appended)."""
+    params = [s.params for s in seqs]
+    greedy = [p.greedy for p in params]
+    temps = np.array([0.0 if g else p.temperature for p, g in zip(params, greedy)], np.float64)
+    seeds = np.array([0 if g else row_seed(p.seed, s.num_tokens) if p.seed is not None else rng.getrandbits(63)
+                      for s, p, g in zip(seqs, params, greedy)], np.int64)
+    top_k = np.array([p.top_k for p in params], np.int64)
+    top_p = np.array([p.top_p for p in params], np.float64)
+    needs_top = any(not g and (p.top_k > 0 or p.top_p < 1) for p, g in zip(params, greedy))
+    return SamplingInputs(temps, top_k, top_p, seeds, all(greedy), needs_top)
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -19,37 +60,18 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-class Sampler:
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
-
-    def forget(self, seq_id: int) -> None:
-        self.generators.pop(seq_id, None)
-
-    def __call__(self, logits: torch.Tensor, params: list[SamplingParams], seq_ids: list[int]) -> list[int]:
-        logits = logits.float()
-        if all(p.greedy for p in params):  # decided on the host: no device sync before the sampling kernels
-            return logits.argmax(-1).tolist()
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
-        logits = logits / temps.unsqueeze(1)  # greedy rows keep their argmax: they are divided by 1
-        if any(p.top_k > 0 or p.top_p < 1 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], device=logits.device)
-            top_p = torch.tensor([p.top_p for p in params], device=logits.device)
-            logits = apply_top_k_top_p(logits, top_k, top_p)
-        noise = torch.empty_like(logits).exponential_()
-        for row, (p, seq_id) in enumerate(zip(params, seq_ids)):
-            if p.seed is not None and not p.greedy:
-                gen = self.generators.get(seq_id)
-                if gen is None:
-                    gen = self.generators[seq_id] = torch.Generator(logits.device).manual_seed(p.seed)
-                noise[row].exponential_(generator=gen)
-        return exponential_race(logits, noise, greedy).tolist()
-
-
-def exponential_race(logits: torch.Tensor, noise: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
-    """argmax(softmax(logits) / noise) per row (a draw from the softmax), or plain argmax for greedy rows."""
-    sampled = (logits.softmax(-1) / noise.clamp_min(1e-10)).argmax(-1)
-    return torch.where(greedy, logits.argmax(-1), sampled)
+def sample(logits: torch.Tensor, host: SamplingInputs, dev: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token ids [rows] (int64, on logits' device). `dev` holds the uploaded arrays of `host`."""
+    if host.all_greedy:
+        return logits.argmax(-1)
+    temps = dev["temperatures"].float()
+    if host.needs_top:  # scale first: top-p applies to the distribution actually sampled from
+        sampled = temps > 0
+        logits = apply_top_k_top_p(logits.float() / torch.where(sampled, temps, 1.0).unsqueeze(1),
+                                   dev["top_k"], dev["top_p"].float())
+        temps = sampled.float()  # already scaled; greedy rows stay 0
+    if logits.device.type == "cuda":
+        from nanoserve.kernels.sampling import sample as sample_kernel
+        return sample_kernel(logits, temps, dev["seeds"])
+    from nanoserve.kernels.sampling_ref import sample_ref
+    return sample_ref(logits, temps, host.seeds.tolist())

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
-from nanoserve.engine_pod.sequence import Sequence, SequenceStatus
+from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence, SequenceStatus
 
 
 # Ordering policies: a sort key, smaller runs first and is preempted last.
@@ -56,6 +56,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending and self._reaches_length(seq, seq.num_tokens - 1):
+                i += 1  # its last token is on the way and ends it: nothing more to compute
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.try_allocate(seq, n):
                 victim = self.running[-1]  # the least important running sequence
@@ -91,29 +94,37 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
-    def postprocess(self, batch: list[tuple[Sequence, int]], token_ids: dict[int, int]) -> list[Sequence]:
-        """Advance the computed counts, append sampled tokens (`seq_id -> token`), retire finished ones."""
-        finished = []
+    def advance(self, batch: list[tuple[Sequence, int]], sampling: list[Sequence]) -> list[int]:
+        """The step is launched: count its tokens as computed and give each sampling sequence a
+        placeholder for its token. Returns the placeholders' positions."""
         for seq, n in batch:
             seq.num_computed_tokens += n
-            token = token_ids.get(seq.seq_id)
-            if token is None:  # a prefill chunk that did not reach the end of the prompt
-                continue
-            seq.append_token(token)
-            reason = self._stop_reason(seq, token)
-            if reason:
-                seq.finish_reason = reason
-                self.finish(seq)
-                finished.append(seq)
-        return finished
+        positions = []
+        for row, seq in enumerate(sampling):
+            positions.append(seq.num_tokens)
+            seq.token_ids.append(PLACEHOLDER)
+            seq.num_pending += 1
+            seq.pending_row = row
+        return positions
 
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+    def resolve(self, seq: Sequence, position: int, token: int) -> None:
+        """A sampled token arrived: fill its placeholder, retire `seq` if the token ends it."""
+        seq.token_ids[position] = token
+        seq.num_pending -= 1
+        reason = self._stop_reason(seq, position, token)
+        if reason:
+            seq.finish_reason = reason
+            self.finish(seq)
+
+    def _stop_reason(self, seq: Sequence, position: int, token: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
             return "stop"
-        if seq.num_completion_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        return "length" if self._reaches_length(seq, position) else None
+
+    def _reaches_length(self, seq: Sequence, position: int) -> bool:
+        """Whether the token at `position` is the last one `seq` may have."""
+        return position + 1 - seq.num_prompt_tokens >= seq.params.max_tokens or position + 1 >= self.max_model_len
 
     def finish(self, seq: Sequence) -> None:
         """Retire `seq` (finished, stopped by a stop string, or aborted) and free its blocks."""
@@ -121,5 +132,10 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq.num_pending:  # tokens still in flight are dropped with the request
+            del seq.token_ids[-seq.num_pending:]
+            seq.num_pending = 0
+        if seq.block_table:  # its last full blocks, not hashed while their tokens were in flight
+            self.block_manager.register_computed(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED

@@ -3,6 +3,8 @@ from itertools import count
 
 from nanoserve.engine_pod.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped scheduling): its id is not known yet
+
 
 class SequenceStatus(Enum):
     WAITING = auto()
@@ -31,7 +33,8 @@ class Sequence:
         self.arrival = arrival
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.num_preemptions = 0
-        self.generator = None  # torch.Generator for seeded sampling, made by the sampler
+        self.num_pending = 0   # trailing PLACEHOLDER tokens (sampled, not yet copied back)
+        self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -47,10 +50,6 @@ class Sequence:
     @property
     def completion_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
 
     @property
     def is_finished(self) -> bool:

@@ -1,8 +1,12 @@
 """One step's batch, flattened for the model: built on the host from the scheduled sequences, pickled to
-the tensor-parallel workers, and moved to the device in a single copy.
+the tensor-parallel workers, and moved to the device in a single copy; and the sampled tokens' way back.
 
 Host time per step matters (it is the GPU's idle time), so the common decode case has its own short
 path and the block tables go through numpy instead of nested Python lists.
+
+With overlapped scheduling a decode row's input token may still be on the GPU (sampled by the step
+before, not yet copied back): its id here is PLACEHOLDER and `prev_rows` says which row of the previous
+step's sampled tokens replaces it on the device.
 """
 from dataclasses import dataclass
 from itertools import chain
@@ -10,7 +14,7 @@ from itertools import chain
 import numpy as np
 import torch
 
-from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence
 
 
 @dataclass
@@ -24,19 +28,27 @@ class StepInputs:
     logits_indices: np.ndarray  # rows whose logits are needed (last token of each sequence that samples)
     max_seqlen_q: int
     max_seqlen_k: int
+    prev_rows: np.ndarray | None = None  # [tokens]: row of the previous step's tokens to use, or -1
+    prev_count: int = 0                  # rows the previous step sampled (what rank 0 broadcasts)
+    sampling: object = None              # sampler.SamplingInputs of the rows that sample, or None
 
 
 def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInputs, list[Sequence]]:
     """Flatten `(sequence, tokens to compute)` pairs; also return the sequences that sample a token."""
     B = block_size
     input_ids, positions, slots, cu, ctx, logits_idx, sampling = [], [], [], [0], [], [], []
+    pending_at, pending_rows = [], []
     max_q = 0
     for seq, n in batch:
         start = seq.num_computed_tokens
         end = start + n
         table = seq.block_table
         if n == 1:  # decode
-            input_ids.append(seq.token_ids[start])
+            token = seq.token_ids[start]
+            if token == PLACEHOLDER:
+                pending_at.append(cu[-1])
+                pending_rows.append(seq.pending_row)
+            input_ids.append(token)
             positions.append(start)
             slots.append(table[start // B] * B + start % B)
         else:
@@ -55,40 +67,96 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
     rows = np.repeat(np.arange(len(batch)), lens)
     cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
     tables[rows, cols] = flat
+    prev_rows = None
+    if pending_at:
+        prev_rows = np.full(cu[-1], -1, np.int64)
+        prev_rows[pending_at] = pending_rows
     i64 = lambda v: np.asarray(v, np.int64)
     return StepInputs(i64(input_ids), i64(positions), i64(slots), i64(cu), i64(ctx), tables, i64(logits_idx),
-                      max_q, max(ctx)), sampling
+                      max_q, max(ctx), prev_rows), sampling
+
+
+UPLOADED = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_indices",
+            "block_tables", "prev_rows"]
+SAMPLING = ["temperatures", "top_k", "top_p", "seeds"]
+FLOAT64 = {"temperatures", "top_p"}
 
 
 class Uploader:
-    """Moves a step's arrays to the device in one copy, through a reused pinned buffer on CUDA (pinning a
-    fresh buffer every step costs more than the copy). Safe to reuse: each step waits for the previous
-    one's sampled tokens, hence for its copy, before it uploads."""
+    """Moves a step's arrays to the device in one copy, through reused pinned buffers on CUDA (pinning a
+    fresh buffer every step costs more than the copy).
+
+    Two buffers alternate: step N's copy may still be queued behind step N-1 on the GPU when step N+1 is
+    prepared, but step N+2 is only prepared after step N's sampled tokens arrived (hence after its copy).
+    Every array starts 16-byte aligned on the device: Triton compiles a kernel variant per pointer
+    alignment, and a variant compiled in the middle of serving costs a second of GPU idle time."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.pinned = torch.empty(0, dtype=torch.int64)
+        self.pinned = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self.turn = 0
 
     def __call__(self, x: StepInputs) -> dict[str, torch.Tensor]:
-        parts = [x.input_ids, x.positions, x.slot_mapping, x.cu_seqlens_q, x.context_lens, x.logits_indices,
-                 x.block_tables.reshape(-1)]
-        return _split(self._upload(np.concatenate(parts)), parts, x.block_tables.shape)
+        arrays = {name: getattr(x, name) for name in UPLOADED}
+        arrays["block_tables"] = x.block_tables.reshape(-1)
+        if x.sampling is not None:
+            arrays.update({name: getattr(x.sampling, name) for name in SAMPLING})
+        arrays = {k: (v.view(np.int64) if k in FLOAT64 else v) for k, v in arrays.items() if v is not None}
+        sizes = {k: v.size + v.size % 2 for k, v in arrays.items()}  # even: 16-byte aligned starts
+        flat = np.zeros(sum(sizes.values()), np.int64)
+        offset = 0
+        for k, v in arrays.items():
+            flat[offset:offset + v.size] = v
+            offset += sizes[k]
+        dev = self._upload(flat)
+        out, offset = {}, 0
+        for k, v in arrays.items():
+            out[k] = dev[offset:offset + v.size]
+            offset += sizes[k]
+            if k in FLOAT64:
+                out[k] = out[k].view(torch.float64)
+        out["block_tables"] = out["block_tables"].view(x.block_tables.shape)
+        return out
 
     def _upload(self, flat: np.ndarray) -> torch.Tensor:
         if self.device.type != "cuda":
             return torch.from_numpy(flat).to(self.device)
-        if self.pinned.numel() < flat.size:
-            self.pinned = torch.empty(max(flat.size, 2 * self.pinned.numel()), dtype=torch.int64, pin_memory=True)
-        host = self.pinned[:flat.size]
+        self.turn ^= 1
+        if self.pinned[self.turn].numel() < flat.size:
+            self.pinned[self.turn] = torch.empty(max(flat.size, 2 * self.pinned[self.turn].numel()),
+                                                 dtype=torch.int64, pin_memory=True)
+        host = self.pinned[self.turn][:flat.size]
         host.numpy()[:] = flat
         return host.to(self.device, non_blocking=True)
 
 
-def _split(flat: torch.Tensor, parts: list[np.ndarray], table_shape) -> dict[str, torch.Tensor]:
-    names = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_indices", "block_tables"]
-    out, offset = {}, 0
-    for name, part in zip(names, parts):
-        out[name] = flat[offset:offset + part.size]
-        offset += part.size
-    out["block_tables"] = out["block_tables"].view(table_shape)
-    return out
+class SampledTokens:
+    """A step's sampled token ids on their way to the host: the copy is queued behind the step on the
+    GPU, and `wait()` is the only place the host waits for the GPU."""
+
+    def __init__(self, tokens: torch.Tensor, pinned: torch.Tensor | None):
+        if tokens.device.type != "cuda":
+            self.host, self.event = tokens, None
+            return
+        self.host = pinned[:tokens.numel()]
+        self.host.copy_(tokens, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def wait(self) -> list[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
+class Downloader:
+    """Pinned host buffers for sampled tokens, alternating like the Uploader's."""
+
+    def __init__(self, device: torch.device, max_rows: int):
+        self.pinned = [torch.empty(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
+            if device.type == "cuda" else [None, None]
+        self.turn = 0
+
+    def __call__(self, tokens: torch.Tensor) -> SampledTokens:
+        self.turn ^= 1
+        return SampledTokens(tokens, self.pinned[self.turn])

@@ -7,13 +7,14 @@ class StopChecker:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def hit(self, seq: Sequence) -> bool:
-        """Whether the newest token completed one of `seq`'s stop strings."""
+    def hit(self, seq: Sequence, end: int) -> bool:
+        """Whether the token before position `end` completed one of `seq`'s stop strings (tokens from
+        `end` on may still be placeholders)."""
         stops = seq.params.stop
         if not stops:
             return False
         # A stop string of L characters ends within the last L tokens (plus a few for multi-token characters).
-        window = seq.completion_token_ids[-(max(map(len, stops)) + 4):]
+        window = seq.token_ids[max(seq.num_prompt_tokens, end - max(map(len, stops)) - 4):end]
         tail = self.tokenizer.decode(window, skip_special_tokens=True)
         return any(s in tail for s in stops)
 

@@ -11,7 +11,9 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+# Strides that change from step to step (the block table's widest row, the split buffers' token counts):
+# specializing on them (== 1, % 16) would compile new variants while serving.
+@triton.jit(do_not_specialize=["stride_bt", "stride_split_o", "stride_split_l"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
         cu_q_ptr, ctx_ptr, block_table_ptr,
@@ -82,7 +84,7 @@ def _paged_attention_kernel(
         tl.store(lse_ptr + split * stride_split_l + token * num_heads + head, lse, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_split_o", "stride_split_l"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_split_o, stride_split_l, stride_pt, stride_ph,
                          stride_ot, stride_oh, num_heads,
                          NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):

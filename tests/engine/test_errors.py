@@ -8,9 +8,9 @@ import pytest
 from nanoserve.engine_pod import LLM, ConfigError, InvalidRequestError, ModelLoadError, SamplingParams
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_models):
-    engine = LLM(tiny_models["llama"], num_kvcache_blocks=8, kvcache_block_size=16, max_model_len=100)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(tiny_models, request):
+    engine = LLM(tiny_models["llama"], num_kvcache_blocks=8, kvcache_block_size=16, max_model_len=100, async_scheduling=request.param)
     yield engine
     engine.exit()
 

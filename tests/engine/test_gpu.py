@@ -48,7 +48,7 @@ def test_first_tokens_and_logits_match_transformers(model_path, prompts):
             seq = llm.add_request(p, GREEDY)
             batch = llm.scheduler.schedule()
             inputs, _ = prepare(batch, llm.config.kvcache_block_size)
-            logits = llm.model_runner.run(inputs)[0].float()
+            logits = llm.model_runner.logits(inputs)[0].float()
             llm.abort(seq.seq_id)
             assert ((logits - ref).norm() / ref.norm()).item() < 3e-2
             assert logits.argmax().item() == ref.argmax().item()
@@ -64,6 +64,23 @@ def test_graphs_eager_and_reference_backends_agree(model_path, prompts):
     assert [g[:2] for g in graphs] == [e[:2] for e in eager] == [r[:2] for r in reference]
     agree = sum(a == b for g, e in zip(graphs, eager) for a, b in zip(g, e))
     assert agree >= 0.9 * sum(map(len, graphs))
+
+
+def test_async_and_sync_scheduling_agree_on_gpu(model_path, prompts):
+    assert engine_tokens(model_path, prompts) == engine_tokens(model_path, prompts, async_scheduling=False)
+
+
+def test_seeded_sampling_on_gpu_ignores_the_batch(model_path, prompts):
+    seeded = SamplingParams(temperature=1.0, seed=42, max_tokens=12, ignore_eos=True)
+    llm = LLM(model_path, max_model_len=1024, num_kvcache_blocks=512)
+    try:
+        alone = llm.generate([prompts[3]], seeded)[0]["token_ids"]
+        others = SamplingParams(temperature=0.8, max_tokens=20, ignore_eos=True)
+        batch = llm.generate(prompts, [seeded if i == 3 else others for i in range(len(prompts))])
+        assert batch[3]["token_ids"] == alone
+        assert len({tuple(o["token_ids"]) for o in batch}) == len(prompts)
+    finally:
+        llm.exit()
 
 
 def test_chunked_prefill_and_small_blocks_on_gpu(model_path, prompts):

@@ -46,10 +46,11 @@ def cases(tiny_models):
     return out
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_batch_matches_transformers(cases, arch):
+def test_batch_matches_transformers(cases, arch, async_scheduling):
     path, prompts, expected = cases[arch]
-    assert engine_greedy(path, prompts) == expected
+    assert engine_greedy(path, prompts, async_scheduling=async_scheduling) == expected
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -58,23 +59,28 @@ def test_one_at_a_time_matches_transformers(cases, arch):
     assert [engine_greedy(path, [p])[0] for p in prompts[:3]] == expected[:3]
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_chunked_prefill_mixed_with_decode(cases, arch):
+def test_chunked_prefill_mixed_with_decode(cases, arch, async_scheduling):
     # 24 tokens a step: long prompts are cut into chunks that share steps with other sequences' decodes.
     path, prompts, expected = cases[arch]
-    assert engine_greedy(path, prompts, max_num_batched_tokens=24, kvcache_block_size=8) == expected
+    assert engine_greedy(path, prompts, max_num_batched_tokens=24, kvcache_block_size=8,
+                         async_scheduling=async_scheduling) == expected
 
 
-def test_few_seats_and_odd_block_size(cases):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_few_seats_and_odd_block_size(cases, async_scheduling):
     path, prompts, expected = cases["qwen3"]
-    assert engine_greedy(path, prompts, max_num_seqs=2, kvcache_block_size=5) == expected
+    assert engine_greedy(path, prompts, max_num_seqs=2, kvcache_block_size=5,
+                         async_scheduling=async_scheduling) == expected
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_preemption_matches_unconstrained(cases, arch):
+def test_preemption_matches_unconstrained(cases, arch, async_scheduling):
     # 14 blocks of 8 tokens cannot hold six sequences of up to 89 tokens: sequences get preempted.
     path, prompts, expected = cases[arch]
-    llm = LLM(path, num_kvcache_blocks=14, kvcache_block_size=8)
+    llm = LLM(path, num_kvcache_blocks=14, kvcache_block_size=8, async_scheduling=async_scheduling)
     try:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
         assert llm.scheduler.num_preemptions > 0
@@ -84,6 +90,7 @@ def test_preemption_matches_unconstrained(cases, arch):
         llm.exit()
 
 
-def test_prefix_caching_off_gives_same_tokens(cases):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefix_caching_off_gives_same_tokens(cases, async_scheduling):
     path, prompts, expected = cases["qwen2"]
-    assert engine_greedy(path, prompts, enable_prefix_caching=False) == expected
+    assert engine_greedy(path, prompts, enable_prefix_caching=False, async_scheduling=async_scheduling) == expected

@@ -1,12 +1,15 @@
 """Prefix caching through the engine: shared prefixes reuse blocks, count hits, change no token."""
 import random
 
+import pytest
+
 from nanoserve.engine_pod import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
-def test_shared_prefix_reuses_blocks_and_keeps_tokens(tiny_models):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_shared_prefix_reuses_blocks_and_keeps_tokens(tiny_models, async_scheduling):
     rng = random.Random(1)
     prefix = [rng.randrange(200) for _ in range(64)]          # 4 full blocks of 16
     a, b = prefix + [7, 8, 9], prefix + [10, 11]
@@ -14,7 +17,7 @@ def test_shared_prefix_reuses_blocks_and_keeps_tokens(tiny_models):
     expected = [o["token_ids"] for o in cold.generate([a, b], GREEDY)]
     cold.exit()
 
-    llm = LLM(tiny_models["llama"], num_kvcache_blocks=64)
+    llm = LLM(tiny_models["llama"], num_kvcache_blocks=64, async_scheduling=async_scheduling)
     try:
         first = llm.generate([a], GREEDY)[0]["token_ids"]
         bm = llm.block_manager

@@ -8,9 +8,9 @@ from nanoserve.engine_pod.sampler import apply_top_k_top_p
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14], [100] * 20]
 
 
-@pytest.fixture(scope="module")
-def llm(tiny_models):
-    engine = LLM(tiny_models["qwen3"], num_kvcache_blocks=128)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(tiny_models, request):
+    engine = LLM(tiny_models["qwen3"], num_kvcache_blocks=128, async_scheduling=request.param)
     yield engine
     engine.exit()
 

@@ -9,13 +9,15 @@ def finish_order(llm, params_list):
     seqs = [llm.add_request([10 + i, 11, 12], p) for i, p in enumerate(params_list)]
     order = []
     while llm.has_unfinished():
-        order += [seqs.index(s) for s in llm.step() if s.is_finished]
+        order += [seqs.index(s) for s, _ in llm.step() if s.is_finished]
     return order
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("policy, order", [("fcfs", [0, 1, 2]), ("priority", [1, 2, 0])])
-def test_one_seat_runs_in_policy_order(tiny_models, policy, order):
-    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_seqs=1, scheduling_policy=policy)
+def test_one_seat_runs_in_policy_order(tiny_models, policy, order, async_scheduling):
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_seqs=1, scheduling_policy=policy,
+              async_scheduling=async_scheduling)
     try:
         params = [SamplingParams(max_tokens=3, priority=p, ignore_eos=True) for p in (5, 1, 3)]
         assert finish_order(llm, params) == order
@@ -23,10 +25,12 @@ def test_one_seat_runs_in_policy_order(tiny_models, policy, order):
         llm.exit()
 
 
-def test_priority_preempts_the_least_important(tiny_models):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_priority_preempts_the_least_important(tiny_models, async_scheduling):
     # Two sequences that each grow to 4 blocks share 6 blocks: one must be preempted, and it must be
     # the one with the larger priority value even though it arrived first.
-    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=6, kvcache_block_size=4, scheduling_policy="priority")
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=6, kvcache_block_size=4, scheduling_policy="priority",
+              async_scheduling=async_scheduling)
     try:
         low = llm.add_request([1, 2, 3], SamplingParams(max_tokens=12, priority=9, ignore_eos=True))
         high = llm.add_request([4, 5, 6], SamplingParams(max_tokens=12, priority=0, ignore_eos=True))

@@ -12,12 +12,14 @@ PROMPTS = [[3, 4, 5], list(range(10, 50)), [7] * 19]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_tp2_equals_tp1(tiny_models, arch):
+@pytest.mark.parametrize("arch, async_scheduling", [("qwen2", False), ("qwen3", True)])
+def test_tp2_equals_tp1(tiny_models, arch, async_scheduling):
     one = LLM(tiny_models[arch], num_kvcache_blocks=64)
     expected = [o["token_ids"] for o in one.generate(PROMPTS, GREEDY)]
     one.exit()
-    two = LLM(tiny_models[arch], tensor_parallel_size=2, num_kvcache_blocks=64, max_num_batched_tokens=32)
+    # Async: the worker gets the previous step's sampled tokens from rank 0 (a broadcast) for its inputs.
+    two = LLM(tiny_models[arch], tensor_parallel_size=2, num_kvcache_blocks=64, max_num_batched_tokens=32,
+              async_scheduling=async_scheduling)
     try:
         assert [o["token_ids"] for o in two.generate(PROMPTS, GREEDY)] == expected
         assert two.workers[0].is_alive()
