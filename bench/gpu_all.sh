@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
-# Usage on the device machine: bash bench/gpu_all.sh [quick]; results under $OUT (or /tmp/nanoserve-out).
+# Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
+# Stages: tests tp kernel throughput profile variants tp2 routing. Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
+STAGES=" ${*:-tests tp kernel throughput profile variants tp2 routing} "
+want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
 for mod in xxhash pytest pytest_timeout; do
@@ -15,22 +18,43 @@ PKG=/tmp/nanoserve-pkg
 mkdir -p $PKG/nanoserve
 cp nanoserve_pkg/__init__.py $PKG/nanoserve/
 for d in engine_pod kernels common gateway operator; do ln -sfn "$PWD/$d" "$PKG/nanoserve/$d"; done
-export PYTHONSAFEPATH=1 PYTHONPATH=$PKG${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONSAFEPATH=1 PYTHONPATH=$PKG${PYTHONPATH:+:$PYTHONPATH} PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN
 python - <<'PY' > "$OUT/env.txt" 2>&1
 import torch, triton, transformers, sys
 print(sys.version.split()[0], "torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)
 print(torch.cuda.get_device_name(), torch.cuda.device_count(), "GPUs")
 PY
 cat "$OUT/env.txt"
-run() { echo "== $*"; "$@" 2>&1 | tee -a "$OUT/log.txt" | grep -E "RESULT|passed|failed|error|Error|card" ; }
-run python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py -x
-run python bench/attention_kernel.py
-run python bench/throughput.py --profile
-[ "${1:-}" = quick ] && exit 0
-run python bench/throughput.py --enforce-eager
-run python bench/throughput.py --block-size 256 --label graphs-block256
-run python bench/throughput.py --prefix-sharing
-if [ "$(python -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-  run python bench/throughput.py --tp 2 --label graphs-tp2
-  run python bench/throughput.py --label graphs-tp1-same-machine
+NGPU=$(python -c 'import torch; print(torch.cuda.device_count())')
+# run LIMIT_S CMD...: a command that outlives its limit gets every Python stack dumped (faulthandler on
+# SIGABRT, its spawned workers too) and is killed, so one hang cannot eat the whole device call.
+run() {
+  local limit=$1; shift
+  echo "== $*"
+  ( "$@" >>"$OUT/log.txt" 2>&1 ) & local pid=$!
+  for _ in $(seq "$limit"); do kill -0 $pid 2>/dev/null || break; sleep 1; done
+  if kill -0 $pid 2>/dev/null; then
+    echo "HUNG after ${limit}s: $*" | tee -a "$OUT/log.txt"
+    nvidia-smi >>"$OUT/log.txt" 2>&1
+    pkill -ABRT -f multiprocessing; pkill -ABRT -f "$1"; sleep 5; pkill -9 -f multiprocessing; pkill -9 -f "$1"
+  fi
+  wait $pid
+  echo "   exit $?"
+  grep -E "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" | tail -n +$(( $(cat "$OUT/.seen" 2>/dev/null || echo 0) + 1 ))
+  grep -cE "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" > "$OUT/.seen"
+}
+want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py -k "not tp2"
+want tp && [ "$NGPU" -ge 2 ] && run 150 python -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py -k tp2
+want kernel && run 200 python bench/attention_kernel.py
+want throughput && run 200 python bench/throughput.py
+want throughput && run 200 python bench/throughput.py --sync --label graphs-sync
+want throughput && run 200 python bench/throughput.py --profile --label graphs-profiled
+want profile && run 200 python bench/profile_steps.py
+want variants && run 200 python bench/throughput.py --enforce-eager
+want variants && run 200 python bench/throughput.py --prefix-sharing
+if want tp2 && [ "$NGPU" -ge 2 ]; then
+  run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
+  run 200 python bench/throughput.py --label graphs-tp1-same-machine
 fi
+want routing && run 400 python bench/routing.py --gpu
+exit 0

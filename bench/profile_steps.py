@@ -1,6 +1,8 @@
-"""Profile a few decode steps of the throughput workload with torch.profiler (host and device time per op)."""
+"""Profile the throughput workload's steps with torch.profiler (host and device time per op): the first
+steps (prefill batches of up to 16k tokens) and then 20 steady decode steps at batch 256."""
 import os
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -9,12 +11,31 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import qwen3_0_6b_path  # noqa: E402
 from throughput import nano_vllm_workload  # noqa: E402
 
-from nanoserve.engine_pod import LLM  # noqa: E402
+from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
+
+
+def show(prof, title: str) -> None:
+    print(f"==== {title}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=20, max_name_column_width=60))
+
 
 llm = LLM(qwen3_0_6b_path(), max_model_len=4096, max_num_batched_tokens=16384)
+llm.generate(["Benchmark: "], SamplingParams())  # the throughput benchmark's warm-up
 prompts, params = nano_vllm_workload()
 for p, sp in zip(prompts, params):
     llm.add_request(p, sp)
+for i in range(3):  # unprofiled: first-call costs (compiles) show up here
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    llm.step()
+    torch.cuda.synchronize()
+    print(f"step {i}: {1e3 * (time.perf_counter() - t):.1f} ms, {sum(n for _, n in llm.last_batch)} tokens")
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    for _ in range(3):
+        llm.step()
+    torch.cuda.synchronize()
+show(prof, "3 prefill steps")
 for _ in range(40):  # past the prefills: a steady decode batch of 256
     llm.step()
 torch.cuda.synchronize()
@@ -22,5 +43,4 @@ with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for _ in range(20):
         llm.step()
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
-print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+show(prof, "20 decode steps")

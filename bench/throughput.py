@@ -37,8 +37,8 @@ def prefix_sharing_workload():
 
 
 def profile_phases(llm) -> dict[str, float]:
-    """Wrap the engine's per-step calls with host timers. GPU time shows up in "sample" (its .tolist() waits
-    for the forward) and in "run" when the launch queue is full."""
+    """Wrap the engine's per-step calls with host timers. GPU time shows up in "apply" (it waits for the
+    sampled tokens) and in "run" when the launch queue is full."""
     import nanoserve.engine_pod.llm_engine as engine_module
     totals: dict[str, float] = {}
 
@@ -52,24 +52,53 @@ def profile_phases(llm) -> dict[str, float]:
         return wrapper
 
     llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
-    llm.scheduler.postprocess = timed("postprocess", llm.scheduler.postprocess)
+    llm.scheduler.advance = timed("advance", llm.scheduler.advance)
     llm.model_runner.call = timed("run", llm.model_runner.call)
-    sampler = llm.sampler
-
-    class TimedSampler:  # the engine also calls sampler.forget()
-        __call__ = staticmethod(timed("sample", sampler.__call__))
-
-        def __getattr__(self, name):
-            return getattr(sampler, name)
-
-    llm.sampler = TimedSampler()
+    llm._apply = timed("apply", llm._apply)
+    engine_module.sampling_inputs = timed("sampling_inputs", engine_module.sampling_inputs)
     engine_module.prepare = timed("prepare", engine_module.prepare)
     return totals
+
+
+def record_steps(llm) -> list[tuple[float, int, int, int]]:
+    """Per step: (wall seconds, sequences, tokens computed, KV tokens attended). Every step waits for
+    sampled tokens (its own, or with async scheduling the previous step's), so in the steady state the
+    wall time per step is the larger of the step's host and GPU time."""
+    steps, step = [], llm.step
+
+    def timed_step():
+        t = time.perf_counter()
+        out = step()
+        batch = llm.last_batch
+        steps.append((time.perf_counter() - t, len(batch), sum(n for _, n in batch),
+                      sum(s.num_computed_tokens for s, _ in batch)))
+        return out
+    llm.step = timed_step
+    return steps
+
+
+def summarize_steps(steps, kv_bytes_per_token: int) -> dict:
+    """Where the wall time goes: prefill-carrying steps vs pure decode steps by batch size, and the time the
+    decode steps' KV reads alone would take at 4.2 TB/s (what attention cannot go below)."""
+    out = {"steps": len(steps), "step_s_total": round(sum(s[0] for s in steps), 3)}
+    mixed = [s for s in steps if s[2] > s[1]]
+    out["prefill_steps"] = {"n": len(mixed), "s": round(sum(s[0] for s in mixed), 3),
+                            "tokens": sum(s[2] for s in mixed),
+                            "each_ms_seqs_tokens": [(round(1e3 * s[0], 1), s[1], s[2]) for s in mixed]}
+    for lo, hi in [(1, 16), (17, 64), (65, 128), (129, 192), (193, 256)]:
+        d = [s for s in steps if s[2] == s[1] and lo <= s[1] <= hi]
+        if d:
+            kv_s = sum(s[3] for s in d) * kv_bytes_per_token / 4.2e12
+            out[f"decode_bs{lo}-{hi}"] = {"n": len(d), "s": round(sum(s[0] for s in d), 3),
+                                          "ms_per_step": round(1e3 * sum(s[0] for s in d) / len(d), 2),
+                                          "kv_read_floor_s": round(kv_s, 3)}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--sync", action="store_true", help="synchronous scheduling (no overlap of host and GPU)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--prefix-sharing", action="store_true")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
@@ -80,7 +109,8 @@ def main() -> None:
     path = qwen3_0_6b_path()
     t0 = time.perf_counter()
     llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, kvcache_block_size=args.block_size,
-              max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tp)
+              max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tp,
+              async_scheduling=not args.sync)
     load_s = time.perf_counter() - t0
     prompts, params = prefix_sharing_workload() if args.prefix_sharing else nano_vllm_workload()
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(p.max_tokens for p in params)
@@ -90,6 +120,7 @@ def main() -> None:
     bm = llm.block_manager
     hits0, queries0 = bm.prefix_hits, bm.prefix_queries
     phases = profile_phases(llm) if args.profile else None
+    steps = record_steps(llm) if args.profile else None
     torch.cuda.synchronize()
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
@@ -98,7 +129,7 @@ def main() -> None:
     assert sum(len(o["token_ids"]) for o in outs) == output_tokens
     result = {
         "label": args.label or ("eager" if args.enforce_eager else "graphs"), "block_size": args.block_size,
-        "tp": args.tp, "prefix_sharing": args.prefix_sharing, "seconds": round(t, 3),
+        "tp": args.tp, "async_scheduling": not args.sync, "prefix_sharing": args.prefix_sharing, "seconds": round(t, 3),
         "output_tok_per_s": round(output_tokens / t), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "prefix_hit_rate": round((bm.prefix_hits - hits0) / max(1, bm.prefix_queries - queries0), 4),
         "load_s": round(load_s, 2), "graph_capture_s": round(llm.model_runner.graph_capture_s, 2), "kv_blocks": bm.num_blocks, "preemptions": llm.scheduler.num_preemptions,
@@ -106,6 +137,9 @@ def main() -> None:
     }
     if phases is not None:
         result["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
+        a = llm.model_runner.attention_layers[0]
+        kv_bytes = 2 * len(llm.model_runner.attention_layers) * a.num_kv_heads * a.head_dim * 2
+        result["steps"] = summarize_steps(steps, kv_bytes * args.tp)
     llm.exit()
     print("RESULT " + json.dumps(result), flush=True)
 
