@@ -1,6 +1,7 @@
 """Triton kernels for the small per-layer operations, each one launch instead of the many tiny kernels
 eager PyTorch runs (at decode batch sizes those launches cost more than the math):
-RMSNorm (optionally fused with the residual add), rotary embedding of q and k, and SiLU(gate) * up.
+RMSNorm (optionally fused with the residual add), rotary embedding of q and k (with Qwen3's per-head
+q/k RMSNorm fused in), and SiLU(gate) * up.
 References: the plain-PyTorch functions in engine_pod/layers (layernorm, rotary, activation).
 """
 import torch
@@ -39,36 +40,59 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, q_out_ptr, k_out_ptr, stride_qt, stride_qh, stride_kt,
-                   stride_kh, num_q_heads, num_kv_heads, HALF: tl.constexpr, BLOCK: tl.constexpr):
-    t, h = tl.program_id(0), tl.program_id(1)
-    offs = tl.arange(0, BLOCK)
-    mask = offs < HALF
+def _norm_rotate_heads(src_ptr, dst_ptr, w_ptr, stride_h, cos, sin, eps, NUM: tl.constexpr, NUM_P: tl.constexpr,
+                       HALF: tl.constexpr, HALF_P: tl.constexpr, HAS_NORM: tl.constexpr):
+    """One token's heads [NUM, 2 * HALF] from src (strided heads) to dst (contiguous): optional RMSNorm
+    per head, then neox-style rotation."""
+    h = tl.arange(0, NUM_P)[:, None]
+    d = tl.arange(0, HALF_P)[None, :]
+    mask = (h < NUM) & (d < HALF)
+    x1 = tl.load(src_ptr + h * stride_h + d, mask=mask, other=0.0)
+    x2 = tl.load(src_ptr + h * stride_h + HALF + d, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:  # rounded like the reference: normalize in float32, cast, scale in the model dtype
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0)
+        w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0)
+        x1 = ((x1 * r).to(dtype) * w1).to(tl.float32)
+        x2 = ((x2 * r).to(dtype) * w2).to(tl.float32)
+    tl.store(dst_ptr + h * 2 * HALF + d, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(dst_ptr + h * 2 * HALF + HALF + d, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
+
+@triton.jit
+def _qk_norm_rotary_kernel(q_ptr, k_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr,
+                           stride_qt, stride_qh, stride_kt, stride_kh, eps,
+                           NUM_Q: tl.constexpr, NUM_Q_P: tl.constexpr, NUM_KV: tl.constexpr,
+                           NUM_KV_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+                           HAS_NORM: tl.constexpr):
+    t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
-    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + offs, mask=mask, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + offs, mask=mask, other=0.0)
-    if h < num_q_heads:
-        src = q_ptr + t * stride_qt + h * stride_qh
-        dst = q_out_ptr + (t * num_q_heads + h) * 2 * HALF
-    else:
-        src = k_ptr + t * stride_kt + (h - num_q_heads) * stride_kh
-        dst = k_out_ptr + (t * num_kv_heads + h - num_q_heads) * 2 * HALF
-    x1 = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + HALF + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dst + offs, (x1 * cos - x2 * sin).to(dst.dtype.element_ty), mask=mask)
-    tl.store(dst + HALF + offs, (x2 * cos + x1 * sin).to(dst.dtype.element_ty), mask=mask)
+    d = tl.arange(0, HALF_P)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + d, mask=d < HALF, other=0.0)
+    _norm_rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * NUM_Q * 2 * HALF, q_w_ptr, stride_qh, cos, sin, eps,
+                       NUM_Q, NUM_Q_P, HALF, HALF_P, HAS_NORM)
+    _norm_rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * NUM_KV * 2 * HALF, k_w_ptr, stride_kh, cos, sin, eps,
+                       NUM_KV, NUM_KV_P, HALF, HALF_P, HAS_NORM)
 
 
-def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
+def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
+                   q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6):
     """q: [tokens, heads, dim], k: [tokens, kv_heads, dim] (last dim contiguous); cos_sin: [max_pos, dim]
-    float32 (cos | sin). Returns new contiguous rotated q and k."""
+    float32 (cos | sin). With weights, RMSNorm each head first (Qwen3's q/k norm). One program per token
+    does all of it; returns new contiguous q and k."""
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
-    q_out, k_out = torch.empty_like(q, memory_format=torch.contiguous_format), torch.empty(
-        k.shape, dtype=k.dtype, device=k.device)
-    _rotary_kernel[(tokens, heads + kv_heads)](q, k, positions, cos_sin, q_out, k_out, q.stride(0), q.stride(1),
-                                               k.stride(0), k.stride(1), heads, kv_heads, HALF=dim // 2,
-                                               BLOCK=triton.next_power_of_2(dim // 2))
+    q_out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((tokens, kv_heads, dim), dtype=k.dtype, device=k.device)
+    has_norm = q_weight is not None
+    p2 = triton.next_power_of_2
+    _qk_norm_rotary_kernel[(tokens,)](q, k, positions, cos_sin, q_weight if has_norm else q, k_weight if has_norm else k,
+                                      q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1), eps,
+                                      NUM_Q=heads, NUM_Q_P=p2(heads), NUM_KV=kv_heads, NUM_KV_P=p2(kv_heads),
+                                      HALF=dim // 2, HALF_P=p2(dim // 2), HAS_NORM=has_norm, num_warps=4)
     return q_out, k_out
 
 

@@ -39,11 +39,16 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
+        """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. `q_norm`/`k_norm` (RMSNorm
+        modules, Qwen3) normalize each head first; on CUDA one kernel does norms and rotation."""
         if q.is_cuda:
-            from nanoserve.kernels.elementwise import apply_rotary as fused
-            return fused(positions, q, k, self.cos_sin)
+            from nanoserve.kernels.elementwise import qk_norm_rotary
+            if q_norm is None:
+                return qk_norm_rotary(positions, q, k, self.cos_sin)
+            return qk_norm_rotary(positions, q, k, self.cos_sin, q_norm.weight, k_norm.weight, q_norm.eps)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         return apply_rotary(positions, q, k, self.cos_sin)
 
 

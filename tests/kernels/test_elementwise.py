@@ -35,15 +35,22 @@ def test_rms_norm(device, dtype, n):
     assert close(rms_norm(heads, w, 1e-6), rms_ref(heads, w, 1e-6), dtype)
 
 
-@pytest.mark.parametrize("dim", [32, 40])
-def test_rotary(device, dtype, dim):
-    from nanoserve.kernels.elementwise import apply_rotary
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("dim, heads, kv_heads", [(32, 4, 2), (40, 6, 3)])
+def test_qk_norm_rotary(device, dtype, dim, heads, kv_heads, with_norm):
+    from nanoserve.kernels.elementwise import qk_norm_rotary
     rope = RotaryEmbedding(dim, 64, 10000.0, {}).to(device)
-    qkv = rnd(6, (4 + 2 * 2) * dim, device=device, dtype=dtype)
-    q, k, _ = qkv.split([4 * dim, 2 * dim, 2 * dim], -1)
-    q, k = q.view(6, 4, dim), k.view(6, 2, dim)
+    qkv = rnd(6, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)  # q and k: strided views
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q, k = q.view(6, heads, dim), k.view(6, kv_heads, dim)
     pos = torch.tensor([0, 3, 7, 8, 40, 63], device=device)
-    got, ref = apply_rotary(pos, q, k, rope.cos_sin), rotary_ref(pos, q, k, rope.cos_sin)
+    if with_norm:
+        qw, kw = rnd(dim, device=device, dtype=dtype), rnd(dim, device=device, dtype=dtype)
+        got = qk_norm_rotary(pos, q, k, rope.cos_sin, qw, kw, 1e-6)
+        ref = rotary_ref(pos, rms_ref(q, qw, 1e-6), rms_ref(k, kw, 1e-6), rope.cos_sin)
+    else:
+        got, ref = qk_norm_rotary(pos, q, k, rope.cos_sin), rotary_ref(pos, q, k, rope.cos_sin)
+    assert got[0].is_contiguous() and got[1].is_contiguous()
     assert close(got[0], ref[0], dtype) and close(got[1], ref[1], dtype)
 
 
