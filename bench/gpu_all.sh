@@ -56,5 +56,7 @@ if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
   run 200 python bench/throughput.py --label graphs-tp1-same-machine
 fi
-want routing && run 400 python bench/routing.py --gpu
+# Routing: 3 engines share the GPU; 6 system prompts of ~2,000 tokens, one engine's 320 blocks hold 2 of them.
+want routing && run 420 python bench/routing.py --gpu --model qwen3-0.6b --system-words 2000 --kv-blocks 320 \
+  --users 60 --turns 3 --rate 3 --think 0.3 --max-tokens 16
 exit 0

@@ -12,6 +12,10 @@ TTFT (first content token, at the client) p50/p90, the engines' mean queue time,
 
     python bench/routing.py                      # SmolLM2-135M, 3 CPU engines, about 3 minutes a policy on 2 cores
     python bench/routing.py --model tiny         # a tiny random qwen3: fast, but prefill is too cheap to matter
+    python bench/routing.py --gpu --model qwen3-0.6b --system-words 2000 ...   # engines share one GPU (gpu_all.sh)
+
+`qwen3-0.6b` is Qwen3-0.6B's shape with random bf16 weights and a word-level tokenizer (bench/common.py):
+each "wN" word of the prompts is one token.
 """
 from __future__ import annotations
 
@@ -128,7 +132,7 @@ async def run_policy(policy: str, model: str, args) -> Run:
     ports = [free_port() for _ in range(args.engines)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     # max_model_len: a prompt must fit the (small) cache, else the engine could never schedule it.
-    kwargs = dict(model=model, device="cpu", kvcache_block_size=args.block_size,
+    kwargs = dict(model=model, device="cuda" if args.gpu else "cpu", kvcache_block_size=args.block_size,
                   num_kvcache_blocks=args.kv_blocks, max_model_len=min(4096, args.kv_blocks * args.block_size))
     procs = [start_engine(kwargs, p, "bench", drain_timeout=5) for p in ports]
     run = Run(policy)
@@ -184,7 +188,9 @@ def percentile(xs: list[float], q: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="model folder, smollm2-135m, or tiny (a random qwen3)")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model folder, smollm2-135m, tiny (a small random qwen3) or qwen3-0.6b (random weights)")
+    p.add_argument("--gpu", action="store_true", help="engines on CUDA (all on the first GPU)")
     p.add_argument("--engines", type=int, default=3)
     p.add_argument("--users", type=int, default=30)
     p.add_argument("--turns", type=int, default=3)
@@ -201,10 +207,16 @@ def main() -> None:
     from nanoserve.engine_pod.default_model import resolve_model
     from nanoserve.gateway.prompt import load_tokenizer
     os.environ["OMP_NUM_THREADS"] = str(args.engine_threads)  # inherited by the engines; oversubscription hurts
-    model = tiny_model() if args.model == "tiny" else resolve_model(args.model)
+    if args.model == "qwen3-0.6b":
+        sys.path.insert(0, os.path.dirname(__file__))
+        from common import qwen3_0_6b_path
+        model = qwen3_0_6b_path()
+    else:
+        model = tiny_model() if args.model == "tiny" else resolve_model(args.model)
     tok = load_tokenizer(model)
     system_tokens = len(tok.chat_ids([{"role": "system", "content": words(random.Random(1000), args.system_words)}]))
-    print(f"model {args.model}, {args.engines} engines x {args.kv_blocks} blocks of {args.block_size} "
+    print(f"model {args.model} on {'one GPU' if args.gpu else 'CPU'}, {args.engines} engines x {args.kv_blocks} "
+          f"blocks of {args.block_size} "
           f"({args.engine_threads} thread each), {args.users} users x {args.turns} turns, {args.systems} system "
           f"prompts of ~{system_tokens} tokens, {args.rate}/s users, {args.think} s think, {args.max_tokens} output tokens",
           flush=True)

@@ -24,11 +24,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--attention-backend", default=None, choices=["torch", "flash_attn", "triton"])
+    p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
+                   help="schedule the next step while one runs (default: on with CUDA)")
 
 
 _ENGINE_KEYS = ("model", "tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "kvcache_block_size", "num_kvcache_blocks", "gpu_memory_utilization", "cpu_kvcache_gib",
-                "enforce_eager", "enable_prefix_caching", "scheduling_policy", "device", "dtype", "attention_backend")
+                "enforce_eager", "enable_prefix_caching", "scheduling_policy", "device", "dtype", "attention_backend",
+                "async_scheduling")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

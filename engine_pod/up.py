@@ -23,6 +23,8 @@ def engine_argv(kwargs: dict) -> list[str]:
     for key, value in kwargs.items():
         if key == "enable_prefix_caching":
             argv += [] if value else ["--no-prefix-caching"]
+        elif key == "async_scheduling" and value is not None:
+            argv += ["--async-scheduling" if value else "--no-async-scheduling"]
         elif isinstance(value, bool):
             argv += ["--" + key.replace("_", "-")] if value else []
         elif value is not None:

@@ -22,7 +22,11 @@ def test_engine_argv_round_trips_through_the_serve_parser():
     args = p.parse_args(["--model", "m", "--enforce-eager", "--no-prefix-caching", "--num-kvcache-blocks", "64",
                          "--device", "cpu", "--cpu-kvcache-gib", "0.5"])
     kwargs = engine_kwargs(args)
+    assert kwargs["async_scheduling"] is None  # auto: on with CUDA
     assert engine_kwargs(p.parse_args(engine_argv(kwargs))) == kwargs
+    for value in (True, False):
+        kwargs["async_scheduling"] = value
+        assert engine_kwargs(p.parse_args(engine_argv(kwargs))) == kwargs
 
 
 def wait_ready(url: str, proc: subprocess.Popen, engines: int, timeout: float = 120.0) -> None:
