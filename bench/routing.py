@@ -160,7 +160,8 @@ async def run_policy(policy: str, model: str, args) -> Run:
 def oracle_hit_rates(prompts: list[list[int]], block: int, engines: int, capacity: int) -> tuple[float, float]:
     """(fleet oracle, unbounded) hit rates in prompt tokens, prompts in arrival order. Fleet: `engines` LRU
     caches of `capacity` blocks; each prompt goes to the cache holding its longest prefix (ties: the emptier).
-    Decode blocks, which engines also cache, are left out (so the fleet oracle is slightly optimistic)."""
+    A prompt's blocks are touched tail first, so its head is the most recent, as in the engine (which frees a
+    finished request's tail blocks first). Decode blocks, which engines also cache, are left out."""
     caches: list[OrderedDict] = [OrderedDict() for _ in range(engines)]
     seen: set[int] = set()
     total = fleet = unbounded = 0
@@ -173,7 +174,7 @@ def oracle_hit_rates(prompts: list[list[int]], block: int, engines: int, capacit
         best = max(range(engines), key=lambda e: (matches[e], -len(caches[e])))
         fleet += block * matches[best]
         cache = caches[best]
-        for h in hashes:
+        for h in reversed(hashes):
             cache[h] = None
             cache.move_to_end(h)
         while len(cache) > capacity:
