@@ -50,10 +50,11 @@ class ServerProcess:
         return self.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def tiny_server(tiny_models):
+@pytest.fixture(scope="module", params=["sync", "async"])
+def tiny_server(tiny_models, request):
+    """Served with synchronous scheduling (the CPU default) and with async scheduling (the GPU default)."""
     server = ServerProcess(tiny_models["qwen3"], "--num-kvcache-blocks", "512", "--served-model-name", "tiny",
-                           "--max-model-len", "512")
+                           "--max-model-len", "512", f"--{'' if request.param == 'async' else 'no-'}async-scheduling")
     yield server.wait_ready()
     server.stop()
 
