@@ -86,14 +86,16 @@ class Uploader:
     """Moves a step's arrays to the device in one copy, through reused pinned buffers on CUDA (pinning a
     fresh buffer every step costs more than the copy).
 
-    Two buffers alternate: step N's copy may still be queued behind step N-1 on the GPU when step N+1 is
-    prepared, but step N+2 is only prepared after step N's sampled tokens arrived (hence after its copy).
+    Two buffers alternate: with async scheduling step N's copy may still be queued behind step N-1 on the
+    GPU while step N+1 is prepared. A buffer is rewritten only once the copy out of it has happened (an
+    event per buffer; by then it always has, so the wait costs nothing).
     Every array starts 16-byte aligned on the device: Triton compiles a kernel variant per pointer
     alignment, and a variant compiled in the middle of serving costs a second of GPU idle time."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.pinned = [torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)]
+        self.copied: list = [None, None]  # per buffer: event recorded after its last copy
         self.turn = 0
 
     def __call__(self, x: StepInputs) -> dict[str, torch.Tensor]:
@@ -122,12 +124,17 @@ class Uploader:
         if self.device.type != "cuda":
             return torch.from_numpy(flat).to(self.device)
         self.turn ^= 1
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()
         if self.pinned[self.turn].numel() < flat.size:
             self.pinned[self.turn] = torch.empty(max(flat.size, 2 * self.pinned[self.turn].numel()),
                                                  dtype=torch.int64, pin_memory=True)
         host = self.pinned[self.turn][:flat.size]
         host.numpy()[:] = flat
-        return host.to(self.device, non_blocking=True)
+        out = host.to(self.device, non_blocking=True)
+        self.copied[self.turn] = torch.cuda.Event()
+        self.copied[self.turn].record()
+        return out
 
 
 class SampledTokens:
@@ -150,7 +157,9 @@ class SampledTokens:
 
 
 class Downloader:
-    """Pinned host buffers for sampled tokens, alternating like the Uploader's."""
+    """Pinned host buffers for sampled tokens, alternating like the Uploader's. A buffer is reused two
+    sampling steps later, when the engine has always read the tokens of the step that used it before:
+    each launch is followed by applying the previous sampling step's tokens."""
 
     def __init__(self, device: torch.device, max_rows: int):
         self.pinned = [torch.empty(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
