@@ -140,23 +140,24 @@ class ModelRunner:
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one batch and sample its sampling rows; rank 0 gets the token ids (on the device, not
         waited for), other ranks None."""
+        hidden, t = self._forward(inputs)
         if inputs.sampling is None:
-            self._forward(inputs)
             return None
-        logits = self.logits(inputs)
+        logits = self.model.compute_logits(hidden[t["logits_indices"]])
         if logits is None:  # workers: rank 0 gathered their share
             return None
-        self.prev_tokens = sample(logits, inputs.sampling, self.uploaded)
+        self.prev_tokens = sample(logits, inputs.sampling, t)
         return self.prev_tokens
 
     @torch.inference_mode()
     def logits(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one batch; rank 0 gets the logits of `inputs.logits_indices`, other ranks None."""
-        hidden = self._forward(inputs)
-        return self.model.compute_logits(hidden[self.uploaded["logits_indices"]])
+        hidden, t = self._forward(inputs)
+        return self.model.compute_logits(hidden[t["logits_indices"]])
 
-    def _forward(self, inputs: StepInputs) -> torch.Tensor:
-        t = self.uploaded = self.upload(inputs)
+    def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The last hidden states of every token, and the step's arrays as uploaded to the device."""
+        t = self.upload(inputs)
         input_ids = t["input_ids"]
         if inputs.prev_count:  # rows whose input token the previous step sampled and the host has not seen
             prev = self.prev_tokens if self.rank == 0 else torch.empty(inputs.prev_count, dtype=torch.int64,
@@ -182,7 +183,7 @@ class ModelRunner:
                 is_decode=is_decode, num_splits=splits))
             hidden = self.model(input_ids, t["positions"])
             set_context(None)
-        return hidden
+        return hidden, t
 
     def warmup(self) -> None:
         """One full-size prefill step and a decode step with sampled and greedy rows, nothing stored: the
@@ -192,17 +193,16 @@ class ModelRunner:
         tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
         lens = [min(cfg.max_model_len, tokens - i) for i in range(0, tokens, cfg.max_model_len)]
         for q_lens in (lens, [1] * min(cfg.max_num_seqs, 8)):
-            n, seqs = sum(q_lens), len(q_lens)
+            n, seqs, longest = sum(q_lens), len(q_lens), max(q_lens)
             cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
-            rows = np.arange(seqs)
-            sampling = SamplingInputs(np.where(rows % 2, 0.0, 1.0), np.full(seqs, -1), np.ones(seqs),
-                                      rows.astype(np.int64), False, False)
-            positions = np.concatenate([np.arange(q) for q in q_lens]).astype(np.int64)
-            inputs = StepInputs(np.zeros(n, np.int64), positions, np.full(n, -1, np.int64), cu,
-                                np.asarray(q_lens, np.int64), np.zeros((seqs, -(-max(q_lens) // cfg.kvcache_block_size)),
-                                                                        np.int64),
-                                cu[1:] - 1, max(q_lens), max(q_lens), sampling=sampling)
-            self.run(inputs)
+            rows = np.arange(seqs, dtype=np.int64)
+            sampling = SamplingInputs(temperatures=np.where(rows % 2, 0.0, 1.0), top_k=np.full(seqs, -1),
+                                      top_p=np.ones(seqs), seeds=rows, all_greedy=False, needs_top=False)
+            self.run(StepInputs(
+                input_ids=np.zeros(n, np.int64), positions=np.concatenate([np.arange(q) for q in q_lens]),
+                slot_mapping=np.full(n, -1, np.int64), cu_seqlens_q=cu, context_lens=np.asarray(q_lens, np.int64),
+                block_tables=np.zeros((seqs, -(-longest // cfg.kvcache_block_size)), np.int64),
+                logits_indices=cu[1:] - 1, max_seqlen_q=longest, max_seqlen_k=longest, sampling=sampling))
         self.prev_tokens = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -1,6 +1,7 @@
 """Async scheduling (step N+1 scheduled while step N runs, its sampled tokens applied one step later)
 gives exactly what synchronous scheduling gives, and loses nothing when a request ends mid-flight."""
 import pytest
+import torch
 
 from nanoserve.engine_pod import LLM, SamplingParams
 from nanoserve.engine_pod.sequence import PLACEHOLDER
@@ -62,5 +63,21 @@ def test_abort_mid_flight_leaves_nothing(tiny_models, async_scheduling):
             llm.step()
         assert len(keep.completion_token_ids) == 10 and PLACEHOLDER not in keep.token_ids
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    finally:
+        llm.exit()
+
+
+def test_warmup_step_stores_nothing(tiny_models):
+    # The GPU warm-up (a full-size prefill and a sampling decode step) runs the ordinary step path; here on
+    # CPU it must leave the cache and the next request's tokens untouched.
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_batched_tokens=64, max_model_len=48)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+        before = llm.generate([[3, 4, 5]], params)[0]["token_ids"]
+        cache = llm.model_runner.kv_cache.clone()
+        llm.model_runner.warmup()
+        assert torch.equal(cache, llm.model_runner.kv_cache)
+        assert llm.model_runner.prev_tokens is None
+        assert llm.generate([[3, 4, 5]], params)[0]["token_ids"] == before
     finally:
         llm.exit()
