@@ -28,11 +28,15 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_to_rank0(x: torch.Tensor) -> torch.Tensor | None:
-    """Concatenate every rank's `x` along the last dim on rank 0 (others get None)."""
+    """Concatenate every rank's `x` along the last dim on rank 0 (others get None).
+
+    An all-gather rather than `dist.gather`: NCCL runs gather as point-to-point sends, a transport of its
+    own, while all-gather uses the rings that the all-reduces already use (the extra copies are small:
+    one row of logits per sampling sequence)."""
     if _size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(_size)] if _rank == 0 else None
-    dist.gather(x, parts, 0)
+    parts = [torch.empty_like(x) for _ in range(_size)]
+    dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, -1) if _rank == 0 else None
 
 

@@ -90,7 +90,8 @@ def test_chunked_prefill_and_small_blocks_on_gpu(model_path, prompts):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_tp2_matches_tp1_on_gpu(model_path, prompts):
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])  # eager first: tells a
+def test_tp2_matches_tp1_on_gpu(model_path, prompts, enforce_eager):               # capture hang apart
     one = engine_tokens(model_path, prompts)
-    two = engine_tokens(model_path, prompts, tensor_parallel_size=2)
+    two = engine_tokens(model_path, prompts, tensor_parallel_size=2, enforce_eager=enforce_eager)
     assert [o[:2] for o in one] == [t[:2] for t in two]
