@@ -73,6 +73,7 @@ def test_warmup_step_stores_nothing(tiny_models):
     llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_batched_tokens=64, max_model_len=48)
     try:
         params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+        llm.model_runner.kv_cache.zero_()  # allocated uninitialized: NaNs would never compare equal
         before = llm.generate([[3, 4, 5]], params)[0]["token_ids"]
         cache = llm.model_runner.kv_cache.clone()
         llm.model_runner.warmup()
