@@ -14,6 +14,7 @@ from itertools import chain
 import numpy as np
 import torch
 
+from nanoserve.engine_pod.sampler import SamplingInputs
 from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence
 
 
@@ -30,7 +31,7 @@ class StepInputs:
     max_seqlen_k: int
     prev_rows: np.ndarray | None = None  # [tokens]: row of the previous step's tokens to use, or -1
     prev_count: int = 0                  # rows the previous step sampled (what rank 0 broadcasts)
-    sampling: object = None              # sampler.SamplingInputs of the rows that sample, or None
+    sampling: SamplingInputs | None = None  # the rows that sample (in logits_indices order), or None
 
 
 def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInputs, list[Sequence]]:
