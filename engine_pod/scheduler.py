@@ -102,7 +102,7 @@ class Scheduler:
         positions = []
         for row, seq in enumerate(sampling):
             positions.append(seq.num_tokens)
-            seq.token_ids.append(PLACEHOLDER)
+            seq.append_token(PLACEHOLDER)
             seq.num_pending += 1
             seq.pending_row = row
         return positions
