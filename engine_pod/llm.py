@@ -3,6 +3,7 @@ from tqdm.auto import tqdm
 
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.sampling_params import SamplingParams
+from nanoserve.engine_pod.sequence import Sequence
 
 
 class LLM(LLMEngine):
@@ -22,13 +23,19 @@ class LLM(LLMEngine):
         seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params)]  # validate all before queueing any
         for seq in seqs:
             self.add_sequence(seq)
+        results: dict[int, dict] = {}
         bar = tqdm(total=len(seqs), desc="Generating", disable=not use_tqdm)
         try:
             while self.has_unfinished():
-                bar.update(sum(s.is_finished for s, _ in self.step()))
+                # Results are built as sequences finish: the host does it while the GPU runs the next step.
+                for seq in [s for s, _ in self.step() if s.is_finished]:
+                    results[seq.seq_id] = self._result(seq)
+                    bar.update(1)
         finally:
             bar.close()
             for seq in seqs:  # an interrupted generate leaves nothing queued and no block taken
                 self.abort(seq.seq_id)
-        return [{"text": self.decode(s), "token_ids": s.completion_token_ids, "finish_reason": s.finish_reason}
-                for s in seqs]
+        return [results.get(s.seq_id) or self._result(s) for s in seqs]
+
+    def _result(self, seq: Sequence) -> dict:
+        return {"text": self.decode(seq), "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason}
