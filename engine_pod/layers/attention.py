@@ -1,13 +1,15 @@
 """Paged attention with one small backend seam: "triton" (the GPU default), "flash_attn" (GPU, when
 installed and asked for), "torch" (the plain reference: CPU, tests).
 
-Every backend does the same two things per layer: store the new tokens' k/v into the paged cache, then
-attend each sequence's new queries over its cached context.
+Every backend does the same three things per layer: rotate the new tokens' q and k, store their k/v into
+the paged cache, then attend each sequence's new queries over its cached context (Triton: the first two
+in one kernel).
 """
 import torch
 from torch import nn
 
 from nanoserve.engine_pod.context import get_context
+from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
 from nanoserve.kernels.attention_ref import paged_attention_ref, store_kvcache_ref
 
 
@@ -39,15 +41,20 @@ class Attention(nn.Module):
         self.backend = "torch"
         self.k_cache = self.v_cache = torch.tensor([])  # bound to the runner's cache after allocation
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim]."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rotary: RotaryEmbedding, q_norm: nn.Module | None = None,
+                k_norm: nn.Module | None = None) -> torch.Tensor:
+        """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim].
+        q and k come before the rotary embedding (and Qwen3's per-head norms): on the Triton backend the
+        kernel that applies them also writes k and v into the cache."""
         ctx = get_context()
         if self.backend == "triton":
-            from nanoserve.kernels.kv_store import store_kvcache
             from nanoserve.kernels.paged_attention import paged_attention
-            store_kvcache(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+            q = rotary.rotate_and_store(positions, q, k, v, q_norm, k_norm, self.k_cache, self.v_cache,
+                                        ctx.slot_mapping)
             return paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
                                    ctx.block_tables, self.scale, ctx.max_seqlen_q, ctx.num_splits)
+        q, k = rotary(positions, q, k, q_norm, k_norm)
         if self.backend == "flash_attn":
             return self._flash_attn(q, k, v, ctx)
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)

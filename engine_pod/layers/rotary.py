@@ -51,6 +51,15 @@ class RotaryEmbedding(nn.Module):
             q, k = q_norm(q), k_norm(k)
         return apply_rotary(positions, q, k, self.cos_sin)
 
+    def rotate_and_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         q_norm, k_norm, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         slot_mapping: torch.Tensor) -> torch.Tensor:
+        """CUDA: `forward`, with rotated k and v written straight into their paged-cache slots by the same
+        kernel (one launch a layer fewer). Returns q."""
+        from nanoserve.kernels.elementwise import qk_norm_rotary_store
+        norms = () if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        return qk_norm_rotary_store(positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping, *norms)
+
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, -1)

@@ -7,6 +7,7 @@ import torch
 from nanoserve.engine_pod.layers.activation import silu_and_mul as silu_ref
 from nanoserve.engine_pod.layers.layernorm import add_rms_norm, rms_norm as rms_ref
 from nanoserve.engine_pod.layers.rotary import RotaryEmbedding, apply_rotary as rotary_ref
+from nanoserve.kernels.attention_ref import store_kvcache_ref
 
 
 def rnd(*shape, device, dtype):
@@ -52,6 +53,33 @@ def test_qk_norm_rotary(device, dtype, dim, heads, kv_heads, with_norm):
         got, ref = qk_norm_rotary(pos, q, k, rope.cos_sin), rotary_ref(pos, q, k, rope.cos_sin)
     assert got[0].is_contiguous() and got[1].is_contiguous()
     assert close(got[0], ref[0], dtype) and close(got[1], ref[1], dtype)
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("dim, heads, kv_heads", [(32, 4, 2), (40, 6, 3)])
+def test_qk_norm_rotary_store(device, dtype, dim, heads, kv_heads, with_norm):
+    """The fused kernel's q equals the reference's; rotated k and v land in their slots, -1 is skipped, and
+    no other slot of the caches changes."""
+    from nanoserve.kernels.elementwise import qk_norm_rotary_store
+    rope = RotaryEmbedding(dim, 64, 10000.0, {}).to(device)
+    qkv = rnd(6, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q, k, v = q.view(6, heads, dim), k.view(6, kv_heads, dim), v.view(6, kv_heads, dim)
+    pos = torch.tensor([0, 3, 7, 8, 40, 63], device=device)
+    slots = torch.tensor([0, 5, -1, 17, 3, 30], device=device)
+    k_cache, v_cache = rnd(4, 8, kv_heads, dim, device=device, dtype=dtype), rnd(4, 8, kv_heads, dim, device=device, dtype=dtype)
+    ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
+    norms = (rnd(dim, device=device, dtype=dtype), rnd(dim, device=device, dtype=dtype), 1e-6) if with_norm else ()
+    got_q = qk_norm_rotary_store(pos, q, k, v, rope.cos_sin, k_cache, v_cache, slots, *norms)
+    nq, nk = (rms_ref(q, norms[0], 1e-6), rms_ref(k, norms[1], 1e-6)) if with_norm else (q, k)
+    ref_q, ref_k = rotary_ref(pos, nq, nk, rope.cos_sin)
+    store_kvcache_ref(ref_k, v, ref_k_cache, ref_v_cache, slots)
+    assert close(got_q, ref_q, dtype) and close(k_cache, ref_k_cache, dtype)
+    assert torch.equal(v_cache, ref_v_cache)  # v is copied bit for bit
+    untouched = torch.ones(32, dtype=torch.bool)
+    untouched[[0, 5, 17, 3, 30]] = False
+    assert torch.equal(k_cache.view(32, -1)[untouched.to(device)], ref_k_cache.view(32, -1)[untouched.to(device)])
+    assert close(k_cache.view(32, kv_heads, dim)[17], ref_k[3], dtype)
 
 
 def test_silu_and_mul(device, dtype):

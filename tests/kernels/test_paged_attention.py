@@ -1,11 +1,11 @@
-"""Triton KV store and paged attention against their PyTorch references, on fresh random inputs of many
+"""Triton paged attention against its PyTorch reference, on fresh random inputs of many
 shapes: block sizes, GQA groups, head dims, query/context mixes, splits. Outputs are poisoned first."""
 import random
 
 import pytest
 import torch
 
-from nanoserve.kernels.attention_ref import paged_attention_ref, store_kvcache_ref
+from nanoserve.kernels.attention_ref import paged_attention_ref
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -55,17 +55,3 @@ def test_paged_attention_matches_reference(device, case, num_splits):
     ref = paged_attention_ref(q.float(), kc.float(), vc.float(), query_lens, context_lens, table, dim ** -0.5)
     assert not out.isnan().any()
     assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-4)
-
-
-def test_store_kvcache_matches_reference(device):
-    from nanoserve.kernels.kv_store import store_kvcache
-    g = torch.Generator().manual_seed(random.randrange(1 << 30))
-    k = torch.randn(7, 3, 40, generator=g).to(device)
-    v = torch.randn(7, 3, 40, generator=g).to(device)
-    slots = torch.tensor([0, 5, -1, 17, 3, -1, 30], device=device)
-    k_cache, v_cache = (torch.randn(4, 8, 3, 40, generator=g).to(device) for _ in range(2))
-    caches = [k_cache, v_cache, k_cache.clone(), v_cache.clone()]
-    store_kvcache(k, v, caches[0], caches[1], slots)
-    store_kvcache_ref(k, v, caches[2], caches[3], slots)
-    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
-    assert torch.equal(caches[0].view(-1, 3, 40)[17], k[3]) and torch.equal(caches[1].view(-1, 3, 40)[30], v[6])
