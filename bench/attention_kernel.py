@@ -4,6 +4,7 @@ against the card's measured copy bandwidth (same run)."""
 import json
 import os
 import sys
+from itertools import accumulate
 from random import randint, seed
 
 import torch
@@ -12,7 +13,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth  # noqa: E402
 
-from nanoserve.kernels.paged_attention import num_splits_for, paged_attention  # noqa: E402
+from nanoserve.kernels.paged_attention import num_splits_for, paged_attention, tile_config  # noqa: E402
 
 BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
 
@@ -50,7 +51,74 @@ def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3
             "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}
 
 
+def decode_mid_batch(batch: int, mean_ctx: int, splits: int, block_size: int = 16) -> dict:
+    """The workload's middle and tail: fewer sequences, longer contexts. Does splitting the context pay?"""
+    seed(batch)
+    ctx = [randint(mean_ctx // 2, mean_ctx * 3 // 2) for _ in range(batch)]
+    blocks = [-(-c // block_size) for c in ctx]
+    total = sum(blocks) * 3  # three disjoint sets of pages, rotated, so L2 does not serve repeats
+    kc = torch.randn(total, block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    tables = []
+    for c in range(3):
+        perm = torch.randperm(total // 3, device="cuda", dtype=torch.int32) + c * (total // 3)
+        table = torch.zeros((batch, max(blocks)), dtype=torch.int32, device="cuda")
+        i = 0
+        for s, n in enumerate(blocks):
+            table[s, :n] = perm[i:i + n]
+            i += n
+        tables.append(table)
+    q = torch.randn(batch, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+    lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
+    it = iter(range(1 << 30))
+    ms = triton.testing.do_bench_cudagraph(
+        lambda: paged_attention(q, kc, vc, cu, lens, tables[next(it) % 3], DIM ** -0.5, 1, num_splits=splits),
+        rep=100, return_mode="median")
+    kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2
+    return {"case": "decode_mid_batch", "batch": batch, "mean_ctx": mean_ctx, "splits": splits,
+            "us": round(ms * 1e3, 1), "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}
+
+
+def prefill(tiles, block_size: int = 16, tokens: int = 16384) -> dict:
+    """A prefill step of the throughput workload: prompts of 100-1024 tokens filling 16k tokens."""
+    seed(7)
+    lens = []
+    while sum(lens) < tokens:
+        lens.append(min(randint(100, 1024), tokens - sum(lens)))
+    blocks = [-(-n // block_size) for n in lens]
+    kc = torch.randn(sum(blocks), block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    table = torch.zeros((len(lens), max(blocks)), dtype=torch.int32, device="cuda")
+    i = 0
+    for s, n in enumerate(blocks):
+        table[s, :n] = torch.arange(i, i + n, dtype=torch.int32)
+        i += n
+    q = torch.randn(tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0] + list(accumulate(lens)), dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    ms = triton.testing.do_bench(lambda: paged_attention(q, kc, vc, cu, ctx, table, DIM ** -0.5, max(lens),
+                                                          tiles=tiles), warmup=20, rep=100, return_mode="median")
+    flops = sum(n * (n + 1) // 2 for n in lens) * HEADS * DIM * 4  # QK^T and PV, causal
+    return {"case": "prefill", "tiles": tiles or tile_config(max(lens), 2), "ms": round(ms, 3),
+            "tflops": round(flops / (ms / 1e3) / 1e12, 1)}
+
+
+def tune_prefill() -> None:
+    for block_m in (64, 128):
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    try:
+                        r = prefill((block_m, block_n, warps, stages))
+                    except Exception as e:  # a tile too big for shared memory or registers
+                        r = {"case": "prefill", "tiles": (block_m, block_n, warps, stages), "error": str(e)[:120]}
+                    print("RESULT " + json.dumps(r), flush=True)
+
+
 def main() -> None:
+    if "--tune-prefill" in sys.argv:
+        return tune_prefill()
     bw = copy_bandwidth()
     print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     for block_size in (16, 256):
@@ -59,6 +127,10 @@ def main() -> None:
                 r = case(mean_ctx, block_size, splits)
                 r["fraction_of_copy"] = round(r["tb_per_s"] * 1e12 / bw, 3)
                 print("RESULT " + json.dumps(r), flush=True)
+    for batch in (32, 64, 96):
+        for splits in (1, 2, 4):
+            print("RESULT " + json.dumps(decode_mid_batch(batch, 1200, splits)), flush=True)
+    print("RESULT " + json.dumps(prefill(None)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel throughput profile variants tp2 routing. Results under $OUT (or /tmp/nanoserve-out).
+# Stages: tests tp kernel tune throughput profile variants gemm tp2 routing (tune and gemm: only when named). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
@@ -46,12 +46,15 @@ run() {
 want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py -k "not tp2"
 want tp && [ "$NGPU" -ge 2 ] && run 150 python -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py -k tp2
 want kernel && run 200 python bench/attention_kernel.py
+want tune && run 300 python bench/attention_kernel.py --tune-prefill
 want throughput && run 200 python bench/throughput.py
 want throughput && run 200 python bench/throughput.py --sync --label graphs-sync
 want throughput && run 200 python bench/throughput.py --profile --label graphs-profiled
 want profile && run 200 python bench/profile_steps.py
 want variants && run 200 python bench/throughput.py --enforce-eager
 want variants && run 200 python bench/throughput.py --prefix-sharing
+want gemm && run 300 python bench/gemm.py
+want gemm && run 200 python bench/throughput.py --blas cublaslt --label graphs-cublaslt
 if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
   run 200 python bench/throughput.py --label graphs-tp1-same-machine
