@@ -54,7 +54,6 @@ want profile && run 200 python bench/profile_steps.py
 want variants && run 200 python bench/throughput.py --enforce-eager
 want variants && run 200 python bench/throughput.py --prefix-sharing
 want gemm && run 300 python bench/gemm.py
-want gemm && run 200 python bench/throughput.py --blas cublaslt --label graphs-cublaslt
 if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
   run 200 python bench/throughput.py --label graphs-tp1-same-machine
