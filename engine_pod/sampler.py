@@ -1,8 +1,9 @@
 """Token sampling for a batch of sequences with per-request parameters, on the device, without a host sync.
 
 The host side (`sampling_inputs`) turns each sampling row's parameters into arrays that travel with the
-step's inputs in its one upload; the device side (`sample`) masks top-k/top-p when asked and draws with
-Gumbel-max (kernels/sampling.py on CUDA, its torch reference elsewhere). Every row draws from its own
+step's inputs in its one upload; the device side (`sample`) masks top-k/top-p when asked and draws by
+inverting the softmax's CDF with one uniform a row (kernels/sampling.py on CUDA, its torch reference
+elsewhere). Every row draws from its own
 seed: a seeded request's seed mixed with the token's position, so its tokens do not depend on the batch
 around it; other rows take fresh random seeds.
 """
@@ -64,10 +65,10 @@ def sample(logits: torch.Tensor, host: SamplingInputs, dev: dict[str, torch.Tens
     """Token ids [rows] (int64, on logits' device). `dev` holds the uploaded arrays of `host`."""
     if host.all_greedy:
         return logits.argmax(-1)
-    temps = dev["temperatures"].float()
+    temps = dev["temperatures"]  # float64 as uploaded: the kernel reads any float dtype (one cast fewer)
     if host.needs_top:  # scale first: top-p applies to the distribution actually sampled from
         sampled = temps > 0
-        logits = apply_top_k_top_p(logits.float() / torch.where(sampled, temps, 1.0).unsqueeze(1),
+        logits = apply_top_k_top_p(logits.float() / torch.where(sampled, temps, 1.0).float().unsqueeze(1),
                                    dev["top_k"], dev["top_p"].float())
         temps = sampled.float()  # already scaled; greedy rows stay 0
     if logits.device.type == "cuda":

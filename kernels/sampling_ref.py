@@ -1,8 +1,8 @@
 """Plain-PyTorch reference of the sampling kernel (kernels/sampling.py), also the CPU path.
 
-Gumbel-max: argmax(logits / T + G) with G = -log(-log(U)) draws from softmax(logits / T), with no
-softmax and no sort. Each row's uniforms come from its own seed, so a seeded request's draw does not
-depend on the batch around it.
+Inverse CDF: one uniform u per row, scaled by the total of exp((logits - max) / T), picks the first token
+where the running sum passes it, which draws from softmax(logits / T). Each row's uniform comes from its
+own seed, so a seeded request's draw does not depend on the batch around it.
 """
 import torch
 
@@ -12,7 +12,9 @@ def sample_ref(logits: torch.Tensor, temperatures: torch.Tensor, seeds: list[int
     out = logits.float().argmax(-1)
     for row, (t, seed) in enumerate(zip(temperatures.tolist(), seeds)):
         if t > 0:
-            gen = torch.Generator(logits.device).manual_seed(seed)
-            u = torch.rand(logits.shape[1], generator=gen, device=logits.device).clamp_min(1e-20)
-            out[row] = (logits[row].float() / t - torch.log(-torch.log(u))).argmax()
+            x = logits[row].double() / t
+            mass = (x - x.max()).exp().cumsum(0)
+            u = torch.rand((), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+            pick = torch.searchsorted(mass, u * mass[-1], right=True)  # first running sum above u * total
+            out[row] = min(int(pick), int((mass < mass[-1]).sum()))  # never past the last token with mass
     return out

@@ -1,5 +1,6 @@
 """The sampling kernel and its reference: greedy rows equal torch's argmax (first index on ties), sampled
-rows follow softmax(logits / T), and a row's draw depends only on its seed."""
+rows follow softmax(logits / T) (also when the mass is spread over the kernel's vocabulary splits), and a
+row's draw depends only on its seed."""
 import pytest
 import torch
 
@@ -41,6 +42,24 @@ def test_sampled_rows_follow_the_softmax(impl, device):
     freq = torch.bincount(got.cpu(), minlength=8).double() / rows
     expected = (base.double() / temperature).softmax(-1)
     assert (freq - expected).abs().max().item() < 0.045  # about 4 standard deviations at this count
+
+
+def test_sampled_rows_follow_the_softmax_across_splits(impl, device):
+    """A vocabulary of many splits: the mass sits in a few tokens spread over different splits (the last
+    column of one, the first of the next, the very last), whole splits hold nothing (-inf, as top-k/top-p
+    masking leaves them) or almost nothing."""
+    rows, temperature, vocab = 800, 0.8, 3072
+    cols = torch.tensor([5, 1023, 1024, 1500, 2047, 3071])
+    values = torch.tensor([1.0, 0.5, 0.0, 2.0, -1.0, 1.5])
+    row = torch.full((vocab,), -30.0)
+    row[2048:3071] = float("-inf")
+    row[cols] = values
+    seeds = torch.randint(0, 1 << 62, (rows,), generator=torch.Generator().manual_seed(3)).to(device)
+    temps = torch.full((rows,), temperature, device=device, dtype=torch.float64)  # as the engine uploads them
+    got = draw(impl, row.repeat(rows, 1).to(device), temps, seeds)
+    freq = (got.cpu().unsqueeze(1) == cols).double().mean(0)
+    expected = (values.double() / temperature).softmax(-1)
+    assert (freq - expected).abs().max().item() < 0.06  # about 3.5 standard deviations at this count
 
 
 def test_draw_depends_only_on_the_seed(impl, device):
