@@ -46,6 +46,7 @@ run() {
 want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py -k "not tp2"
 want tp && [ "$NGPU" -ge 2 ] && run 150 python -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py -k tp2
 want kernel && run 200 python bench/attention_kernel.py
+want kernel && run 100 python bench/sampling_kernel.py
 want tune && run 300 python bench/attention_kernel.py --tune-prefill
 want throughput && run 200 python bench/throughput.py
 want throughput && run 200 python bench/throughput.py --sync --label graphs-sync
