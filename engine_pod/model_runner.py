@@ -143,7 +143,7 @@ class ModelRunner:
         hidden, t = self._forward(inputs)
         if inputs.sampling is None:
             return None
-        logits = self.model.compute_logits(hidden[t["logits_indices"]])
+        logits = self.model.compute_logits(_logits_rows(hidden, inputs, t))
         if logits is None:  # workers: rank 0 gathered their share
             return None
         self.prev_tokens = sample(logits, inputs.sampling, t)
@@ -153,7 +153,7 @@ class ModelRunner:
     def logits(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one batch; rank 0 gets the logits of `inputs.logits_indices`, other ranks None."""
         hidden, t = self._forward(inputs)
-        return self.model.compute_logits(hidden[t["logits_indices"]])
+        return self.model.compute_logits(_logits_rows(hidden, inputs, t))
 
     def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The last hidden states of every token, and the step's arrays as uploaded to the device."""
@@ -165,7 +165,10 @@ class ModelRunner:
             if self.world > 1:
                 dist.broadcast(prev, src=0)
             rows = t["prev_rows"]
-            input_ids = torch.where(rows >= 0, prev[rows.clamp(min=0)], input_ids)
+            if inputs.prev_rows.min() >= 0:  # every row's token is on the device (decode): one gather
+                input_ids = prev[rows]
+            else:
+                input_ids = torch.where(rows >= 0, prev[rows.clamp(min=0)], input_ids)
         num_seqs = len(inputs.context_lens)
         is_decode = inputs.max_seqlen_q == 1
         splits = 1
@@ -256,6 +259,14 @@ class ModelRunner:
                 abort()
             else:
                 dist.destroy_process_group()
+
+
+def _logits_rows(hidden: torch.Tensor, inputs: StepInputs, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The hidden states of the rows that need logits. When every row does (decode), the indices are
+    0..n-1 in order: no gather."""
+    if len(inputs.logits_indices) == hidden.shape[0]:
+        return hidden
+    return hidden[t["logits_indices"]]
 
 
 def worker_main(config: Config, rank: int, link: TPLink) -> None:

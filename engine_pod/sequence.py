@@ -1,6 +1,8 @@
 from enum import Enum, auto
 from itertools import count
 
+import numpy as np
+
 from nanoserve.engine_pod.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped scheduling): its id is not known yet
@@ -35,6 +37,7 @@ class Sequence:
         self.num_preemptions = 0
         self.num_pending = 0   # trailing PLACEHOLDER tokens (sampled, not yet copied back)
         self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
+        self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -57,3 +60,11 @@ class Sequence:
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def block_table_array(self) -> np.ndarray:
+        """`block_table` as int64 numpy, rebuilt only when it changed: the block manager only appends to
+        a table or replaces the list, so the same list at the same length holds the same ids."""
+        cached = self._table_array
+        if cached is None or cached[0] is not self.block_table or len(cached[1]) != len(self.block_table):
+            cached = self._table_array = (self.block_table, np.array(self.block_table, np.int64))
+        return cached[1]

@@ -9,7 +9,6 @@ before, not yet copied back): its id here is PLACEHOLDER and `prev_rows` says wh
 step's sampled tokens replaces it on the device.
 """
 from dataclasses import dataclass
-from itertools import chain
 
 import numpy as np
 import torch
@@ -62,12 +61,10 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
         if end == seq.num_tokens:  # the prompt is done: this step yields a token
             logits_idx.append(cu[-1] - 1)
             sampling.append(seq)
-    lens = np.fromiter((len(s.block_table) for s, _ in batch), np.int64, len(batch))
-    flat = np.fromiter(chain.from_iterable(s.block_table for s, _ in batch), np.int64, int(lens.sum()))
+    arrays = [s.block_table_array() for s, _ in batch]
+    lens = np.fromiter(map(len, arrays), np.int64, len(batch))
     tables = np.full((len(batch), int(lens.max())), -1, np.int64)
-    rows = np.repeat(np.arange(len(batch)), lens)
-    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lens) - lens, lens)
-    tables[rows, cols] = flat
+    tables[np.arange(tables.shape[1]) < lens[:, None]] = np.concatenate(arrays)  # row-major: rows in order
     prev_rows = None
     if pending_at:
         prev_rows = np.full(cu[-1], -1, np.int64)
