@@ -64,6 +64,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
         for block in bm.blocks:
             assert block.ref_count >= 0
             assert (block.ref_count == 0) == (block.block_id in bm.free_block_ids)  # free xor used
+        for s in self.live:  # the numpy mirror the step inputs are built from never goes stale
+            assert s.block_table_array().tolist() == s.block_table
         owners = sum(len(s.block_table) for s in self.live)
         assert owners == sum(b.ref_count for b in bm.blocks)
         for h, block_id in bm.hash_to_block.items():
@@ -121,3 +123,15 @@ def test_tail_blocks_are_evicted_before_the_shared_head():
     bm.free(s)
     order = list(bm.free_block_ids)
     assert order.index(tail) < order.index(head)
+
+
+def test_block_table_array_follows_a_freed_and_reallocated_table():
+    """Preemption frees a sequence's blocks and later allocates as many new ones: same length, new ids."""
+    bm = BlockManager(8, B)
+    seq, other = seq_of(list(range(8))), seq_of([9] * 8)
+    bm.allocate(seq, 8)
+    assert seq.block_table_array().tolist() == seq.block_table == [0, 1]
+    bm.free(seq)
+    bm.allocate(other, 8)  # takes the freed blocks first
+    bm.allocate(seq, 8)
+    assert seq.block_table_array().tolist() == seq.block_table != [0, 1]
