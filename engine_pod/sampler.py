@@ -3,9 +3,8 @@
 The host side (`sampling_inputs`) turns each sampling row's parameters into arrays that travel with the
 step's inputs in its one upload; the device side (`sample`) masks top-k/top-p when asked and draws by
 inverting the softmax's CDF with one uniform a row (kernels/sampling.py on CUDA, its torch reference
-elsewhere). Every row draws from its own
-seed: a seeded request's seed mixed with the token's position, so its tokens do not depend on the batch
-around it; other rows take fresh random seeds.
+elsewhere). Every row draws from its own seed: a seeded request's seed mixed with the token's position,
+so its tokens do not depend on the batch around it; other rows take fresh random seeds.
 """
 import random
 from dataclasses import dataclass

@@ -52,8 +52,8 @@ class RotaryEmbedding(nn.Module):
         return apply_rotary(positions, q, k, self.cos_sin)
 
     def rotate_and_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         q_norm, k_norm, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor) -> torch.Tensor:
+                         q_norm: nn.Module | None, k_norm: nn.Module | None, k_cache: torch.Tensor,
+                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
         """CUDA: `forward`, with rotated k and v written straight into their paged-cache slots by the same
         kernel (one launch a layer fewer). Returns q."""
         from nanoserve.kernels.elementwise import qk_norm_rotary_store
