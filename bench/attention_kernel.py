@@ -18,7 +18,8 @@ from nanoserve.kernels.paged_attention import num_splits_for, paged_attention, t
 BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
 
 
-def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3):
+def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3, tiles=None,
+         longest_first: bool = False):
     seed(mean_ctx)
     ctx = [randint(max(1, mean_ctx // 2), mean_ctx * 3 // 2) for _ in range(BATCH)]
     blocks = [-(-c // block_size) for c in ctx]
@@ -39,15 +40,17 @@ def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = num_splits if num_splits else num_splits_for(BATCH, KV_HEADS, max(ctx), sms)
+    order = torch.argsort(lens, descending=True, stable=True).to(torch.int32) if longest_first else None
     it = iter(range(1 << 30))
 
     def run():
         q, kc, vc, table = sets[next(it) % copies]
-        paged_attention(q, kc, vc, cu, lens, table, DIM ** -0.5, 1, num_splits=splits)
+        paged_attention(q, kc, vc, cu, lens, table, DIM ** -0.5, 1, num_splits=splits, tiles=tiles, seq_order=order)
 
     ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
     kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2  # k and v, bf16
-    return {"mean_ctx": mean_ctx, "block_size": block_size, "splits": splits, "us": round(ms * 1e3, 1),
+    return {"mean_ctx": mean_ctx, "block_size": block_size, "splits": splits, "tiles": tiles,
+            "longest_first": longest_first, "us": round(ms * 1e3, 1),
             "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}
 
 
@@ -116,9 +119,25 @@ def tune_prefill() -> None:
                     print("RESULT " + json.dumps(r), flush=True)
 
 
+def tune_decode() -> None:
+    """Decode tiles (keys a loop step, warps, stages) and launching the longest contexts first."""
+    for mean_ctx in (256, 850, 2000):
+        for block_n in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    for longest_first in (False, True):
+                        try:
+                            r = case(mean_ctx, 16, 1, tiles=(16, block_n, warps, stages), longest_first=longest_first)
+                        except Exception as e:  # a tile too big for shared memory
+                            r = {"mean_ctx": mean_ctx, "tiles": (block_n, warps, stages), "error": str(e)[:120]}
+                        print("RESULT " + json.dumps(r), flush=True)
+
+
 def main() -> None:
     if "--tune-prefill" in sys.argv:
         return tune_prefill()
+    if "--tune-decode" in sys.argv:
+        return tune_decode()
     bw = copy_bandwidth()
     print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     for block_size in (16, 256):
