@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune decode gemm throughput profile variants tp2 routing (tune and gemm: only when
-# named). Results under $OUT (or /tmp/nanoserve-out).
+# Stages: tests tp kernel tune gemm throughput profile variants tp2 routing (tune and gemm: only when named). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
-STAGES=" ${*:-tests tp kernel decode throughput profile variants tp2 routing} "
+STAGES=" ${*:-tests tp kernel throughput profile variants tp2 routing} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
@@ -49,14 +48,10 @@ want tp && [ "$NGPU" -ge 2 ] && run 150 python -m pytest -q -p no:cacheprovider 
 want kernel && run 200 python bench/attention_kernel.py
 want kernel && run 100 python bench/sampling_kernel.py
 want tune && run 300 python bench/attention_kernel.py --tune-prefill
-want decode && run 200 python bench/decode_step.py
-want gemm && run 300 python bench/gemm.py ${GEMM_ARGS:-}
-# Dependent launch (and with it the Triton decode GEMMs) on and off, interleaved: same-call ratios.
+want tune && run 300 python bench/attention_kernel.py --tune-decode
+want gemm && run 300 python bench/gemm.py
 want throughput && run 200 python bench/throughput.py
-want throughput && run 200 python bench/throughput.py --no-pdl --label no-pdl
-want throughput && run 200 python bench/throughput.py --no-triton-gemm --label pdl-cublas
 want throughput && run 200 python bench/throughput.py --profile --label graphs-profiled
-want throughput && run 200 python bench/throughput.py --no-pdl --profile --label no-pdl-profiled
 want profile && run 200 python bench/profile_steps.py
 want variants && run 200 python bench/throughput.py --sync --label graphs-sync
 want variants && run 200 python bench/throughput.py --enforce-eager

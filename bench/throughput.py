@@ -105,14 +105,9 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--label", default="")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch's preferred BLAS library for the GEMMs")
-    ap.add_argument("--no-pdl", action="store_true",
-                    help="no programmatic dependent launch (and so cuBLAS for the decode GEMMs)")
-    ap.add_argument("--no-triton-gemm", action="store_true", help="cuBLAS for the decode GEMMs")
     ap.add_argument("--profile", action="store_true", help="split the wall time into host phases and GPU waits")
     args = ap.parse_args()
     path = qwen3_0_6b_path()
-    from nanoserve.kernels import gemm, pdl
-    pdl.ENABLED, gemm.ENABLED = not args.no_pdl, not args.no_triton_gemm
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     t0 = time.perf_counter()
@@ -137,8 +132,7 @@ def main() -> None:
     assert sum(len(o["token_ids"]) for o in outs) == output_tokens
     result = {
         "label": args.label or ("eager" if args.enforce_eager else "graphs"), "block_size": args.block_size,
-        "tp": args.tp, "blas": args.blas or "default",
-        "pdl": not args.no_pdl, "triton_gemm": not args.no_triton_gemm, "async_scheduling": not args.sync, "prefix_sharing": args.prefix_sharing, "seconds": round(t, 3),
+        "tp": args.tp, "blas": args.blas or "default", "async_scheduling": not args.sync, "prefix_sharing": args.prefix_sharing, "seconds": round(t, 3),
         "output_tok_per_s": round(output_tokens / t), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
         "prefix_hit_rate": round((bm.prefix_hits - hits0) / max(1, bm.prefix_queries - queries0), 4),
         "load_s": round(load_s, 2), "graph_capture_s": round(llm.model_runner.graph_capture_s, 2), "kv_blocks": bm.num_blocks, "preemptions": llm.scheduler.num_preemptions,

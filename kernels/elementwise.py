@@ -8,13 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoserve.kernels.pdl import use_pdl, wait_then_release
-
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_xt, stride_xh, stride_rt, n, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_then_release(PDL)
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     t, h = tl.program_id(0), tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -37,8 +34,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     res_out = torch.empty_like(residual) if residual is not None else out
     _rms_norm_kernel[(tokens, heads)](x3, residual if residual is not None else x3, weight, out, res_out,
                                       x3.stride(0), x3.stride(1), residual.stride(0) if residual is not None else 0,
-                                      n, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n),
-                                      **_pdl(x))
+                                      n, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
     out = out.view(x.shape)
     return out if residual is None else (out, res_out)
 
@@ -70,8 +66,7 @@ def _qk_norm_rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k
                            v_out_ptr, slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, eps,
                            NUM_Q: tl.constexpr, NUM_Q_P: tl.constexpr, NUM_KV: tl.constexpr,
                            NUM_KV_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-                           HAS_NORM: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr):
-    wait_then_release(PDL)
+                           HAS_NORM: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF_P)[None, :]
@@ -107,7 +102,7 @@ def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, st
                                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), eps,
                                       NUM_Q=heads, NUM_Q_P=p2(heads), NUM_KV=kv_heads, NUM_KV_P=p2(kv_heads),
                                       HALF=dim // 2, HALF_P=p2(dim // 2), HAS_NORM=has_norm, STORE=store is not None,
-                                      num_warps=4, **_pdl(q))
+                                      num_warps=4)
     return q_out
 
 
@@ -133,8 +128,7 @@ def qk_norm_rotary_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tens
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, n, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    wait_then_release(PDL)
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, n, BLOCK: tl.constexpr):
     t, b = tl.program_id(0), tl.program_id(1)
     offs = b * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -149,11 +143,5 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     tokens, n = x.shape[0], x.shape[1] // 2
     out = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
     block = min(1024, triton.next_power_of_2(n))
-    _silu_and_mul_kernel[(tokens, triton.cdiv(n, block))](x, out, x.stride(0), n, BLOCK=block, **_pdl(x))
+    _silu_and_mul_kernel[(tokens, triton.cdiv(n, block))](x, out, x.stride(0), n, BLOCK=block)
     return out
-
-
-def _pdl(t: torch.Tensor) -> dict:
-    """Launch arguments for the kernels' dependent-launch switch (kernels/pdl.py)."""
-    pdl = use_pdl(t)
-    return {"PDL": pdl, "launch_pdl": pdl}

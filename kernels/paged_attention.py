@@ -10,25 +10,20 @@ import torch
 import triton
 import triton.language as tl
 
-from nanoserve.kernels.pdl import use_pdl, wait_then_release
-
 
 # Strides that change from step to step (the block table's widest row, the split buffers' token counts):
 # specializing on them (== 1, % 16) would compile new variants while serving.
 @triton.jit(do_not_specialize=["stride_bt", "stride_split_o", "stride_split_l"])
 def _paged_attention_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
-        cu_q_ptr, ctx_ptr, block_table_ptr, order_ptr,
+        cu_q_ptr, ctx_ptr, block_table_ptr,
         stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
         stride_bt, stride_split_o, stride_split_l, num_heads,
         scale_log2,
         GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, HAS_ORDER: tl.constexpr, PDL: tl.constexpr):
-    wait_then_release(PDL)
+        NUM_SPLITS: tl.constexpr):
     seq = tl.program_id(0)
-    if HAS_ORDER:  # longest contexts first: the last wave of programs is the shortest
-        seq = tl.load(order_ptr + seq)
     kv_head = tl.program_id(1)
     tile = tl.program_id(2) // NUM_SPLITS
     split = tl.program_id(2) % NUM_SPLITS
@@ -92,9 +87,7 @@ def _paged_attention_kernel(
 @triton.jit(do_not_specialize=["stride_split_o", "stride_split_l"])
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_split_o, stride_split_l, stride_pt, stride_ph,
                          stride_ot, stride_oh, num_heads,
-                         NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-                         PDL: tl.constexpr):
-    wait_then_release(PDL)
+                         NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):
     token = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -131,13 +124,11 @@ def tile_config(max_seqlen_q: int, group_p: int) -> tuple[int, int, int, int]:
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_seqlen_q: int,
                     num_splits: int = 1, out: torch.Tensor | None = None,
-                    tiles: tuple[int, int, int, int] | None = None,
-                    seq_order: torch.Tensor | None = None) -> torch.Tensor:
+                    tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """q: [tokens, heads, head_dim]; caches [num_blocks, block_size, kv_heads, head_dim]; block_tables int32
     [seqs, max_blocks]; cu_seqlens_q int32 [seqs + 1]; context_lens int32 [seqs]. `max_seqlen_q` bounds the
     grid (it is 1 for decode, so a CUDA graph can capture this call). `tiles` overrides `tile_config`
-    (benchmarks tune with it). `seq_order` (int32 [seqs], a permutation): the order in which sequences'
-    programs start."""
+    (benchmarks tune with it)."""
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -148,7 +139,6 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     num_tiles = -(-max_seqlen_q // block_t)
     out = torch.empty_like(q) if out is None else out
     dim_p = triton.next_power_of_2(dim)
-    pdl = use_pdl(q)
     if num_splits > 1:
         part = torch.empty((num_splits, tokens, heads, dim_p), dtype=torch.float32, device=q.device)
         lse = torch.empty((num_splits, tokens, heads), dtype=torch.float32, device=q.device)
@@ -159,16 +149,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         t_stride, h_stride = out.stride(0), out.stride(1)
     _paged_attention_kernel[(num_seqs, kv_heads, num_tiles * num_splits)](
         q, k_cache, v_cache, target, lse, cu_seqlens_q, context_lens, block_tables,
-        seq_order if seq_order is not None else context_lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), t_stride, h_stride,
         block_tables.stride(0), stride_split_o, stride_split_l, heads, scale * 1.4426950408889634,
         GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, HEAD_DIM_P=dim_p, BLOCK_SIZE=block_size, BLOCK_T=block_t,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits,
-        HAS_ORDER=seq_order is not None, num_warps=warps, num_stages=stages,
-        PDL=pdl, launch_pdl=pdl)
+        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages)
     if num_splits > 1:
         _merge_splits_kernel[(tokens, heads)](part, lse, out, part.stride(0), lse.stride(0), part.stride(1),
                                               part.stride(2), out.stride(0), out.stride(1), heads,
-                                              NUM_SPLITS=num_splits, HEAD_DIM=dim, HEAD_DIM_P=dim_p,
-                                              PDL=pdl, launch_pdl=pdl)
+                                              NUM_SPLITS=num_splits, HEAD_DIM=dim, HEAD_DIM_P=dim_p)
     return out

@@ -6,15 +6,6 @@ from torch import nn
 from nanoserve.engine_pod.layers.parallel import all_reduce, divide, tp_rank, tp_size
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """cuBLAS, or on Hopper at decode batch sizes the Triton GEMM that overlaps the kernel before it."""
-    if x.is_cuda:
-        from nanoserve.kernels import gemm
-        if gemm.supports(x, weight):
-            return gemm.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
-
-
 class LinearBase(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
@@ -31,7 +22,7 @@ class LinearBase(nn.Module):
         param.data.copy_(loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -87,5 +78,5 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(loaded.narrow(1, tp_rank() * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias if tp_rank() == 0 else None)
+        y = F.linear(x, self.weight, self.bias if tp_rank() == 0 else None)
         return all_reduce(y)
