@@ -113,11 +113,12 @@ def num_splits_for(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: 
     return max(1, min(splits, 16, triton.next_power_of_2(-(-max_context // 256))))
 
 
-def tile_config(max_seqlen_q: int, group_p: int) -> tuple[int, int, int, int]:
+def tile_config(max_seqlen_q: int, group_p: int, num_splits: int = 1) -> tuple[int, int, int, int]:
     """(query rows a program, keys a loop step, warps, pipeline stages). Decode: one token's heads of a KV
-    group per program."""
+    group per program, 128 keys a step (H200, batch 256: 4-5% faster than 64 from mean context 850 up,
+    even at 256); split contexts keep 64, so short splits do not round up to a mostly empty step."""
     if max_seqlen_q == 1:
-        return max(16, group_p), 64, 4, 3
+        return max(16, group_p), 128 if num_splits == 1 else 64, 4, 3
     return max(64, group_p), 32, 4, 3  # best of 24 tiles for a 16k-token prefill on an H200 (186 TFLOP/s)
 
 
@@ -134,7 +135,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     group = heads // kv_heads
     group_p = triton.next_power_of_2(group)
     num_seqs = context_lens.shape[0]
-    block_m, block_n, warps, stages = tiles or tile_config(max_seqlen_q, group_p)
+    block_m, block_n, warps, stages = tiles or tile_config(max_seqlen_q, group_p, num_splits)
     block_t = 1 if max_seqlen_q == 1 else block_m // group_p  # decode: one token, its group of heads
     num_tiles = -(-max_seqlen_q // block_t)
     out = torch.empty_like(q) if out is None else out
