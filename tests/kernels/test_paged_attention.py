@@ -55,3 +55,59 @@ def test_paged_attention_matches_reference(device, case, num_splits):
     ref = paged_attention_ref(q.float(), kc.float(), vc.float(), query_lens, context_lens, table, dim ** -0.5)
     assert not out.isnan().any()
     assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+DECODE_CASES = [  # (context_lens (0: a padded graph row), block_size, kv_heads, heads, head_dim)
+    ([1, 17, 40, 0], 16, 2, 4, 32),     # GQA 2, a padded row
+    ([70, 3], 48, 2, 6, 40),            # odd head dim (padded), GQA 3, block 48
+    ([300, 129, 128], 16, 1, 8, 64),    # GQA 8, contexts across several 128-key steps
+]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_decode_attention_matches_norm_rotary_store_then_reference(device, case, num_splits, with_norm):
+    """The fused decode kernel equals the unfused pipeline: q/k norms and rotary (reference), k/v stored at
+    their slots, reference attention over the whole context; no other cache slot changes."""
+    from nanoserve.engine_pod.layers.layernorm import rms_norm as rms_ref
+    from nanoserve.engine_pod.layers.rotary import RotaryEmbedding, apply_rotary
+    from nanoserve.kernels.attention_ref import store_kvcache_ref
+    from nanoserve.kernels.paged_attention import decode_attention
+    context_lens, block_size, kv_heads, heads, dim = case
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    seed = random.randrange(1 << 30)
+    _, kc, vc, _, ctx, table = make_batch([1] * len(context_lens), [max(c, 1) for c in context_lens], block_size,
+                                          kv_heads, dim, heads, dtype, device, seed)
+    ctx = torch.tensor(context_lens, dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(seed + 1)
+    qkv = torch.randn(len(context_lens), (heads + 2 * kv_heads) * dim, generator=g).to(device, dtype)
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)  # strided views, as the model has them
+    q, k, v = q.view(-1, heads, dim), k.view(-1, kv_heads, dim), v.view(-1, kv_heads, dim)
+    positions = (ctx.long() - 1).clamp(min=0)
+    slots = torch.tensor([int(table[i, (c - 1) // block_size]) * block_size + (c - 1) % block_size if c else -1
+                          for i, c in enumerate(context_lens)], device=device)
+    rope = RotaryEmbedding(dim, 512, 10000.0, {}).to(device)
+    norms = {}
+    if with_norm:
+        norms = {"q_weight": torch.randn(dim, generator=g).to(device, dtype),
+                 "k_weight": torch.randn(dim, generator=g).to(device, dtype), "eps": 1e-6}
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    out = decode_attention(positions, q, k, v, rope.cos_sin, kc, vc, slots, ctx, table, dim ** -0.5,
+                           num_splits=num_splits, **norms)
+
+    nq, nk = (rms_ref(q, norms["q_weight"], 1e-6), rms_ref(k, norms["k_weight"], 1e-6)) if with_norm else (q, k)
+    rq, rk = apply_rotary(positions, nq, nk, rope.cos_sin)
+    store_kvcache_ref(rk, v, ref_kc, ref_vc, slots)
+    real = [i for i, c in enumerate(context_lens) if c]
+    ref = paged_attention_ref(rq[real].float(), ref_kc.float(), ref_vc.float(), [1] * len(real),
+                              [context_lens[i] for i in real], table[real], dim ** -0.5)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4
+    assert not out.isnan().any()
+    assert rel_err(out[real], ref) < tol
+    assert (out[[i for i in range(len(context_lens)) if i not in real]] == 0).all()  # padded rows: nothing read
+    assert torch.equal(vc, ref_vc)  # v stored where the reference stores it, bit for bit
+    stored = torch.zeros(kc.shape[0] * block_size, dtype=torch.bool, device=device)
+    stored[slots[slots >= 0]] = True
+    assert rel_err(kc.flatten(0, 1)[stored], ref_kc.flatten(0, 1)[stored]) < tol
+    assert torch.equal(kc.flatten(0, 1)[~stored], ref_kc.flatten(0, 1)[~stored])
