@@ -1,7 +1,6 @@
 """Decode attention micro-benchmark: time and achieved bandwidth (KV bytes read / time) of the Triton
-decode kernel as the engine runs it (Qwen3's q/k norms and rotary of the new token fused in) at batch 256,
-16 query / 8 KV heads, head_dim 128, mean context 256 / 850 / 2000, against the card's measured copy
-bandwidth (same run); also smaller batches with split contexts, and a prefill step."""
+paged-attention kernel at batch 256, 16 query / 8 KV heads, head_dim 128, mean context 256 / 850 / 2000,
+against the card's measured copy bandwidth (same run)."""
 import json
 import os
 import sys
@@ -14,7 +13,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth  # noqa: E402
 
-from nanoserve.kernels.paged_attention import decode_attention, num_splits_for, paged_attention, tile_config  # noqa: E402
+from nanoserve.kernels.paged_attention import num_splits_for, paged_attention, tile_config  # noqa: E402
 
 BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
 
@@ -37,36 +36,23 @@ def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3
         for s, n in enumerate(blocks):
             table[s, :n] = perm[i:i + n]
             i += n
-        sets.append((kc, vc, table))
+        q = torch.randn(BATCH, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+        sets.append((q, kc, vc, table))
+    cu = torch.arange(BATCH + 1, dtype=torch.int32, device="cuda")
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits = num_splits if num_splits else num_splits_for(BATCH, KV_HEADS, max(ctx), sms)
-    run = decode_step(sets, lens, splits, tiles)
+    it = iter(range(1 << 30))
+
+    def run():
+        q, kc, vc, table = sets[next(it) % copies]
+        paged_attention(q, kc, vc, cu, lens, table, DIM ** -0.5, 1, num_splits=splits, tiles=tiles)
+
     ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
     kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2  # k and v, bf16
     return {"mean_ctx": mean_ctx, "block_size": block_size, "splits": splits, "tiles": tiles,
             "longest_first": longest_first, "us": round(ms * 1e3, 1),
             "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}
-
-
-def decode_step(sets, lens: torch.Tensor, splits: int, tiles=None):
-    """A decode step's attention over rotating (k cache, v cache, block table) sets: the new token's raw
-    q/k/v (normed and rotated in the kernel, as Qwen3 runs it), nothing stored (slot -1)."""
-    batch = lens.shape[0]
-    qkv = torch.randn(batch, (HEADS + 2 * KV_HEADS) * DIM, device="cuda", dtype=torch.bfloat16)
-    q, k, v = qkv.split([HEADS * DIM, KV_HEADS * DIM, KV_HEADS * DIM], -1)
-    q, k, v = q.view(batch, HEADS, DIM), k.view(batch, KV_HEADS, DIM), v.view(batch, KV_HEADS, DIM)
-    positions = (lens - 1).long()
-    slots = torch.full((batch,), -1, dtype=torch.int64, device="cuda")
-    cos_sin = torch.randn(int(lens.max()), DIM, device="cuda")
-    norm_w = torch.ones(DIM, device="cuda", dtype=torch.bfloat16)
-    it = iter(range(1 << 30))
-
-    def run():
-        kc, vc, table = sets[next(it) % len(sets)]
-        decode_attention(positions, q, k, v, cos_sin, kc, vc, slots, lens, table, DIM ** -0.5, splits,
-                         norm_w, norm_w, tiles=tiles)
-    return run
 
 
 def decode_mid_batch(batch: int, mean_ctx: int, splits: int, block_size: int = 16) -> dict:
@@ -86,9 +72,13 @@ def decode_mid_batch(batch: int, mean_ctx: int, splits: int, block_size: int = 1
             table[s, :n] = perm[i:i + n]
             i += n
         tables.append(table)
+    q = torch.randn(batch, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
-    ms = triton.testing.do_bench_cudagraph(decode_step([(kc, vc, t) for t in tables], lens, splits),
-                                           rep=100, return_mode="median")
+    it = iter(range(1 << 30))
+    ms = triton.testing.do_bench_cudagraph(
+        lambda: paged_attention(q, kc, vc, cu, lens, tables[next(it) % 3], DIM ** -0.5, 1, num_splits=splits),
+        rep=100, return_mode="median")
     kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2
     return {"case": "decode_mid_batch", "batch": batch, "mean_ctx": mean_ctx, "splits": splits,
             "us": round(ms * 1e3, 1), "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}

@@ -40,63 +40,54 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 @triton.jit
-def norm_rotate_rows(rows_ptr, row_ok, w_ptr, cos_sin_ptr, pos, eps, HALF: tl.constexpr, DIM_P: tl.constexpr,
-                     HAS_NORM: tl.constexpr):
-    """Rows of 2 * HALF values at `rows_ptr` ([R, 1] pointers, `row_ok` [R, 1]): RMSNorm each (weight at
-    `w_ptr`) when HAS_NORM, then rotate neox-style to position `pos`. Returns [R, DIM_P] in the rows' dtype,
-    rounded like the reference: normalize in float32, cast, scale in the model dtype, rotate in float32.
-    Shared by the q/k rotary kernel below and the decode attention kernel."""
-    d = tl.arange(0, DIM_P)[None, :]
-    d_ok = d < 2 * HALF
-    partner = tl.where(d < HALF, d + HALF, d - HALF)  # the value each one rotates with
-    x = tl.load(rows_ptr + d, mask=row_ok & d_ok, other=0.0)
-    xp = tl.load(rows_ptr + partner, mask=row_ok & d_ok, other=0.0)
-    dtype = x.dtype
-    x, xp = x.to(tl.float32), xp.to(tl.float32)
-    if HAS_NORM:
-        r = tl.rsqrt(tl.sum(x * x, 1) / (2 * HALF) + eps)[:, None]
-        x = ((x * r).to(dtype) * tl.load(w_ptr + d, mask=d_ok, other=0.0)).to(tl.float32)
-        xp = ((xp * r).to(dtype) * tl.load(w_ptr + partner, mask=d_ok, other=0.0)).to(tl.float32)
-    j = tl.where(d < HALF, d, d - HALF)
-    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + j, mask=d_ok, other=0.0)
-    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + j, mask=d_ok, other=0.0)
-    return (x * cos + tl.where(d < HALF, -xp, xp) * sin).to(dtype)
-
-
-@triton.jit
-def _norm_rotate_heads(src_ptr, dst_ptr, w_ptr, stride_h, cos_sin_ptr, pos, eps, NUM: tl.constexpr,
-                       NUM_P: tl.constexpr, HALF: tl.constexpr, DIM_P: tl.constexpr, HAS_NORM: tl.constexpr):
-    """One token's heads [NUM, 2 * HALF] from src (strided heads) to dst (contiguous)."""
+def _norm_rotate_heads(src_ptr, dst_ptr, w_ptr, stride_h, cos, sin, eps, NUM: tl.constexpr, NUM_P: tl.constexpr,
+                       HALF: tl.constexpr, HALF_P: tl.constexpr, HAS_NORM: tl.constexpr):
+    """One token's heads [NUM, 2 * HALF] from src (strided heads) to dst (contiguous): optional RMSNorm
+    per head, then neox-style rotation."""
     h = tl.arange(0, NUM_P)[:, None]
-    d = tl.arange(0, DIM_P)[None, :]
-    y = norm_rotate_rows(src_ptr + h * stride_h, h < NUM, w_ptr, cos_sin_ptr, pos, eps, HALF, DIM_P, HAS_NORM)
-    tl.store(dst_ptr + h * 2 * HALF + d, y, mask=(h < NUM) & (d < 2 * HALF))
+    d = tl.arange(0, HALF_P)[None, :]
+    mask = (h < NUM) & (d < HALF)
+    x1 = tl.load(src_ptr + h * stride_h + d, mask=mask, other=0.0)
+    x2 = tl.load(src_ptr + h * stride_h + HALF + d, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    if HAS_NORM:  # rounded like the reference: normalize in float32, cast, scale in the model dtype
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0)
+        w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0)
+        x1 = ((x1 * r).to(dtype) * w1).to(tl.float32)
+        x2 = ((x2 * r).to(dtype) * w2).to(tl.float32)
+    tl.store(dst_ptr + h * 2 * HALF + d, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(dst_ptr + h * 2 * HALF + HALF + d, (x2 * cos + x1 * sin).to(dtype), mask=mask)
 
 
 @triton.jit
 def _qk_norm_rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr,
                            v_out_ptr, slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, eps,
                            NUM_Q: tl.constexpr, NUM_Q_P: tl.constexpr, NUM_KV: tl.constexpr,
-                           NUM_KV_P: tl.constexpr, HALF: tl.constexpr, DIM_P: tl.constexpr,
+                           NUM_KV_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
                            HAS_NORM: tl.constexpr, STORE: tl.constexpr):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
-    _norm_rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * NUM_Q * 2 * HALF, q_w_ptr, stride_qh, cos_sin_ptr, pos,
-                       eps, NUM_Q, NUM_Q_P, HALF, DIM_P, HAS_NORM)
+    d = tl.arange(0, HALF_P)[None, :]
+    cos = tl.load(cos_sin_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0)
+    sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + d, mask=d < HALF, other=0.0)
+    _norm_rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * NUM_Q * 2 * HALF, q_w_ptr, stride_qh, cos, sin, eps,
+                       NUM_Q, NUM_Q_P, HALF, HALF_P, HAS_NORM)
     width = NUM_KV * 2 * HALF
     if STORE:  # k and v go straight to the token's paged-cache slot (-1: nothing to keep)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
-            _norm_rotate_heads(k_ptr + t * stride_kt, k_out_ptr + slot * width, k_w_ptr, stride_kh, cos_sin_ptr,
-                               pos, eps, NUM_KV, NUM_KV_P, HALF, DIM_P, HAS_NORM)
+            _norm_rotate_heads(k_ptr + t * stride_kt, k_out_ptr + slot * width, k_w_ptr, stride_kh, cos, sin, eps,
+                               NUM_KV, NUM_KV_P, HALF, HALF_P, HAS_NORM)
             h = tl.arange(0, NUM_KV_P)[:, None]
-            c = tl.arange(0, DIM_P)[None, :]
+            c = tl.arange(0, 2 * HALF_P)[None, :]
             mask = (h < NUM_KV) & (c < 2 * HALF)
             v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=mask)
             tl.store(v_out_ptr + slot * width + h * 2 * HALF + c, v, mask=mask)
     else:
-        _norm_rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * width, k_w_ptr, stride_kh, cos_sin_ptr, pos, eps,
-                           NUM_KV, NUM_KV_P, HALF, DIM_P, HAS_NORM)
+        _norm_rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * width, k_w_ptr, stride_kh, cos, sin, eps,
+                           NUM_KV, NUM_KV_P, HALF, HALF_P, HAS_NORM)
 
 
 def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, store=None):
@@ -110,7 +101,7 @@ def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, st
                                       k_weight if has_norm else k, q_out, k_out, v_out, slots,
                                       q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), eps,
                                       NUM_Q=heads, NUM_Q_P=p2(heads), NUM_KV=kv_heads, NUM_KV_P=p2(kv_heads),
-                                      HALF=dim // 2, DIM_P=p2(dim), HAS_NORM=has_norm, STORE=store is not None,
+                                      HALF=dim // 2, HALF_P=p2(dim // 2), HAS_NORM=has_norm, STORE=store is not None,
                                       num_warps=4)
     return q_out
 

@@ -3,7 +3,7 @@ installed and asked for), "torch" (the plain reference: CPU, tests).
 
 Every backend does the same three things per layer: rotate the new tokens' q and k, store their k/v into
 the paged cache, then attend each sequence's new queries over its cached context (Triton: the first two
-in one kernel, all three in one for decode steps).
+in one kernel).
 """
 import torch
 from torch import nn
@@ -49,13 +49,7 @@ class Attention(nn.Module):
         kernel that applies them also writes k and v into the cache."""
         ctx = get_context()
         if self.backend == "triton":
-            from nanoserve.kernels.paged_attention import decode_attention, paged_attention
-            if ctx.is_decode:  # norms, rotary, KV store and attention: one kernel
-                norms = {} if q_norm is None else {"q_weight": q_norm.weight, "k_weight": k_norm.weight,
-                                                   "eps": q_norm.eps}
-                return decode_attention(positions, q, k, v, rotary.cos_sin, self.k_cache, self.v_cache,
-                                        ctx.slot_mapping, ctx.context_lens, ctx.block_tables, self.scale,
-                                        ctx.num_splits, **norms)
+            from nanoserve.kernels.paged_attention import paged_attention
             q = rotary.rotate_and_store(positions, q, k, v, q_norm, k_norm, self.k_cache, self.v_cache,
                                         ctx.slot_mapping)
             return paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
