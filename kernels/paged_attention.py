@@ -115,8 +115,8 @@ def num_splits_for(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: 
 
 def tile_config(max_seqlen_q: int, group_p: int, num_splits: int = 1) -> tuple[int, int, int, int]:
     """(query rows a program, keys a loop step, warps, pipeline stages). Decode: one token's heads of a KV
-    group per program, 128 keys a step (H200, batch 256: 4-5% faster than 64 from mean context 850 up,
-    even at 256); split contexts keep 64, so short splits do not round up to a mostly empty step."""
+    group per program, 128 keys a step (H200, batch 256: 2-2.5% faster than 64 at mean context 850-2,000,
+    equal at 256); split contexts keep 64, so short splits do not round up to a mostly empty step."""
     if max_seqlen_q == 1:
         return max(16, group_p), 128 if num_splits == 1 else 64, 4, 3
     return max(64, group_p), 32, 4, 3  # best of 24 tiles for a 16k-token prefill on an H200 (186 TFLOP/s)
