@@ -1,10 +1,17 @@
-"""Chat messages as the chat template sees them. The engine server and the gateway both call this, so a
-chat request tokenizes to the same ids in both (the gateway's prefix hashes must match the engine's)."""
+"""Chat messages as the chat template sees them, and the prompt ids of chat and completion requests.
+
+The engine server and the gateway both call these, so a request tokenizes to the same ids in both (the
+gateway's prefix hashes must match the engine's).
+"""
 from __future__ import annotations
 
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class ChatTemplateError(ValueError):
+    """The model's chat template refused the messages (e.g. roles that must alternate)."""
 
 
 def template_messages(messages: Any) -> list[dict]:
@@ -27,3 +34,23 @@ def template_messages(messages: Any) -> list[dict]:
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
+
+
+def chat_prompt_ids(tokenizer: Any, messages: Any) -> list[int]:
+    """Token ids of a chat request's prompt: the chat template with the generation prompt, then encoded
+    without adding special tokens again (the template wrote them)."""
+    rendered = template_messages(messages)
+    try:
+        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # noqa: BLE001 - jinja raises anything, including the template's own errors
+        raise ChatTemplateError(str(e)) from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    """Token ids of one completion prompt: a string is encoded (special tokens added), ids pass as given."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt
+    raise ValueError("'prompt' must be a string or a list of token ids")

@@ -41,7 +41,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model as given)")
     p.add_argument("--api-key", default=os.environ.get("NANOSERVE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (env NANOSERVE_API_KEY)")
     p.add_argument("--max-pending", type=int, default=256, help="waiting requests beyond this get 429")
@@ -52,14 +52,10 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.serve import run_server
     asyncio.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
-                           served_model_name=args.served_model_name or _default_name(args.model),
+                           served_model_name=args.served_model_name,
                            api_key=args.api_key, max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
                            drain_timeout=args.drain_timeout))
     return 0
-
-
-def _default_name(model: str) -> str | None:
-    return DEFAULT_MODEL if model == DEFAULT_MODEL else None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ the server never answers a bad request with a 500.
 """
 from dataclasses import dataclass
 
-from nanoserve.common.chat import template_messages
+from nanoserve.common.chat import ChatTemplateError, chat_prompt_ids, completion_prompt_ids
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.sampling_params import SamplingParams
 
@@ -101,14 +101,13 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        ids = prompt
-    elif prompt is None:
+    if prompt is None:
         raise APIError(400, "'prompt' is required", "prompt")
-    else:
-        raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)", "prompt")
+    try:
+        ids = completion_prompt_ids(tokenizer, prompt)
+    except ValueError:
+        raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
+                       "prompt") from None
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
     return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len), stream, include_usage)
@@ -116,14 +115,11 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int)
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int) -> ParsedRequest:
     try:
-        rendered = template_messages(body.get("messages"))
+        ids = chat_prompt_ids(tokenizer, body.get("messages"))
+    except ChatTemplateError as e:
+        raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
     except ValueError as e:
         raise APIError(400, str(e), "messages") from None
-    try:
-        text = tokenizer.apply_chat_template(rendered, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # template errors, e.g. roles that must alternate
-        raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
-    ids = tokenizer.encode(text, add_special_tokens=False)
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
     return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len), stream, include_usage)

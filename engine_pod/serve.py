@@ -1,11 +1,11 @@
 """`nanoserve serve`: listen first, load the model in the background, drain on SIGTERM, exit 0."""
 import asyncio
 import logging
-import os
 import signal
 
 from aiohttp import web
 
+from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.metrics import EngineMetrics
@@ -18,7 +18,7 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
                      api_key: str | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
                      drain_timeout: float = 120.0, ready_file: str | None = None) -> None:
     model = engine_kwargs.pop("model")
-    name = served_model_name or os.path.basename(os.path.normpath(model))
+    name = served_model_name or model  # as vLLM: the model as the user gave it
     state = ServerState(name, api_key, max_pending, max_body_bytes)
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5)
     await runner.setup()
@@ -39,6 +39,9 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
         engine = load.result()
         from transformers import AutoTokenizer
         state.tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
+        state.tokenizer_files = await asyncio.to_thread(export_files, state.tokenizer)
+        state.tokenizer_info = await asyncio.to_thread(tokenizer_info, state.tokenizer, state.tokenizer_files, name,
+                                                       engine.config.kvcache_block_size)
         state.engine = AsyncEngine(engine, EngineMetrics(name))
         state.engine.start()
         log.info("ready: model %s, %d KV blocks of %d tokens", name, engine.block_manager.num_blocks,

@@ -29,6 +29,8 @@ class ServerState:
         self.max_body_bytes = max_body_bytes
         self.engine: AsyncEngine | None = None  # set when the model is loaded
         self.tokenizer = None                   # the server's own copy: the engine thread uses its own
+        self.tokenizer_info: dict | None = None  # GET /v1/tokenizer, and its files: what the gateway loads
+        self.tokenizer_files: dict[str, bytes] = {}
         self.draining = False
         self.inflight = 0
         self.created = int(time.time())
@@ -208,13 +210,33 @@ async def cache_events(request: web.Request) -> web.StreamResponse:
                 await resp.write(b": ping\n\n")
                 continue
             event = {"type": kind, "hashes": hashes}
-            if kind == "snapshot":
+            if kind == "snapshot":  # what the hashes mean: a gateway whose tokenizer differs must not use them
                 event["block_size"] = block_size
+                event["tokenizer"] = state.tokenizer_info["fingerprint"] if state.tokenizer_info else None
             await resp.write(f"data: {json.dumps(event)}\n\n".encode())
     except ConnectionResetError:
         pass
     finally:
         engine.unsubscribe_cache_events(q)
+    return resp
+
+
+async def tokenizer(request: web.Request) -> web.Response:
+    """The tokenizer's fingerprint, vocabulary size, block size and file list (gateways tokenize with it)."""
+    state: ServerState = request.app[STATE]
+    if state.tokenizer_info is None:
+        raise APIError(503, "model is still loading", type="service_unavailable")
+    return web.json_response(state.tokenizer_info)
+
+
+async def tokenizer_file(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    name = request.match_info["name"]
+    data = state.tokenizer_files.get(name)  # a lookup by exact name: nothing else on disk is reachable
+    if data is None:
+        raise APIError(404, f"no tokenizer file named {name!r}", "name", "not_found")
+    resp = web.Response(body=data, content_type="application/octet-stream")
+    resp.enable_compression()  # tokenizer.json is JSON: several times smaller compressed
     return resp
 
 
@@ -245,6 +267,8 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/cache/events", cache_events)
+    app.router.add_get("/v1/tokenizer", tokenizer)
+    app.router.add_get("/v1/tokenizer/files/{name}", tokenizer_file)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)

@@ -68,7 +68,7 @@ async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", po
 
     # Resolve once here (the default model is converted on first use), not in N racing engines.
     model = resolve_model(engine_kwargs["model"])
-    name = served_model_name or os.path.basename(os.path.normpath(engine_kwargs["model"]))
+    name = served_model_name or engine_kwargs["model"]  # as the user gave it, like `serve`
     engine_kwargs = {**engine_kwargs, "model": model}
     ports = [free_port() for _ in range(replicas)]
     procs = [start_engine(engine_kwargs, p, name, drain_timeout) for p in ports]
@@ -80,7 +80,8 @@ async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", po
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    config = GatewayConfig(host=host, port=port, engines=urls, model=model, served_model_name=name, policy=policy,
+    # No local tokenizer: the gateway loads the engines' own, as it does in a cluster.
+    config = GatewayConfig(host=host, port=port, engines=urls, served_model_name=name, policy=policy,
                            engine_api_key=os.environ.get("NANOSERVE_API_KEY"), drain_timeout=drain_timeout)
     code = 0
     try:

@@ -20,6 +20,7 @@ from nanoserve.gateway.metrics import GatewayMetrics
 from nanoserve.gateway.policy import make_policy
 from nanoserve.gateway.prompt import PromptTokenizer, load_tokenizer
 from nanoserve.gateway.proxy import handle_generate
+from nanoserve.gateway.tokenizers import TokenizerError, Tokenizers, follow_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,9 @@ class Gateway:
         self.pool = EndpointPool(config)
         self.policy = make_policy(config.policy, config.routing)
         self.metrics = GatewayMetrics()
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer  # --model: a local copy (still checked against each engine's fingerprint)
+        self.tokenizers = Tokenizers(tokenizer)
+        self.mode = ""  # the routing mode last logged (routing_mode_now)
         self.url: str | None = None  # set by serve()
         self.session: aiohttp.ClientSession | None = None  # proxied requests: the client's own headers
         self.control: aiohttp.ClientSession | None = None  # the gateway's calls: probes, feeds, /v1/models
@@ -40,6 +43,8 @@ class Gateway:
     async def start(self) -> None:
         if self.tokenizer is None and self.config.model:
             self.tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
+            self.tokenizers = Tokenizers(self.tokenizer)
+        self.log_mode()
         # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding.
         self.session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
         key = self.config.engine_api_key
@@ -75,6 +80,7 @@ class Gateway:
             self._engine_tasks[ep.url] = self._watch(ep)
         if added or removed:
             log.info("engines: %s", sorted(self.pool.endpoints))
+            self.tokenizer_changed(None, None)
 
     def _watch(self, ep: Endpoint) -> list[asyncio.Task]:
         cfg = self.config
@@ -82,7 +88,35 @@ class Gateway:
         if self.policy.uses_cache:
             tasks.append(asyncio.create_task(follow_feed(self.control, ep.url, ep.cache,
                                                          cfg.feed_retry_interval, cfg.feed_idle_timeout)))
+            tasks.append(asyncio.create_task(follow_tokenizer(self.control, ep, self.tokenizers, cfg.health_interval,
+                                                              cfg.tokenizer_retry_interval, self.tokenizer_changed)))
         return tasks
+
+    def tokenizer_changed(self, ep: Endpoint | None, error: TokenizerError | None) -> None:
+        if error is not None:
+            log.warning("engine %s: no usable tokenizer (%s): %s", ep.url, error.reason, error)
+            self.metrics.tokenizer_errors.labels(error.reason).inc()
+        elif ep is not None and ep.tokenizer is not None:
+            log.info("engine %s: tokenizer %s verified (from %s), block size %d", ep.url,
+                     ep.tokenizer.fingerprint[:12], ep.tokenizer.source, ep.cache.block_size)
+        self.tokenizers.prune({e.tokenizer.fingerprint for e in self.pool.endpoints.values() if e.tokenizer})
+        self.log_mode()
+
+    def routing_mode_now(self) -> str:
+        """tokens: every engine's prefix cache is matched in its own token blocks; text: some engine has no
+        verified tokenizer, so prompts are matched by text prefix; load: the policy ignores caches."""
+        if not self.policy.uses_cache:
+            return "load"
+        eps = self.pool.routable() or list(self.pool.endpoints.values())
+        return "tokens" if eps and all(ep.tokenizer is not None for ep in eps) else "text"
+
+    def log_mode(self) -> None:
+        mode = self.routing_mode_now()
+        if mode != self.mode:
+            self.mode = mode
+            without = sorted(ep.url for ep in self.pool.endpoints.values() if ep.tokenizer is None)
+            log.info("routing mode: %s%s", mode, f" (no verified tokenizer yet: {without})"
+                     if mode == "text" and without else "")
 
     # Routes.
 
@@ -114,8 +148,11 @@ class Gateway:
         n = len(self.pool.routable())
         return web.json_response({"ready": n > 0, "engines": n}, status=200 if n else 503)
 
+    def metrics_text(self) -> bytes:
+        return self.metrics.render(self.pool, self.routing_mode_now())
+
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics.render(self.pool),
+        return web.Response(body=self.metrics_text(),
                             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -21,6 +21,7 @@ class CacheIndex:
         self.approx_capacity = approx_capacity
         self.pending_ttl = pending_ttl
         self.precise: set[int] | None = None  # None while no feed is live
+        self.tokenizer: str | None = None  # fingerprint of the tokenizer the feed's hashes come from
         self.approx: OrderedDict[int, None] = OrderedDict()
         self.pending: OrderedDict[int, float] = OrderedDict()  # hash -> expiry (time.monotonic())
 
@@ -32,8 +33,12 @@ class CacheIndex:
         """Apply one cache-feed event."""
         kind = event.get("type")
         if kind == "snapshot":
-            self.block_size = int(event["block_size"])
+            block_size = int(event["block_size"])
+            if block_size < 1:
+                raise ValueError(f"cache feed snapshot with block_size {block_size}")
+            self.block_size = block_size
             self.precise = set(event["hashes"])
+            self.tokenizer = event.get("tokenizer")
             self.approx.clear()  # the feed now tells the truth
         elif self.precise is None:
             raise ValueError(f"cache feed sent {kind!r} before its snapshot")
@@ -48,12 +53,9 @@ class CacheIndex:
     def feed_lost(self) -> None:
         """The feed ended, most likely because the engine stopped: its cache is gone."""
         self.precise = None
+        self.tokenizer = None
         self.approx.clear()
         self.pending.clear()
-
-    def reset(self) -> None:
-        """The engine went down: forget everything (a restarted engine starts cold)."""
-        self.feed_lost()
 
     def record(self, hashes: Sequence[int], now: float | None = None) -> None:
         """Remember a prompt routed here: in the LRU (approximate mode) or as pending (precise mode)."""

@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--service", help="Kubernetes Service of the engines (EndpointSlice discovery)")
     p.add_argument("--namespace", default=d.namespace)
     p.add_argument("--port-name", help="EndpointSlice port name (default: the first port)")
-    p.add_argument("--model", help="Hugging Face folder with the engines' tokenizer (without it: route by load)")
+    p.add_argument("--model", help="a local copy of the engines' tokenizer (default: each engine serves its own "
+                                   "at /v1/tokenizer; either way it is checked against the engine's fingerprint)")
     p.add_argument("--served-model-name", help="reject requests for other model names with 404")
     p.add_argument("--engine-api-key", default=os.environ.get("NANOSERVE_API_KEY"),
                    help="the engines' API key, for the gateway's own calls (default: $NANOSERVE_API_KEY)")
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unhealthy-threshold", type=int, default=d.unhealthy_threshold)
     p.add_argument("--healthy-threshold", type=int, default=d.healthy_threshold)
     p.add_argument("--max-attempts", type=int, default=d.max_attempts)
+    p.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
+    p.add_argument("--read-timeout", type=float, default=d.read_timeout,
+                   help="longest silence from an engine mid-response")
+    p.add_argument("--drain-timeout", type=float, default=d.drain_timeout,
+                   help="on SIGTERM, seconds open requests may still run")
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -49,7 +55,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         engine_api_key=args.engine_api_key, policy=args.policy, routing=routing, block_size=args.block_size,
         approx_capacity_blocks=args.approx_capacity_blocks, health_interval=args.health_interval,
         unhealthy_threshold=args.unhealthy_threshold, healthy_threshold=args.healthy_threshold,
-        max_attempts=args.max_attempts)
+        max_attempts=args.max_attempts, connect_timeout=args.connect_timeout, read_timeout=args.read_timeout,
+        drain_timeout=args.drain_timeout)
 
 
 def main(argv: list[str] | None = None) -> None:

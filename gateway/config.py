@@ -24,7 +24,7 @@ class GatewayConfig:
     namespace: str = "default"
     port_name: str | None = None      # EndpointSlice port name (None: the first port)
     scheme: str = "http"
-    model: str | None = None          # HF folder with the engines' tokenizer (None: route by load only)
+    model: str | None = None          # a local copy of the engines' tokenizer (None: each engine serves its own)
     served_model_name: str | None = None  # when set, requests for another model get 404
     engine_api_key: str | None = None  # the gateway's own engine calls (feed, /v1/models); clients send theirs
     policy: str = "cache-aware"       # cache-aware | round-robin | least-loaded
@@ -42,6 +42,7 @@ class GatewayConfig:
     metrics_max_age: float = 5.0      # older scrapes are ignored
     feed_retry_interval: float = 1.0  # reconnect delay of the cache-event feed
     feed_idle_timeout: float = 120.0  # reconnect (and resync) a feed silent for this long
+    tokenizer_retry_interval: float = 30.0  # an engine whose tokenizer could not be used is asked again after this
     # Proxying.
     max_attempts: int = 3             # tries per request, each on the next-best engine, before the first byte
     retry_backoff: float = 0.05       # seconds, doubled after each failed attempt

@@ -1,4 +1,4 @@
-"""Engine endpoints as the gateway sees them: discovery state, health, load and cache index."""
+"""Engine endpoints as the gateway sees them: discovery state, health, load, tokenizer and cache indexes."""
 from __future__ import annotations
 
 import time
@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 from nanoserve.gateway.cache_index import CacheIndex
 from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.policy import Candidate
-from nanoserve.gateway.prompt import Prompt
+from nanoserve.gateway.prompt import TEXT_CHUNK, Prompt, PromptTokenizer
 
 
 @dataclass
 class Endpoint:
     url: str
-    cache: CacheIndex
+    cache: CacheIndex       # the engine's prefix cache, in its block hashes (precise with its feed)
+    # Prompts routed here, as text chunks: steers routing while no tokenizer is verified.
+    text_cache: CacheIndex = field(default_factory=lambda: CacheIndex(TEXT_CHUNK))
     ready: bool = True      # discovery's view (EndpointSlice "ready" condition)
     healthy: bool = False   # active checks' view; unknown until the first probe answers
     successes: int = 0      # consecutive good probes
@@ -21,7 +23,7 @@ class Endpoint:
     in_flight: int = 0      # requests this gateway has open on it
     engine_busy: int = 0    # running + waiting, from the engine's /metrics
     metrics_at: float = -1e9  # time.monotonic() of that scrape
-    kv_usage: float = 0.0
+    tokenizer: PromptTokenizer | None = None  # the engine's own, verified (gateway/tokenizers.py)
 
     @property
     def routable(self) -> bool:
@@ -48,10 +50,30 @@ class Endpoint:
             self.mark_down()
 
     def mark_down(self) -> None:
-        """Stop routing here until probes succeed again; a restarted engine starts with a cold cache."""
+        """Stop routing here until probes succeed again. A restarted engine starts with a cold cache, and
+        may serve another model: its tokenizer is fetched again."""
         self.healthy = False
         self.successes = 0
-        self.cache.reset()
+        self.cache.feed_lost()
+        self.text_cache.feed_lost()
+        self.tokenizer = None
+
+    def record(self, prompt: Prompt, mode: str) -> None:
+        """Remember a prompt routed here (approximate and pending entries of the indexes)."""
+        if mode == "tokens":
+            self.cache.record(prompt.hashes(self.cache.block_size, self.tokenizer))
+        self.text_cache.record(prompt.text_hashes())
+
+
+def routing_mode(endpoints: list[Endpoint], prompt: Prompt | None) -> str:
+    """How a request is matched against these engines' caches: "tokens" when its ids are known for every
+    engine (the engines' tokenizers are verified, or the client sent ids), else "text"; "none" without a
+    prompt (a policy that ignores caches)."""
+    if prompt is None:
+        return "none"
+    if all(prompt.ids_for(ep.tokenizer) is not None for ep in endpoints):
+        return "tokens"
+    return "text"
 
 
 @dataclass
@@ -69,7 +91,8 @@ class EndpointPool:
             ep = self.endpoints.get(url)
             if ep is None:
                 cfg = self.config
-                ep = Endpoint(url, CacheIndex(cfg.block_size, cfg.approx_capacity_blocks, cfg.pending_ttl))
+                ep = Endpoint(url, CacheIndex(cfg.block_size, cfg.approx_capacity_blocks, cfg.pending_ttl),
+                              CacheIndex(TEXT_CHUNK, cfg.approx_capacity_blocks))
                 self.endpoints[url] = ep
                 added.append(ep)
             ep.ready = ready
@@ -78,12 +101,17 @@ class EndpointPool:
     def routable(self) -> list[Endpoint]:
         return [ep for ep in self.endpoints.values() if ep.routable]
 
-    def candidates(self, endpoints: list[Endpoint], prompt: Prompt | None) -> list[Candidate]:
-        """Policy inputs: each engine's load and its match of the prompt at the engine's own block size."""
+    def candidates(self, endpoints: list[Endpoint], prompt: Prompt | None, mode: str) -> list[Candidate]:
+        """Policy inputs: each engine's load and its match of the prompt, in the engine's own cache blocks
+        (mode "tokens") or in the text-prefix index ("text")."""
         now = time.monotonic()
         out = []
         for ep in endpoints:
-            hashes = prompt.hashes(ep.cache.block_size) if prompt is not None else []
+            index = ep.text_cache if mode == "text" else ep.cache
+            if mode == "tokens":
+                hashes = prompt.hashes(ep.cache.block_size, ep.tokenizer)
+            else:
+                hashes = prompt.text_hashes() if mode == "text" else []
             out.append(Candidate(ep.url, ep.load(self.config.metrics_max_age, now),
-                                 ep.cache.match(hashes), len(hashes), len(ep.cache)))
+                                 index.match(hashes), len(hashes), len(index)))
         return out

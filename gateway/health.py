@@ -27,7 +27,7 @@ async def probe(session: aiohttp.ClientSession, ep: Endpoint, cfg: GatewayConfig
 
 def parse_engine_metrics(text: str) -> dict[str, float]:
     """Sums of the vLLM-style gauges the router uses, by metric name."""
-    wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"}
+    wanted = {"vllm:num_requests_running", "vllm:num_requests_waiting"}
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -47,7 +47,6 @@ async def scrape(session: aiohttp.ClientSession, ep: Endpoint, cfg: GatewayConfi
         return  # stale metrics age out; health is the probe's business
     if "vllm:num_requests_running" in values or "vllm:num_requests_waiting" in values:
         ep.engine_busy = int(values.get("vllm:num_requests_running", 0) + values.get("vllm:num_requests_waiting", 0))
-        ep.kv_usage = values.get("vllm:kv_cache_usage_perc", 0.0)
         ep.metrics_at = time.monotonic()
 
 

@@ -24,17 +24,32 @@ class GatewayMetrics:
                               "Engine time to first response byte", ["engine"], registry=r)
         self.latency = Histogram("nanoserve_gateway_upstream_latency_seconds",
                                  "Engine time to the end of the response", ["engine"], registry=r)
+        self.prompt_modes = Counter("nanoserve_gateway_prompt_match_mode",
+                                    "Requests by how their prompt was matched: tokens (the engines' block hashes), "
+                                    "text (text-prefix affinity, no verified tokenizer), none", ["mode"], registry=r)
+        self.tokenizer_errors = Counter("nanoserve_gateway_tokenizer_errors",
+                                        "Engine tokenizers refused, by reason (unavailable, invalid, mismatch)",
+                                        ["reason"], registry=r)
+        self.routing_mode = Gauge("nanoserve_gateway_routing_mode",
+                                  "1 for the mode the gateway routes in now: tokens, text or load", ["mode"], registry=r)
+        self.engine_tokenizer = Gauge("nanoserve_gateway_engine_tokenizer_verified",
+                                      "1 when the engine's tokenizer is verified (its fingerprint as a label)",
+                                      ["engine", "fingerprint"], registry=r)
         self.up = Gauge("nanoserve_gateway_engine_up", "1 when the engine is routed to", ["engine"], registry=r)
         self.in_flight = Gauge("nanoserve_gateway_engine_in_flight", "Requests open on the engine",
                                ["engine"], registry=r)
         self.cached_blocks = Gauge("nanoserve_gateway_engine_cached_blocks",
                                    "Blocks in the gateway's index of the engine's cache", ["engine"], registry=r)
 
-    def render(self, pool: EndpointPool) -> bytes:
-        """Exposition text, with per-engine gauges refreshed from the pool."""
-        for gauge in (self.up, self.in_flight, self.cached_blocks):
+    def render(self, pool: EndpointPool, mode: str) -> bytes:
+        """Exposition text, with per-engine gauges and the routing mode refreshed."""
+        for gauge in (self.up, self.in_flight, self.cached_blocks, self.engine_tokenizer, self.routing_mode):
             gauge.clear()  # forget removed engines
+        for m in ("tokens", "text", "load"):
+            self.routing_mode.labels(m).set(1 if m == mode else 0)
         for ep in pool.endpoints.values():
+            fp = ep.tokenizer.fingerprint[:16] if ep.tokenizer else ""
+            self.engine_tokenizer.labels(ep.url, fp).set(1 if ep.tokenizer else 0)
             self.up.labels(ep.url).set(1 if ep.routable else 0)
             self.in_flight.labels(ep.url).set(ep.in_flight)
             self.cached_blocks.labels(ep.url).set(len(ep.cache))

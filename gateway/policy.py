@@ -15,7 +15,7 @@ from nanoserve.gateway.config import RoutingConfig
 @dataclass(frozen=True)
 class Candidate:
     name: str         # engine base URL
-    load: int         # requests in flight (see router.engine_load)
+    load: int         # requests in flight (see Endpoint.load)
     matched: int = 0  # leading blocks of the prompt the engine holds
     total: int = 0    # full blocks in the prompt (at this engine's block size)
     cached: int = 0   # blocks the engine holds in all (less means more room for new prefixes)

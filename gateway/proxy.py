@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -11,9 +12,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from nanoserve.gateway.endpoints import Endpoint
+from nanoserve.gateway.endpoints import Endpoint, routing_mode
 from nanoserve.gateway.errors import error_response, sse_error
-from nanoserve.gateway.prompt import prompt_of
+from nanoserve.gateway.prompt import build_prompt
 
 if TYPE_CHECKING:
     from nanoserve.gateway.app import Gateway
@@ -58,13 +59,14 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
         return error_response(503, "no healthy engine", "server_error", "no_healthy_engine")
     prompt = None
     if gw.policy.uses_cache:
+        tokenizers = list({ep.tokenizer.fingerprint: ep.tokenizer for ep in endpoints if ep.tokenizer}.values())
+        build = functools.partial(build_prompt, request.path, body, tokenizers)
         # Long prompts are tokenized off the event loop (the Rust tokenizer releases the GIL): streams keep flowing.
-        if len(raw) > 16384:
-            prompt = await asyncio.to_thread(prompt_of, gw.tokenizer, request.path, body)
-        else:
-            prompt = prompt_of(gw.tokenizer, request.path, body)
-    decision = gw.policy.rank(gw.pool.candidates(endpoints, prompt))
+        prompt = await asyncio.to_thread(build) if len(raw) > 16384 else build()
+    mode = routing_mode(endpoints, prompt)
+    decision = gw.policy.rank(gw.pool.candidates(endpoints, prompt, mode))
     gw.metrics.decisions.labels(decision.reason).inc()
+    gw.metrics.prompt_modes.labels(mode).inc()
     gw.metrics.matched_blocks.observe(decision.matched)
 
     headers = _forward_headers(request.headers)
@@ -79,7 +81,7 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
             await asyncio.sleep(gw.config.retry_backoff * 2 ** (attempt - 1))
         attempt += 1
         if prompt is not None:
-            ep.cache.record(prompt.hashes(ep.cache.block_size))
+            ep.record(prompt, mode)
         result = await _attempt(gw, request, ep, raw, headers)
         if not isinstance(result, Failure):
             return result

@@ -1,6 +1,6 @@
 """Pure rendering of the engine: a GPU Deployment and the headless Service the gateway discovers."""
 
-from nanoserve.operator.model import model_source
+from nanoserve.operator.model import model_source, served_model_name
 from nanoserve.operator.names import ENGINE_PORT, engine_name, labels, selector
 from nanoserve.operator.security import container_security, pod_security
 
@@ -12,6 +12,7 @@ def engine_args(spec: dict, model_arg: str) -> list[str]:
     eng = spec["engine"]
     args = [
         "--model", model_arg,
+        "--served-model-name", served_model_name(spec),
         "--host", "0.0.0.0",
         "--port", str(ENGINE_PORT),
         "--tensor-parallel-size", str(spec["tensorParallelSize"]),

@@ -3,6 +3,11 @@
 from nanoserve.operator.names import GATEWAY_PORT, engine_name, gateway_name, labels, selector, service_name
 from nanoserve.operator.security import container_security, pod_security
 
+# A rolling update drops no request: the preStop pause lets the Service stop sending new connections
+# here before SIGTERM, then the gateway stops listening and lets open requests (streams) run this long.
+GATEWAY_DRAIN_SECONDS = 5
+GATEWAY_GRACE_SECONDS = 60
+
 
 def render_gateway_rbac(name: str) -> list[dict]:
     """The gateway watches its engines' EndpointSlices, in its own namespace only."""
@@ -32,12 +37,13 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
         "image": gw["image"],
         "command": ["nanoserve", "gateway"],
         "args": ["--port", str(GATEWAY_PORT), "--service", engine_name(name), "--namespace", namespace,
-                 "--policy", gw["policy"]],
+                 "--policy", gw["policy"], "--drain-timeout", str(GATEWAY_GRACE_SECONDS)],
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         "env": env,
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
         "readinessProbe": {**http("/ready"), "periodSeconds": 5},
         "livenessProbe": {**http("/health"), "periodSeconds": 10, "failureThreshold": 3},
+        "lifecycle": {"preStop": {"sleep": {"seconds": GATEWAY_DRAIN_SECONDS}}},
         "securityContext": container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -52,6 +58,7 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
                 "metadata": {"labels": labels(name, "gateway")},
                 "spec": {
                     "serviceAccountName": gateway_name(name),
+                    "terminationGracePeriodSeconds": GATEWAY_DRAIN_SECONDS + GATEWAY_GRACE_SECONDS + 5,
                     "securityContext": pod_security(),
                     "enableServiceLinks": False,
                     "containers": [container],

@@ -12,6 +12,14 @@ def model_summary(model: dict) -> str:
     return f"hf://{model['name']}"
 
 
+def served_model_name(spec: dict) -> str:
+    """The model's name in the API: spec.servedModelName, else the model as the user gave it (vLLM's rule)."""
+    if spec.get("servedModelName"):
+        return spec["servedModelName"]
+    model = spec["model"]
+    return model.get("builtin") or model.get("name") or model["path"]
+
+
 def model_source(model: dict, image: str) -> tuple[str, list[dict], list[dict], list[dict]]:
     """Returns (--model value, volumes, engine volume mounts, init containers)."""
     if "builtin" in model:

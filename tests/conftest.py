@@ -1,5 +1,10 @@
 """Fixtures shared by every suite: tiny random Hugging Face models built on the spot, with fixed seeds."""
+import pathlib
+import sys
+
 import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # helper modules beside the suites (procs.py)
 
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -9,16 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import pytest
+from procs import free_port, wait_http
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
@@ -41,27 +40,6 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("tiny-tokenizer")
     fast.save_pretrained(path)
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll until `url` answers 200 (bounded); give up early if `proc` exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout}s")
-            time.sleep(0.05)
 
 
 class EngineProcess:
@@ -251,3 +229,27 @@ def fake_engine_module():
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture
+def local_engines(fake_engine_module):
+    """`async with local_engines(FakeConfig options, ...) as urls:` fake engines in this process and event loop
+    (no process start: for tests of the gateway's own logic, not of process faults)."""
+    from aiohttp import web
+    fake = fake_engine_module
+
+    @contextlib.asynccontextmanager
+    async def start(*configs: dict):
+        runners = []
+        try:
+            for i, options in enumerate(configs):
+                runner = web.AppRunner(fake.build_app(fake.FakeConfig(**{"name": f"e{i}", **options})))
+                await runner.setup()
+                await web.TCPSite(runner, "127.0.0.1", 0).start()
+                runners.append(runner)
+            yield [f"http://127.0.0.1:{r.addresses[0][1]}" for r in runners]
+        finally:
+            for runner in runners:
+                await runner.cleanup()
+    return start
+

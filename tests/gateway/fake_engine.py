@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass, fields
 from aiohttp import web
 
 from nanoserve.common.block_hash import block_hashes
-
+from nanoserve.common.chat import chat_prompt_ids, completion_prompt_ids
+from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 
 
 @dataclass
@@ -40,15 +41,21 @@ class FakeConfig:
     block_size: int = 16
     cache_blocks: int = 4096
     api_key: str | None = None    # when set, /v1/* needs "Authorization: Bearer <key>" (as the engine server)
+    serve_tokenizer: bool = True  # GET /v1/tokenizer (with a tokenizer): as the engine server
+    tokenizer_fault: str = ""     # error: 500 | vocab: reports a wrong vocabulary size | file: serves other bytes
+                                  # | swap: serves another tokenizer's files under its own description
 
 
 class FakeEngine:
     def __init__(self, cfg: FakeConfig) -> None:
         self.cfg = cfg
         self.tok = None
+        self.tokenizer_info, self.tokenizer_files = None, {}
         if cfg.tokenizer:
             from transformers import AutoTokenizer
             self.tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+            self.tokenizer_files = export_files(self.tok)
+            self.tokenizer_info = tokenizer_info(self.tok, self.tokenizer_files, cfg.model, cfg.block_size)
         self.requests = 0      # generation requests received
         self.running = 0
         self.queries = 0       # prompt tokens looked up in the prefix cache
@@ -62,10 +69,8 @@ class FakeEngine:
         if self.tok is None:
             return []
         if path.endswith("/chat/completions"):
-            text = self.tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True)
-            return self.tok.encode(text, add_special_tokens=False)
-        prompt = body["prompt"]
-        return self.tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            return chat_prompt_ids(self.tok, body["messages"])
+        return completion_prompt_ids(self.tok, body["prompt"])
 
     def use_cache(self, ids: list[int]) -> None:
         hashes = block_hashes(ids, self.cfg.block_size)
@@ -152,7 +157,8 @@ class FakeEngine:
         q: asyncio.Queue = asyncio.Queue()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        snapshot = {"type": "snapshot", "block_size": self.cfg.block_size, "hashes": list(self.cache)}
+        snapshot = {"type": "snapshot", "block_size": self.cfg.block_size, "hashes": list(self.cache),
+                    "tokenizer": self.tokenizer_info["fingerprint"] if self.tokenizer_info else None}
         self.subscribers.append(q)
         try:
             await resp.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
@@ -168,6 +174,30 @@ class FakeEngine:
         finally:
             self.subscribers.remove(q)
         return resp
+
+    async def tokenizer(self, request: web.Request) -> web.Response:
+        fault = self.cfg.tokenizer_fault
+        if not self.cfg.serve_tokenizer or self.tokenizer_info is None:
+            raise web.HTTPNotFound()
+        if fault == "error":
+            return web.json_response({"error": {"message": "injected failure"}}, status=500)
+        info = dict(self.tokenizer_info)
+        if fault == "vocab":
+            info["vocab_size"] += 1
+        if fault == "swap":  # files of a different tokenizer, described truthfully, under this one's fingerprint
+            info["files"] = tokenizer_info(self.tok, _swapped_files(self.tokenizer_files), "", 1)["files"]
+        return web.json_response(info)
+
+    async def tokenizer_file(self, request: web.Request) -> web.Response:
+        files = self.tokenizer_files
+        if self.cfg.tokenizer_fault == "swap":
+            files = _swapped_files(files)
+        data = files.get(request.match_info["name"])
+        if data is None:
+            raise web.HTTPNotFound()
+        if self.cfg.tokenizer_fault == "file":
+            data = data[:-1] + b" "
+        return web.Response(body=data, content_type="application/octet-stream")
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": self.cfg.model, "object": "model",
@@ -205,6 +235,16 @@ class FakeEngine:
                                   "cached_blocks": len(self.cache), **asdict(self.cfg)})
 
 
+def _swapped_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The same tokenizer with two vocabulary entries' ids exchanged: it loads, with the same size, and
+    tokenizes differently."""
+    doc = json.loads(files["tokenizer.json"])
+    vocab = doc["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[-2:]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    return {**files, "tokenizer.json": json.dumps(doc).encode()}
+
+
 def build_app(cfg: FakeConfig) -> web.Application:
     engine = FakeEngine(cfg)
 
@@ -220,6 +260,8 @@ def build_app(cfg: FakeConfig) -> web.Application:
         app.router.add_post(path, engine.generate)
     app.router.add_get("/v1/cache/events", engine.cache_events)
     app.router.add_get("/v1/models", engine.models)
+    app.router.add_get("/v1/tokenizer", engine.tokenizer)
+    app.router.add_get("/v1/tokenizer/files/{name}", engine.tokenizer_file)
     app.router.add_get("/health", engine.health)
     app.router.add_get("/ready", engine.ready)
     app.router.add_get("/metrics", engine.metrics)

@@ -1,4 +1,5 @@
-"""Prompt tokenization matches the engine's recipe, and the gateway never imports torch."""
+"""Prompts as the router sees them: token ids by the engine's recipe, text for text-prefix affinity; and the
+gateway never imports torch."""
 from __future__ import annotations
 
 import os
@@ -8,9 +9,10 @@ import sys
 import pytest
 
 from nanoserve.common.block_hash import block_hashes
-from nanoserve.gateway.prompt import Prompt, load_tokenizer, prompt_of
+from nanoserve.gateway.prompt import TEXT_CHUNK, Prompt, build_prompt, load_tokenizer, request_text, text_hashes
 
 MESSAGES = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w3 w4 w5"}]
+CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
@@ -18,46 +20,66 @@ def tok(tiny_tokenizer):
     return load_tokenizer(tiny_tokenizer)
 
 
+def ids(tok, path, body):
+    return build_prompt(path, body, [tok]).ids_for(tok)
+
+
 def test_chat_is_rendered_with_the_template_without_special_tokens(tok, tiny_tokenizer):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(tiny_tokenizer)
     text = hf.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     expected = hf.encode(text, add_special_tokens=False)
-    p = prompt_of(tok, "/v1/chat/completions", {"messages": MESSAGES})
-    assert p.token_ids == expected
-    assert hf.bos_token_id not in p.token_ids  # the template, not encode(), decides on special tokens
+    got = ids(tok, CHAT, {"messages": MESSAGES})
+    assert got == expected
+    assert hf.bos_token_id not in got  # the template, not encode(), decides on special tokens
 
 
 def test_chat_messages_are_normalised_like_the_engine_does(tok):
-    """Text parts are joined, "developer" is "system", extra keys are dropped (engine_pod/openai_protocol.py)."""
-    plain = prompt_of(tok, "/v1/chat/completions", {"messages": MESSAGES}).token_ids
+    """Text parts are joined, "developer" is "system", extra keys are dropped (common/chat.py)."""
+    plain = ids(tok, CHAT, {"messages": MESSAGES})
     fancy = [{"role": "developer", "content": "w1 w2", "name": "ops"},
              {"role": "user", "content": [{"type": "text", "text": "w3 "}, {"type": "text", "text": "w4 w5"}]}]
-    assert prompt_of(tok, "/v1/chat/completions", {"messages": fancy}).token_ids == plain
+    assert ids(tok, CHAT, {"messages": fancy}) == plain
+    assert request_text(CHAT, {"messages": fancy}) == request_text(CHAT, {"messages": MESSAGES})
 
 
 def test_completion_prompts(tok, tiny_tokenizer):
     from transformers import AutoTokenizer
     hf = AutoTokenizer.from_pretrained(tiny_tokenizer)
-    assert prompt_of(tok, "/v1/completions", {"prompt": "w7 w8"}).token_ids == hf.encode("w7 w8")
-    assert prompt_of(tok, "/v1/completions", {"prompt": [5, 6, 7]}).token_ids == [5, 6, 7]
-    assert prompt_of(tok, "/v1/completions", {"prompt": ["w7 w8", "w9"]}).token_ids == hf.encode("w7 w8")
-    assert prompt_of(tok, "/v1/completions", {"prompt": [[5, 6], [7]]}).token_ids == [5, 6]
+    assert ids(tok, "/v1/completions", {"prompt": "w7 w8"}) == hf.encode("w7 w8")
+    assert ids(tok, "/v1/completions", {"prompt": ["w7 w8", "w9"]}) == hf.encode("w7 w8")
 
 
-def test_unroutable_bodies_give_no_prompt(tok):
-    assert prompt_of(tok, "/v1/completions", {}) is None
-    assert prompt_of(tok, "/v1/completions", {"prompt": 3}) is None
-    assert prompt_of(tok, "/v1/chat/completions", {"messages": "hi"}) is None
-    assert prompt_of(None, "/v1/completions", {"prompt": "w1"}) is None
+def test_token_id_prompts_need_no_tokenizer():
+    p = build_prompt("/v1/completions", {"prompt": [[5, 6], [7]]}, [])
+    assert p.ids_for(None) == [5, 6] and p.hashes(2) == block_hashes([5, 6], 2)
+    assert build_prompt("/v1/completions", {"prompt": [5, 6, 7]}, []).given_ids == [5, 6, 7]
+
+
+def test_unroutable_bodies_give_no_ids_and_no_text(tok):
+    for path, body in [("/v1/completions", {}), ("/v1/completions", {"prompt": 3}), (CHAT, {"messages": "hi"}),
+                       (CHAT, {"messages": [{"role": "user", "content": 5}]})]:
+        p = build_prompt(path, body, [tok])
+        assert p.ids_for(tok) is None and p.text is None and p.text_hashes() == []
 
 
 def test_hashes_per_block_size():
-    ids = list(range(50))
-    p = Prompt(ids)
-    assert p.hashes(16) == block_hashes(ids, 16) and len(p.hashes(16)) == len(ids) // 16
-    assert p.hashes(8) == block_hashes(ids, 8)
+    token_ids = list(range(50))
+    p = Prompt(token_ids=token_ids)
+    assert p.hashes(16) == block_hashes(token_ids, 16) and len(p.hashes(16)) == len(token_ids) // 16
+    assert p.hashes(8) == block_hashes(token_ids, 8)
     assert p.hashes(16) is p.hashes(16)  # computed once
+
+
+def test_text_hashes_chain_over_full_chunks_so_later_turns_extend_earlier_ones():
+    first = [{"role": "user", "content": "x" * 150}]
+    later = first + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "é" * 100}]
+    a, b = (text_hashes(request_text(CHAT, {"messages": m})) for m in (first, later))
+    assert len(a) == len(request_text(CHAT, {"messages": first}).encode()) // TEXT_CHUNK == 2
+    assert b[:len(a)] == a and len(b) > len(a)
+    other = text_hashes(request_text(CHAT, {"messages": [{"role": "system", "content": "x" * 150}]}))
+    assert other[0] != a[0]  # roles are part of the text
+    assert text_hashes("\ud800" * 40)  # lone surrogates hash too (they cannot be encoded strictly)
 
 
 def test_gateway_does_not_import_torch(tiny_tokenizer):
@@ -67,9 +89,9 @@ def test_gateway_does_not_import_torch(tiny_tokenizer):
         "import sys\n"
         "sys.modules['torch'] = None\n"
         "import nanoserve.gateway, nanoserve.gateway.cli, nanoserve.gateway.app\n"
-        "from nanoserve.gateway.prompt import load_tokenizer, prompt_of\n"
+        "from nanoserve.gateway.prompt import build_prompt, load_tokenizer\n"
         f"tok = load_tokenizer({tiny_tokenizer!r})\n"
-        "assert prompt_of(tok, '/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'w1'}]})\n"
+        "assert build_prompt('/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'w1'}]}, [tok]).ids\n"
         "assert sys.modules['torch'] is None, 'torch was imported'\n"
     )
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONSAFEPATH": "1"},
