@@ -77,7 +77,11 @@ async def fetch_files(session: aiohttp.ClientSession, url: str, info: dict, fold
                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 if resp.status != 200:
                     raise TokenizerError("unavailable", f"tokenizer file {f['name']}: status {resp.status}")
-                data = await resp.content.read(MAX_FILE_BYTES + 1)
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(1 << 20):
+                    data += chunk
+                    if len(data) > f["size"]:
+                        break  # more than described: no need to read the rest
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise TokenizerError("unavailable", f"tokenizer file {f['name']}: {e!r}") from None
         if len(data) != f["size"] or hashlib.sha256(data).hexdigest() != f["sha256"]:

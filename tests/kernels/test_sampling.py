@@ -19,6 +19,12 @@ def impl(request, device):
     return request.param
 
 
+def sample_size(impl: str, device: str, rows: int, tolerance: float) -> tuple[int, float]:
+    """Triton's CPU interpreter runs a program a row: there, a quarter of the rows and twice the tolerance
+    (the same number of standard deviations); the GPU suite and the reference keep the full count."""
+    return (rows, tolerance) if impl == "ref" or device == "cuda" else (rows // 4, 2 * tolerance)
+
+
 def test_greedy_rows_are_argmax_with_first_index_on_ties(impl, device):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
@@ -34,21 +40,21 @@ def test_greedy_rows_are_argmax_with_first_index_on_ties(impl, device):
 
 
 def test_sampled_rows_follow_the_softmax(impl, device):
-    rows, temperature = 1500, 0.7
+    (rows, tolerance), temperature = sample_size(impl, device, 1500, 0.045), 0.7  # ~4 standard deviations
     base = torch.tensor([1.0, 0.5, 0.0, -0.5, 2.0, -3.0, 0.2, 1.5])
     logits = base.repeat(rows, 1).to(device)
     seeds = torch.randint(0, 1 << 62, (rows,), generator=torch.Generator().manual_seed(1)).to(device)
     got = draw(impl, logits, torch.full((rows,), temperature, device=device), seeds)
     freq = torch.bincount(got.cpu(), minlength=8).double() / rows
     expected = (base.double() / temperature).softmax(-1)
-    assert (freq - expected).abs().max().item() < 0.045  # about 4 standard deviations at this count
+    assert (freq - expected).abs().max().item() < tolerance
 
 
 def test_sampled_rows_follow_the_softmax_across_splits(impl, device):
     """A vocabulary of many splits: the mass sits in a few tokens spread over different splits (the last
     column of one, the first of the next, the very last), whole splits hold nothing (-inf, as top-k/top-p
     masking leaves them) or almost nothing."""
-    rows, temperature, vocab = 800, 0.8, 3072
+    (rows, tolerance), temperature, vocab = sample_size(impl, device, 800, 0.06), 0.8, 3072  # ~3.5 std devs
     cols = torch.tensor([5, 1023, 1024, 1500, 2047, 3071])
     values = torch.tensor([1.0, 0.5, 0.0, 2.0, -1.0, 1.5])
     row = torch.full((vocab,), -30.0)
@@ -59,7 +65,7 @@ def test_sampled_rows_follow_the_softmax_across_splits(impl, device):
     got = draw(impl, row.repeat(rows, 1).to(device), temps, seeds)
     freq = (got.cpu().unsqueeze(1) == cols).double().mean(0)
     expected = (values.double() / temperature).softmax(-1)
-    assert (freq - expected).abs().max().item() < 0.06  # about 3.5 standard deviations at this count
+    assert (freq - expected).abs().max().item() < tolerance
 
 
 def test_draw_depends_only_on_the_seed(impl, device):
