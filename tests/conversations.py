@@ -15,17 +15,22 @@ MAX_TOKENS = 16  # real engines' replies (fake ones answer `tokens` chunks)
 
 
 class Conversation:
-    def __init__(self, seed: int, model: str = "fake-model", max_tokens: int = MAX_TOKENS) -> None:
+    def __init__(self, seed: int, model: str = "fake-model", max_tokens: int = MAX_TOKENS,
+                 words: tuple[int, int] = (30, 50), shared_system: bool = True) -> None:
         self.rng = random.Random(seed)
         self.model = model
-        self.messages = [{"role": "system", "content": SYSTEM}]
-        self.engines: list[str] = []
         self.max_tokens = max_tokens
+        self.words = words
+        # A system prompt shared by every conversation (first turns then hit a little anywhere), or its own.
+        self.messages = [{"role": "system", "content": SYSTEM if shared_system else self.say(8, 9)}]
+        self.engines: list[str] = []
+
+    def say(self, least: int, most: int) -> str:
+        # Words both vocabularies know (the fake engines' tokenizer and the tiny model's), none of them special.
+        return " ".join(f"w{self.rng.randrange(10, 250)}" for _ in range(self.rng.randrange(least, most)))
 
     def next_request(self, stream: bool = False) -> dict:
-        # Words both vocabularies know (the fake engines' tokenizer and the tiny model's), none of them special.
-        words = " ".join(f"w{self.rng.randrange(10, 250)}" for _ in range(self.rng.randrange(30, 50)))
-        self.messages.append({"role": "user", "content": words})
+        self.messages.append({"role": "user", "content": self.say(*self.words)})
         return {"model": self.model, "messages": list(self.messages), "stream": stream, "max_tokens": self.max_tokens}
 
     def answered(self, engine: str, text: str) -> None:
@@ -72,9 +77,10 @@ async def cached_hashes(session, engine_url: str) -> set[int]:
     raise AssertionError("the feed ended before its snapshot")
 
 
-async def run_conversations(gw_url: str, n_conv: int, turns: int, first_seed: int = 0,
-                            model: str = "fake-model", max_tokens: int = MAX_TOKENS) -> list[Conversation]:
-    convs = [Conversation(seed, model, max_tokens) for seed in range(first_seed, first_seed + n_conv)]
+async def run_conversations(gw_url: str, n_conv: int, turns: int, first_seed: int = 0, model: str = "fake-model",
+                            **options) -> list[Conversation]:
+    """`n_conv` conversations of `turns` turns, interleaved one request at a time; options: Conversation's."""
+    convs = [Conversation(seed, model, **options) for seed in range(first_seed, first_seed + n_conv)]
     async with aiohttp.ClientSession() as s:
         for _ in range(turns):  # interleaved, one request at a time
             for conv in convs:

@@ -171,3 +171,35 @@ def test_engines_with_other_models_each_get_their_own(local_engines, start_gatew
             assert [ep.tokenizer.source for ep in gw.pool.endpoints.values()] == [new]
             assert len(gw.tokenizers.loaded) == 1
     asyncio.run(main())
+
+
+def test_an_engine_restarted_with_another_model_is_reverified(start_gateway, until, tiny_tokenizer, tiny_models,
+                                                              fake_engine_module):
+    """Same address, new model (a pod replaced in place): the gateway notices (its probes or the feed's
+    snapshot fingerprint) and verifies the new tokenizer before routing by it again."""
+    from aiohttp import web
+    fake = fake_engine_module
+
+    async def serve(tokenizer: str, port: int = 0) -> web.AppRunner:
+        runner = web.AppRunner(fake.build_app(fake.FakeConfig(tokenizer=tokenizer, block_size=8)))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        return runner
+
+    async def main():
+        runner = await serve(tiny_tokenizer)
+        port = runner.addresses[0][1]
+        url = f"http://127.0.0.1:{port}"
+        try:
+            async with start_gateway([url]) as gw:
+                ep = gw.pool.endpoints[url]
+                await until(lambda: ep.tokenizer is not None)
+                first = ep.tokenizer.fingerprint
+                await runner.cleanup()
+                runner = await serve(tiny_models["qwen3"], port)
+                await until(lambda: ep.tokenizer is not None and ep.tokenizer.fingerprint != first)
+                assert ep.cache.tokenizer in (None, ep.tokenizer.fingerprint)
+                assert list(gw.tokenizers.loaded) == [ep.tokenizer.fingerprint]  # the old one is dropped
+        finally:
+            await runner.cleanup()
+    asyncio.run(main())

@@ -130,6 +130,24 @@ def test_model_sources():
     assert any(model_dir.startswith(m["mountPath"]) for m in c["volumeMounts"] if m["name"] in shared)
 
 
+@pytest.mark.parametrize("model,served", [({"builtin": "smollm2-135m"}, "smollm2-135m"),
+                                          ({"name": "Qwen/Qwen3-0.6B"}, "Qwen/Qwen3-0.6B"),
+                                          ({"pvc": "models", "path": "org/llama-3b"}, "org/llama-3b")])
+def test_the_served_name_is_the_model_as_the_user_gave_it(model, served):
+    """As vLLM names a model by its --model argument: the repo id, not the folder it lands in."""
+    assert flags(engine_container(children({"model": model}))["args"])["--served-model-name"] == served
+    named = children({"model": model, "servedModelName": "chat"})
+    assert flags(engine_container(named)["args"])["--served-model-name"] == "chat"
+
+
+def test_gateway_pod_drains_on_rolling_updates():
+    pod = children({})["Deployment", "demo-gateway"]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pause > 0  # endpoints drop the pod before it stops listening
+    assert pause + float(flags(c["args"])["--drain-timeout"]) < pod["terminationGracePeriodSeconds"]
+
+
 def test_api_key_comes_from_the_secret():
     env = {e["name"]: e for e in engine_container(children({"apiKeySecret": "key"}))["env"]}
     assert env["NANOSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "key"
