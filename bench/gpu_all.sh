@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune gemm throughput profile variants tp2 routing (tune and gemm: only when named). Results under $OUT (or /tmp/nanoserve-out).
+# Stages: tests tp kernel tune gemm throughput profile variants tp2 routing serving anchor (tune and gemm: only
+# when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
-STAGES=" ${*:-tests tp kernel throughput profile variants tp2 routing} "
+STAGES=" ${*:-tests tp kernel throughput profile variants tp2 routing serving anchor} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
@@ -63,4 +64,24 @@ fi
 # Routing: 3 engines share the GPU; 6 system prompts of ~2,000 tokens, one engine's 320 blocks hold 2 of them.
 want routing && run 420 python bench/routing.py --gpu --model qwen3-0.6b --system-words 2000 --kv-blocks 320 \
   --users 60 --turns 3 --rate 3 --think 0.3 --max-tokens 16
+# Serving (bench/serving.py): one engine server (and a gateway in front), clients over HTTP, as users see it.
+MODEL=$(python -c 'import sys; sys.path.insert(0, "bench"); from common import qwen3_0_6b_path; print(qwen3_0_6b_path())')
+serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the gateway, the serving runs
+  local label=$1; shift
+  env "$@" python -m nanoserve.engine_pod.cli serve --model "$MODEL" --host 127.0.0.1 --port 8700 \
+    --served-model-name bench --max-num-batched-tokens 16384 >>"$OUT/serve.log" 2>&1 & local srv=$!
+  python -m nanoserve.gateway --host 127.0.0.1 --port 8701 --engine http://127.0.0.1:8700 --log-level WARNING \
+    >>"$OUT/gateway.log" 2>&1 & local gw=$!
+  for _ in $(seq 240); do python -c "import urllib.request as u; [u.urlopen(f'http://127.0.0.1:{p}/ready') \
+    for p in (8700, 8701)]" 2>/dev/null && break; sleep 1; done
+  local direct="--url http://127.0.0.1:8700" via="--url http://127.0.0.1:8701 --metrics-url http://127.0.0.1:8700"
+  run 150 python bench/serving.py $direct --both --label "$label-direct"
+  run 150 python bench/serving.py $via --stream --label "$label-gateway"
+  run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --label "$label-poisson32"
+  run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --label "$label-gateway-poisson32"
+  kill $gw; kill $srv; wait $srv $gw 2>/dev/null
+}
+want serving && serve_and_bench default
+want serving-gil && serve_and_bench gil05 NANOSERVE_GIL_SWITCH_MS=0.5
+want anchor && [ -d .anchor ] && run 400 bash .anchor/run.sh "$MODEL" bench
 exit 0

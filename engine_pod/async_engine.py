@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.metrics import EngineMetrics
-from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.sequence import Sequence
 
 
@@ -64,7 +63,8 @@ class AsyncEngine:
 
     # ---- called from the event loop -----------------------------------------------------------
     async def generate(self, seq: Sequence):
-        """Queue `seq` and yield TokenDelta as tokens arrive. Leaving early (client gone) aborts it."""
+        """Queue `seq` and yield TokenDelta as tokens arrive. Tokens that arrived while the caller was busy
+        come as one delta (one SSE event, not one per token). Leaving early (client gone) aborts it."""
         out: asyncio.Queue = asyncio.Queue()
         self.num_waiting += 1  # counted at once, so back-pressure sees a burst before the engine thread does
         self._send(self._add, _Request(seq, out))
@@ -72,6 +72,12 @@ class AsyncEngine:
         try:
             while not finished:
                 delta = await out.get()
+                while not isinstance(delta, BaseException) and delta.finish_reason is None and not out.empty():
+                    more = out.get_nowait()
+                    if isinstance(more, BaseException):
+                        delta = more
+                        break
+                    delta = TokenDelta(delta.token_ids + more.token_ids, more.finish_reason, more.num_cached_tokens)
                 if isinstance(delta, BaseException):
                     raise delta
                 finished = delta.finish_reason is not None
@@ -92,6 +98,11 @@ class AsyncEngine:
     # ---- engine thread ------------------------------------------------------------------------
     def _post(self, q: asyncio.Queue, item) -> None:
         self.loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _post_all(self, items: list[tuple[asyncio.Queue, object]]) -> None:
+        """Many results in one wake-up of the event loop (one per step, not one per token)."""
+        if items:
+            self.loop.call_soon_threadsafe(_deliver, items)
 
     def _add(self, req: _Request) -> None:
         self.requests[req.seq.seq_id] = req
@@ -139,6 +150,7 @@ class AsyncEngine:
         started = time.monotonic()
         sampled = self.engine.step()
         now = time.monotonic()
+        posts: list[tuple[asyncio.Queue, TokenDelta]] = []
         for seq, _ in self.engine.last_batch:
             req = self.requests.get(seq.seq_id)
             if req is not None and req.scheduled_at is None:
@@ -155,11 +167,12 @@ class AsyncEngine:
                 self.labeled("inter_token_latency").observe(now - req.last_token_at)
             req.last_token_at = now
             self.labeled("generation_tokens").inc()
-            self._post(req.out, TokenDelta([token], seq.finish_reason, seq.num_cached_tokens))
+            posts.append((req.out, TokenDelta([token], seq.finish_reason, seq.num_cached_tokens)))
             if seq.finish_reason is not None:
                 del self.requests[seq.seq_id]
                 self.labeled("request_success", finished_reason=seq.finish_reason).inc()
                 self.labeled("e2e_request_latency").observe(now - seq.arrival)
+        self._post_all(posts)
         self.labeled("prefix_cache_queries").inc(bm.prefix_queries - queries)
         self.labeled("prefix_cache_hits").inc(bm.prefix_hits - hits)
         self.labeled("num_preemptions").inc(self.engine.scheduler.num_preemptions - preemptions)
@@ -176,6 +189,11 @@ class AsyncEngine:
                 for q in self.subscribers:
                     self._post(q, (kind, hashes))
             bm.events.clear()
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _runs(events: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:

@@ -128,18 +128,19 @@ def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
 
 
 async def _complete(request, state, engine, seq, req, rid, chat) -> web.Response:
-    text = TextStream(state.tokenizer, req.params.stop)
+    text = TextStream(state.tokenizer, req.params.stop)  # the same text as streaming gives, piece by piece
+    pieces: list[str] = []
     finish, cached, count = None, 0, 0
     gen = engine.generate(seq)
     try:
         async for delta in gen:
-            text.token_ids += delta.token_ids
             finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
+            pieces.append(text.push(delta.token_ids, finish is not None))
             if _client_gone(request):
                 break
     finally:
         await gen.aclose()
-    content = text.full_text()
+    content = "".join(pieces)
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                "finish_reason": finish} if chat else
               {"index": 0, "text": content, "logprobs": None, "finish_reason": finish})

@@ -1,36 +1,71 @@
-"""Incremental text for streaming: what to send after each new token, so that the concatenation of
-the deltas equals the final (stop-cut) text exactly.
+"""Incremental text of a completion: what to send after each batch of new tokens, at O(1) amortized cost a
+token, such that the concatenation of the deltas equals the final text exactly (streaming or not).
 
-Two things are held back until they resolve: an incomplete UTF-8 character (decoded as U+FFFD), and a
-tail of the text that could be the start of a stop string.
+Tokens are detokenized by the `tokenizers` library's DecodeStream, which holds back an incomplete UTF-8
+character until its last byte arrives. A tail that could still grow into a stop string is held back too;
+a stop string cuts the text before it. At the end, bytes of a character that never completed are decoded
+as the full decode would (U+FFFD), so the text equals `decode(ids, skip_special_tokens=True)` cut at the
+first stop string.
 """
-from nanoserve.engine_pod.stop import cut_at_stop
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+
+_CONTEXT = 4  # ids decoded before an unfinished tail at the end, so that its text is as in the full decode
 
 
 class TextStream:
 
-    def __init__(self, tokenizer, stop: list[str]):
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
-        self.token_ids: list[int] = []
-        self.sent = 0  # characters of the text already sent
-
-    def full_text(self) -> str:
-        return cut_at_stop(self.tokenizer.decode(self.token_ids, skip_special_tokens=True), self.stop)
+        self.backend = tokenizer._tokenizer  # the Rust tokenizer of a fast (TokenizersBackend) tokenizer
+        self.decoder = DecodeStream(skip_special_tokens=True)
+        self.special = set(tokenizer.all_special_ids)  # decoded as nothing: not an unfinished character
+        self.stop = [s for s in (stop or []) if s]
+        self.pending = ""   # decoded, not yet sent: a possible stop-string start
+        self.unflushed: list[int] = []  # ids since the decoder last produced text (an incomplete character)
+        self.recent: list[int] = []  # the last ids that did produce text, as context for the final flush
+        self.stopped = False  # a stop string was found: nothing more is sent
+        self.num_decoded = 0  # tokens fed to the decoder (each exactly once)
 
     def push(self, token_ids: list[int], finished: bool) -> str:
-        self.token_ids += token_ids
-        text = self.full_text()
-        end = len(text)
-        if not finished:
-            if text.endswith("\ufffd"):
-                end -= 1
-            for s in self.stop:  # hold back a tail that may grow into a stop string
-                for k in range(min(len(s) - 1, end), 0, -1):
-                    if text[:end].endswith(s[:k]):
-                        end -= k
-                        break
-        if end <= self.sent:
+        """The text to send for these new tokens (possibly ""). `finished`: no more tokens follow."""
+        if self.stopped:
             return ""
-        delta, self.sent = text[self.sent:end], end
-        return delta
+        for t in token_ids:
+            self.num_decoded += 1
+            piece = self.decoder.step(self.backend, t)
+            if piece is None:
+                if t not in self.special:
+                    self.unflushed.append(t)
+                continue
+            self.pending += piece
+            self.recent = (self.recent + self.unflushed + [t])[-_CONTEXT:]
+            self.unflushed = []
+        if finished and self.unflushed:
+            self.pending += self._flush()
+        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:  # the text ends before the stop string
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = 0 if finished else self._stop_prefix()
+        out = self.pending[:len(self.pending) - keep]
+        self.pending = self.pending[len(out):]
+        return out
+
+    def _stop_prefix(self) -> int:
+        """Length of the longest tail of `pending` that is the start of a stop string."""
+        best = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(self.pending)), best, -1):
+                if self.pending.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+    def _flush(self) -> str:
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return decode(self.recent + self.unflushed)[len(decode(self.recent)):]

@@ -59,6 +59,14 @@ def tiny_server(tiny_models, request):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def default_server(default_model_path):
+    """`nanoserve serve` on the embedded default model, as `make serve` runs it."""
+    server = ServerProcess("smollm2-135m", "--max-model-len", "512")
+    yield server.wait_ready()
+    server.stop()
+
+
 @pytest.fixture
 def start_server():
     """Start extra servers with their own settings; each is stopped when the test ends."""

@@ -2,8 +2,8 @@
 import openai
 
 
-def test_default_model_answers_chat(default_model_path, start_server):
-    server = start_server("smollm2-135m", "--max-model-len", "1024")
+def test_default_model_answers_chat(default_server):
+    server = default_server
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
     assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
     messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -15,3 +15,25 @@ def test_default_model_answers_chat(default_model_path, start_server):
     text = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=4,
                                      temperature=0).choices[0].text
     assert "Paris" in text
+
+
+def test_64_concurrent_streams_give_the_non_streaming_text(default_server):
+    """Each prompt is sent twice at once, streaming and not: the two run in the same engine steps, so the
+    greedy tokens are the same, and the streamed deltas must add up to exactly the whole text."""
+    import asyncio
+    client = openai.AsyncOpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0)
+    topics = ["The sea", "In Paris,", "A cat", "def main():", "Trees", "The moon 🌙", "Bread is", "Café"]
+    prompts = [f"{t} {w}" for w in ("and", "so", "then", "but", "with", "—", "«", "1.") for t in topics]
+    params = dict(model="smollm2-135m", max_tokens=8, temperature=0)  # 128 rows a step: slow on a CPU
+
+    async def streamed(p: str) -> str:
+        chunks = await client.completions.create(prompt=p, stream=True, **params)
+        return "".join([c.choices[0].text async for c in chunks if c.choices])
+
+    async def whole(p: str) -> str:
+        return (await client.completions.create(prompt=p, **params)).choices[0].text
+
+    async def main():
+        return await asyncio.gather(asyncio.gather(*map(streamed, prompts)), asyncio.gather(*map(whole, prompts)))
+    got, want = asyncio.run(main())
+    assert len(prompts) == 64 and got == want and len(set(want)) > 32
