@@ -75,10 +75,13 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
   for _ in $(seq 240); do python -c "import urllib.request as u; [u.urlopen(f'http://127.0.0.1:{p}/ready') \
     for p in (8700, 8701)]" 2>/dev/null && break; sleep 1; done
   local direct="--url http://127.0.0.1:8700" via="--url http://127.0.0.1:8701 --metrics-url http://127.0.0.1:8700"
-  run 150 python bench/serving.py $direct --both --label "$label-direct"
-  run 150 python bench/serving.py $via --stream --label "$label-gateway"
-  run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --label "$label-poisson32"
-  run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --label "$label-gateway-poisson32"
+  # Each run other prompt ids (--salt): none finds the previous one's prompts in the prefix cache.
+  run 150 python bench/serving.py $direct --both --salt 1 --label "$label-direct"
+  run 150 python bench/serving.py $via --stream --salt 3 --label "$label-gateway"
+  run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 4 \
+    --label "$label-poisson32"
+  run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 5 \
+    --label "$label-gateway-poisson32"
   kill $gw; kill $srv; wait $srv $gw 2>/dev/null
 }
 want serving && serve_and_bench default

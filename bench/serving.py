@@ -29,12 +29,16 @@ import urllib.request
 import numpy as np
 
 
-def workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int], rate: float, seed: int) -> list[dict]:
-    """Requests in arrival order: prompt ids, max_tokens and the send time (seconds after the start)."""
+def workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int], rate: float, seed: int,
+             salt: int = 0) -> list[dict]:
+    """Requests in arrival order: prompt ids, max_tokens and the send time (seconds after the start). With
+    seed 0, salt 0 and the default lengths: Nano-vLLM's bench.py workload. Another salt keeps the lengths and
+    changes the ids, so that a run finds nothing of the previous one in the prefix cache."""
     rng = random.Random(seed)
+    ids = rng if salt == 0 else random.Random(f"{seed}/{salt}")
     reqs, t = [], 0.0
     for _ in range(n):
-        prompt = [rng.randint(0, 10000) for _ in range(rng.randint(*input_len))]
+        prompt = [ids.randint(0, 10000) for _ in range(rng.randint(*input_len))]
         reqs.append({"prompt": prompt, "max_tokens": rng.randint(*output_len), "at": t})
         if rate != float("inf"):
             t += rng.expovariate(rate)
@@ -201,6 +205,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=float("inf"), help="requests per second (Poisson); inf: at once")
     p.add_argument("--processes", type=int, default=4, help="client processes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--salt", type=int, default=0, help="other prompt ids, same lengths (cold prefix cache)")
     p.add_argument("--warmup", type=int, default=8, help="requests sent first, not counted")
     p.add_argument("--label", default="")
     args = p.parse_args()
@@ -215,11 +220,12 @@ def main() -> None:
         model = "bench" if args.model else None
         if args.warmup:
             run(url, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
-        for stream in ([False, True] if args.both else [args.stream]):
-            reqs = workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.rate, args.seed)
+        for i, stream in enumerate([False, True] if args.both else [args.stream]):
+            reqs = workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.rate, args.seed,
+                            args.salt + i)
             report = run(url, reqs, stream, args.processes, model, engine_url if args.metrics_url or procs
                          else args.url)
-            report.update(label=args.label, rate=args.rate, gateway=args.gateway)
+            report.update(label=args.label, rate=args.rate, salt=args.salt + i)
             print("RESULT serving " + json.dumps(report), flush=True)
     finally:
         for proc in reversed(procs):

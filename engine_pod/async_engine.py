@@ -10,10 +10,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.sequence import Sequence
+
+
+_GONE_CHECK_S = 1.0  # how often a request that waits for tokens checks that its client is still there
 
 
 @dataclass
@@ -27,6 +31,8 @@ class TokenDelta:
 class _Request:
     seq: Sequence
     out: asyncio.Queue
+    stream: bool = True  # False: the tokens come in one delta at the end (no event-loop work per token)
+    held: list[int] | None = None  # a non-streamed request's tokens so far
     first_token_at: float | None = None
     last_token_at: float | None = None
     scheduled_at: float | None = None
@@ -62,16 +68,22 @@ class AsyncEngine:
         self._wake.set()
 
     # ---- called from the event loop -----------------------------------------------------------
-    async def generate(self, seq: Sequence):
-        """Queue `seq` and yield TokenDelta as tokens arrive. Tokens that arrived while the caller was busy
-        come as one delta (one SSE event, not one per token). Leaving early (client gone) aborts it."""
+    async def generate(self, seq: Sequence, stream: bool = True, gone: Callable[[], bool] | None = None):
+        """Queue `seq` and yield TokenDelta as tokens arrive (stream=False: one delta when it finishes).
+        Tokens that arrived while the caller was busy come as one delta (one SSE event, not one per token).
+        Leaving early aborts the request, and so does `gone()` turning true (the client left) while waiting."""
         out: asyncio.Queue = asyncio.Queue()
         self.num_waiting += 1  # counted at once, so back-pressure sees a burst before the engine thread does
-        self._send(self._add, _Request(seq, out))
+        self._send(self._add, _Request(seq, out, stream, None if stream else []))
         finished = False
         try:
             while not finished:
-                delta = await out.get()
+                try:
+                    delta = await (asyncio.wait_for(out.get(), _GONE_CHECK_S) if gone else out.get())
+                except asyncio.TimeoutError:
+                    if gone():
+                        return
+                    continue
                 while not isinstance(delta, BaseException) and delta.finish_reason is None and not out.empty():
                     more = out.get_nowait()
                     if isinstance(more, BaseException):
@@ -167,7 +179,12 @@ class AsyncEngine:
                 self.labeled("inter_token_latency").observe(now - req.last_token_at)
             req.last_token_at = now
             self.labeled("generation_tokens").inc()
-            posts.append((req.out, TokenDelta([token], seq.finish_reason, seq.num_cached_tokens)))
+            if req.stream:
+                posts.append((req.out, TokenDelta([token], seq.finish_reason, seq.num_cached_tokens)))
+            else:
+                req.held.append(token)
+                if seq.finish_reason is not None:
+                    posts.append((req.out, TokenDelta(req.held, seq.finish_reason, seq.num_cached_tokens)))
             if seq.finish_reason is not None:
                 del self.requests[seq.seq_id]
                 self.labeled("request_success", finished_reason=seq.finish_reason).inc()

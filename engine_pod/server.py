@@ -128,18 +128,18 @@ def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
 
 
 async def _complete(request, state, engine, seq, req, rid, chat) -> web.Response:
-    text = TextStream(state.tokenizer, req.params.stop)  # the same text as streaming gives, piece by piece
+    text = TextStream(state.tokenizer, req.params.stop)  # the same text as streaming gives
     pieces: list[str] = []
     finish, cached, count = None, 0, 0
-    gen = engine.generate(seq)
+    gen = engine.generate(seq, stream=False, gone=lambda: _client_gone(request))
     try:
-        async for delta in gen:
+        async for delta in gen:  # one delta, at the end
             finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
             pieces.append(text.push(delta.token_ids, finish is not None))
-            if _client_gone(request):
-                break
     finally:
         await gen.aclose()
+    if finish is None:  # the client left: nobody reads an answer
+        return web.Response(status=499)
     content = "".join(pieces)
     choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
                "finish_reason": finish} if chat else
@@ -166,7 +166,7 @@ async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResp
 
     text = TextStream(state.tokenizer, req.params.stop)
     cached = count = 0
-    gen = engine.generate(seq)
+    gen = engine.generate(seq, gone=lambda: _client_gone(request))
     try:
         if chat:
             await send([choice("", None, first=True)])
