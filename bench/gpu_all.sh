@@ -85,6 +85,5 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
   kill $gw; kill $srv; wait $srv $gw 2>/dev/null
 }
 want serving && serve_and_bench default
-want serving-gil && serve_and_bench gil05 NANOSERVE_GIL_SWITCH_MS=0.5
 want anchor && [ -d .anchor ] && run 400 bash .anchor/run.sh "$MODEL" bench
 exit 0

@@ -1,8 +1,6 @@
 """`nanoserve serve`: listen first, load the model in the background, drain on SIGTERM, exit 0."""
 import asyncio
 import logging
-import os
-import sys
 import signal
 
 from aiohttp import web
@@ -20,8 +18,6 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
                      api_key: str | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
                      drain_timeout: float = 120.0, ready_file: str | None = None) -> None:
     model = engine_kwargs.pop("model")
-    if os.environ.get("NANOSERVE_GIL_SWITCH_MS"):  # experiment (bench/gpu_all.sh serving): A/B the GIL hand-over
-        sys.setswitchinterval(float(os.environ["NANOSERVE_GIL_SWITCH_MS"]) / 1e3)
     name = served_model_name or model  # as vLLM: the model as the user gave it
     state = ServerState(name, api_key, max_pending, max_body_bytes)
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5)

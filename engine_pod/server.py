@@ -153,30 +153,36 @@ async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResp
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
+    # A stream sends thousands of chunks that differ only in their text: the rest is encoded once.
+    head = ("data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": state.model_name})[:-1]
+            + ', "choices": [{"index": 0, ').encode()
 
     async def send(choices: list, **extra) -> None:
         chunk = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
         await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
-    def choice(text: str, finish: str | None, first: bool = False) -> dict:
-        if not chat:
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        delta = {"role": "assistant", "content": text} if first else ({"content": text} if text or not finish else {})
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    async def send_text(text: str, finish: str | None) -> None:
+        if chat:
+            delta = f'{{"content": {json.dumps(text)}}}' if text or not finish else "{}"
+            body = f'"delta": {delta}, "logprobs": null, "finish_reason": {json.dumps(finish)}}}]}}\n\n'
+        else:
+            body = f'"text": {json.dumps(text)}, "logprobs": null, "finish_reason": {json.dumps(finish)}}}]}}\n\n'
+        await resp.write(head + body.encode())
 
     text = TextStream(state.tokenizer, req.params.stop)
     cached = count = 0
     gen = engine.generate(seq, gone=lambda: _client_gone(request))
     try:
         if chat:
-            await send([choice("", None, first=True)])
+            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                         "finish_reason": None}])
         async for delta in gen:
             if _client_gone(request):
                 return resp  # leaving the generator aborts the request and frees its blocks
             finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
             piece = text.push(delta.token_ids, finish is not None)
             if piece or finish:
-                await send([choice(piece, finish)])
+                await send_text(piece, finish)
         if req.include_usage:
             await send([], usage=_usage(req, count, cached))
         await resp.write(b"data: [DONE]\n\n")
