@@ -9,7 +9,7 @@ import asyncio
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from nanoserve.engine_pod.llm_engine import LLMEngine
@@ -18,11 +18,6 @@ from nanoserve.engine_pod.sequence import Sequence
 
 
 _GONE_CHECK_S = 1.0  # how often a request that waits for tokens checks that its client is still there
-# Streamed tokens reach the event loop in at most about this many deliveries a step: past it, each stream
-# gets its tokens every few steps (first and last tokens at once). Each delivery is an SSE event written on
-# the loop, under the GIL the engine thread needs; on an H200 one event per token at batch 256 cost the
-# engine a third of its speed (bench/RESULTS.md, serving).
-STREAM_EVENTS_PER_STEP = 64
 
 
 @dataclass
@@ -37,7 +32,7 @@ class _Request:
     seq: Sequence
     out: asyncio.Queue
     stream: bool = True  # False: the tokens come in one delta at the end (no event-loop work per token)
-    held: list[int] = field(default_factory=list)  # tokens not yet delivered
+    held: list[int] | None = None  # a non-streamed request's tokens so far
     first_token_at: float | None = None
     last_token_at: float | None = None
     scheduled_at: float | None = None
@@ -56,7 +51,6 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self.error: BaseException | None = None
-        self._steps_since_delivery = 0  # of streamed tokens (STREAM_EVENTS_PER_STEP)
         engine.block_manager.record_events = True
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -80,7 +74,7 @@ class AsyncEngine:
         Leaving early aborts the request, and so does `gone()` turning true (the client left) while waiting."""
         out: asyncio.Queue = asyncio.Queue()
         self.num_waiting += 1  # counted at once, so back-pressure sees a burst before the engine thread does
-        self._send(self._add, _Request(seq, out, stream))
+        self._send(self._add, _Request(seq, out, stream, None if stream else []))
         finished = False
         try:
             while not finished:
@@ -169,11 +163,6 @@ class AsyncEngine:
         sampled = self.engine.step()
         now = time.monotonic()
         posts: list[tuple[asyncio.Queue, TokenDelta]] = []
-        streams = sum(1 for r in self.requests.values() if r.stream)
-        self._steps_since_delivery += 1
-        deliver = self._steps_since_delivery * STREAM_EVENTS_PER_STEP >= streams
-        if deliver:
-            self._steps_since_delivery = 0
         for seq, _ in self.engine.last_batch:
             req = self.requests.get(seq.seq_id)
             if req is not None and req.scheduled_at is None:
@@ -190,11 +179,12 @@ class AsyncEngine:
                 self.labeled("inter_token_latency").observe(now - req.last_token_at)
             req.last_token_at = now
             self.labeled("generation_tokens").inc()
-            first = not req.held and req.first_token_at == now and req.stream
-            req.held.append(token)
-            if seq.finish_reason is not None or (req.stream and (deliver or first)):
-                posts.append((req.out, TokenDelta(req.held, seq.finish_reason, seq.num_cached_tokens)))
-                req.held = []
+            if req.stream:
+                posts.append((req.out, TokenDelta([token], seq.finish_reason, seq.num_cached_tokens)))
+            else:
+                req.held.append(token)
+                if seq.finish_reason is not None:
+                    posts.append((req.out, TokenDelta(req.held, seq.finish_reason, seq.num_cached_tokens)))
             if seq.finish_reason is not None:
                 del self.requests[seq.seq_id]
                 self.labeled("request_success", finished_reason=seq.finish_reason).inc()
