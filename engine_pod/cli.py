@@ -1,10 +1,10 @@
 """The `nanoserve` command: `serve` (the engine pod), `generate` (offline), `gateway`, `up` (local stack)."""
 import argparse
+import asyncio
 import logging
 import os
 import sys
 
-from nanoserve.common import event_loop
 from nanoserve.engine_pod.default_model import DEFAULT_MODEL
 
 
@@ -51,7 +51,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.serve import run_server
-    event_loop.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
+    asyncio.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
                            served_model_name=args.served_model_name,
                            api_key=args.api_key, max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
                            drain_timeout=args.drain_timeout))
@@ -74,7 +74,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.up import run_up
-    return event_loop.run(run_up(engine_kwargs(args), args.replicas, host=args.host, port=args.port,
+    return asyncio.run(run_up(engine_kwargs(args), args.replicas, host=args.host, port=args.port,
                               served_model_name=args.served_model_name, policy=args.policy,
                               drain_timeout=args.drain_timeout))
 

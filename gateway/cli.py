@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 
-from nanoserve.common import event_loop
 from nanoserve.gateway.config import GatewayConfig, RoutingConfig
 
 
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nanoserve.gateway.app import run_gateway
     try:
-        event_loop.run(run_gateway(config))
+        asyncio.run(run_gateway(config))
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass  # a signal cancelled the server after draining
 
