@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune gemm throughput profile variants tp2 routing serving anchor (tune and gemm: only
-# when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
+# Stages: tests tp kernel tune gemm throughput profile variants tp2 routing serving anchor (tune, gemm and
+# offline, the default throughput run alone: only when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
@@ -51,7 +51,7 @@ want kernel && run 100 python bench/sampling_kernel.py
 want tune && run 300 python bench/attention_kernel.py --tune-prefill
 want tune && run 300 python bench/attention_kernel.py --tune-decode
 want gemm && run 300 python bench/gemm.py
-want throughput && run 200 python bench/throughput.py
+(want throughput || want offline) && run 200 python bench/throughput.py
 want throughput && run 200 python bench/throughput.py --profile --label graphs-profiled
 want profile && run 200 python bench/profile_steps.py
 want variants && run 200 python bench/throughput.py --sync --label graphs-sync
