@@ -24,7 +24,7 @@ def test_64_concurrent_streams_give_the_non_streaming_text(default_server):
     client = openai.AsyncOpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0)
     topics = ["The sea", "In Paris,", "A cat", "def main():", "Trees", "The moon 🌙", "Bread is", "Café"]
     prompts = [f"{t} {w}" for w in ("and", "so", "then", "but", "with", "—", "«", "1.") for t in topics]
-    params = dict(model="smollm2-135m", max_tokens=8, temperature=0)  # 128 rows a step: slow on a CPU
+    params = dict(model="smollm2-135m", max_tokens=5, temperature=0)  # 128 rows a step: slow on a CPU
 
     async def streamed(p: str) -> str:
         chunks = await client.completions.create(prompt=p, stream=True, **params)
@@ -36,4 +36,4 @@ def test_64_concurrent_streams_give_the_non_streaming_text(default_server):
     async def main():
         return await asyncio.gather(asyncio.gather(*map(streamed, prompts)), asyncio.gather(*map(whole, prompts)))
     got, want = asyncio.run(main())
-    assert len(prompts) == 64 and got == want and len(set(want)) > 32
+    assert len(prompts) == 64 and got == want and len(set(want)) > 24
