@@ -7,13 +7,16 @@ import torch
 
 
 def save_tokenizer(folder: str, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     vocab = {f"w{i}": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w1", bos_token="w2")
+    # single_word: the special words w0-w2 must not match inside w10, w123, ... (added tokens match anywhere).
+    special = {name: AddedToken(word, single_word=True, special=True)
+               for name, word in (("unk_token", "w0"), ("eos_token", "w1"), ("bos_token", "w2"))}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special)
     fast.chat_template = ("{% for m in messages %}w3 {{ m['content'] }} w4 {% endfor %}"
                           "{% if add_generation_prompt %}w5{% endif %}")
     fast.save_pretrained(folder)
