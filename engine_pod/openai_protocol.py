@@ -3,6 +3,7 @@
 Everything a client can get wrong becomes an `APIError` with an OpenAI-shaped body and a 4xx status;
 the server never answers a bad request with a 500.
 """
+import math
 from dataclasses import dataclass
 
 from nanoserve.common.chat import ChatTemplateError, chat_prompt_ids, completion_prompt_ids
@@ -47,11 +48,26 @@ def _get(body: dict, name: str, types: tuple, default=None):
     return value
 
 
+def _float(body: dict, name: str, default: float) -> float:
+    value = _get(body, name, (int, float), default)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer too large for a float
+        raise APIError(400, f"'{name}' is out of range", name) from None
+    if not math.isfinite(value):
+        raise APIError(400, f"'{name}' must be a finite number", name)
+    return value
+
+
 def _sampling_params(body: dict, prompt_len: int, max_model_len: int) -> SamplingParams:
     for name, allowed in _UNSUPPORTED.items():
         if body.get(name) not in allowed:
             raise APIError(400, f"'{name}' is not supported by this server", name)
-    max_tokens = _get(body, "max_completion_tokens", (int,)) or _get(body, "max_tokens", (int,))
+    max_tokens = _get(body, "max_completion_tokens", (int,))
+    if max_tokens is None:
+        max_tokens = _get(body, "max_tokens", (int,))
+    if max_tokens is not None and max_tokens < 1:  # 0 is not "no limit"
+        raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
     if prompt_len + max_tokens > max_model_len:
@@ -67,8 +83,8 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int) -> Samplin
         raise APIError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
     try:
         return SamplingParams(
-            temperature=float(_get(body, "temperature", (int, float), 1.0)),
-            top_p=float(_get(body, "top_p", (int, float), 1.0)),
+            temperature=_float(body, "temperature", 1.0),
+            top_p=_float(body, "top_p", 1.0),
             top_k=_get(body, "top_k", (int,), -1),
             max_tokens=max_tokens,
             ignore_eos=_get(body, "ignore_eos", (bool,), False),

@@ -1,6 +1,10 @@
+import math
 from dataclasses import dataclass, field
 
 from nanoserve.engine_pod.errors import InvalidRequestError
+
+
+_INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -23,12 +27,17 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", "max_tokens")
-        if self.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", "temperature")
-        if not 0 < self.top_p <= 1:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature}",
+                                      "temperature")
+        if not 0 < self.top_p <= 1:  # NaN fails this too
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k == 0 or self.top_k < -1:
             raise InvalidRequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
+        if self.top_k > _INT32_MAX:  # more than any vocabulary: the same as off, and it fits the sampler's ints
+            self.top_k = -1
+        if self.seed is not None:
+            self.seed %= 1 << 63  # any integer seeds; the sampler keeps seeds in int64
 
     @property
     def greedy(self) -> bool:

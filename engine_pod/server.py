@@ -64,8 +64,8 @@ async def errors_and_auth(request: web.Request, handler):
 async def _json_body(request: web.Request) -> dict:
     try:
         body = await request.json()
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
+        raise APIError(400, f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
@@ -256,8 +256,9 @@ async def health(request: web.Request) -> web.Response:
 
 async def ready(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
-    if state.engine is None or state.draining:
-        return web.json_response({"ready": False, "draining": state.draining}, status=503)
+    if state.engine is None or state.draining or state.engine.error is not None:  # a failed engine takes no traffic
+        return web.json_response({"ready": False, "draining": state.draining,
+                                  "failed": state.engine is not None and state.engine.error is not None}, status=503)
     return web.json_response({"ready": True})
 
 

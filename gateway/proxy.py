@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
-RETRY_STATUSES = {429, 500, 502, 503, 504}  # overload, draining, engine faults: another engine may do
+# Overload and draining: another engine may do. Not 500: an engine that failed on this request says the
+# request broke it, and sending it on would let one poison request take down every engine in turn.
+RETRY_STATUSES = {429, 503}
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 ENGINE_HEADER = "X-Nanoserve-Engine"  # which engine answered (for clients, tests and debugging)
 

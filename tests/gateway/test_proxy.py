@@ -45,7 +45,7 @@ def test_stream_and_json_pass_through_unchanged(spawn_engines, start_gateway):
 
 
 def test_retries_before_first_byte(spawn_engines, start_gateway):
-    engines = spawn_engines(2)
+    engines = spawn_engines(2, fail_status=429)  # overloaded: another engine may take it
 
     async def main():
         async with start_gateway([e.url for e in engines], max_attempts=3) as gw, aiohttp.ClientSession() as s:
@@ -56,7 +56,19 @@ def test_retries_before_first_byte(spawn_engines, start_gateway):
             served = [(await engine_state(s, e.url))["requests"] for e in engines]
             assert sum(served) == 3  # failed on both, then succeeded on the first again
             metrics = await (await s.get(gw.url + "/metrics")).text()
-            assert 'nanoserve_gateway_retries_total{cause="status_500"} 2.0' in metrics
+            assert 'nanoserve_gateway_retries_total{cause="status_429"} 2.0' in metrics
+    asyncio.run(main())
+
+
+def test_an_engine_error_is_passed_on_not_retried(spawn_engines, start_gateway):
+    """A 500 says the request broke the engine: retrying it elsewhere could break every engine in turn."""
+    engines = spawn_engines(2, fail_next=5)  # answers 500
+
+    async def main():
+        async with start_gateway([e.url for e in engines], max_attempts=3) as gw, aiohttp.ClientSession() as s:
+            status, _, body = await post(s, gw.url + "/v1/completions", {"prompt": "w1", "max_tokens": 2})
+            assert status == 500 and json.loads(body)["error"]["message"] == "injected failure"
+            assert sum([(await engine_state(s, e.url))["requests"] for e in engines]) == 1
     asyncio.run(main())
 
 

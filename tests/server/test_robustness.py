@@ -51,12 +51,31 @@ def get_metrics(url) -> dict[str, float]:
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, None, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, None, "messages"),
     ("/v1/chat/completions", {}, None, "messages"),
+    # Found by fuzzing (issue 16): each was a 500, or accepted although invalid.
+    ("/v1/completions", {"prompt": "w5", "max_completion_tokens": 0}, None, "max_tokens"),
+    ("/v1/completions", None, b'{"prompt": "w5", "temperature": 1e400}', "temperature"),
+    ("/v1/completions", None, b'{"prompt": "w5", "temperature": NaN}', "temperature"),
+    ("/v1/completions", None, b'{"prompt": "w5", "top_p": Infinity}', "top_p"),
+    ("/v1/completions", {"prompt": "w5", "temperature": 10 ** 400}, None, "temperature"),
+    ("/v1/completions", None, b'{"prompt": "w5", "max_tokens": ' + b"9" * 5000 + b"}", None),
+    ("/v1/completions", None, b"[" * 100000 + b"]" * 100000, None),
+    ("/v1/completions", None, b'{"prompt": "\xff\xfe w5"}', None),
 ])
 def test_bad_input_is_400_with_a_message(tiny_server, path, body, raw, param):
     status, payload, _ = post(tiny_server.url, path, body, raw=raw)
     assert status == 400, payload
     assert payload["error"]["message"] and payload["error"]["type"] == "invalid_request_error"
     assert payload["error"]["param"] == param
+
+
+def test_the_poison_request_of_issue_16_is_harmless(tiny_server):
+    """A top_k beyond int64 crashed the engine thread; now it means "no top-k", and the engine lives on."""
+    for body in ({"prompt": "w5", "max_tokens": 2, "top_k": 9223372036854775808},
+                 {"prompt": "w5", "max_tokens": 2, "temperature": 0.5, "seed": -(2 ** 70)}):
+        status, payload, _ = post(tiny_server.url, "/v1/completions", body)
+        assert status == 200 and payload["choices"][0]["finish_reason"] == "length", payload
+    status, payload, _ = post(tiny_server.url, "/v1/completions", {"prompt": "w5", "max_tokens": 2})
+    assert status == 200
 
 
 def test_unknown_model_is_404_model_not_found(tiny_server):
