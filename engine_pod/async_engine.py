@@ -17,7 +17,7 @@ from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.sequence import Sequence
 
 
-_GONE_CHECK_S = 1.0  # how often a request that waits for tokens checks that its client is still there
+_GONE_CHECK_S = 1.0  # how often a waiting request checks that its client is still there and the engine alive
 
 
 @dataclass
@@ -56,6 +56,7 @@ class AsyncEngine:
 
     def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        self.failed = asyncio.Event()  # set when the engine thread has died (self.error says why)
         self.thread.start()
 
     def stop(self) -> None:
@@ -79,9 +80,11 @@ class AsyncEngine:
         try:
             while not finished:
                 try:
-                    delta = await (asyncio.wait_for(out.get(), _GONE_CHECK_S) if gone else out.get())
+                    delta = await asyncio.wait_for(out.get(), _GONE_CHECK_S)
                 except asyncio.TimeoutError:
-                    if gone():
+                    if self.error is not None:  # the engine died with this request still in its inbox
+                        raise self.error from None
+                    if gone is not None and gone():
                         return
                     continue
                 while not isinstance(delta, BaseException) and delta.finish_reason is None and not out.empty():
@@ -154,6 +157,7 @@ class AsyncEngine:
             self.error = e
             for req in self.requests.values():
                 self._post(req.out, e)
+            self.loop.call_soon_threadsafe(self.failed.set)
             raise
 
     def _step(self) -> None:

@@ -12,11 +12,13 @@ from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.server import ServerState, create_app
 
 log = logging.getLogger("nanoserve.serve")
+FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers to reach their clients
 
 
 async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 8000, served_model_name: str | None = None,
                      api_key: str | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-                     drain_timeout: float = 120.0, ready_file: str | None = None) -> None:
+                     drain_timeout: float = 120.0, ready_file: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT (then 0) or until the engine fails (then 1, after answering every request)."""
     model = engine_kwargs.pop("model")
     name = served_model_name or model  # as vLLM: the model as the user gave it
     state = ServerState(name, api_key, max_pending, max_body_bytes)
@@ -30,12 +32,12 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine = None
+    engine, code = None, 0
     try:
         load = asyncio.ensure_future(asyncio.to_thread(LLMEngine, model, **engine_kwargs))
         await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
-            return  # stopped while loading
+            return 0  # stopped while loading
         engine = load.result()
         from transformers import AutoTokenizer
         state.tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
@@ -48,9 +50,13 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
                  engine.config.kvcache_block_size)
         if ready_file:
             open(ready_file, "w").close()
-        await stop.wait()
+        failed = asyncio.ensure_future(state.engine.failed.wait())
+        await asyncio.wait([asyncio.ensure_future(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
         # Drain: /ready says 503, new requests get 503, running ones finish or time out.
         state.draining = True
+        if failed.done():  # every request already got its error (or gets it within a second): exit, get restarted
+            log.error("engine failed: %r; exiting so that the pod (or `nanoserve up`) restarts", state.engine.error)
+            code, drain_timeout = 1, FAILED_DRAIN_SECONDS
         log.info("draining %d in-flight requests (up to %.0fs)", state.inflight, drain_timeout)
         deadline = loop.time() + drain_timeout
         while state.inflight and loop.time() < deadline:
@@ -61,3 +67,4 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
             state.engine.stop()
         if engine is not None:
             engine.exit()
+    return code

@@ -5,6 +5,7 @@ sheds load with 429 past `max_pending` waiting requests, and on SIGTERM drains: 
 requests get 503, running ones finish (up to `drain_timeout`), then it exits 0.
 """
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -188,6 +189,10 @@ async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResp
         await resp.write(b"data: [DONE]\n\n")
     except ConnectionResetError:
         pass  # client went away mid-write
+    except Exception as e:  # noqa: BLE001 - the engine failed mid-stream: say so in the stream, then end it
+        body = APIError(500, f"engine failed: {type(e).__name__}: {e}", code="engine_failed").body()
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write(f"data: {json.dumps(body)}\n\n".encode())
     finally:
         await gen.aclose()
     return resp

@@ -1,7 +1,10 @@
 """Bad input, disconnects, overload, auth, body limits, metrics and the cache-state feed, over real HTTP."""
 import asyncio
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import aiohttp
@@ -193,3 +196,55 @@ def test_request_that_can_never_fit_the_cache_is_400_and_the_engine_lives(tiny_m
     assert payload["error"]["param"] == "max_tokens"
     status, payload, _ = post(server.url, "/v1/completions", {"prompt": [5] * 20, "max_tokens": 20})
     assert status == 200 and payload["usage"]["completion_tokens"] == 20
+
+
+FAULTY_SERVER = """
+import sys
+import nanoserve.engine_pod.llm_engine as llm_engine
+step, calls = llm_engine.LLMEngine.step, [0]
+def faulty_step(self):  # the test's injected fault: the engine's 20th step raises
+    calls[0] += 1
+    if calls[0] >= 20:
+        raise RuntimeError("injected step failure")
+    return step(self)
+llm_engine.LLMEngine.step = faulty_step
+from nanoserve.engine_pod.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(tiny_models):
+    """Streams get an SSE error event, the others a 500, within seconds; then the process exits 1 so that
+    Kubernetes (or `nanoserve up`) restarts it."""
+    from procs import free_port, wait_http
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", FAULTY_SERVER, "serve", "--model", tiny_models["qwen3"],
+                             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                             "--num-kvcache-blocks", "512", "--max-model-len", "512"],
+                            env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(url + "/ready", 120, proc)
+
+        async def one(session, i: int) -> tuple[int, list[str] | dict]:
+            body = {"prompt": [i + 3] * 20, "max_tokens": 300, "ignore_eos": True, "stream": i % 2 == 0}
+            async with session.post(url + "/v1/completions", json=body) as r:
+                if body["stream"]:
+                    return r.status, [line[6:] for line in (await r.text()).split("\n") if line.startswith("data: ")]
+                return r.status, await r.json()
+
+        async def main():
+            async with aiohttp.ClientSession() as s:
+                return await asyncio.wait_for(asyncio.gather(*(one(s, i) for i in range(6))), 10)
+        results = asyncio.run(main())
+        for i, (status, answer) in enumerate(results):
+            if i % 2 == 0:  # streamed: it had started, and it ends with an error event instead of [DONE]
+                assert status == 200 and json.loads(answer[-1])["error"]["code"] == "engine_failed", answer[-1]
+            else:
+                assert status == 500 and "injected step failure" in answer["error"]["message"]
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
