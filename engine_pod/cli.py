@@ -52,9 +52,9 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.serve import run_server
     return asyncio.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
-                           served_model_name=args.served_model_name,
-                           api_key=args.api_key, max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
-                           drain_timeout=args.drain_timeout))
+                                  served_model_name=args.served_model_name, api_key=args.api_key,
+                                  max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
+                                  drain_timeout=args.drain_timeout))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -3,7 +3,6 @@
 Everything a client can get wrong becomes an `APIError` with an OpenAI-shaped body and a 4xx status;
 the server never answers a bad request with a 500.
 """
-import math
 from dataclasses import dataclass
 
 from nanoserve.common.chat import ChatTemplateError, chat_prompt_ids, completion_prompt_ids
@@ -49,14 +48,11 @@ def _get(body: dict, name: str, types: tuple, default=None):
 
 
 def _float(body: dict, name: str, default: float) -> float:
-    value = _get(body, name, (int, float), default)
+    """A number as a float (its range, NaN and infinities are SamplingParams' to check)."""
     try:
-        value = float(value)
+        return float(_get(body, name, (int, float), default))
     except OverflowError:  # an integer too large for a float
         raise APIError(400, f"'{name}' is out of range", name) from None
-    if not math.isfinite(value):
-        raise APIError(400, f"'{name}' must be a finite number", name)
-    return value
 
 
 def _sampling_params(body: dict, prompt_len: int, max_model_len: int) -> SamplingParams:
@@ -64,10 +60,8 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int) -> Samplin
         if body.get(name) not in allowed:
             raise APIError(400, f"'{name}' is not supported by this server", name)
     max_tokens = _get(body, "max_completion_tokens", (int,))
-    if max_tokens is None:
+    if max_tokens is None:  # (not `or`: 0 is refused by SamplingParams, not taken for "no limit")
         max_tokens = _get(body, "max_tokens", (int,))
-    if max_tokens is not None and max_tokens < 1:  # 0 is not "no limit"
-        raise APIError(400, f"'max_tokens' must be at least 1, got {max_tokens}", "max_tokens")
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
     if prompt_len + max_tokens > max_model_len:

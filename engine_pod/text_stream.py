@@ -13,6 +13,8 @@ from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
+from nanoserve.engine_pod.stop import cut_at_stop
+
 _CONTEXT = 4  # ids decoded before an unfinished tail at the end, so that its text is as in the full decode
 
 
@@ -46,11 +48,10 @@ class TextStream:
             self.unflushed = []
         if finished and self.unflushed:
             self.pending += self._flush()
-        cut = min((i for i in (self.pending.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:  # the text ends before the stop string
-            self.stopped = True
-            out, self.pending = self.pending[:cut], ""
-            return out
+        before_stop = cut_at_stop(self.pending, self.stop)
+        if len(before_stop) < len(self.pending):  # a stop string: the text ends before it
+            self.stopped, self.pending = True, ""
+            return before_stop
         keep = 0 if finished else self._stop_prefix()
         out = self.pending[:len(self.pending) - keep]
         self.pending = self.pending[len(out):]

@@ -31,7 +31,7 @@ class Gateway:
         self.pool = EndpointPool(config)
         self.policy = make_policy(config.policy, config.routing)
         self.metrics = GatewayMetrics()
-        self.tokenizer = tokenizer  # --model: a local copy (still checked against each engine's fingerprint)
+        # --model's local copy (still checked against each engine's fingerprint) and the engines' own.
         self.tokenizers = Tokenizers(tokenizer)
         self.mode = ""  # the routing mode last logged (routing_mode_now)
         self.url: str | None = None  # set by serve()
@@ -41,9 +41,8 @@ class Gateway:
         self._discovery: asyncio.Task | None = None
 
     async def start(self) -> None:
-        if self.tokenizer is None and self.config.model:
-            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
-            self.tokenizers = Tokenizers(self.tokenizer)
+        if self.tokenizers.local is None and self.config.model:
+            self.tokenizers = Tokenizers(await asyncio.to_thread(load_tokenizer, self.config.model))
         self.log_mode()
         # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding.
         self.session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
@@ -91,6 +90,11 @@ class Gateway:
             tasks.append(asyncio.create_task(follow_tokenizer(self.control, ep, self.tokenizers, cfg.health_interval,
                                                               cfg.tokenizer_retry_interval, self.tokenizer_changed)))
         return tasks
+
+    @property
+    def tokenizer(self) -> PromptTokenizer | None:
+        """The local tokenizer (--model), if any."""
+        return self.tokenizers.local
 
     def tokenizer_changed(self, ep: Endpoint | None, error: TokenizerError | None) -> None:
         if error is not None:

@@ -122,14 +122,11 @@ class Tokenizers:
             return self.local, None  # the operator's word for it
         fp = info["fingerprint"]
         if fp not in self.loaded:
-            if fp not in self._loading:  # the first engine with this fingerprint downloads; others wait
-                self._loading[fp] = asyncio.create_task(self._download(session, url, info))
-            try:
-                self.loaded[fp] = await asyncio.shield(self._loading[fp])
-            finally:
-                task = self._loading.get(fp)
-                if task is not None and task.done():
-                    self._loading.pop(fp)
+            task = self._loading.get(fp)
+            if task is None:  # the first engine with this fingerprint downloads; others wait for it
+                task = self._loading[fp] = asyncio.create_task(self._download(session, url, info))
+                task.add_done_callback(lambda _: self._loading.pop(fp, None))
+            self.loaded[fp] = await asyncio.shield(task)
         tok = self.loaded[fp]
         if len(tok.tokenizer) != info["vocab_size"]:  # a known fingerprint with another size: a lie
             raise TokenizerError("mismatch", f"vocabulary size {info['vocab_size']} for tokenizer {fp[:12]} "

@@ -53,6 +53,7 @@ class Pod:
         for folder in self.mounts.values():
             folder.mkdir(exist_ok=True)
         self.extra_env = env or {}
+        self.image_env, self.workdir = image_config(DOCKERFILES[self.component])
         self.proc: subprocess.Popen | None = None
         self.log = root / "log.txt"
 
@@ -75,8 +76,7 @@ class Pod:
         return argv
 
     def environment(self) -> dict[str, str]:
-        image_env, _ = image_config(DOCKERFILES[self.component])
-        env = {"PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONSAFEPATH": "1", **image_env}
+        env = {"PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONSAFEPATH": "1", **self.image_env}
         for var in self.container.get("env", []):
             if "value" not in var:
                 raise NotImplementedError(f"env {var['name']} comes from {list(var)}: give it in `env`")
@@ -85,8 +85,7 @@ class Pod:
         return {**env, **self.extra_env}
 
     def start(self) -> Pod:
-        _, workdir = image_config(DOCKERFILES[self.component])
-        cwd = Path(self.path(workdir))
+        cwd = Path(self.path(self.workdir))
         cwd.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv(), env=self.environment(), cwd=cwd, stdout=out,
