@@ -2,10 +2,13 @@
 
 Block i of a token sequence (block size B) hashes to
     h_i = xxh64(h_{i-1} as 8 little-endian bytes || token ids of block i as int64 little-endian)
-with no prefix for block 0. Only full blocks are hashed. Torch-free on purpose (the gateway image has no torch).
+with no prefix for block 0, or, for a request with a cache salt (vLLM's `cache_salt`), with
+h_{-1} = salt_root(salt) as block 0's parent: salted requests share blocks only with the same salt.
+Only full blocks are hashed. Torch-free on purpose (the gateway image has no torch).
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import Sequence
 
@@ -30,3 +33,17 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None =
         parent = hash_block(token_ids[start:start + block_size], parent)
         hashes.append(parent)
     return hashes
+
+
+def salt_root(salt: str | None) -> int | None:
+    """Block 0's parent for a salted request (None: unsalted). Tagged so that no salt hashes like a block."""
+    if salt is None:
+        return None
+    return xxhash.xxh64_intdigest(b"nanoserve-cache-salt\x00" + salt.encode("utf-8", "surrogatepass"))
+
+
+def tenant_salt(api_key: str, cache_salt: str | None = None) -> str:
+    """The salt of a request under --cache-salt-by-api-key: its key's digest (never the key itself, which
+    must not reach logs or hashes an attacker can brute-force cheaply), then the request's own salt."""
+    digest = hashlib.sha256(api_key.encode("utf-8", "surrogatepass")).hexdigest()  # fixed length: unambiguous
+    return digest + ":" + (cache_salt or "")

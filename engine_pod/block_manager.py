@@ -1,7 +1,8 @@
 """Paged KV-cache bookkeeping with prefix caching.
 
 Blocks hold `block_size` tokens of KV. A block that is full gets a chained hash (common.block_hash) and is
-entered in `hash_to_block`, so a later sequence with the same prefix reuses it instead of recomputing it.
+entered in `hash_to_block`, so a later sequence with the same prefix reuses it instead of recomputing it
+(with the same cache salt too: a salt is block 0's hash parent, so differently salted requests share nothing).
 Freed blocks keep their hash (lazy eviction) and stay hit-able until they are handed out again; the least
 recently freed block is handed out first.
 """
@@ -51,7 +52,7 @@ class BlockManager:
         since its logits are needed."""
         if not self.enable_prefix_caching:
             return []
-        hits, parent, B = [], None, self.block_size
+        hits, parent, B = [], seq.hash_root, self.block_size
         for i in range((seq.num_tokens - 1) // B):
             tokens = tuple(seq.token_ids[i * B:(i + 1) * B])
             parent = hash_block(tokens, parent)
@@ -79,7 +80,7 @@ class BlockManager:
         while len(seq.block_hashes) < num_tokens // B:  # placeholders are never hashed: callers stop before
             i = len(seq.block_hashes)
             tokens = tuple(seq.token_ids[i * B:(i + 1) * B])
-            h = hash_block(tokens, seq.block_hashes[-1] if i else None)
+            h = hash_block(tokens, seq.block_hashes[-1] if i else seq.hash_root)
             seq.block_hashes.append(h)
             if not self.enable_prefix_caching:
                 continue

@@ -19,6 +19,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     priority: int = 0               # lower runs first under the "priority" scheduling policy
+    cache_salt: str | None = None   # prefix-cache blocks are shared only among requests with the same salt
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +37,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
         if self.top_k > _INT32_MAX:  # more than any vocabulary: the same as off, and it fits the sampler's ints
             self.top_k = -1
+        if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
+            raise InvalidRequestError(f"cache_salt must be a non-empty string, got {self.cache_salt!r}", "cache_salt")
         if self.seed is not None:
             self.seed %= 1 << 63  # any integer seeds; the sampler keeps seeds in int64
 

@@ -3,6 +3,7 @@ from itertools import count
 
 import numpy as np
 
+from nanoserve.common.block_hash import salt_root
 from nanoserve.engine_pod.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped scheduling): its id is not known yet
@@ -31,6 +32,7 @@ class Sequence:
         self.num_cached_tokens = 0     # of those, tokens found in the prefix cache at admission
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks registered so far
+        self.hash_root = salt_root(params.cache_salt)  # block 0's hash parent: None unless salted
         self.params = params
         self.arrival = arrival
         self.finish_reason: str | None = None  # "stop", "length" or "abort"

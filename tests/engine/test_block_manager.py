@@ -2,7 +2,7 @@
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from nanoserve.common.block_hash import block_hashes
+from nanoserve.common.block_hash import block_hashes, salt_root
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.sequence import Sequence
@@ -10,8 +10,8 @@ from nanoserve.engine_pod.sequence import Sequence
 B = 4
 
 
-def seq_of(tokens):
-    return Sequence(tokens, SamplingParams())
+def seq_of(tokens, salt=None):
+    return Sequence(tokens, SamplingParams(cache_salt=salt))
 
 
 class BlockManagerMachine(RuleBasedStateMachine):
@@ -22,10 +22,10 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.bm = BlockManager(num_blocks, B)
         self.live: list[Sequence] = []
 
-    # Tokens from a tiny alphabet so prompts share prefixes and hit the cache often.
-    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=14))
-    def admit(self, tokens):
-        seq = seq_of(tokens)
+    # Tokens from a tiny alphabet so prompts share prefixes and hit the cache often; some salted.
+    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=14), salt=st.sampled_from([None, None, "a", "b"]))
+    def admit(self, tokens, salt):
+        seq = seq_of(tokens, salt)
         hits = self.bm.find_cached_prefix(seq)
         n = seq.num_tokens - len(hits) * B
         if self.bm.can_allocate(seq, n, hits):
@@ -72,7 +72,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert bm.blocks[block_id].hash == h
         for s in self.live:  # every live sequence's cached prefix really is its own tokens
             assert len(s.block_table) == bm.blocks_for(s.num_computed_tokens)
-            assert s.block_hashes == block_hashes(s.token_ids[:s.num_computed_tokens], B)
+            assert s.block_hashes == block_hashes(s.token_ids[:s.num_computed_tokens], B,
+                                                  salt_root(s.params.cache_salt))
 
     def teardown(self):
         for seq in self.live:
@@ -94,6 +95,20 @@ def test_hit_is_verified_against_stored_tokens():
     assert bm.find_cached_prefix(b) == [a_block := bm.hash_to_block[block_hashes([1, 2, 3, 4], B)[0]]]
     bm.blocks[a_block].token_ids = (9, 9, 9, 9)  # as if another block's tokens collided on this hash
     assert bm.find_cached_prefix(b) == []
+
+
+def test_salted_blocks_are_shared_only_under_the_same_salt():
+    bm = BlockManager(16, B)
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    a = seq_of(tokens, "tenant-a")
+    bm.take_prefix(a, [])
+    bm.allocate(a, 9)
+    assert a.block_hashes == block_hashes(tokens[:8], B, salt_root("tenant-a")) != block_hashes(tokens[:8], B)
+    table = a.block_table[:2]
+    bm.free(a)
+    assert bm.find_cached_prefix(seq_of(tokens)) == []
+    assert bm.find_cached_prefix(seq_of(tokens, "tenant-b")) == []
+    assert bm.find_cached_prefix(seq_of(tokens, "tenant-a")) == table
 
 
 def test_least_recently_freed_is_evicted_first_and_events_report_it():

@@ -62,3 +62,21 @@ def test_whole_prompt_cached_still_computes_last_token(tiny_models):
         assert llm.block_manager.prefix_hits == 16  # one block hit: the last token must be computed
     finally:
         llm.exit()
+
+
+def test_cache_salt_separates_prefixes_and_changes_no_token(tiny_models):
+    prompt = list(range(60, 93))  # 2 full blocks and one token
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=64)
+    try:
+        def run(salt):
+            seq = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                         cache_salt=salt))
+            while llm.has_unfinished():
+                llm.step()
+            return seq.num_cached_tokens, seq.completion_token_ids
+        cached_a, tokens = run("a")
+        assert cached_a == 0
+        assert run("b") == (0, tokens) and run(None) == (0, tokens)  # other salts, or none, share nothing
+        assert run("a") == (32, tokens)                               # the same salt does
+    finally:
+        llm.exit()
