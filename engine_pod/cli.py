@@ -2,7 +2,6 @@
 import argparse
 import asyncio
 import logging
-import os
 import sys
 
 from nanoserve.engine_pod.default_model import DEFAULT_MODEL
@@ -42,8 +41,13 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model as given)")
-    p.add_argument("--api-key", default=os.environ.get("NANOSERVE_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (env NANOSERVE_API_KEY)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on all but /health and /ready; repeat for several "
+                        "tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY)")
+    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line (# comments)")
+    p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key (Prometheus)")
+    p.add_argument("--cache-salt-by-api-key", action="store_true",
+                   help="salt the prefix cache by each request's API key: tenants share no cached block")
     p.add_argument("--max-pending", type=int, default=256, help="waiting requests beyond this get 429")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to finish requests after SIGTERM")
@@ -54,7 +58,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return asyncio.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
                                   served_model_name=args.served_model_name, api_key=args.api_key,
                                   max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
-                                  drain_timeout=args.drain_timeout))
+                                  drain_timeout=args.drain_timeout, api_key_file=args.api_key_file,
+                                  public_metrics=args.public_metrics,
+                                  cache_salt_by_api_key=args.cache_salt_by_api_key))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -1,10 +1,12 @@
 """OpenAI request parsing and validation: JSON body -> (prompt token ids, SamplingParams, options).
 
 Everything a client can get wrong becomes an `APIError` with an OpenAI-shaped body and a 4xx status;
-the server never answers a bad request with a 500.
+the server never answers a bad request with a 500. `salt_key`: the API key a request authenticated with,
+when the server salts the prefix cache by key (--cache-salt-by-api-key): tenants then share no cached block.
 """
 from dataclasses import dataclass
 
+from nanoserve.common.block_hash import tenant_salt
 from nanoserve.common.chat import ChatTemplateError, chat_prompt_ids, completion_prompt_ids
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.sampling_params import SamplingParams
@@ -55,7 +57,15 @@ def _float(body: dict, name: str, default: float) -> float:
         raise APIError(400, f"'{name}' is out of range", name) from None
 
 
-def _sampling_params(body: dict, prompt_len: int, max_model_len: int) -> SamplingParams:
+def _cache_salt(body: dict, salt_key: str | None) -> str | None:
+    """The request's `cache_salt` (vLLM's), under its tenant's when the server salts by API key."""
+    salt = body.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise APIError(400, "'cache_salt' must be a non-empty string", "cache_salt")
+    return tenant_salt(salt_key, salt) if salt_key is not None else salt
+
+
+def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: str | None) -> SamplingParams:
     for name, allowed in _UNSUPPORTED.items():
         if body.get(name) not in allowed:
             raise APIError(400, f"'{name}' is not supported by this server", name)
@@ -84,7 +94,8 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int) -> Samplin
             ignore_eos=_get(body, "ignore_eos", (bool,), False),
             stop=stop, stop_token_ids=stop_ids,
             seed=_get(body, "seed", (int,)),
-            priority=_get(body, "priority", (int,), 0))
+            priority=_get(body, "priority", (int,), 0),
+            cache_salt=_cache_salt(body, salt_key))
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
 
@@ -107,7 +118,8 @@ def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> Non
         raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
 
 
-def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int) -> ParsedRequest:
+def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
+                     salt_key: str | None = None) -> ParsedRequest:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -120,10 +132,11 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int)
                        "prompt") from None
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
-    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len), stream, include_usage)
+    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key), stream, include_usage)
 
 
-def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int) -> ParsedRequest:
+def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
+               salt_key: str | None = None) -> ParsedRequest:
     try:
         ids = chat_prompt_ids(tokenizer, body.get("messages"))
     except ChatTemplateError as e:
@@ -132,4 +145,4 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int) -> Pa
         raise APIError(400, str(e), "messages") from None
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
-    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len), stream, include_usage)
+    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key), stream, include_usage)

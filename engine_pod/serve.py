@@ -7,6 +7,7 @@ from aiohttp import web
 
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
+from nanoserve.engine_pod.auth import load_api_keys
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.server import ServerState, create_app
@@ -16,12 +17,25 @@ FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers 
 
 
 async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 8000, served_model_name: str | None = None,
-                     api_key: str | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-                     drain_timeout: float = 120.0, ready_file: str | None = None) -> int:
-    """Serve until SIGTERM/SIGINT (then 0) or until the engine fails (then 1, after answering every request)."""
+                     api_key: list[str] | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
+                     drain_timeout: float = 120.0, ready_file: str | None = None, api_key_file: str | None = None,
+                     public_metrics: bool = False, cache_salt_by_api_key: bool = False) -> int:
+    """Serve until SIGTERM/SIGINT (then 0) or until the engine fails (then 1, after answering every request).
+    API keys: `api_key` (a list), one per line of `api_key_file`, and $NANOSERVE_API_KEY / $VLLM_API_KEY."""
     model = engine_kwargs.pop("model")
     name = served_model_name or model  # as vLLM: the model as the user gave it
-    state = ServerState(name, api_key, max_pending, max_body_bytes)
+    try:
+        keys = load_api_keys(api_key, api_key_file)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"nanoserve serve: API keys: {e}") from None
+    if cache_salt_by_api_key and not keys:
+        raise SystemExit("nanoserve serve: --cache-salt-by-api-key needs API keys "
+                         "(--api-key-file or $NANOSERVE_API_KEY)")
+    if api_key:
+        log.warning("--api-key on the command line shows in `ps`; prefer --api-key-file or $NANOSERVE_API_KEY")
+    if keys:
+        log.info("%d API key(s); /metrics %s", len(keys), "public" if public_metrics else "needs a key")
+    state = ServerState(name, keys, max_pending, max_body_bytes, public_metrics, cache_salt_by_api_key)
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

@@ -1,33 +1,40 @@
 """The engine pod's HTTP server: OpenAI-compatible API, health, readiness, metrics, cache-state feed.
 
+With API keys set, everything but /health and /ready (and /metrics under --public-metrics) needs one.
 The server listens before the model is loaded (/health answers, /ready says 503 until the engine is up),
 sheds load with 429 past `max_pending` waiting requests, and on SIGTERM drains: /ready turns 503, new
 requests get 503, running ones finish (up to `drain_timeout`), then it exits 0.
 """
 import asyncio
+import codecs
 import contextlib
 import json
 import time
 import uuid
 
-from aiohttp import web
+from aiohttp import ClientPayloadError, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nanoserve.engine_pod.async_engine import AsyncEngine
+from nanoserve.engine_pod.auth import KeyRing
 from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.text_stream import TextStream
 
 STATE = web.AppKey("state", object)
+API_KEY = web.RequestKey("api_key", str)  # the key a request authenticated with
 
 
 class ServerState:
     """What the handlers share: the engine once loaded, and the drain and load counters."""
 
-    def __init__(self, model_name: str, api_key: str | None = None, max_pending: int = 256,
-                 max_body_bytes: int = 8 << 20):
-        self.model_name, self.api_key, self.max_pending = model_name, api_key, max_pending
+    def __init__(self, model_name: str, api_keys: list[str] | None = None, max_pending: int = 256,
+                 max_body_bytes: int = 8 << 20, public_metrics: bool = False, cache_salt_by_api_key: bool = False):
+        self.model_name, self.api_keys, self.max_pending = model_name, KeyRing(api_keys or []), max_pending
         self.max_body_bytes = max_body_bytes
+        # Open without a key: the kubelet's probes, and /metrics for Prometheus scrapes when asked for.
+        self.open_paths = {"/health", "/ready"} | ({"/metrics"} if public_metrics else set())
+        self.cache_salt_by_api_key = cache_salt_by_api_key  # tenants (keys) then share no prefix-cache block
         self.engine: AsyncEngine | None = None  # set when the model is loaded
         self.tokenizer = None                   # the server's own copy: the engine thread uses its own
         self.tokenizer_info: dict | None = None  # GET /v1/tokenizer, and its files: what the gateway loads
@@ -44,9 +51,11 @@ def _error(status: int, message: str, param=None, code=None) -> web.Response:
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
     state: ServerState = request.app[STATE]
-    if state.api_key and request.path.startswith("/v1/"):
-        if request.headers.get("Authorization", "") != f"Bearer {state.api_key}":
+    if state.api_keys and request.path not in state.open_paths:  # the cache feed and /metrics included
+        key = state.api_keys.match(request.headers.get("Authorization", ""))
+        if key is None:
             return _error(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+        request[API_KEY] = key
     try:
         return await handler(request)
     except APIError as e:
@@ -62,14 +71,30 @@ async def errors_and_auth(request: web.Request, handler):
         return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
 
 
+_LOOP_JSON_BYTES = 64 << 10  # larger bodies are decoded on a worker thread: streams keep flowing meanwhile
+
+
 async def _json_body(request: web.Request) -> dict:
     try:
-        body = await request.json()
+        raw = await request.read()  # (decompressed as its Content-Encoding says)
+    except ClientPayloadError as e:  # a body that does not decompress
+        raise APIError(400, f"request body could not be decoded: {e}") from None
+    charset = request.charset or "utf-8"
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        raise APIError(400, f"unknown charset {charset!r} in Content-Type") from None
+    try:
+        body = await asyncio.to_thread(_decode, raw, charset) if len(raw) > _LOOP_JSON_BYTES else _decode(raw, charset)
     except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
         raise APIError(400, f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
     return body
+
+
+def _decode(raw: bytes, charset: str):
+    return json.loads(raw.decode(charset))
 
 
 def _engine(state: ServerState, body: dict) -> AsyncEngine:
@@ -103,7 +128,8 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = _engine(state, body)
     cfg = engine.engine.config
     parse = parse_chat if chat else parse_completion
-    req = parse(body, state.tokenizer, cfg.hf_config["vocab_size"], cfg.max_model_len)
+    salt_key = request.get(API_KEY) if state.cache_salt_by_api_key else None  # tenants share no cached block
+    req = parse(body, state.tokenizer, cfg.hf_config["vocab_size"], cfg.max_model_len, salt_key)
     try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache)
         seq = engine.engine.make_sequence(req.prompt_ids, req.params)
     except InvalidRequestError as e:

@@ -60,6 +60,22 @@ def test_prefix_cache_hit_is_reported(client):
     assert again.usage.prompt_tokens_details.cached_tokens == 32  # two full 16-token blocks
 
 
+def test_cache_salt_separates_prefixes(client):
+    prompt = list(range(80, 80 + 40))
+
+    def cached(**salt):
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body=salt)
+        return out.usage.prompt_tokens_details.cached_tokens
+    assert cached(cache_salt="a") == 0
+    assert cached(cache_salt="b") == 0 and cached() == 0  # another salt, or none, shares nothing
+    assert cached(cache_salt="a") == 32 and cached() == 32
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "w7 " * 40}], max_tokens=1)
+    client.chat.completions.create(**chat, extra_body={"cache_salt": "c"})
+    assert client.chat.completions.create(**chat).usage.prompt_tokens_details.cached_tokens == 0
+    assert client.chat.completions.create(**chat, extra_body={"cache_salt": "c"}
+                                          ).usage.prompt_tokens_details.cached_tokens >= 32
+
+
 def test_32_concurrent_streams_are_batched(tiny_server):
     client = openai.AsyncOpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
 

@@ -150,10 +150,16 @@ def test_cache_events_feed_reports_stored_blocks(tiny_server):
 def test_auth_body_limit_overload_and_drain(tiny_models, start_server):
     server = start_server(tiny_models["llama"], "--num-kvcache-blocks", "256", "--max-num-seqs", "1",
                           "--max-pending", "2", "--max-body-bytes", "2000", "--drain-timeout", "60",
-                          env={"NANOSERVE_API_KEY": "sesame"})
+                          "--public-metrics", env={"NANOSERVE_API_KEY": "sesame"})
     auth = {"Authorization": "Bearer sesame"}
     status, payload, _ = post(server.url, "/v1/completions", {"prompt": "w5"})
     assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+    assert "vllm:num_requests_waiting" in get_metrics(server.url)  # --public-metrics: Prometheus needs no key
+
+    async def feed_status():
+        async with aiohttp.ClientSession() as s, s.get(server.url + "/v1/cache/events") as r:
+            return r.status
+    assert asyncio.run(feed_status()) == 401  # the cache feed still does
     status, payload, _ = post(server.url, "/v1/completions", {"prompt": "w5 " * 1000}, headers=auth)
     assert status == 413 and "too large" in payload["error"]["message"]
 
