@@ -3,7 +3,8 @@
 Token ids come from an engine's own tokenizer (gateway/tokenizers.py) or from the request itself (a
 completion prompt of ids); their block hashes are the ones in the engine's prefix cache. The text form,
 hashed in fixed chunks, steers routing while no tokenizer is verified: sgl-router's approximate text-prefix
-tree, at a granularity of TEXT_CHUNK bytes.
+tree, at a granularity of TEXT_CHUNK bytes. A request's `cache_salt` salts both, as it salts the engine's
+blocks (common/block_hash.py): a salted prompt routes to the engine holding that salt's blocks.
 
 transformers is imported lazily, inside `load_tokenizer`; it never imports torch (the gateway image has none).
 """
@@ -13,7 +14,7 @@ from typing import Any
 
 import xxhash
 
-from nanoserve.common.block_hash import block_hashes
+from nanoserve.common.block_hash import block_hashes, salt_root, tenant_salt
 from nanoserve.common.chat import chat_prompt_ids, completion_prompt_ids, template_messages
 from nanoserve.common.tokenizer_export import fingerprint
 
@@ -65,10 +66,11 @@ def request_text(path: str, body: dict) -> str | None:
         return None
 
 
-def text_hashes(text: str) -> list[int]:
-    """Chained hashes of each full TEXT_CHUNK-byte chunk of the text's UTF-8 bytes."""
+def text_hashes(text: str, salt: str | None = None) -> list[int]:
+    """Chained hashes of each full TEXT_CHUNK-byte chunk of the text's UTF-8 bytes (the first one chained to
+    the salt's root, as the engine chains its first block)."""
     data = text.encode("utf-8", "surrogatepass")
-    out, parent = [], b""
+    out, parent = [], b"" if salt is None else salt_root(salt).to_bytes(8, "little")
     for start in range(0, len(data) - TEXT_CHUNK + 1, TEXT_CHUNK):
         h = xxhash.xxh64_intdigest(parent + data[start:start + TEXT_CHUNK])
         out.append(h)
@@ -79,8 +81,9 @@ def text_hashes(text: str) -> list[int]:
 class Prompt:
     """One request's prompt: the client's own token ids, or ids under each engine tokenizer; and its text."""
 
-    def __init__(self, text: str | None = None, token_ids: list[int] | None = None) -> None:
+    def __init__(self, text: str | None = None, token_ids: list[int] | None = None, salt: str | None = None) -> None:
         self.text = text
+        self.salt = salt  # the engine's cache salt of this request (None: unsalted)
         self.given_ids = token_ids  # tokenizer-independent: the engine uses them as they are
         self.ids: dict[str, list[int]] = {}  # tokenizer fingerprint -> ids
         self._hashes: dict[tuple[str | None, int], list[int]] = {}
@@ -96,19 +99,27 @@ class Prompt:
         key = (None if self.given_ids is not None or tokenizer is None else tokenizer.fingerprint, block_size)
         if key not in self._hashes:
             ids = self.ids_for(tokenizer)
-            self._hashes[key] = block_hashes(ids, block_size) if ids is not None else []
+            self._hashes[key] = block_hashes(ids, block_size, salt_root(self.salt)) if ids is not None else []
         return self._hashes[key]
 
     def text_hashes(self) -> list[int]:
         if self._text_hashes is None:
-            self._text_hashes = text_hashes(self.text) if self.text else []
+            self._text_hashes = text_hashes(self.text, self.salt) if self.text else []
         return self._text_hashes
 
 
-def build_prompt(path: str, body: dict, tokenizers: list[PromptTokenizer]) -> Prompt:
+def request_salt(body: dict, salt_key: str | None = None) -> str | None:
+    """The salt the engine gives the request: its `cache_salt`, under its API key's when the engines salt by
+    key (`salt_key`: the client's key; engine --cache-salt-by-api-key). A bad salt is the engine's to refuse."""
+    salt = body.get("cache_salt")
+    salt = salt if isinstance(salt, str) and salt else None
+    return tenant_salt(salt_key, salt) if salt_key is not None else salt
+
+
+def build_prompt(path: str, body: dict, tokenizers: list[PromptTokenizer], salt_key: str | None = None) -> Prompt:
     """The prompt under every given tokenizer. A tokenizer that cannot render the request is skipped (the
     engine reports what is wrong with it); routing then falls back to the text."""
-    prompt = Prompt(request_text(path, body))
+    prompt = Prompt(request_text(path, body), salt=request_salt(body, salt_key))
     if not path.endswith("/chat/completions"):
         raw = _first_prompt(body.get("prompt"))
         if isinstance(raw, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in raw):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nanoserve.common.block_hash import block_hashes
+from nanoserve.common.block_hash import block_hashes, salt_root, tenant_salt
 from nanoserve.gateway.prompt import TEXT_CHUNK, Prompt, build_prompt, load_tokenizer, request_text, text_hashes
 
 MESSAGES = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w3 w4 w5"}]
@@ -80,6 +80,25 @@ def test_text_hashes_chain_over_full_chunks_so_later_turns_extend_earlier_ones()
     other = text_hashes(request_text(CHAT, {"messages": [{"role": "system", "content": "x" * 150}]}))
     assert other[0] != a[0]  # roles are part of the text
     assert text_hashes("\ud800" * 40)  # lone surrogates hash too (they cannot be encoded strictly)
+
+
+def test_cache_salt_salts_block_and_text_hashes_as_the_engine_does(tok):
+    """The engine chains a salted request's first block to salt_root(salt): so does the router, for both
+    token and text hashes, so a salted prompt routes where that salt's blocks are."""
+    token_ids = list(range(40))
+    plain = build_prompt("/v1/completions", {"prompt": token_ids}, [])
+    salted = build_prompt("/v1/completions", {"prompt": token_ids, "cache_salt": "s"}, [])
+    assert salted.hashes(16) == block_hashes(token_ids, 16, salt_root("s")) != plain.hashes(16)
+    body = {"messages": [{"role": "user", "content": "w3 " * 200}], "cache_salt": "s"}
+    chat = build_prompt(CHAT, body, [tok])
+    assert chat.hashes(16, tok) == block_hashes(chat.ids_for(tok), 16, salt_root("s"))
+    assert chat.text_hashes() and chat.text_hashes() == text_hashes(chat.text, "s") != text_hashes(chat.text)
+    for bad in ["", 5, None]:  # the engine refuses a bad salt (or takes null for none): routed unsalted
+        assert build_prompt("/v1/completions", {"prompt": token_ids, "cache_salt": bad}, []).hashes(16) \
+            == plain.hashes(16)
+    # Engines under --cache-salt-by-api-key salt by the client's key too: the caller passes it as salt_key.
+    keyed = build_prompt("/v1/completions", {"prompt": token_ids, "cache_salt": "s"}, [], salt_key="k")
+    assert keyed.hashes(16) == block_hashes(token_ids, 16, salt_root(tenant_salt("k", "s")))
 
 
 def test_gateway_does_not_import_torch(tiny_tokenizer):
