@@ -17,6 +17,7 @@ from nanoserve.gateway.endpoints import Endpoint, EndpointPool
 from nanoserve.gateway.errors import error_response
 from nanoserve.gateway.health import watch_engine
 from nanoserve.gateway.metrics import GatewayMetrics
+from nanoserve.gateway.middleware import middlewares
 from nanoserve.gateway.policy import make_policy
 from nanoserve.gateway.prompt import PromptTokenizer, load_tokenizer
 from nanoserve.gateway.proxy import handle_generate
@@ -132,10 +133,14 @@ class Gateway:
         async def fetch(ep: Endpoint) -> list[dict]:
             try:
                 timeout = aiohttp.ClientTimeout(total=self.config.health_timeout)
-                async with self.control.get(ep.url + "/v1/models", timeout=timeout) as resp:
-                    return (await resp.json()).get("data", []) if resp.status == 200 else []
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                async with self.control.get(ep.url + "/v1/models", timeout=timeout,
+                                            allow_redirects=False) as resp:
+                    body = await resp.json() if resp.status == 200 else {}
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, RecursionError):
                 return []
+            data = body.get("data") if isinstance(body, dict) else None  # an engine's garbage is skipped
+            return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
+                if isinstance(data, list) else []
         results = await asyncio.gather(*(fetch(ep) for ep in self.pool.routable()))
         merged: dict[str, dict] = {}
         for data in results:
@@ -166,7 +171,7 @@ GATEWAY = web.AppKey("gateway", Gateway)
 def build_app(config: GatewayConfig, tokenizer: PromptTokenizer | None = None) -> web.Application:
     """The aiohttp app; background tasks start and stop with it. app[GATEWAY] is the Gateway."""
     gw = Gateway(config, tokenizer)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=middlewares(config), client_max_size=config.max_body_bytes)
     app[GATEWAY] = gw
     app.router.add_post("/v1/completions", gw.generate)
     app.router.add_post("/v1/chat/completions", gw.generate)

@@ -26,7 +26,12 @@ class GatewayConfig:
     scheme: str = "http"
     model: str | None = None          # a local copy of the engines' tokenizer (None: each engine serves its own)
     served_model_name: str | None = None  # when set, requests for another model get 404
-    engine_api_key: str | None = None  # the gateway's own engine calls (feed, /v1/models); clients send theirs
+    engine_api_key: str | None = None  # the gateway's own engine calls (feed, /v1/models); see api_keys
+    # Client auth of the gateway's own: when set, /v1/* (and /metrics unless public_metrics) need
+    # "Authorization: Bearer <one of these>", and proxied requests carry engine_api_key instead.
+    api_keys: list[str] = field(default_factory=list)
+    public_metrics: bool = False
+    max_body_bytes: int = 64 * 1024 * 1024  # client request bodies, after decompression (413 above)
     policy: str = "cache-aware"       # cache-aware | round-robin | least-loaded
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     block_size: int = 16              # until an engine's cache feed reports its own
@@ -48,4 +53,14 @@ class GatewayConfig:
     retry_backoff: float = 0.05       # seconds, doubled after each failed attempt
     connect_timeout: float = 5.0
     read_timeout: float = 600.0       # longest silence from an engine mid-response
+    # Streaming requests: an engine sends its response headers at once, so one silent this long has hung;
+    # it is marked down and the request goes to the next engine. (A non-streaming answer starts with its
+    # last token: that wait is bounded by read_timeout only.)
+    first_byte_timeout: float = 60.0
+    # Circuit breaker (gateway/breaker.py): after this many consecutive failed requests (connection errors,
+    # timeouts, invalid HTTP, 5xx) an engine gets no traffic for breaker_cooldown seconds, doubled after each
+    # failed trial up to breaker_max_cooldown. 0 turns it off.
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 2.0
+    breaker_max_cooldown: float = 60.0
     drain_timeout: float = 30.0       # on shutdown, how long open requests may still run

@@ -1,13 +1,21 @@
 """Engine endpoints as the gateway sees them: discovery state, health, load, tokenizer and cache indexes."""
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
+from nanoserve.gateway.breaker import Breaker
 from nanoserve.gateway.cache_index import CacheIndex
 from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.policy import Candidate
 from nanoserve.gateway.prompt import TEXT_CHUNK, Prompt, PromptTokenizer
+
+
+def engine_id(url: str) -> str:
+    """The name clients see for an engine (the X-Nanoserve-Engine header): a short hash of its URL, the
+    same in every gateway replica, that does not show the cluster's addresses."""
+    return "engine-" + hashlib.sha256(url.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -24,10 +32,15 @@ class Endpoint:
     engine_busy: int = 0    # running + waiting, from the engine's /metrics
     metrics_at: float = -1e9  # time.monotonic() of that scrape
     tokenizer: PromptTokenizer | None = None  # the engine's own, verified (gateway/tokenizers.py)
+    breaker: Breaker = field(default_factory=Breaker)  # requests' view: consecutive failures
+
+    @property
+    def id(self) -> str:
+        return engine_id(self.url)
 
     @property
     def routable(self) -> bool:
-        return self.ready and self.healthy
+        return self.ready and self.healthy and self.breaker.available()
 
     def load(self, metrics_max_age: float, now: float | None = None) -> int:
         """In-flight requests. A fresh engine count also includes other gateways' requests, so take the
@@ -92,7 +105,9 @@ class EndpointPool:
             if ep is None:
                 cfg = self.config
                 ep = Endpoint(url, CacheIndex(cfg.block_size, cfg.approx_capacity_blocks, cfg.pending_ttl),
-                              CacheIndex(TEXT_CHUNK, cfg.approx_capacity_blocks))
+                              CacheIndex(TEXT_CHUNK, cfg.approx_capacity_blocks),
+                              breaker=Breaker(cfg.breaker_threshold, cfg.breaker_cooldown,
+                                              cfg.breaker_max_cooldown))
                 self.endpoints[url] = ep
                 added.append(ep)
             ep.ready = ready
@@ -100,6 +115,10 @@ class EndpointPool:
 
     def routable(self) -> list[Endpoint]:
         return [ep for ep in self.endpoints.values() if ep.routable]
+
+    def by_id(self, id_: str) -> Endpoint | None:
+        """The endpoint an X-Nanoserve-Engine header names."""
+        return next((ep for ep in self.endpoints.values() if ep.id == id_), None)
 
     def candidates(self, endpoints: list[Endpoint], prompt: Prompt | None, mode: str) -> list[Candidate]:
         """Policy inputs: each engine's load and its match of the prompt, in the engine's own cache blocks

@@ -1,4 +1,9 @@
-"""Reverse proxy for the generation endpoints: route, forward, stream back, retry before the first byte."""
+"""Reverse proxy for the generation endpoints: route, forward, stream back, retry before the first byte.
+
+Retried on the next engine: connection failures, invalid HTTP and first-byte timeouts (nothing reached the
+client yet), and 429/503. Never a 500 or a 4xx (the request itself is the problem), nor a redirect (not
+followed: the engine is misconfigured, and the prompt must not go where it points; the client gets a 502).
+"""
 from __future__ import annotations
 
 import asyncio
@@ -12,9 +17,11 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
+from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.endpoints import Endpoint, routing_mode
 from nanoserve.gateway.errors import error_response, sse_error
-from nanoserve.gateway.prompt import build_prompt
+from nanoserve.gateway.policy import Decision
+from nanoserve.gateway.prompt import Prompt, build_prompt
 
 if TYPE_CHECKING:
     from nanoserve.gateway.app import Gateway
@@ -27,7 +34,7 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 # request broke it, and sending it on would let one poison request take down every engine in turn.
 RETRY_STATUSES = {429, 503}
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
-ENGINE_HEADER = "X-Nanoserve-Engine"  # which engine answered (for clients, tests and debugging)
+ENGINE_HEADER = "X-Nanoserve-Engine"  # which engine answered, as its opaque id (endpoints.engine_id)
 
 
 @dataclass
@@ -37,20 +44,46 @@ class Failure:
     status: int | None = None  # the engine's answer, passed on if every attempt fails
     headers: dict[str, str] | None = None
     body: bytes = b""
+    retry: bool = True         # may another engine take the request?
 
 
 def _forward_headers(headers) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
+def upstream_headers(cfg: GatewayConfig, headers) -> dict[str, str]:
+    """The client's headers as sent on to the engine."""
+    # aiohttp has decompressed the body: it goes on decoded, so its Content-Encoding must not.
+    out = {k: v for k, v in _forward_headers(headers).items() if k.lower() != "content-encoding"}
+    if cfg.api_keys:  # the gateway checked the client's key; the engines know the gateway's own
+        out = {k: v for k, v in out.items() if k.lower() != "authorization"}
+        if cfg.engine_api_key:
+            out["Authorization"] = f"Bearer {cfg.engine_api_key}"
+    return out
+
+
+def _parse_body(raw: bytes) -> dict | None:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _route(gw: Gateway, endpoints: list[Endpoint], prompt: Prompt | None) -> tuple[Decision, str]:
+    mode = routing_mode(endpoints, prompt)
+    decision = gw.policy.rank(gw.pool.candidates(endpoints, prompt, mode))
+    gw.metrics.decisions.labels(decision.reason).inc()
+    gw.metrics.prompt_modes.labels(mode).inc()
+    gw.metrics.matched_blocks.observe(decision.matched)
+    return decision, mode
+
+
 async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamResponse:
     """POST /v1/completions and /v1/chat/completions."""
     raw = await request.read()
-    try:
-        body = json.loads(raw)
-        if not isinstance(body, dict):
-            raise ValueError("not an object")
-    except ValueError:
+    body = _parse_body(raw)
+    if body is None:
         return error_response(400, "request body must be a JSON object", "invalid_request_error")
     served = gw.config.served_model_name
     if served and body.get("model") not in (None, served):
@@ -60,18 +93,20 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
     if not endpoints:
         return error_response(503, "no healthy engine", "server_error", "no_healthy_engine")
     prompt = None
-    if gw.policy.uses_cache:
-        tokenizers = list({ep.tokenizer.fingerprint: ep.tokenizer for ep in endpoints if ep.tokenizer}.values())
-        build = functools.partial(build_prompt, request.path, body, tokenizers)
-        # Long prompts are tokenized off the event loop (the Rust tokenizer releases the GIL): streams keep flowing.
-        prompt = await asyncio.to_thread(build) if len(raw) > 16384 else build()
-    mode = routing_mode(endpoints, prompt)
-    decision = gw.policy.rank(gw.pool.candidates(endpoints, prompt, mode))
-    gw.metrics.decisions.labels(decision.reason).inc()
-    gw.metrics.prompt_modes.labels(mode).inc()
-    gw.metrics.matched_blocks.observe(decision.matched)
+    try:
+        if gw.policy.uses_cache:
+            tokenizers = list({ep.tokenizer.fingerprint: ep.tokenizer for ep in endpoints if ep.tokenizer}.values())
+            build = functools.partial(build_prompt, request.path, body, tokenizers)
+            # Long prompts are tokenized off the event loop (the Rust tokenizer releases the GIL).
+            prompt = await asyncio.to_thread(build) if len(raw) > 16384 else build()
+        decision, mode = _route(gw, endpoints, prompt)
+    except Exception:  # noqa: BLE001 - a body the prompt code did not foresee: route by load, the engine judges it
+        log.warning("routing by load: the prompt could not be matched", exc_info=True)
+        prompt = None
+        decision, mode = _route(gw, endpoints, None)
 
-    headers = _forward_headers(request.headers)
+    headers = upstream_headers(gw.config, request.headers)
+    stream = body.get("stream") is True
     failure = Failure("none")
     attempt = 0
     for i in range(gw.config.max_attempts):
@@ -81,64 +116,100 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
         if attempt:
             gw.metrics.retries.labels(failure.cause).inc()
             await asyncio.sleep(gw.config.retry_backoff * 2 ** (attempt - 1))
+            if not ep.routable:
+                continue  # changed while we waited (e.g. its breaker's one trial was taken)
         attempt += 1
         if prompt is not None:
             ep.record(prompt, mode)
-        result = await _attempt(gw, request, ep, raw, headers)
+        result = await _attempt(gw, request, ep, raw, headers, stream)
         if not isinstance(result, Failure):
             return result
         failure = result
         log.info("engine %s failed before the first byte (%s)", ep.url, failure.cause)
+        if not failure.retry:
+            break
     if failure.status is not None:  # every engine refused: pass the last answer on (e.g. 429 + Retry-After)
         return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
+    # Never the engine's URL: clients see engine ids at most.
     return error_response(502, f"no engine could serve the request ({failure.cause})", "server_error",
                           "upstream_unavailable")
 
 
-async def _attempt(gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes,
-                   headers: dict[str, str]) -> web.StreamResponse | Failure:
-    """One try on one engine: a prepared response once bytes reached the client, else a Failure."""
+async def _attempt(gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes, headers: dict[str, str],
+                   stream: bool) -> web.StreamResponse | Failure:
+    """One try on one engine: a prepared response once bytes reached the client, else a Failure. The
+    engine's breaker learns the outcome: served (< 500), failed (5xx, broken, silent), or unknown."""
     cfg = gw.config
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout, sock_read=cfg.read_timeout)
     start = time.monotonic()
     resp: web.StreamResponse | None = None
+    served: bool | None = None
+    trial = ep.breaker.begin()
     ep.in_flight += 1
     try:
-        async with gw.session.post(ep.url + request.path, data=raw, headers=headers, timeout=timeout) as up:
+        first_byte = asyncio.timeout(cfg.first_byte_timeout if stream else None)
+        try:
+            async with first_byte:
+                # Never follow a redirect: the prompt must not be re-posted to wherever an engine points.
+                up = await gw.session.post(ep.url + request.path, data=raw, headers=headers, timeout=timeout,
+                                           allow_redirects=False)
+        except TimeoutError:
+            if not first_byte.expired():
+                raise
+            served = False
+            ep.mark_down()  # accepted the request and went silent: hung (its /ready may still say 200)
+            gw.metrics.requests.labels(ep.url, "first_byte_timeout").inc()
+            return Failure("first_byte_timeout")
+        async with up:
+            gw.metrics.requests.labels(ep.url, str(up.status)).inc()
+            if 300 <= up.status < 400:
+                served = False
+                log.warning("engine %s answered a redirect (%d): not followed", ep.url, up.status)
+                return Failure(f"redirect_{up.status}", retry=False)
             if up.status in RETRY_STATUSES:
                 body = await up.read()
+                served = up.status == 429  # busy but alive; 503: loading or draining
                 if up.status == 503:
-                    ep.healthy = False  # draining or loading: stop routing here until probes pass
-                gw.metrics.requests.labels(ep.url, str(up.status)).inc()
+                    ep.healthy = False  # stop routing here until probes pass
                 return Failure(f"status_{up.status}", up.status, _forward_headers(up.headers), body)
             first = await up.content.readany()  # a failure up to here is still retryable
+            served = up.status < 500
             gw.metrics.ttfb.labels(ep.url).observe(time.monotonic() - start)
             resp = web.StreamResponse(status=up.status, headers=_forward_headers(up.headers))
             if "Content-Length" in up.headers:
                 resp.content_length = int(up.headers["Content-Length"])
-            resp.headers[ENGINE_HEADER] = ep.url
+            resp.headers[ENGINE_HEADER] = ep.id
             await resp.prepare(request)
-            await _pump(gw, ep, up, resp, first)
-            gw.metrics.requests.labels(ep.url, str(up.status)).inc()
+            if not await _pump(gw, ep, up, resp, first):
+                served = False
             gw.metrics.latency.labels(ep.url).observe(time.monotonic() - start)
             return resp
     except UPSTREAM_ERRORS as e:
-        if resp is not None and resp.prepared:
-            return resp  # the client left while we answered: nothing to retry
-        if isinstance(e, aiohttp.ClientConnectionError):
-            ep.mark_down()  # refused or dropped connection: probes bring it back
+        if resp is not None:
+            return resp  # the client left while we answered: nothing to retry, nothing wrong with the engine
+        # Refused, dropped, silent past read_timeout, or not speaking HTTP: probes bring it back.
+        served = False
+        ep.mark_down()
         gw.metrics.requests.labels(ep.url, "error").inc()
         return Failure(type(e).__name__)
     finally:
         ep.in_flight -= 1
+        if served is True:
+            ep.breaker.success()
+        elif served is False:
+            ep.breaker.failure()
+        elif trial:
+            ep.breaker.release()
 
 
-async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web.StreamResponse, first: bytes) -> None:
-    """Copy the engine's bytes as they arrive. If the engine dies mid-way, end an event stream with an
-    error event (a JSON body can only be cut off). A client that goes away ends the copy (and the
-    upstream connection, so the engine stops generating)."""
+async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web.StreamResponse,
+                first: bytes) -> bool:
+    """Copy the engine's bytes as they arrive; False if the engine failed mid-way. Then an event stream
+    ends with an error event (a JSON body can only be cut off). A client that goes away ends the copy (and
+    the upstream connection, so the engine stops generating)."""
     tail = first
     chunk = first
+    ok = True
     try:
         while chunk:
             await resp.write(chunk)
@@ -149,6 +220,7 @@ async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web
                 log.warning("engine %s failed mid-response: %r", ep.url, e)
                 gw.metrics.stream_errors.inc()
                 ep.mark_down()
+                ok = False
                 if up.content_type == "text/event-stream":
                     sep = b"" if tail.endswith(b"\n\n") else b"\n\n"  # never inject inside an event
                     await resp.write(sep + sse_error(f"engine failed mid-stream: {type(e).__name__}",
@@ -159,3 +231,4 @@ async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web
         await resp.write_eof()
     except ConnectionResetError:  # the client left
         pass
+    return ok

@@ -3,7 +3,8 @@
 Speaks the engine HTTP API (completions and chat, streaming or not, /v1/models, /health, /ready, /metrics)
 and the cache-state feed (/v1/cache/events), with a small LRU "prefix cache" of prompt block hashes so
 routing quality shows up in `vllm:prefix_cache_hits_total`. Faults: latency, failing the next N requests,
-crashing after N requests (process exit, or a dropped connection in-process), not ready, no feed.
+crashing after N requests (process exit, or a dropped connection in-process), not ready, no feed, hanging
+or answering garbage or a redirect to every request (while /ready says 200), a feed full of garbage.
 
 Run as a process: python fake_engine.py --port 8001 --name e1 [--tokenizer DIR] [--crash-after 3] ...
 or in-process: web.AppRunner(build_app(FakeConfig(...))). GET/POST /fake/state reads/changes the faults.
@@ -44,6 +45,26 @@ class FakeConfig:
     serve_tokenizer: bool = True  # GET /v1/tokenizer (with a tokenizer): as the engine server
     tokenizer_fault: str = ""     # error: 500 | vocab: reports a wrong vocabulary size | file: serves other bytes
                                   # | swap: serves another tokenizer's files under its own description
+    fault: str = ""               # every generation request: hang (accepted, never answered) | garbage (bytes
+                                  # that are not HTTP) | redirect (307 to redirect_to)
+    redirect_to: str = ""
+    feed_garbage: bool = False    # the feed sends FEED_GARBAGE after its snapshot, then carries on
+
+
+# Malformed cache-feed events a gateway must survive (each line is one event's data).
+FEED_GARBAGE = [b"5", b"[1, 2]", b'"snapshot"', b"{not json", b"\xff\xfe\x80 not utf-8",
+                b"[" * 100_000 + b"]" * 100_000,
+                b'{"type": "stored", "hashes": "x"}', b'{"type": "stored", "hashes": 5}',
+                b'{"type": "stored", "hashes": [1, "x", null]}', b'{"type": "removed"}',
+                b'{"type": "removed", "hashes": [[1]]}', b'{"type": 7}', b'{"type": "stored", "hashes": [true]}',
+                b'{"type": "stored", "hashes": [' + b"9" * 5000 + b']}',
+                b'{"type": "snapshot", "block_size": 0, "hashes": []}',
+                b'{"type": "snapshot", "block_size": -16, "hashes": []}',
+                b'{"type": "snapshot", "block_size": "16", "hashes": []}',
+                b'{"type": "snapshot", "block_size": 16.5, "hashes": []}',
+                b'{"type": "snapshot", "block_size": 16, "hashes": [{"a": 1}]}',
+                b'{"type": "snapshot", "block_size": 16, "hashes": [], "tokenizer": 3}',
+                b'{"type": "snapshot", "block_size": 16}']
 
 
 class FakeEngine:
@@ -100,6 +121,8 @@ class FakeEngine:
         body = await request.json()
         self.requests += 1
         cfg = self.cfg
+        if cfg.fault:
+            return await self.misbehave(request)
         if cfg.fail_next > 0:
             cfg.fail_next -= 1
             headers = {"Retry-After": "1"} if cfg.fail_status == 429 else None
@@ -145,6 +168,17 @@ class FakeEngine:
         await resp.write_eof()
         return resp
 
+    async def misbehave(self, request: web.Request) -> web.StreamResponse:
+        if self.cfg.fault == "redirect":
+            raise web.HTTPTemporaryRedirect(self.cfg.redirect_to + request.path)  # 307: the client re-POSTs
+        if self.cfg.fault == "garbage":
+            request.transport.write(b"\x00\xffNOT HTTP AT ALL\r\n\r\n")
+            request.transport.close()
+            raise asyncio.CancelledError
+        while request.transport is not None and not request.transport.is_closing():
+            await asyncio.sleep(0.05)  # hang until the client gives up
+        raise asyncio.CancelledError
+
     async def die(self, request: web.Request) -> web.StreamResponse:
         if self.cfg.exit_on_crash:
             os._exit(1)
@@ -162,6 +196,9 @@ class FakeEngine:
         self.subscribers.append(q)
         try:
             await resp.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
+            if self.cfg.feed_garbage:
+                for line in FEED_GARBAGE:
+                    await resp.write(b"data: " + line + b"\n\n")
             while True:
                 try:
                     event = await asyncio.wait_for(q.get(), timeout=1.0)

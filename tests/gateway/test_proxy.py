@@ -7,6 +7,8 @@ import json
 import aiohttp
 import pytest
 
+from nanoserve.gateway.endpoints import engine_id
+
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "w1 w2 w3"}]}
 
 
@@ -38,7 +40,7 @@ def test_stream_and_json_pass_through_unchanged(spawn_engines, start_gateway):
                 assert via[0] == direct[0] == 200
                 assert via[2] == direct[2]  # byte for byte
                 assert via[1]["Content-Type"] == direct[1]["Content-Type"]
-                assert via[1]["X-Nanoserve-Engine"] == engine.url
+                assert via[1]["X-Nanoserve-Engine"] == engine_id(engine.url)
             stream = (await post(s, gw.url + "/v1/chat/completions", {**CHAT, "stream": True}))[2]
             assert events(stream)[-1] == "[DONE]"
     asyncio.run(main())
@@ -106,7 +108,7 @@ def test_engine_dying_before_first_byte_is_retried_elsewhere(spawn_engines, star
                 aiohttp.ClientSession() as s:
             for stream in (True, False, True, False):  # round-robin sends one of the first two to `dying`
                 status, headers, body = await post(s, gw.url + "/v1/chat/completions", {**CHAT, "stream": stream})
-                assert status == 200 and headers["X-Nanoserve-Engine"] == healthy.url
+                assert status == 200 and headers["X-Nanoserve-Engine"] == engine_id(healthy.url)
             assert dying.proc.wait(timeout=10) != 0
             assert [ep.url for ep in gw.pool.routable()] == [healthy.url]
     asyncio.run(main())

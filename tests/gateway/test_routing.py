@@ -9,6 +9,7 @@ import json
 import aiohttp
 from conversations import Conversation, cached_hashes, chat, run_conversations, total_hits
 
+from nanoserve.gateway.endpoints import engine_id
 from nanoserve.gateway.prompt import Prompt
 
 BLOCK = 8  # engines' block size, unlike the gateway's default: the feed's snapshot must win
@@ -29,7 +30,7 @@ def test_precise_index_follows_the_feed(backend, start_gateway, until):
                 await until(lambda: ep.cache.precise == held)
             assert len(set(conv.engines)) == 1
             history = Prompt(token_ids=gw.tokenizer.chat_ids(conv.messages)).hashes(BLOCK)
-            assert gw.pool.endpoints[conv.engines[0]].cache.match(history) > 2
+            assert gw.pool.by_id(conv.engines[0]).cache.match(history) > 2
     asyncio.run(main())
 
 
@@ -96,7 +97,7 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gat
                 # Cut off mid-stream: only after it had started, and with an error event.
                 assert len(data) >= 2 and "choices" in json.loads(data[0])
                 assert json.loads(data[-1])["error"]["code"] == "upstream_disconnected"
-            assert any(victim.url in c.engines for c in convs)  # the victim did serve before dying
+            assert any(engine_id(victim.url) in c.engines for c in convs)  # the victim did serve before dying
             metrics = gw.metrics_text().decode()
             cut = sum(1 for stream, _, data in results if stream and data[-1] != "[DONE]")
             assert f"nanoserve_gateway_stream_errors_total {cut}.0" in metrics
@@ -106,7 +107,7 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gat
             victim.restart()  # same URL, cold cache: new conversations go there first
             await until(lambda: gw.pool.endpoints[victim.url].routable)
             fresh = await run_conversations(gw.url, 2, 2, 100, backend.model)
-            assert victim.url in {c.engines[0] for c in fresh}
+            assert engine_id(victim.url) in {c.engines[0] for c in fresh}
     asyncio.run(main())
 
 

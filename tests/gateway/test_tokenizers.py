@@ -12,6 +12,7 @@ from conversations import run_conversations
 from nanoserve.common.block_hash import block_hashes
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.openai_protocol import parse_chat, parse_completion
+from nanoserve.gateway.endpoints import engine_id
 from nanoserve.gateway.prompt import build_prompt
 from nanoserve.gateway.tokenizers import TokenizerError, check_info, load_verified
 
@@ -131,7 +132,7 @@ def test_a_broken_or_lying_engine_leaves_routing_by_text(fault, local_engines, s
             assert gw.pool.endpoints[liar].tokenizer is None and gw.routing_mode_now() == "text"
             convs = await run_conversations(gw.url, 4, 3)  # never by the lying engine's hashes: by text
             assert all(len(set(c.engines)) == 1 for c in convs)
-            assert {c.engines[0] for c in convs} == {good, liar}
+            assert {c.engines[0] for c in convs} == {engine_id(good), engine_id(liar)}
             assert metric(gw, "nanoserve_gateway_prompt_match_mode_total") == {"mode=text": 12}
             assert gw.pool.endpoints[liar].routable  # the engine itself still serves
     asyncio.run(main())

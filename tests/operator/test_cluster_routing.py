@@ -21,6 +21,8 @@ from conversations import Conversation, chat, run_conversations, total_hits
 from op_harness import NAMESPACE, wait_for
 from pods import Pod, endpoint_slice
 
+from nanoserve.gateway.endpoints import engine_id
+
 ENGINE = {"maxModelLen": 1024, "maxNumSeqs": 16, "maxNumBatchedTokens": 1024, "enforceEager": True}
 # Conversations coprime with replicas: round-robin moves every conversation every turn. The builtin model
 # is real (and slow on CPU): fewer turns.
@@ -154,13 +156,13 @@ def test_a_conversation_moves_when_its_engine_goes_away(stack, kubectl):
             gw = stack.gateway
             (conv,) = await run_conversations(gw.url, 1, 2, 200, stack.served, **TALK)
             (home,) = set(conv.engines)
-            pod = next(p for p in stack.engines if p.url == home)
+            pod = next(p for p in stack.engines if engine_id(p.url) == home)  # the header names engines by id
             kubectl("delete", "endpointslice", f"{stack.name}-engine-{pod.ip.replace('.', '-')}", "-n", NAMESPACE)
-            await wait_metric(s, gw, 'nanoserve_gateway_engine_up{"engine": "%s"}' % home, None)
+            await wait_metric(s, gw, 'nanoserve_gateway_engine_up{"engine": "%s"}' % pod.url, None)
             status, _ = await chat(s, gw.url, conv)
             assert status == 200 and conv.engines[-1] != home
             kubectl.apply(endpoint_slice(f"{stack.name}-engine", pod))  # back for the next test
-            await wait_metric(s, gw, 'nanoserve_gateway_engine_up{"engine": "%s"}' % home, 1.0)
+            await wait_metric(s, gw, 'nanoserve_gateway_engine_up{"engine": "%s"}' % pod.url, 1.0)
     asyncio.run(main())
 
 
