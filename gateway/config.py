@@ -28,7 +28,7 @@ class GatewayConfig:
     served_model_name: str | None = None  # when set, requests for another model get 404
     engine_api_key: str | None = None  # the gateway's own engine calls (feed, /v1/models); see api_keys
     # Client auth of the gateway's own: when set, /v1/* (and /metrics unless public_metrics) need
-    # "Authorization: Bearer <one of these>", and proxied requests carry engine_api_key instead.
+    # "Authorization: Bearer <one of these>" (passed on to the engine like any client header).
     api_keys: list[str] = field(default_factory=list)
     public_metrics: bool = False
     max_body_bytes: int = 64 * 1024 * 1024  # client request bodies, after decompression (413 above)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.endpoints import Endpoint, routing_mode
 from nanoserve.gateway.errors import error_response, sse_error
 from nanoserve.gateway.policy import Decision
@@ -51,15 +50,11 @@ def _forward_headers(headers) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k.lower() not in HOP_BY_HOP}
 
 
-def upstream_headers(cfg: GatewayConfig, headers) -> dict[str, str]:
-    """The client's headers as sent on to the engine."""
+def upstream_headers(headers) -> dict[str, str]:
+    """The client's headers as sent on to the engine, its Authorization included (also with the gateway's
+    own api_keys: an engine may check it again, and salts its cache by it with --cache-salt-by-api-key)."""
     # aiohttp has decompressed the body: it goes on decoded, so its Content-Encoding must not.
-    out = {k: v for k, v in _forward_headers(headers).items() if k.lower() != "content-encoding"}
-    if cfg.api_keys:  # the gateway checked the client's key; the engines know the gateway's own
-        out = {k: v for k, v in out.items() if k.lower() != "authorization"}
-        if cfg.engine_api_key:
-            out["Authorization"] = f"Bearer {cfg.engine_api_key}"
-    return out
+    return {k: v for k, v in _forward_headers(headers).items() if k.lower() != "content-encoding"}
 
 
 def _parse_body(raw: bytes) -> dict | None:
@@ -105,7 +100,7 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
         prompt = None
         decision, mode = _route(gw, endpoints, None)
 
-    headers = upstream_headers(gw.config, request.headers)
+    headers = upstream_headers(request.headers)
     stream = body.get("stream") is True
     failure = Failure("none")
     attempt = 0
