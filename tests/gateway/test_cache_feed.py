@@ -100,3 +100,62 @@ def test_follow_feed_forgets_the_cache_when_the_stream_ends_and_reconnects():
     asyncio.run(main())
     assert index.log[:6] == ["snapshot", "lost"] * 3  # each connection: a snapshot, then forgotten at its end
     assert not index.is_precise or index.log[-1] == "snapshot"
+
+
+def test_garbage_events_are_skipped_and_the_good_ones_still_applied(fake_engine_module):
+    garbage = [b"data: " + line + b"\n\n" for line in fake_engine_module.FEED_GARBAGE]
+    events = [data({"type": "snapshot", "block_size": 16, "hashes": [1, 2]}), *garbage,
+              data({"type": "stored", "hashes": [3]}), *garbage, data({"type": "removed", "hashes": [1]})]
+    index = CacheIndex(block_size=8)
+
+    async def main():
+        runner, url = await serving(feed_app(events))
+        async with aiohttp.ClientSession() as s:
+            assert await read_feed(s, url, index, idle_timeout=10) is True
+        await runner.cleanup()
+    asyncio.run(main())
+    assert index.block_size == 16 and index.precise == {2, 3}
+
+
+def test_the_follower_survives_anything_and_resyncs(monkeypatch):
+    """Even a failure no one foresaw (here: in the index) only costs a reconnect, never the task."""
+    index = RecordingIndex()
+    calls = []
+
+    def flaky_apply(event):
+        calls.append(event["type"])
+        if len(calls) == 1:
+            raise AttributeError("a bug")
+        RecordingIndex.apply(index, event)
+    monkeypatch.setattr(index, "apply", flaky_apply)
+
+    async def main():
+        runner, url = await serving(feed_app([data({"type": "snapshot", "block_size": 16, "hashes": [7]}),
+                                              b"data: \xff\n\n", b"data: 5\n\n"]))
+        async with aiohttp.ClientSession() as s:
+            task = asyncio.create_task(follow_feed(s, url, index, retry_interval=0.01, idle_timeout=10))
+            for _ in range(500):  # bounded wait for the next connection's snapshot
+                if "snapshot" in index.log:
+                    break
+                await asyncio.sleep(0.01)
+            assert not task.done()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await runner.cleanup()
+    asyncio.run(main())
+    assert "snapshot" in index.log
+
+
+def test_a_garbage_feed_through_the_gateway_keeps_routing(local_engines, start_gateway, tiny_tokenizer, until):
+    """A fake engine whose feed sends every kind of garbage after its snapshot: requests still succeed and
+    the index still learns what the engine stores."""
+    async def main():
+        async with local_engines({"feed_garbage": True, "tokenizer": tiny_tokenizer}) as [url], \
+                start_gateway([url]) as gw, aiohttp.ClientSession() as s:
+            ep = gw.pool.endpoints[url]
+            await until(lambda: ep.cache.is_precise and ep.tokenizer is not None)
+            async with s.post(gw.url + "/v1/completions", json={"prompt": " ".join(["w1"] * 40)}) as resp:
+                assert resp.status == 200
+            await until(lambda: len(ep.cache) == 2)  # 40 words + BOS: two full blocks of 16, stored
+            assert ep.cache.block_size == 16 and not ep.cache.pending
+    asyncio.run(main())
