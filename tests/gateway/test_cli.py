@@ -52,3 +52,26 @@ def test_module_serves_and_exits_cleanly_on_sigterm(dead_url, port, http_ready):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_fault_and_auth_flags_reach_the_config(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# client keys\nkey-c\n\n  key-d  \nkey-a\n")
+    engine_key = tmp_path / "engine-key"
+    engine_key.write_text("sekret\n")
+    monkeypatch.setenv("NANOSERVE_GATEWAY_API_KEYS", "key-e, ,key-f")
+    cfg = parse(["--engine", "http://a:1", "--api-key", "key-a", "--api-key", "key-b", "--api-key-file", str(keys),
+                 "--engine-api-key-file", str(engine_key), "--public-metrics", "--first-byte-timeout", "7",
+                 "--breaker-threshold", "3", "--breaker-cooldown", "0.5", "--breaker-max-cooldown", "9",
+                 "--max-body-bytes", "1000"])
+    assert cfg.api_keys == ["key-a", "key-b", "key-e", "key-f", "key-c", "key-d"]
+    assert cfg.engine_api_key == "sekret" and cfg.public_metrics
+    assert (cfg.first_byte_timeout, cfg.breaker_threshold, cfg.breaker_cooldown, cfg.breaker_max_cooldown,
+            cfg.max_body_bytes) == (7, 3, 0.5, 9, 1000)
+    monkeypatch.delenv("NANOSERVE_GATEWAY_API_KEYS")
+    default = GatewayConfig()
+    cfg = parse(["--engine", "http://a:1"])
+    assert cfg.api_keys == [] and not cfg.public_metrics
+    assert (cfg.first_byte_timeout, cfg.breaker_threshold) == (default.first_byte_timeout, default.breaker_threshold)
+    with pytest.raises(SystemExit):
+        parse(["--engine", "http://a:1", "--api-key-file", str(tmp_path / "missing")])
