@@ -18,7 +18,7 @@ async def probe(session: aiohttp.ClientSession, ep: Endpoint, cfg: GatewayConfig
     """One health probe; True when the engine answers 200 (a 503 means loading or draining)."""
     try:
         timeout = aiohttp.ClientTimeout(total=cfg.health_timeout)
-        async with session.get(ep.url + cfg.health_path, timeout=timeout) as resp:
+        async with session.get(ep.url + cfg.health_path, timeout=timeout, allow_redirects=False) as resp:
             await resp.read()
             return resp.status == 200
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
@@ -39,7 +39,7 @@ def parse_engine_metrics(text: str) -> dict[str, float]:
 async def scrape(session: aiohttp.ClientSession, ep: Endpoint, cfg: GatewayConfig) -> None:
     try:
         timeout = aiohttp.ClientTimeout(total=cfg.health_timeout)
-        async with session.get(ep.url + "/metrics", timeout=timeout) as resp:
+        async with session.get(ep.url + "/metrics", timeout=timeout, allow_redirects=False) as resp:
             if resp.status != 200:
                 return
             values = parse_engine_metrics(await resp.text())

@@ -38,19 +38,25 @@ class TokenizerError(Exception):
         self.reason = reason
 
 
+def _need(ok: object) -> None:
+    # Not `assert`: the checks must hold under python -O too (file names become paths).
+    if not ok:
+        raise AssertionError("check failed")
+
+
 def check_info(info: object) -> dict:
     """The shape of a GET /v1/tokenizer body, or TokenizerError("invalid")."""
     try:
-        assert isinstance(info, dict)
-        assert isinstance(info["fingerprint"], str) and re.fullmatch(r"[0-9a-f]{16,128}", info["fingerprint"])
-        assert isinstance(info["vocab_size"], int) and info["vocab_size"] > 0
-        assert isinstance(info["block_size"], int) and 1 <= info["block_size"] <= 1 << 16
+        _need(isinstance(info, dict))
+        _need(isinstance(info["fingerprint"], str) and re.fullmatch(r"[0-9a-f]{16,128}", info["fingerprint"]))
+        _need(isinstance(info["vocab_size"], int) and info["vocab_size"] > 0)
+        _need(isinstance(info["block_size"], int) and 1 <= info["block_size"] <= 1 << 16)
         files = info["files"]
-        assert isinstance(files, list) and 0 < len(files) <= MAX_FILES
+        _need(isinstance(files, list) and 0 < len(files) <= MAX_FILES)
         for f in files:
-            assert isinstance(f["name"], str) and SAFE_NAME.fullmatch(f["name"]) and f["name"] not in (".", "..")
-            assert isinstance(f["size"], int) and 0 <= f["size"] <= MAX_FILE_BYTES
-            assert isinstance(f["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", f["sha256"])
+            _need(isinstance(f["name"], str) and SAFE_NAME.fullmatch(f["name"]) and f["name"] not in (".", ".."))
+            _need(isinstance(f["size"], int) and 0 <= f["size"] <= MAX_FILE_BYTES)
+            _need(isinstance(f["sha256"], str) and re.fullmatch(r"[0-9a-f]{64}", f["sha256"]))
     except (AssertionError, KeyError, TypeError) as e:
         raise TokenizerError("invalid", f"malformed tokenizer description ({e!r})") from None
     return info
@@ -59,13 +65,14 @@ def check_info(info: object) -> dict:
 async def fetch_info(session: aiohttp.ClientSession, url: str, timeout: float) -> dict | None:
     """The engine's tokenizer description; None when it serves none (404: an older engine)."""
     try:
-        async with session.get(url + INFO_PATH, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.get(url + INFO_PATH, timeout=aiohttp.ClientTimeout(total=timeout),
+                               allow_redirects=False) as resp:
             if resp.status == 404:
                 return None
             if resp.status != 200:
                 raise TokenizerError("unavailable", f"GET {INFO_PATH} answered {resp.status}")
             return check_info(await resp.json(content_type=None))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, RecursionError) as e:
         raise TokenizerError("unavailable", f"GET {INFO_PATH}: {e!r}") from None
 
 
@@ -73,7 +80,7 @@ async def fetch_files(session: aiohttp.ClientSession, url: str, info: dict, fold
     """Download every listed file into `folder`, each checked against its size and sha256."""
     for f in info["files"]:
         try:
-            async with session.get(f"{url}{INFO_PATH}/files/{f['name']}",
+            async with session.get(f"{url}{INFO_PATH}/files/{f['name']}", allow_redirects=False,
                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 if resp.status != 200:
                     raise TokenizerError("unavailable", f"tokenizer file {f['name']}: status {resp.status}")

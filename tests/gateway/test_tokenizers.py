@@ -204,3 +204,14 @@ def test_an_engine_restarted_with_another_model_is_reverified(start_gateway, unt
         finally:
             await runner.cleanup()
     asyncio.run(main())
+
+
+def test_descriptions_are_checked_under_python_O_too():
+    """Served file names become paths: their check must not be an `assert` that -O strips."""
+    import subprocess
+    import sys
+    code = ("from nanoserve.gateway.tokenizers import TokenizerError, check_info\n"
+            "info = {'fingerprint': 'a' * 16, 'vocab_size': 5, 'block_size': 16,\n"
+            "        'files': [{'name': '../../escape', 'size': 1, 'sha256': 'b' * 64}]}\n"
+            "try:\n    check_info(info)\nexcept TokenizerError:\n    raise SystemExit(0)\nraise SystemExit(1)\n")
+    assert subprocess.run([sys.executable, "-O", "-c", code], env={**os.environ, "PYTHONSAFEPATH": "1"}).returncode == 0
