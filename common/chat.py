@@ -32,8 +32,17 @@ def template_messages(messages: Any) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string or a list of text parts")
+        check_text(content, f"messages[{i}].content")
         out.append({"role": "system" if m["role"] == "developer" else m["role"], "content": content})
     return out
+
+
+def check_text(text: str, where: str) -> None:
+    """JSON escapes can carry lone surrogates (\\ud800), which are not text: no tokenizer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not valid Unicode text: {e.reason} at position {e.start}") from None
 
 
 def chat_prompt_ids(tokenizer: Any, messages: Any) -> list[int]:
@@ -50,6 +59,7 @@ def chat_prompt_ids(tokenizer: Any, messages: Any) -> list[int]:
 def completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     """Token ids of one completion prompt: a string is encoded (special tokens added), ids pass as given."""
     if isinstance(prompt, str):
+        check_text(prompt, "'prompt'")
         return tokenizer.encode(prompt)
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         return prompt

@@ -127,9 +127,8 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
         raise APIError(400, "'prompt' is required", "prompt")
     try:
         ids = completion_prompt_ids(tokenizer, prompt)
-    except ValueError:
-        raise APIError(400, "'prompt' must be a string or a list of token ids (one prompt per request)",
-                       "prompt") from None
+    except ValueError as e:
+        raise APIError(400, f"{e} (one prompt per request)", "prompt") from None
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
     return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key), stream, include_usage)

@@ -5,6 +5,7 @@ import signal
 
 from aiohttp import web
 
+from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import load_api_keys
@@ -36,7 +37,9 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
     if keys:
         log.info("%d API key(s); /metrics %s", len(keys), "public" if public_metrics else "needs a key")
     state = ServerState(name, keys, max_pending, max_body_bytes, public_metrics, cache_salt_by_api_key)
-    runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5)
+    quiet_client_faults()
+    # auto_decompress off: the server undoes Content-Encoding itself, with a bound, and answers errors in JSON.
+    runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5, auto_decompress=False)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     log.info("listening on %s:%d; loading %s", host, port, model)

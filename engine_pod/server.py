@@ -6,15 +6,15 @@ sheds load with 429 past `max_pending` waiting requests, and on SIGTERM drains: 
 requests get 503, running ones finish (up to `drain_timeout`), then it exits 0.
 """
 import asyncio
-import codecs
 import contextlib
 import json
 import time
 import uuid
 
-from aiohttp import ClientPayloadError, web
+from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from nanoserve.common.json_body import BodyError, read_json
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import KeyRing
 from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
@@ -71,30 +71,11 @@ async def errors_and_auth(request: web.Request, handler):
         return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
 
 
-_LOOP_JSON_BYTES = 64 << 10  # larger bodies are decoded on a worker thread: streams keep flowing meanwhile
-
-
 async def _json_body(request: web.Request) -> dict:
     try:
-        raw = await request.read()  # (decompressed as its Content-Encoding says)
-    except ClientPayloadError as e:  # a body that does not decompress
-        raise APIError(400, f"request body could not be decoded: {e}") from None
-    charset = request.charset or "utf-8"
-    try:
-        codecs.lookup(charset)
-    except LookupError:
-        raise APIError(400, f"unknown charset {charset!r} in Content-Type") from None
-    try:
-        body = await asyncio.to_thread(_decode, raw, charset) if len(raw) > _LOOP_JSON_BYTES else _decode(raw, charset)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
-        raise APIError(400, f"request body is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    return body
-
-
-def _decode(raw: bytes, charset: str):
-    return json.loads(raw.decode(charset))
+        return await read_json(request, request.app[STATE].max_body_bytes)
+    except BodyError as e:
+        raise APIError(e.status, str(e)) from None
 
 
 def _engine(state: ServerState, body: dict) -> AsyncEngine:

@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -23,14 +24,20 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", model, "--host", "127.0.0.1",
                "--port", str(self.port), "--device", "cpu", *args]
+        # A file, not a pipe: a pipe nobody reads fills up (64 KiB of logs) and then blocks the server.
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
 
     def wait_ready(self, timeout: float = 180) -> "ServerProcess":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.proc.stdout.read()}")
+                raise RuntimeError(f"server exited early:\n{self.output()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/ready", timeout=1) as r:
                     if r.status == 200:
@@ -70,6 +77,21 @@ def default_server(default_model_path):
 @pytest.fixture
 def start_server():
     """Start extra servers with their own settings; each is stopped when the test ends."""
+    started = []
+
+    def start(model: str, *args: str, env: dict | None = None) -> ServerProcess:
+        server = ServerProcess(model, *args, env=env)
+        started.append(server)
+        return server.wait_ready()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_server():
+    """Like start_server, for servers shared by one test module."""
     started = []
 
     def start(model: str, *args: str, env: dict | None = None) -> ServerProcess:
