@@ -148,6 +148,7 @@ class AsyncEngine:
                     fn, args = self.inbox.get()
                     fn(*args)
                 if not self.engine.has_unfinished():
+                    self.engine.check()  # a dead tensor-parallel worker fails the engine even while idle
                     self._publish_state()
                     self._wake.wait(0.5)
                     self._wake.clear()

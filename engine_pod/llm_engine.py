@@ -5,27 +5,23 @@ sampled tokens; `abort` drops a request and frees its blocks at once. `LLM.gener
 HTTP server both drive this class.
 """
 import atexit
-import multiprocessing as mp
-import os
 import random
-import socket
 import time
-import uuid
 from dataclasses import dataclass
-from multiprocessing.shared_memory import SharedMemory
 
 from transformers import AutoTokenizer
 
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
-from nanoserve.engine_pod.model_runner import ModelRunner, TPLink, worker_main
+from nanoserve.engine_pod.model_runner import ModelRunner
 from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
 from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
 from nanoserve.engine_pod.stop import StopChecker
+from nanoserve.engine_pod.tp_workers import Workers
 
 
 @dataclass
@@ -36,27 +32,24 @@ class InFlight:
     tokens: SampledTokens
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LLMEngine:
 
     def __init__(self, model: str, **kwargs):
         config = Config(model, **kwargs)
         self.config = config
-        self.workers, self.shm = [], None
-        link = None
-        if config.tensor_parallel_size > 1:
-            self.shm, link = self._start_workers(config)
+        self.workers = Workers(config) if config.tensor_parallel_size > 1 else None
         try:
-            self.model_runner = ModelRunner(config, 0, link)
+            if self.workers is not None:
+                self.workers.wait_started()
+            self.model_runner = ModelRunner(config, 0, self.workers and self.workers.link, self.workers)
             if self.model_runner.device.type == "cuda":
                 self.model_runner.call("warmup")
-        except BaseException:
-            self._stop_workers(timeout=0)  # they may wait in a collective that will never come
+        except BaseException as e:
+            if self.workers is not None:
+                try:
+                    self.workers.explain(e)  # the rendezvous or a collective failed: did a worker die?
+                finally:
+                    self.workers.stop(timeout=0)  # they may wait in a collective that will never come
             raise
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size,
@@ -72,31 +65,11 @@ class LLMEngine:
         self._broken = False  # a step failed on rank 0: workers may wait in a collective forever
         atexit.register(self.exit)
 
-    def _start_workers(self, config: Config):
-        # Unique names: two engines on one host must not share a segment or a port.
-        name = f"nanoserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        blocks_per_seq = -(-config.max_model_len // config.kvcache_block_size)
-        size = 2**20 + 16 * (4 * config.max_num_batched_tokens + config.max_num_seqs * (blocks_per_seq + 4))
-        shm = SharedMemory(name=name, create=True, size=size)
-        ctx = mp.get_context("spawn")
-        workers = range(1, config.tensor_parallel_size)
-        link = TPLink(port=_free_port(), shm_name=name, posted=[ctx.Event() for _ in workers],
-                      read=[ctx.Event() for _ in workers])
-        for read in link.read:
-            read.set()  # nothing posted yet: the segment is free
-        # Workers must not put the current directory on sys.path: our operator/ folder shadows the stdlib's.
-        os.environ.setdefault("PYTHONSAFEPATH", "1")
-        for rank in range(1, config.tensor_parallel_size):
-            proc = ctx.Process(target=worker_main, args=(config, rank, link), daemon=True)
-            proc.start()
-            self.workers.append(proc)
-        return shm, link
-
     def exit(self) -> None:
         if self._closed:
             return
         self._closed = True
-        if self._broken:
+        if self._broken or (self.workers is not None and self.workers.dead()):
             self.model_runner.abandon()
             self._stop_workers(timeout=0)
         else:
@@ -105,15 +78,13 @@ class LLMEngine:
         atexit.unregister(self.exit)
 
     def _stop_workers(self, timeout: float = 30) -> None:
-        for proc in self.workers:
-            proc.join(timeout=timeout)
-            if proc.is_alive():
-                proc.kill()
-                proc.join(timeout=10)
-        if self.shm is not None:
-            self.shm.close()
-            self.shm.unlink()
-            self.shm = None
+        if self.workers is not None:
+            self.workers.stop(timeout)
+
+    def check(self) -> None:
+        """Raise WorkerDied if a tensor-parallel worker has exited (the server checks this while idle)."""
+        if self.workers is not None:
+            self.workers.check()
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:

@@ -5,8 +5,11 @@ are spawned processes that loop in `worker_main`, each waiting on its event for 
 which rank 0 pickles into a shared-memory segment. The model's collectives (torch.distributed: gloo on
 CPU, NCCL on GPU) keep the ranks in lockstep inside each forward. NCCL collectives return before the
 peers join them, so rank 0 can run ahead of its workers; it writes the next command only once every
-worker has acknowledged reading the last one (`read` events), else it could overwrite a command unread.
+worker has acknowledged reading the last one (`read` semaphores), else it could overwrite a command unread.
+Rank 0 waits through `workers` (tp_workers.Workers), which notices a dead worker within a fraction of a
+second; a worker whose rank 0 has died leaves on its own (it would wait for a command forever).
 """
+import multiprocessing as mp
 import os
 import pickle
 import time
@@ -26,14 +29,14 @@ from nanoserve.engine_pod.models import build_model
 from nanoserve.engine_pod.sampler import SamplingInputs, sample
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
 
-
-WORKER_TIMEOUT_S = 600  # a worker busy this long with one step is gone (first steps compile kernels)
+LEADER_CHECK_S = 1.0  # how often an idle worker checks that rank 0 still lives
 
 
 @dataclass
 class TPLink:
     """How rank 0 reaches its workers: a free TCP port for the process group, one shm segment, and per
-    worker a `posted` event (a command waits) and a `read` event (the worker has taken it)."""
+    worker a `posted` semaphore (a command waits) and a `read` one (the worker has taken it). Semaphores, not
+    Events: Event.set() waits for every waiter to wake, so a worker killed while it waits would hang rank 0."""
     port: int
     shm_name: str
     posted: list
@@ -42,9 +45,9 @@ class TPLink:
 
 class ModelRunner:
 
-    def __init__(self, config: Config, rank: int, link: TPLink | None = None):
+    def __init__(self, config: Config, rank: int, link: TPLink | None = None, workers=None):
         self.config, self.rank, self.world = config, rank, config.tensor_parallel_size
-        self.link = link
+        self.link, self.workers = link, workers  # workers: rank 0's tp_workers.Workers
         self.device = torch.device(f"cuda:{rank}" if config.device.startswith("cuda") else config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -218,23 +221,27 @@ class ModelRunner:
             if len(data) + 4 > self.shm.size:
                 raise RuntimeError(f"step command of {len(data)} bytes exceeds the shared-memory segment")
             for rank, read in enumerate(self.link.read, 1):
-                if not read.wait(timeout=WORKER_TIMEOUT_S):
-                    raise RuntimeError(f"tensor-parallel worker {rank} did not take a command for "
-                                       f"{WORKER_TIMEOUT_S} s: it is dead or stuck")
-                read.clear()
+                self.workers.wait(read, rank)
             self.shm.buf[:4] = len(data).to_bytes(4, "little")
             self.shm.buf[4:4 + len(data)] = data
             for posted in self.link.posted:
-                posted.set()
+                posted.release()
+            try:
+                return getattr(self, method)(*args)
+            except BaseException as e:  # a collective failed because a worker died? Then say which one.
+                self.workers.explain(e)
+                raise
         return getattr(self, method)(*args)
 
     def _read_command(self):
         posted, read = self.link.posted[self.rank - 1], self.link.read[self.rank - 1]
-        posted.wait()
-        posted.clear()
+        while not posted.acquire(timeout=LEADER_CHECK_S):
+            leader = mp.parent_process()
+            if leader is not None and not leader.is_alive():
+                raise SystemExit(f"tensor-parallel worker {self.rank}: rank 0 (pid {leader.pid}) is gone; leaving")
         n = int.from_bytes(self.shm.buf[:4], "little")
         method, args = pickle.loads(self.shm.buf[4:4 + n])
-        read.set()
+        read.release()
         return method, args
 
     def loop(self) -> None:
@@ -271,5 +278,6 @@ def _logits_rows(hidden: torch.Tensor, inputs: StepInputs, t: dict[str, torch.Te
 
 def worker_main(config: Config, rank: int, link: TPLink) -> None:
     """Entry point of a spawned tensor-parallel worker (rank >= 1)."""
+    link.read[rank - 1].release()  # running: rank 0 stops watching for a death during start-up, and may post
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
     ModelRunner(config, rank, link).loop()

@@ -1,5 +1,6 @@
 """TP=2 on CPU (gloo, two processes: this one drives, a spawned worker follows through shared memory)
-gives the same greedy tokens as TP=1, for an odd vocabulary (padded shards) and qkv biases."""
+gives the same greedy tokens as TP=1, for an odd vocabulary (padded shards) and qkv biases; a failed step
+or a worker dead at start-up ends cleanly (a worker killed mid-generation: tests/server/test_tp_faults.py)."""
 import os
 import subprocess
 import sys
@@ -22,19 +23,32 @@ def test_tp2_equals_tp1(tiny_models, arch, async_scheduling):
               async_scheduling=async_scheduling)
     try:
         assert [o["token_ids"] for o in two.generate(PROMPTS, GREEDY)] == expected
-        assert two.workers[0].is_alive()
+        assert two.workers.procs[0].is_alive()
     finally:
         two.exit()
-    assert not two.workers[0].is_alive()
+    assert not two.workers.procs[0].is_alive()
 
 
-def test_two_tp_engines_on_one_host(tiny_models):
+SCRIPT = """llm = LLM({model!r}, tensor_parallel_size=2, num_kvcache_blocks=32)
+print(llm.generate([{prompt!r}], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]["token_ids"])
+llm.exit()
+"""
+
+
+def write_script(folder, model: str, guarded: bool) -> str:
+    """A user's script file that runs a TP=2 LLM, with or without the `if __name__ == "__main__":` guard."""
+    body = SCRIPT.format(model=model, prompt=PROMPTS[1])
+    if guarded:
+        body = 'if __name__ == "__main__":\n' + "".join("    " + line for line in body.splitlines(True))
+    (folder / "script.py").write_text("from nanoserve.engine_pod import LLM, SamplingParams\n" + body)
+    return str(folder / "script.py")
+
+
+def test_two_tp_engines_on_one_host(tiny_models, tmp_path):
     # Another process runs its own TP=2 engine while ours runs: shared-memory names and ports must differ.
-    script = (f"from nanoserve.engine_pod import LLM, SamplingParams\n"
-              f"llm = LLM({tiny_models['qwen3']!r}, tensor_parallel_size=2, num_kvcache_blocks=32)\n"
-              f"print(llm.generate([{PROMPTS[1]!r}], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))"
-              f"[0]['token_ids'])\nllm.exit()\n")
-    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+    # It is a guarded script file, as users write them (the workers import it again).
+    script = write_script(tmp_path, tiny_models["qwen3"], guarded=True)
+    other = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONSAFEPATH": "1"})
     ours = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
     try:
@@ -46,6 +60,17 @@ def test_two_tp_engines_on_one_host(tiny_models):
     assert theirs.strip() == str(mine)
 
 
+def test_a_script_without_the_main_guard_fails_at_once_naming_it(tiny_models, tmp_path):
+    # The spawned worker imports the script again and dies in multiprocessing's bootstrapping check: rank 0
+    # must say so, not wait for it in the rendezvous (the process group's timeout: 30 minutes).
+    script = write_script(tmp_path, tiny_models["qwen3"], guarded=False)
+    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=30, check=False,
+                         env={**os.environ, "PYTHONSAFEPATH": "1"})
+    assert run.returncode != 0 and not run.stdout
+    assert "WorkerDied: tensor-parallel worker 1" in run.stderr and "during start-up" in run.stderr, run.stderr
+    assert 'put it under `if __name__ == "__main__":`' in run.stderr, run.stderr
+
+
 def test_failed_step_tears_down_without_hanging(tiny_models):
     # Rank 0 fails inside the forward, after the worker entered it: the worker waits in a collective
     # that never comes, so exit must not try a graceful (collective) shutdown.
@@ -54,9 +79,10 @@ def test_failed_step_tears_down_without_hanging(tiny_models):
     with pytest.raises(RuntimeError, match="boom"):
         llm.generate([PROMPTS[0]], GREEDY)
     llm.exit()
-    assert not llm.workers[0].is_alive()
+    assert not llm.workers.procs[0].is_alive()
     again = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)  # the group was released
     try:
         assert len(again.generate([PROMPTS[0]], GREEDY)[0]["token_ids"]) == 10
     finally:
         again.exit()
+

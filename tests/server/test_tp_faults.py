@@ -1,0 +1,99 @@
+"""A tensor-parallel worker SIGKILLed mid-generation (issue 16): `nanoserve serve --tensor-parallel-size 2`
+fails the engine within seconds, every request ends with an error, /ready says 503, and the server exits 1."""
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import psutil
+
+from procs import free_port, wait_http
+
+
+def tp_workers(pid: int) -> list[int]:
+    """The spawned worker processes among `pid`'s children (not multiprocessing's resource tracker)."""
+    return [c.pid for c in psutil.Process(pid).children() if "spawn_main" in " ".join(c.cmdline())]
+
+
+async def _probe(url: str) -> dict[str, list[int]]:
+    """/ready and /health answers, polled on fresh connections until the server stops listening."""
+    seen: dict[str, list[int]] = {"/ready": [], "/health": []}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+        while True:
+            for path, answers in seen.items():
+                try:
+                    async with s.get(url + path, timeout=aiohttp.ClientTimeout(total=2)) as r:
+                        answers.append(r.status)
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    return seen
+            await asyncio.sleep(0.01)
+
+
+async def _kill_mid_generation(url: str, worker: int):
+    """Requests running, waiting in the scheduler and waiting in the engine's inbox when the worker dies."""
+    async with aiohttp.ClientSession() as s:
+        streaming = asyncio.Event()  # a stream has its first token: the engine is stepping
+
+        async def one(i: int):
+            body = {"prompt": [i + 3] * 20, "max_tokens": 400, "ignore_eos": True, "stream": i % 2 == 0}
+            async with s.post(url + "/v1/completions", json=body) as r:
+                if not body["stream"]:
+                    return r.status, await r.json()
+                events = []
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        events.append(line[6:].decode().strip())
+                        streaming.set()
+                return r.status, events
+
+        tasks = [asyncio.create_task(one(i)) for i in range(8)]  # max-num-seqs 4: half run, half wait
+        await asyncio.wait_for(streaming.wait(), 60)
+        # Stopped, the worker holds rank 0 in a collective: what comes now stays in the inbox. Spread over a
+        # second, these requests notice the dead engine at different times (they check each second), so the
+        # failed server is still up for a while to answer /ready.
+        os.kill(worker, signal.SIGSTOP)
+        for i in range(8, 18):
+            await asyncio.sleep(0.1)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.sleep(0.1)
+        os.kill(worker, signal.SIGKILL)
+        probe = asyncio.create_task(_probe(url))
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 10)  # the bound of issue 16
+        return results, await asyncio.wait_for(probe, 30)
+
+
+def test_a_killed_tp_worker_ends_every_request_with_an_error_and_the_server_exits(tiny_models, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model",
+                                 tiny_models["qwen3"], "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                                 "--tensor-parallel-size", "2", "--max-num-seqs", "4", "--num-kvcache-blocks", "256",
+                                 "--max-model-len", "512"],
+                                env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_http(url + "/ready", 120, proc)
+        [worker] = tp_workers(proc.pid)
+        results, probed = asyncio.run(_kill_mid_generation(url, worker))
+        died = f"tensor-parallel worker 1 (pid {worker}) died with signal SIGKILL"
+        for i, (status, answer) in enumerate(results):
+            if i % 2 == 0:  # streamed: it had started, and it ends with an error event instead of [DONE]
+                error = json.loads(answer[-1])["error"]
+                assert status == 200 and error["code"] == "engine_failed" and died in error["message"], answer[-1]
+            else:
+                assert status == 500 and died in answer["error"]["message"], answer
+        # Once it knows, and until it stops listening, the failed server takes no traffic.
+        for path, failed in (("/ready", 503), ("/health", 500)):
+            answers = probed[path]
+            assert failed in answers and set(answers[answers.index(failed):]) == {failed}, probed
+        assert proc.wait(timeout=30) == 1
+        assert psutil.pid_exists(worker) is False or psutil.Process(worker).status() == psutil.STATUS_ZOMBIE
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        print(log.read_text()[-4000:])
