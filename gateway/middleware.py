@@ -41,6 +41,7 @@ def make_error_middleware(config: GatewayConfig):
             resp = error_response(400, "the request body could not be read (bad Content-Encoding or "
                                        "transfer encoding)", "invalid_request_error")
             resp.force_close()
+            request.content.feed_eof()  # nothing left to drain: aiohttp would re-raise (and log) the error
             return resp
         except (ConnectionResetError, asyncio.CancelledError):
             raise

@@ -95,8 +95,9 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
             # Long prompts are tokenized off the event loop (the Rust tokenizer releases the GIL).
             prompt = await asyncio.to_thread(build) if len(raw) > 16384 else build()
         decision, mode = _route(gw, endpoints, prompt)
-    except Exception:  # noqa: BLE001 - a body the prompt code did not foresee: route by load, the engine judges it
-        log.warning("routing by load: the prompt could not be matched", exc_info=True)
+    except Exception as e:  # noqa: BLE001 - a body the prompt code did not foresee: route by load, the engine judges
+        # Not a warning with a traceback: any client can send these, and the log must not be theirs to flood.
+        log.debug("routing by load: the prompt could not be matched (%r)", e)
         prompt = None
         decision, mode = _route(gw, endpoints, None)
 
