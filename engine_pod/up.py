@@ -2,7 +2,10 @@
 
 The engines are `nanoserve serve` subprocesses on free local ports; the gateway runs in this process and
 routes to them by prefix cache (it comes up at once and routes to each engine as soon as it is ready).
-SIGTERM or SIGINT drains the gateway, then stops the engines (SIGTERM: they drain too) and waits for them.
+An engine that exits (a crash, a failed engine's exit 1, the OOM killer) is restarted on the same port
+after a backoff that doubles with each crash in a row; meanwhile the gateway routes to the others, and to
+the new one once its /ready says so. SIGTERM or SIGINT drains the gateway, then stops the engines
+(SIGTERM: they drain too) and waits for them.
 """
 from __future__ import annotations
 
@@ -13,8 +16,42 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from typing import Callable
 
 log = logging.getLogger("nanoserve.up")
+
+BACKOFF_FIRST_S, BACKOFF_MAX_S = 1.0, 30.0
+STABLE_S = 60.0  # an engine that ran this long had recovered: its next crash counts as the first again
+
+
+def restart_delay(crashes: int) -> float:
+    """Seconds to wait before restarting an engine after its `crashes`-th crash in a row: 1, 2, 4, ... 30."""
+    return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (crashes - 1))
+
+
+class Supervised:
+    """One engine slot: a `nanoserve serve` process on a fixed port (the gateway knows it by URL), restarted
+    with backoff whenever it exits. `check` is called every second or so by `run_up`."""
+
+    def __init__(self, port: int, start: Callable[[int], subprocess.Popen], now: float):
+        self.port, self.start = port, start
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = start(port)
+        self.started_at, self.crashes, self.restart_at = now, 0, None
+        log.info("engine %s (pid %d)", self.url, self.proc.pid)
+
+    def check(self, now: float) -> None:
+        if self.restart_at is None:
+            if self.proc.poll() is None:
+                return
+            self.crashes = 1 if now - self.started_at >= STABLE_S else self.crashes + 1
+            self.restart_at = now + restart_delay(self.crashes)
+            log.warning("engine %s (pid %d) exited with %d; restarting it in %.0fs", self.url, self.proc.pid,
+                        self.proc.returncode, self.restart_at - now)
+        elif now >= self.restart_at:
+            self.proc, self.started_at, self.restart_at = self.start(self.port), now, None
+            log.info("engine %s restarted (pid %d)", self.url, self.proc.pid)
 
 
 def engine_argv(kwargs: dict) -> list[str]:
@@ -61,7 +98,7 @@ def stop_engines(procs: list[subprocess.Popen], timeout: float) -> None:
 async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", port: int = 8080,
                  served_model_name: str | None = None, policy: str = "cache-aware",
                  drain_timeout: float = 30.0) -> int:
-    """Serve until SIGTERM/SIGINT (exit 0) or until every engine has died (exit 1)."""
+    """Serve until SIGTERM/SIGINT (exit 0), restarting engines that exit."""
     from nanoserve.engine_pod.default_model import resolve_model
     from nanoserve.gateway import GatewayConfig
     from nanoserve.gateway.app import serve
@@ -70,38 +107,28 @@ async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", po
     model = resolve_model(engine_kwargs["model"])
     name = served_model_name or engine_kwargs["model"]  # as the user gave it, like `serve`
     engine_kwargs = {**engine_kwargs, "model": model}
-    ports = [free_port() for _ in range(replicas)]
-    procs = [start_engine(engine_kwargs, p, name, drain_timeout) for p in ports]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
-    for url, proc in zip(urls, procs):
-        log.info("engine %s (pid %d)", url, proc.pid)
+    engines = [Supervised(free_port(), lambda p: start_engine(engine_kwargs, p, name, drain_timeout),
+                          time.monotonic()) for _ in range(replicas)]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # No local tokenizer: the gateway loads the engines' own, as it does in a cluster.
-    config = GatewayConfig(host=host, port=port, engines=urls, served_model_name=name, policy=policy,
-                           engine_api_key=os.environ.get("NANOSERVE_API_KEY"), drain_timeout=drain_timeout)
-    code = 0
+    config = GatewayConfig(host=host, port=port, engines=[e.url for e in engines], served_model_name=name,
+                           policy=policy, engine_api_key=os.environ.get("NANOSERVE_API_KEY"),
+                           drain_timeout=drain_timeout)
     try:
         async with serve(config) as gw:
             log.info("gateway on %s (model %s, %d engines, policy %s)", gw.url, name, replicas, policy)
-            dead: set[int] = set()
             while not stop.is_set():
-                for proc in procs:
-                    if proc.poll() is not None and proc.pid not in dead:
-                        dead.add(proc.pid)
-                        log.warning("engine pid %d exited with %d", proc.pid, proc.returncode)
-                if len(dead) == len(procs):
-                    log.error("every engine has exited")
-                    code = 1
-                    break
+                for engine in engines:
+                    engine.check(time.monotonic())
                 try:
-                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                    await asyncio.wait_for(stop.wait(), timeout=0.5)
                 except asyncio.TimeoutError:
                     pass
             log.info("stopping: gateway first, then the engines")
     finally:
-        await asyncio.to_thread(stop_engines, procs, drain_timeout + 10)
-    return code
+        await asyncio.to_thread(stop_engines, [e.proc for e in engines], drain_timeout + 10)
+    return 0

@@ -1,4 +1,5 @@
-"""`nanoserve up --replicas 2`: two real engines and the gateway from one command, used with the openai client."""
+"""`nanoserve up --replicas 2`: two real engines and the gateway from one command, used with the openai client;
+an engine that dies is restarted with backoff while the gateway routes around it."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import time
 import urllib.request
 
 from nanoserve.engine_pod.up import engine_argv
+from nanoserve.gateway.endpoints import engine_id
 
 
 def test_engine_argv_round_trips_through_the_serve_parser():
@@ -44,12 +46,22 @@ def wait_ready(url: str, proc: subprocess.Popen, engines: int, timeout: float = 
     raise TimeoutError("the gateway did not see its engines")
 
 
-def test_up_serves_chat_through_the_gateway_and_stops_cleanly(tiny_models, port, tmp_path):
+def complete(url: str) -> str:
+    """One completion through the gateway; which engine answered it."""
+    body = json.dumps({"prompt": "w5 w6", "max_tokens": 2}).encode()
+    req = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert json.load(r)["usage"]["completion_tokens"] == 2
+        return r.headers["X-Nanoserve-Engine"]
+
+
+def test_up_serves_chat_survives_a_killed_engine_and_stops_cleanly(tiny_models, port, tmp_path):
     import openai
     log = tmp_path / "up.log"
+    # Round-robin: after the restart, the restarted engine is sure to get its turn.
     cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "up", "--replicas", "2", "--model", tiny_models["qwen3"],
            "--port", str(port), "--num-kvcache-blocks", "256", "--max-model-len", "512",
-           "--served-model-name", "tiny"]
+           "--served-model-name", "tiny", "--policy", "round-robin"]
     with open(log, "wb") as out:
         # Own session: if the test fails, the whole tree is killed below.
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out,
@@ -68,10 +80,20 @@ def test_up_serves_chat_through_the_gateway_and_stops_cleanly(tiny_models, port,
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == reply.choices[0].message.content  # greedy: the same reply, streamed
 
+        # SIGKILL an engine: the gateway routes around it and `up` restarts it on its port.
+        victim_url, victim_pid = re.search(r"engine (\S+) \(pid (\d+)\)", log.read_text()).groups()
+        os.kill(int(victim_pid), signal.SIGKILL)
+        complete(url)  # the other engine answers (on the dead one's refused connection, the gateway retries)
+        deadline = time.monotonic() + 120
+        while complete(url) != engine_id(victim_url):  # until the restarted engine is ready and routed to
+            assert time.monotonic() < deadline, "the killed engine did not come back"
+            time.sleep(0.2)
+        assert re.search(rf"engine {re.escape(victim_url)} restarted \(pid \d+\)", log.read_text())
+
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        pids = [int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text())]
-        assert len(pids) == 2
+        pids = {int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text())}
+        assert len(pids) == 3  # two engines and the restarted one
         for pid in pids:  # the engines were stopped and reaped by `up`
             assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
     finally:
@@ -79,3 +101,40 @@ def test_up_serves_chat_through_the_gateway_and_stops_cleanly(tiny_models, port,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         print(log.read_text()[-3000:])
+
+
+class FakeProc:
+    def __init__(self, pid: int):
+        self.pid, self.returncode = pid, None
+
+    def poll(self):
+        return self.returncode
+
+
+def test_an_exited_engine_is_restarted_on_its_port_with_doubling_backoff():
+    from nanoserve.engine_pod.up import STABLE_S, Supervised, restart_delay
+    assert [restart_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
+    started: list[tuple[int, FakeProc]] = []
+
+    def start(port: int) -> FakeProc:
+        started.append((port, FakeProc(len(started))))
+        return started[-1][1]
+
+    engine = Supervised(8001, start, now=0.0)
+    t = 0.0
+    for crash, delay in enumerate([1, 2, 4], 1):  # crash loop: each restart waits twice as long
+        engine.proc.returncode = 1
+        engine.check(t)
+        engine.check(t + delay - 0.1)
+        assert len(started) == crash
+        engine.check(t + delay)
+        assert len(started) == crash + 1 and engine.proc is started[-1][1]
+        t += delay
+    t += STABLE_S  # the engine ran for a while: the next crash is restarted after a second again
+    engine.proc.returncode = -9
+    engine.check(t)
+    engine.check(t + 1)
+    assert len(started) == 5 and {port for port, _ in started} == {8001}
+    engine.check(t + 2)  # running: nothing to do
+    assert len(started) == 5
+
