@@ -2,8 +2,10 @@
 gives the same greedy tokens as TP=1, for an odd vocabulary (padded shards) and qkv biases; a failed step
 or a worker dead at start-up ends cleanly (a worker killed mid-generation: tests/server/test_tp_faults.py)."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -30,7 +32,9 @@ def test_tp2_equals_tp1(tiny_models, arch, async_scheduling):
 
 
 SCRIPT = """llm = LLM({model!r}, tensor_parallel_size=2, num_kvcache_blocks=32)
-print(llm.generate([{prompt!r}], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]["token_ids"])
+tokens = llm.generate([{prompt!r}], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]["token_ids"]
+print(llm.workers.procs[0].pid, tokens, flush=True)
+sys.stdin.read()  # until the test closes it, or kills us
 llm.exit()
 """
 
@@ -40,24 +44,41 @@ def write_script(folder, model: str, guarded: bool) -> str:
     body = SCRIPT.format(model=model, prompt=PROMPTS[1])
     if guarded:
         body = 'if __name__ == "__main__":\n' + "".join("    " + line for line in body.splitlines(True))
-    (folder / "script.py").write_text("from nanoserve.engine_pod import LLM, SamplingParams\n" + body)
+    (folder / "script.py").write_text("import sys\nfrom nanoserve.engine_pod import LLM, SamplingParams\n" + body)
     return str(folder / "script.py")
 
 
-def test_two_tp_engines_on_one_host(tiny_models, tmp_path):
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_two_tp_engines_on_one_host_and_one_killed(tiny_models, tmp_path):
     # Another process runs its own TP=2 engine while ours runs: shared-memory names and ports must differ.
     # It is a guarded script file, as users write them (the workers import it again).
     script = write_script(tmp_path, tiny_models["qwen3"], guarded=True)
-    other = subprocess.Popen([sys.executable, script], stdout=subprocess.PIPE, text=True,
+    other = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONSAFEPATH": "1"})
     ours = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
     try:
         mine = ours.generate([PROMPTS[1]], GREEDY)[0]["token_ids"]
+        worker, theirs = other.stdout.readline().split(" ", 1)
+        assert theirs.strip() == str(mine)
+        # Killed, the other engine leaves no worker behind (waiting for a command forever, it would hold its
+        # GPU's memory and a restarted engine could not start); ours runs on.
+        other.kill()
+        deadline = time.monotonic() + 30
+        while running(int(worker)):
+            assert time.monotonic() < deadline, "the worker outlived its rank 0"
+            time.sleep(0.1)
+        assert ours.generate([PROMPTS[1]], GREEDY)[0]["token_ids"] == mine
     finally:
         ours.exit()
-    theirs, _ = other.communicate(timeout=300)
-    assert other.returncode == 0
-    assert theirs.strip() == str(mine)
+        other.kill()
+        other.wait()
 
 
 def test_a_script_without_the_main_guard_fails_at_once_naming_it(tiny_models, tmp_path):
@@ -85,4 +106,23 @@ def test_failed_step_tears_down_without_hanging(tiny_models):
         assert len(again.generate([PROMPTS[0]], GREEDY)[0]["token_ids"]) == 10
     finally:
         again.exit()
+
+
+
+def test_a_worker_killed_while_idle_fails_the_next_step_at_once(tiny_models):
+    # Killed while it waits for a command: posting the next one must not hang (multiprocessing's Event.set()
+    # waits for the waiters it wakes), the step raises WorkerDied naming the worker.
+    from nanoserve.engine_pod.tp_workers import WorkerDied
+    llm = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
+    worker = llm.workers.procs[0]
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(timeout=30)
+        with pytest.raises(WorkerDied, match=rf"worker 1 \(pid {worker.pid}\) died with signal SIGKILL"):
+            llm.check()
+        with pytest.raises(WorkerDied, match="SIGKILL"):
+            llm.generate([PROMPTS[0]], GREEDY)
+    finally:
+        llm.exit()
+
 
