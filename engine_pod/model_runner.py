@@ -1,7 +1,7 @@
 """Runs the model, one step at a time, on one rank; owns the paged KV cache.
 
 Tensor parallelism (Nano-vLLM's scheme): rank 0 lives in the engine process and drives. Ranks 1..N-1
-are spawned processes that loop in `worker_main`, each waiting on its event for the next command,
+are spawned processes that loop in `worker_main`, each waiting on its semaphore for the next command,
 which rank 0 pickles into a shared-memory segment. The model's collectives (torch.distributed: gloo on
 CPU, NCCL on GPU) keep the ranks in lockstep inside each forward. NCCL collectives return before the
 peers join them, so rank 0 can run ahead of its workers; it writes the next command only once every

@@ -5,6 +5,8 @@ A dead worker must not leave rank 0 waiting: for a `read` semaphore (up to WORKE
 rendezvous (the process-group timeout: minutes) or in a collective. gloo raises in a collective as soon
 as the peer's sockets close ("Connection closed by peer"); every other wait here is a short-timeout loop
 that checks the workers' exit codes, so rank 0 raises WorkerDied, naming the worker, within POLL_S.
+Not covered: NCCL does not raise when a peer dies (rank 0 may wait in a CUDA sync until NCCL's own
+watchdog aborts it), and a worker that dies inside the rendezvous itself costs the group's timeout.
 """
 import logging
 import multiprocessing as mp
