@@ -51,6 +51,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._stop = False
         self.error: BaseException | None = None
+        self._open: set[asyncio.Queue] = set()          # the requests' output queues, event loop only
         engine.block_manager.record_events = True
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
@@ -74,6 +75,7 @@ class AsyncEngine:
         Tokens that arrived while the caller was busy come as one delta (one SSE event, not one per token).
         Leaving early aborts the request, and so does `gone()` turning true (the client left) while waiting."""
         out: asyncio.Queue = asyncio.Queue()
+        self._open.add(out)
         self.num_waiting += 1  # counted at once, so back-pressure sees a burst before the engine thread does
         self._send(self._add, _Request(seq, out, stream, None if stream else []))
         finished = False
@@ -98,8 +100,14 @@ class AsyncEngine:
                 finished = delta.finish_reason is not None
                 yield delta
         finally:
+            self._open.discard(out)
             if not finished:
                 self._send(self._abort, seq.seq_id)
+
+    def end_all(self, error: BaseException) -> None:
+        """Every open request ends now with `error` (raised in its generate()): a drain out of time."""
+        for out in self._open:
+            out.put_nowait(error)
 
     async def subscribe_cache_events(self) -> asyncio.Queue:
         """A queue that first gets ("snapshot", hashes), then ("stored"|"removed", [hashes]) deltas."""

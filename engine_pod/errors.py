@@ -13,6 +13,10 @@ class InvalidRequestError(NanoserveError, ValueError):
         self.param = param
 
 
+class ServerShutdown(NanoserveError):
+    """The server stopped before the request finished (its drain timeout ran out)."""
+
+
 class ModelLoadError(NanoserveError):
     """A model folder that is missing, incomplete, or of an architecture we do not support."""
 

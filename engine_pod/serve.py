@@ -9,6 +9,7 @@ from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import load_api_keys
+from nanoserve.engine_pod.errors import ServerShutdown
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.server import ServerState, create_app
@@ -19,7 +20,7 @@ FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers 
 
 async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 8000, served_model_name: str | None = None,
                      api_key: list[str] | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-                     drain_timeout: float = 120.0, ready_file: str | None = None, api_key_file: str | None = None,
+                     drain_timeout: float = 120.0, api_key_file: str | None = None,
                      public_metrics: bool = False, cache_salt_by_api_key: bool = False) -> int:
     """Serve until SIGTERM/SIGINT (then 0) or until the engine fails (then 1, after answering every request).
     API keys: `api_key` (a list), one per line of `api_key_file`, and $NANOSERVE_API_KEY / $VLLM_API_KEY."""
@@ -58,6 +59,7 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
         engine = load.result()
         from transformers import AutoTokenizer
         state.tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
+        state.bulk_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, engine.config.model)
         state.tokenizer_files = await asyncio.to_thread(export_files, state.tokenizer)
         state.tokenizer_info = await asyncio.to_thread(tokenizer_info, state.tokenizer, state.tokenizer_files, name,
                                                        engine.config.kvcache_block_size)
@@ -65,8 +67,6 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
         state.engine.start()
         log.info("ready: model %s, %d KV blocks of %d tokens", name, engine.block_manager.num_blocks,
                  engine.config.kvcache_block_size)
-        if ready_file:
-            open(ready_file, "w").close()
         failed = asyncio.ensure_future(state.engine.failed.wait())
         await asyncio.wait([asyncio.ensure_future(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
         # Drain: /ready says 503, new requests get 503, running ones finish or time out.
@@ -78,6 +78,14 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
         deadline = loop.time() + drain_timeout
         while state.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        if state.inflight:  # out of time: each request still open ends with an error, not a cut connection
+            log.warning("drain timeout: ending %d unfinished requests with an error", state.inflight)
+            state.engine.end_all(ServerShutdown(f"the server shut down before the request finished "
+                                                f"(drain timeout {drain_timeout:.0f}s)"))
+            code = 1  # work was lost
+            deadline = loop.time() + 2.0
+            while state.inflight and loop.time() < deadline:
+                await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
         if state.engine is not None:

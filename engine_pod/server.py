@@ -6,6 +6,7 @@ sheds load with 429 past `max_pending` waiting requests, and on SIGTERM drains: 
 requests get 503, running ones finish (up to `drain_timeout`), then it exits 0.
 """
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import time
@@ -14,11 +15,11 @@ import uuid
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nanoserve.common.json_body import BodyError, read_json
+from nanoserve.common.json_body import LOOP_BYTES, BodyError, read_json
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import KeyRing
 from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
-from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.errors import InvalidRequestError, ServerShutdown
 from nanoserve.engine_pod.text_stream import TextStream
 
 STATE = web.AppKey("state", object)
@@ -37,6 +38,8 @@ class ServerState:
         self.cache_salt_by_api_key = cache_salt_by_api_key  # tenants (keys) then share no prefix-cache block
         self.engine: AsyncEngine | None = None  # set when the model is loaded
         self.tokenizer = None                   # the server's own copy: the engine thread uses its own
+        self.bulk_tokenizer = None              # another, for long prompts on the `bulk` thread
+        self.bulk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.tokenizer_info: dict | None = None  # GET /v1/tokenizer, and its files: what the gateway loads
         self.tokenizer_files: dict[str, bytes] = {}
         self.draining = False
@@ -110,7 +113,12 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     cfg = engine.engine.config
     parse = parse_chat if chat else parse_completion
     salt_key = request.get(API_KEY) if state.cache_salt_by_api_key else None  # tenants share no cached block
-    req = parse(body, state.tokenizer, cfg.hf_config["vocab_size"], cfg.max_model_len, salt_key)
+    args = (cfg.hf_config["vocab_size"], cfg.max_model_len, salt_key)
+    if len(await request.read()) > LOOP_BYTES:  # (read() is cached) long prompts tokenize off the event loop,
+        # with their own tokenizer: a Rust tokenizer must not be used by two threads at once.
+        req = await asyncio.get_running_loop().run_in_executor(state.bulk, parse, body, state.bulk_tokenizer, *args)
+    else:
+        req = parse(body, state.tokenizer, *args)
     try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache)
         seq = engine.engine.make_sequence(req.prompt_ids, req.params)
     except InvalidRequestError as e:
@@ -144,6 +152,8 @@ async def _complete(request, state, engine, seq, req, rid, chat) -> web.Response
         async for delta in gen:  # one delta, at the end
             finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
             pieces.append(text.push(delta.token_ids, finish is not None))
+    except ServerShutdown as e:
+        raise APIError(503, str(e), code="server_shutdown", type="service_unavailable") from None
     finally:
         await gen.aclose()
     if finish is None:  # the client left: nobody reads an answer
@@ -197,7 +207,8 @@ async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResp
     except ConnectionResetError:
         pass  # client went away mid-write
     except Exception as e:  # noqa: BLE001 - the engine failed mid-stream: say so in the stream, then end it
-        body = APIError(500, f"engine failed: {type(e).__name__}: {e}", code="engine_failed").body()
+        body = (APIError(503, str(e), code="server_shutdown") if isinstance(e, ServerShutdown) else
+                APIError(500, f"engine failed: {type(e).__name__}: {e}", code="engine_failed")).body()
         with contextlib.suppress(ConnectionResetError):
             await resp.write(f"data: {json.dumps(body)}\n\n".encode())
     finally:

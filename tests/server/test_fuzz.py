@@ -82,3 +82,18 @@ def test_mutated_http_bytes_never_get_a_5xx(fuzz_server, data):
 
 def test_the_engine_is_healthy_after_the_mutations(fuzz_server):
     _healthy(fuzz_server)
+
+
+def test_a_prompt_too_long_to_tokenize_on_the_event_loop_gets_the_same_answer(fuzz_server):
+    """Bodies over 64 KiB are parsed and tokenized on a worker thread, with the same checks."""
+    for words in (30_000, 30):
+        prompt = " ".join(["w7"] * words)
+        body = json.dumps({"prompt": prompt, "max_tokens": 2}).encode()
+        status, headers, answer = send_raw("127.0.0.1", fuzz_server.port, http_request("/v1/completions", body))
+        check_answer(status, headers, answer, "long prompt")
+        payload = json.loads(answer)
+        if words > 100:
+            assert status == 400 and payload["error"]["code"] == "context_length_exceeded", payload
+            assert str(words) in payload["error"]["message"]
+        else:
+            assert status == 200 and payload["usage"]["prompt_tokens"] == words, payload

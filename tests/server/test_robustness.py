@@ -254,3 +254,55 @@ def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(ti
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+SLOW_SERVER = """
+import sys, time
+import nanoserve.engine_pod.llm_engine as llm_engine
+step = llm_engine.LLMEngine.step
+def slow_step(self):  # the test's injected slowness: a request takes far longer than the drain timeout
+    time.sleep(0.05)
+    return step(self)
+llm_engine.LLMEngine.step = slow_step
+from nanoserve.engine_pod.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_requests_cut_by_the_drain_timeout_end_with_an_error_and_the_exit_code_says_so(tiny_models):
+    from procs import free_port, wait_http
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "serve", "--model", tiny_models["qwen3"],
+                             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--drain-timeout", "1",
+                             "--num-kvcache-blocks", "512", "--max-model-len", "512"],
+                            env={**os.environ, "PYTHONSAFEPATH": "1"})
+    try:
+        wait_http(url + "/ready", 120, proc)
+
+        async def one(session, stream: bool, started: asyncio.Event):
+            body = {"prompt": "w5 w6", "max_tokens": 400, "ignore_eos": True, "stream": stream}
+            async with session.post(url + "/v1/completions", json=body) as r:
+                if not stream:
+                    return r.status, await r.json()
+                lines = [await r.content.readline()]
+                started.set()
+                lines += (await r.read()).split(b"\n")
+                return r.status, [json.loads(line[6:]) for line in lines if line.startswith(b"data: {")]
+
+        async def main():
+            started = asyncio.Event()
+            async with aiohttp.ClientSession() as s:
+                tasks = [asyncio.ensure_future(one(s, stream, started)) for stream in (True, False, True)]
+                await started.wait()
+                proc.send_signal(signal.SIGTERM)
+                return await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        (s1, events1), (s2, plain), (s3, events3) = asyncio.run(main())
+        for status, events in ((s1, events1), (s3, events3)):
+            assert status == 200 and events[-1]["error"]["code"] == "server_shutdown", events[-1]
+        assert s2 == 503 and plain["error"]["code"] == "server_shutdown", plain
+        assert proc.wait(timeout=30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
