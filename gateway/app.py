@@ -10,6 +10,7 @@ from typing import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.gateway.cache_feed import follow_feed
 from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.discovery import EndpointSliceWatcher, Targets, static_targets
@@ -193,6 +194,7 @@ async def serve(config: GatewayConfig, tokenizer: PromptTokenizer | None = None)
     """Serve the gateway inside an `async with`; yields the Gateway, its base URL in `.url`
     (port 0 picks a free port)."""
     app = build_app(config, tokenizer)
+    quiet_client_faults()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_timeout)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
