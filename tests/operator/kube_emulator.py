@@ -13,6 +13,7 @@ Each fix is small and named after the gap it closes (tests in test_emulator.py):
   watches       streamed as application/json (client-go rejects octet-stream); a watch from a
                 resourceVersion replays what happened since; "watch list" gets its closing bookmark
   deletes       one place for deletion: finalizers hold it, the last one removed completes it
+  json-patch    a patch that does not apply (a failed "test" op) is a 422, not a 500
 Not emulated: controllers (Deployments never get pods), garbage collection, RBAC, admission, SSA field ownership.
 """
 
@@ -23,6 +24,8 @@ import uuid
 
 import aiohttp.web
 import attrs
+import jsonpatch
+import jsonpointer
 import kmock
 import yaml
 from crd_schema import apply_defaults, validation_errors
@@ -212,7 +215,12 @@ class Emulator(kmock.KubernetesEmulator):
         elif sub == "scale":
             new = {**old, "spec": {**old.get("spec", {}), "replicas": data["spec"]["replicas"]}}
         else:
-            new = data if request.method == enums.method.PUT else patch_dict(old, data)
+            try:
+                new = data if request.method == enums.method.PUT else patch_dict(old, data)
+            except (jsonpatch.JsonPatchException, jsonpointer.JsonPointerException) as e:
+                # The apiserver answers a JSON patch that does not apply (a failed "test" op included) with 422:
+                # kopf's finalizer patches test the resourceVersion and retry a 422 on its next cycle.
+                raise k8s.KubernetesError(422, message=f"the patch does not apply: {e}") from e
             # With a status subresource, the main resource ignores status and /status ignores the rest.
             if sub == "status":
                 new = {**old, "status": new.get("status")}

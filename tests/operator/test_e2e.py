@@ -186,8 +186,8 @@ def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
 def test_deleting_the_service_stops_reconciling_it(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
-    # The deletion completes (kubectl's own wait for that is a watch that the emulator has been seen to miss
-    # late in a full run: poll instead).
+    # The deletion completes once the operator drops its finalizer (a resync running at that moment delays it
+    # by about a second: handlers.configure sets kopf's cancellation_polling).
     kubectl("delete", "-n", NAMESPACE, f"isvc/{name}", "--wait=false")
     wait_for(lambda: kubectl.get("isvc", name) is None, what=f"{name} deleted")
     # No garbage collector here; in a cluster the owner references (checked above) remove the children.

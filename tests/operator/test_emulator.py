@@ -183,3 +183,13 @@ def test_a_watch_from_a_resource_version_replays_what_happened_since(api, cluste
         event = json.loads(stream.readline())
     assert (event["type"], event["object"]["metadata"]["name"]) == ("DELETED", "gone")
     assert int(event["object"]["metadata"]["resourceVersion"]) > int(obj["metadata"]["resourceVersion"])
+
+
+def test_a_json_patch_whose_test_fails_is_unprocessable(api):
+    _, dep = api("POST", DEPLOYMENTS, deployment("jp"))
+    api("PATCH", f"{DEPLOYMENTS}/jp", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json")
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": dep["metadata"]["resourceVersion"]},
+           {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/hold"]}]
+    status, err = api("PATCH", f"{DEPLOYMENTS}/jp", ops, "application/json-patch+json")
+    assert (status, err["reason"]) == (422, "Invalid")  # kopf retries a 422 on its next cycle, a 500 for a minute
+    assert "finalizers" not in api("GET", f"{DEPLOYMENTS}/jp")[1]["metadata"]
