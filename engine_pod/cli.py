@@ -12,7 +12,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step (default: 8192 on GPU, 256 on CPU)")
     p.add_argument("--kvcache-block-size", type=int, default=16)
     p.add_argument("--num-kvcache-blocks", type=int, default=-1, help="fixed KV-cache size (default: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -18,10 +18,11 @@ def engine_args(spec: dict, model_arg: str) -> list[str]:
         "--tensor-parallel-size", str(spec["tensorParallelSize"]),
         "--max-model-len", str(eng["maxModelLen"]),
         "--max-num-seqs", str(eng["maxNumSeqs"]),
-        "--max-num-batched-tokens", str(eng["maxNumBatchedTokens"]),
         "--gpu-memory-utilization", str(eng["gpuMemoryUtilization"]),
         "--kvcache-block-size", str(eng["kvcacheBlockSize"]),
     ]
+    if "maxNumBatchedTokens" in eng:  # else the engine's default for its device
+        args += ["--max-num-batched-tokens", str(eng["maxNumBatchedTokens"])]
     if eng["enforceEager"]:
         args.append("--enforce-eager")
     return args + list(eng.get("extraArgs", []))

@@ -58,3 +58,22 @@ def test_decodes_share_steps_with_prefill_chunks(tiny_models):
         assert mixed >= 3  # 57 prompt tokens at <= 15 a step: every chunk step also decoded `short`
     finally:
         llm.exit()
+
+
+def test_cpu_steps_are_bounded_by_default_so_a_long_prompt_cannot_stall_decodes(tiny_models):
+    """On CPU one step takes at most CPU_BATCHED_TOKENS tokens (issue 16: a 4,000-token prompt held the engine
+    for 36 s in one step while every other request waited)."""
+    from nanoserve.engine_pod.config import CPU_BATCHED_TOKENS
+    llm = LLM(tiny_models["qwen3"], device="cpu", num_kvcache_blocks=128)
+    try:
+        assert llm.scheduler.max_num_batched_tokens == CPU_BATCHED_TOKENS
+        short = llm.add_request([1, 2], SamplingParams(max_tokens=20, ignore_eos=True))
+        llm.step()
+        long = llm.add_request([5] * (3 * CPU_BATCHED_TOKENS), SamplingParams(max_tokens=1, ignore_eos=True))
+        while not long.num_completion_tokens:
+            before_short, before_long = short.num_completion_tokens, long.num_computed_tokens
+            llm.step()
+            assert long.num_computed_tokens - before_long < CPU_BATCHED_TOKENS
+            assert short.num_completion_tokens == before_short + 1  # the decode never waited
+    finally:
+        llm.exit()

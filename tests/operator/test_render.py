@@ -17,7 +17,8 @@ SPECS = {
     "defaults": {},
     "cpu builtin": {"device": "cpu"},
     "hf tp4": {"model": {"name": "Qwen/Qwen3-0.6B"}, "tensorParallelSize": 4, "replicas": 3},
-    "pvc": {"model": {"pvc": "models", "path": "qwen3/0.6b"}, "engine": {"enforceEager": True}},
+    "pvc": {"model": {"pvc": "models", "path": "qwen3/0.6b"}, "engine": {"enforceEager": True,
+                                                                        "maxNumBatchedTokens": 4096}},
     "no gateway": {"gateway": {"enabled": False}},
     "api key + overrides": {"apiKeySecret": "key", "resources": {"requests": {"cpu": 3}, "limits": {"memory": "9Gi"}},
                             "engine": {"extraArgs": ["--scheduling-policy", "priority"]}, "gateway": {"policy": "round-robin"}},
@@ -69,7 +70,9 @@ def test_engine_args_carry_the_spec(spec):
     assert f["--tensor-parallel-size"] == str(full["tensorParallelSize"])
     assert f["--max-model-len"] == str(full["engine"]["maxModelLen"])
     assert f["--max-num-seqs"] == str(full["engine"]["maxNumSeqs"])
-    assert f["--max-num-batched-tokens"] == str(full["engine"]["maxNumBatchedTokens"])
+    # Unset: the engine picks per device (8192 on GPU, a CPU step-time bound on CPU).
+    assert f.get("--max-num-batched-tokens") == (str(full["engine"]["maxNumBatchedTokens"])
+                                                 if "maxNumBatchedTokens" in full["engine"] else None)
     assert float(f["--gpu-memory-utilization"]) == full["engine"]["gpuMemoryUtilization"]
     assert f["--kvcache-block-size"] == str(full["engine"]["kvcacheBlockSize"])
     assert ("--enforce-eager" in f) == full["engine"]["enforceEager"]
