@@ -191,11 +191,12 @@ class AsyncEngine:
             else:
                 self.labeled("inter_token_latency").observe(now - req.last_token_at)
             req.last_token_at = now
-            self.labeled("generation_tokens").inc()
+            tokens = [] if token is None else [token]  # None: a grammar that allowed no token ended it
+            self.labeled("generation_tokens").inc(len(tokens))
             if req.stream:
-                posts.append((req.out, TokenDelta([token], seq.finish_reason, seq.num_cached_tokens)))
+                posts.append((req.out, TokenDelta(tokens, seq.finish_reason, seq.num_cached_tokens)))
             else:
-                req.held.append(token)
+                req.held += tokens
                 if seq.finish_reason is not None:
                     posts.append((req.out, TokenDelta(req.held, seq.finish_reason, seq.num_cached_tokens)))
             if seq.finish_reason is not None:

@@ -6,6 +6,7 @@ HTTP server both drive this class.
 """
 import atexit
 import random
+import threading
 import time
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
 from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
 from nanoserve.engine_pod.stop import StopChecker
+from nanoserve.engine_pod.structured_output import Grammars, grammar_mask
 from nanoserve.engine_pod.tp_workers import Workers
 
 
@@ -60,6 +62,9 @@ class LLMEngine:
         self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
         self.stop_checker = StopChecker(self.tokenizer)
         self.requests: dict[int, Sequence] = {}
+        self.grammars: Grammars | None = None  # built by the first constrained request (xgrammar is optional)
+        self._grammars_lock = threading.Lock()
+        self.constrained: set[int] = set()     # unfinished requests with a grammar
         self.last_batch: list[tuple[Sequence, int]] = []
         self._closed = False
         self._broken = False  # a step failed on rank 0: workers may wait in a collective forever
@@ -107,10 +112,26 @@ class LLMEngine:
         if need > self.block_manager.num_blocks:
             raise InvalidRequestError(f"request needs {need} KV-cache blocks but the cache has only "
                                       f"{self.block_manager.num_blocks}; lower max_tokens or the prompt", "max_tokens")
-        return Sequence(token_ids, params, arrival=time.monotonic())
+        seq = Sequence(token_ids, params, arrival=time.monotonic())
+        if params.structured_outputs is not None:  # compiles here: the server calls this on a worker thread
+            seq.grammar = self._grammars().matcher(params.structured_outputs)
+        return seq
+
+    def _grammars(self) -> Grammars:
+        with self._grammars_lock:
+            if self.grammars is None:
+                cfg = self.config
+                try:
+                    self.grammars = Grammars(cfg.model, cfg.hf_config["vocab_size"], cfg.eos_token_ids)
+                except ImportError:
+                    raise InvalidRequestError("structured output needs xgrammar on the server (pip install "
+                                              "xgrammar)", "structured_outputs") from None
+            return self.grammars
 
     def add_sequence(self, seq: Sequence) -> None:
         self.requests[seq.seq_id] = seq
+        if seq.grammar is not None:
+            self.constrained.add(seq.seq_id)
         self.scheduler.add(seq)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
@@ -121,6 +142,7 @@ class LLMEngine:
     def abort(self, seq_id: int) -> None:
         """Drop a request wherever it is; its blocks are free when this returns."""
         seq = self.requests.pop(seq_id, None)
+        self.constrained.discard(seq_id)
         if seq is not None and not seq.is_finished:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
@@ -129,10 +151,15 @@ class LLMEngine:
         return not self.scheduler.is_finished() or self.in_flight is not None
 
     # ---- one step -----------------------------------------------------------------------------
-    def step(self) -> list[tuple[Sequence, int]]:
+    def step(self) -> list[tuple[Sequence, int | None]]:
         """Run one batch. Returns `(sequence, new token)` for each sequence that got a token (finished ones
         have `finish_reason`). With async scheduling these are the previous step's tokens: this step is
-        launched first, so the GPU works on it while the host applies them and schedules the next one."""
+        launched first, so the GPU works on it while the host applies them and schedules the next one.
+        Not while a constrained request runs: its mask needs its previous token, so steps run one at a time
+        (the step in flight is applied first, alone: a sequence gets at most one token per step())."""
+        if self.constrained and self.in_flight is not None:
+            done, self.in_flight, self.last_batch = self.in_flight, None, []
+            return self._apply(done)
         batch = self.last_batch = self.scheduler.schedule()
         launched = None
         if batch:
@@ -141,6 +168,8 @@ class LLMEngine:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng)
+                if self.constrained:
+                    inputs.grammar = grammar_mask(sampling, self.config.hf_config["vocab_size"])
             try:
                 tokens = self.model_runner.call("run", inputs)
             except BaseException:
@@ -151,27 +180,46 @@ class LLMEngine:
                 launched = InFlight(sampling, positions, self.download(tokens))
         elif self.in_flight is None and self.has_unfinished():
             raise RuntimeError("scheduler made no progress although requests are pending")
-        if self.config.async_scheduling:
+        if self.config.async_scheduling and not self.constrained:
             done, self.in_flight = self.in_flight, launched
         else:
             done = launched
         return self._apply(done) if done is not None else []
 
-    def _apply(self, flight: "InFlight") -> list[tuple[Sequence, int]]:
-        """Put a step's sampled tokens in place of their placeholders; retire what they finish."""
+    def _apply(self, flight: "InFlight") -> list[tuple[Sequence, int | None]]:
+        """Put a step's sampled tokens in place of their placeholders; retire what they finish. A token is
+        None for a constrained request that ended because its grammar allowed no token."""
         out = []
         for seq, position, token in zip(flight.seqs, flight.positions, flight.tokens.wait()):
             if seq.is_finished:  # aborted, or stopped by the step before, while this one ran
                 continue
-            self.scheduler.resolve(seq, position, token)
+            if seq.grammar is not None and not _accepts(seq.grammar, token):
+                # Only when the mask allowed no token at all (the vocabulary cannot spell what the grammar
+                # needs next): the request ends without the token, which is never shown.
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+                token = None
+            else:
+                self.scheduler.resolve(seq, position, token)
+            if not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated():
+                seq.finish_reason = "stop"  # the grammar is complete (it accepted a stop token)
+                self.scheduler.finish(seq)
             if not seq.is_finished and self.stop_checker.hit(seq, position + 1):
                 seq.finish_reason = "stop"
                 self.scheduler.finish(seq)
             if seq.is_finished:
                 self.requests.pop(seq.seq_id, None)
+                self.constrained.discard(seq.seq_id)
             out.append((seq, token))
         return out
 
     def decode(self, seq: Sequence) -> str:
         """The completion text, cut before a matched stop string."""
         return self.stop_checker.text(seq)
+
+
+def _accepts(matcher, token: int) -> bool:
+    try:
+        return matcher.accept_token(token)
+    except (RuntimeError, ValueError, OverflowError):  # an id outside the vocabulary (a fully masked row)
+        return False

@@ -28,6 +28,7 @@ from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
 from nanoserve.engine_pod.sampler import SamplingInputs, sample
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
+from nanoserve.engine_pod.structured_output import apply_grammar_mask
 
 LEADER_CHECK_S = 1.0  # how often an idle worker checks that rank 0 still lives
 
@@ -149,6 +150,8 @@ class ModelRunner:
         logits = self.model.compute_logits(_logits_rows(hidden, inputs, t))
         if logits is None:  # workers: rank 0 gathered their share
             return None
+        if inputs.grammar is not None:  # structured output: before temperature, top-k and top-p
+            apply_grammar_mask(logits, inputs.grammar)
         self.prev_tokens = sample(logits, inputs.sampling, t)
         return self.prev_tokens
 

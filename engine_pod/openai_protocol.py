@@ -10,6 +10,7 @@ from nanoserve.common.block_hash import tenant_salt
 from nanoserve.common.chat import ChatTemplateError, chat_prompt_ids, completion_prompt_ids
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.sampling_params import SamplingParams
+from nanoserve.engine_pod.structured_params import request_constraint
 
 
 class APIError(Exception):
@@ -35,8 +36,7 @@ class ParsedRequest:
 # Accepted only at their no-op values: anything else is refused rather than silently ignored.
 _UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
                 "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
-                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0),
-                "response_format": (None, {"type": "text"})}
+                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
 
 
 def _get(body: dict, name: str, types: tuple, default=None):
@@ -95,7 +95,8 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
             stop=stop, stop_token_ids=stop_ids,
             seed=_get(body, "seed", (int,)),
             priority=_get(body, "priority", (int,), 0),
-            cache_salt=_cache_salt(body, salt_key))
+            cache_salt=_cache_salt(body, salt_key),
+            structured_outputs=request_constraint(body))  # response_format, structured_outputs, guided_*
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
 

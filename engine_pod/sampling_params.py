@@ -2,6 +2,7 @@ import math
 from dataclasses import dataclass, field
 
 from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.structured_params import StructuredOutputsParams
 
 
 _INT32_MAX = 2**31 - 1
@@ -20,6 +21,7 @@ class SamplingParams:
     seed: int | None = None
     priority: int = 0               # lower runs first under the "priority" scheduling policy
     cache_salt: str | None = None   # prefix-cache blocks are shared only among requests with the same salt
+    structured_outputs: StructuredOutputsParams | None = None  # the text must match this (vLLM's name)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -39,6 +41,13 @@ class SamplingParams:
             self.top_k = -1
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             raise InvalidRequestError(f"cache_salt must be a non-empty string, got {self.cache_salt!r}", "cache_salt")
+        if isinstance(self.structured_outputs, dict):
+            try:
+                self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+            except TypeError as e:
+                raise InvalidRequestError(f"structured_outputs: {e}", "structured_outputs") from None
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams", "structured_outputs")
         if self.seed is not None:
             self.seed %= 1 << 63  # any integer seeds; the sampler keeps seeds in int64
 

@@ -39,6 +39,7 @@ class Sequence:
         self.num_preemptions = 0
         self.num_pending = 0   # trailing PLACEHOLDER tokens (sampled, not yet copied back)
         self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
+        self.grammar = None    # structured output: an xgrammar matcher that has accepted every completion token
         self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)
 
     def __len__(self) -> int:

@@ -3,7 +3,8 @@
 With API keys set, everything but /health and /ready (and /metrics under --public-metrics) needs one.
 The server listens before the model is loaded (/health answers, /ready says 503 until the engine is up),
 sheds load with 429 past `max_pending` waiting requests, and on SIGTERM drains: /ready turns 503, new
-requests get 503, running ones finish (up to `drain_timeout`), then it exits 0.
+requests get 503, running ones finish (up to `drain_timeout`), then it exits 0; requests still open then
+end with a `server_shutdown` error (an SSE error event for streams) and it exits 1.
 """
 import asyncio
 import concurrent.futures
@@ -119,8 +120,11 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         req = await asyncio.get_running_loop().run_in_executor(state.bulk, parse, body, state.bulk_tokenizer, *args)
     else:
         req = parse(body, state.tokenizer, *args)
-    try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache)
-        seq = engine.engine.make_sequence(req.prompt_ids, req.params)
+    try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache);
+        # a structured-output grammar compiles in there, on a worker thread: not on the loop or the engine thread
+        seq = engine.engine.make_sequence(req.prompt_ids, req.params) if req.params.structured_outputs is None \
+            else await asyncio.get_running_loop().run_in_executor(None, engine.engine.make_sequence,
+                                                                  req.prompt_ids, req.params)
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

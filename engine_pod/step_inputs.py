@@ -15,6 +15,7 @@ import torch
 
 from nanoserve.engine_pod.sampler import SamplingInputs
 from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence
+from nanoserve.engine_pod.structured_output import GrammarMask
 
 
 @dataclass
@@ -31,6 +32,7 @@ class StepInputs:
     prev_rows: np.ndarray | None = None  # [tokens]: row of the previous step's tokens to use, or -1
     prev_count: int = 0                  # rows the previous step sampled (what rank 0 broadcasts)
     sampling: SamplingInputs | None = None  # the rows that sample (in logits_indices order), or None
+    grammar: GrammarMask | None = None      # structured output: the constrained rows' token mask (rank 0 only)
 
 
 def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInputs, list[Sequence]]:

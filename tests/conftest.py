@@ -37,3 +37,10 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 def default_model_path() -> str:
     from nanoserve.engine_pod.default_model import ensure_default_model
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session")
+def bpe_model(tmp_path_factory) -> str:
+    """A tiny random qwen3 with a byte-level BPE tokenizer (tests/bpe_model.py): it can spell JSON."""
+    from bpe_model import save_bpe_model
+    return save_bpe_model(str(tmp_path_factory.mktemp("models") / "bpe"))

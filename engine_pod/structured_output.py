@@ -1,0 +1,128 @@
+"""Structured output on xgrammar: constraints compiled into grammars, and each step's token mask.
+
+`Grammars` compiles a request's StructuredOutputsParams into a matcher (a grammar's state) when the request
+is made: in the server on a worker thread, never on the engine thread, with a cache keyed by the constraint.
+Each step, `grammar_mask` asks the matchers of the constrained sampling rows which tokens may come next
+(a bitmask on the host); rank 0's model runner applies it to those rows' logits with `apply_grammar_mask`
+before temperature, top-k and top-p; after sampling each matcher accepts its row's token (llm_engine.py).
+The mask allows EOS only where the grammar may end; a matcher that accepted EOS is terminated.
+"""
+import json
+import os
+import re
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.structured_params import StructuredOutputsParams
+
+# Free whitespace between JSON tokens, at most this many characters a run (indentation 2 nine levels deep
+# fits): a model stuck emitting whitespace (a known failure mode) closes its JSON instead of running to max_tokens.
+MAX_WHITESPACE = 20
+_CACHE_SIZE = 256  # compiled grammars kept (a schema sent by many requests compiles once)
+_WHAT = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
+         "json_object": "JSON object"}
+
+
+class Grammars:
+    """xgrammar's compiler for one tokenizer; thread-safe (requests compile on several threads at once)."""
+
+    def __init__(self, model_folder: str, vocab_size: int, stop_token_ids: list[int]):
+        import xgrammar as xgr
+        from transformers import AutoTokenizer
+        # Its own tokenizer: the engine thread uses the engine's, and a Rust tokenizer is not shared by threads.
+        tokenizer = AutoTokenizer.from_pretrained(model_folder)
+        stops = stop_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
+        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
+        self.vocab_size = vocab_size
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=min(8, os.cpu_count() or 1))
+        self.cache: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def compile(self, spec: StructuredOutputsParams):
+        """The compiled grammar of `spec`; InvalidRequestError (naming spec.param) if it does not compile."""
+        key = spec.key()
+        with self.lock:
+            if key in self.cache:
+                self.cache.move_to_end(key)
+                return self.cache[key]
+        try:
+            compiled = self._compile(spec)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise InvalidRequestError(f"'{spec.param}': invalid {_WHAT[spec.kind]}: {_clean(e)}", spec.param) from None
+        with self.lock:
+            self.cache[key] = compiled
+            while len(self.cache) > _CACHE_SIZE:
+                self.cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, spec: StructuredOutputsParams):
+        c, kind = self.compiler, spec.kind
+        if kind in ("json", "json_object"):
+            # json_object: any object, so extra properties must be allowed (strict_mode would allow only {}).
+            schema = spec.json if kind == "json" else {"type": "object"}
+            text = schema if isinstance(schema, str) else json.dumps(schema)
+            return c.compile_json_schema(text, strict_mode=spec.strict and kind == "json",
+                                         any_whitespace=not spec.disable_any_whitespace,
+                                         max_whitespace_cnt=MAX_WHITESPACE)
+        if kind == "regex":
+            return c.compile_regex(spec.regex)
+        if kind == "choice":  # JSON's string escapes are EBNF literals' escapes too
+            return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in spec.choice))
+        return c.compile_grammar(spec.grammar)
+
+    def matcher(self, spec: StructuredOutputsParams):
+        """A fresh matcher for one request (matchers hold one sequence's state; grammars are shared)."""
+        import xgrammar as xgr
+        # A tokenizer without a stop token: end where the grammar ends, or the request could never finish.
+        return xgr.GrammarMatcher(self.compile(spec), terminate_without_stop_token=not self.info.stop_token_ids)
+
+
+def _clean(e: Exception) -> str:
+    """xgrammar's message without its C++ source location."""
+    text = str(e).strip()
+    text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", text)
+    return text.replace("Check failed: (error.empty()) is false: ", "")
+
+
+def _stays_on_rank0():
+    return None
+
+
+@dataclass
+class GrammarMask:
+    """Which tokens each constrained sampling row may sample next: `bitmask` row j (xgrammar's packed bits,
+    int32 [n, ceil(vocab / 32)], 1 = allowed) is for sampling row `rows[j]`."""
+    rows: np.ndarray
+    bitmask: torch.Tensor
+
+    def __reduce__(self):  # pickled to tensor-parallel workers as None: only rank 0 samples
+        return _stays_on_rank0, ()
+
+
+def grammar_mask(seqs: list[Sequence], vocab_size: int) -> GrammarMask | None:
+    """The step's mask for the constrained ones among its sampling rows `seqs`, or None if there are none.
+    Called only when some running request is constrained: an unconstrained engine never loops here."""
+    import xgrammar as xgr
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not rows:
+        return None
+    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
+    for j, i in enumerate(rows):
+        seqs[i].grammar.fill_next_token_bitmask(bitmask, j)
+    return GrammarMask(np.asarray(rows, np.int64), bitmask)
+
+
+def apply_grammar_mask(logits: torch.Tensor, mask: GrammarMask) -> None:
+    """Set the disallowed tokens of the mask's rows to -inf, in place, on the logits' device."""
+    device = logits.device
+    rows = torch.from_numpy(mask.rows).to(device)
+    bits = mask.bitmask.to(device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

@@ -1,0 +1,132 @@
+"""Structured output in the engine (xgrammar masks) on a tiny random model with a byte-level BPE tokenizer:
+constrained completions always match their schema, regex, choice or grammar, at temperature 0 and 1,
+batched with unconstrained requests (which stay token for token what they are alone), under preemption
+and async scheduling; a grammar that allows everything changes no token."""
+import json
+import re
+
+import pytest
+import torch
+
+from nanoserve.engine_pod import LLM, SamplingParams
+from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.structured_params import StructuredOutputsParams as SO
+
+pytest.importorskip("xgrammar")
+jsonschema = pytest.importorskip("jsonschema")
+
+# Bounded strings by pattern: xgrammar 0.2.9's maxLength rule lets raw control characters into strings.
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "color": {"enum": ["red", "green", "blue"]}},
+          "required": ["name", "age", "color"], "additionalProperties": False}
+# Free whitespace runs are capped (structured_output.MAX_WHITESPACE = 20): 12 runs and at most ~45 other
+# characters, so 300 tokens always complete SCHEMA, even for a random model stuck on newlines.
+FREE = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def constrained(spec: SO, seeds=(None, 1, 2), max_tokens=300) -> list[SamplingParams]:
+    return [SamplingParams(temperature=0 if s is None else 1.0, seed=s, max_tokens=max_tokens, structured_outputs=spec)
+            for s in seeds]
+
+
+@pytest.fixture(scope="module")
+def llm(bpe_model):
+    engine = LLM(bpe_model, num_kvcache_blocks=256, max_model_len=512, async_scheduling=False)
+    yield engine
+    engine.exit()
+
+
+def check_json(outs, schema=SCHEMA):
+    for o in outs:
+        assert o["finish_reason"] == "stop", o
+        jsonschema.validate(json.loads(o["text"]), schema)
+
+
+def test_json_schema_batched_with_unconstrained(llm):
+    alone = llm.generate(["hello", "abc xyz"], FREE)
+    # (greedy with free whitespace, the slowest to finish, runs through the server in test_structured_server.py)
+    params = ([FREE, FREE] + constrained(SO(json=SCHEMA, disable_any_whitespace=True))
+              + constrained(SO(json=SCHEMA), seeds=(1, 2)))
+    outs = llm.generate(["hello", "abc xyz"] + ["a person:"] * 5, params)
+    assert [o["token_ids"] for o in outs[:2]] == [o["token_ids"] for o in alone]  # neighbours change nothing
+    check_json(outs[2:])
+    assert all(o["text"] == json.dumps(json.loads(o["text"])) for o in outs[2:5])  # no free whitespace
+    assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_choice_regex_grammar_and_json_object(llm):
+    choices = ["yes", "no", "maybe never", 'a "quoted" \\ one']
+    regex = r"[a-z]{3}-[0-9]{2,4}"
+    grammar = 'root ::= "(" num (("+" | "*") num){0,3} ")"\nnum ::= [1-9] [0-9]{0,2}'
+    params = (constrained(SO(choice=choices)) + constrained(SO(regex=regex)) + constrained(SO(grammar=grammar))
+              + constrained(SO(json_object=True)))
+    outs = llm.generate(["pick one"] * len(params), params)
+    assert all(o["finish_reason"] == "stop" for o in outs), outs
+    texts = [o["text"] for o in outs]
+    assert all(t in choices for t in texts[:3])
+    assert all(re.fullmatch(regex, t) for t in texts[3:6]), texts[3:6]
+    assert all(re.fullmatch(r"\([1-9][0-9]{0,2}([+*][1-9][0-9]{0,2}){0,3}\)", t) for t in texts[6:9]), texts[6:9]
+    assert all(isinstance(json.loads(t), dict) for t in texts[9:])
+
+
+def test_a_grammar_allowing_everything_changes_no_token(llm):
+    prompts = ["hello", "abc", "x y z"]
+    free = [SamplingParams(temperature=0, max_tokens=16)] + [SamplingParams(seed=s, max_tokens=16) for s in (3, 4)]
+    anything = [SamplingParams(temperature=p.temperature, seed=p.seed, max_tokens=16,
+                               structured_outputs=SO(regex=r"[\s\S]*")) for p in free]
+    assert [o["token_ids"] for o in llm.generate(prompts, anything)] == \
+           [o["token_ids"] for o in llm.generate(prompts, free)]
+
+
+def test_all_allowing_mask_leaves_logits_alone():
+    from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
+    logits = torch.randn(3, 70)
+    masked = logits.clone()
+    apply_grammar_mask(masked, GrammarMask(torch.tensor([0, 2]).numpy(), torch.full((2, 3), -1, dtype=torch.int32)))
+    assert torch.equal(masked, logits)
+    bits = torch.zeros(1, 3, dtype=torch.int32)
+    bits[0, 1] = 1 << 4  # token 36 only
+    apply_grammar_mask(masked, GrammarMask(torch.tensor([1]).numpy(), bits))
+    assert masked[1].argmax() == 36 and torch.isinf(masked[1]).sum() == 69 and torch.equal(masked[0], logits[0])
+
+
+def test_preemption_and_async_scheduling_give_the_same_valid_json(bpe_model, llm):
+    specs = [SO(json=SCHEMA, disable_any_whitespace=True), SO(json_object=True, disable_any_whitespace=True)]
+    params = [FREE] + constrained(specs[0], max_tokens=48) + constrained(specs[1], seeds=(4,), max_tokens=48)
+    prompts = ["some prompt words"] * len(params)
+    want = llm.generate(prompts, params)
+    check_json(want[1:4])
+    for kw in ({"num_kvcache_blocks": 24, "kvcache_block_size": 4}, {"async_scheduling": True}):
+        other = LLM(bpe_model, max_model_len=512, **{"num_kvcache_blocks": 256, "async_scheduling": False, **kw})
+        try:
+            assert other.generate(prompts, params) == want
+            if "kvcache_block_size" in kw:
+                assert other.scheduler.num_preemptions > 0
+            assert not other.constrained and other.block_manager.num_free_blocks == other.block_manager.num_blocks
+        finally:
+            other.exit()
+
+
+def test_invalid_constraints_name_their_field(llm):
+    for spec, words in ((SO(json={"type": "nope"}, param="response_format"), "Unsupported type"),
+                        (SO(regex="a((", param="guided_regex"), "parenthesis"),
+                        (SO(grammar="root ::= foo"), "not defined")):
+        with pytest.raises(InvalidRequestError, match=words) as e:
+            llm.make_sequence("hi", SamplingParams(structured_outputs=spec))
+        assert e.value.param == spec.param
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        SO(regex="a", choice=["b"])
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_grammar_the_vocabulary_cannot_spell_ends_the_request_with_no_token(tiny_models, async_scheduling):
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, async_scheduling=async_scheduling)  # words w0..w255
+    try:
+        free, json_object = llm.generate([[5, 6], [7, 8]],
+                                         [FREE, SamplingParams(structured_outputs=SO(json_object=True))])
+        assert free["finish_reason"] == "length" and len(free["token_ids"]) == 12
+        assert json_object == {"text": "", "token_ids": [], "finish_reason": "abort"}
+        assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    finally:
+        llm.exit()
