@@ -1,4 +1,5 @@
-"""`nanoserve serve`: listen first, load the model in the background, drain on SIGTERM, exit 0."""
+"""`nanoserve serve`: listen first, load the model in the background, drain on SIGTERM, exit 0 (1 after an
+engine fault or a drain that had to cut requests)."""
 import asyncio
 import logging
 import signal
