@@ -95,3 +95,32 @@ def test_tp2_matches_tp1_on_gpu(model_path, prompts, enforce_eager):            
     one = engine_tokens(model_path, prompts)
     two = engine_tokens(model_path, prompts, tensor_parallel_size=2, enforce_eager=enforce_eager)
     assert [o[:2] for o in one] == [t[:2] for t in two]
+
+
+def test_json_schema_on_gpu_is_valid_json(bpe_model):
+    """Structured output with the mask applied on the GPU (bf16 logits, CUDA graphs, async scheduling on for
+    the unconstrained neighbour before and after): valid JSON, and the neighbour's tokens unchanged."""
+    pytest.importorskip("xgrammar")
+    import json
+
+    import jsonschema
+
+    from nanoserve.engine_pod.structured_params import StructuredOutputsParams
+    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    so = StructuredOutputsParams(json=schema)
+    params = [GREEDY] + [SamplingParams(temperature=t, seed=s, max_tokens=300, structured_outputs=so)
+                         for t, s in ((0, None), (1.0, 1), (1.0, 2))]
+    llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=256)
+    try:
+        assert llm.config.device == "cuda" and llm.config.async_scheduling
+        alone = llm.generate(["hello"], GREEDY)[0]["token_ids"]
+        outs = llm.generate(["hello"] + ["a person:"] * 3, params)
+        assert outs[0]["token_ids"] == alone
+        for o in outs[1:]:
+            assert o["finish_reason"] == "stop", o
+            jsonschema.validate(json.loads(o["text"]), schema)
+        assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    finally:
+        llm.exit()
