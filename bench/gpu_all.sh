@@ -14,6 +14,9 @@ for mod in xxhash pytest pytest_timeout; do
   python -c "import $mod" 2>/dev/null || pip install -q --no-deps --no-index --find-links .device_wheels \
     "$(echo $mod | tr _ -)" $([ $mod = pytest ] && echo pluggy iniconfig) >>"$OUT/pip.log" 2>&1
 done
+# xgrammar (structured output) with its small dependencies; torch, triton and transformers are the image's.
+python -c "import xgrammar" 2>/dev/null || pip install -q --no-index --find-links .device_wheels xgrammar==0.2.9 \
+  >>"$OUT/pip.log" 2>&1
 # The repo's folders as the nanoserve package, without installing it (the image has no network).
 PKG=/tmp/nanoserve-pkg
 mkdir -p $PKG/nanoserve

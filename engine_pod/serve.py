@@ -5,7 +5,6 @@ import logging
 import signal
 
 from aiohttp import web
-
 from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine

@@ -7,49 +7,30 @@ requests get 503, running ones finish (up to `drain_timeout`), then it exits 0; 
 end with a `server_shutdown` error (an SSE error event for streams) and it exits 1.
 """
 import asyncio
-import concurrent.futures
 import contextlib
 import json
 import time
 import uuid
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
 from nanoserve.common.json_body import LOOP_BYTES, BodyError, read_json
-from nanoserve.engine_pod.async_engine import AsyncEngine
-from nanoserve.engine_pod.auth import KeyRing
-from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest, parse_chat, parse_completion
 from nanoserve.engine_pod.errors import InvalidRequestError, ServerShutdown
+from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_file
+from nanoserve.engine_pod.openai_protocol import (
+    APIError,
+    ParsedRequest,
+    parse_chat,
+    parse_completion,
+)
+from nanoserve.engine_pod.server_state import (
+    API_KEY,
+    STATE,
+    ServerState,
+    engine_for,
+    error_response,
+)
 from nanoserve.engine_pod.text_stream import TextStream
-
-STATE = web.AppKey("state", object)
-API_KEY = web.RequestKey("api_key", str)  # the key a request authenticated with
-
-
-class ServerState:
-    """What the handlers share: the engine once loaded, and the drain and load counters."""
-
-    def __init__(self, model_name: str, api_keys: list[str] | None = None, max_pending: int = 256,
-                 max_body_bytes: int = 8 << 20, public_metrics: bool = False, cache_salt_by_api_key: bool = False):
-        self.model_name, self.api_keys, self.max_pending = model_name, KeyRing(api_keys or []), max_pending
-        self.max_body_bytes = max_body_bytes
-        # Open without a key: the kubelet's probes, and /metrics for Prometheus scrapes when asked for.
-        self.open_paths = {"/health", "/ready"} | ({"/metrics"} if public_metrics else set())
-        self.cache_salt_by_api_key = cache_salt_by_api_key  # tenants (keys) then share no prefix-cache block
-        self.engine: AsyncEngine | None = None  # set when the model is loaded
-        self.tokenizer = None                   # the server's own copy: the engine thread uses its own
-        self.bulk_tokenizer = None              # another, for long prompts on the `bulk` thread
-        self.bulk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
-        self.tokenizer_info: dict | None = None  # GET /v1/tokenizer, and its files: what the gateway loads
-        self.tokenizer_files: dict[str, bytes] = {}
-        self.draining = False
-        self.inflight = 0
-        self.created = int(time.time())
-
-
-def _error(status: int, message: str, param=None, code=None) -> web.Response:
-    return web.json_response(APIError(status, message, param, code).body(), status=status)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 @web.middleware
@@ -58,7 +39,7 @@ async def errors_and_auth(request: web.Request, handler):
     if state.api_keys and request.path not in state.open_paths:  # the cache feed and /metrics included
         key = state.api_keys.match(request.headers.get("Authorization", ""))
         if key is None:
-            return _error(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+            return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
         request[API_KEY] = key
     try:
         return await handler(request)
@@ -67,7 +48,7 @@ async def errors_and_auth(request: web.Request, handler):
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return _error(e.status, e.reason if e.status != 413 else
+        return error_response(e.status, e.reason if e.status != 413 else
                       f"request body too large (limit {state.max_body_bytes} bytes)")
     except (ConnectionResetError, asyncio.CancelledError):
         raise
@@ -82,23 +63,6 @@ async def _json_body(request: web.Request) -> dict:
         raise APIError(e.status, str(e)) from None
 
 
-def _engine(state: ServerState, body: dict) -> AsyncEngine:
-    model = body.get("model")
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"The model `{model}` does not exist. This server serves `{state.model_name}`.", "model",
-                       "model_not_found")
-    if state.draining:
-        raise APIError(503, "server is shutting down", type="service_unavailable")
-    if state.engine is None:
-        raise APIError(503, "model is still loading", type="service_unavailable")
-    if state.engine.error is not None:
-        raise APIError(500, f"engine failed: {state.engine.error!r}")
-    if state.engine.num_waiting >= state.max_pending:
-        raise APIError(429, f"too many requests waiting ({state.engine.num_waiting}); retry later",
-                       type="rate_limit_error")
-    return state.engine
-
-
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, chat=False)
 
@@ -110,7 +74,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     state: ServerState = request.app[STATE]
     body = await _json_body(request)
-    engine = _engine(state, body)
+    engine = engine_for(state, body)
     cfg = engine.engine.config
     parse = parse_chat if chat else parse_completion
     salt_key = request.get(API_KEY) if state.cache_salt_by_api_key else None  # tenants share no cached block
@@ -226,52 +190,6 @@ async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": state.model_name, "object": "model",
                                                           "created": state.created, "owned_by": "nanoserve",
                                                           "max_model_len": max_len}]})
-
-
-async def cache_events(request: web.Request) -> web.StreamResponse:
-    """Server-sent events: a snapshot of the cached block hashes, then stored/removed deltas."""
-    state: ServerState = request.app[STATE]
-    engine = _engine(state, {})
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    q = await engine.subscribe_cache_events()
-    block_size = engine.engine.config.kvcache_block_size
-    try:
-        while not state.draining:
-            try:
-                kind, hashes = await asyncio.wait_for(q.get(), timeout=10)
-            except asyncio.TimeoutError:
-                await resp.write(b": ping\n\n")
-                continue
-            event = {"type": kind, "hashes": hashes}
-            if kind == "snapshot":  # what the hashes mean: a gateway whose tokenizer differs must not use them
-                event["block_size"] = block_size
-                event["tokenizer"] = state.tokenizer_info["fingerprint"] if state.tokenizer_info else None
-            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-    except ConnectionResetError:
-        pass
-    finally:
-        engine.unsubscribe_cache_events(q)
-    return resp
-
-
-async def tokenizer(request: web.Request) -> web.Response:
-    """The tokenizer's fingerprint, vocabulary size, block size and file list (gateways tokenize with it)."""
-    state: ServerState = request.app[STATE]
-    if state.tokenizer_info is None:
-        raise APIError(503, "model is still loading", type="service_unavailable")
-    return web.json_response(state.tokenizer_info)
-
-
-async def tokenizer_file(request: web.Request) -> web.Response:
-    state: ServerState = request.app[STATE]
-    name = request.match_info["name"]
-    data = state.tokenizer_files.get(name)  # a lookup by exact name: nothing else on disk is reachable
-    if data is None:
-        raise APIError(404, f"no tokenizer file named {name!r}", "name", "not_found")
-    resp = web.Response(body=data, content_type="application/octet-stream")
-    resp.enable_compression()  # tokenizer.json is JSON: several times smaller compressed
-    return resp
 
 
 async def health(request: web.Request) -> web.Response:
