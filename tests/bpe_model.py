@@ -31,3 +31,13 @@ def save_bpe_model(folder: str, seed: int = 0) -> str:
     with open(f"{folder}/config.json") as f:
         assert json.load(f)["vocab_size"] == len(fast)
     return folder
+
+
+# The schema the structured-output tests constrain this model to.
+# Bounded strings by pattern: xgrammar 0.2.9's maxLength rule lets raw control characters into strings.
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "color": {"enum": ["red", "green", "blue"]}},
+          "required": ["name", "age", "color"], "additionalProperties": False}
+# Free whitespace runs are capped (structured_output.MAX_WHITESPACE = 20): 12 runs and at most ~45 other
+# characters, so 300 tokens always complete it, even for a random model stuck on newlines.

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from bpe_model import SCHEMA
 
 from nanoserve.engine_pod import LLM, SamplingParams
 from nanoserve.engine_pod.errors import InvalidRequestError
@@ -15,13 +16,6 @@ from nanoserve.engine_pod.structured_params import StructuredOutputsParams as SO
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
-# Bounded strings by pattern: xgrammar 0.2.9's maxLength rule lets raw control characters into strings.
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
-                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                           "color": {"enum": ["red", "green", "blue"]}},
-          "required": ["name", "age", "color"], "additionalProperties": False}
-# Free whitespace runs are capped (structured_output.MAX_WHITESPACE = 20): 12 runs and at most ~45 other
-# characters, so 300 tokens always complete SCHEMA, even for a random model stuck on newlines.
 FREE = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 

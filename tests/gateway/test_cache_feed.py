@@ -37,6 +37,16 @@ async def serving(app: web.Application):
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
+def read_all(events: list[bytes], index: CacheIndex) -> None:
+    """Serve `events` as a feed and read it into `index` to its end (a clean end: read_feed is True)."""
+    async def main():
+        runner, url = await serving(feed_app(events))
+        async with aiohttp.ClientSession() as s:
+            assert await read_feed(s, url, index, idle_timeout=10) is True
+        await runner.cleanup()
+    asyncio.run(main())
+
+
 def data(obj) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
@@ -49,12 +59,7 @@ def test_snapshot_pings_and_deltas_are_applied():
               data({"type": "removed", "hashes": SNAPSHOT[:10]})]
     index = CacheIndex(block_size=16)
 
-    async def main():
-        runner, url = await serving(feed_app(events))
-        async with aiohttp.ClientSession() as s:
-            assert await read_feed(s, url, index, idle_timeout=10) is True
-        await runner.cleanup()
-    asyncio.run(main())
+    read_all(events, index)
     assert index.block_size == 32
     assert len(index) == len(SNAPSHOT) - 10 + 2
     assert index.match([BIG, 0]) == 2 and index.match(SNAPSHOT[:11]) == 0
@@ -108,12 +113,7 @@ def test_garbage_events_are_skipped_and_the_good_ones_still_applied(fake_engine_
               data({"type": "stored", "hashes": [3]}), *garbage, data({"type": "removed", "hashes": [1]})]
     index = CacheIndex(block_size=8)
 
-    async def main():
-        runner, url = await serving(feed_app(events))
-        async with aiohttp.ClientSession() as s:
-            assert await read_feed(s, url, index, idle_timeout=10) is True
-        await runner.cleanup()
-    asyncio.run(main())
+    read_all(events, index)
     assert index.block_size == 16 and index.precise == {2, 3}
 
 

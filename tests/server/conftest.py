@@ -74,31 +74,33 @@ def default_server(default_model_path):
     server.stop()
 
 
-@pytest.fixture
-def start_server():
-    """Start extra servers with their own settings; each is stopped when the test ends."""
-    started = []
+class Servers:
+    """Starts servers with their own settings (`servers(model, *args, env=...)`) and stops them all at the end."""
 
-    def start(model: str, *args: str, env: dict | None = None) -> ServerProcess:
+    def __init__(self) -> None:
+        self.started: list[ServerProcess] = []
+
+    def __call__(self, model: str, *args: str, env: dict | None = None) -> ServerProcess:
         server = ServerProcess(model, *args, env=env)
-        started.append(server)
+        self.started.append(server)
         return server.wait_ready()
 
-    yield start
-    for server in started:
-        server.stop()
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def start_server():
+    """Extra servers, each stopped when the test ends."""
+    servers = Servers()
+    yield servers
+    servers.stop_all()
 
 
 @pytest.fixture(scope="module")
 def module_server():
     """Like start_server, for servers shared by one test module."""
-    started = []
-
-    def start(model: str, *args: str, env: dict | None = None) -> ServerProcess:
-        server = ServerProcess(model, *args, env=env)
-        started.append(server)
-        return server.wait_ready()
-
-    yield start
-    for server in started:
-        server.stop()
+    servers = Servers()
+    yield servers
+    servers.stop_all()

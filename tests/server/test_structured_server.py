@@ -5,16 +5,10 @@ import re
 
 import openai
 import pytest
+from bpe_model import SCHEMA
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
-
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
-                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
-                                           "color": {"enum": ["red", "green", "blue"]}},
-          "required": ["name", "age", "color"], "additionalProperties": False}
-# Free whitespace runs are capped (structured_output.MAX_WHITESPACE = 20): 12 runs and at most ~45 other
-# characters, so 300 tokens always complete this schema, even for a random model stuck on newlines.
 
 
 @pytest.fixture(scope="module")
