@@ -5,6 +5,7 @@ import logging
 import sys
 
 from nanoserve.engine_pod.default_model import DEFAULT_MODEL
+from nanoserve.engine_pod.tool_choice import REASONING_PARSERS, TOOL_CALL_PARSERS, ChatConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -52,6 +53,31 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-pending", type=int, default=256, help="waiting requests beyond this get 429")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to finish requests after SIGTERM")
+    add_chat_args(p)
+
+
+def add_chat_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's flags for tool calls and reasoning (`serve`, and `up` passes them to its engines)."""
+    p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
+                   help="read tool calls out of the model's text in this format (hermes: Hermes/Qwen <tool_call>)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide whether to call tools (tool_choice "auto", the default with tools)')
+    p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
+                   help="return a thinking model's <think> text as `reasoning`, apart from `content`")
+
+
+def chat_config(args: argparse.Namespace) -> ChatConfig:
+    try:
+        return ChatConfig(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
+    except ValueError as e:
+        raise SystemExit(f"nanoserve: {e}") from None
+
+
+def chat_argv(args: argparse.Namespace) -> list[str]:
+    chat = chat_config(args)
+    return ((["--tool-call-parser", chat.tool_call_parser] if chat.tool_call_parser else [])
+            + (["--enable-auto-tool-choice"] if chat.enable_auto_tool_choice else [])
+            + (["--reasoning-parser", chat.reasoning_parser] if chat.reasoning_parser else []))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -61,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
                                   drain_timeout=args.drain_timeout, api_key_file=args.api_key_file,
                                   public_metrics=args.public_metrics,
-                                  cache_salt_by_api_key=args.cache_salt_by_api_key))
+                                  cache_salt_by_api_key=args.cache_salt_by_api_key, chat=chat_config(args)))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -82,7 +108,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.up import run_up
     return asyncio.run(run_up(engine_kwargs(args), args.replicas, host=args.host, port=args.port,
                               served_model_name=args.served_model_name, policy=args.policy,
-                              drain_timeout=args.drain_timeout))
+                              drain_timeout=args.drain_timeout, engine_args=chat_argv(args)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--served-model-name", default=None)
     up.add_argument("--policy", default="cache-aware", choices=["cache-aware", "round-robin", "least-loaded"])
     up.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on stop")
+    add_chat_args(up)
     up.set_defaults(fn=cmd_up, device="cpu")
     gateway = sub.add_parser("gateway", help="the prefix-cache-aware router", add_help=False)
     gateway.set_defaults(fn=None)

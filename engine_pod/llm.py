@@ -1,6 +1,7 @@
 """Offline batch generation, the Python API of DESIGN.md: `LLM(model).generate(prompts, params)`."""
 from tqdm.auto import tqdm
 
+from nanoserve.common.chat import chat_prompt_ids
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.sequence import Sequence
@@ -36,6 +37,16 @@ class LLM(LLMEngine):
             for seq in seqs:  # an interrupted generate leaves nothing queued and no block taken
                 self.abort(seq.seq_id)
         return [results.get(s.seq_id) or self._result(s) for s in seqs]
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
+             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[dict]:
+        """Answer one conversation (a list of OpenAI messages) or several, through the model's chat template
+        (with `tools` and `chat_template_kwargs`, e.g. {"enable_thinking": False}), as the server renders them;
+        results as `generate`'s."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [chat_prompt_ids(self.tokenizer, c, tools, chat_template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _result(self, seq: Sequence) -> dict:
         return {"text": self.decode(seq), "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason}

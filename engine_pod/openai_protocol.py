@@ -7,10 +7,12 @@ when the server salts the prefix cache by key (--cache-salt-by-api-key): tenants
 from dataclasses import dataclass
 
 from nanoserve.common.block_hash import tenant_salt
-from nanoserve.common.chat import ChatTemplateError, chat_prompt_ids, completion_prompt_ids
+from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt, completion_prompt_ids
 from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.reasoning import prompt_opens_thinking
 from nanoserve.engine_pod.sampling_params import SamplingParams
-from nanoserve.engine_pod.structured_params import request_constraint
+from nanoserve.engine_pod.structured_params import StructuredOutputsParams, request_constraint
+from nanoserve.engine_pod.tool_choice import ChatConfig, ToolUse, tool_use
 
 
 class APIError(Exception):
@@ -31,12 +33,18 @@ class ParsedRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool
+    tool_use: ToolUse | None = None  # chat: how to read tool calls out of the output
+    reasoning: str | None = None     # chat: the reasoning parser's kind, None for no reasoning apart
+    thinking_in_prompt: bool = False  # chat: the template ended the prompt inside an open <think>
 
 
 # Accepted only at their no-op values: anything else is refused rather than silently ignored.
 _UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
-                "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []),
+                "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
                 "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
+
+
+_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "messages")
 
 
 def _get(body: dict, name: str, types: tuple, default=None):
@@ -65,7 +73,9 @@ def _cache_salt(body: dict, salt_key: str | None) -> str | None:
     return tenant_salt(salt_key, salt) if salt_key is not None else salt
 
 
-def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: str | None) -> SamplingParams:
+def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: str | None,
+                     forced: StructuredOutputsParams | None = None) -> SamplingParams:
+    """`forced`: the structured output tool_choice asks for (a named function's arguments, or "required")."""
     for name, allowed in _UNSUPPORTED.items():
         if body.get(name) not in allowed:
             raise APIError(400, f"'{name}' is not supported by this server", name)
@@ -96,9 +106,17 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
             seed=_get(body, "seed", (int,)),
             priority=_get(body, "priority", (int,), 0),
             cache_salt=_cache_salt(body, salt_key),
-            structured_outputs=request_constraint(body))  # response_format, structured_outputs, guided_*
+            structured_outputs=_constraint(body, forced))
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
+
+
+def _constraint(body: dict, forced: StructuredOutputsParams | None) -> StructuredOutputsParams | None:
+    asked = request_constraint(body)  # response_format, structured_outputs, guided_*
+    if asked is not None and forced is not None:
+        raise InvalidRequestError(f"'{asked.param}' cannot be combined with a 'tool_choice' that forces a tool call",
+                                  asked.param)
+    return asked or forced
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -121,6 +139,9 @@ def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> Non
 
 def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
                      salt_key: str | None = None) -> ParsedRequest:
+    for name in _CHAT_ONLY:
+        if body.get(name) is not None:
+            raise APIError(400, f"'{name}' is only for /v1/chat/completions", name)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -128,21 +149,31 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
         raise APIError(400, "'prompt' is required", "prompt")
     try:
         ids = completion_prompt_ids(tokenizer, prompt)
-    except ValueError as e:
+    except ChatFieldError as e:
         raise APIError(400, f"{e} (one prompt per request)", "prompt") from None
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
     return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key), stream, include_usage)
 
 
-def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int,
-               salt_key: str | None = None) -> ParsedRequest:
+def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_key: str | None = None,
+               chat: ChatConfig | None = None) -> ParsedRequest:
+    """`chat`: the server's tool-call and reasoning parsers (none by default)."""
+    chat = chat or ChatConfig()
     try:
-        ids = chat_prompt_ids(tokenizer, body.get("messages"))
+        tools = tool_use(body, chat)
+        text = chat_prompt(tokenizer, body.get("messages"), body.get("tools"), body.get("chat_template_kwargs"))
     except ChatTemplateError as e:
         raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
-    except ValueError as e:
-        raise APIError(400, str(e), "messages") from None
+    except (ChatFieldError, InvalidRequestError) as e:
+        raise APIError(400, str(e), e.param) from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
-    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key), stream, include_usage)
+    params = _sampling_params(body, len(ids), max_model_len, salt_key, tools.constraint)
+    reasoning, thinking = chat.reasoning_parser, False
+    if reasoning is not None and params.structured_outputs is None:
+        thinking = prompt_opens_thinking(text, reasoning)
+    elif reasoning is not None:  # the grammar holds from the first token: reasoning only in a <think> it writes
+        reasoning = "qwen3"
+    return ParsedRequest(ids, params, stream, include_usage, tools, reasoning, thinking)

@@ -13,6 +13,7 @@ from nanoserve.engine_pod.errors import ServerShutdown
 from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.server import ServerState, create_app
+from nanoserve.engine_pod.tool_choice import ChatConfig
 
 log = logging.getLogger("nanoserve.serve")
 FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers to reach their clients
@@ -21,7 +22,8 @@ FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers 
 async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 8000, served_model_name: str | None = None,
                      api_key: list[str] | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
                      drain_timeout: float = 120.0, api_key_file: str | None = None,
-                     public_metrics: bool = False, cache_salt_by_api_key: bool = False) -> int:
+                     public_metrics: bool = False, cache_salt_by_api_key: bool = False,
+                     chat: ChatConfig = ChatConfig()) -> int:
     """Serve until SIGTERM/SIGINT (then 0) or until the engine fails (then 1, after answering every request).
     API keys: `api_key` (a list), one per line of `api_key_file`, and $NANOSERVE_API_KEY / $VLLM_API_KEY."""
     model = engine_kwargs.pop("model")
@@ -37,7 +39,7 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
         log.warning("--api-key on the command line shows in `ps`; prefer --api-key-file or $NANOSERVE_API_KEY")
     if keys:
         log.info("%d API key(s); /metrics %s", len(keys), "public" if public_metrics else "needs a key")
-    state = ServerState(name, keys, max_pending, max_body_bytes, public_metrics, cache_salt_by_api_key)
+    state = ServerState(name, keys, max_pending, max_body_bytes, public_metrics, cache_salt_by_api_key, chat)
     quiet_client_faults()
     # auto_decompress off: the server undoes Content-Encoding itself, with a bound, and answers errors in JSON.
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5, auto_decompress=False)

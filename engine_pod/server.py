@@ -8,12 +8,14 @@ end with a `server_shutdown` error (an SSE error event for streams) and it exits
 """
 import asyncio
 import contextlib
+import functools
 import json
 import time
 import uuid
 
 from aiohttp import web
 from nanoserve.common.json_body import LOOP_BYTES, BodyError, read_json
+from nanoserve.engine_pod.chat_output import ChatOutput
 from nanoserve.engine_pod.errors import InvalidRequestError, ServerShutdown
 from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_file
 from nanoserve.engine_pod.openai_protocol import (
@@ -76,7 +78,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     body = await _json_body(request)
     engine = engine_for(state, body)
     cfg = engine.engine.config
-    parse = parse_chat if chat else parse_completion
+    parse = functools.partial(parse_chat, chat=state.chat) if chat else parse_completion
     salt_key = request.get(API_KEY) if state.cache_salt_by_api_key else None  # tenants share no cached block
     args = (cfg.hf_config["vocab_size"], cfg.max_model_len, salt_key)
     if len(await request.read()) > LOOP_BYTES:  # (read() is cached) long prompts tokenize off the event loop,
@@ -105,6 +107,10 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
+def _chat_output(req: ParsedRequest) -> ChatOutput:
+    return ChatOutput(req.tool_use, req.reasoning, req.thinking_in_prompt)
+
+
 def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
     n = len(req.prompt_ids)
     return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
@@ -127,9 +133,13 @@ async def _complete(request, state, engine, seq, req, rid, chat) -> web.Response
     if finish is None:  # the client left: nobody reads an answer
         return web.Response(status=499)
     content = "".join(pieces)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-               "finish_reason": finish} if chat else
-              {"index": 0, "text": content, "logprobs": None, "finish_reason": finish})
+    if chat:
+        output = _chat_output(req)
+        output.push(content, True)
+        choice = {"index": 0, "message": output.message(), "logprobs": None,
+                  "finish_reason": output.finish_reason(finish)}
+    else:
+        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
     return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
                               "created": int(time.time()), "model": state.model_name, "choices": [choice],
                               "usage": _usage(req, count, cached)})
@@ -147,7 +157,15 @@ async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResp
         chunk = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
         await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
+    output = _chat_output(req) if chat else None
+
     async def send_text(text: str, finish: str | None) -> None:
+        if output is not None and not output.plain:  # reasoning or tool calls: a delta object a step
+            delta = output.push(text, finish is not None).to_openai()
+            if delta or finish:
+                await send([{"index": 0, "delta": delta, "logprobs": None,
+                             "finish_reason": output.finish_reason(finish)}])
+            return
         if chat:
             delta = f'{{"content": {json.dumps(text)}}}' if text or not finish else "{}"
             body = f'"delta": {delta}, "logprobs": null, "finish_reason": {json.dumps(finish)}}}]}}\n\n'

@@ -7,6 +7,7 @@ from aiohttp import web
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import KeyRing
 from nanoserve.engine_pod.openai_protocol import APIError
+from nanoserve.engine_pod.tool_choice import ChatConfig
 
 STATE = web.AppKey("state", object)
 API_KEY = web.RequestKey("api_key", str)  # the key a request authenticated with
@@ -16,8 +17,10 @@ class ServerState:
     """What the handlers share: the engine once loaded, and the drain and load counters."""
 
     def __init__(self, model_name: str, api_keys: list[str] | None = None, max_pending: int = 256,
-                 max_body_bytes: int = 8 << 20, public_metrics: bool = False, cache_salt_by_api_key: bool = False):
+                 max_body_bytes: int = 8 << 20, public_metrics: bool = False, cache_salt_by_api_key: bool = False,
+                 chat: ChatConfig = ChatConfig()):
         self.model_name, self.api_keys, self.max_pending = model_name, KeyRing(api_keys or []), max_pending
+        self.chat = chat  # tool-call and reasoning parsers
         self.max_body_bytes = max_body_bytes
         # Open without a key: the kubelet's probes, and /metrics for Prometheus scrapes when asked for.
         self.open_paths = {"/health", "/ready"} | ({"/metrics"} if public_metrics else set())

@@ -75,10 +75,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_engine(engine_kwargs: dict, port: int, served_name: str, drain_timeout: float) -> subprocess.Popen:
+def start_engine(engine_kwargs: dict, port: int, served_name: str, drain_timeout: float,
+                 engine_args: list[str] = ()) -> subprocess.Popen:
+    """`engine_args`: more `nanoserve serve` flags (the tool-call and reasoning parsers)."""
     cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *engine_argv(engine_kwargs),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-           "--drain-timeout", str(drain_timeout)]
+           "--drain-timeout", str(drain_timeout), *engine_args]
     return subprocess.Popen(cmd)  # logs go to our stdout/stderr
 
 
@@ -97,7 +99,7 @@ def stop_engines(procs: list[subprocess.Popen], timeout: float) -> None:
 
 async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", port: int = 8080,
                  served_model_name: str | None = None, policy: str = "cache-aware",
-                 drain_timeout: float = 30.0) -> int:
+                 drain_timeout: float = 30.0, engine_args: list[str] = ()) -> int:
     """Serve until SIGTERM/SIGINT (exit 0), restarting engines that exit."""
     from nanoserve.engine_pod.default_model import resolve_model
     from nanoserve.gateway import GatewayConfig
@@ -107,7 +109,7 @@ async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", po
     model = resolve_model(engine_kwargs["model"])
     name = served_model_name or engine_kwargs["model"]  # as the user gave it, like `serve`
     engine_kwargs = {**engine_kwargs, "model": model}
-    engines = [Supervised(free_port(), lambda p: start_engine(engine_kwargs, p, name, drain_timeout),
+    engines = [Supervised(free_port(), lambda p: start_engine(engine_kwargs, p, name, drain_timeout, engine_args),
                           time.monotonic()) for _ in range(replicas)]
 
     stop = asyncio.Event()

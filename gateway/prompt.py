@@ -10,6 +10,7 @@ transformers is imported lazily, inside `load_tokenizer`; it never imports torch
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import xxhash
@@ -29,15 +30,15 @@ class PromptTokenizer:
         self.fingerprint = fingerprint  # common.tokenizer_export.fingerprint of `tokenizer`
         self.source = source            # where it came from (a folder, an engine URL), for logs
 
-    def chat_ids(self, messages: list[dict]) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages)
+    def chat_ids(self, messages: list[dict], tools: Any = None, kwargs: Any = None) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, tools, kwargs)
 
     def completion_ids(self, prompt: Any) -> list[int]:
         return completion_prompt_ids(self.tokenizer, _first_prompt(prompt))
 
     def ids(self, path: str, body: dict) -> list[int]:
         if path.endswith("/chat/completions"):
-            return self.chat_ids(body["messages"])
+            return self.chat_ids(body["messages"], body.get("tools"), body.get("chat_template_kwargs"))
         return self.completion_ids(body["prompt"])
 
 
@@ -58,8 +59,9 @@ def _first_prompt(prompt: Any) -> Any:
 def request_text(path: str, body: dict) -> str | None:
     """The prompt as text, in an order where a conversation's earlier turns are a prefix of its later ones."""
     try:
-        if path.endswith("/chat/completions"):
-            return "".join(f"\x1e{m['role']}\x1f{m['content']}" for m in template_messages(body["messages"]))
+        if path.endswith("/chat/completions"):  # templates write the tools first (in the system turn)
+            tools = json.dumps(body["tools"], sort_keys=True) if body.get("tools") else ""
+            return tools + "".join(f"\x1e{m['role']}\x1f{m['content']}" for m in template_messages(body["messages"]))
         prompt = _first_prompt(body["prompt"])
         return prompt if isinstance(prompt, str) else None
     except (KeyError, TypeError, ValueError):

@@ -9,6 +9,58 @@ CORPUS = ['{"name": "Ada", "age": 36, "color": "red", "tags": ["x", "y"]}', '[1,
 EOS = "<|endoftext|>"
 
 
+# A ChatML template in the manner of Qwen3's (written for these tests): tools in the system turn, Hermes
+# <tool_call> blocks for an assistant's calls, tool results in <tool_response>, earlier reasoning in <think>,
+# and `enable_thinking: false` writing an empty think block into the prompt.
+CHAT_TEMPLATE = """\
+{%- set first_system = messages[0].role == 'system' -%}
+{%- if tools -%}
+<|im_start|>system
+{% if first_system %}{{ messages[0].content }}
+
+{% endif %}# Tools
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+Call a function with <tool_call>
+{"name": <name>, "arguments": <arguments>}
+</tool_call><|im_end|>
+{% elif first_system -%}
+<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' and loop.first -%}
+{%- elif m.role == 'tool' -%}
+<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% elif m.role == 'assistant' -%}
+<|im_start|>assistant
+{% if m.reasoning_content %}<think>
+{{ m.reasoning_content }}
+</think>
+
+{% endif %}{{ m.content }}{% for c in m.tool_calls or [] %}
+<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% else -%}
+<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}<think>
+
+</think>
+
+{% endif %}{%- endif -%}
+"""
+
+
 def save_bpe_model(folder: str, seed: int = 0) -> str:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -20,8 +72,7 @@ def save_bpe_model(folder: str, seed: int = 0) -> str:
     # No initial alphabet: only the corpus's characters (printable ASCII) become tokens.
     tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
-    fast.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    fast.chat_template = CHAT_TEMPLATE
     config = dict(model_type="qwen3", vocab_size=len(fast), hidden_size=64, intermediate_size=128,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                   max_position_embeddings=1024, initializer_range=0.25, tie_word_embeddings=False,

@@ -104,3 +104,15 @@ def module_server():
     servers = Servers()
     yield servers
     servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def bpe_server(bpe_model):
+    """The byte-level BPE model (it can spell JSON; a Qwen3-like chat template with tools and thinking),
+    served with async scheduling and vLLM's tool-call and reasoning flags: the structured-output and tool
+    tests share it."""
+    server = ServerProcess(bpe_model, "--served-model-name", "bpe", "--max-model-len", "1024",
+                           "--num-kvcache-blocks", "512", "--async-scheduling", "--tool-call-parser", "hermes",
+                           "--enable-auto-tool-choice", "--reasoning-parser", "qwen3")
+    yield server.wait_ready()
+    server.stop()

@@ -51,8 +51,8 @@ def get_metrics(url) -> dict[str, float]:
     ("/v1/completions", {"prompt": "w5", "n": 3}, None, "n"),
     ("/v1/completions", {"prompt": "w5", "stream": "yes"}, None, "stream"),
     ("/v1/chat/completions", {"messages": []}, None, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, None, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, None, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, None, "messages[0]"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, None, "messages[0].content"),
     ("/v1/chat/completions", {}, None, "messages"),
     # Found by fuzzing (issue 16): each was a 500, or accepted although invalid.
     ("/v1/completions", {"prompt": "w5", "max_completion_tokens": 0}, None, "max_tokens"),

@@ -12,10 +12,8 @@ jsonschema = pytest.importorskip("jsonschema")
 
 
 @pytest.fixture(scope="module")
-def client(bpe_model, module_server):
-    server = module_server(bpe_model, "--served-model-name", "bpe", "--max-model-len", "512",
-                           "--num-kvcache-blocks", "256", "--async-scheduling")
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+def client(bpe_server):
+    return openai.OpenAI(base_url=f"{bpe_server.url}/v1", api_key="unused", max_retries=0)
 
 
 def test_response_format_json_schema_with_the_openai_client(client):
