@@ -155,36 +155,44 @@ class LLMEngine:
         """Run one batch. Returns `(sequence, new token)` for each sequence that got a token (finished ones
         have `finish_reason`). With async scheduling these are the previous step's tokens: this step is
         launched first, so the GPU works on it while the host applies them and schedules the next one.
-        Not while a constrained request runs: its mask needs its previous token, so steps run one at a time
-        (the step in flight is applied first, alone: a sequence gets at most one token per step())."""
-        if self.constrained and self.in_flight is not None:
-            done, self.in_flight, self.last_batch = self.in_flight, None, []
-            return self._apply(done)
+        A constrained row's mask needs its previous token: its step launches the forward, applies the
+        previous step's tokens, makes the mask while the forward runs, then samples."""
+        overlap = self.config.async_scheduling
         batch = self.last_batch = self.scheduler.schedule()
-        launched = None
+        sampling, positions, tokens, deferred = [], [], None, False
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
             if inputs.prev_rows is not None:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng)
-                if self.constrained:
-                    inputs.grammar = grammar_mask(sampling, self.config.hf_config["vocab_size"])
-            try:
-                tokens = self.model_runner.call("run", inputs)
-            except BaseException:
-                self._broken = self.config.tensor_parallel_size > 1
-                raise
+                if self.constrained and any(s.grammar is not None for s in sampling):
+                    deferred = inputs.defer_sampling = overlap
+                    if not overlap:
+                        inputs.grammar = grammar_mask(sampling, self.config.hf_config["vocab_size"])
+            tokens = self._run("run", inputs)
             positions = self.scheduler.advance(batch, sampling)
-            if sampling:
-                launched = InFlight(sampling, positions, self.download(tokens))
         elif self.in_flight is None and self.has_unfinished():
             raise RuntimeError("scheduler made no progress although requests are pending")
-        if self.config.async_scheduling and not self.constrained:
-            done, self.in_flight = self.in_flight, launched
-        else:
-            done = launched
-        return self._apply(done) if done is not None else []
+        done, self.in_flight = (self.in_flight, None) if overlap else (None, None)
+        out = self._apply(done) if done is not None else []
+        if deferred:  # the previous tokens are in the matchers now
+            tokens = self._run("sample_deferred", grammar_mask(sampling, self.config.hf_config["vocab_size"]), local=True)
+        if sampling:
+            launched = InFlight(sampling, positions, self.download(tokens))
+            if overlap:
+                self.in_flight = launched
+            else:
+                out = self._apply(launched)
+        return out
+
+    def _run(self, method: str, *args, local: bool = False):
+        """The model runner's `method`, on every rank (or on rank 0 alone: `local`)."""
+        try:
+            return getattr(self.model_runner, method)(*args) if local else self.model_runner.call(method, *args)
+        except BaseException:
+            self._broken = self.config.tensor_parallel_size > 1
+            raise
 
     def _apply(self, flight: "InFlight") -> list[tuple[Sequence, int | None]]:
         """Put a step's sampled tokens in place of their placeholders; retire what they finish. A token is

@@ -28,7 +28,7 @@ from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
 from nanoserve.engine_pod.sampler import SamplingInputs, sample
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
-from nanoserve.engine_pod.structured_output import apply_grammar_mask
+from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
 
 LEADER_CHECK_S = 1.0  # how often an idle worker checks that rank 0 still lives
 
@@ -150,9 +150,21 @@ class ModelRunner:
         logits = self.model.compute_logits(_logits_rows(hidden, inputs, t))
         if logits is None:  # workers: rank 0 gathered their share
             return None
-        if inputs.grammar is not None:  # structured output: before temperature, top-k and top-p
-            apply_grammar_mask(logits, inputs.grammar)
-        self.prev_tokens = sample(logits, inputs.sampling, t)
+        if inputs.defer_sampling:  # the mask is being made on the host while this forward runs
+            self.deferred = (logits, inputs.sampling, t)
+            return None
+        return self._sample(logits, inputs.grammar, inputs.sampling, t)
+
+    def sample_deferred(self, mask: GrammarMask | None) -> torch.Tensor:
+        """Rank 0: sample the rows of the last `run` that deferred its sampling, under `mask`."""
+        (logits, sampling, t), self.deferred = self.deferred, None
+        return self._sample(logits, mask, sampling, t)
+
+    @torch.inference_mode()
+    def _sample(self, logits: torch.Tensor, mask: GrammarMask | None, sampling, t: dict) -> torch.Tensor:
+        if mask is not None:  # structured output: before temperature, top-k and top-p
+            apply_grammar_mask(logits, mask)
+        self.prev_tokens = sample(logits, sampling, t)
         return self.prev_tokens
 
     @torch.inference_mode()

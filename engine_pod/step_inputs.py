@@ -33,6 +33,7 @@ class StepInputs:
     prev_count: int = 0                  # rows the previous step sampled (what rank 0 broadcasts)
     sampling: SamplingInputs | None = None  # the rows that sample (in logits_indices order), or None
     grammar: GrammarMask | None = None      # structured output: the constrained rows' token mask (rank 0 only)
+    defer_sampling: bool = False  # rank 0 keeps the logits; sample_deferred(mask) samples once the mask is made
 
 
 def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInputs, list[Sequence]]:

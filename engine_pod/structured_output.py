@@ -74,7 +74,8 @@ class Grammars:
             return c.compile_regex(spec.regex)
         if kind == "choice":  # JSON's string escapes are EBNF literals' escapes too
             return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in spec.choice))
-        return c.compile_grammar(spec.grammar)
+        # EBNF (GBNF) rules are written `name ::= ...`; a grammar without one is Lark (`name: ...`), as vLLM tells them.
+        return c.compile_grammar(spec.grammar) if "::=" in spec.grammar else c.compile_lark(spec.grammar)
 
     def matcher(self, spec: StructuredOutputsParams):
         """A fresh matcher for one request (matchers hold one sequence's state; grammars are shared)."""
@@ -109,7 +110,8 @@ def grammar_mask(seqs: list[Sequence], vocab_size: int) -> GrammarMask | None:
     """The step's mask for the constrained ones among its sampling rows `seqs`, or None if there are none.
     Called only when some running request is constrained: an unconstrained engine never loops here."""
     import xgrammar as xgr
-    rows = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
+    rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
     if not rows:
         return None
     bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
@@ -118,11 +120,21 @@ def grammar_mask(seqs: list[Sequence], vocab_size: int) -> GrammarMask | None:
     return GrammarMask(np.asarray(rows, np.int64), bitmask)
 
 
+_BIT_TABLE: dict[torch.device, torch.Tensor] = {}  # [256, 8]: the bits of each byte value
+
+
 def apply_grammar_mask(logits: torch.Tensor, mask: GrammarMask) -> None:
     """Set the disallowed tokens of the mask's rows to -inf, in place, on the logits' device."""
-    device = logits.device
-    rows = torch.from_numpy(mask.rows).to(device)
-    bits = mask.bitmask.to(device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    allowed = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :logits.shape[-1]].bool()
-    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+    device, vocab = logits.device, logits.shape[-1]
+    # Byte i of the packed bits holds tokens 8i..8i+7 (little-endian int32 words): one table lookup unpacks it.
+    table = _BIT_TABLE.get(device)
+    if table is None:
+        bits = torch.arange(8, device=device)
+        table = _BIT_TABLE[device] = ((torch.arange(256, device=device).unsqueeze(1) >> bits) & 1).bool()
+    packed = mask.bitmask.to(device, non_blocking=True).view(torch.uint8)
+    refused = ~table[packed.long()].flatten(1)[:, :vocab]
+    if len(mask.rows) == logits.shape[0] and (mask.rows == np.arange(len(mask.rows))).all():
+        logits.masked_fill_(refused, float("-inf"))  # every row constrained, in order: no gather
+    else:
+        rows = torch.from_numpy(mask.rows).to(device)
+        logits[rows] = logits[rows].masked_fill(refused, float("-inf"))

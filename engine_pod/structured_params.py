@@ -17,7 +17,7 @@ _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 @dataclass(frozen=True)
 class StructuredOutputsParams:
     """Exactly one of `json` (a JSON schema, as a dict or its text), `regex`, `choice` (the output is one
-    of these strings), `grammar` (EBNF in xgrammar's GBNF dialect) or `json_object` (any JSON object)."""
+    of these strings), `grammar` (EBNF in xgrammar's GBNF dialect, or Lark) or `json_object` (any JSON object)."""
     json: dict | str | None = None
     regex: str | None = None
     choice: list[str] | None = None

@@ -53,15 +53,17 @@ def test_choice_regex_grammar_and_json_object(llm):
     choices = ["yes", "no", "maybe never", 'a "quoted" \\ one']
     regex = r"[a-z]{3}-[0-9]{2,4}"
     grammar = 'root ::= "(" num (("+" | "*") num){0,3} ")"\nnum ::= [1-9] [0-9]{0,2}'
+    lark = 'start: "(" NUM OP NUM ")"\nNUM: /[1-9][0-9]{0,2}/\nOP: "+" | "*"'  # Lark: no `::=` (as vLLM tells)
     params = (constrained(SO(choice=choices)) + constrained(SO(regex=regex)) + constrained(SO(grammar=grammar))
-              + constrained(SO(json_object=True)))
+              + constrained(SO(json_object=True)) + constrained(SO(grammar=lark)))
     outs = llm.generate(["pick one"] * len(params), params)
     assert all(o["finish_reason"] == "stop" for o in outs), outs
     texts = [o["text"] for o in outs]
     assert all(t in choices for t in texts[:3])
     assert all(re.fullmatch(regex, t) for t in texts[3:6]), texts[3:6]
     assert all(re.fullmatch(r"\([1-9][0-9]{0,2}([+*][1-9][0-9]{0,2}){0,3}\)", t) for t in texts[6:9]), texts[6:9]
-    assert all(isinstance(json.loads(t), dict) for t in texts[9:])
+    assert all(isinstance(json.loads(t), dict) for t in texts[9:12])
+    assert all(re.fullmatch(r"\([1-9][0-9]{0,2}[+*][1-9][0-9]{0,2}\)", t) for t in texts[12:]), texts[12:]
 
 
 def test_a_grammar_allowing_everything_changes_no_token(llm):
@@ -85,13 +87,32 @@ def test_all_allowing_mask_leaves_logits_alone():
     assert masked[1].argmax() == 36 and torch.isinf(masked[1]).sum() == 69 and torch.equal(masked[0], logits[0])
 
 
-def test_preemption_and_async_scheduling_give_the_same_valid_json(bpe_model, llm):
+
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3], [3, 1]])
+def test_the_mask_refuses_exactly_what_xgrammar_refuses(rows):
+    import numpy as np
+    import xgrammar as xgr
+
+    from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
+    g = torch.Generator().manual_seed(len(rows))
+    bits = torch.randint(-2**31, 2**31 - 1, (len(rows), 4), dtype=torch.int32, generator=g)
+    logits = torch.randn(4, 100, generator=g)
+    ours, theirs = logits.clone(), logits.clone()
+    apply_grammar_mask(ours, GrammarMask(np.asarray(rows), bits))
+    full = torch.full((4, 4), -1, dtype=torch.int32)  # xgrammar's bitmask rows are the logits' rows
+    full[rows] = bits
+    xgr.apply_token_bitmask_inplace(theirs, full, vocab_size=100, indices=rows, backend="torch_native")
+    assert torch.equal(ours, theirs) and torch.isinf(ours).any()
+
+
+def test_preemption_async_scheduling_and_tp_give_the_same_valid_json(bpe_model, llm):
     specs = [SO(json=SCHEMA, disable_any_whitespace=True), SO(json_object=True, disable_any_whitespace=True)]
     params = [FREE] + constrained(specs[0], max_tokens=48) + constrained(specs[1], seeds=(4,), max_tokens=48)
     prompts = ["some prompt words"] * len(params)
     want = llm.generate(prompts, params)
     check_json(want[1:4])
-    for kw in ({"num_kvcache_blocks": 24, "kvcache_block_size": 4}, {"async_scheduling": True}):
+    for kw in ({"num_kvcache_blocks": 24, "kvcache_block_size": 4}, {"async_scheduling": True},
+               {"tensor_parallel_size": 2, "async_scheduling": True}):  # rank 0 masks and samples
         other = LLM(bpe_model, max_model_len=512, **{"num_kvcache_blocks": 256, "async_scheduling": False, **kw})
         try:
             assert other.generate(prompts, params) == want
@@ -122,5 +143,73 @@ def test_a_grammar_the_vocabulary_cannot_spell_ends_the_request_with_no_token(ti
         assert free["finish_reason"] == "length" and len(free["token_ids"]) == 12
         assert json_object == {"text": "", "token_ids": [], "finish_reason": "abort"}
         assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    finally:
+        llm.exit()
+
+
+def _schemas():
+    """Random JSON schemas whose every instance is short (bounded strings, integers, arrays, depth), so that a
+    random model always closes them within max_tokens: what fails is the mask, not the budget."""
+    from hypothesis import strategies as st
+    names = st.sampled_from(["a", "b", "id", "name", "x_y", "k9"])
+    leaves = st.one_of(
+        st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+                  st.integers(-50, 50), st.integers(0, 500)),
+        st.just({"type": "boolean"}), st.just({"type": "null"}),
+        st.builds(lambda n: {"type": "string", "pattern": f"^[a-z]{{1,{n}}}$"}, st.integers(1, 6)),
+        st.lists(st.sampled_from(["red", "x y", 'q"t', 3, True, None]), min_size=1, max_size=3, unique=True)
+        .map(lambda values: {"enum": values}))
+
+    def containers(inner):
+        props = st.dictionaries(names, inner, min_size=1, max_size=3)
+        return st.one_of(
+            st.builds(lambda p, data: {"type": "object", "properties": p, "additionalProperties": False,
+                                       "required": data.draw(st.lists(st.sampled_from(sorted(p)), unique=True))},
+                      props, st.data()),
+            st.builds(lambda item, lo, extra: {"type": "array", "items": item, "minItems": lo, "maxItems": lo + extra},
+                      inner, st.integers(0, 2), st.integers(0, 1)),
+            st.builds(lambda a, b: {"anyOf": [a, b]}, inner, inner))
+    return st.recursive(leaves, containers, max_leaves=6)
+
+
+def test_random_schemas_always_give_valid_json(llm):  # 210 schemas
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=7, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.lists(_schemas(), min_size=30, max_size=30), st.integers(0, 2**16))
+    def batch(schemas, seed):  # 30 schemas a batch, each sampled at temperature 1 with its own seed
+        params = [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=400,
+                                 structured_outputs=SO(json=s, disable_any_whitespace=i % 2 == 0))
+                  for i, s in enumerate(schemas)]
+        for schema, out in zip(schemas, llm.generate(["json:"] * len(schemas), params)):
+            check_json([out], schema)
+    batch()
+    assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_aborted_constrained_requests_leave_no_grammar_or_block(llm):
+    seqs = [llm.add_request("a person:", p) for p in constrained(SO(json=SCHEMA), seeds=(1, 2, 3))]
+    for _ in range(3):
+        llm.step()
+    assert llm.constrained == {s.seq_id for s in seqs}
+    for s in seqs:
+        llm.abort(s.seq_id)
+    assert not llm.constrained and not llm.has_unfinished()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_constrained_steps_overlap_under_async_scheduling(bpe_model):
+    """The next step's forward is launched before the previous token reaches the matcher: the mask is made
+    while it runs, and tokens still arrive one step later, as for unconstrained requests."""
+    llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=64, async_scheduling=True)
+    try:
+        seq = llm.add_request("a person:", constrained(SO(json=SCHEMA))[0])
+        assert llm.step() == [] and llm.in_flight is not None  # the prefill's token is on its way
+        out = llm.step()
+        assert [s for s, _ in out] == [seq] and llm.in_flight is not None and seq.grammar is not None
+        while llm.has_unfinished():
+            llm.step()
+        check_json([{"text": llm.decode(seq), "finish_reason": seq.finish_reason}])
     finally:
         llm.exit()
