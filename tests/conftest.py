@@ -1,10 +1,18 @@
 """Fixtures shared by every suite: tiny random Hugging Face models built on the spot, with fixed seeds."""
+import os
 import pathlib
 import sys
 
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # helper modules beside the suites (procs.py)
+
+# One OpenMP thread per process, inherited by every engine a test starts. The suite runs several processes
+# at once on few cores, and a two-thread OpenMP region stalls whenever another process holds the other core:
+# tiny-model steps then take 5x longer. On these models a second thread gains nothing anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "torch" in sys.modules:  # imported before this file (by a plugin): too late for the variable
+    sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
