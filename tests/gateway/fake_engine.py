@@ -15,14 +15,19 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
-from aiohttp import web
+if __name__ == "__main__":  # a process of its own needs no torch (transformers imports it if it can: ~2 s a start)
+    sys.modules["torch"] = None
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
 
-from nanoserve.common.block_hash import block_hashes
-from nanoserve.common.chat import chat_prompt_ids, completion_prompt_ids
-from nanoserve.common.tokenizer_export import export_files, tokenizer_info
+from aiohttp import web  # noqa: E402
+
+from nanoserve.common.block_hash import block_hashes  # noqa: E402
+from nanoserve.common.chat import chat_prompt_ids, completion_prompt_ids  # noqa: E402
+from nanoserve.common.tokenizer_export import export_files, tokenizer_info  # noqa: E402
 
 
 @dataclass
