@@ -4,7 +4,8 @@ A `Pod` takes a rendered Deployment and starts its container: the image's ENV (f
 the container's env, the container's command and args, each volume mount as a folder of its own (paths in
 args and env follow the mount), the image's WORKDIR as the working directory, and a loopback address as
 the pod's IP. Only the listening port is changed: the pods share this machine's port space, so each takes
-a free port, and its EndpointSlice says which (`endpoint_slice`).
+a free port, and its EndpointSlice says which (`endpoint_slice`). As in the gateway image, a gateway pod
+finds no torch; pods get the tests' OpenMP thread count (they share this machine's cores).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from procs import free_port, wait_http
 
 BIN = Path(sys.executable).parent  # the image's /opt/venv/bin: console scripts beside this python
 DOCKERFILES = {"engine": REPO / "docker" / "engine.Dockerfile", "gateway": REPO / "docker" / "gateway.Dockerfile"}
+NO_TORCH = Path(__file__).with_name("no_torch")  # a sitecustomize that hides torch, absent from the gateway image
 
 
 def image_config(dockerfile: Path) -> tuple[dict[str, str], str]:
@@ -77,6 +79,10 @@ class Pod:
 
     def environment(self) -> dict[str, str]:
         env = {"PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONSAFEPATH": "1", **self.image_env}
+        if "OMP_NUM_THREADS" in os.environ:  # the pods share this machine's cores (tests/conftest.py)
+            env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
+        if self.component == "gateway":
+            env["PYTHONPATH"] = str(NO_TORCH)
         for var in self.container.get("env", []):
             if "value" not in var:
                 raise NotImplementedError(f"env {var['name']} comes from {list(var)}: give it in `env`")

@@ -24,15 +24,17 @@ from pods import Pod, endpoint_slice
 from nanoserve.gateway.endpoints import engine_id
 
 ENGINE = {"maxModelLen": 1024, "maxNumSeqs": 16, "maxNumBatchedTokens": 1024, "enforceEager": True}
-# Conversations coprime with replicas: round-robin moves every conversation every turn. The builtin model
-# is real (and slow on CPU): fewer turns.
+# Conversations coprime with replicas: round-robin moves every conversation every turn. Each engine is a
+# process that imports torch and loads its model: two replicas. The builtin model is real (and slow on CPU):
+# fewer turns, of 6-9 words (~30 of its tokens: "w123" is 4); the tiny model's words are one token each.
 VARIANTS = {
-    "builtin": dict(model={"builtin": "smollm2-135m"}, replicas=2, conversations=3, turns=2, served="smollm2-135m"),
-    "pvc": dict(model={"pvc": "models", "path": "qwen3/tiny"}, replicas=3, conversations=4, turns=3,
-                served="qwen3/tiny"),
+    "builtin": dict(model={"builtin": "smollm2-135m"}, replicas=2, conversations=3, turns=2, words=(6, 10),
+                    served="smollm2-135m"),
+    "pvc": dict(model={"pvc": "models", "path": "qwen3/tiny"}, replicas=2, conversations=3, turns=3,
+                words=(15, 25), served="qwen3/tiny"),
 }
-# Short replies; turns of 15-25 words (~80 tokens of the builtin model); each conversation its own system prompt.
-TALK = dict(max_tokens=2, words=(15, 25), shared_system=False)
+# Short replies; each conversation its own system prompt.
+TALK = dict(max_tokens=2, shared_system=False)
 _subnet = itertools.count(1)
 
 
@@ -42,6 +44,7 @@ class Stack:
     served: str
     conversations: int
     turns: int
+    words: tuple[int, int]
     engines: list[Pod]
     gateway: Pod
     kubeconfig: str
@@ -81,7 +84,8 @@ def stack(request, kubectl, operator, cluster, tmp_path_factory, default_model_p
     kubectl.apply({"apiVersion": "serving.nanoserve.io/v1alpha1", "kind": "InferenceService",
                    "metadata": {"name": name},
                    "spec": {"device": "cpu", "model": v["model"], "replicas": v["replicas"], "engine": ENGINE}})
-    stack = Stack(name, v["served"], v["conversations"], v["turns"], [], None, cluster.env["KUBECONFIG"], tmp)
+    stack = Stack(name, v["served"], v["conversations"], v["turns"], v["words"], [], None, cluster.env["KUBECONFIG"],
+                  tmp)
     engine_dep = stack.rendered("engine", kubectl)
     try:
         for i in range(v["replicas"]):
@@ -125,7 +129,8 @@ def test_the_rendered_gateway_routes_by_the_engines_prefix_caches(stack, kubectl
             models = await (await s.get(gw.url + "/v1/models")).json()
             assert [m["id"] for m in models["data"]] == [stack.served]  # the model as the user gave it
             before = await total_hits(s, stack.engines)
-            convs = await run_conversations(gw.url, stack.conversations, stack.turns, 0, stack.served, **TALK)
+            convs = await run_conversations(gw.url, stack.conversations, stack.turns, 0, stack.served,
+                                            words=stack.words, **TALK)
             cache_aware = await total_hits(s, stack.engines) - before
             assert all(len(set(c.engines)) == 1 for c in convs)  # every conversation stays on its engine
             assert len({c.engines[0] for c in convs}) > 1        # and they spread over the engines
@@ -141,7 +146,8 @@ def test_the_rendered_gateway_routes_by_the_engines_prefix_caches(stack, kubectl
             try:
                 rr.wait_ready()
                 before = await total_hits(s, stack.engines)
-                await run_conversations(rr.url, stack.conversations, stack.turns, 100, stack.served, **TALK)
+                await run_conversations(rr.url, stack.conversations, stack.turns, 100, stack.served,
+                                        words=stack.words, **TALK)
                 round_robin = await total_hits(s, stack.engines) - before
             finally:
                 rr.kill()
@@ -154,7 +160,7 @@ def test_a_conversation_moves_when_its_engine_goes_away(stack, kubectl):
     async def main():
         async with aiohttp.ClientSession() as s:
             gw = stack.gateway
-            (conv,) = await run_conversations(gw.url, 1, 2, 200, stack.served, **TALK)
+            (conv,) = await run_conversations(gw.url, 1, 2, 200, stack.served, words=stack.words, **TALK)
             (home,) = set(conv.engines)
             pod = next(p for p in stack.engines if engine_id(p.url) == home)  # the header names engines by id
             kubectl("delete", "endpointslice", f"{stack.name}-engine-{pod.ip.replace('.', '-')}", "-n", NAMESPACE)
