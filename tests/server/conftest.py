@@ -57,13 +57,28 @@ class ServerProcess:
         return self.proc.wait()
 
 
+@pytest.fixture(scope="session")
+def tiny_servers(tiny_models):
+    """`tiny_servers("sync" | "async")`: the tiny qwen3 served with synchronous scheduling (the CPU default)
+    or async scheduling (the GPU default), each started on first use and shared by the session's modules
+    (a start costs seconds). Tests must not assume a cold cache or zeroed counters."""
+    servers: dict[str, ServerProcess] = {}
+
+    def get(mode: str) -> ServerProcess:
+        if mode not in servers:
+            servers[mode] = ServerProcess(tiny_models["qwen3"], "--num-kvcache-blocks", "512", "--served-model-name",
+                                          "tiny", "--max-model-len", "512",
+                                          f"--{'' if mode == 'async' else 'no-'}async-scheduling").wait_ready()
+        return servers[mode]
+    yield get
+    for server in servers.values():
+        server.stop()
+
+
 @pytest.fixture(scope="module", params=["sync", "async"])
-def tiny_server(tiny_models, request):
-    """Served with synchronous scheduling (the CPU default) and with async scheduling (the GPU default)."""
-    server = ServerProcess(tiny_models["qwen3"], "--num-kvcache-blocks", "512", "--served-model-name", "tiny",
-                           "--max-model-len", "512", f"--{'' if request.param == 'async' else 'no-'}async-scheduling")
-    yield server.wait_ready()
-    server.stop()
+def tiny_server(tiny_servers, request):
+    """Each test of the module against both schedulings."""
+    return tiny_servers(request.param)
 
 
 @pytest.fixture(scope="module")

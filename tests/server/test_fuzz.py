@@ -11,16 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz_requests import check_answer, http_request, mutated, request_body, send_raw
+from fuzz_requests import PATIENCE, check_answer, http_request, mutated, request_body, send_raw
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SAMPLE = http_request("/v1/completions", json.dumps({"prompt": "w5 w6", "max_tokens": 3, "stream": True}).encode())
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(tiny_models, module_server):
-    return module_server(tiny_models["qwen3"], "--num-kvcache-blocks", "256", "--served-model-name", "tiny",
-                         "--max-model-len", "256")
+def fuzz_server(tiny_servers):
+    return tiny_servers("sync")
 
 
 def _healthy(server) -> None:
@@ -72,7 +71,7 @@ def test_encodings_are_undone_or_refused_in_json(fuzz_server, headers, body, sta
 @FUZZ
 @given(data=mutated(SAMPLE))
 def test_mutated_http_bytes_never_get_a_5xx(fuzz_server, data):
-    status, headers, answer = send_raw("127.0.0.1", fuzz_server.port, data, timeout=10, patience=1)
+    status, headers, answer = send_raw("127.0.0.1", fuzz_server.port, data, timeout=10, patience=PATIENCE)
     if status is None:
         return  # the server closed the connection on bytes that are not HTTP: fine
     assert status < 500, (data, answer[:300])
