@@ -72,6 +72,11 @@ def request_body(draw, chat: bool) -> dict:
     return body
 
 
+# How long mutated bytes may get silence before the sending side is closed: a request whose framing promises
+# more than was sent waits that long (a few in a hundred); complete ones are answered in milliseconds.
+PATIENCE = 0.5
+
+
 def http_request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
     head = [f"POST {path} HTTP/1.1", "Host: fuzz", "Connection: close", f"Content-Length: {len(body)}",
             *(f"{k}: {v}" for k, v in {"Content-Type": "application/json", **(headers or {})}.items())]

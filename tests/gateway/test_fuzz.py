@@ -10,7 +10,7 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from fuzz_requests import check_answer, http_request, mutated, request_body, send_raw
+from fuzz_requests import PATIENCE, check_answer, http_request, mutated, request_body, send_raw
 from procs import free_port, wait_http
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -55,7 +55,7 @@ def test_fuzzed_bodies_through_the_gateway_never_get_a_5xx(fuzz_gateway, chat):
 @given(data=mutated(http_request("/v1/completions", json.dumps({"prompt": "w5", "max_tokens": 3}).encode())))
 def test_mutated_http_bytes_through_the_gateway_never_get_a_5xx(fuzz_gateway, data):
     port, _, _ = fuzz_gateway
-    status, headers, answer = send_raw("127.0.0.1", port, data, timeout=10, patience=1)
+    status, headers, answer = send_raw("127.0.0.1", port, data, timeout=10, patience=PATIENCE)
     if status is None:
         return
     assert status < 500, (data, answer[:300])
