@@ -1,22 +1,28 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune gemm throughput profile variants tp2 routing serving anchor (tune, gemm and
+# Stages: tests tp kernel tune gemm throughput profile variants tp2 structured routing serving anchor (tune, gemm and
 # offline, the default throughput run alone: only when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
-STAGES=" ${*:-tests tp kernel throughput profile variants tp2 routing serving anchor} "
+STAGES=" ${*:-tests tp kernel throughput profile variants tp2 structured routing serving anchor} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
 for mod in xxhash pytest pytest_timeout; do
-  python -c "import $mod" 2>/dev/null || pip install -q --no-deps --no-index --find-links .device_wheels \
+  python -c "import $mod" 2>/dev/null || python -m pip install -q --no-deps --no-index --find-links .device_wheels \
     "$(echo $mod | tr _ -)" $([ $mod = pytest ] && echo pluggy iniconfig) >>"$OUT/pip.log" 2>&1
 done
-# xgrammar (structured output) with its small dependencies; torch, triton and transformers are the image's.
-python -c "import xgrammar" 2>/dev/null || pip install -q --no-index --find-links .device_wheels xgrammar==0.2.9 \
-  >>"$OUT/pip.log" 2>&1
+# xgrammar (structured output) with its small dependencies; torch, triton and transformers are the image's
+# (--no-deps: pip would look for those in the folder too, and fail).
+python -c "import pydantic" 2>/dev/null || python -m pip install -q --no-deps --no-index --find-links .device_wheels \
+  pydantic pydantic-core annotated-types typing-inspection typing-extensions >>"$OUT/pip.log" 2>&1
+python -c "import tvm_ffi" 2>/dev/null || python -m pip install -q --no-deps --no-index --find-links .device_wheels \
+  apache-tvm-ffi >>"$OUT/pip.log" 2>&1
+python -c "import xgrammar" 2>/dev/null || python -m pip install -q --no-deps --no-index --find-links .device_wheels \
+  xgrammar==0.2.9 >>"$OUT/pip.log" 2>&1
+python -c "import xgrammar" || echo "xgrammar did not install: see $OUT/pip.log"
 # The repo's folders as the nanoserve package, without installing it (the image has no network).
 PKG=/tmp/nanoserve-pkg
 mkdir -p $PKG/nanoserve
@@ -64,6 +70,8 @@ if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
   run 200 python bench/throughput.py --label graphs-tp1-same-machine
 fi
+# Structured output: constrained vs unconstrained at batch 1/64/256, and the mask's host and device cost.
+want structured && run 300 python bench/structured.py
 # Routing: 3 engines share the GPU; 6 system prompts of ~2,000 tokens, one engine's 320 blocks hold 2 of them.
 want routing && run 420 python bench/routing.py --gpu --model qwen3-0.6b --system-words 2000 --kv-blocks 320 \
   --users 60 --turns 3 --rate 3 --think 0.3 --max-tokens 16

@@ -106,17 +106,28 @@ class GrammarMask:
         return _stays_on_rank0, ()
 
 
-def grammar_mask(seqs: list[Sequence], vocab_size: int) -> GrammarMask | None:
+_POOL_ROWS = 16  # fewer rows fill faster in one loop than through the pool
+_pool = None     # xgrammar's BatchGrammarMatcher (only the engine thread fills masks)
+
+
+def grammar_mask(seqs: list[Sequence], vocab_size: int, pool: bool = False) -> GrammarMask | None:
     """The step's mask for the constrained ones among its sampling rows `seqs`, or None if there are none.
-    Called only when some running request is constrained: an unconstrained engine never loops here."""
+    Called only when some running request is constrained: an unconstrained engine never loops here.
+    `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU
+    engine they would fight the model's own threads)."""
     import xgrammar as xgr
     # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
     if not rows:
         return None
     bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
-    for j, i in enumerate(rows):
-        seqs[i].grammar.fill_next_token_bitmask(bitmask, j)
+    if pool and len(rows) >= _POOL_ROWS:
+        global _pool
+        _pool = _pool or xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
+        _pool.batch_fill_next_token_bitmask([seqs[i].grammar for i in rows], bitmask)
+    else:
+        for j, i in enumerate(rows):
+            seqs[i].grammar.fill_next_token_bitmask(bitmask, j)
     return GrammarMask(np.asarray(rows, np.int64), bitmask)
 
 
@@ -131,10 +142,29 @@ def apply_grammar_mask(logits: torch.Tensor, mask: GrammarMask) -> None:
     if table is None:
         bits = torch.arange(8, device=device)
         table = _BIT_TABLE[device] = ((torch.arange(256, device=device).unsqueeze(1) >> bits) & 1).bool()
-    packed = mask.bitmask.to(device, non_blocking=True).view(torch.uint8)
+    packed = _to_device(mask.bitmask, device).view(torch.uint8)
     refused = ~table[packed.long()].flatten(1)[:, :vocab]
     if len(mask.rows) == logits.shape[0] and (mask.rows == np.arange(len(mask.rows))).all():
         logits.masked_fill_(refused, float("-inf"))  # every row constrained, in order: no gather
     else:
-        rows = torch.from_numpy(mask.rows).to(device)
+        rows = _to_device(torch.from_numpy(mask.rows), device)
         logits[rows] = logits[rows].masked_fill(refused, float("-inf"))
+
+
+_STAGING: dict[torch.dtype, torch.Tensor] = {}  # pinned host buffers the masks go to the GPU through
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`host` on the device without waiting for the GPU: a copy from pageable memory may wait for the stream
+    (here: the forward running while the mask was made), one from pinned memory does not. A buffer is reused
+    from the next step on, when this step's tokens, sampled after the copy, have been waited for."""
+    if device.type != "cuda":
+        return host
+    n = host.numel()
+    buf = _STAGING.get(host.dtype)
+    if buf is None or buf.numel() < n:
+        buf = _STAGING[host.dtype] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=host.dtype,
+                                                 pin_memory=True)
+    staged = buf[:n].view(host.shape)
+    staged.copy_(host)
+    return staged.to(device, non_blocking=True)

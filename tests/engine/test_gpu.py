@@ -102,8 +102,7 @@ def test_json_schema_on_gpu_is_valid_json(bpe_model):
     the unconstrained neighbour before and after): valid JSON, and the neighbour's tokens unchanged."""
     pytest.importorskip("xgrammar")
     import json
-
-    import jsonschema
+    import re
 
     from nanoserve.engine_pod.structured_params import StructuredOutputsParams
     schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
@@ -120,7 +119,9 @@ def test_json_schema_on_gpu_is_valid_json(bpe_model):
         assert outs[0]["token_ids"] == alone
         for o in outs[1:]:
             assert o["finish_reason"] == "stop", o
-            jsonschema.validate(json.loads(o["text"]), schema)
+            value = json.loads(o["text"])  # the schema, checked by hand (the GPU image has no jsonschema)
+            assert set(value) == {"name", "age"} and re.fullmatch("[a-z]{1,8}", value["name"]), value
+            assert type(value["age"]) is int and 0 <= value["age"] <= 120, value
         assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     finally:
         llm.exit()

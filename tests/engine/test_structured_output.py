@@ -107,11 +107,15 @@ def test_the_mask_refuses_exactly_what_xgrammar_refuses(rows):
 
 def test_preemption_async_scheduling_and_tp_give_the_same_valid_json(bpe_model, llm):
     specs = [SO(json=SCHEMA, disable_any_whitespace=True), SO(json_object=True, disable_any_whitespace=True)]
-    params = [FREE] + constrained(specs[0], max_tokens=48) + constrained(specs[1], seeds=(4,), max_tokens=48)
+    # Unconstrained rows that outlive the constrained ones: async steps leave the constrained pipeline mid-run.
+    params = ([FREE] + constrained(specs[0], max_tokens=48) + constrained(specs[1], seeds=(4,), max_tokens=48)
+              + [SamplingParams(temperature=0, max_tokens=90, ignore_eos=True),
+                 SamplingParams(temperature=1.0, seed=9, max_tokens=70, ignore_eos=True)])
     prompts = ["some prompt words"] * len(params)
     want = llm.generate(prompts, params)
     check_json(want[1:4])
-    for kw in ({"num_kvcache_blocks": 24, "kvcache_block_size": 4}, {"async_scheduling": True},
+    for kw in ({"num_kvcache_blocks": 30, "kvcache_block_size": 4}, {"async_scheduling": True},
+               {"num_kvcache_blocks": 30, "kvcache_block_size": 4, "async_scheduling": True},
                {"tensor_parallel_size": 2, "async_scheduling": True}):  # rank 0 masks and samples
         other = LLM(bpe_model, max_model_len=512, **{"num_kvcache_blocks": 256, "async_scheduling": False, **kw})
         try:
@@ -200,14 +204,14 @@ def test_aborted_constrained_requests_leave_no_grammar_or_block(llm):
 
 
 def test_constrained_steps_overlap_under_async_scheduling(bpe_model):
-    """The next step's forward is launched before the previous token reaches the matcher: the mask is made
-    while it runs, and tokens still arrive one step later, as for unconstrained requests."""
+    """A mask needs the previous token, but the next forward does not: each step's forward is launched
+    before the previous step is sampled (its mask is made while the forward runs)."""
     llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=64, async_scheduling=True)
     try:
         seq = llm.add_request("a person:", constrained(SO(json=SCHEMA))[0])
-        assert llm.step() == [] and llm.in_flight is not None  # the prefill's token is on its way
-        out = llm.step()
-        assert [s for s, _ in out] == [seq] and llm.in_flight is not None and seq.grammar is not None
+        assert llm.step() == [] and llm.unsampled is not None  # the prefill ran; its sampling waits
+        assert llm.step() == [] and llm.in_flight is not None and llm.unsampled is not None  # sampled; next runs
+        assert [s for s, _ in llm.step()] == [seq] and llm.unsampled is not None
         while llm.has_unfinished():
             llm.step()
         check_json([{"text": llm.decode(seq), "finish_reason": seq.finish_reason}])

@@ -1,0 +1,165 @@
+"""Structured output's cost: constrained vs unconstrained throughput at batch 1, 64 and 256 (GPU), and the
+per-row cost of a step's mask on the host (fill, by one loop or xgrammar's thread pool) and on the device (apply).
+
+The model is Qwen3-0.6B's shape with random bf16 weights and a real 49,152-token byte-level BPE vocabulary
+(SmolLM2's tokenizer: `--tokenizer`, by default `.bench_tokenizer/` or the embedded default model), so the
+grammar masks are as costly as a real model's. Every request writes 256 tokens: random weights never close
+the schema's free strings, so constrained and unconstrained requests do the same work.
+`--mask-only`: the host and device mask costs alone (runs on CPU too).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from random import Random
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import QWEN3_0_6B  # noqa: E402
+
+from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
+from nanoserve.engine_pod.structured_params import StructuredOutputsParams  # noqa: E402
+
+TYPICAL = {"type": "object", "properties": {  # a typical extraction schema
+    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "email": {"type": "string"},
+    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+    "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+                "required": ["city", "zip"]}},
+    "required": ["name", "age", "email", "tags", "address"]}
+OUTPUT_LEN = 256
+
+
+def tokenizer_folder(arg: str | None) -> str:
+    if arg:
+        return arg
+    here = os.path.join(os.path.dirname(__file__), "..", ".bench_tokenizer")
+    if os.path.isdir(here):
+        return here
+    from nanoserve.engine_pod.default_model import resolve_model
+    return resolve_model("smollm2-135m")
+
+
+def model_folder(tokenizer: str, folder: str = "/tmp/nanoserve-bench/qwen3-0.6b-bpe49k") -> str:
+    from transformers import AutoTokenizer
+
+    from nanoserve.engine_pod.random_model import save_random_model
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+        config = {**QWEN3_0_6B, "vocab_size": 49152, "initializer_range": 0.02, "eos_token_id": tok.eos_token_id,
+                  "bos_token_id": None}
+        save_random_model(folder, config, seed=0, dtype=torch.bfloat16,
+                          device="cuda" if torch.cuda.is_available() else "cpu")
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # the real vocabulary over the placeholder one
+            shutil.copy(os.path.join(tokenizer, name), folder)
+    return folder
+
+
+def throughput(llm: LLM, batch: int, constrained: bool, run: int) -> float:
+    rng = Random(batch * 10 + run)  # other prompts every run: no prefix-cache hit from an earlier one
+    prompts = [[rng.randint(0, 40000) for _ in range(rng.randint(100, 300))] for _ in range(batch)]
+    spec = StructuredOutputsParams(json=TYPICAL) if constrained else None
+    params = SamplingParams(temperature=0.6, max_tokens=OUTPUT_LEN, ignore_eos=not constrained,
+                            structured_outputs=spec)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - t
+    return sum(len(o["token_ids"]) for o in outs) / elapsed
+
+
+def mask_costs(tokenizer: str, rows: int = 256) -> dict:
+    """Host: filling one step's mask for `rows` requests inside a JSON string (the costliest state: most
+    tokens are undecided), by one loop and by xgrammar's BatchGrammarMatcher; device: applying it."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=49152)
+    grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(TYPICAL), max_whitespace_cnt=20)
+    matchers = [xgr.GrammarMatcher(grammar) for _ in range(rows)]
+    for m in matchers:
+        for t in tok.encode('{"name": "Al', add_special_tokens=False):
+            assert m.accept_token(t)
+    bitmask = xgr.allocate_token_bitmask(rows, 49152)
+
+    def best_of(fn, n=20) -> float:
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t)
+        return min(times)
+    loop = best_of(lambda: [m.fill_next_token_bitmask(bitmask, j) for j, m in enumerate(matchers)])
+    batch = xgr.BatchGrammarMatcher()
+    pooled = best_of(lambda: batch.batch_fill_next_token_bitmask(matchers, bitmask))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.randn(rows, 49152, device=device)
+    mask = GrammarMask(np.arange(rows), bitmask)
+
+    def apply():
+        apply_grammar_mask(logits, mask)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return {"rows": rows, "fill_loop_us_per_row": round(loop / rows * 1e6, 2),
+            "fill_pool_us_per_row": round(pooled / rows * 1e6, 2), "fill_loop_ms": round(loop * 1e3, 3),
+            "fill_pool_ms": round(pooled * 1e3, 3), "apply_ms": round(best_of(apply) * 1e3, 3), "device": device,
+            "cpus": os.cpu_count()}
+
+
+def profiled(llm: LLM, batch: int) -> dict:
+    """Host time by phase over one constrained run (bench/throughput.py's timers, and the mask's own)."""
+    import nanoserve.engine_pod.llm_engine as engine_module
+    from throughput import profile_phases
+    totals = profile_phases(llm)
+
+    def timed(name, fn):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+    engine_module.grammar_mask = timed("grammar_mask", engine_module.grammar_mask)
+    engine_module._accepts = timed("accept", engine_module._accepts)
+    llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
+    llm.step = timed("step", llm.step)
+    tok_s = throughput(llm, batch, True, 1)
+    return {"bench": "structured-profile", "batch": batch, "constrained_tok_s": round(tok_s),
+            "phases_s": {k: round(v, 3) for k, v in totals.items()}}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--mask-only", action="store_true")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
+    p.add_argument("--profile", action="store_true", help="then host time by phase, constrained, batch 256")
+    args = p.parse_args()
+    tokenizer = tokenizer_folder(args.tokenizer)
+    print("RESULT " + json.dumps({"bench": "structured-mask", **mask_costs(tokenizer)}), flush=True)
+    if args.mask_only:
+        return
+    llm = LLM(model_folder(tokenizer), max_model_len=2048)
+    try:
+        for constrained in (False, True):  # warm-up: graphs, kernels, the grammar's compile
+            throughput(llm, 8, constrained, run=99)
+        for batch in args.batches:
+            free, forced = throughput(llm, batch, False, 0), throughput(llm, batch, True, 0)
+            print("RESULT " + json.dumps({"bench": "structured", "batch": batch, "unconstrained_tok_s": round(free),
+                                          "constrained_tok_s": round(forced), "ratio": round(forced / free, 3)}),
+                  flush=True)
+        if args.profile:
+            print("RESULT " + json.dumps(profiled(llm, 256)), flush=True)
+    finally:
+        llm.exit()
+
+
+if __name__ == "__main__":
+    main()
