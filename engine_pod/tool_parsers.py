@@ -27,6 +27,8 @@ from nanoserve.engine_pod.tool_call_stream import (  # noqa: F401 - ToolCallDelt
     _END, _HEAD, _PYTHON_TAG, _START, _WS, ToolCallDelta, ToolDelta, ToolParser, _Brackets, _match, _partial_tag,
     merge_tool_calls,
 )
+
+
 class HermesParser(ToolParser):
     """`<tool_call>` blocks among text. States: "text", "head" (in a block, the call not started yet),
     "args" (its arguments streaming), "tail" (after the arguments, until `</tool_call>`)."""
