@@ -8,6 +8,7 @@ import importlib
 _EXPORTS = {
     "LLM": "nanoserve.engine_pod.llm",
     "SamplingParams": "nanoserve.engine_pod.sampling_params",
+    "StructuredOutputsParams": "nanoserve.engine_pod.structured_params",
     "NanoserveError": "nanoserve.engine_pod.errors",
     "InvalidRequestError": "nanoserve.engine_pod.errors",
     "ModelLoadError": "nanoserve.engine_pod.errors",
