@@ -34,13 +34,6 @@ class InFlight:
     tokens: SampledTokens
 
 
-@dataclass
-class Unsampled:
-    """A launched step whose sampling waits for its mask: the sampling rows and their placeholders' positions."""
-    seqs: list[Sequence]
-    positions: list[int]
-
-
 class LLMEngine:
 
     def __init__(self, model: str, **kwargs):
@@ -67,7 +60,6 @@ class LLMEngine:
         self.rng = random.Random()  # seeds of the rows that sample without a request seed
         self.download = Downloader(self.model_runner.device, config.max_num_seqs)
         self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
-        self.unsampled: Unsampled | None = None  # ... with structured output: the step whose forward runs unsampled
         self.stop_checker = StopChecker(self.tokenizer)
         self.requests: dict[int, Sequence] = {}
         self.grammars: Grammars | None = None  # built by the first constrained request (xgrammar is optional)
@@ -157,74 +149,44 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
-        return not self.scheduler.is_finished() or self.in_flight is not None or self.unsampled is not None
+        return not self.scheduler.is_finished() or self.in_flight is not None
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int | None]]:
         """Run one batch. Returns `(sequence, new token)` for each sequence that got a token (finished ones
         have `finish_reason`). With async scheduling these are the previous step's tokens: this step is
-        launched first, so the GPU works on it while the host applies them and schedules the next one."""
+        launched first, so the GPU works on it while the host applies them and schedules the next one.
+        A constrained row's mask needs its previous token: its step launches the forward, applies the
+        previous step's tokens, makes the mask while the forward runs, then samples. (Scheduling the next
+        step before sampling too, a pipeline, measured no faster on an H200: the host's mask fill bounds it.)"""
         overlap = self.config.async_scheduling
-        if overlap and (self.constrained or self.unsampled is not None):
-            return self._constrained_step()
         batch = self.last_batch = self.scheduler.schedule()
-        launched = None
+        sampling, positions, tokens, deferred = [], [], None, False
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
             if inputs.prev_rows is not None:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng)
-                if self.constrained:  # synchronous steps: the mask is made from the tokens applied last step
-                    inputs.grammar = self._mask(sampling)
+                if self.constrained and any(s.grammar is not None for s in sampling):
+                    deferred = inputs.defer_sampling = overlap
+                    if not overlap:
+                        inputs.grammar = self._mask(sampling)
             tokens = self._run("run", inputs)
             positions = self.scheduler.advance(batch, sampling)
-            if sampling:
-                launched = InFlight(sampling, positions, self.download(tokens))
         elif self.in_flight is None and self.has_unfinished():
             raise RuntimeError("scheduler made no progress although requests are pending")
-        if overlap:
-            done, self.in_flight = self.in_flight, launched
-        else:
-            done = launched
-        return self._apply(done) if done is not None else []
-
-    def _constrained_step(self) -> list[tuple[Sequence, int | None]]:
-        """Async scheduling with structured output. A mask needs the row's previous token, so sampling waits
-        for it, but nothing else does: each call applies step N's tokens (into the matchers), schedules and
-        prepares step N+2, makes step N+1's mask, all while N+1's forward runs on the GPU; then it launches
-        N+1's sampling and N+2's forward right behind it, sampling deferred in turn."""
-        out = []
-        if self.in_flight is not None:
-            done, self.in_flight = self.in_flight, None
-            out = self._apply(done)
-        pending, self.unsampled = self.unsampled, None
-        if pending is not None and not self.constrained:  # the last grammar is gone: back to plain steps
-            self.in_flight = self._sample(pending)
-            return out
-        batch = self.last_batch = self.scheduler.schedule()
-        if batch:
-            inputs, sampling = prepare(batch, self.config.kvcache_block_size)
-            if inputs.prev_rows is not None:  # the tokens `pending` is about to sample
-                inputs.prev_count = len(pending.seqs)
-            if sampling:
-                inputs.sampling = sampling_inputs(sampling, self.rng)
-                inputs.defer_sampling = True
-            positions = self.scheduler.advance(batch, sampling)
-        elif pending is None and self.has_unfinished():
-            raise RuntimeError("scheduler made no progress although requests are pending")
-        if pending is not None:
-            self.in_flight = self._sample(pending)
-        if batch:
-            self._run("run", inputs)
-            if sampling:
-                self.unsampled = Unsampled(sampling, positions)
+        done, self.in_flight = (self.in_flight, None) if overlap else (None, None)
+        out = self._apply(done) if done is not None else []
+        if deferred:  # the previous tokens are in the matchers now
+            tokens = self._run("sample_deferred", self._mask(sampling), local=True)
+        if sampling:
+            launched = InFlight(sampling, positions, self.download(tokens))
+            if overlap:
+                self.in_flight = launched
+            else:
+                out = self._apply(launched)
         return out
-
-    def _sample(self, pending: "Unsampled") -> "InFlight":
-        """Sample a step whose forward ran without its mask, under the mask made now."""
-        tokens = self._run("sample_deferred", self._mask(pending.seqs), local=True)
-        return InFlight(pending.seqs, pending.positions, self.download(tokens))
 
     def _mask(self, sampling: list[Sequence]):
         return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks)
