@@ -92,7 +92,8 @@ def test_a_script_without_the_main_guard_fails_at_once_naming_it(tiny_models, tm
     assert 'put it under `if __name__ == "__main__":`' in run.stderr, run.stderr
 
 
-def test_failed_step_tears_down_without_hanging(tiny_models):
+def test_a_failed_step_tears_down_and_a_worker_killed_while_idle_fails_the_next_step(tiny_models):
+    from nanoserve.engine_pod.tp_workers import WorkerDied
     # Rank 0 fails inside the forward, after the worker entered it: the worker waits in a collective
     # that never comes, so exit must not try a graceful (collective) shutdown.
     llm = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
@@ -102,27 +103,16 @@ def test_failed_step_tears_down_without_hanging(tiny_models):
     llm.exit()
     assert not llm.workers.procs[0].is_alive()
     again = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)  # the group was released
+    worker = again.workers.procs[0]
     try:
         assert len(again.generate([PROMPTS[0]], GREEDY)[0]["token_ids"]) == 10
-    finally:
-        again.exit()
-
-
-
-def test_a_worker_killed_while_idle_fails_the_next_step_at_once(tiny_models):
-    # Killed while it waits for a command: posting the next one must not hang (multiprocessing's Event.set()
-    # waits for the waiters it wakes), the step raises WorkerDied naming the worker.
-    from nanoserve.engine_pod.tp_workers import WorkerDied
-    llm = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
-    worker = llm.workers.procs[0]
-    try:
+        # Killed while it waits for a command: posting the next one must not hang (multiprocessing's
+        # Event.set() waits for the waiters it wakes), the step raises WorkerDied naming the worker.
         os.kill(worker.pid, signal.SIGKILL)
         worker.join(timeout=30)
         with pytest.raises(WorkerDied, match=rf"worker 1 \(pid {worker.pid}\) died with signal SIGKILL"):
-            llm.check()
+            again.check()
         with pytest.raises(WorkerDied, match="SIGKILL"):
-            llm.generate([PROMPTS[0]], GREEDY)
+            again.generate([PROMPTS[0]], GREEDY)
     finally:
-        llm.exit()
-
-
+        again.exit()
