@@ -1,17 +1,20 @@
 """Fixtures for gateway tests: a tiny tokenizer folder, fake engine processes, an in-process gateway.
 
-Everything listens on 127.0.0.1. Fake engines come from `spawn_engines(n, **options)`; `backend` gives the
-same interface over fake or real `nanoserve serve` processes (objects with `.url`, `.proc`, `.kill()`,
-`.restart()`), so routing tests run against both.
+Everything listens on 127.0.0.1. Fake engines come from `spawn_engines(n, **options)` (fresh processes),
+`fake_engines_shared(n, **options)` (processes with the tiny tokenizer, kept for the session) or
+`local_engines` (in this process); `backend` gives the same interface over fake or real `nanoserve serve`
+processes (objects with `.url`, `.proc`, `.kill()`, `.restart()`), so routing tests run against both.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -78,12 +81,16 @@ class EngineProcess:
         self.wait()
 
 
-def fake_engine(name: str, options: dict) -> EngineProcess:
-    """tests/gateway/fake_engine.py with FakeConfig options."""
+def fake_args(name: str, options: dict) -> list[str]:
+    """The command of tests/gateway/fake_engine.py with FakeConfig options."""
     args = [sys.executable, str(FAKE_ENGINE), "--port", "{port}", "--name", name]
     for k, v in options.items():
         args += ["--" + k.replace("_", "-"), str(v)]
-    return EngineProcess(args)
+    return args
+
+
+def fake_engine(name: str, options: dict) -> EngineProcess:
+    return EngineProcess(fake_args(name, options))
 
 
 def real_engine(model: str, log: Path, *engine_args: str) -> EngineProcess:
@@ -113,6 +120,49 @@ def spawn_engines():
 
     yield spawn
     for e in started:
+        e.kill()
+
+
+class SharedFake(EngineProcess):
+    """A fake engine process kept for the session; `configure` resets it through /fake/state: empty cache,
+    zero counters, every runtime setting at `defaults` but `options` (also after a restart)."""
+
+    def __init__(self, name: str, tokenizer: str, defaults: dict) -> None:
+        super().__init__(fake_args(name, {"tokenizer": tokenizer}))
+        self.defaults, self.options = defaults, {}
+
+    def configure(self, options: dict) -> None:
+        body = json.dumps({**self.defaults, **options, "reset": True}).encode()
+        req = urllib.request.Request(self.url + "/fake/state", body, {"Content-Type": "application/json"})
+        urllib.request.urlopen(req, timeout=10).close()
+        self.options = options
+
+    def restart(self) -> None:
+        super().restart()
+        self.configure(self.options)
+
+
+@pytest.fixture(scope="session")
+def fake_engines_shared(tiny_tokenizer, fake_engine_module):
+    """`take(n, **FakeConfig options)`: the first n of a few fake engine processes with the tiny tokenizer,
+    started on first use and shared by the session (each start imports transformers), configured anew at
+    each take; dead ones are restarted."""
+    from dataclasses import fields
+    at_start = {"name", "model", "tokenizer", "exit_on_crash"}
+    defaults = {f.name: f.default for f in fields(fake_engine_module.FakeConfig) if f.name not in at_start}
+    pool: list[SharedFake] = []
+
+    def take(n: int, **options) -> list[SharedFake]:
+        assert not at_start & set(options), f"fixed when the process starts: {at_start & set(options)}"
+        while len(pool) < n:
+            pool.append(SharedFake(f"s{len(pool)}", tiny_tokenizer, defaults))
+        start_all([e for e in pool[:n] if e.proc is None or e.proc.poll() is not None])
+        for e in pool[:n]:
+            e.configure(options)
+        return pool[:n]
+
+    yield take
+    for e in pool:
         e.kill()
 
 
@@ -158,9 +208,7 @@ _PACING = {"latency", "tokens", "tokenizer"}
 def backend(request, tiny_tokenizer) -> Backend:
     """The same routing tests against fake engines (fast, exact) and real `nanoserve serve` processes."""
     if request.param == "fake":
-        spawn = request.getfixturevalue("spawn_engines")
-        return Backend("fake", tiny_tokenizer, "fake-model",
-                       lambda n, **options: spawn(n, tokenizer=tiny_tokenizer, **options))
+        return Backend("fake", tiny_tokenizer, "fake-model", request.getfixturevalue("fake_engines_shared"))
     take = request.getfixturevalue("real_engine_pool")
 
     def spawn_real(n: int, **options) -> list[EngineProcess]:

@@ -223,7 +223,7 @@ class FakeEngine:
             raise web.HTTPNotFound()
         if fault == "error":
             return web.json_response({"error": {"message": "injected failure"}}, status=500)
-        info = dict(self.tokenizer_info)
+        info = {**self.tokenizer_info, "block_size": self.cfg.block_size}  # as /fake/state last set it
         if fault == "vocab":
             info["vocab_size"] += 1
         if fault == "swap":  # files of a different tokenizer, described truthfully, under this one's fingerprint

@@ -50,8 +50,8 @@ def test_probe_thresholds():
     assert not ep.healthy and len(ep.cache) == 0  # down: a restarted engine starts cold
 
 
-def test_burst_on_one_prefix_spills_over_only_past_the_thresholds(spawn_engines, start_gateway, tiny_tokenizer):
-    engines = spawn_engines(3, tokenizer=tiny_tokenizer, latency=0.3, tokens=1)
+def test_burst_on_one_prefix_spills_over_only_past_the_thresholds(fake_engines_shared, start_gateway, tiny_tokenizer):
+    engines = fake_engines_shared(3, latency=0.3, tokens=1)
     prompt = " ".join(f"w{i}" for i in range(64))  # same long prompt for all: one engine holds it
     burst = 12
 

@@ -56,8 +56,8 @@ def test_conversations_stick_and_hit_more_than_round_robin(backend, start_gatewa
     assert hits["cache-aware"] > 2 * hits["round-robin"]
 
 
-def test_approximate_mode_without_feed_still_sticks(spawn_engines, start_gateway, tiny_tokenizer):
-    engines = spawn_engines(3, tokenizer=tiny_tokenizer, feed=False)
+def test_approximate_mode_without_feed_still_sticks(fake_engines_shared, start_gateway, tiny_tokenizer):
+    engines = fake_engines_shared(3, feed=False)
 
     async def main():
         async with start_gateway([e.url for e in engines], model=tiny_tokenizer) as gw:

@@ -96,9 +96,9 @@ def metric(gw, name: str) -> dict[str, float]:
     return out
 
 
-def test_engines_serve_the_tokenizer_the_gateway_routes_by(spawn_engines, start_gateway, until, tiny_tokenizer):
+def test_engines_serve_the_tokenizer_the_gateway_routes_by(fake_engines_shared, start_gateway, until):
     """No --model: the gateway fetches the engines' tokenizer, downloads it once, and routes by their hashes."""
-    engines = spawn_engines(2, tokenizer=tiny_tokenizer, block_size=8)
+    engines = fake_engines_shared(2, block_size=8)
 
     async def main():
         async with start_gateway([e.url for e in engines]) as gw:
