@@ -10,6 +10,7 @@ from nanoserve.common.block_hash import tenant_salt
 from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt, completion_prompt_ids
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.reasoning import prompt_opens_thinking
+from nanoserve.engine_pod.request_fields import check_fields
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.structured_params import StructuredOutputsParams, request_constraint
 from nanoserve.engine_pod.tool_choice import ChatConfig, ToolUse, tool_use
@@ -36,15 +37,6 @@ class ParsedRequest:
     tool_use: ToolUse | None = None  # chat: how to read tool calls out of the output
     reasoning: str | None = None     # chat: the reasoning parser's kind, None for no reasoning apart
     thinking_in_prompt: bool = False  # chat: the template ended the prompt inside an open <think>
-
-
-# Accepted only at their no-op values: anything else is refused rather than silently ignored.
-_UNSUPPORTED = {"n": (None, 1), "best_of": (None, 1), "logprobs": (None, False, 0), "top_logprobs": (None, 0),
-                "echo": (None, False), "suffix": (None, ""), "logit_bias": (None, {}),
-                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0)}
-
-
-_CHAT_ONLY = ("tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "messages")
 
 
 def _get(body: dict, name: str, types: tuple, default=None):
@@ -76,9 +68,6 @@ def _cache_salt(body: dict, salt_key: str | None) -> str | None:
 def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: str | None,
                      forced: StructuredOutputsParams | None = None) -> SamplingParams:
     """`forced`: the structured output tool_choice asks for (a named function's arguments, or "required")."""
-    for name, allowed in _UNSUPPORTED.items():
-        if body.get(name) not in allowed:
-            raise APIError(400, f"'{name}' is not supported by this server", name)
     max_tokens = _get(body, "max_completion_tokens", (int,))
     if max_tokens is None:  # (not `or`: 0 is refused by SamplingParams, not taken for "no limit")
         max_tokens = _get(body, "max_tokens", (int,))
@@ -119,6 +108,13 @@ def _constraint(body: dict, forced: StructuredOutputsParams | None) -> Structure
     return asked or forced
 
 
+def _check_fields(body: dict, chat: bool) -> None:
+    try:
+        check_fields(body, chat)
+    except InvalidRequestError as e:
+        raise APIError(400, str(e), e.param) from None
+
+
 def _stream_options(body: dict) -> tuple[bool, bool]:
     stream = _get(body, "stream", (bool,), False)
     options = _get(body, "stream_options", (dict,), {})
@@ -139,9 +135,7 @@ def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> Non
 
 def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
                      salt_key: str | None = None) -> ParsedRequest:
-    for name in _CHAT_ONLY:
-        if body.get(name) is not None:
-            raise APIError(400, f"'{name}' is only for /v1/chat/completions", name)
+    _check_fields(body, chat=False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
@@ -160,6 +154,7 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_
                chat: ChatConfig | None = None) -> ParsedRequest:
     """`chat`: the server's tool-call and reasoning parsers (none by default)."""
     chat = chat or ChatConfig()
+    _check_fields(body, chat=True)
     try:
         tools = tool_use(body, chat)
         text = chat_prompt(tokenizer, body.get("messages"), body.get("tools"), body.get("chat_template_kwargs"))

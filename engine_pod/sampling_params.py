@@ -13,7 +13,7 @@ class SamplingParams:
     """How to pick tokens and when to stop. `temperature=0` is greedy."""
     temperature: float = 1.0
     top_p: float = 1.0
-    top_k: int = -1                 # -1: no top-k
+    top_k: int = -1                 # -1 or 0: no top-k
     max_tokens: int = 64
     ignore_eos: bool = False
     stop: list[str] | str | None = None
@@ -35,9 +35,9 @@ class SamplingParams:
                                       "temperature")
         if not 0 < self.top_p <= 1:  # NaN fails this too
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
-        if self.top_k == 0 or self.top_k < -1:
-            raise InvalidRequestError(f"top_k must be -1 (off) or >= 1, got {self.top_k}", "top_k")
-        if self.top_k > _INT32_MAX:  # more than any vocabulary: the same as off, and it fits the sampler's ints
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1 or 0 (off) or >= 1, got {self.top_k}", "top_k")
+        if self.top_k == 0 or self.top_k > _INT32_MAX:  # 0: off, as in vLLM; more than any vocabulary: off too
             self.top_k = -1
         if self.cache_salt is not None and (not isinstance(self.cache_salt, str) or not self.cache_salt):
             raise InvalidRequestError(f"cache_salt must be a non-empty string, got {self.cache_salt!r}", "cache_salt")

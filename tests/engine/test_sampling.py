@@ -73,7 +73,11 @@ def test_stop_token_ids_and_max_tokens(llm):
 
 
 @pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-0.1),
-                                    dict(top_p=0.0), dict(top_p=1.5), dict(top_k=0)])
+                                    dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)])
 def test_bad_sampling_params_raise(kwargs):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kwargs)
+
+
+def test_top_k_zero_is_off_as_in_vllm():
+    assert SamplingParams(top_k=0).top_k == SamplingParams().top_k == -1

@@ -1,0 +1,48 @@
+"""Which request fields the server reads: every field of a body is honoured, or accepted only at the value
+that changes nothing, or refused with a 400 naming it. Nothing is silently ignored.
+
+The names are OpenAI's and vLLM's (vLLM's protocol defines the extra sampling fields); a field nobody
+defines is refused too, as a typo (`max_token`) would otherwise pass unnoticed.
+"""
+from nanoserve.engine_pod.errors import InvalidRequestError
+
+# Read by the server (openai_protocol.py, structured_params.py, tool_choice.py, common/chat.py).
+HONOURED = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+            "top_k", "stop", "stop_token_ids", "ignore_eos", "seed", "priority", "cache_salt", "response_format",
+            "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
+CHAT = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"}
+COMPLETION = {"prompt"}
+INFORMATIONAL = {"user", "metadata", "request_id"}  # they never change an answer
+# Not implemented (yet): accepted at the value that changes nothing, else a 400. (None is always accepted.)
+AT_NO_OP = {
+    "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "prompt_logprobs": (),
+    "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,),
+    "repetition_penalty": (1,), "min_p": (0,), "min_tokens": (0,), "length_penalty": (1,),
+    "use_beam_search": (False,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,), "allowed_token_ids": (), "bad_words": ([],),
+    "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "logits_processors": (),
+    "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": (), "documents": (),
+    "mm_processor_kwargs": (), "store": (False,), "service_tier": ("auto", "default"),
+    "functions": (), "function_call": (), "modalities": (["text"],), "audio": (), "prediction": (),
+    "reasoning_effort": (), "web_search_options": (), "vllm_xargs": (), "kv_transfer_params": (),
+    "include_reasoning": (True,), "structural_tag": (), "guided_decoding_backend": ("xgrammar",),
+    "guided_whitespace_pattern": (), "return_token_ids": (False,), "media_io_kwargs": (), "prompt_embeds": (),
+}
+# vLLM's default for add_special_tokens differs by endpoint: the chat template writes them itself.
+_ADD_SPECIAL_TOKENS = {True: (False,), False: (True,)}
+
+
+def check_fields(body: dict, chat: bool) -> None:
+    """Raise InvalidRequestError naming the first field this server would not honour."""
+    own, other = (CHAT, COMPLETION) if chat else (COMPLETION, CHAT)
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    for name, value in body.items():
+        if name in HONOURED or name in own or name in INFORMATIONAL or value is None:
+            continue
+        if name in other:
+            raise InvalidRequestError(f"'{name}' is not a field of {endpoint}", name)
+        allowed = _ADD_SPECIAL_TOKENS[chat] if name == "add_special_tokens" else AT_NO_OP.get(name)
+        if allowed is None:
+            raise InvalidRequestError(f"unrecognized request field '{name}'", name)
+        if not any(value == a and type(value) is not bool or value is a for a in allowed):
+            raise InvalidRequestError(f"'{name}' is not supported by this server (only at its default)", name)
