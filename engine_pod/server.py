@@ -14,7 +14,7 @@ import time
 import uuid
 
 from aiohttp import web
-from nanoserve.common.json_body import LOOP_BYTES, BodyError, read_json
+from nanoserve.common.json_body import LOOP_BYTES
 from nanoserve.engine_pod.chat_output import ChatOutput
 from nanoserve.engine_pod.errors import InvalidRequestError, ServerShutdown
 from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_file
@@ -30,8 +30,10 @@ from nanoserve.engine_pod.server_state import (
     ServerState,
     engine_for,
     error_response,
+    json_body,
 )
 from nanoserve.engine_pod.text_stream import TextStream
+from nanoserve.engine_pod.tokenize_api import detokenize, server_version, tokenize
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
@@ -58,13 +60,6 @@ async def errors_and_auth(request: web.Request, handler):
         return web.json_response(APIError(500, f"internal error: {type(e).__name__}: {e}").body(), status=500)
 
 
-async def _json_body(request: web.Request) -> dict:
-    try:
-        return await read_json(request, request.app[STATE].max_body_bytes)
-    except BodyError as e:
-        raise APIError(e.status, str(e)) from None
-
-
 async def completions(request: web.Request) -> web.StreamResponse:
     return await _serve(request, chat=False)
 
@@ -75,7 +70,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     state: ServerState = request.app[STATE]
-    body = await _json_body(request)
+    body = await json_body(request)
     engine = engine_for(state, body)
     cfg = engine.engine.config
     parse = functools.partial(parse_chat, chat=state.chat) if chat else parse_completion
@@ -210,6 +205,14 @@ async def models(request: web.Request) -> web.Response:
                                                           "max_model_len": max_len}]})
 
 
+async def model_by_id(request: web.Request) -> web.Response:
+    state: ServerState = request.app[STATE]
+    if request.match_info["model"] != state.model_name:
+        raise APIError(404, f"The model `{request.match_info['model']}` does not exist.", "model", "model_not_found")
+    listing = json.loads((await models(request)).body)
+    return web.json_response(listing["data"][0])
+
+
 async def health(request: web.Request) -> web.Response:
     engine = request.app[STATE].engine
     if engine is not None and engine.error is not None:
@@ -237,6 +240,11 @@ def create_app(state: ServerState) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model_by_id)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/version", server_version)
+    app.router.add_route("*", "/ping", health)  # SageMaker's and vLLM's liveness path
     app.router.add_get("/v1/cache/events", cache_events)
     app.router.add_get("/v1/tokenizer", tokenizer)
     app.router.add_get("/v1/tokenizer/files/{name}", tokenizer_file)

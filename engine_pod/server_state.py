@@ -4,6 +4,7 @@ import concurrent.futures
 import time
 
 from aiohttp import web
+from nanoserve.common.json_body import BodyError, read_json
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import KeyRing
 from nanoserve.engine_pod.openai_protocol import APIError
@@ -23,7 +24,7 @@ class ServerState:
         self.chat = chat  # tool-call and reasoning parsers
         self.max_body_bytes = max_body_bytes
         # Open without a key: the kubelet's probes, and /metrics for Prometheus scrapes when asked for.
-        self.open_paths = {"/health", "/ready"} | ({"/metrics"} if public_metrics else set())
+        self.open_paths = {"/health", "/ready", "/ping", "/version"} | ({"/metrics"} if public_metrics else set())
         self.cache_salt_by_api_key = cache_salt_by_api_key  # tenants (keys) then share no prefix-cache block
         self.engine: AsyncEngine | None = None  # set when the model is loaded
         self.tokenizer = None                   # the server's own copy: the engine thread uses its own
@@ -56,3 +57,10 @@ def engine_for(state: ServerState, body: dict) -> AsyncEngine:
         raise APIError(429, f"too many requests waiting ({state.engine.num_waiting}); retry later",
                        type="rate_limit_error")
     return state.engine
+
+
+async def json_body(request: web.Request) -> dict:
+    try:
+        return await read_json(request, request.app[STATE].max_body_bytes)
+    except BodyError as e:
+        raise APIError(e.status, str(e)) from None
