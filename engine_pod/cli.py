@@ -9,21 +9,25 @@ from nanoserve.engine_pod.tool_choice import REASONING_PARSERS, TOOL_CALL_PARSER
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model folder, or smollm2-135m (default)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model folder, or smollm2-135m")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per step (default: 8192 on GPU, 256 on CPU)")
-    p.add_argument("--kvcache-block-size", type=int, default=16)
+    p.add_argument("--kvcache-block-size", "--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument("--num-kvcache-blocks", type=int, default=-1, help="fixed KV-cache size (default: from memory)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--cpu-kvcache-gib", type=float, default=1.0)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
+    p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction,
+                   help="reuse the KV blocks of prompt prefixes already computed")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
     p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--seed", type=int, default=None, help="seeds the sampling of requests that bring no seed")
     p.add_argument("--attention-backend", default=None, choices=["torch", "flash_attn", "triton"])
     p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="schedule the next step while one runs (default: on with CUDA)")
@@ -32,7 +36,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 _ENGINE_KEYS = ("model", "tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
                 "kvcache_block_size", "num_kvcache_blocks", "gpu_memory_utilization", "cpu_kvcache_gib",
                 "enforce_eager", "enable_prefix_caching", "scheduling_policy", "device", "dtype", "attention_backend",
-                "async_scheduling")
+                "async_scheduling", "seed")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -114,20 +118,24 @@ def cmd_up(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nanoserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (the engine pod)")
+    defaults = argparse.ArgumentDefaultsHelpFormatter  # every flag's --help shows its default
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (the engine pod)", formatter_class=defaults)
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="the model, as vLLM's `vllm serve MODEL` (the same as --model)")
     add_engine_args(serve)
     add_server_args(serve)
     serve.set_defaults(fn=cmd_serve)
-    gen = sub.add_parser("generate", help="generate offline from prompts")
+    gen = sub.add_parser("generate", help="generate offline from prompts", formatter_class=defaults)
     add_engine_args(gen)
     gen.add_argument("prompt", nargs="*")
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.set_defaults(fn=cmd_generate)
-    up = sub.add_parser("up", help="N local engine processes and the gateway in front (CPU by default)")
+    up = sub.add_parser("up", help="N local engine processes and the gateway in front (CPU by default)",
+                        formatter_class=defaults)
     add_engine_args(up)
     up.add_argument("--replicas", type=int, default=2, help="engine processes")
     up.add_argument("--host", default="127.0.0.1", help="the gateway's address")
@@ -145,7 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         return gateway_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "model_tag", None):
+        args.model = args.model_tag
     return args.fn(args)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("nanoserve")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 if __name__ == "__main__":

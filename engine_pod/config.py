@@ -24,7 +24,8 @@ class Config:
     gpu_memory_utilization: float = 0.9
     enforce_eager: bool = False
     device: str | None = None              # None: cuda when available, else cpu
-    dtype: str | None = None               # None: bfloat16 on GPU, float32 on CPU
+    dtype: str | None = None               # None or "auto": bfloat16 on GPU, float32 on CPU
+    seed: int | None = None                # seeds the sampling of requests without a seed (vLLM's --seed)
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"        # "fcfs" or "priority"
     num_kvcache_blocks: int = -1           # -1: size the cache from free memory
@@ -43,7 +44,7 @@ class Config:
         self.hf_config = _read_json(self.model, "config.json")
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.dtype is None:
+        if self.dtype in (None, "auto"):
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 8192 if self.device.startswith("cuda") else CPU_BATCHED_TOKENS

@@ -57,7 +57,7 @@ class LLMEngine:
         self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
-        self.rng = random.Random()  # seeds of the rows that sample without a request seed
+        self.rng = random.Random(config.seed)  # seeds of the rows that sample without a request seed
         self.download = Downloader(self.model_runner.device, config.max_num_seqs)
         self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
         self.stop_checker = StopChecker(self.tokenizer)

@@ -19,11 +19,12 @@ def free_port() -> int:
 
 class ServerProcess:
 
-    def __init__(self, model: str, *args: str, env: dict | None = None):
+    def __init__(self, model: str | None, *args: str, env: dict | None = None):
+        """`model` None: the command line names it itself (vLLM's positional form)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--device", "cpu", *args]
+        cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *(["--model", model] if model else []),
+               "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args]
         # A file, not a pipe: a pipe nobody reads fills up (64 KiB of logs) and then blocks the server.
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
@@ -124,9 +125,10 @@ def module_server():
 @pytest.fixture(scope="session")
 def bpe_server(bpe_model):
     """The byte-level BPE model (it can spell JSON; a Qwen3-like chat template with tools and thinking),
-    served with async scheduling and vLLM's tool-call and reasoning flags: the structured-output and tool
-    tests share it."""
-    server = ServerProcess(bpe_model, "--served-model-name", "bpe", "--max-model-len", "1024",
+    served with async scheduling and vLLM's tool-call and reasoning flags: the structured-output, tool and
+    utility-endpoint tests share it. Launched the way vLLM users write it (positional model, vLLM's names)."""
+    server = ServerProcess(None, bpe_model, "--served-model-name", "bpe", "--max-model-len", "1024",
+                           "--block-size", "16", "--enable-prefix-caching", "--dtype", "auto", "--seed", "0",
                            "--num-kvcache-blocks", "512", "--async-scheduling", "--tool-call-parser", "hermes",
                            "--enable-auto-tool-choice", "--reasoning-parser", "qwen3")
     yield server.wait_ready()
