@@ -65,14 +65,18 @@ def _cache_salt(body: dict, salt_key: str | None) -> str | None:
     return tenant_salt(salt_key, salt) if salt_key is not None else salt
 
 
+# Completions without max_tokens stop after 16 tokens, as in OpenAI's legacy API and vLLM; chat runs to the end.
+COMPLETION_MAX_TOKENS = 16
+
+
 def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: str | None,
-                     forced: StructuredOutputsParams | None = None) -> SamplingParams:
+                     forced: StructuredOutputsParams | None = None, chat: bool = True) -> SamplingParams:
     """`forced`: the structured output tool_choice asks for (a named function's arguments, or "required")."""
     max_tokens = _get(body, "max_completion_tokens", (int,))
     if max_tokens is None:  # (not `or`: 0 is refused by SamplingParams, not taken for "no limit")
         max_tokens = _get(body, "max_tokens", (int,))
     if max_tokens is None:
-        max_tokens = max_model_len - prompt_len
+        max_tokens = max_model_len - prompt_len if chat else min(COMPLETION_MAX_TOKENS, max_model_len - prompt_len)
     if prompt_len + max_tokens > max_model_len:
         raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
@@ -147,7 +151,8 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
         raise APIError(400, f"{e} (one prompt per request)", "prompt") from None
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
-    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key), stream, include_usage)
+    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key, chat=False), stream,
+                         include_usage)
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_key: str | None = None,
