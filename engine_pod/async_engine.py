@@ -1,23 +1,29 @@
-"""The engine behind the HTTP server: one thread owns the LLMEngine and steps it; coroutines submit
-requests and await their tokens.
+"""The server's side of the engine: the engine core runs in a process of its own (engine_core.py); this class
+starts it, sends it requests and aborts, and turns its one message a step into each request's TokenDeltas
+and the Prometheus metrics, on the event loop.
 
-Everything that touches the engine (add, abort, the cache snapshot) goes through `inbox` and runs on the
-engine thread between steps, so the scheduler and block manager need no locks. Results go back to the
-event loop with `call_soon_threadsafe`. New requests join the running batch at the next step.
+Sending goes through a thread (a pipe that is full while the engine runs a long step must not block the
+event loop); receiving is a reader callback on the loop. A streamed request's tokens go to its queue as
+they come; a non-streamed one's come in one delta when it finishes (no loop work per token). An engine that
+fails, by a fault it reports or a process that dies, ends every open request with the error at once.
 """
 import asyncio
+import itertools
+import multiprocessing
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
 
-from nanoserve.engine_pod.llm_engine import LLMEngine
+from nanoserve.engine_pod.admission import check_request
+from nanoserve.engine_pod.engine_core import EngineCounts, EngineInfo, StepOutput, engine_process
+from nanoserve.engine_pod.errors import EngineDeadError
 from nanoserve.engine_pod.metrics import EngineMetrics
-from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.sampling_params import SamplingParams
+from nanoserve.engine_pod.tp_workers import describe_exit
 
-
-_GONE_CHECK_S = 1.0  # how often a waiting request checks that its client is still there and the engine alive
+_GONE_CHECK_S = 1.0  # how often a waiting request checks that its client is still there
 
 
 @dataclass
@@ -27,212 +33,263 @@ class TokenDelta:
     num_cached_tokens: int = 0
 
 
-@dataclass
-class _Request:
-    seq: Sequence
-    out: asyncio.Queue
-    stream: bool = True  # False: the tokens come in one delta at the end (no event-loop work per token)
-    held: list[int] | None = None  # a non-streamed request's tokens so far
-    first_token_at: float | None = None
+@dataclass(eq=False)
+class EngineRequest:
+    """One request as the server tracks it while the engine core runs it."""
+    seq_id: int
+    num_prompt_tokens: int
+    arrival: float
+    stream: bool  # False: the tokens come in one delta at the end
+    out: asyncio.Queue = field(default_factory=asyncio.Queue)
+    held: list[int] = field(default_factory=list)  # a non-streamed request's tokens so far
+    admitted: asyncio.Future | None = None  # a constrained request: set once its grammar has compiled
+    finished: bool = False
     last_token_at: float | None = None
-    scheduled_at: float | None = None
 
 
 class AsyncEngine:
 
-    def __init__(self, engine: LLMEngine, metrics: EngineMetrics):
-        self.engine = engine
+    def __init__(self, model: str, engine_kwargs: dict, metrics: EngineMetrics):
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA and threads do not survive fork
+        self._in_r, self._in_w = ctx.Pipe(duplex=False)    # server -> engine
+        self._out_r, self._out_w = ctx.Pipe(duplex=False)  # engine -> server
+        self.process = ctx.Process(target=engine_process, args=(model, engine_kwargs, self._in_r, self._out_w),
+                                   name="nanoserve-engine")
         self.metrics = metrics
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.requests: dict[int, _Request] = {}          # engine thread only
-        self.subscribers: list[asyncio.Queue] = []       # cache-event feeds, engine thread only
-        self.num_waiting = 0                             # written by the engine thread, read anywhere
-        self._wake = threading.Event()
-        self._stop = False
+        self.info: EngineInfo | None = None
         self.error: BaseException | None = None
-        self._open: set[asyncio.Queue] = set()          # the requests' output queues, event loop only
-        engine.block_manager.record_events = True
-        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.requests: dict[int, EngineRequest] = {}
+        self.subscribers: dict[int, asyncio.Queue] = {}  # cache-feed queues, by id (live once their snapshot came)
+        self._new_subscribers: dict[int, asyncio.Queue] = {}
+        self._ids = itertools.count()
+        self.num_sent = 0  # "add" messages sent: those the engine has not read yet count as waiting
+        self.counts = EngineCounts(0, 0, 0.0, 0)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="engine-pipe", daemon=True)
 
-    def start(self) -> None:
+    @property
+    def config(self):
+        return self.info.config
+
+    @property
+    def num_waiting(self) -> int:
+        return self.counts.waiting + self.num_sent - self.counts.received
+
+    async def start(self) -> None:
+        """Start the engine core process; return once its model is loaded, or raise what failed the load."""
         self.loop = asyncio.get_running_loop()
-        self.failed = asyncio.Event()  # set when the engine thread has died (self.error says why)
-        self.thread.start()
+        self.failed = asyncio.Event()  # set when the engine has failed (self.error says why)
+        self._ready = self.loop.create_future()
+        self.process.start()
+        self._in_r.close()  # the engine's ends: copies left open here would keep its death from reading as EOF
+        self._out_w.close()
+        self._sender.start()
+        self.loop.add_reader(self._out_r.fileno(), self._on_readable)
+        await self._ready
 
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        self.thread.join(timeout=30)
+    async def stop(self, timeout: float = 30) -> None:
+        """Stop the engine core (it finishes its teardown, tensor-parallel workers included)."""
+        if self.process.is_alive():
+            if self.info is None:  # still loading: it reads no message until it has loaded
+                self.process.kill()
+            self._send(("stop",))
+            await asyncio.to_thread(self.process.join, timeout)
+            if self.process.is_alive():
+                self.process.kill()
+                await asyncio.to_thread(self.process.join, 5)
+        self._outbox.put(None)
+        self._close_reader()
 
-    def _send(self, fn, *args) -> None:
-        self.inbox.put((fn, args))
-        self._wake.set()
+    # ---- requests -----------------------------------------------------------------------------
+    async def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> EngineRequest:
+        """Send a request to the engine core. InvalidRequestError if it could never be served (for a
+        constrained one, also if its grammar does not compile). Every submitted request must be released."""
+        cfg = self.config
+        check_request(prompt_ids, params, cfg.max_model_len, cfg.kvcache_block_size, self.info.num_blocks)
+        if self.error is not None:
+            raise self.error
+        req = EngineRequest(next(self._ids), len(prompt_ids), time.monotonic(), stream)  # the engine's clock too
+        if params.structured_outputs is not None:
+            req.admitted = self.loop.create_future()
+        self.requests[req.seq_id] = req
+        self.num_sent += 1  # waiting from now: back-pressure sees a burst before the engine does
+        self._send(("add", req.seq_id, prompt_ids, params, req.arrival))
+        if req.admitted is not None:
+            await req.admitted
+        return req
 
-    # ---- called from the event loop -----------------------------------------------------------
-    async def generate(self, seq: Sequence, stream: bool = True, gone: Callable[[], bool] | None = None):
-        """Queue `seq` and yield TokenDelta as tokens arrive (stream=False: one delta when it finishes).
-        Tokens that arrived while the caller was busy come as one delta (one SSE event, not one per token).
-        Leaving early aborts the request, and so does `gone()` turning true (the client left) while waiting."""
-        out: asyncio.Queue = asyncio.Queue()
-        self._open.add(out)
-        self.num_waiting += 1  # counted at once, so back-pressure sees a burst before the engine thread does
-        self._send(self._add, _Request(seq, out, stream, None if stream else []))
-        finished = False
-        try:
-            while not finished:
+    async def generate(self, req: EngineRequest, gone: Callable[[], bool] | None = None) -> AsyncIterator[TokenDelta]:
+        """Yield TokenDelta as tokens arrive (one at the end unless streamed). Tokens that arrived while the
+        caller was busy come as one delta (one SSE event, not one per token). Returns early when `gone()`
+        turns true (the client left); an engine failure is raised."""
+        out = req.out
+        while True:
+            if out.empty():
                 try:
                     delta = await asyncio.wait_for(out.get(), _GONE_CHECK_S)
                 except asyncio.TimeoutError:
-                    if self.error is not None:  # the engine died with this request still in its inbox
-                        raise self.error from None
                     if gone is not None and gone():
                         return
                     continue
-                while not isinstance(delta, BaseException) and delta.finish_reason is None and not out.empty():
-                    more = out.get_nowait()
-                    if isinstance(more, BaseException):
-                        delta = more
-                        break
-                    delta = TokenDelta(delta.token_ids + more.token_ids, more.finish_reason, more.num_cached_tokens)
-                if isinstance(delta, BaseException):
-                    raise delta
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            self._open.discard(out)
-            if not finished:
-                self._send(self._abort, seq.seq_id)
+            else:
+                delta = out.get_nowait()
+            while not isinstance(delta, BaseException) and delta.finish_reason is None and not out.empty():
+                more = out.get_nowait()
+                if isinstance(more, BaseException):
+                    delta = more
+                    break
+                delta = TokenDelta(delta.token_ids + more.token_ids, more.finish_reason, more.num_cached_tokens)
+            if isinstance(delta, BaseException):
+                raise delta
+            yield delta
+            if delta.finish_reason is not None:
+                return
+
+    def release(self, req: EngineRequest) -> None:
+        """Done with `req`: abort it if it has not finished (the client left, or the server gave up)."""
+        if req.finished:
+            return
+        req.finished = True
+        if self.requests.pop(req.seq_id, None) is not None and self.error is None:
+            self._send(("abort", req.seq_id))
+            self._labeled("request_success", finished_reason="abort").inc()
 
     def end_all(self, error: BaseException) -> None:
         """Every open request ends now with `error` (raised in its generate()): a drain out of time."""
-        for out in self._open:
-            out.put_nowait(error)
+        for req in self.requests.values():
+            req.out.put_nowait(error)
 
-    async def subscribe_cache_events(self) -> asyncio.Queue:
+    def subscribe_cache_events(self) -> asyncio.Queue:
         """A queue that first gets ("snapshot", hashes), then ("stored"|"removed", [hashes]) deltas."""
         q: asyncio.Queue = asyncio.Queue()
-        self._send(self._subscribe, q)
+        sub_id = next(self._ids)
+        self._new_subscribers[sub_id] = q
+        self._send(("subscribe", sub_id))
         return q
 
     def unsubscribe_cache_events(self, q: asyncio.Queue) -> None:
-        self._send(self._unsubscribe, q)
+        for subs in (self.subscribers, self._new_subscribers):
+            for sub_id in [i for i, sq in subs.items() if sq is q]:
+                del subs[sub_id]
+                self._send(("unsubscribe", sub_id))
 
-    # ---- engine thread ------------------------------------------------------------------------
-    def _post(self, q: asyncio.Queue, item) -> None:
-        self.loop.call_soon_threadsafe(q.put_nowait, item)
+    # ---- the pipes ----------------------------------------------------------------------------
+    def _send(self, msg: tuple) -> None:
+        self._outbox.put(msg)
 
-    def _post_all(self, items: list[tuple[asyncio.Queue, object]]) -> None:
-        """Many results in one wake-up of the event loop (one per step, not one per token)."""
-        if items:
-            self.loop.call_soon_threadsafe(_deliver, items)
+    def _send_loop(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._in_w.send(msg)
+            except OSError:  # the engine is gone: the reader reports it
+                return
 
-    def _add(self, req: _Request) -> None:
-        self.requests[req.seq.seq_id] = req
-        self.engine.add_sequence(req.seq)
-        self.labeled("prompt_tokens").inc(req.seq.num_prompt_tokens)
-
-    def _abort(self, seq_id: int) -> None:
-        req = self.requests.pop(seq_id, None)
-        if req is not None:
-            self.engine.abort(seq_id)
-            self.labeled("request_success", finished_reason="abort").inc()
-
-    def _subscribe(self, q: asyncio.Queue) -> None:
-        self.subscribers.append(q)
-        self._post(q, ("snapshot", self.engine.block_manager.cached_hashes()))
-
-    def _unsubscribe(self, q: asyncio.Queue) -> None:
-        if q in self.subscribers:
-            self.subscribers.remove(q)
-
-    def labeled(self, name: str, **labels):
-        return self.metrics.labeled(getattr(self.metrics, name), **labels)
-
-    def _run(self) -> None:
+    def _on_readable(self) -> None:
         try:
-            while not self._stop:
-                while not self.inbox.empty():
-                    fn, args = self.inbox.get()
-                    fn(*args)
-                if not self.engine.has_unfinished():
-                    self.engine.check()  # a dead tensor-parallel worker fails the engine even while idle
-                    self._publish_state()
-                    self._wake.wait(0.5)
-                    self._wake.clear()
-                    continue
-                self._step()
-        except BaseException as e:  # a broken engine fails every request instead of hanging them
-            self.error = e
-            for req in self.requests.values():
-                self._post(req.out, e)
-            self.loop.call_soon_threadsafe(self.failed.set)
-            raise
+            while self._out_r.poll():
+                self._dispatch(self._out_r.recv())
+        except (EOFError, OSError):
+            self._close_reader()
+            self.process.join(1)  # it has closed its pipe: it is exiting
+            code = self.process.exitcode
+            how = "is still running" if code is None else f"exited ({describe_exit(code)})"
+            self._fail(EngineDeadError(f"the engine core process (pid {self.process.pid}) closed its pipe and {how}"))
 
-    def _step(self) -> None:
-        bm = self.engine.block_manager
-        queries, hits, preemptions = bm.prefix_queries, bm.prefix_hits, self.engine.scheduler.num_preemptions
-        started = time.monotonic()
-        sampled = self.engine.step()
-        now = time.monotonic()
-        posts: list[tuple[asyncio.Queue, TokenDelta]] = []
-        for seq, _ in self.engine.last_batch:
-            req = self.requests.get(seq.seq_id)
-            if req is not None and req.scheduled_at is None:
-                req.scheduled_at = started
-                self.labeled("request_queue_time").observe(started - seq.arrival)
-        for seq, token in sampled:
-            req = self.requests.get(seq.seq_id)
-            if req is None:
+    def _close_reader(self) -> None:
+        if not self._out_r.closed:
+            self.loop.remove_reader(self._out_r.fileno())
+            self._out_r.close()
+
+    def _dispatch(self, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "step":
+            self._on_step(msg[1])
+        elif kind == "counts":
+            self._on_counts(msg[1])
+        elif kind == "admitted":
+            req = self.requests.get(msg[1])
+            if req is not None and not req.admitted.done():
+                req.admitted.set_result(None)
+        elif kind == "rejected":
+            req = self.requests.pop(msg[1], None)
+            if req is not None:
+                req.finished = True
+                if req.admitted is not None and not req.admitted.done():
+                    req.admitted.set_exception(msg[2])
+                else:
+                    req.out.put_nowait(msg[2])
+        elif kind == "snapshot":
+            q = self._new_subscribers.pop(msg[1], None)
+            if q is not None:
+                self.subscribers[msg[1]] = q
+                q.put_nowait(("snapshot", msg[2]))
+        elif kind == "ready":
+            self.info = msg[1]
+            self._ready.set_result(None)
+        elif kind == "failed":
+            self._fail(msg[1])
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is not None:
+            return
+        self.error = error
+        for req in self.requests.values():
+            if req.admitted is not None and not req.admitted.done():
+                req.admitted.set_exception(error)
+            else:
+                req.out.put_nowait(error)
+        if not self._ready.done():
+            self._ready.set_exception(error)
+        self.failed.set()
+
+    # ---- a step's output ----------------------------------------------------------------------
+    def _labeled(self, name: str, **labels):
+        return self.metrics.labeled(name, **labels)
+
+    def _on_step(self, out: StepOutput) -> None:
+        m, now = self._labeled, out.now
+        for seq_id in out.scheduled:
+            req = self.requests.get(seq_id)
+            if req is not None:
+                m("request_queue_time").observe(out.started - req.arrival)
+                m("prompt_tokens").inc(req.num_prompt_tokens)
+        generated = 0
+        ttft, itl = m("time_to_first_token"), m("inter_token_latency")
+        for seq_id, token, finish, cached in out.rows:
+            req = self.requests.get(seq_id)
+            if req is None:  # released while this step ran
                 continue
-            if req.first_token_at is None:
-                req.first_token_at = now
-                self.labeled("time_to_first_token").observe(now - seq.arrival)
+            if req.last_token_at is None:
+                ttft.observe(now - req.arrival)
             else:
-                self.labeled("inter_token_latency").observe(now - req.last_token_at)
+                itl.observe(now - req.last_token_at)
             req.last_token_at = now
-            tokens = [] if token is None else [token]  # None: a grammar that allowed no token ended it
-            self.labeled("generation_tokens").inc(len(tokens))
-            if req.stream:
-                posts.append((req.out, TokenDelta(tokens, seq.finish_reason, seq.num_cached_tokens)))
-            else:
-                req.held += tokens
-                if seq.finish_reason is not None:
-                    posts.append((req.out, TokenDelta(req.held, seq.finish_reason, seq.num_cached_tokens)))
-            if seq.finish_reason is not None:
-                del self.requests[seq.seq_id]
-                self.labeled("request_success", finished_reason=seq.finish_reason).inc()
-                self.labeled("e2e_request_latency").observe(now - seq.arrival)
-        self._post_all(posts)
-        self.labeled("prefix_cache_queries").inc(bm.prefix_queries - queries)
-        self.labeled("prefix_cache_hits").inc(bm.prefix_hits - hits)
-        self.labeled("num_preemptions").inc(self.engine.scheduler.num_preemptions - preemptions)
-        self._publish_state()
+            if token is not None:  # None: a grammar that allowed no token ended it
+                generated += 1
+                if req.stream:
+                    req.out.put_nowait(TokenDelta([token], finish, cached))
+                else:
+                    req.held.append(token)
+            elif req.stream:
+                req.out.put_nowait(TokenDelta([], finish, cached))
+            if finish is not None:
+                if not req.stream:
+                    req.out.put_nowait(TokenDelta(req.held, finish, cached))
+                del self.requests[seq_id]
+                req.finished = True
+                m("request_success", finished_reason=finish).inc()
+                m("e2e_request_latency").observe(now - req.arrival)
+        m("generation_tokens").inc(generated)
+        m("prefix_cache_queries").inc(out.prefix_queries)
+        m("prefix_cache_hits").inc(out.prefix_hits)
+        m("num_preemptions").inc(out.preemptions)
+        self._on_counts(out.counts)
+        for kind, hashes in out.cache_events:
+            for q in self.subscribers.values():
+                q.put_nowait((kind, hashes))
 
-    def _publish_state(self) -> None:
-        sched, bm = self.engine.scheduler, self.engine.block_manager
-        self.num_waiting = len(sched.waiting) + self.inbox.qsize()
-        self.labeled("num_requests_waiting").set(len(sched.waiting))
-        self.labeled("num_requests_running").set(len(sched.running))
-        self.labeled("kv_cache_usage_perc").set(bm.usage())
-        if bm.events:
-            for kind, hashes in _runs(bm.events):  # in order: a hash can be evicted and stored again
-                for q in self.subscribers:
-                    self._post(q, (kind, hashes))
-            bm.events.clear()
-
-
-def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
-
-
-def _runs(events: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:
-    """Group consecutive events of the same kind: [("stored", [h1, h2]), ("removed", [h3]), ...]."""
-    runs: list[tuple[str, list[int]]] = []
-    for kind, h in events:
-        if runs and runs[-1][0] == kind:
-            runs[-1][1].append(h)
-        else:
-            runs.append((kind, [h]))
-    return runs
+    def _on_counts(self, counts: EngineCounts) -> None:
+        self.counts = counts
+        self._labeled("num_requests_waiting").set(counts.waiting)
+        self._labeled("num_requests_running").set(counts.running)
+        self._labeled("kv_cache_usage_perc").set(counts.kv_usage)

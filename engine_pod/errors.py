@@ -12,6 +12,9 @@ class InvalidRequestError(NanoserveError, ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self):  # crosses from the engine core process to the server with its param
+        return type(self), (str(self), self.param)
+
 
 class ServerShutdown(NanoserveError):
     """The server stopped before the request finished (its drain timeout ran out)."""
@@ -23,3 +26,7 @@ class ModelLoadError(NanoserveError):
 
 class ConfigError(NanoserveError, ValueError):
     """Engine settings that do not fit together (or do not fit the model)."""
+
+
+class EngineDeadError(NanoserveError):
+    """The engine core process exited (killed, crashed) without saying why: nothing it held can finish."""

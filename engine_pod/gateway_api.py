@@ -14,8 +14,8 @@ async def cache_events(request: web.Request) -> web.StreamResponse:
     engine = engine_for(state, {})
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    q = await engine.subscribe_cache_events()
-    block_size = engine.engine.config.kvcache_block_size
+    q = engine.subscribe_cache_events()
+    block_size = engine.config.kvcache_block_size
     idle = 0
     try:
         while not state.draining:  # checked every second: an open feed must not hold up a drain

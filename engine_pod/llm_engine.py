@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from transformers import AutoTokenizer
 
+from nanoserve.engine_pod.admission import check_request
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
@@ -100,21 +101,15 @@ class LLMEngine:
             raise InvalidRequestError("prompt token ids must be integers in [0, vocab_size)", "prompt")
         return list(prompt)
 
-    def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        """Validate one request and turn it into a Sequence (not yet queued)."""
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams, seq_id: int | None = None,
+                      arrival: float | None = None) -> Sequence:
+        """Validate one request and turn it into a Sequence (not yet queued). A constrained request's grammar
+        compiles here: the engine core process calls this on a worker thread for those."""
         token_ids = self.tokenize(prompt)
-        if not token_ids:
-            raise InvalidRequestError("prompt is empty", "prompt")
-        limit = self.config.max_model_len
-        if len(token_ids) >= limit:
-            raise InvalidRequestError(f"prompt has {len(token_ids)} tokens; this engine's max_model_len is {limit}, "
-                                      "which must leave room for at least one generated token", "prompt")
-        need = self.block_manager.blocks_for(min(len(token_ids) + params.max_tokens, limit))
-        if need > self.block_manager.num_blocks:
-            raise InvalidRequestError(f"request needs {need} KV-cache blocks but the cache has only "
-                                      f"{self.block_manager.num_blocks}; lower max_tokens or the prompt", "max_tokens")
-        seq = Sequence(token_ids, params, arrival=time.monotonic())
-        if params.structured_outputs is not None:  # compiles here: the server calls this on a worker thread
+        bm = self.block_manager
+        check_request(token_ids, params, self.config.max_model_len, bm.block_size, bm.num_blocks)
+        seq = Sequence(token_ids, params, time.monotonic() if arrival is None else arrival, seq_id)
+        if params.structured_outputs is not None:
             seq.grammar = self._grammars().matcher(params.structured_outputs)
         return seq
 

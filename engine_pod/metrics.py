@@ -25,6 +25,13 @@ class EngineMetrics:
         self.e2e_request_latency = Histogram("vllm:e2e_request_latency_seconds", "Arrival to finish", labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.request_queue_time = Histogram("vllm:request_queue_time_seconds", "Arrival to first scheduled", labels, buckets=_LATENCY_BUCKETS, registry=r)
         self.model_name = model_name
+        self._children: dict[tuple, object] = {}
 
-    def labeled(self, metric, **labels):
-        return metric.labels(model_name=self.model_name, **labels)
+    def labeled(self, name: str, **labels):
+        """The metric `name`'s series for this model (and `labels`), looked up once: the server updates
+        some of them for every token."""
+        key = (name, *labels.values())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = getattr(self, name).labels(model_name=self.model_name, **labels)
+        return child

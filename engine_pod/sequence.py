@@ -23,8 +23,8 @@ class Sequence:
     """
     _ids = count()
 
-    def __init__(self, token_ids: list[int], params: SamplingParams, arrival: float = 0.0):
-        self.seq_id = next(Sequence._ids)
+    def __init__(self, token_ids: list[int], params: SamplingParams, arrival: float = 0.0, seq_id: int | None = None):
+        self.seq_id = next(Sequence._ids) if seq_id is None else seq_id  # the server numbers its own requests
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)

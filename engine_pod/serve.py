@@ -10,13 +10,13 @@ from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import load_api_keys
 from nanoserve.engine_pod.errors import ServerShutdown
-from nanoserve.engine_pod.llm_engine import LLMEngine
 from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.server import ServerState, create_app
 from nanoserve.engine_pod.tool_choice import ChatConfig
 
 log = logging.getLogger("nanoserve.serve")
 FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers to reach their clients
+FAILED_LINGER_SECONDS = 1.0  # ... and at least this long up, so that probes and gateways read why (/health 500)
 
 
 async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 8000, served_model_name: str | None = None,
@@ -52,46 +52,44 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine, code = None, 0
+    engine, code = AsyncEngine(model, engine_kwargs, EngineMetrics(name)), 0
     try:
-        load = asyncio.ensure_future(asyncio.to_thread(LLMEngine, model, **engine_kwargs))
+        load = asyncio.ensure_future(engine.start())  # the engine core process loads the model
         await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
             return 0  # stopped while loading
-        engine = load.result()
+        load.result()
         from transformers import AutoTokenizer
-        state.tokenizer = AutoTokenizer.from_pretrained(engine.config.model)
-        state.bulk_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, engine.config.model)
+        folder = engine.config.model  # the resolved folder (the built-in model's cache, for one)
+        state.tokenizer = AutoTokenizer.from_pretrained(folder)
+        state.bulk_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, folder)
         state.tokenizer_files = await asyncio.to_thread(export_files, state.tokenizer)
         state.tokenizer_info = await asyncio.to_thread(tokenizer_info, state.tokenizer, state.tokenizer_files, name,
                                                        engine.config.kvcache_block_size)
-        state.engine = AsyncEngine(engine, EngineMetrics(name))
-        state.engine.start()
-        log.info("ready: model %s, %d KV blocks of %d tokens", name, engine.block_manager.num_blocks,
-                 engine.config.kvcache_block_size)
-        failed = asyncio.ensure_future(state.engine.failed.wait())
+        state.engine = engine
+        log.info("ready: model %s, %d KV blocks of %d tokens; engine core pid %d", name, engine.info.num_blocks,
+                 engine.config.kvcache_block_size, engine.process.pid)
+        failed = asyncio.ensure_future(engine.failed.wait())
         await asyncio.wait([asyncio.ensure_future(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
         # Drain: /ready says 503, new requests get 503, running ones finish or time out.
         state.draining = True
-        if failed.done():  # every request already got its error (or gets it within a second): exit, get restarted
-            log.error("engine failed: %r; exiting so that the pod (or `nanoserve up`) restarts", state.engine.error)
+        if failed.done():  # every request already got its error: exit, get restarted
+            log.error("engine failed: %r; exiting so that the pod (or `nanoserve up`) restarts", engine.error)
             code, drain_timeout = 1, FAILED_DRAIN_SECONDS
+            await asyncio.sleep(FAILED_LINGER_SECONDS)
         log.info("draining %d in-flight requests (up to %.0fs)", state.inflight, drain_timeout)
         deadline = loop.time() + drain_timeout
         while state.inflight and loop.time() < deadline:
             await asyncio.sleep(0.05)
         if state.inflight:  # out of time: each request still open ends with an error, not a cut connection
             log.warning("drain timeout: ending %d unfinished requests with an error", state.inflight)
-            state.engine.end_all(ServerShutdown(f"the server shut down before the request finished "
-                                                f"(drain timeout {drain_timeout:.0f}s)"))
+            engine.end_all(ServerShutdown(f"the server shut down before the request finished "
+                                          f"(drain timeout {drain_timeout:.0f}s)"))
             code = 1  # work was lost
             deadline = loop.time() + 2.0
             while state.inflight and loop.time() < deadline:
                 await asyncio.sleep(0.05)
     finally:
         await runner.cleanup()
-        if state.engine is not None:
-            state.engine.stop()
-        if engine is not None:
-            engine.exit()
+        await engine.stop()
     return code

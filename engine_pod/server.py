@@ -72,7 +72,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     state: ServerState = request.app[STATE]
     body = await json_body(request)
     engine = engine_for(state, body)
-    cfg = engine.engine.config
+    cfg = engine.config
     parse = functools.partial(parse_chat, chat=state.chat) if chat else parse_completion
     salt_key = request.get(API_KEY) if state.cache_salt_by_api_key else None  # tenants share no cached block
     args = (cfg.hf_config["vocab_size"], cfg.max_model_len, salt_key)
@@ -81,20 +81,21 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         req = await asyncio.get_running_loop().run_in_executor(state.bulk, parse, body, state.bulk_tokenizer, *args)
     else:
         req = parse(body, state.tokenizer, *args)
-    try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache);
-        # a structured-output grammar compiles in there, on a worker thread: not on the loop or the engine thread
-        seq = engine.engine.make_sequence(req.prompt_ids, req.params) if req.params.structured_outputs is None \
-            else await asyncio.get_running_loop().run_in_executor(None, engine.engine.make_sequence,
-                                                                  req.prompt_ids, req.params)
-    except InvalidRequestError as e:
-        raise APIError(400, str(e), e.param) from None
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     state.inflight += 1
+    submitted = None
     try:
+        try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache); a
+            # structured-output grammar compiles in the engine core process, off its loop, before this returns
+            submitted = await engine.submit(req.prompt_ids, req.params, req.stream)
+        except InvalidRequestError as e:
+            raise APIError(400, str(e), e.param) from None
         if req.stream:
-            return await _stream(request, state, engine, seq, req, rid, chat)
-        return await _complete(request, state, engine, seq, req, rid, chat)
+            return await _stream(request, state, engine, submitted, req, rid, chat)
+        return await _complete(request, state, engine, submitted, req, rid, chat)
     finally:
+        if submitted is not None:
+            engine.release(submitted)
         state.inflight -= 1
 
 
@@ -112,11 +113,11 @@ def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
             "prompt_tokens_details": {"cached_tokens": cached}}
 
 
-async def _complete(request, state, engine, seq, req, rid, chat) -> web.Response:
+async def _complete(request, state, engine, submitted, req, rid, chat) -> web.Response:
     text = TextStream(state.tokenizer, req.params.stop)  # the same text as streaming gives
     pieces: list[str] = []
     finish, cached, count = None, 0, 0
-    gen = engine.generate(seq, stream=False, gone=lambda: _client_gone(request))
+    gen = engine.generate(submitted, gone=lambda: _client_gone(request))
     try:
         async for delta in gen:  # one delta, at the end
             finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
@@ -140,7 +141,7 @@ async def _complete(request, state, engine, seq, req, rid, chat) -> web.Response
                               "usage": _usage(req, count, cached)})
 
 
-async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResponse:
+async def _stream(request, state, engine, submitted, req, rid, chat) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
@@ -170,14 +171,14 @@ async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResp
 
     text = TextStream(state.tokenizer, req.params.stop)
     cached = count = 0
-    gen = engine.generate(seq, gone=lambda: _client_gone(request))
+    gen = engine.generate(submitted, gone=lambda: _client_gone(request))
     try:
         if chat:
             await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None}])
         async for delta in gen:
             if _client_gone(request):
-                return resp  # leaving the generator aborts the request and frees its blocks
+                return resp  # released by the caller: the engine aborts it and frees its blocks
             finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
             piece = text.push(delta.token_ids, finish is not None)
             if piece or finish:
@@ -199,7 +200,7 @@ async def _stream(request, state, engine, seq, req, rid, chat) -> web.StreamResp
 
 async def models(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
-    max_len = state.engine.engine.config.max_model_len if state.engine else None
+    max_len = state.engine.config.max_model_len if state.engine else None
     return web.json_response({"object": "list", "data": [{"id": state.model_name, "object": "model",
                                                           "created": state.created, "owned_by": "nanoserve",
                                                           "max_model_len": max_len}]})

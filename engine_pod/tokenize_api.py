@@ -42,7 +42,7 @@ async def tokenize(request: web.Request) -> web.Response:
     except ChatFieldError as e:
         raise APIError(400, str(e), e.param) from None
     strs = tok.convert_ids_to_tokens(ids) if body.get("return_token_strs") else None
-    return web.json_response({"count": len(ids), "max_model_len": engine.engine.config.max_model_len,
+    return web.json_response({"count": len(ids), "max_model_len": engine.config.max_model_len,
                               "tokens": ids, "token_strs": strs})
 
 
@@ -50,7 +50,7 @@ async def detokenize(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     body = await json_body(request)
     engine = engine_for(state, body)
-    ids, vocab = body.get("tokens"), engine.engine.config.hf_config["vocab_size"]
+    ids, vocab = body.get("tokens"), engine.config.hf_config["vocab_size"]
     extra = set(body) - {"model", "tokens"}
     if extra:
         raise APIError(400, f"unrecognized field '{min(extra)}' for /detokenize", min(extra))

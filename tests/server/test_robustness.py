@@ -206,8 +206,16 @@ def test_request_that_can_never_fit_the_cache_is_400_and_the_engine_lives(tiny_m
     assert status == 200 and payload["usage"]["completion_tokens"] == 20
 
 
-FAULTY_SERVER = """
-import sys
+def patched_server(tmp_path, patch: str, args: list[str], **popen) -> subprocess.Popen:
+    """`nanoserve serve ARGS` with `patch` run at the start of each of its Python processes (a sitecustomize
+    module): the engine runs in its own spawned process, which a patch made in the server's would not reach."""
+    (tmp_path / "sitecustomize.py").write_text(patch)
+    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *args],
+                            env={**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": path}, **popen)
+
+
+FAULTY_STEP = """
 import nanoserve.engine_pod.llm_engine as llm_engine
 step, calls = llm_engine.LLMEngine.step, [0]
 def faulty_step(self):  # the test's injected fault: the engine's 20th step raises
@@ -216,22 +224,19 @@ def faulty_step(self):  # the test's injected fault: the engine's 20th step rais
         raise RuntimeError("injected step failure")
     return step(self)
 llm_engine.LLMEngine.step = faulty_step
-from nanoserve.engine_pod.cli import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(tiny_models):
+def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(tiny_models, tmp_path):
     """Streams get an SSE error event, the others a 500, within seconds; then the process exits 1 so that
     Kubernetes (or `nanoserve up`) restarts it."""
     from procs import free_port, wait_http
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", FAULTY_SERVER, "serve", "--model", tiny_models["qwen3"],
-                             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                             "--num-kvcache-blocks", "512", "--max-model-len", "512"],
-                            env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = patched_server(tmp_path, FAULTY_STEP, ["--model", tiny_models["qwen3"], "--host", "127.0.0.1", "--port",
+                                                  str(port), "--device", "cpu", "--num-kvcache-blocks", "512",
+                                                  "--max-model-len", "512"],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         wait_http(url + "/ready", 120, proc)
 
@@ -258,27 +263,24 @@ def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(ti
         proc.wait()
 
 
-SLOW_SERVER = """
-import sys, time
+SLOW_STEP = """
+import time
 import nanoserve.engine_pod.llm_engine as llm_engine
 step = llm_engine.LLMEngine.step
 def slow_step(self):  # the test's injected slowness: a request takes far longer than the drain timeout
     time.sleep(0.05)
     return step(self)
 llm_engine.LLMEngine.step = slow_step
-from nanoserve.engine_pod.cli import main
-sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_requests_cut_by_the_drain_timeout_end_with_an_error_and_the_exit_code_says_so(tiny_models):
+def test_requests_cut_by_the_drain_timeout_end_with_an_error_and_the_exit_code_says_so(tiny_models, tmp_path):
     from procs import free_port, wait_http
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, "serve", "--model", tiny_models["qwen3"],
-                             "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--drain-timeout", "1",
-                             "--num-kvcache-blocks", "512", "--max-model-len", "512"],
-                            env={**os.environ, "PYTHONSAFEPATH": "1"})
+    proc = patched_server(tmp_path, SLOW_STEP, ["--model", tiny_models["qwen3"], "--host", "127.0.0.1", "--port",
+                                                str(port), "--device", "cpu", "--drain-timeout", "1",
+                                                "--num-kvcache-blocks", "512", "--max-model-len", "512"])
     try:
         wait_http(url + "/ready", 120, proc)
 

@@ -1,5 +1,5 @@
-"""A tensor-parallel worker SIGKILLed mid-generation (issue 16): `nanoserve serve --tensor-parallel-size 2`
-fails the engine within seconds, every request ends with an error, /ready says 503, and the server exits 1."""
+"""A tensor-parallel worker or the engine core process SIGKILLed mid-generation (issue 16): the server fails
+the engine within seconds, every request ends with an error, /ready says 503, and the server exits 1."""
 import asyncio
 import json
 import os
@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 
 from procs import free_port, wait_http
 
 
-def tp_workers(pid: int) -> list[int]:
-    """The spawned worker processes among `pid`'s children (not multiprocessing's resource tracker)."""
+def spawned_children(pid: int) -> list[int]:
+    """The processes `pid` spawned with multiprocessing (not its resource tracker): the server's engine core,
+    the engine core's tensor-parallel workers."""
     children = set()
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/children") as f:
@@ -68,21 +70,27 @@ async def _kill_mid_generation(url: str, worker: int):
         return results, await asyncio.wait_for(probe, 30)
 
 
-def test_a_killed_tp_worker_ends_every_request_with_an_error_and_the_server_exits(tiny_models, tmp_path):
+@pytest.mark.parametrize("victim", ["tp worker", "engine core"])
+def test_a_killed_engine_process_ends_every_request_with_an_error_and_the_server_exits(victim, tiny_models, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model",
                                  tiny_models["qwen3"], "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                                 "--tensor-parallel-size", "2", "--max-num-seqs", "4", "--num-kvcache-blocks", "256",
+                                 "--tensor-parallel-size", "2" if victim == "tp worker" else "1", "--max-num-seqs", "4", "--num-kvcache-blocks", "256",
                                  "--max-model-len", "512"],
                                 env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_http(url + "/ready", 120, proc)
-        [worker] = tp_workers(proc.pid)
-        results, probed = asyncio.run(_kill_mid_generation(url, worker))
-        died = f"tensor-parallel worker 1 (pid {worker}) died with signal SIGKILL"
+        [engine_core] = spawned_children(proc.pid)
+        if victim == "tp worker":
+            [pid] = spawned_children(engine_core)
+            died = f"tensor-parallel worker 1 (pid {pid}) died with signal SIGKILL"
+        else:
+            pid = engine_core
+            died = f"the engine core process (pid {pid}) closed its pipe and exited (signal SIGKILL)"
+        results, probed = asyncio.run(_kill_mid_generation(url, pid))
         for i, (status, answer) in enumerate(results):
             if i % 2 == 0:  # streamed: it had started, and it ends with an error event instead of [DONE]
                 error = json.loads(answer[-1])["error"]
