@@ -10,7 +10,7 @@ STAGES=" ${*:-tests tp kernel throughput profile variants tp2 structured routing
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
-for mod in xxhash pytest pytest_timeout; do
+for mod in xxhash pytest pytest_timeout uvloop; do
   python -c "import $mod" 2>/dev/null || python -m pip install -q --no-deps --no-index --find-links .device_wheels \
     "$(echo $mod | tr _ -)" $([ $mod = pytest ] && echo pluggy iniconfig) >>"$OUT/pip.log" 2>&1
 done

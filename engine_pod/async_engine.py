@@ -2,12 +2,13 @@
 starts it, sends it requests and aborts, and turns its one message a step into each request's TokenDeltas
 and the Prometheus metrics, on the event loop.
 
-Sending goes through a thread (a pipe that is full while the engine runs a long step must not block the
-event loop); receiving is a reader callback on the loop. A streamed request's tokens go to its queue as
+Both pipes are served by threads: sending (a pipe that is full while the engine runs a long step must not
+block the event loop) and receiving (one loop wake-up a message, i.e. a step). A streamed request's tokens go to its queue as
 they come; a non-streamed one's come in one delta when it finishes (no loop work per token). An engine that
 fails, by a fault it reports or a process that dies, ends every open request with the error at once.
 """
 import asyncio
+import contextlib
 import itertools
 import multiprocessing
 import queue
@@ -62,10 +63,12 @@ class AsyncEngine:
         self.subscribers: dict[int, asyncio.Queue] = {}  # cache-feed queues, by id (live once their snapshot came)
         self._new_subscribers: dict[int, asyncio.Queue] = {}
         self._ids = itertools.count()
+        self._stopping = False
         self.num_sent = 0  # "add" messages sent: those the engine has not read yet count as waiting
         self.counts = EngineCounts(0, 0, 0.0, 0)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, name="engine-pipe", daemon=True)
+        self._sender = threading.Thread(target=self._send_loop, name="engine-pipe-out", daemon=True)
+        self._receiver = threading.Thread(target=self._recv_loop, name="engine-pipe-in", daemon=True)
 
     @property
     def config(self):
@@ -84,11 +87,12 @@ class AsyncEngine:
         self._in_r.close()  # the engine's ends: copies left open here would keep its death from reading as EOF
         self._out_w.close()
         self._sender.start()
-        self.loop.add_reader(self._out_r.fileno(), self._on_readable)
+        self._receiver.start()
         await self._ready
 
     async def stop(self, timeout: float = 30) -> None:
         """Stop the engine core (it finishes its teardown, tensor-parallel workers included)."""
+        self._stopping = True  # its pipe closing now is no failure
         if self.process.is_alive():
             if self.info is None:  # still loading: it reads no message until it has loaded
                 self.process.kill()
@@ -98,7 +102,6 @@ class AsyncEngine:
                 self.process.kill()
                 await asyncio.to_thread(self.process.join, 5)
         self._outbox.put(None)
-        self._close_reader()
 
     # ---- requests -----------------------------------------------------------------------------
     async def submit(self, prompt_ids: list[int], params: SamplingParams, stream: bool = True) -> EngineRequest:
@@ -184,21 +187,21 @@ class AsyncEngine:
             except OSError:  # the engine is gone: the reader reports it
                 return
 
-    def _on_readable(self) -> None:
+    def _recv_loop(self) -> None:
+        """Blocking reads on a thread of their own: a loop's add_reader would make the pipe non-blocking (uvloop
+        does), and a message still being written (a large cache snapshot) would then read as a broken pipe."""
         try:
-            while self._out_r.poll():
-                self._dispatch(self._out_r.recv())
+            while True:
+                self.loop.call_soon_threadsafe(self._dispatch, self._out_r.recv())
         except (EOFError, OSError):
-            self._close_reader()
+            if self._stopping:
+                return
             self.process.join(1)  # it has closed its pipe: it is exiting
             code = self.process.exitcode
             how = "is still running" if code is None else f"exited ({describe_exit(code)})"
-            self._fail(EngineDeadError(f"the engine core process (pid {self.process.pid}) closed its pipe and {how}"))
-
-    def _close_reader(self) -> None:
-        if not self._out_r.closed:
-            self.loop.remove_reader(self._out_r.fileno())
-            self._out_r.close()
+            error = EngineDeadError(f"the engine core process (pid {self.process.pid}) closed its pipe and {how}")
+            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is done anyway
+                self.loop.call_soon_threadsafe(self._fail, error)
 
     def _dispatch(self, msg: tuple) -> None:
         kind = msg[0]

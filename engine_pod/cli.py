@@ -1,9 +1,9 @@
 """The `nanoserve` command: `serve` (the engine pod), `generate` (offline), `gateway`, `up` (local stack)."""
 import argparse
-import asyncio
 import logging
 import sys
 
+from nanoserve.common import event_loop
 from nanoserve.engine_pod.default_model import DEFAULT_MODEL
 from nanoserve.engine_pod.tool_choice import REASONING_PARSERS, TOOL_CALL_PARSERS, ChatConfig
 
@@ -86,7 +86,7 @@ def chat_argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.serve import run_server
-    return asyncio.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
+    return event_loop.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
                                   served_model_name=args.served_model_name, api_key=args.api_key,
                                   max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
                                   drain_timeout=args.drain_timeout, api_key_file=args.api_key_file,
@@ -110,7 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.up import run_up
-    return asyncio.run(run_up(engine_kwargs(args), args.replicas, host=args.host, port=args.port,
+    return event_loop.run(run_up(engine_kwargs(args), args.replicas, host=args.host, port=args.port,
                               served_model_name=args.served_model_name, policy=args.policy,
                               drain_timeout=args.drain_timeout, engine_args=chat_argv(args)))
 

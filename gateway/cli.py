@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 
+from nanoserve.common import event_loop
 from nanoserve.gateway.config import GatewayConfig, RoutingConfig
 
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nanoserve.gateway.app import run_gateway
     try:
-        asyncio.run(run_gateway(config))
+        event_loop.run(run_gateway(config))
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass  # a signal cancelled the server after draining
 
