@@ -1,6 +1,7 @@
 """Shared by the benchmarks: the random Qwen3-0.6B model and the card's measured copy bandwidth."""
 import json
 import os
+import time
 
 import torch
 
@@ -36,3 +37,14 @@ def copy_bandwidth(gib: float = 4.0) -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=100, rep=500, return_mode="median")
     return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def timed(totals: dict[str, float], name: str, fn):
+    """`fn`, adding its host time to totals[name] at each call."""
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
+    return wrapper

@@ -8,6 +8,7 @@ the schema's free strings, so constrained and unconstrained requests do the same
 `--mask-only`: the host and device mask costs alone (runs on CPU too).
 """
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QWEN3_0_6B  # noqa: E402
+from common import QWEN3_0_6B, timed as timed_into  # noqa: E402
 
 from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
 from nanoserve.engine_pod.structured_params import StructuredOutputsParams  # noqa: E402
@@ -117,15 +118,7 @@ def profiled(llm: LLM, batch: int) -> dict:
     import nanoserve.engine_pod.llm_engine as engine_module
     from throughput import profile_phases
     totals = profile_phases(llm)
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
-        return wrapper
+    timed = functools.partial(timed_into, totals)
     engine_module.grammar_mask = timed("grammar_mask", engine_module.grammar_mask)
     engine_module._accepts = timed("accept", engine_module._accepts)
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)

@@ -5,6 +5,7 @@ temperature 0.6, ignore_eos, Qwen3-0.6B shape with random bf16 weights. Throughp
 of one generate after a warm-up. `--prefix-sharing` runs the prefix-sharing variant instead.
 """
 import argparse
+import functools
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from random import randint, seed
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import qwen3_0_6b_path  # noqa: E402
+from common import qwen3_0_6b_path, timed as timed_into  # noqa: E402
 
 from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
 
@@ -41,15 +42,7 @@ def profile_phases(llm) -> dict[str, float]:
     sampled tokens) and in "run" when the launch queue is full."""
     import nanoserve.engine_pod.llm_engine as engine_module
     totals: dict[str, float] = {}
-
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t
-        return wrapper
+    timed = functools.partial(timed_into, totals)
 
     llm.scheduler.schedule = timed("schedule", llm.scheduler.schedule)
     llm.scheduler.advance = timed("advance", llm.scheduler.advance)
