@@ -27,7 +27,7 @@ class ServerState:
         self.open_paths = {"/health", "/ready", "/ping", "/version"} | ({"/metrics"} if public_metrics else set())
         self.cache_salt_by_api_key = cache_salt_by_api_key  # tenants (keys) then share no prefix-cache block
         self.engine: AsyncEngine | None = None  # set when the model is loaded
-        self.tokenizer = None                   # the server's own copy: the engine thread uses its own
+        self.tokenizer = None                   # the server's own (the engine core process loads its own)
         self.bulk_tokenizer = None              # another, for long prompts on the `bulk` thread
         self.bulk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.tokenizer_info: dict | None = None  # GET /v1/tokenizer, and its files: what the gateway loads

@@ -1,7 +1,7 @@
 """Structured output on xgrammar: constraints compiled into grammars, and each step's token mask.
 
 `Grammars` compiles a request's StructuredOutputsParams into a matcher (a grammar's state) when the request
-is made: in the server on a worker thread, never on the engine thread, with a cache keyed by the constraint.
+is made: on a worker thread of the engine core process, never on its step loop, with a cache keyed by the constraint.
 Each step, `grammar_mask` asks the matchers of the constrained sampling rows which tokens may come next
 (a bitmask on the host); rank 0's model runner applies it to those rows' logits with `apply_grammar_mask`
 before temperature, top-k and top-p; after sampling each matcher accepts its row's token (llm_engine.py).
