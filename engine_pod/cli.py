@@ -1,6 +1,7 @@
 """The `nanoserve` command: `serve` (the engine pod), `generate` (offline), `gateway`, `up` (local stack)."""
 import argparse
 import logging
+import os
 import sys
 
 from nanoserve.common import event_loop
@@ -68,20 +69,42 @@ def add_chat_args(p: argparse.ArgumentParser) -> None:
                    help='let the model decide whether to call tools (tool_choice "auto", the default with tools)')
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
                    help="return a thinking model's <think> text as `reasoning`, apart from `content`")
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template in place of the model's: a file, or the template itself")
 
 
 def chat_config(args: argparse.Namespace) -> ChatConfig:
     try:
-        return ChatConfig(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser)
+        return ChatConfig(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser,
+                          read_chat_template(args.chat_template))
     except ValueError as e:
         raise SystemExit(f"nanoserve: {e}") from None
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template as vLLM reads it: a file's text, or the value itself if it is a template; checked
+    for Jinja syntax now, so that a broken template stops the start instead of failing every chat request."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            value = f.read()
+    elif "{{" not in value and "{%" not in value:
+        raise ValueError(f"--chat-template: no such file, and not a template: {value!r}")
+    from jinja2 import Environment, TemplateSyntaxError
+    try:
+        Environment().parse(value)
+    except TemplateSyntaxError as e:
+        raise ValueError(f"--chat-template: not a valid Jinja template: {e} (line {e.lineno})") from None
+    return value
 
 
 def chat_argv(args: argparse.Namespace) -> list[str]:
     chat = chat_config(args)
     return ((["--tool-call-parser", chat.tool_call_parser] if chat.tool_call_parser else [])
             + (["--enable-auto-tool-choice"] if chat.enable_auto_tool_choice else [])
-            + (["--reasoning-parser", chat.reasoning_parser] if chat.reasoning_parser else []))
+            + (["--reasoning-parser", chat.reasoning_parser] if chat.reasoning_parser else [])
+            + (["--chat-template", args.chat_template] if args.chat_template else []))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

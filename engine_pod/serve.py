@@ -63,6 +63,8 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
         folder = engine.config.model  # the resolved folder (the built-in model's cache, for one)
         state.tokenizer = AutoTokenizer.from_pretrained(folder)
         state.bulk_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, folder)
+        if chat.chat_template is not None:  # also in the files the gateway loads: it renders chats the same way
+            state.tokenizer.chat_template = state.bulk_tokenizer.chat_template = chat.chat_template
         state.tokenizer_files = await asyncio.to_thread(export_files, state.tokenizer)
         state.tokenizer_info = await asyncio.to_thread(tokenizer_info, state.tokenizer, state.tokenizer_files, name,
                                                        engine.config.kvcache_block_size)

@@ -24,6 +24,7 @@ class ChatConfig:
     tool_call_parser: str | None = None    # --tool-call-parser: how "auto" tool calls are read from the text
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: let the model decide (tool_choice "auto")
     reasoning_parser: str | None = None    # --reasoning-parser: reasoning apart from content
+    chat_template: str | None = None       # --chat-template: the Jinja template's text, in place of the model's
 
     def __post_init__(self):
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):

@@ -5,6 +5,7 @@ import urllib.error
 import urllib.request
 
 import openai
+import pytest
 from transformers import AutoTokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -61,3 +62,39 @@ def test_version_ping_and_model_by_id(bpe_server):
     assert http.get("/v1/models/bpe")[1]["id"] == "bpe"
     status, answer = http.get("/v1/models/nope")
     assert status == 404 and answer["error"]["code"] == "model_not_found"
+
+
+CUSTOM_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+                   "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+
+
+def test_chat_template_flag_renders_every_chat_and_reaches_the_gateways_files(bpe_model, start_server, tmp_path):
+    """vLLM's --chat-template (a file): the chat API, /tokenize and the tokenizer files a gateway loads all
+    use it instead of the model's own."""
+    path = tmp_path / "template.jinja"
+    path.write_text(CUSTOM_TEMPLATE)
+    server = start_server(bpe_model, "--chat-template", str(path), "--num-kvcache-blocks", "256",
+                          "--max-model-len", "512")
+    http = Http(server.url)
+    tok = AutoTokenizer.from_pretrained(bpe_model)
+    want = tok.encode("<<system>> be brief\n<<user>> hello there\n<<assistant>>", add_special_tokens=False)
+    status, answer = http.post("/tokenize", {"messages": MESSAGES})
+    assert status == 200 and answer["tokens"] == want
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(model=bpe_model, messages=MESSAGES, max_tokens=2)
+    assert reply.usage.prompt_tokens == len(want)
+    status, info = http.call("GET", "/v1/tokenizer")
+    texts = []
+    for f in info["files"]:
+        with urllib.request.urlopen(f"{server.url}/v1/tokenizer/files/{f['name']}", timeout=30) as r:
+            texts.append(r.read().decode("utf-8", "replace"))
+    assert any("<<assistant>>" in t for t in texts)
+
+
+def test_a_broken_chat_template_stops_the_start_with_a_message():
+    from nanoserve.engine_pod.cli import read_chat_template
+    with pytest.raises(ValueError, match="not a valid Jinja template"):
+        read_chat_template("{% for m in messages %}never closed")
+    with pytest.raises(ValueError, match="no such file"):
+        read_chat_template("/no/such/template.jinja")
+    assert read_chat_template(CUSTOM_TEMPLATE) == CUSTOM_TEMPLATE
