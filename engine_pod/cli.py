@@ -32,6 +32,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, choices=["torch", "flash_attn", "triton"])
     p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
                    help="schedule the next step while one runs (default: on with CUDA)")
+    # vLLM's flags whose only value nanoserve has is the one it always uses: accepted, so that vLLM command
+    # lines run, and refused at any other value (argparse names the choices).
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
+                   help="auto: the model's dtype (an fp8 KV cache is not supported yet)")
+    p.add_argument("--generation-config", default="vllm", choices=["vllm"],
+                   help="vllm: the server's sampling defaults (a model's generation_config.json sampling defaults "
+                        "are not applied yet; its EOS ids are)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="accepted for vLLM's command lines: nanoserve never runs code from a model folder")
 
 
 _ENGINE_KEYS = ("model", "tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
@@ -53,6 +62,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                         "tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY)")
     p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line (# comments)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key (Prometheus)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted for vLLM's command lines: nanoserve does not log requests")
     p.add_argument("--cache-salt-by-api-key", action="store_true",
                    help="salt the prefix cache by each request's API key: tenants share no cached block")
     p.add_argument("--max-pending", type=int, default=256, help="waiting requests beyond this get 429")
