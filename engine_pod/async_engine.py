@@ -45,18 +45,22 @@ class EngineRequest:
     held: list[int] = field(default_factory=list)  # a non-streamed request's tokens so far
     admitted: asyncio.Future | None = None  # a constrained request: set once its grammar has compiled
     finished: bool = False
+    scheduled_at: float | None = None    # first scheduled (the metrics of a request's phases)
+    first_token_at: float | None = None
     last_token_at: float | None = None
+    num_generated: int = 0
 
 
 class AsyncEngine:
 
-    def __init__(self, model: str, engine_kwargs: dict, metrics: EngineMetrics):
+    def __init__(self, model: str, engine_kwargs: dict, model_name: str):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA and threads do not survive fork
         self._in_r, self._in_w = ctx.Pipe(duplex=False)    # server -> engine
         self._out_r, self._out_w = ctx.Pipe(duplex=False)  # engine -> server
         self.process = ctx.Process(target=engine_process, args=(model, engine_kwargs, self._in_r, self._out_w),
                                    name="nanoserve-engine")
-        self.metrics = metrics
+        self.model_name = model_name
+        self.metrics: EngineMetrics | None = None  # made once the engine is loaded (buckets by max_model_len)
         self.info: EngineInfo | None = None
         self.error: BaseException | None = None
         self.requests: dict[int, EngineRequest] = {}
@@ -227,7 +231,10 @@ class AsyncEngine:
                 self.subscribers[msg[1]] = q
                 q.put_nowait(("snapshot", msg[2]))
         elif kind == "ready":
-            self.info = msg[1]
+            self.info = info = msg[1]
+            cfg = info.config
+            self.metrics = EngineMetrics(self.model_name, cfg.max_model_len, cfg.kvcache_block_size, info.num_blocks,
+                                         cfg.enable_prefix_caching)
             self._ready.set_result(None)
         elif kind == "failed":
             self._fail(msg[1])
@@ -254,21 +261,27 @@ class AsyncEngine:
         for seq_id in out.scheduled:
             req = self.requests.get(seq_id)
             if req is not None:
+                req.scheduled_at = out.started
                 m("request_queue_time").observe(out.started - req.arrival)
                 m("prompt_tokens").inc(req.num_prompt_tokens)
+        if out.num_tokens:
+            m("iteration_tokens").observe(out.num_tokens)
         generated = 0
-        ttft, itl = m("time_to_first_token"), m("inter_token_latency")
+        ttft, itl, tpot = m("time_to_first_token"), m("inter_token_latency"), m("time_per_output_token")
         for seq_id, token, finish, cached in out.rows:
             req = self.requests.get(seq_id)
             if req is None:  # released while this step ran
                 continue
             if req.last_token_at is None:
+                req.first_token_at = now
                 ttft.observe(now - req.arrival)
             else:
                 itl.observe(now - req.last_token_at)
+                tpot.observe(now - req.last_token_at)
             req.last_token_at = now
             if token is not None:  # None: a grammar that allowed no token ended it
                 generated += 1
+                req.num_generated += 1
                 if req.stream:
                     req.out.put_nowait(TokenDelta([token], finish, cached))
                 else:
@@ -280,8 +293,8 @@ class AsyncEngine:
                     req.out.put_nowait(TokenDelta(req.held, finish, cached))
                 del self.requests[seq_id]
                 req.finished = True
-                m("request_success", finished_reason=finish).inc()
-                m("e2e_request_latency").observe(now - req.arrival)
+                self.metrics.finished(finish, req.arrival, req.scheduled_at, req.first_token_at, now,
+                                      req.num_prompt_tokens, req.num_generated)
         m("generation_tokens").inc(generated)
         m("prefix_cache_queries").inc(out.prefix_queries)
         m("prefix_cache_hits").inc(out.prefix_hits)

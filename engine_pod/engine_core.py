@@ -47,6 +47,7 @@ class StepOutput:
     prefix_queries: int  # this step's prompt tokens looked up in the prefix cache, and hit
     prefix_hits: int
     preemptions: int
+    num_tokens: int  # tokens computed in the step (prefill chunks and decodes)
     cache_events: list[tuple[str, list[int]]] = field(default_factory=list)  # ("stored"|"removed", hashes)
 
 
@@ -189,7 +190,7 @@ class EngineCore:
         self.last_counts = counts = self._counts()
         self.out.send(("step", StepOutput(started, now, scheduled, rows, counts, bm.prefix_queries - queries,
                                           bm.prefix_hits - hits, engine.scheduler.num_preemptions - preemptions,
-                                          events)))
+                                          sum(n for _, n in engine.last_batch), events)))
 
 
 def _runs(events: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:

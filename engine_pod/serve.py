@@ -10,7 +10,6 @@ from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import load_api_keys
 from nanoserve.engine_pod.errors import ServerShutdown
-from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.server import ServerState, create_app
 from nanoserve.engine_pod.tool_choice import ChatConfig
 
@@ -52,7 +51,7 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine, code = AsyncEngine(model, engine_kwargs, EngineMetrics(name)), 0
+    engine, code = AsyncEngine(model, engine_kwargs, name), 0
     try:
         load = asyncio.ensure_future(engine.start())  # the engine core process loads the model
         await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)

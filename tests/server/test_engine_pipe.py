@@ -15,9 +15,10 @@ from nanoserve.engine_pod.metrics import EngineMetrics
 
 
 def test_a_step_message_written_in_pieces_arrives_whole_on_uvloop():
-    engine = AsyncEngine("unused", {}, EngineMetrics("m"))  # its process is never started here
+    engine = AsyncEngine("unused", {}, "m")  # its process is never started here
+    engine.metrics = EngineMetrics("m")
     rows = [(i, 1000 + i, None, 0) for i in range(20_000)]  # far beyond a pipe's atomic write
-    payload = pickle.dumps(("step", StepOutput(0.0, 1.0, [], rows, EngineCounts(0, 5, 0.5, 0), 0, 0, 0)))
+    payload = pickle.dumps(("step", StepOutput(0.0, 1.0, [], rows, EngineCounts(0, 5, 0.5, 0), 0, 0, 0, len(rows))))
     wire = struct.pack("!i", len(payload)) + payload  # multiprocessing's framing: length, then the bytes
 
     async def main():

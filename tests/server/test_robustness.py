@@ -115,13 +115,27 @@ def test_disconnecting_100_streams_frees_every_block(tiny_server):
 
 
 def test_metrics_parse_and_carry_vllm_names(tiny_server):
-    post(tiny_server.url, "/v1/completions", {"prompt": "w5 w6", "max_tokens": 3})
-    names = set(get_metrics(tiny_server.url))
+    before = get_metrics(tiny_server.url)  # the server is shared: earlier tests' requests are counted too
+    status, payload, _ = post(tiny_server.url, "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 3,
+                                                                   "ignore_eos": True})
+    after = get_metrics(tiny_server.url)
+    names = set(after)
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0)
+    assert status == 200
+    assert grew("vllm:request_prompt_tokens_sum") == 3 and grew("vllm:request_generation_tokens_sum") == 3
+    assert grew("vllm:request_prompt_tokens_count") == 1 and grew("vllm:request_decode_time_seconds_count") == 1
+    assert grew("vllm:time_per_output_token_seconds_count") == 2  # three tokens: two gaps
+    assert grew("vllm:iteration_tokens_total_sum") == 3 + 2  # the prompt's prefill, then two decodes
+    assert after["vllm:cache_config_info"] == 1
     for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
                  "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
                  "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
-                 "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket"]:
+                 "vllm:e2e_request_latency_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+                 "vllm:request_prefill_time_seconds_bucket", "vllm:request_inference_time_seconds_bucket",
+                 "vllm:request_time_per_output_token_seconds_bucket"]:
         assert name in names
 
 
