@@ -70,6 +70,7 @@ class AsyncEngine:
         self._stopping = False
         self.num_sent = 0  # "add" messages sent: those the engine has not read yet count as waiting
         self.counts = EngineCounts(0, 0, 0.0, 0)
+        self.prefix_queries = self.prefix_hits = 0  # so far (the V0 hit-rate gauge)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="engine-pipe-out", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name="engine-pipe-in", daemon=True)
@@ -298,6 +299,10 @@ class AsyncEngine:
         m("generation_tokens").inc(generated)
         m("prefix_cache_queries").inc(out.prefix_queries)
         m("prefix_cache_hits").inc(out.prefix_hits)
+        if out.prefix_queries:
+            self.prefix_queries += out.prefix_queries
+            self.prefix_hits += out.prefix_hits
+            m("gpu_prefix_cache_hit_rate").set(self.prefix_hits / self.prefix_queries)
         m("num_preemptions").inc(out.preemptions)
         self._on_counts(out.counts)
         for kind, hashes in out.cache_events:
@@ -309,3 +314,4 @@ class AsyncEngine:
         self._labeled("num_requests_waiting").set(counts.waiting)
         self._labeled("num_requests_running").set(counts.running)
         self._labeled("kv_cache_usage_perc").set(counts.kv_usage)
+        self._labeled("gpu_cache_usage_perc").set(counts.kv_usage)

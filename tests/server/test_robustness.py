@@ -129,6 +129,9 @@ def test_metrics_parse_and_carry_vllm_names(tiny_server):
     assert grew("vllm:time_per_output_token_seconds_count") == 2  # three tokens: two gaps
     assert grew("vllm:iteration_tokens_total_sum") == 3 + 2  # the prompt's prefill, then two decodes
     assert after["vllm:cache_config_info"] == 1
+    assert after["vllm:gpu_cache_usage_perc"] == after["vllm:kv_cache_usage_perc"]  # V0's names, for routers
+    assert after["vllm:gpu_prefix_cache_hit_rate"] == after["vllm:prefix_cache_hits_total"] / after[
+        "vllm:prefix_cache_queries_total"]
     for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",
                  "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
