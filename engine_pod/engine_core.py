@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from nanoserve.engine_pod.config import Config
-from nanoserve.engine_pod.errors import InvalidRequestError
 
 
 @dataclass
@@ -123,13 +122,11 @@ class EngineCore:
         if kind == "add":
             _, seq_id, token_ids, params, arrival = msg
             self.received += 1
+            # The server has run the admission checks (admission.py, the prompt ids' range): not again here.
             if params.structured_outputs is None:
-                try:  # (the server has run the same checks: a request never dies here in practice)
-                    self._add(self.engine.make_sequence(token_ids, params, seq_id, arrival))
-                except InvalidRequestError as e:
-                    self.out.send(("rejected", seq_id, e))
+                self._add(self.engine.checked_sequence(token_ids, params, seq_id, arrival))
             else:
-                self.compiling[seq_id] = self.compile_pool.submit(self.engine.make_sequence, token_ids, params,
+                self.compiling[seq_id] = self.compile_pool.submit(self.engine.checked_sequence, token_ids, params,
                                                                   seq_id, arrival)
         elif kind == "abort":
             seq_id = msg[1]

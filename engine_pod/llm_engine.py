@@ -101,13 +101,18 @@ class LLMEngine:
             raise InvalidRequestError("prompt token ids must be integers in [0, vocab_size)", "prompt")
         return list(prompt)
 
-    def make_sequence(self, prompt: str | list[int], params: SamplingParams, seq_id: int | None = None,
-                      arrival: float | None = None) -> Sequence:
-        """Validate one request and turn it into a Sequence (not yet queued). A constrained request's grammar
-        compiles here: the engine core process calls this on a worker thread for those."""
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Validate one request and turn it into a Sequence (not yet queued)."""
         token_ids = self.tokenize(prompt)
         bm = self.block_manager
         check_request(token_ids, params, self.config.max_model_len, bm.block_size, bm.num_blocks)
+        return self.checked_sequence(token_ids, params)
+
+    def checked_sequence(self, token_ids: list[int], params: SamplingParams, seq_id: int | None = None,
+                         arrival: float | None = None) -> Sequence:
+        """The Sequence of a request already validated (make_sequence, or the server before it sent it to the
+        engine core: not again on the step loop). A constrained request's grammar compiles here, which raises
+        InvalidRequestError for a bad one: the engine core calls this on a worker thread for those."""
         seq = Sequence(token_ids, params, time.monotonic() if arrival is None else arrival, seq_id)
         if params.structured_outputs is not None:
             seq.grammar = self._grammars().matcher(params.structured_outputs)
