@@ -123,7 +123,11 @@ class AsyncEngine:
         self.num_sent += 1  # waiting from now: back-pressure sees a burst before the engine does
         self._send(("add", req.seq_id, prompt_ids, params, req.arrival))
         if req.admitted is not None:
-            await req.admitted
+            try:
+                await req.admitted
+            except BaseException:  # rejected (already gone), or the client left while its grammar compiled
+                self.release(req)
+                raise
         return req
 
     async def generate(self, req: EngineRequest, gone: Callable[[], bool] | None = None) -> AsyncIterator[TokenDelta]:
