@@ -5,8 +5,12 @@ from nanoserve.engine_pod.sampling_params import SamplingParams
 
 
 def check_request(token_ids: list[int], params: SamplingParams, max_model_len: int, block_size: int,
-                  num_blocks: int) -> None:
+                  num_blocks: int, vocab_size: int) -> None:
     """InvalidRequestError (naming the field) for a request this engine could never serve."""
+    for name, ids in params.token_ids_to_check().items():
+        bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab_size})", name)
     if not token_ids:
         raise InvalidRequestError("prompt is empty", "prompt")
     if len(token_ids) >= max_model_len:

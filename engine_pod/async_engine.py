@@ -32,6 +32,11 @@ class TokenDelta:
     token_ids: list[int]
     finish_reason: str | None  # None while the request runs
     num_cached_tokens: int = 0
+    logprobs: list | None = None  # with params.logprobs: a sampler.TokenLogprobs per token
+
+
+def _joined(a: list | None, b: list | None) -> list | None:
+    return None if a is None and b is None else (a or []) + (b or [])
 
 
 @dataclass(eq=False)
@@ -43,6 +48,7 @@ class EngineRequest:
     stream: bool  # False: the tokens come in one delta at the end
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     held: list[int] = field(default_factory=list)  # a non-streamed request's tokens so far
+    held_logprobs: list | None = None              # ... and their logprobs, when asked
     admitted: asyncio.Future | None = None  # a constrained request: set once its grammar has compiled
     finished: bool = False
     scheduled_at: float | None = None    # first scheduled (the metrics of a request's phases)
@@ -113,7 +119,8 @@ class AsyncEngine:
         """Send a request to the engine core. InvalidRequestError if it could never be served (for a
         constrained one, also if its grammar does not compile). Every submitted request must be released."""
         cfg = self.config
-        check_request(prompt_ids, params, cfg.max_model_len, cfg.kvcache_block_size, self.info.num_blocks)
+        check_request(prompt_ids, params, cfg.max_model_len, cfg.kvcache_block_size, self.info.num_blocks,
+                      cfg.hf_config["vocab_size"])
         if self.error is not None:
             raise self.error
         req = EngineRequest(next(self._ids), len(prompt_ids), time.monotonic(), stream)  # the engine's clock too
@@ -150,7 +157,8 @@ class AsyncEngine:
                 if isinstance(more, BaseException):
                     delta = more
                     break
-                delta = TokenDelta(delta.token_ids + more.token_ids, more.finish_reason, more.num_cached_tokens)
+                delta = TokenDelta(delta.token_ids + more.token_ids, more.finish_reason, more.num_cached_tokens,
+                                   _joined(delta.logprobs, more.logprobs))
             if isinstance(delta, BaseException):
                 raise delta
             yield delta
@@ -287,15 +295,20 @@ class AsyncEngine:
             if token is not None:  # None: a grammar that allowed no token ended it
                 generated += 1
                 req.num_generated += 1
+                logprobs = out.logprobs.get(seq_id) if out.logprobs else None
                 if req.stream:
-                    req.out.put_nowait(TokenDelta([token], finish, cached))
+                    req.out.put_nowait(TokenDelta([token], finish, cached, None if logprobs is None else [logprobs]))
                 else:
                     req.held.append(token)
+                    if logprobs is not None:
+                        if req.held_logprobs is None:
+                            req.held_logprobs = []
+                        req.held_logprobs.append(logprobs)
             elif req.stream:
                 req.out.put_nowait(TokenDelta([], finish, cached))
             if finish is not None:
                 if not req.stream:
-                    req.out.put_nowait(TokenDelta(req.held, finish, cached))
+                    req.out.put_nowait(TokenDelta(req.held, finish, cached, req.held_logprobs))
                 del self.requests[seq_id]
                 req.finished = True
                 self.metrics.finished(finish, req.arrival, req.scheduled_at, req.first_token_at, now,

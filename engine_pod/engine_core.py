@@ -48,6 +48,7 @@ class StepOutput:
     preemptions: int
     num_tokens: int  # tokens computed in the step (prefill chunks and decodes)
     cache_events: list[tuple[str, list[int]]] = field(default_factory=list)  # ("stored"|"removed", hashes)
+    logprobs: dict[int, object] = field(default_factory=dict)  # seq_id -> its row's sampler.TokenLogprobs
 
 
 def portable(e: BaseException) -> BaseException:
@@ -182,12 +183,14 @@ class EngineCore:
             scheduled = [seq.seq_id for seq, _ in engine.last_batch if seq.seq_id in self.unscheduled]
             self.unscheduled.difference_update(scheduled)
         rows = [(seq.seq_id, token, seq.finish_reason, seq.num_cached_tokens) for seq, token in sampled]
+        logprobs = {seq.seq_id: seq.logprobs[-1] for seq, token in sampled
+                    if token is not None and seq.params.logprobs is not None}
         events = _runs(bm.events) if self.subscribers else []  # in order: a hash can be evicted and stored again
         bm.events.clear()
         self.last_counts = counts = self._counts()
         self.out.send(("step", StepOutput(started, now, scheduled, rows, counts, bm.prefix_queries - queries,
                                           bm.prefix_hits - hits, engine.scheduler.num_preemptions - preemptions,
-                                          sum(n for _, n in engine.last_batch), events)))
+                                          sum(n for _, n in engine.last_batch), events, logprobs)))
 
 
 def _runs(events: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:

@@ -3,25 +3,30 @@ from tqdm.auto import tqdm
 
 from nanoserve.common.chat import chat_prompt_ids
 from nanoserve.engine_pod.llm_engine import LLMEngine
-from nanoserve.engine_pod.sampling_params import SamplingParams
+from nanoserve.engine_pod.sampling_params import SamplingParams, best_of
 from nanoserve.engine_pod.sequence import Sequence
 
 
 class LLM(LLMEngine):
 
-    def generate(self, prompts: list[str] | list[list[int]],
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
                  sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[dict]:
-        """Complete every prompt; results come back in input order as dicts with "text", "token_ids"
-        (completion only) and "finish_reason"."""
+        """Complete every prompt (a string or a token-id list is one prompt); results come back in input order
+        as dicts with "text", "token_ids" (completion only), "finish_reason" and, when asked, "logprobs" (a
+        sampler.TokenLogprobs per token). With n > 1 (or best_of), "outputs" holds the n completions (best
+        first under best_of) and the keys above are the first one's."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            raise TypeError("prompts must be a list of strings or a list of token-id lists")
+            prompts = [prompts]
         params = sampling_params or SamplingParams()
         if not isinstance(params, list):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        seqs = [self.make_sequence(p, sp) for p, sp in zip(prompts, params)]  # validate all before queueing any
+        # Validate all before queueing any; a prompt's n children go in together (they share its blocks).
+        groups = [[self.make_sequence(p, sp.child(j)) for j in range(sp.best_of or sp.n)]
+                  for p, sp in zip(prompts, params)]
+        seqs = [seq for group in groups for seq in group]
         for seq in seqs:
             self.add_sequence(seq)
         results: dict[int, dict] = {}
@@ -36,7 +41,17 @@ class LLM(LLMEngine):
             bar.close()
             for seq in seqs:  # an interrupted generate leaves nothing queued and no block taken
                 self.abort(seq.seq_id)
-        return [results.get(s.seq_id) or self._result(s) for s in seqs]
+        return [self._grouped([results.get(s.seq_id) or self._result(s) for s in group], sp)
+                for group, sp in zip(groups, params)]
+
+    @staticmethod
+    def _grouped(outputs: list[dict], params: SamplingParams) -> dict:
+        if params.ranks_best_of:
+            means = [sum(e.logprob for e in o["logprobs"]) / max(1, len(o["logprobs"])) for o in outputs]
+            outputs = [outputs[i] for i in best_of(means, params.n)]
+            if params.logprobs is None:  # asked for the ranking only
+                outputs = [{k: v for k, v in o.items() if k != "logprobs"} for o in outputs]
+        return outputs[0] | ({"outputs": outputs} if len(outputs) > 1 or params.n > 1 else {})
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
@@ -49,4 +64,7 @@ class LLM(LLMEngine):
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _result(self, seq: Sequence) -> dict:
-        return {"text": self.decode(seq), "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason}
+        out = {"text": self.decode(seq), "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason}
+        if seq.params.logprobs is not None:
+            out["logprobs"] = seq.logprobs
+        return out

@@ -16,8 +16,9 @@ from nanoserve.engine_pod.admission import check_request
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.logits_processing import bad_words_ids
 from nanoserve.engine_pod.model_runner import ModelRunner
-from nanoserve.engine_pod.sampler import sampling_inputs
+from nanoserve.engine_pod.sampler import sampling_inputs, unpack_logprobs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
@@ -105,7 +106,8 @@ class LLMEngine:
         """Validate one request and turn it into a Sequence (not yet queued)."""
         token_ids = self.tokenize(prompt)
         bm = self.block_manager
-        check_request(token_ids, params, self.config.max_model_len, bm.block_size, bm.num_blocks)
+        check_request(token_ids, params, self.config.max_model_len, bm.block_size, bm.num_blocks,
+                      self.config.hf_config["vocab_size"])
         return self.checked_sequence(token_ids, params)
 
     def checked_sequence(self, token_ids: list[int], params: SamplingParams, seq_id: int | None = None,
@@ -114,6 +116,8 @@ class LLMEngine:
         engine core: not again on the step loop). A constrained request's grammar compiles here, which raises
         InvalidRequestError for a bad one: the engine core calls this on a worker thread for those."""
         seq = Sequence(token_ids, params, time.monotonic() if arrival is None else arrival, seq_id)
+        if params.bad_words:
+            seq.bad_words_ids = bad_words_ids(self.tokenizer, params.bad_words)
         if params.structured_outputs is not None:
             seq.grammar = self._grammars().matcher(params.structured_outputs)
         return seq
@@ -167,7 +171,7 @@ class LLMEngine:
             if inputs.prev_rows is not None:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
-                inputs.sampling = sampling_inputs(sampling, self.rng)
+                inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
                 if self.constrained and any(s.grammar is not None for s in sampling):
                     deferred = inputs.defer_sampling = overlap
                     if not overlap:
@@ -181,7 +185,7 @@ class LLMEngine:
         if deferred:  # the previous tokens are in the matchers now
             tokens = self._run("sample_deferred", self._mask(sampling), local=True)
         if sampling:
-            launched = InFlight(sampling, positions, self.download(tokens))
+            launched = InFlight(sampling, positions, self.download(*tokens))
             if overlap:
                 self.in_flight = launched
             else:
@@ -203,7 +207,9 @@ class LLMEngine:
         """Put a step's sampled tokens in place of their placeholders; retire what they finish. A token is
         None for a constrained request that ended because its grammar allowed no token."""
         out = []
-        for seq, position, token in zip(flight.seqs, flight.positions, flight.tokens.wait()):
+        tokens = flight.tokens.wait()
+        logprob_rows = flight.tokens.logprob_rows()
+        for row, (seq, position, token) in enumerate(zip(flight.seqs, flight.positions, tokens)):
             if seq.is_finished:  # aborted, or stopped by the step before, while this one ran
                 continue
             if seq.grammar is not None and not _accepts(seq.grammar, token):
@@ -213,6 +219,8 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 token = None
             else:
+                if seq.params.logprobs is not None:
+                    seq.logprobs.append(unpack_logprobs(logprob_rows[row], seq.params.logprobs))
                 self.scheduler.resolve(seq, position, token)
             if not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated():
                 seq.finish_reason = "stop"  # the grammar is complete (it accepted a stop token)

@@ -26,7 +26,7 @@ from nanoserve.engine_pod.layers.attention import Attention, pick_backend
 from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
-from nanoserve.engine_pod.sampler import SamplingInputs, sample
+from nanoserve.engine_pod.sampler import SamplingInputs, sample, token_logprobs
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
 from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
 
@@ -141,9 +141,9 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Forward one batch and sample its sampling rows; rank 0 gets the token ids (on the device, not
-        waited for), other ranks None."""
+    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Forward one batch and sample its sampling rows; rank 0 gets the token ids and, when a row asks,
+        sampler.token_logprobs' rows (on the device, not waited for), other ranks None."""
         hidden, t = self._forward(inputs)
         if inputs.sampling is None:
             return None
@@ -155,17 +155,21 @@ class ModelRunner:
             return None
         return self._sample(logits, inputs.grammar, inputs.sampling, t)
 
-    def sample_deferred(self, mask: GrammarMask | None) -> torch.Tensor:
+    def sample_deferred(self, mask: GrammarMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rank 0: sample the rows of the last `run` that deferred its sampling, under `mask`."""
         (logits, sampling, t), self.deferred = self.deferred, None
         return self._sample(logits, mask, sampling, t)
 
     @torch.inference_mode()
-    def _sample(self, logits: torch.Tensor, mask: GrammarMask | None, sampling, t: dict) -> torch.Tensor:
-        if mask is not None:  # structured output: before temperature, top-k and top-p
+    def _sample(self, logits: torch.Tensor, mask: GrammarMask | None, sampling: SamplingInputs,
+                t: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if mask is not None:  # structured output: before all other processing (vLLM's order)
             apply_grammar_mask(logits, mask)
-        self.prev_tokens = sample(logits, sampling, t)
-        return self.prev_tokens
+        tokens = self.prev_tokens = sample(logits, sampling, t, self.prev_tokens)
+        logprobs = None
+        if sampling.num_logprobs >= 0:
+            logprobs = token_logprobs(logits, tokens, sampling.num_logprobs)
+        return tokens, logprobs
 
     @torch.inference_mode()
     def logits(self, inputs: StepInputs) -> torch.Tensor | None:

@@ -4,7 +4,7 @@ Everything a client can get wrong becomes an `APIError` with an OpenAI-shaped bo
 the server never answers a bad request with a 500. `salt_key`: the API key a request authenticated with,
 when the server salts the prefix cache by key (--cache-salt-by-api-key): tenants then share no cached block.
 """
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanoserve.common.block_hash import tenant_salt
 from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt, completion_prompt_ids
@@ -37,6 +37,16 @@ class ParsedRequest:
     tool_use: ToolUse | None = None  # chat: how to read tool calls out of the output
     reasoning: str | None = None     # chat: the reasoning parser's kind, None for no reasoning apart
     thinking_in_prompt: bool = False  # chat: the template ended the prompt inside an open <think>
+    more_prompts: list[tuple[list[int], SamplingParams]] = field(default_factory=list)  # a completions batch
+    echo: bool = False               # completions: the prompt's text starts each choice's text
+
+    @property
+    def prompts(self) -> list[tuple[list[int], SamplingParams]]:
+        return [(self.prompt_ids, self.params)] + self.more_prompts
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.prompts) * self.params.n
 
 
 def _get(body: dict, name: str, types: tuple, default=None):
@@ -99,9 +109,31 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
             seed=_get(body, "seed", (int,)),
             priority=_get(body, "priority", (int,), 0),
             cache_salt=_cache_salt(body, salt_key),
-            structured_outputs=_constraint(body, forced))
+            structured_outputs=_constraint(body, forced),
+            n=_get(body, "n", (int,), 1), best_of=_get(body, "best_of", (int,)),
+            presence_penalty=_float(body, "presence_penalty", 0.0),
+            frequency_penalty=_float(body, "frequency_penalty", 0.0),
+            repetition_penalty=_float(body, "repetition_penalty", 1.0),
+            min_p=_float(body, "min_p", 0.0), min_tokens=_get(body, "min_tokens", (int,), 0),
+            logit_bias=_get(body, "logit_bias", (dict,)), allowed_token_ids=_get(body, "allowed_token_ids", (list,)),
+            bad_words=_get(body, "bad_words", (list,)), logprobs=_logprobs(body, chat))
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many top logprobs a token gets (0: the sampled token's alone), None for no logprobs. Chat asks with
+    `logprobs: true` and `top_logprobs`; completions with `logprobs: <int>`."""
+    if not chat:
+        return _get(body, "logprobs", (int,))
+    top = _get(body, "top_logprobs", (int,))
+    if not _get(body, "logprobs", (bool,), False):
+        if top:
+            raise APIError(400, "'top_logprobs' needs 'logprobs' set to true", "top_logprobs")
+        return None
+    if top is not None and top < 0:
+        raise APIError(400, "'top_logprobs' must be >= 0", "top_logprobs")
+    return top or 0
 
 
 def _constraint(body: dict, forced: StructuredOutputsParams | None) -> StructuredOutputsParams | None:
@@ -141,18 +173,30 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
                      salt_key: str | None = None) -> ParsedRequest:
     _check_fields(body, chat=False)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
     if prompt is None:
         raise APIError(400, "'prompt' is required", "prompt")
-    try:
-        ids = completion_prompt_ids(tokenizer, prompt)
-    except ChatFieldError as e:
-        raise APIError(400, f"{e} (one prompt per request)", "prompt") from None
-    check_prompt_ids(ids, vocab_size, max_model_len)
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
+        else [prompt]  # a list of strings or of id lists is a batch: a choice (or n) per prompt, in order
+    prompts = []
+    for one in batch:
+        try:
+            ids = completion_prompt_ids(tokenizer, one)
+        except ChatFieldError as e:
+            raise APIError(400, str(e), "prompt") from None
+        check_prompt_ids(ids, vocab_size, max_model_len)
+        prompts.append((ids, _sampling_params(body, len(ids), max_model_len, salt_key, chat=False)))
     stream, include_usage = _stream_options(body)
-    return ParsedRequest(ids, _sampling_params(body, len(ids), max_model_len, salt_key, chat=False), stream,
-                         include_usage)
+    (ids, params), *more = prompts
+    _check_choices(params, stream)
+    echo = _get(body, "echo", (bool,), False)
+    if echo and params.logprobs is not None:
+        raise APIError(400, "'echo' with 'logprobs' (the prompt's logprobs) is not supported by this server", "echo")
+    return ParsedRequest(ids, params, stream, include_usage, more_prompts=more, echo=echo)
+
+
+def _check_choices(params: SamplingParams, stream: bool) -> None:
+    if params.best_of is not None and params.best_of > params.n and stream:
+        raise APIError(400, "'best_of' cannot be used with 'stream' (the best are known only at the end)", "best_of")
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_key: str | None = None,
@@ -171,6 +215,7 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
     params = _sampling_params(body, len(ids), max_model_len, salt_key, tools.constraint)
+    _check_choices(params, stream)
     reasoning, thinking = chat.reasoning_parser, False
     if reasoning is not None and params.structured_outputs is None:
         thinking = prompt_opens_thinking(text, reasoning)

@@ -9,17 +9,17 @@ from nanoserve.engine_pod.errors import InvalidRequestError
 # Read by the server (openai_protocol.py, structured_params.py, tool_choice.py, common/chat.py).
 HONOURED = {"model", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
             "top_k", "stop", "stop_token_ids", "ignore_eos", "seed", "priority", "cache_salt", "response_format",
-            "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
-CHAT = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs"}
-COMPLETION = {"prompt"}
+            "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "n", "best_of",
+            "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+            "logit_bias", "allowed_token_ids", "bad_words"}
+CHAT = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "top_logprobs"}
+COMPLETION = {"prompt", "echo"}
 INFORMATIONAL = {"user", "metadata", "request_id"}  # they never change an answer
 # Not implemented (yet): accepted at the value that changes nothing, else a 400. (None is always accepted.)
 AT_NO_OP = {
-    "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "prompt_logprobs": (),
-    "echo": (False,), "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0,), "frequency_penalty": (0,),
-    "repetition_penalty": (1,), "min_p": (0,), "min_tokens": (0,), "length_penalty": (1,),
+    "prompt_logprobs": (), "suffix": ("",), "length_penalty": (1,), "echo": (False,),
     "use_beam_search": (False,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
-    "spaces_between_special_tokens": (True,), "allowed_token_ids": (), "bad_words": ([],),
+    "spaces_between_special_tokens": (True,),
     "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "logits_processors": (),
     "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": (), "documents": (),
     "mm_processor_kwargs": (), "store": (False,), "service_tier": ("auto", "default"),
@@ -39,7 +39,7 @@ def check_fields(body: dict, chat: bool) -> None:
     for name, value in body.items():
         if name in HONOURED or name in own or name in INFORMATIONAL or value is None:
             continue
-        if name in other:
+        if name in other and name not in AT_NO_OP:
             raise InvalidRequestError(f"'{name}' is not a field of {endpoint}", name)
         allowed = _ADD_SPECIAL_TOKENS[chat] if name == "add_special_tokens" else AT_NO_OP.get(name)
         if allowed is None:

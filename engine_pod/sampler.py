@@ -8,10 +8,12 @@ so its tokens do not depend on the batch around it; other rows take fresh random
 """
 import random
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from nanoserve.engine_pod.logits_processing import apply_processing, processing_inputs
 from nanoserve.engine_pod.sequence import Sequence
 
 _MASK63 = (1 << 63) - 1
@@ -25,6 +27,24 @@ class SamplingInputs:
     seeds: np.ndarray         # int64 [rows]
     all_greedy: bool          # decided on the host, so the device needs no check
     needs_top: bool           # some row has top-k or top-p
+    min_p: np.ndarray | None = None  # float64 [rows], when some sampled row has min_p
+    processing: dict[str, np.ndarray] | None = None  # logits_processing's arrays, when some row needs them
+    num_logprobs: int = -1    # the most top logprobs a row asks for; -1: no row wants logprobs
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the step uploads for sampling."""
+        out = {"temperatures": self.temperatures, "top_k": self.top_k, "top_p": self.top_p, "seeds": self.seeds}
+        if self.min_p is not None:
+            out["min_p"] = self.min_p
+        return out | (self.processing or {})
+
+
+class TokenLogprobs(NamedTuple):
+    """A sampled token's logprob (from the raw logits, as vLLM's default logprobs mode), its rank among the
+    vocabulary (1 = the most likely) and the top tokens as (token id, logprob), most likely first."""
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
 
 
 def row_seed(seed: int, position: int) -> int:
@@ -35,7 +55,7 @@ def row_seed(seed: int, position: int) -> int:
     return (x ^ (x >> 31)) & _MASK63
 
 
-def sampling_inputs(seqs: list[Sequence], rng: random.Random) -> SamplingInputs:
+def sampling_inputs(seqs: list[Sequence], rng: random.Random, eos_ids: list[int] = ()) -> SamplingInputs:
     """The sampling rows of one step, in the order of their logits. A row samples the token at position
     `seq.num_tokens` (before its placeholder is appended)."""
     params = [s.params for s in seqs]
@@ -46,7 +66,18 @@ def sampling_inputs(seqs: list[Sequence], rng: random.Random) -> SamplingInputs:
     top_k = np.array([p.top_k for p in params], np.int64)
     top_p = np.array([p.top_p for p in params], np.float64)
     needs_top = any(not g and (p.top_k > 0 or p.top_p < 1) for p, g in zip(params, greedy))
-    return SamplingInputs(temps, top_k, top_p, seeds, all(greedy), needs_top)
+    min_p = None
+    if any(not g and p.min_p > 0 for p, g in zip(params, greedy)):
+        min_p = np.array([p.min_p for p in params], np.float64)
+    num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
+    return SamplingInputs(temps, top_k, top_p, seeds, all(greedy), needs_top, min_p,
+                          processing_inputs(seqs, list(eos_ids)), num_logprobs)
+
+
+def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below min_p times the most likely one's (`scaled`: logits / T)."""
+    threshold = scaled.max(-1, keepdim=True).values + min_p.float().log().unsqueeze(1)  # log(0) = -inf: off
+    return scaled.masked_fill(scaled < threshold, float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -60,18 +91,43 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, host: SamplingInputs, dev: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Token ids [rows] (int64, on logits' device). `dev` holds the uploaded arrays of `host`."""
+def sample(logits: torch.Tensor, host: SamplingInputs, dev: dict[str, torch.Tensor],
+           prev: torch.Tensor | None = None) -> torch.Tensor:
+    """Token ids [rows] (int64, on logits' device). `dev` holds the uploaded arrays of `host`; `prev`: the
+    previous step's sampled tokens (the processing of a row whose newest token the host has not seen reads it)."""
+    if host.processing is not None:
+        logits = apply_processing(logits, dev, prev)
     if host.all_greedy:
         return logits.argmax(-1)
     temps = dev["temperatures"]  # float64 as uploaded: the kernel reads any float dtype (one cast fewer)
-    if host.needs_top:  # scale first: top-p applies to the distribution actually sampled from
+    if host.needs_top or host.min_p is not None:  # scale first: they apply to the distribution sampled from
         sampled = temps > 0
-        logits = apply_top_k_top_p(logits.float() / torch.where(sampled, temps, 1.0).float().unsqueeze(1),
-                                   dev["top_k"], dev["top_p"].float())
+        logits = logits.float() / torch.where(sampled, temps, 1.0).float().unsqueeze(1)
+        if host.min_p is not None:
+            logits = apply_min_p(logits, dev["min_p"])
+        if host.needs_top:
+            logits = apply_top_k_top_p(logits, dev["top_k"], dev["top_p"].float())
         temps = sampled.float()  # already scaled; greedy rows stay 0
     if logits.device.type == "cuda":
         from nanoserve.kernels.sampling import sample as sample_kernel
         return sample_kernel(logits, temps, dev["seeds"])
     from nanoserve.kernels.sampling_ref import sample_ref
     return sample_ref(logits, temps, host.seeds.tolist())
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.Tensor:
+    """float32 [rows, 2 + 2k] on the device: each row's sampled-token logprob, its rank, the top k token ids
+    and their logprobs (ids as floats: exact below 2^24). From `logits` as the model gave them."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(1, tokens.unsqueeze(1))
+    rank = (logprobs > chosen).sum(-1, keepdim=True).float() + 1
+    top = logprobs.topk(k, -1) if k else None
+    parts = [chosen, rank] + ([top.indices.float(), top.values] if top is not None else [])
+    return torch.cat(parts, 1)
+
+
+def unpack_logprobs(row: np.ndarray, k: int) -> TokenLogprobs:
+    """One row of `token_logprobs`' result, with the request's own k."""
+    width = (len(row) - 2) // 2
+    ids, values = row[2:2 + width], row[2 + width:]
+    return TokenLogprobs(float(row[0]), int(row[1]), [(int(ids[i]), float(values[i])) for i in range(k)])

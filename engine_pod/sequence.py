@@ -40,6 +40,9 @@ class Sequence:
         self.num_pending = 0   # trailing PLACEHOLDER tokens (sampled, not yet copied back)
         self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
         self.grammar = None    # structured output: an xgrammar matcher that has accepted every completion token
+        self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine tokenizes them)
+        self.logprobs: list = []  # with params.logprobs: one sampler.TokenLogprobs per completion token
+        self._prompt_unique: np.ndarray | None = None
         self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)
 
     def __len__(self) -> int:
@@ -60,6 +63,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def prompt_unique(self) -> np.ndarray:
+        """The prompt's distinct token ids (the repetition penalty's), computed once."""
+        if self._prompt_unique is None:
+            self._prompt_unique = np.unique(np.asarray(self.token_ids[:self.num_prompt_tokens], np.int64))
+        return self._prompt_unique
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

@@ -15,15 +15,10 @@ import uuid
 
 from aiohttp import web
 from nanoserve.common.json_body import LOOP_BYTES
-from nanoserve.engine_pod.chat_output import ChatOutput
-from nanoserve.engine_pod.errors import InvalidRequestError, ServerShutdown
+from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_file
-from nanoserve.engine_pod.openai_protocol import (
-    APIError,
-    ParsedRequest,
-    parse_chat,
-    parse_completion,
-)
+from nanoserve.engine_pod.openai_protocol import APIError, parse_chat, parse_completion
+from nanoserve.engine_pod.responses import engine_requests, respond
 from nanoserve.engine_pod.server_state import (
     API_KEY,
     STATE,
@@ -32,7 +27,6 @@ from nanoserve.engine_pod.server_state import (
     error_response,
     json_body,
 )
-from nanoserve.engine_pod.text_stream import TextStream
 from nanoserve.engine_pod.tokenize_api import detokenize, server_version, tokenize
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -83,119 +77,19 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         req = parse(body, state.tokenizer, *args)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     state.inflight += 1
-    submitted = None
+    submitted = []
     try:
         try:  # the engine's own admission checks (e.g. a request that could never fit in the KV cache); a
             # structured-output grammar compiles in the engine core process, off its loop, before this returns
-            submitted = await engine.submit(req.prompt_ids, req.params, req.stream)
+            for _, prompt_ids, params in engine_requests(req):
+                submitted.append(await engine.submit(prompt_ids, params, req.stream))
         except InvalidRequestError as e:
             raise APIError(400, str(e), e.param) from None
-        if req.stream:
-            return await _stream(request, state, engine, submitted, req, rid, chat)
-        return await _complete(request, state, engine, submitted, req, rid, chat)
+        return await respond(request, state, engine, submitted, req, rid, chat)
     finally:
-        if submitted is not None:
-            engine.release(submitted)
+        for one in submitted:
+            engine.release(one)
         state.inflight -= 1
-
-
-def _client_gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
-
-
-def _chat_output(req: ParsedRequest) -> ChatOutput:
-    return ChatOutput(req.tool_use, req.reasoning, req.thinking_in_prompt)
-
-
-def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
-    n = len(req.prompt_ids)
-    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached}}
-
-
-async def _complete(request, state, engine, submitted, req, rid, chat) -> web.Response:
-    text = TextStream(state.tokenizer, req.params.stop)  # the same text as streaming gives
-    pieces: list[str] = []
-    finish, cached, count = None, 0, 0
-    gen = engine.generate(submitted, gone=lambda: _client_gone(request))
-    try:
-        async for delta in gen:  # one delta, at the end
-            finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
-            pieces.append(text.push(delta.token_ids, finish is not None))
-    except ServerShutdown as e:
-        raise APIError(503, str(e), code="server_shutdown", type="service_unavailable") from None
-    finally:
-        await gen.aclose()
-    if finish is None:  # the client left: nobody reads an answer
-        return web.Response(status=499)
-    content = "".join(pieces)
-    if chat:
-        output = _chat_output(req)
-        output.push(content, True)
-        choice = {"index": 0, "message": output.message(), "logprobs": None,
-                  "finish_reason": output.finish_reason(finish)}
-    else:
-        choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": finish}
-    return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                              "created": int(time.time()), "model": state.model_name, "choices": [choice],
-                              "usage": _usage(req, count, cached)})
-
-
-async def _stream(request, state, engine, submitted, req, rid, chat) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
-    created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
-    # A stream sends thousands of chunks that differ only in their text: the rest is encoded once.
-    head = ("data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": state.model_name})[:-1]
-            + ', "choices": [{"index": 0, ').encode()
-
-    async def send(choices: list, **extra) -> None:
-        chunk = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
-        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
-
-    output = _chat_output(req) if chat else None
-
-    async def send_text(text: str, finish: str | None) -> None:
-        if output is not None and not output.plain:  # reasoning or tool calls: a delta object a step
-            delta = output.push(text, finish is not None).to_openai()
-            if delta or finish:
-                await send([{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": output.finish_reason(finish)}])
-            return
-        if chat:
-            delta = f'{{"content": {json.dumps(text)}}}' if text or not finish else "{}"
-            body = f'"delta": {delta}, "logprobs": null, "finish_reason": {json.dumps(finish)}}}]}}\n\n'
-        else:
-            body = f'"text": {json.dumps(text)}, "logprobs": null, "finish_reason": {json.dumps(finish)}}}]}}\n\n'
-        await resp.write(head + body.encode())
-
-    text = TextStream(state.tokenizer, req.params.stop)
-    cached = count = 0
-    gen = engine.generate(submitted, gone=lambda: _client_gone(request))
-    try:
-        if chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}])
-        async for delta in gen:
-            if _client_gone(request):
-                return resp  # released by the caller: the engine aborts it and frees its blocks
-            finish, cached, count = delta.finish_reason, delta.num_cached_tokens, count + len(delta.token_ids)
-            piece = text.push(delta.token_ids, finish is not None)
-            if piece or finish:
-                await send_text(piece, finish)
-        if req.include_usage:
-            await send([], usage=_usage(req, count, cached))
-        await resp.write(b"data: [DONE]\n\n")
-    except ConnectionResetError:
-        pass  # client went away mid-write
-    except Exception as e:  # noqa: BLE001 - the engine failed mid-stream: say so in the stream, then end it
-        body = (APIError(503, str(e), code="server_shutdown") if isinstance(e, ServerShutdown) else
-                APIError(500, f"engine failed: {type(e).__name__}: {e}", code="engine_failed")).body()
-        with contextlib.suppress(ConnectionResetError):
-            await resp.write(f"data: {json.dumps(body)}\n\n".encode())
-    finally:
-        await gen.aclose()
-    return resp
 
 
 async def models(request: web.Request) -> web.Response:

@@ -83,8 +83,6 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
 
 UPLOADED = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_indices",
             "block_tables", "prev_rows"]
-SAMPLING = ["temperatures", "top_k", "top_p", "seeds"]
-FLOAT64 = {"temperatures", "top_p"}
 
 
 class Uploader:
@@ -107,8 +105,9 @@ class Uploader:
         arrays = {name: getattr(x, name) for name in UPLOADED}
         arrays["block_tables"] = x.block_tables.reshape(-1)
         if x.sampling is not None:
-            arrays.update({name: getattr(x.sampling, name) for name in SAMPLING})
-        arrays = {k: (v.view(np.int64) if k in FLOAT64 else v) for k, v in arrays.items() if v is not None}
+            arrays.update(x.sampling.arrays())
+        floats = {k for k, v in arrays.items() if v is not None and v.dtype == np.float64}  # travel as their bits
+        arrays = {k: (v.view(np.int64) if k in floats else v) for k, v in arrays.items() if v is not None}
         sizes = {k: v.size + v.size % 2 for k, v in arrays.items()}  # even: 16-byte aligned starts
         flat = np.zeros(sum(sizes.values()), np.int64)
         offset = 0
@@ -120,7 +119,7 @@ class Uploader:
         for k, v in arrays.items():
             out[k] = dev[offset:offset + v.size]
             offset += sizes[k]
-            if k in FLOAT64:
+            if k in floats:
                 out[k] = out[k].view(torch.float64)
         out["block_tables"] = out["block_tables"].view(x.block_tables.shape)
         return out
@@ -143,15 +142,20 @@ class Uploader:
 
 
 class SampledTokens:
-    """A step's sampled token ids on their way to the host: the copy is queued behind the step on the
-    GPU, and `wait()` is the only place the host waits for the GPU."""
+    """A step's sampled token ids (and logprobs, when asked) on their way to the host: the copy is queued
+    behind the step on the GPU, and `wait()` is the only place the host waits for the GPU."""
 
-    def __init__(self, tokens: torch.Tensor, pinned: torch.Tensor | None):
+    def __init__(self, tokens: torch.Tensor, pinned: torch.Tensor | None, logprobs: torch.Tensor | None = None,
+                 pinned_logprobs: torch.Tensor | None = None):
+        self.logprobs = None
         if tokens.device.type != "cuda":
-            self.host, self.event = tokens, None
+            self.host, self.event, self.logprobs = tokens, None, logprobs
             return
         self.host = pinned[:tokens.numel()]
         self.host.copy_(tokens, non_blocking=True)
+        if logprobs is not None:
+            self.logprobs = pinned_logprobs[:logprobs.numel()].view(logprobs.shape)
+            self.logprobs.copy_(logprobs, non_blocking=True)
         self.event = torch.cuda.Event()
         self.event.record()
 
@@ -159,6 +163,10 @@ class SampledTokens:
         if self.event is not None:
             self.event.synchronize()
         return self.host.tolist()
+
+    def logprob_rows(self) -> np.ndarray | None:
+        """After `wait()`: sampler.token_logprobs' rows, or None when no row asked for logprobs."""
+        return None if self.logprobs is None else self.logprobs.numpy()
 
 
 class Downloader:
@@ -169,8 +177,15 @@ class Downloader:
     def __init__(self, device: torch.device, max_rows: int):
         self.pinned = [torch.empty(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
             if device.type == "cuda" else [None, None]
+        self.pinned_logprobs: list[torch.Tensor | None] = [None, None]  # made when a request first asks
         self.turn = 0
 
-    def __call__(self, tokens: torch.Tensor) -> SampledTokens:
+    def __call__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> SampledTokens:
         self.turn ^= 1
-        return SampledTokens(tokens, self.pinned[self.turn])
+        if logprobs is not None and logprobs.device.type == "cuda":
+            buffer = self.pinned_logprobs[self.turn]
+            if buffer is None or buffer.numel() < logprobs.numel():
+                buffer = self.pinned_logprobs[self.turn] = torch.empty(
+                    max(logprobs.numel(), 2 * (buffer.numel() if buffer is not None else 0)), pin_memory=True)
+            return SampledTokens(tokens, self.pinned[self.turn], logprobs, buffer)
+        return SampledTokens(tokens, self.pinned[self.turn], logprobs)

@@ -11,7 +11,7 @@ class StopChecker:
         """Whether the token before position `end` completed one of `seq`'s stop strings (tokens from
         `end` on may still be placeholders)."""
         stops = seq.params.stop
-        if not stops:
+        if not stops or end - seq.num_prompt_tokens < seq.params.min_tokens:  # (vLLM's min_tokens rule)
             return False
         # A stop string of L characters ends within the last L tokens (plus a few for multi-token characters).
         window = seq.token_ids[max(seq.num_prompt_tokens, end - max(map(len, stops)) - 4):end]
