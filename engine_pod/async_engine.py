@@ -33,6 +33,8 @@ class TokenDelta:
     finish_reason: str | None  # None while the request runs
     num_cached_tokens: int = 0
     logprobs: list | None = None  # with params.logprobs: a sampler.TokenLogprobs per token
+    prompt_logprobs: list | None = None  # with params.prompt_logprobs, in the first delta: one per prompt token
+                                         # from the second
 
 
 def _joined(a: list | None, b: list | None) -> list | None:
@@ -49,6 +51,7 @@ class EngineRequest:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     held: list[int] = field(default_factory=list)  # a non-streamed request's tokens so far
     held_logprobs: list | None = None              # ... and their logprobs, when asked
+    prompt_logprobs: list | None = None
     admitted: asyncio.Future | None = None  # a constrained request: set once its grammar has compiled
     finished: bool = False
     scheduled_at: float | None = None    # first scheduled (the metrics of a request's phases)
@@ -158,7 +161,7 @@ class AsyncEngine:
                     delta = more
                     break
                 delta = TokenDelta(delta.token_ids + more.token_ids, more.finish_reason, more.num_cached_tokens,
-                                   _joined(delta.logprobs, more.logprobs))
+                                   _joined(delta.logprobs, more.logprobs), delta.prompt_logprobs)
             if isinstance(delta, BaseException):
                 raise delta
             yield delta
@@ -296,8 +299,11 @@ class AsyncEngine:
                 generated += 1
                 req.num_generated += 1
                 logprobs = out.logprobs.get(seq_id) if out.logprobs else None
+                if out.prompt_logprobs and seq_id in out.prompt_logprobs:
+                    req.prompt_logprobs = out.prompt_logprobs[seq_id]
                 if req.stream:
-                    req.out.put_nowait(TokenDelta([token], finish, cached, None if logprobs is None else [logprobs]))
+                    req.out.put_nowait(TokenDelta([token], finish, cached, None if logprobs is None else [logprobs],
+                                                  req.prompt_logprobs if req.num_generated == 1 else None))
                 else:
                     req.held.append(token)
                     if logprobs is not None:
@@ -308,7 +314,7 @@ class AsyncEngine:
                 req.out.put_nowait(TokenDelta([], finish, cached))
             if finish is not None:
                 if not req.stream:
-                    req.out.put_nowait(TokenDelta(req.held, finish, cached, req.held_logprobs))
+                    req.out.put_nowait(TokenDelta(req.held, finish, cached, req.held_logprobs, req.prompt_logprobs))
                 del self.requests[seq_id]
                 req.finished = True
                 self.metrics.finished(finish, req.arrival, req.scheduled_at, req.first_token_at, now,

@@ -50,7 +50,8 @@ class BlockManager:
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of `seq`. The last token is always left to compute,
         since its logits are needed."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1 and \
+                seq.params.prompt_logprobs is not None:  # its prompt must be computed to be scored
             return []
         hits, parent, B = [], seq.hash_root, self.block_size
         for i in range((seq.num_tokens - 1) // B):

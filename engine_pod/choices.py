@@ -9,8 +9,12 @@ stores every token's KV before any attention reads it): the prompt is computed o
 from nanoserve.engine_pod.async_engine import TokenDelta
 from nanoserve.engine_pod.chat_output import ChatOutput
 from nanoserve.engine_pod.openai_protocol import ParsedRequest
+from nanoserve.engine_pod.sampler import TokenLogprobs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.text_stream import TextStream
+
+
+_UNSCORED = TokenLogprobs(0.0, 0, [])  # the prompt's first token: nothing before it to score it
 
 
 class LogprobsWriter:
@@ -44,6 +48,18 @@ class LogprobsWriter:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
 
+def prompt_logprobs_json(tokenizer, prompt_ids: list[int], entries: list) -> list:
+    """vLLM's `prompt_logprobs`: None for the first token, then per prompt token {token id: {logprob, rank,
+    decoded_token}} for the token itself and the top ones."""
+    out: list = [None]
+    for token, e in zip(prompt_ids[1:], entries):
+        scored = {str(t): {"logprob": lp, "rank": r, "decoded_token": tokenizer.decode([t])}
+                  for r, (t, lp) in enumerate(e.top, 1)}
+        scored[str(token)] = {"logprob": e.logprob, "rank": e.rank, "decoded_token": tokenizer.decode([token])}
+        out.append(scored)
+    return out
+
+
 def merge_logprobs(parts: list[dict], chat: bool) -> dict | None:
     if not parts:
         return None
@@ -62,6 +78,9 @@ class Choice:
         self.output = ChatOutput(req.tool_use, req.reasoning, req.thinking_in_prompt) if chat else None
         self.logprobs = LogprobsWriter(tokenizer, chat) if req.params.logprobs is not None else None
         self.prefix = prefix  # echo: the prompt's text, sent before the first token's
+        self.echo_logprobs = req.echo and self.logprobs is not None  # and the prompt's logprobs
+        self.prompt_ids = req.prompts[prompt][0]
+        self.prompt_logprobs: list | None = None  # prompt_logprobs_json's, once the first token came
         self.finish: str | None = None
         self.count = self.cached = 0
         self.sum_logprob = 0.0
@@ -76,7 +95,16 @@ class Choice:
             self.sum_logprob += sum(e.logprob for e in delta.logprobs)
         piece = self.prefix + self.text.push(delta.token_ids, delta.finish_reason is not None)
         self.prefix = ""
-        part = self.logprobs.part(delta.token_ids, delta.logprobs or []) if self.logprobs is not None else None
+        part = None
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = prompt_logprobs_json(self.text.tokenizer, self.prompt_ids, delta.prompt_logprobs)
+            if self.echo_logprobs:  # the prompt's tokens open the logprobs, the first one scored None
+                first = self.logprobs.part(self.prompt_ids, [_UNSCORED] + delta.prompt_logprobs)
+                first["token_logprobs"][0] = first["top_logprobs"][0] = None
+                part = first
+        if self.logprobs is not None:
+            tokens = self.logprobs.part(delta.token_ids, delta.logprobs or [])
+            part = tokens if part is None else merge_logprobs([part, tokens], self.chat)
         return piece, part
 
     @property
@@ -95,7 +123,8 @@ class Choice:
         logprobs = merge_logprobs(self.logprob_parts, self.chat) if self.logprobs is not None else None
         content = "".join(self.pieces)
         if not self.chat:
-            return {"index": self.index, "text": content, "logprobs": logprobs, "finish_reason": self.finish}
+            extra = {} if self.prompt_logprobs is None else {"prompt_logprobs": self.prompt_logprobs}
+            return {"index": self.index, "text": content, "logprobs": logprobs, "finish_reason": self.finish} | extra
         self.output.push(content, True)
         return {"index": self.index, "message": self.output.message(), "logprobs": logprobs,
                 "finish_reason": self.output.finish_reason(self.finish)}

@@ -49,6 +49,7 @@ class StepOutput:
     num_tokens: int  # tokens computed in the step (prefill chunks and decodes)
     cache_events: list[tuple[str, list[int]]] = field(default_factory=list)  # ("stored"|"removed", hashes)
     logprobs: dict[int, object] = field(default_factory=dict)  # seq_id -> its row's sampler.TokenLogprobs
+    prompt_logprobs: dict[int, list] = field(default_factory=dict)  # seq_id -> its prompt's, with its first token
 
 
 def portable(e: BaseException) -> BaseException:
@@ -91,6 +92,7 @@ class EngineCore:
         self.compiling: dict[int, concurrent.futures.Future] = {}  # constrained requests, by seq_id
         self.compile_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="grammar")
         self.last_counts: EngineCounts | None = None
+        self.prompts_scored: set[int] = set()  # prompt_logprobs sent, request not finished
         engine.block_manager.record_events = True
 
     def run(self, inbox: Connection) -> None:
@@ -185,12 +187,20 @@ class EngineCore:
         rows = [(seq.seq_id, token, seq.finish_reason, seq.num_cached_tokens) for seq, token in sampled]
         logprobs = {seq.seq_id: seq.logprobs[-1] for seq, token in sampled
                     if token is not None and seq.params.logprobs is not None}
+        prompt_logprobs = {}
+        for seq, _ in sampled:
+            if seq.params.prompt_logprobs is not None and seq.seq_id not in self.prompts_scored:
+                prompt_logprobs[seq.seq_id] = seq.prompt_logprobs
+                self.prompts_scored.add(seq.seq_id)
+            if seq.is_finished:
+                self.prompts_scored.discard(seq.seq_id)
         events = _runs(bm.events) if self.subscribers else []  # in order: a hash can be evicted and stored again
         bm.events.clear()
         self.last_counts = counts = self._counts()
         self.out.send(("step", StepOutput(started, now, scheduled, rows, counts, bm.prefix_queries - queries,
                                           bm.prefix_hits - hits, engine.scheduler.num_preemptions - preemptions,
-                                          sum(n for _, n in engine.last_batch), events, logprobs)))
+                                          sum(n for _, n in engine.last_batch), events, logprobs,
+                                          prompt_logprobs)))
 
 
 def _runs(events: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:

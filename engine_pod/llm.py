@@ -67,4 +67,6 @@ class LLM(LLMEngine):
         out = {"text": self.decode(seq), "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason}
         if seq.params.logprobs is not None:
             out["logprobs"] = seq.logprobs
+        if seq.params.prompt_logprobs is not None:
+            out["prompt_logprobs"] = [None] + seq.prompt_logprobs  # (the first token has nothing before it)
         return out

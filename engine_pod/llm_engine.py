@@ -176,21 +176,33 @@ class LLMEngine:
                     deferred = inputs.defer_sampling = overlap
                     if not overlap:
                         inputs.grammar = self._mask(sampling)
-            tokens = self._run("run", inputs)
+            tokens, logprobs, prompt = self._run("run", inputs)
+            if prompt is not None:
+                self._score_prompts(inputs.prompt_slices, prompt)
             positions = self.scheduler.advance(batch, sampling)
         elif self.in_flight is None and self.has_unfinished():
             raise RuntimeError("scheduler made no progress although requests are pending")
         done, self.in_flight = (self.in_flight, None) if overlap else (None, None)
         out = self._apply(done) if done is not None else []
         if deferred:  # the previous tokens are in the matchers now
-            tokens = self._run("sample_deferred", self._mask(sampling), local=True)
+            tokens, logprobs = self._run("sample_deferred", self._mask(sampling), local=True)
         if sampling:
-            launched = InFlight(sampling, positions, self.download(*tokens))
+            launched = InFlight(sampling, positions, self.download(tokens, logprobs))
             if overlap:
                 self.in_flight = launched
             else:
                 out = self._apply(launched)
         return out
+
+    def _score_prompts(self, slices: list[tuple[int, int]], rows) -> None:
+        """prompt_logprobs: append each sequence's newly scored prompt tokens."""
+        start = 0
+        for seq_id, n in slices:
+            seq = self.requests.get(seq_id)
+            if seq is not None:
+                k = seq.params.prompt_logprobs
+                seq.prompt_logprobs += [unpack_logprobs(rows[i], k) for i in range(start, start + n)]
+            start += n
 
     def _mask(self, sampling: list[Sequence]):
         return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks)

@@ -141,19 +141,29 @@ class ModelRunner:
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def run(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """Forward one batch and sample its sampling rows; rank 0 gets the token ids and, when a row asks,
-        sampler.token_logprobs' rows (on the device, not waited for), other ranks None."""
+    def run(self, inputs: StepInputs) -> tuple | None:
+        """Forward one batch and sample its sampling rows. Rank 0 gets (token ids or None, their
+        sampler.token_logprobs rows or None: on the device, not waited for; prompt logprobs rows or None: on
+        the host), other ranks None. A deferred sampling's tokens come from `sample_deferred`."""
         hidden, t = self._forward(inputs)
+        prompt = self._prompt_logprobs(hidden, inputs, t) if inputs.prompt_rows is not None else None
         if inputs.sampling is None:
-            return None
+            return None if self.rank else (None, None, prompt)
         logits = self.model.compute_logits(_logits_rows(hidden, inputs, t))
         if logits is None:  # workers: rank 0 gathered their share
             return None
         if inputs.defer_sampling:  # the mask is being made on the host while this forward runs
             self.deferred = (logits, inputs.sampling, t)
+            return None, None, prompt
+        return self._sample(logits, inputs.grammar, inputs.sampling, t) + (prompt,)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs, t: dict):
+        """prompt_logprobs: each scored row's logprob of the next prompt token, its rank and the top ones
+        (sampler.token_logprobs' layout), copied to the host at once (a rarely used option may wait)."""
+        logits = self.model.compute_logits(hidden[t["prompt_rows"]])  # every rank: TP gathers the vocabulary
+        if logits is None:
             return None
-        return self._sample(logits, inputs.grammar, inputs.sampling, t)
+        return token_logprobs(logits, t["prompt_targets"], inputs.prompt_k).cpu().numpy()
 
     def sample_deferred(self, mask: GrammarMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rank 0: sample the rows of the last `run` that deferred its sampling, under `mask`."""

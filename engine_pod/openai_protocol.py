@@ -116,9 +116,20 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
             repetition_penalty=_float(body, "repetition_penalty", 1.0),
             min_p=_float(body, "min_p", 0.0), min_tokens=_get(body, "min_tokens", (int,), 0),
             logit_bias=_get(body, "logit_bias", (dict,)), allowed_token_ids=_get(body, "allowed_token_ids", (list,)),
-            bad_words=_get(body, "bad_words", (list,)), logprobs=_logprobs(body, chat))
+            bad_words=_get(body, "bad_words", (list,)), logprobs=_logprobs(body, chat),
+            prompt_logprobs=_prompt_logprobs(body, chat))
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
+
+
+def _prompt_logprobs(body: dict, chat: bool) -> int | None:
+    """vLLM's prompt_logprobs; a completion that echoes its prompt with logprobs scores the prompt too."""
+    asked = _get(body, "prompt_logprobs", (int,))
+    if asked is not None and _get(body, "stream", (bool,), False):
+        raise APIError(400, "'prompt_logprobs' is not available with 'stream'", "prompt_logprobs")
+    if not chat and _get(body, "echo", (bool,), False) and body.get("logprobs") is not None:
+        asked = max(asked or 0, _logprobs(body, chat) or 0)
+    return asked
 
 
 def _logprobs(body: dict, chat: bool) -> int | None:
@@ -189,8 +200,8 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     (ids, params), *more = prompts
     _check_choices(params, stream)
     echo = _get(body, "echo", (bool,), False)
-    if echo and params.logprobs is not None:
-        raise APIError(400, "'echo' with 'logprobs' (the prompt's logprobs) is not supported by this server", "echo")
+    if echo and params.logprobs is not None and stream:
+        raise APIError(400, "'echo' with 'logprobs' (the prompt's logprobs) is not available with 'stream'", "echo")
     return ParsedRequest(ids, params, stream, include_usage, more_prompts=more, echo=echo)
 
 

@@ -11,13 +11,13 @@ HONOURED = {"model", "stream", "stream_options", "max_tokens", "max_completion_t
             "top_k", "stop", "stop_token_ids", "ignore_eos", "seed", "priority", "cache_salt", "response_format",
             "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "n", "best_of",
             "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
-            "logit_bias", "allowed_token_ids", "bad_words"}
+            "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs"}
 CHAT = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "top_logprobs"}
 COMPLETION = {"prompt", "echo"}
 INFORMATIONAL = {"user", "metadata", "request_id"}  # they never change an answer
 # Not implemented (yet): accepted at the value that changes nothing, else a 400. (None is always accepted.)
 AT_NO_OP = {
-    "prompt_logprobs": (), "suffix": ("",), "length_penalty": (1,), "echo": (False,),
+    "suffix": ("",), "length_penalty": (1,), "echo": (False,),
     "use_beam_search": (False,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
     "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "logits_processors": (),

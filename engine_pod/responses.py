@@ -88,10 +88,12 @@ async def _complete(request, state, engine, pairs, req, rid, chat) -> web.Respon
         kept = [g[k] for g in groups for k in best_of([c.mean_logprob for c in g], req.params.n)]
     for index, c in enumerate(kept):
         c.index = index
-    return web.json_response({"id": rid, "object": "chat.completion" if chat else "text_completion",
-                              "created": int(time.time()), "model": state.model_name,
-                              "choices": [c.final() for c in kept],
-                              "usage": _usage(req, sum(c.count for c in choices), _cached(choices))})
+    body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": state.model_name, "choices": [c.final() for c in kept],
+            "usage": _usage(req, sum(c.count for c in choices), _cached(choices))}
+    if chat and req.params.prompt_logprobs is not None:  # chat: one prompt, its logprobs beside the choices
+        body["prompt_logprobs"] = kept[0].prompt_logprobs
+    return web.json_response(body)
 
 
 async def _stream_choices(request, state, engine, pairs, req, rid, chat) -> web.StreamResponse:

@@ -46,6 +46,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None          # never completed (their last token is masked after the rest)
     logprobs: int | None = None     # the sampled token's logprob and this many top ones (raw: before processing)
+    prompt_logprobs: int | None = None  # each prompt token's logprob (from the second) and this many top ones
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -108,10 +109,12 @@ class SamplingParams:
                                           "allowed_token_ids")
         if self.bad_words is not None and not all(isinstance(w, str) for w in self.bad_words):
             raise InvalidRequestError("bad_words must be a list of strings", "bad_words")
-        if self.logprobs is not None:
-            _int_at_least(self.logprobs, 0, "logprobs")
-            if self.logprobs > MAX_LOGPROBS:
-                raise InvalidRequestError(f"logprobs must be <= {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _int_at_least(value, 0, name)
+                if value > MAX_LOGPROBS:
+                    raise InvalidRequestError(f"{name} must be <= {MAX_LOGPROBS}, got {value}", name)
 
     def token_ids_to_check(self) -> dict[str, list[int]]:
         """The token ids this request names, by field (admission checks them against the vocabulary)."""

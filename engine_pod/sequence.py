@@ -42,6 +42,7 @@ class Sequence:
         self.grammar = None    # structured output: an xgrammar matcher that has accepted every completion token
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine tokenizes them)
         self.logprobs: list = []  # with params.logprobs: one sampler.TokenLogprobs per completion token
+        self.prompt_logprobs: list = []  # with params.prompt_logprobs: one per prompt token from the second on
         self._prompt_unique: np.ndarray | None = None
         self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)
 

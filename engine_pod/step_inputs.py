@@ -34,6 +34,12 @@ class StepInputs:
     sampling: SamplingInputs | None = None  # the rows that sample (in logits_indices order), or None
     grammar: GrammarMask | None = None      # structured output: the constrained rows' token mask (rank 0 only)
     defer_sampling: bool = False  # rank 0 keeps the logits; sample_deferred(mask) samples once the mask is made
+    # prompt_logprobs: the rows whose logits score the next prompt token, those tokens, the most top logprobs
+    # asked, and (seq_id, rows) per sequence in row order
+    prompt_rows: np.ndarray | None = None
+    prompt_targets: np.ndarray | None = None
+    prompt_k: int = 0
+    prompt_slices: list[tuple[int, int]] | None = None
 
 
 def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInputs, list[Sequence]]:
@@ -45,6 +51,7 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
     B = block_size
     input_ids, positions, slots, cu, ctx, logits_idx, sampling = [], [], [], [0], [], [], []
     pending_at, pending_rows = [], []
+    scored: list[tuple[Sequence, int, int]] = []  # prompt_logprobs: (seq, first row, rows)
     max_q = 0
     for seq, n in batch:
         start = seq.num_computed_tokens
@@ -62,6 +69,8 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
             input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += [table[p // B] * B + p % B for p in range(start, end)]
+        if seq.params.prompt_logprobs is not None:
+            scored += _prompt_scoring(seq, start, end, cu[-1])
         max_q = max(max_q, n)
         cu.append(cu[-1] + n)
         ctx.append(end)
@@ -77,12 +86,28 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
         prev_rows = np.full(cu[-1], -1, np.int64)
         prev_rows[pending_at] = pending_rows
     i64 = lambda v: np.asarray(v, np.int64)
-    return StepInputs(i64(input_ids), i64(positions), i64(slots), i64(cu), i64(ctx), tables, i64(logits_idx),
-                      max_q, max(ctx), prev_rows), sampling
+    inputs = StepInputs(i64(input_ids), i64(positions), i64(slots), i64(cu), i64(ctx), tables, i64(logits_idx),
+                        max_q, max(ctx), prev_rows)
+    if scored:
+        inputs.prompt_rows = np.concatenate([np.arange(r, r + n) for _, r, n in scored])
+        inputs.prompt_targets = np.concatenate([
+            np.asarray(s.token_ids[len(s.prompt_logprobs) + 1:len(s.prompt_logprobs) + 1 + n], np.int64)
+            for s, _, n in scored])
+        inputs.prompt_k = max(s.params.prompt_logprobs for s, _, _ in scored)
+        inputs.prompt_slices = [(s.seq_id, n) for s, _, n in scored]
+    return inputs, sampling
+
+
+def _prompt_scoring(seq: Sequence, start: int, end: int, row: int) -> list[tuple[Sequence, int, int]]:
+    """prompt_logprobs: the rows of this chunk (its first at `row`) that score a prompt token not yet scored
+    (position p scores token p + 1; a recomputed chunk after a preemption scores nothing twice)."""
+    first = max(start, len(seq.prompt_logprobs))
+    last = min(end, seq.num_prompt_tokens - 1)
+    return [(seq, row + first - start, last - first)] if last > first else []
 
 
 UPLOADED = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_indices",
-            "block_tables", "prev_rows"]
+            "block_tables", "prev_rows", "prompt_rows", "prompt_targets"]
 
 
 class Uploader:

@@ -93,3 +93,22 @@ def test_a_single_string_prompt_is_one_prompt(llm):
     out = llm.generate("w5 w6 w7", SamplingParams(temperature=0, max_tokens=4))
     assert len(out) == 1 and out[0]["token_ids"] == llm.generate(["w5 w6 w7"], SamplingParams(
         temperature=0, max_tokens=4))[0]["token_ids"]
+
+
+def test_prompt_logprobs_equal_transformers_chunked_and_after_a_cache_hit(tiny_models, hf_model):
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=128, max_num_batched_tokens=24)  # 40 tokens: 2 chunks
+    try:
+        prompt = PROMPTS[1]
+        llm.generate([prompt], SamplingParams(max_tokens=1))  # its blocks are cached now: scoring skips the cache
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3))[0]
+    finally:
+        llm.exit()
+    with torch.no_grad():
+        expected = hf_model(torch.tensor([prompt])).logits[0, :-1].log_softmax(-1)
+    scored = out["prompt_logprobs"]
+    assert scored[0] is None and len(scored) == len(prompt)
+    for position, entry in enumerate(scored[1:], 1):
+        row = expected[position - 1]
+        assert entry.logprob == pytest.approx(row[prompt[position]].item(), abs=1e-4)
+        assert entry.rank == int((row > row[prompt[position]]).sum()) + 1
+        assert [t for t, _ in entry.top] == row.topk(3).indices.tolist()

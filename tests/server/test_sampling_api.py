@@ -13,7 +13,8 @@ def client(tiny_server):
     return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0)
 
 
-VLLM_ONLY = {"allowed_token_ids", "min_tokens", "repetition_penalty", "min_p", "stop_token_ids", "bad_words"}
+VLLM_ONLY = {"allowed_token_ids", "min_tokens", "repetition_penalty", "min_p", "stop_token_ids", "bad_words",
+             "prompt_logprobs"}
 
 
 def complete(client, **kw):
@@ -97,6 +98,23 @@ def test_echo_puts_the_prompt_first(client):
     assert echoed == "w7 w8" + plain
 
 
+def test_prompt_logprobs_and_echo_with_logprobs(client):
+    prompt = [5, 6, 7, 8]
+    whole = complete(client, prompt=prompt, prompt_logprobs=2, temperature=0, max_tokens=2)
+    scored = whole.choices[0].prompt_logprobs
+    assert scored[0] is None and len(scored) == 4
+    for token, entry in zip(prompt[1:], scored[1:]):
+        assert str(token) in entry and 2 <= len(entry) <= 3  # the token itself and the top 2
+        assert sorted(e["rank"] for e in entry.values())[:2] == [1, 2]
+    echoed = complete(client, prompt=prompt, echo=True, logprobs=1, temperature=0, max_tokens=2).choices[0]
+    lp = echoed.logprobs
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == 4 + 2
+    assert lp.token_logprobs[1:4] == pytest.approx([scored[i][str(prompt[i])]["logprob"] for i in (1, 2, 3)])
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "w1"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    assert chat.model_extra["prompt_logprobs"][0] is None and len(chat.model_extra["prompt_logprobs"]) > 1
+
+
 def test_processing_options_change_the_output(client, tiny_server):
     greedy = complete(client, temperature=0, max_tokens=12).choices[0]
     first = greedy.text.split()[0]
@@ -125,7 +143,8 @@ def test_processing_options_change_the_output(client, tiny_server):
     ({"logit_bias": {"x": 1}}, "logit_bias"), ({"presence_penalty": 3}, "presence_penalty"),
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
     ({"min_tokens": 9}, "min_tokens"), ({"allowed_token_ids": []}, "allowed_token_ids"),
-    ({"bad_words": [1]}, "bad_words"), ({"echo": True, "logprobs": 1}, "echo"), ({"n": True}, "n")])
+    ({"bad_words": [1]}, "bad_words"), ({"echo": True, "logprobs": 1, "stream": True}, "echo"), ({"n": True}, "n"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs")])
 def test_bad_values_are_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
         complete(client, **fields)
