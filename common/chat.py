@@ -143,21 +143,42 @@ def check_text(text: str, where: str) -> None:
         raise ChatFieldError(f"{where} is not valid Unicode text: {e.reason} at position {e.start}", where) from None
 
 
-def chat_prompt(tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None) -> str:
-    """A chat request's prompt text: the model's chat template over messages and tools, with the
-    generation prompt. Raises ChatFieldError (bad fields) or ChatTemplateError (the template refused)."""
+def template_options(body: dict) -> dict:
+    """A chat body's `add_generation_prompt` (default true) and `continue_final_message` (vLLM's: the reply
+    continues the last, assistant, message instead of starting a new one) as apply_chat_template takes them."""
+    options = {"add_generation_prompt": body.get("add_generation_prompt", True),
+               "continue_final_message": body.get("continue_final_message", False)}
+    for name, value in options.items():
+        if value is None:
+            options[name] = name == "add_generation_prompt"
+        elif not isinstance(value, bool):
+            raise ChatFieldError(f"'{name}' must be a boolean", name)
+    if options["add_generation_prompt"] and options["continue_final_message"]:
+        raise ChatFieldError("'continue_final_message' needs 'add_generation_prompt' set to false",
+                             "continue_final_message")
+    return options
+
+
+def chat_prompt(tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None,
+                options: dict | None = None) -> str:
+    """A chat request's prompt text: the model's chat template over messages and tools, with the generation
+    prompt unless `options` (template_options) say otherwise. Raises ChatFieldError (bad fields) or
+    ChatTemplateError (the template refused)."""
     rendered, tools, kwargs = template_messages(messages), template_tools(tools), template_kwargs(kwargs)
+    options = options or {"add_generation_prompt": True}
+    if options.get("continue_final_message") and (not rendered or rendered[-1]["role"] != "assistant"):
+        raise ChatFieldError("'continue_final_message' needs an assistant message last", "continue_final_message")
     try:
-        return tokenizer.apply_chat_template(rendered, tools=tools, tokenize=False, add_generation_prompt=True,
-                                             **kwargs)
+        return tokenizer.apply_chat_template(rendered, tools=tools, tokenize=False, **options, **kwargs)
     except Exception as e:  # noqa: BLE001 - jinja raises anything, including the template's own errors
         raise ChatTemplateError(str(e)) from None
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None) -> list[int]:
+def chat_prompt_ids(tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None,
+                    options: dict | None = None) -> list[int]:
     """Token ids of a chat request's prompt, encoded without adding special tokens again (the template
     wrote them)."""
-    return tokenizer.encode(chat_prompt(tokenizer, messages, tools, kwargs), add_special_tokens=False)
+    return tokenizer.encode(chat_prompt(tokenizer, messages, tools, kwargs, options), add_special_tokens=False)
 
 
 def completion_prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:

@@ -21,12 +21,12 @@ class LogprobsWriter:
     """OpenAI's logprobs objects for a choice's tokens: chat's `{"content": [...]}`, or the completions API's
     parallel lists. A token's text is its own decode, as in vLLM (a piece of a UTF-8 character reads U+FFFD)."""
 
-    def __init__(self, tokenizer, chat: bool) -> None:
-        self.tokenizer, self.chat = tokenizer, chat
+    def __init__(self, tokenizer, chat: bool, tokens_as_ids: bool = False) -> None:
+        self.tokenizer, self.chat, self.tokens_as_ids = tokenizer, chat, tokens_as_ids
         self.offset = 0  # completions: where the next token's text starts in the choice's text
 
     def _text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+        return f"token_id:{token}" if self.tokens_as_ids else self.tokenizer.decode([token])
 
     def part(self, token_ids: list[int], entries: list) -> dict:
         if self.chat:
@@ -74,9 +74,9 @@ class Choice:
     def __init__(self, index: int, prompt: int, tokenizer, req: ParsedRequest, params: SamplingParams, chat: bool,
                  prefix: str = "") -> None:
         self.index, self.prompt, self.chat = index, prompt, chat  # prompt: its index in a completions batch
-        self.text = TextStream(tokenizer, params.stop)
+        self.text = TextStream(tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output)
         self.output = ChatOutput(req.tool_use, req.reasoning, req.thinking_in_prompt) if chat else None
-        self.logprobs = LogprobsWriter(tokenizer, chat) if req.params.logprobs is not None else None
+        self.logprobs = LogprobsWriter(tokenizer, chat, req.tokens_as_ids) if req.params.logprobs is not None else None
         self.prefix = prefix  # echo: the prompt's text, sent before the first token's
         self.echo_logprobs = req.echo and self.logprobs is not None  # and the prompt's logprobs
         self.prompt_ids = req.prompts[prompt][0]

@@ -7,7 +7,8 @@ when the server salts the prefix cache by key (--cache-salt-by-api-key): tenants
 from dataclasses import dataclass, field
 
 from nanoserve.common.block_hash import tenant_salt
-from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt, completion_prompt_ids
+from nanoserve.common.chat import (ChatFieldError, ChatTemplateError, chat_prompt, completion_prompt_ids,
+                                   template_options)
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.reasoning import prompt_opens_thinking
 from nanoserve.engine_pod.request_fields import check_fields
@@ -39,6 +40,7 @@ class ParsedRequest:
     thinking_in_prompt: bool = False  # chat: the template ended the prompt inside an open <think>
     more_prompts: list[tuple[list[int], SamplingParams]] = field(default_factory=list)  # a completions batch
     echo: bool = False               # completions: the prompt's text starts each choice's text
+    tokens_as_ids: bool = False      # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
     def prompts(self) -> list[tuple[list[int], SamplingParams]]:
@@ -117,7 +119,9 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
             min_p=_float(body, "min_p", 0.0), min_tokens=_get(body, "min_tokens", (int,), 0),
             logit_bias=_get(body, "logit_bias", (dict,)), allowed_token_ids=_get(body, "allowed_token_ids", (list,)),
             bad_words=_get(body, "bad_words", (list,)), logprobs=_logprobs(body, chat),
-            prompt_logprobs=_prompt_logprobs(body, chat))
+            prompt_logprobs=_prompt_logprobs(body, chat),
+            skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
+            include_stop_str_in_output=_get(body, "include_stop_str_in_output", (bool,), False))
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
 
@@ -170,6 +174,20 @@ def _stream_options(body: dict) -> tuple[bool, bool]:
     return stream, bool(options.get("include_usage", False))
 
 
+def _truncated(body: dict, ids: list[int], max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the prompt's last k tokens (-1: as many as the model takes)."""
+    k = _get(body, "truncate_prompt_tokens", (int,))
+    if k is None:
+        return ids
+    if k < -1 or k == 0:
+        raise APIError(400, "'truncate_prompt_tokens' must be -1 or an integer >= 1", "truncate_prompt_tokens")
+    k = max_model_len - 1 if k == -1 else k
+    if k >= max_model_len:
+        raise APIError(400, f"'truncate_prompt_tokens' ({k}) must be below max_model_len ({max_model_len})",
+                       "truncate_prompt_tokens")
+    return ids[-k:]
+
+
 def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
@@ -194,6 +212,7 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
             ids = completion_prompt_ids(tokenizer, one)
         except ChatFieldError as e:
             raise APIError(400, str(e), "prompt") from None
+        ids = _truncated(body, ids, max_model_len)
         check_prompt_ids(ids, vocab_size, max_model_len)
         prompts.append((ids, _sampling_params(body, len(ids), max_model_len, salt_key, chat=False)))
     stream, include_usage = _stream_options(body)
@@ -202,7 +221,8 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     echo = _get(body, "echo", (bool,), False)
     if echo and params.logprobs is not None and stream:
         raise APIError(400, "'echo' with 'logprobs' (the prompt's logprobs) is not available with 'stream'", "echo")
-    return ParsedRequest(ids, params, stream, include_usage, more_prompts=more, echo=echo)
+    return ParsedRequest(ids, params, stream, include_usage, more_prompts=more, echo=echo,
+                         tokens_as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False))
 
 
 def _check_choices(params: SamplingParams, stream: bool) -> None:
@@ -217,12 +237,13 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_
     _check_fields(body, chat=True)
     try:
         tools = tool_use(body, chat)
-        text = chat_prompt(tokenizer, body.get("messages"), body.get("tools"), body.get("chat_template_kwargs"))
+        text = chat_prompt(tokenizer, body.get("messages"), body.get("tools"), body.get("chat_template_kwargs"),
+                           template_options(body))
     except ChatTemplateError as e:
         raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
     except (ChatFieldError, InvalidRequestError) as e:
         raise APIError(400, str(e), e.param) from None
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = _truncated(body, tokenizer.encode(text, add_special_tokens=False), max_model_len)
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
     params = _sampling_params(body, len(ids), max_model_len, salt_key, tools.constraint)
@@ -232,4 +253,5 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_
         thinking = prompt_opens_thinking(text, reasoning)
     elif reasoning is not None:  # the grammar holds from the first token: reasoning only in a <think> it writes
         reasoning = "qwen3"
-    return ParsedRequest(ids, params, stream, include_usage, tools, reasoning, thinking)
+    return ParsedRequest(ids, params, stream, include_usage, tools, reasoning, thinking,
+                         tokens_as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False))

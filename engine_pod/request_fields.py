@@ -11,17 +11,17 @@ HONOURED = {"model", "stream", "stream_options", "max_tokens", "max_completion_t
             "top_k", "stop", "stop_token_ids", "ignore_eos", "seed", "priority", "cache_salt", "response_format",
             "structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "n", "best_of",
             "logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
-            "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs"}
-CHAT = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "top_logprobs"}
+            "logit_bias", "allowed_token_ids", "bad_words", "prompt_logprobs", "skip_special_tokens",
+            "include_stop_str_in_output", "truncate_prompt_tokens", "return_tokens_as_token_ids"}
+CHAT = {"messages", "tools", "tool_choice", "parallel_tool_calls", "chat_template_kwargs", "top_logprobs",
+        "add_generation_prompt", "continue_final_message"}
 COMPLETION = {"prompt", "echo"}
 INFORMATIONAL = {"user", "metadata", "request_id"}  # they never change an answer
 # Not implemented (yet): accepted at the value that changes nothing, else a 400. (None is always accepted.)
 AT_NO_OP = {
     "suffix": ("",), "length_penalty": (1,), "echo": (False,),
-    "use_beam_search": (False,), "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
-    "spaces_between_special_tokens": (True,),
-    "truncate_prompt_tokens": (), "return_tokens_as_token_ids": (False,), "logits_processors": (),
-    "add_generation_prompt": (True,), "continue_final_message": (False,), "chat_template": (), "documents": (),
+    "use_beam_search": (False,), "spaces_between_special_tokens": (True,), "logits_processors": (),
+    "chat_template": (), "documents": (),
     "mm_processor_kwargs": (), "store": (False,), "service_tier": ("auto", "default"),
     "functions": (), "function_call": (), "modalities": (["text"],), "audio": (), "prediction": (),
     "reasoning_effort": (), "web_search_options": (), "vllm_xargs": (), "kv_transfer_params": (),

@@ -187,7 +187,8 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
             body = f'"text": {json.dumps(text)}, "logprobs": null, "finish_reason": {json.dumps(finish)}}}]}}\n\n'
         await resp.write(head + body.encode())
 
-    text = TextStream(state.tokenizer, req.params.stop)
+    p = req.params
+    text = TextStream(state.tokenizer, p.stop, p.skip_special_tokens, p.include_stop_str_in_output)
     cached = count = 0
     gen = engine.generate(submitted, gone=lambda: _client_gone(request))
     try:

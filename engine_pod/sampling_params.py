@@ -47,6 +47,8 @@ class SamplingParams:
     bad_words: list[str] | None = None          # never completed (their last token is masked after the rest)
     logprobs: int | None = None     # the sampled token's logprob and this many top ones (raw: before processing)
     prompt_logprobs: int | None = None  # each prompt token's logprob (from the second) and this many top ones
+    skip_special_tokens: bool = True    # in the text (the token ids keep them)
+    include_stop_str_in_output: bool = False  # a stop string that ends the text is kept in it
 
     def __post_init__(self):
         if isinstance(self.stop, str):

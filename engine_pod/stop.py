@@ -19,9 +19,15 @@ class StopChecker:
         return any(s in tail for s in stops)
 
     def text(self, seq: Sequence) -> str:
-        return cut_at_stop(self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True), seq.params.stop)
+        p = seq.params
+        text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=p.skip_special_tokens)
+        return cut_at_stop(text, p.stop, p.include_stop_str_in_output)
 
 
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    """The text before the first occurrence of any stop string."""
-    return text[:min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))]
+def cut_at_stop(text: str, stops: list[str], include: bool = False) -> str:
+    """The text before the first occurrence of any stop string (`include`: up to its end)."""
+    found = [(i, len(s)) for i, s in ((text.find(s), s) for s in stops) if i >= 0]
+    if not found:
+        return text
+    start, length = min(found)
+    return text[:start + length] if include else text[:start]

@@ -20,12 +20,17 @@ _CONTEXT = 4  # ids decoded before an unfinished tail at the end, so that its te
 
 class TextStream:
 
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str] | None = None, skip_special_tokens: bool = True,
+                 include_stop: bool = False) -> None:
+        """`include_stop`: a stop string that ends the text is kept (vLLM's include_stop_str_in_output)."""
         self.tokenizer = tokenizer
         self.backend = tokenizer._tokenizer  # the Rust tokenizer of a fast (TokenizersBackend) tokenizer
-        self.decoder = DecodeStream(skip_special_tokens=True)
-        self.special = set(tokenizer.all_special_ids)  # decoded as nothing: not an unfinished character
+        self.skip_special = skip_special_tokens
+        self.decoder = DecodeStream(skip_special_tokens=skip_special_tokens)
+        # skipped, special tokens decode as nothing: not an unfinished character
+        self.special = set(tokenizer.all_special_ids) if skip_special_tokens else set()
         self.stop = [s for s in (stop or []) if s]
+        self.include_stop = include_stop
         self.pending = ""   # decoded, not yet sent: a possible stop-string start
         self.unflushed: list[int] = []  # ids since the decoder last produced text (an incomplete character)
         self.recent: list[int] = []  # the last ids that did produce text, as context for the final flush
@@ -48,7 +53,7 @@ class TextStream:
             self.unflushed = []
         if finished and self.unflushed:
             self.pending += self._flush()
-        before_stop = cut_at_stop(self.pending, self.stop)
+        before_stop = cut_at_stop(self.pending, self.stop, self.include_stop)
         if len(before_stop) < len(self.pending):  # a stop string: the text ends before it
             self.stopped, self.pending = True, ""
             return before_stop
@@ -68,5 +73,5 @@ class TextStream:
         return best
 
     def _flush(self) -> str:
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)  # noqa: E731
         return decode(self.recent + self.unflushed)[len(decode(self.recent)):]

@@ -16,7 +16,7 @@ from typing import Any
 import xxhash
 
 from nanoserve.common.block_hash import block_hashes, salt_root, tenant_salt
-from nanoserve.common.chat import chat_prompt_ids, completion_prompt_ids, template_messages
+from nanoserve.common.chat import chat_prompt_ids, completion_prompt_ids, template_messages, template_options
 from nanoserve.common.tokenizer_export import fingerprint
 
 TEXT_CHUNK = 64  # bytes of prompt text per block of the text-prefix index
@@ -30,15 +30,17 @@ class PromptTokenizer:
         self.fingerprint = fingerprint  # common.tokenizer_export.fingerprint of `tokenizer`
         self.source = source            # where it came from (a folder, an engine URL), for logs
 
-    def chat_ids(self, messages: list[dict], tools: Any = None, kwargs: Any = None) -> list[int]:
-        return chat_prompt_ids(self.tokenizer, messages, tools, kwargs)
+    def chat_ids(self, messages: list[dict], tools: Any = None, kwargs: Any = None,
+                 options: dict | None = None) -> list[int]:
+        return chat_prompt_ids(self.tokenizer, messages, tools, kwargs, options)
 
     def completion_ids(self, prompt: Any) -> list[int]:
         return completion_prompt_ids(self.tokenizer, _first_prompt(prompt))
 
     def ids(self, path: str, body: dict) -> list[int]:
         if path.endswith("/chat/completions"):
-            return self.chat_ids(body["messages"], body.get("tools"), body.get("chat_template_kwargs"))
+            return self.chat_ids(body["messages"], body.get("tools"), body.get("chat_template_kwargs"),
+                                 template_options(body))
         return self.completion_ids(body["prompt"])
 
 

@@ -17,7 +17,7 @@ VLLM_CHAT = """messages top_logprobs max_completion_tokens tools tool_choice rea
 parallel_tool_calls bad_words echo add_generation_prompt continue_final_message documents chat_template
 chat_template_kwargs mm_processor_kwargs""".split()
 VLLM_COMPLETION = "prompt echo suffix prompt_embeds".split()
-NOT_DEFAULT = {"echo": True, "skip_special_tokens": False, "add_generation_prompt": False,
+NOT_DEFAULT = {"echo": True, "spaces_between_special_tokens": False, "use_beam_search": True,
                "store": True, "service_tier": "flex", "add_special_tokens": True, "length_penalty": 2.0}
 
 

@@ -38,9 +38,10 @@ def tokenizer(request, tmp_path_factory, tiny_models):
     return AutoTokenizer.from_pretrained(folder)
 
 
-def stream(tok, ids: list[int], cuts: list[int], stop: list[str]) -> list[str]:
+def stream(tok, ids: list[int], cuts: list[int], stop: list[str], skip: bool = True,
+           include: bool = False) -> list[str]:
     """The deltas for `ids` pushed in the chunks that `cuts` (sorted positions) make."""
-    ts, deltas, start = TextStream(tok, stop), [], 0
+    ts, deltas, start = TextStream(tok, stop, skip, include), [], 0
     bounds = sorted(set(c for c in cuts if 0 < c < len(ids))) + [len(ids)]
     for end in bounds:
         deltas.append(ts.push(ids[start:end], finished=end == len(ids)))
@@ -70,8 +71,14 @@ def test_deltas_add_up_to_the_full_decode_cut_at_the_stop(tokenizer, data):
                 if any(s in tok.decode(ids[:k], skip_special_tokens=True) for s in stops)), len(ids))
     ids = ids[:end]
     cuts = data.draw(st.lists(st.integers(0, len(ids)), max_size=8))
-    deltas = stream(tok, ids, cuts, stops)
-    assert "".join(deltas) == cut_at_stop(tok.decode(ids, skip_special_tokens=True), stops)
+    skip, include = data.draw(st.booleans()), data.draw(st.booleans())  # skip_special_tokens, include_stop_str
+    # This test's SentencePiece tokenizer registers its byte-fallback pieces as special tokens: shown
+    # (skip_special_tokens false), a run of them that is no valid UTF-8 decodes all as U+FFFD in a full decode
+    # while a stream has already sent its valid first bytes. Only skipped there.
+    if "<0x30>" in tok.get_vocab():
+        skip = True
+    deltas = stream(tok, ids, cuts, stops, skip, include)
+    assert "".join(deltas) == cut_at_stop(tok.decode(ids, skip_special_tokens=skip), stops, include)
 
 
 def test_a_stop_string_spanning_tokens_is_held_back_then_cut(tokenizer):

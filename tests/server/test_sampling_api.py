@@ -14,7 +14,8 @@ def client(tiny_server):
 
 
 VLLM_ONLY = {"allowed_token_ids", "min_tokens", "repetition_penalty", "min_p", "stop_token_ids", "bad_words",
-             "prompt_logprobs"}
+             "prompt_logprobs", "include_stop_str_in_output", "truncate_prompt_tokens", "return_tokens_as_token_ids",
+             "skip_special_tokens"}
 
 
 def complete(client, **kw):
@@ -137,6 +138,45 @@ def test_processing_options_change_the_output(client, tiny_server):
         complete(client, temperature=0, max_tokens=6).choices[0].text  # min_p 1 keeps only the top token
 
 
+def test_text_and_prompt_options(client):
+    greedy = complete(client, temperature=0, max_tokens=10).choices[0].text
+    stop = greedy.split()[2]
+    kept = complete(client, temperature=0, max_tokens=10, stop=[stop], include_stop_str_in_output=True)
+    assert kept.choices[0].text == greedy[:greedy.index(stop) + len(stop)]
+    streamed = complete(client, temperature=0, max_tokens=10, stop=[stop], include_stop_str_in_output=True,
+                        stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == kept.choices[0].text
+    truncated = complete(client, prompt=list(range(10, 30)), truncate_prompt_tokens=5, temperature=0, max_tokens=3)
+    assert truncated.usage.prompt_tokens == 5
+    assert truncated.choices[0].text == complete(client, prompt=list(range(25, 30)), temperature=0,
+                                                 max_tokens=3).choices[0].text
+    named = complete(client, logprobs=1, return_tokens_as_token_ids=True, max_tokens=3).choices[0].logprobs.tokens
+    assert all(t.startswith("token_id:") and t[9:].isdigit() for t in named)
+    assert complete(client, temperature=0, max_tokens=4, skip_special_tokens=False).choices[0].text
+
+
+def test_chat_template_options(client):
+    turns = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    kw = dict(model="tiny", max_tokens=1)
+    opened = client.chat.completions.create(messages=turns[:1], **kw).usage.prompt_tokens
+    closed = client.chat.completions.create(messages=turns[:1], extra_body={"add_generation_prompt": False},
+                                            **kw).usage.prompt_tokens
+    assert closed < opened  # no assistant header
+    continued = client.chat.completions.create(messages=turns, **kw, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True}).usage.prompt_tokens
+    after = client.chat.completions.create(messages=turns, **kw).usage.prompt_tokens
+    assert continued < after  # the assistant turn stays open: no end-of-turn, no new header
+    for extra, param in (({"continue_final_message": True}, "continue_final_message"),
+                         ({"add_generation_prompt": "no"}, "add_generation_prompt")):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(messages=turns, **kw, extra_body=extra)
+        assert e.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(messages=turns[:1], **kw, extra_body={
+            "add_generation_prompt": False, "continue_final_message": True})
+    assert e.value.body["param"] == "continue_final_message"
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"logprobs": 21}, "logprobs"), ({"n": 0}, "n"), ({"best_of": 1, "n": 2}, "best_of"),
     ({"best_of": 3, "stream": True}, "best_of"), ({"logit_bias": {"100000": 1}}, "logit_bias"),
@@ -144,7 +184,8 @@ def test_processing_options_change_the_output(client, tiny_server):
     ({"repetition_penalty": 0}, "repetition_penalty"), ({"min_p": 1.5}, "min_p"),
     ({"min_tokens": 9}, "min_tokens"), ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"bad_words": [1]}, "bad_words"), ({"echo": True, "logprobs": 1, "stream": True}, "echo"), ({"n": True}, "n"),
-    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs")])
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"), ({"skip_special_tokens": 1}, "skip_special_tokens")])
 def test_bad_values_are_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
         complete(client, **fields)
