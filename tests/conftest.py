@@ -6,6 +6,8 @@ import sys
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # helper modules beside the suites (procs.py)
+import prelaunch  # noqa: E402
+import procs  # noqa: E402
 
 # One OpenMP thread per process, inherited by every engine a test starts. The suite runs several processes
 # at once on few cores, and a two-thread OpenMP region stalls whenever another process holds the other core:
@@ -52,3 +54,24 @@ def bpe_model(tmp_path_factory) -> str:
     """A tiny random qwen3 with a byte-level BPE tokenizer (tests/bpe_model.py): it can spell JSON."""
     from bpe_model import save_bpe_model
     return save_bpe_model(str(tmp_path_factory.mktemp("models") / "bpe"))
+
+
+# Servers and engines started ahead of the tests that need them (tests/prelaunch.py).
+def pytest_collection_finish(session):
+    prelaunch.schedule(session.items)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prelaunch_first(request):
+    """Before the session's first fixtures (autouse ones set up first): what its first tests need."""
+    prelaunch.ahead(request.node, request.getfixturevalue)
+
+
+@pytest.fixture(autouse=True)
+def _prelaunch_ahead(request):
+    prelaunch.ahead(request.node, request.getfixturevalue)
+
+
+def pytest_sessionfinish(session):
+    prelaunch.stop_all()
+    procs.reap()

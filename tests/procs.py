@@ -1,8 +1,13 @@
-"""Helpers for tests that run real processes and servers: free ports and bounded waits for HTTP."""
+"""Helpers for tests that run real processes and servers: free ports, bounded waits for HTTP, `nanoserve serve`
+processes."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 import urllib.request
 
@@ -26,3 +31,68 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{url} did not answer within {timeout}s")
             time.sleep(0.05)
+
+
+class ServerProcess:
+    """`nanoserve serve` on 127.0.0.1 and a free port (`.url`, `.port`, `.proc`), started at construction;
+    `wait_ready()` waits until its /ready says 200."""
+
+    def __init__(self, model: str | None, *args: str, env: dict | None = None):
+        """`model` None: the command line names it itself (vLLM's positional form)."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *(["--model", model] if model else []),
+               "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args]
+        # A file, not a pipe: a pipe nobody reads fills up (64 KiB of logs) and then blocks the server.
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
+                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError("server did not become ready")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+    def stop_later(self) -> None:
+        """SIGTERM now; its exit is reaped at the end of the session (`reap`): a fixture's teardown need not
+        wait out the shutdown (a second or two) when nothing checks how the server exited."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            _stopping.append(self.proc)
+
+
+_stopping: list[subprocess.Popen] = []
+
+
+def reap(timeout: float = 60) -> None:
+    """Wait for the processes stopped with stop_later (killing those still up after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while _stopping:
+        proc = _stopping.pop()
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import prelaunch
 import pytest
 from procs import free_port, wait_http
 
@@ -171,19 +172,39 @@ REAL_ENGINE_ARGS = ("--kvcache-block-size", str(REAL_BLOCK_SIZE), "--num-kvcache
                     "--max-model-len", "1024", "--served-model-name", "tiny")
 
 
+REAL_ENGINES = 3  # the most that a test takes
+
+
+def launch_real_engines(get) -> list[EngineProcess]:
+    """REAL_ENGINES `nanoserve serve` processes on the tiny qwen3 model, started (not yet ready)."""
+    logs = get("tmp_path_factory").mktemp("engine-logs")
+    model = get("tiny_models")["qwen3"]
+    pool = [real_engine(model, logs / f"e{i}.log", *REAL_ENGINE_ARGS) for i in range(REAL_ENGINES)]
+    for e in pool:  # they boot in parallel
+        e.start()
+    return pool
+
+
+# Started ahead of the first test that takes them (tests/prelaunch.py).
+prelaunch.plan("real-engines", lambda item: "real_engine_pool" in getattr(item, "fixturenames", ())
+               or prelaunch.param("backend", "real")(item), stop=lambda pool: [e.kill() for e in pool],
+               weight=REAL_ENGINES)(launch_real_engines)
+
+
 @pytest.fixture(scope="session")
-def real_engine_pool(tiny_models, tmp_path_factory):
-    """`take(n)`: the first n of a few `nanoserve serve` processes on the tiny qwen3 model, started on first
-    use and shared by the session (each costs a torch import and a model load); dead ones are restarted.
-    Tests must not assume cold caches."""
-    logs = tmp_path_factory.mktemp("engine-logs")
-    pool: list[EngineProcess] = []
+def real_engine_pool(tiny_models, request):
+    """`take(n)`: the first n of a few `nanoserve serve` processes on the tiny qwen3 model, started ahead of
+    the first test that takes them and shared by the session (each costs a torch import and a model load);
+    dead ones are restarted. Tests must not assume cold caches."""
+    pool: list[EngineProcess] = prelaunch.take("real-engines", request.getfixturevalue)
+    logs = pool[0].log.parent
 
     def take(n: int) -> list[EngineProcess]:
         while len(pool) < n:
             pool.append(real_engine(tiny_models["qwen3"], logs / f"e{len(pool)}.log", *REAL_ENGINE_ARGS))
-        dead = [e for e in pool[:n] if e.proc is None or e.proc.poll() is not None]
-        start_all(dead)
+        start_all([e for e in pool[:n] if e.proc is None or e.proc.poll() is not None])
+        for e in pool[:n]:  # (those started ahead may still be loading)
+            e.wait()
         return pool[:n]
 
     yield take

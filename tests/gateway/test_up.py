@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import re
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+
+import prelaunch
+import pytest
+from procs import free_port
 
 from nanoserve.engine_pod.up import engine_argv
 from nanoserve.gateway.endpoints import engine_id
@@ -55,19 +60,40 @@ def complete(url: str) -> str:
         return r.headers["X-Nanoserve-Engine"]
 
 
-def test_up_serves_chat_survives_a_killed_engine_and_stops_cleanly(tiny_models, port, tmp_path):
-    import openai
-    log = tmp_path / "up.log"
+@prelaunch.plan("nanoserve up", prelaunch.uses("up"), stop=lambda up: kill_tree(up[0]), weight=3)
+def launch_up(get) -> tuple[subprocess.Popen, str, pathlib.Path]:
+    """`nanoserve up --replicas 2` on the tiny qwen3 (three processes): (process, url, log)."""
+    port = free_port()
+    log = get("tmp_path_factory").mktemp("up") / "up.log"
     # Round-robin: after the restart, the restarted engine is sure to get its turn.
-    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "up", "--replicas", "2", "--model", tiny_models["qwen3"],
-           "--port", str(port), "--num-kvcache-blocks", "256", "--max-model-len", "512",
+    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "up", "--replicas", "2", "--model",
+           get("tiny_models")["qwen3"], "--port", str(port), "--num-kvcache-blocks", "256", "--max-model-len", "512",
            "--served-model-name", "tiny", "--policy", "round-robin"]
     with open(log, "wb") as out:
-        # Own session: if the test fails, the whole tree is killed below.
+        # Own session: if the test fails, the whole tree is killed.
         proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture
+def up(request):
+    """`nanoserve up`, started ahead of its test (tests/prelaunch.py): (process, url, log)."""
+    proc, url, log = prelaunch.take("nanoserve up", request.getfixturevalue)
+    yield proc, url, log
+    kill_tree(proc)
+
+
+def test_up_serves_chat_survives_a_killed_engine_and_stops_cleanly(up):
+    import openai
+    proc, url, log = up
     try:
-        url = f"http://127.0.0.1:{port}"
         wait_ready(url, proc, engines=2)
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -97,9 +123,7 @@ def test_up_serves_chat_survives_a_killed_engine_and_stops_cleanly(tiny_models, 
         for pid in pids:  # the engines were stopped and reaped by `up`
             assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_tree(proc)
         print(log.read_text()[-3000:])
 
 

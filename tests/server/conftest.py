@@ -1,65 +1,22 @@
-"""A real `nanoserve serve` process on 127.0.0.1, started per test module."""
-import os
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-
+"""Real `nanoserve serve` processes on 127.0.0.1 (procs.ServerProcess), shared by the session or a module."""
+import prelaunch
 import pytest
+from procs import ServerProcess
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def tiny_qwen3_server(mode: str, get) -> ServerProcess:
+    """The tiny qwen3 served with synchronous scheduling (the CPU default) or async scheduling (the GPU default)."""
+    return ServerProcess(get("tiny_models")["qwen3"], "--num-kvcache-blocks", "512", "--served-model-name", "tiny",
+                         "--max-model-len", "512", f"--{'' if mode == 'async' else 'no-'}async-scheduling")
 
 
-class ServerProcess:
-
-    def __init__(self, model: str | None, *args: str, env: dict | None = None):
-        """`model` None: the command line names it itself (vLLM's positional form)."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *(["--model", model] if model else []),
-               "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args]
-        # A file, not a pipe: a pipe nobody reads fills up (64 KiB of logs) and then blocks the server.
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+# Started ahead of their first tests (tests/prelaunch.py): every user of tiny_servers needs the synchronous one.
+prelaunch.plan("tiny-sync", prelaunch.uses("tiny_servers"))(lambda get: tiny_qwen3_server("sync", get))
+prelaunch.plan("tiny-async", prelaunch.param("tiny_server", "async"))(lambda get: tiny_qwen3_server("async", get))
 
 
 @pytest.fixture(scope="session")
-def tiny_servers(tiny_models):
+def tiny_servers(tiny_models, request):
     """`tiny_servers("sync" | "async")`: the tiny qwen3 served with synchronous scheduling (the CPU default)
     or async scheduling (the GPU default), each started on first use and shared by the session's modules
     (a start costs seconds). Tests must not assume a cold cache or zeroed counters."""
@@ -67,13 +24,11 @@ def tiny_servers(tiny_models):
 
     def get(mode: str) -> ServerProcess:
         if mode not in servers:
-            servers[mode] = ServerProcess(tiny_models["qwen3"], "--num-kvcache-blocks", "512", "--served-model-name",
-                                          "tiny", "--max-model-len", "512",
-                                          f"--{'' if mode == 'async' else 'no-'}async-scheduling").wait_ready()
-        return servers[mode]
+            servers[mode] = prelaunch.take(f"tiny-{mode}", request.getfixturevalue)
+        return servers[mode].wait_ready()
     yield get
     for server in servers.values():
-        server.stop()
+        server.stop_later()
 
 
 @pytest.fixture(scope="module", params=["sync", "async"])
@@ -82,12 +37,18 @@ def tiny_server(tiny_servers, request):
     return tiny_servers(request.param)
 
 
+@prelaunch.plan("default", prelaunch.uses("default_server"), weight=2)  # twice a tiny one's memory
+def launch_default_server(get) -> ServerProcess:
+    get("default_model_path")  # converted once, before the server looks for it
+    return ServerProcess("smollm2-135m", "--max-model-len", "512")
+
+
 @pytest.fixture(scope="module")
-def default_server(default_model_path):
+def default_server(default_model_path, request):
     """`nanoserve serve` on the embedded default model, as `make serve` runs it."""
-    server = ServerProcess("smollm2-135m", "--max-model-len", "512")
+    server = prelaunch.take("default", request.getfixturevalue)
     yield server.wait_ready()
-    server.stop()
+    server.stop_later()
 
 
 class Servers:
@@ -122,14 +83,19 @@ def module_server():
     servers.stop_all()
 
 
+@prelaunch.plan("bpe", prelaunch.uses("bpe_server"))
+def launch_bpe_server(get) -> ServerProcess:
+    return ServerProcess(None, get("bpe_model"), "--served-model-name", "bpe", "--max-model-len", "1024",
+                         "--block-size", "16", "--enable-prefix-caching", "--dtype", "auto", "--seed", "0",
+                         "--num-kvcache-blocks", "512", "--async-scheduling", "--tool-call-parser", "hermes",
+                         "--enable-auto-tool-choice", "--reasoning-parser", "qwen3")
+
+
 @pytest.fixture(scope="session")
-def bpe_server(bpe_model):
+def bpe_server(bpe_model, request):
     """The byte-level BPE model (it can spell JSON; a Qwen3-like chat template with tools and thinking),
     served with async scheduling and vLLM's tool-call and reasoning flags: the structured-output, tool and
     utility-endpoint tests share it. Launched the way vLLM users write it (positional model, vLLM's names)."""
-    server = ServerProcess(None, bpe_model, "--served-model-name", "bpe", "--max-model-len", "1024",
-                           "--block-size", "16", "--enable-prefix-caching", "--dtype", "auto", "--seed", "0",
-                           "--num-kvcache-blocks", "512", "--async-scheduling", "--tool-call-parser", "hermes",
-                           "--enable-auto-tool-choice", "--reasoning-parser", "qwen3")
+    server = prelaunch.take("bpe", request.getfixturevalue)
     yield server.wait_ready()
-    server.stop()
+    server.stop_later()

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import aiohttp
+import prelaunch
 import pytest
+from procs import ServerProcess
 
 from nanoserve.engine_pod.auth import KeyRing, load_api_keys
 
@@ -84,12 +86,21 @@ def check_gateway_own_calls_carry_its_key(keyed):
     asyncio.run(main())
 
 
-def test_keyed_server(tiny_models, start_server, tmp_path):
-    """One server (starting one is the slow part) with keys from all three places, salting by key."""
-    (tmp_path / "keys").write_text("# tenants\nalpha\n\n  beta  \n")
-    keyed = start_server(tiny_models["qwen3"], "--num-kvcache-blocks", "128", "--max-model-len", "256",
-                         "--api-key-file", str(tmp_path / "keys"), "--api-key", "delta", "--cache-salt-by-api-key",
+def launch_keyed_server(get) -> ServerProcess:
+    """Keys from all three places, salting by key."""
+    keys = get("tmp_path_factory").mktemp("keys") / "keys"
+    keys.write_text("# tenants\nalpha\n\n  beta  \n")
+    return ServerProcess(get("tiny_models")["qwen3"], "--num-kvcache-blocks", "128", "--max-model-len", "256",
+                         "--api-key-file", str(keys), "--api-key", "delta", "--cache-salt-by-api-key",
                          env={"VLLM_API_KEY": "gamma", "NANOSERVE_API_KEY": ""})
+
+
+keyed_server = prelaunch.server_fixture("keyed_server", launch_keyed_server)  # started ahead (tests/prelaunch.py)
+
+
+def test_keyed_server(keyed_server):
+    """One server (starting one is the slow part) with keys from all three places, salting by key."""
+    keyed = keyed_server
     check_every_key_opens_everything_but_probes_need_none(keyed)
     check_tenants_share_no_cached_prefix(keyed)
     check_a_bad_cache_salt_is_refused_by_name(keyed)
@@ -111,9 +122,25 @@ def test_keys_come_from_flags_file_and_env(tmp_path):
     assert ring.match("Bearer c") is ring.match("b") is ring.match("Basic b") is ring.match("") is None
 
 
-def test_salting_by_key_without_keys_is_refused_at_start(tiny_models):
-    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", tiny_models["qwen3"], "--device", "cpu",
-           "--port", "0", "--cache-salt-by-api-key"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
-                          env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})  # no key in the environment
-    assert proc.returncode != 0 and "--cache-salt-by-api-key needs API keys" in proc.stderr, proc.stderr
+@prelaunch.plan("serve_without_keys", prelaunch.uses("serve_without_keys"), stop=lambda proc: proc.kill())
+def launch_serve_without_keys(get) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", get("tiny_models")["qwen3"],
+           "--device", "cpu", "--port", "0", "--cache-salt-by-api-key"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})  # no key in the environment
+
+
+@pytest.fixture
+def serve_without_keys(request):
+    """`nanoserve serve --cache-salt-by-api-key` with no key anywhere: (exit code, stderr)."""
+    proc = prelaunch.take("serve_without_keys", request.getfixturevalue)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return proc.returncode, stderr
+
+
+def test_salting_by_key_without_keys_is_refused_at_start(serve_without_keys):
+    returncode, stderr = serve_without_keys
+    assert returncode != 0 and "--cache-salt-by-api-key needs API keys" in stderr, stderr

@@ -3,12 +3,12 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import aiohttp
+import prelaunch
 import pytest
+from procs import ServerProcess
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanoserve.common.block_hash import block_hashes
@@ -168,10 +168,17 @@ def test_cache_events_feed_reports_stored_blocks(tiny_server):
     assert set(block_hashes(prompt, 16)) <= stored
 
 
-def test_auth_body_limit_overload_and_drain(tiny_models, start_server):
-    server = start_server(tiny_models["llama"], "--num-kvcache-blocks", "256", "--max-num-seqs", "1",
-                          "--max-pending", "2", "--max-body-bytes", "2000", "--drain-timeout", "60",
-                          "--public-metrics", env={"NANOSERVE_API_KEY": "sesame"})
+# This module's own servers, each for one test, started ahead of it (tests/prelaunch.py).
+auth_server = prelaunch.server_fixture("auth_server", lambda get: ServerProcess(
+    get("tiny_models")["llama"], "--num-kvcache-blocks", "256", "--max-num-seqs", "1", "--max-pending", "2",
+    "--max-body-bytes", "2000", "--drain-timeout", "60", "--public-metrics", env={"NANOSERVE_API_KEY": "sesame"}))
+# 4 blocks of 16 tokens.
+small_cache_server = prelaunch.server_fixture("small_cache_server", lambda get: ServerProcess(
+    get("tiny_models")["qwen3"], "--num-kvcache-blocks", "4", "--max-model-len", "512"))
+
+
+def test_auth_body_limit_overload_and_drain(auth_server):
+    server = auth_server
     auth = {"Authorization": "Bearer sesame"}
     status, payload, _ = post(server.url, "/v1/completions", {"prompt": "w5"})
     assert status == 401 and payload["error"]["code"] == "invalid_api_key"
@@ -215,9 +222,9 @@ def test_auth_body_limit_overload_and_drain(tiny_models, start_server):
     assert server.proc.wait(timeout=60) == 0
 
 
-def test_request_that_can_never_fit_the_cache_is_400_and_the_engine_lives(tiny_models, start_server):
+def test_request_that_can_never_fit_the_cache_is_400_and_the_engine_lives(small_cache_server):
     # 4 blocks of 16 tokens: a 20-token prompt with 100 new tokens could never fit, even alone.
-    server = start_server(tiny_models["qwen3"], "--num-kvcache-blocks", "4", "--max-model-len", "512")
+    server = small_cache_server
     status, payload, _ = post(server.url, "/v1/completions", {"prompt": [5] * 20, "max_tokens": 100})
     assert status == 400 and "KV-cache blocks" in payload["error"]["message"]
     assert payload["error"]["param"] == "max_tokens"
@@ -225,13 +232,15 @@ def test_request_that_can_never_fit_the_cache_is_400_and_the_engine_lives(tiny_m
     assert status == 200 and payload["usage"]["completion_tokens"] == 20
 
 
-def patched_server(tmp_path, patch: str, args: list[str], **popen) -> subprocess.Popen:
-    """`nanoserve serve ARGS` with `patch` run at the start of each of its Python processes (a sitecustomize
-    module): the engine runs in its own spawned process, which a patch made in the server's would not reach."""
-    (tmp_path / "sitecustomize.py").write_text(patch)
-    path = os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])
-    return subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *args],
-                            env={**os.environ, "PYTHONSAFEPATH": "1", "PYTHONPATH": path}, **popen)
+def patched_server(get, patch: str, *args: str) -> ServerProcess:
+    """`nanoserve serve` on the tiny qwen3 with `patch` run at the start of each of its Python processes (a
+    sitecustomize module): the engine runs in its own spawned process, which a patch made in the server's
+    would not reach."""
+    folder = get("tmp_path_factory").mktemp("patch")
+    (folder / "sitecustomize.py").write_text(patch)
+    path = os.pathsep.join([str(folder), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return ServerProcess(get("tiny_models")["qwen3"], *args, "--num-kvcache-blocks", "512", "--max-model-len", "512",
+                         env={"PYTHONPATH": path})
 
 
 FAULTY_STEP = """
@@ -244,21 +253,14 @@ def faulty_step(self):  # the test's injected fault: the engine's 20th step rais
     return step(self)
 llm_engine.LLMEngine.step = faulty_step
 """
+faulty_server = prelaunch.server_fixture("faulty_server", lambda get: patched_server(get, FAULTY_STEP))
 
 
-def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(tiny_models, tmp_path):
+def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(faulty_server):
     """Streams get an SSE error event, the others a 500, within seconds; then the process exits 1 so that
     Kubernetes (or `nanoserve up`) restarts it."""
-    from procs import free_port, wait_http
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = patched_server(tmp_path, FAULTY_STEP, ["--model", tiny_models["qwen3"], "--host", "127.0.0.1", "--port",
-                                                  str(port), "--device", "cpu", "--num-kvcache-blocks", "512",
-                                                  "--max-model-len", "512"],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url, proc = faulty_server.url, faulty_server.proc
     try:
-        wait_http(url + "/ready", 120, proc)
-
         async def one(session, i: int) -> tuple[int, list[str] | dict]:
             body = {"prompt": [i + 3] * 20, "max_tokens": 300, "ignore_eos": True, "stream": i % 2 == 0}
             async with session.post(url + "/v1/completions", json=body) as r:
@@ -291,18 +293,13 @@ def slow_step(self):  # the test's injected slowness: a request takes far longer
     return step(self)
 llm_engine.LLMEngine.step = slow_step
 """
+slow_server = prelaunch.server_fixture("slow_server",
+                                       lambda get: patched_server(get, SLOW_STEP, "--drain-timeout", "1"))
 
 
-def test_requests_cut_by_the_drain_timeout_end_with_an_error_and_the_exit_code_says_so(tiny_models, tmp_path):
-    from procs import free_port, wait_http
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = patched_server(tmp_path, SLOW_STEP, ["--model", tiny_models["qwen3"], "--host", "127.0.0.1", "--port",
-                                                str(port), "--device", "cpu", "--drain-timeout", "1",
-                                                "--num-kvcache-blocks", "512", "--max-model-len", "512"])
+def test_requests_cut_by_the_drain_timeout_end_with_an_error_and_the_exit_code_says_so(slow_server):
+    url, proc = slow_server.url, slow_server.proc
     try:
-        wait_http(url + "/ready", 120, proc)
-
         async def one(session, stream: bool, started: asyncio.Event):
             body = {"prompt": "w5 w6", "max_tokens": 400, "ignore_eos": True, "stream": stream}
             async with session.post(url + "/v1/completions", json=body) as r:

@@ -3,13 +3,14 @@ the engine within seconds, every request ends with an error, /ready says 503, an
 import asyncio
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 
 import aiohttp
+import prelaunch
 import pytest
-
 from procs import free_port, wait_http
 
 
@@ -70,17 +71,35 @@ async def _kill_mid_generation(url: str, worker: int):
         return results, await asyncio.wait_for(probe, 30)
 
 
-@pytest.mark.parametrize("victim", ["tp worker", "engine core"])
-def test_a_killed_engine_process_ends_every_request_with_an_error_and_the_server_exits(victim, tiny_models, tmp_path):
+VICTIMS = ["tp worker", "engine core"]
+
+
+def launch_server(victim: str, get) -> tuple[subprocess.Popen, str, pathlib.Path]:
+    """The server whose `victim` the test kills: (process, url, log)."""
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "serve.log"
+    log = get("tmp_path_factory").mktemp("tp-faults") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model",
-                                 tiny_models["qwen3"], "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-                                 "--tensor-parallel-size", "2" if victim == "tp worker" else "1", "--max-num-seqs", "4", "--num-kvcache-blocks", "256",
-                                 "--max-model-len", "512"],
+                                 get("tiny_models")["qwen3"], "--host", "127.0.0.1", "--port", str(port), "--device",
+                                 "cpu", "--tensor-parallel-size", "2" if victim == "tp worker" else "1",
+                                 "--max-num-seqs", "4", "--num-kvcache-blocks", "256", "--max-model-len", "512"],
                                 env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+def _kill(server) -> None:
+    server[0].kill()
+    server[0].wait()
+
+
+for _victim in VICTIMS:  # each started ahead of its test (tests/prelaunch.py)
+    prelaunch.plan(f"tp-faults {_victim}", prelaunch.param("victim", _victim, __file__), stop=_kill)(
+        lambda get, victim=_victim: launch_server(victim, get))
+
+
+@pytest.mark.parametrize("victim", VICTIMS)
+def test_a_killed_engine_process_ends_every_request_with_an_error_and_the_server_exits(victim, request):
+    proc, url, log = prelaunch.take(f"tp-faults {victim}", request.getfixturevalue)
     try:
         wait_http(url + "/ready", 120, proc)
         [engine_core] = spawned_children(proc.pid)

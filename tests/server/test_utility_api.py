@@ -5,7 +5,9 @@ import urllib.error
 import urllib.request
 
 import openai
+import prelaunch
 import pytest
+from procs import ServerProcess
 from transformers import AutoTokenizer
 
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -68,13 +70,21 @@ CUSTOM_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }
                    "{% if add_generation_prompt %}<<assistant>>{% endif %}")
 
 
-def test_chat_template_flag_renders_every_chat_and_reaches_the_gateways_files(bpe_model, start_server, tmp_path):
+def launch_custom_template_server(get) -> ServerProcess:
+    path = get("tmp_path_factory").mktemp("template") / "template.jinja"
+    path.write_text(CUSTOM_TEMPLATE)
+    return ServerProcess(get("bpe_model"), "--chat-template", str(path), "--num-kvcache-blocks", "256",
+                         "--max-model-len", "512")
+
+
+# Started ahead of its test (tests/prelaunch.py).
+custom_template_server = prelaunch.server_fixture("custom_template_server", launch_custom_template_server)
+
+
+def test_chat_template_flag_renders_every_chat_and_reaches_the_gateways_files(bpe_model, custom_template_server):
     """vLLM's --chat-template (a file): the chat API, /tokenize and the tokenizer files a gateway loads all
     use it instead of the model's own."""
-    path = tmp_path / "template.jinja"
-    path.write_text(CUSTOM_TEMPLATE)
-    server = start_server(bpe_model, "--chat-template", str(path), "--num-kvcache-blocks", "256",
-                          "--max-model-len", "512")
+    server = custom_template_server
     http = Http(server.url)
     tok = AutoTokenizer.from_pretrained(bpe_model)
     want = tok.encode("<<system>> be brief\n<<user>> hello there\n<<assistant>>", add_special_tokens=False)
