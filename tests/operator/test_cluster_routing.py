@@ -49,6 +49,7 @@ class Stack:
     gateway: Pod
     kubeconfig: str
     tmp: object
+    ended: bool = False
 
     def rendered(self, component: str, kubectl, where=lambda dep: True) -> dict:
         """The component's Deployment once the operator has rendered it as `where` wants it."""
@@ -73,9 +74,9 @@ def seed_model(pod: Pod, variant: str, default_model_path: str, tiny_model: str)
         shutil.copytree(tiny_model, folder)
 
 
-@pytest.fixture(scope="module")
-def stack(request, kubectl, operator, cluster, tmp_path_factory, default_model_path, tiny_models):
-    variant, v = request.param, VARIANTS[request.param]
+def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_path: str, tiny_models) -> Stack:
+    """`kubectl apply` the variant's InferenceService and start the engine pods it renders (not yet ready)."""
+    v = VARIANTS[variant]
     name, net = f"routed-{variant}", next(_subnet)
     tmp = tmp_path_factory.mktemp(name)
     if "pvc" in v["model"]:
@@ -92,17 +93,59 @@ def stack(request, kubectl, operator, cluster, tmp_path_factory, default_model_p
             pod = Pod(engine_dep, f"127.0.{net}.{10 + i}", tmp / f"engine-{i}")
             seed_model(pod, variant, default_model_path, tiny_models["qwen3"])
             stack.engines.append(pod.start())
-        for pod in stack.engines:
-            pod.wait_ready()
-            kubectl.apply(endpoint_slice(f"{name}-engine", pod))  # ready: the endpoints controller lists it
-        stack.gateway = stack.gateway_pod(stack.rendered("gateway", kubectl), f"127.0.{net}.2").start()
-        stack.gateway.wait_ready()
+    except BaseException:
+        end_stack(stack, kubectl)
+        raise
+    return stack
+
+
+def finish_stack(stack: Stack, kubectl) -> None:
+    """Once its engines are ready: their EndpointSlices, then the gateway the operator rendered, ready."""
+    for pod in stack.engines:
+        pod.wait_ready()
+        kubectl.apply(endpoint_slice(f"{stack.name}-engine", pod))  # ready: the endpoints controller lists it
+    net = stack.engines[0].ip.rsplit(".", 1)[0]
+    stack.gateway = stack.gateway_pod(stack.rendered("gateway", kubectl), f"{net}.2").start()
+    stack.gateway.wait_ready()
+
+
+def end_stack(stack: Stack, kubectl) -> None:
+    if stack.ended:
+        return
+    stack.ended = True
+    for pod in stack.engines + [stack.gateway]:
+        if pod is not None:
+            pod.kill()
+    kubectl("delete", "-n", NAMESPACE, f"isvc/{stack.name}", "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def stacks(request, kubectl, operator, cluster, tmp_path_factory, default_model_path, tiny_models):
+    """The stacks of every variant that this run's tests use, begun together at the module's first test: an
+    engine's start is mostly the latency of one core (imports, loading), so the two variants' four engines
+    boot in about the time of the slower two."""
+    wanted = {item.callspec.params["stack"] for item in request.session.items
+              if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
+              and "stack" in item.callspec.params}
+    begun: dict[str, Stack] = {}
+    try:
+        for variant in (v for v in VARIANTS if v in wanted):
+            begun[variant] = begin_stack(variant, kubectl, cluster, tmp_path_factory, default_model_path, tiny_models)
+        yield begun
+    finally:
+        for stack in begun.values():
+            end_stack(stack, kubectl)
+
+
+@pytest.fixture(scope="module")
+def stack(request, stacks, kubectl):
+    """One variant's stack, ready; ended after its tests (its engines' cores and memory go to the next)."""
+    stack = stacks[request.param]
+    try:
+        finish_stack(stack, kubectl)
         yield stack
     finally:
-        for pod in stack.engines + [stack.gateway]:
-            if pod is not None:
-                pod.kill()
-        kubectl("delete", "-n", NAMESPACE, f"isvc/{name}", "--wait=false")
+        end_stack(stack, kubectl)
 
 
 async def gateway_metrics(session: aiohttp.ClientSession, gw: Pod) -> dict[str, float]:
