@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import pytest
 
-AHEAD = 4  # processes launched ahead and not yet taken, at most (a tiny-model server holds ~0.7 GB)
+AHEAD = 6  # processes launched ahead and not yet taken, at most (a tiny-model server holds ~0.7 GB)
 ENABLED = os.environ.get("NANOSERVE_TEST_PRELAUNCH", "1") != "0"
 
 

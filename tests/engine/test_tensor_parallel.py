@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import prelaunch
 import pytest
 
 from nanoserve.engine_pod import LLM, SamplingParams
@@ -56,12 +57,47 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_two_tp_engines_on_one_host_and_one_killed(tiny_models, tmp_path):
+def run_script(get, guarded: bool, **popen) -> subprocess.Popen:
+    """The user's script (write_script) on the tiny qwen3, started."""
+    script = write_script(get("tmp_path_factory").mktemp("tp-script"), get("tiny_models")["qwen3"], guarded)
+    return subprocess.Popen([sys.executable, script], text=True, env={**os.environ, "PYTHONSAFEPATH": "1"}, **popen)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait()
+
+
+# Both scripts are started ahead of their tests (tests/prelaunch.py): each is a torch import and a TP=2 start.
+prelaunch.plan("tp other engine", prelaunch.uses("other_engine"), stop=_kill, weight=2)(
+    lambda get: run_script(get, True, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+prelaunch.plan("tp unguarded script", prelaunch.uses("unguarded_script"), stop=_kill, weight=2)(
+    lambda get: run_script(get, False, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+
+
+@pytest.fixture
+def other_engine(request):
+    """Another process's TP=2 engine, from a guarded script file, as users write them (the workers import it
+    again): it prints its worker's pid and tokens, then waits until stdin closes."""
+    other = prelaunch.take("tp other engine", request.getfixturevalue)
+    yield other
+    _kill(other)
+
+
+@pytest.fixture
+def unguarded_script(request):
+    """The script without the main guard, run to its end: (exit code, stdout, stderr)."""
+    run = prelaunch.take("tp unguarded script", request.getfixturevalue)
+    try:
+        stdout, stderr = run.communicate(timeout=30)
+    finally:
+        _kill(run)
+    return run.returncode, stdout, stderr
+
+
+def test_two_tp_engines_on_one_host_and_one_killed(tiny_models, other_engine):
     # Another process runs its own TP=2 engine while ours runs: shared-memory names and ports must differ.
-    # It is a guarded script file, as users write them (the workers import it again).
-    script = write_script(tmp_path, tiny_models["qwen3"], guarded=True)
-    other = subprocess.Popen([sys.executable, script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONSAFEPATH": "1"})
+    other = other_engine
     ours = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)
     try:
         mine = ours.generate([PROMPTS[1]], GREEDY)[0]["token_ids"]
@@ -81,15 +117,13 @@ def test_two_tp_engines_on_one_host_and_one_killed(tiny_models, tmp_path):
         other.wait()
 
 
-def test_a_script_without_the_main_guard_fails_at_once_naming_it(tiny_models, tmp_path):
+def test_a_script_without_the_main_guard_fails_at_once_naming_it(unguarded_script):
     # The spawned worker imports the script again and dies in multiprocessing's bootstrapping check: rank 0
     # must say so, not wait for it in the rendezvous (the process group's timeout: 30 minutes).
-    script = write_script(tmp_path, tiny_models["qwen3"], guarded=False)
-    run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=30, check=False,
-                         env={**os.environ, "PYTHONSAFEPATH": "1"})
-    assert run.returncode != 0 and not run.stdout
-    assert "WorkerDied: tensor-parallel worker 1" in run.stderr and "during start-up" in run.stderr, run.stderr
-    assert 'put it under `if __name__ == "__main__":`' in run.stderr, run.stderr
+    returncode, stdout, stderr = unguarded_script
+    assert returncode != 0 and not stdout
+    assert "WorkerDied: tensor-parallel worker 1" in stderr and "during start-up" in stderr, stderr
+    assert 'put it under `if __name__ == "__main__":`' in stderr, stderr
 
 
 def test_a_failed_step_tears_down_and_a_worker_killed_while_idle_fails_the_next_step(tiny_models):
