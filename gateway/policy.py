@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from nanoserve.gateway.config import RoutingConfig
+from nanoserve.gateway.config import POLICIES, RoutingConfig
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ def make_policy(name: str, config: RoutingConfig | None = None) -> Policy:
         return RoundRobinPolicy()
     if name == "least-loaded":
         return LeastLoadedPolicy()
-    raise ValueError(f"unknown policy {name!r} (cache-aware, round-robin, least-loaded)")
+    raise ValueError(f"unknown policy {name!r} ({', '.join(POLICIES)})")
 
 
 def _by_load(candidates: Sequence[Candidate], turn: int) -> list[Candidate]:

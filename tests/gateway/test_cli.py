@@ -75,3 +75,49 @@ def test_fault_and_auth_flags_reach_the_config(tmp_path, monkeypatch):
     assert (cfg.first_byte_timeout, cfg.breaker_threshold) == (default.first_byte_timeout, default.breaker_threshold)
     with pytest.raises(SystemExit):
         parse(["--engine", "http://a:1", "--api-key-file", str(tmp_path / "missing")])
+
+
+# Flags derived from the GatewayConfig dataclass (common/flags.py): the CLI can set every field of the config.
+
+def test_every_config_field_is_a_flag():
+    import dataclasses
+
+    from nanoserve.gateway.config import RoutingConfig
+    args = build_parser().parse_args([])
+    for cls in (GatewayConfig, RoutingConfig):
+        for f in dataclasses.fields(cls):
+            assert f.name == "routing" or hasattr(args, f.name), f.name  # routing: its fields are the flags
+
+
+def test_config_round_trips_through_argv(monkeypatch):
+    """GatewayConfig -> gateway_argv (what the operator renders) -> the parser -> the same GatewayConfig."""
+    import dataclasses
+
+    from config_flags import changed_settings
+
+    from nanoserve.gateway.config import gateway_argv
+    monkeypatch.delenv("NANOSERVE_GATEWAY_API_KEYS", raising=False)
+    monkeypatch.delenv("NANOSERVE_API_KEY", raising=False)
+    changed = GatewayConfig(**changed_settings(GatewayConfig))
+    assert parse(gateway_argv(dataclasses.asdict(changed))) == changed
+    assert parse(["--engine", "http://a:1"]) == GatewayConfig(engines=["http://a:1"])
+    flipped = dataclasses.replace(changed, public_metrics=False)
+    assert parse(gateway_argv(dataclasses.asdict(flipped))) == flipped
+
+
+def test_engine_api_key_comes_from_the_environment_unless_given(monkeypatch):
+    monkeypatch.setenv("NANOSERVE_API_KEY", "from-env")
+    assert parse(["--engine", "http://a:1"]).engine_api_key == "from-env"
+    assert parse(["--engine", "http://a:1", "--engine-api-key", "flag"]).engine_api_key == "flag"
+
+
+def test_every_flag_has_help_with_its_default():
+    from config_flags import help_entries
+    parser = build_parser()
+    entries = help_entries(parser.format_help())
+    assert entries.keys() == {a.option_strings[0] for a in parser._actions}
+    for flag, entry in entries.items():
+        if flag != "-h":
+            assert "(default: " in entry, entry
+    assert "(default: $NANOSERVE_API_KEY)" in entries["--engine-api-key"]  # not the key itself
+    assert "(default: 0.3)" in entries["--cache-threshold"]
