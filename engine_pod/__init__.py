@@ -1,7 +1,7 @@
 """The nanoserve inference engine: `from nanoserve.engine_pod import LLM, SamplingParams`.
 
-Imported lazily, so that torch-free parts under this package (the CLI's `gateway` command, the default
-model's name) do not pull torch in.
+Imported lazily, so that torch-free parts under this package (the CLI, the Config that the operator renders
+engine flags from, the default model's name) do not pull torch in.
 """
 import importlib
 

@@ -5,33 +5,19 @@ import os
 import sys
 
 from nanoserve.common import event_loop
-from nanoserve.engine_pod.default_model import DEFAULT_MODEL
+from nanoserve.common.flags import HelpFormatter, add_flags, settings_from_args
+from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.tool_choice import REASONING_PARSERS, TOOL_CALL_PARSERS, ChatConfig
+from nanoserve.gateway.config import GatewayConfig
+
+# `nanoserve up`'s flags for its gateway (the rest of the gateway's config has its defaults there).
+UP_GATEWAY_SETTINGS = ("host", "port", "served_model_name", "policy", "drain_timeout")
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help="Hugging Face model folder, or smollm2-135m")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens per step (default: 8192 on GPU, 256 on CPU)")
-    p.add_argument("--kvcache-block-size", "--block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--num-kvcache-blocks", type=int, default=-1, help="fixed KV-cache size (default: from memory)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--cpu-kvcache-gib", type=float, default=1.0)
-    p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
-    p.add_argument("--enable-prefix-caching", default=True, action=argparse.BooleanOptionalAction,
-                   help="reuse the KV blocks of prompt prefixes already computed")
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help=argparse.SUPPRESS)
-    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="auto: bfloat16 on GPU, float32 on CPU")
-    p.add_argument("--seed", type=int, default=None, help="seeds the sampling of requests that bring no seed")
-    p.add_argument("--attention-backend", default=None, choices=["torch", "flash_attn", "triton"])
-    p.add_argument("--async-scheduling", default=None, action=argparse.BooleanOptionalAction,
-                   help="schedule the next step while one runs (default: on with CUDA)")
+def add_engine_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """Config's settings (engine_pod/config.py; `defaults` replaces some of their defaults), then vLLM's flags
+    that nanoserve accepts at one value."""
+    add_flags(p, Config, defaults=defaults)
     # vLLM's flags whose only value nanoserve has is the one it always uses: accepted, so that vLLM command
     # lines run, and refused at any other value (argparse names the choices).
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
@@ -43,24 +29,22 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for vLLM's command lines: nanoserve never runs code from a model folder")
 
 
-_ENGINE_KEYS = ("model", "tensor_parallel_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-                "kvcache_block_size", "num_kvcache_blocks", "gpu_memory_utilization", "cpu_kvcache_gib",
-                "enforce_eager", "enable_prefix_caching", "scheduling_policy", "device", "dtype", "attention_backend",
-                "async_scheduling", "seed")
-
-
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {k: getattr(args, k) for k in _ENGINE_KEYS}
+    """The Config settings parsed by add_engine_args's flags (engine_argv turns them back into flags)."""
+    return settings_from_args(Config, args)
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    """The server's own settings (not the engine's Config): listening, API keys, admission, drain."""
+    p.add_argument("--host", default="0.0.0.0", help="the address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model as given)")
     p.add_argument("--api-key", action="append", default=None,
                    help="require 'Authorization: Bearer KEY' on all but /health and /ready; repeat for several "
-                        "tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY)")
-    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line (# comments)")
+                        "tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY) "
+                        "(default: none)")
+    p.add_argument("--api-key-file", default=None,
+                   help="a file of API keys, one per line, # comments (default: none)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key (Prometheus)")
     p.add_argument("--disable-log-requests", action="store_true",
                    help="accepted for vLLM's command lines: nanoserve does not log requests")
@@ -75,13 +59,16 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 def add_chat_args(p: argparse.ArgumentParser) -> None:
     """vLLM's flags for tool calls and reasoning (`serve`, and `up` passes them to its engines)."""
     p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
-                   help="read tool calls out of the model's text in this format (hermes: Hermes/Qwen <tool_call>)")
+                   help="read tool calls out of the model's text in this format, hermes: Hermes/Qwen <tool_call> "
+                        "(default: none)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='let the model decide whether to call tools (tool_choice "auto", the default with tools)')
     p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
-                   help="return a thinking model's <think> text as `reasoning`, apart from `content`")
+                   help="return a thinking model's <think> text as `reasoning`, apart from `content` "
+                        "(default: none)")
     p.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template in place of the model's: a file, or the template itself")
+                   help="a Jinja chat template in place of the model's: a file, or the template itself "
+                        "(default: the model's)")
 
 
 def chat_config(args: argparse.Namespace) -> ChatConfig:
@@ -144,43 +131,44 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.up import run_up
-    return event_loop.run(run_up(engine_kwargs(args), args.replicas, host=args.host, port=args.port,
-                              served_model_name=args.served_model_name, policy=args.policy,
-                              drain_timeout=args.drain_timeout, engine_args=chat_argv(args)))
+    gateway = GatewayConfig(**settings_from_args(GatewayConfig, args, UP_GATEWAY_SETTINGS))
+    return event_loop.run(run_up(engine_kwargs(args), args.replicas, gateway, chat_argv(args)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"nanoserve {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (the engine pod)",
+                           formatter_class=HelpFormatter)
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                       help="the model, as vLLM's `vllm serve MODEL` (default: --model)")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(fn=cmd_serve)
+    gen = sub.add_parser("generate", help="generate offline from prompts", formatter_class=HelpFormatter)
+    add_engine_args(gen)
+    gen.add_argument("prompt", nargs="*", help="prompts (default: one about France)")
+    gen.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    gen.set_defaults(fn=cmd_generate)
+    up = sub.add_parser("up", help="N local engine processes and the gateway in front (CPU by default)",
+                        description="N local `nanoserve serve` engines on free ports, and the gateway in front of "
+                                    "them: --host and --port are the gateway's", formatter_class=HelpFormatter)
+    add_engine_args(up, defaults={"device": "cpu"})
+    up.add_argument("--replicas", type=int, default=2, help="engine processes")
+    add_flags(up, GatewayConfig, UP_GATEWAY_SETTINGS, defaults={"host": "127.0.0.1"})
+    add_chat_args(up)
+    up.set_defaults(fn=cmd_up)
+    gateway = sub.add_parser("gateway", help="the prefix-cache-aware router", add_help=False)
+    gateway.set_defaults(fn=None)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"nanoserve {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    defaults = argparse.ArgumentDefaultsHelpFormatter  # every flag's --help shows its default
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (the engine pod)", formatter_class=defaults)
-    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                       help="the model, as vLLM's `vllm serve MODEL` (the same as --model)")
-    add_engine_args(serve)
-    add_server_args(serve)
-    serve.set_defaults(fn=cmd_serve)
-    gen = sub.add_parser("generate", help="generate offline from prompts", formatter_class=defaults)
-    add_engine_args(gen)
-    gen.add_argument("prompt", nargs="*")
-    gen.add_argument("--max-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    gen.set_defaults(fn=cmd_generate)
-    up = sub.add_parser("up", help="N local engine processes and the gateway in front (CPU by default)",
-                        formatter_class=defaults)
-    add_engine_args(up)
-    up.add_argument("--replicas", type=int, default=2, help="engine processes")
-    up.add_argument("--host", default="127.0.0.1", help="the gateway's address")
-    up.add_argument("--port", type=int, default=8080, help="the gateway's port (engines take free ports)")
-    up.add_argument("--served-model-name", default=None)
-    up.add_argument("--policy", default="cache-aware", choices=["cache-aware", "round-robin", "least-loaded"])
-    up.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish requests on stop")
-    add_chat_args(up)
-    up.set_defaults(fn=cmd_up, device="cpu")
-    gateway = sub.add_parser("gateway", help="the prefix-cache-aware router", add_help=False)
-    gateway.set_defaults(fn=None)
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command == "gateway":
         from nanoserve.gateway.cli import main as gateway_main

@@ -1,59 +1,77 @@
+from __future__ import annotations
+
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
-import torch
-
+from nanoserve.common.flags import setting, settings_argv
+from nanoserve.engine_pod.default_model import DEFAULT_MODEL
 from nanoserve.engine_pod.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:  # torch is imported when a Config is made: the CLI and the operator import this without it
+    import torch
 
 
 # The default model (135M) prefills 256 tokens in ~0.5 s on two cores: steps stay around a second.
-CPU_BATCHED_TOKENS = 256
+CPU_BATCHED_TOKENS, GPU_BATCHED_TOKENS = 256, 8192
 
 
 @dataclass
 class Config:
-    """Every engine knob in one place. `model` is a Hugging Face folder (or "smollm2-135m")."""
-    model: str
-    tensor_parallel_size: int = 1
-    max_model_len: int = 4096
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None  # tokens per step, prefill chunks and decodes together; None: 8192
-                                           # on GPU, 256 on CPU (a long prompt must not stall others for seconds)
-    kvcache_block_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    enforce_eager: bool = False
-    device: str | None = None              # None: cuda when available, else cpu
-    dtype: str | None = None               # None or "auto": bfloat16 on GPU, float32 on CPU
-    seed: int | None = None                # seeds the sampling of requests without a seed (vLLM's --seed)
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"        # "fcfs" or "priority"
-    num_kvcache_blocks: int = -1           # -1: size the cache from free memory
-    cpu_kvcache_gib: float = 1.0           # KV-cache budget on CPU, where free memory is not measured
-    attention_backend: str | None = None   # None: auto ("triton" on CUDA, "torch" on CPU)
-    async_scheduling: bool | None = None   # schedule step N+1 while step N runs; None: on with CUDA
-    hf_config: dict = field(default_factory=dict, repr=False)
-    eos_token_ids: list[int] = field(default_factory=list)
+    """Every engine knob in one place, each with its help: `nanoserve serve`'s flags, the engine command lines
+    of `nanoserve up` and of the operator's pods all come from these fields (common/flags.py)."""
+    model: str = setting(DEFAULT_MODEL, "a Hugging Face model folder, or smollm2-135m (the built-in model)")
+    tensor_parallel_size: int = setting(1, "GPUs that split the model (tensor parallelism; 1..8)",
+                                        flags=("--tensor-parallel-size", "-tp"))
+    max_model_len: int = setting(4096, "most tokens in a sequence, prompt and output together (at most the "
+                                       "model's max_position_embeddings)")
+    max_num_seqs: int = setting(256, "most sequences running at once")
+    max_num_batched_tokens: int | None = setting(
+        None, "most tokens in one step, prefill chunks and decodes together",
+        unset=f"{GPU_BATCHED_TOKENS} on GPU, {CPU_BATCHED_TOKENS} on CPU, so that a long prompt cannot stall others")
+    kvcache_block_size: int = setting(16, "tokens per KV-cache block", flags=("--kvcache-block-size", "--block-size"))
+    gpu_memory_utilization: float = setting(0.9, "fraction of the GPU's memory the engine may fill, KV cache included")
+    enforce_eager: bool = setting(False, "no CUDA graphs: every decode step runs eagerly")
+    device: str | None = setting(None, "cuda or cpu", unset="cuda when available")
+    dtype: str = setting("auto", "the weights' and activations' dtype; auto: bfloat16 on GPU, float32 on CPU",
+                         choices=("auto", "bfloat16", "float16", "float32"))
+    seed: int | None = setting(None, "seeds the sampling of requests that bring no seed, as vLLM's --seed",
+                               unset="none: each such request draws a fresh one")
+    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes already computed",
+                                          flags=("--enable-prefix-caching", "--prefix-caching"))
+    scheduling_policy: str = setting("fcfs", "which waiting request runs first: fcfs (arrival) or priority (the "
+                                             "request's priority, then arrival)", choices=("fcfs", "priority"))
+    num_kvcache_blocks: int = setting(-1, "KV-cache blocks; -1: as many as free memory holds")
+    cpu_kvcache_gib: float = setting(1.0, "the KV cache's size on CPU (GiB), where free memory is not measured")
+    attention_backend: str | None = setting(None, "attention kernels", unset="triton on CUDA, torch on CPU",
+                                            choices=("torch", "flash_attn", "triton"))
+    async_scheduling: bool | None = setting(None, "schedule step N+1 while step N runs", unset="on with CUDA")
+    hf_config: dict = field(default_factory=dict, repr=False, init=False)  # read from the model folder
+    eos_token_ids: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self):
+        for f in fields(self):  # argparse checks a flag's choices; LLM(...) and the engine come here
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         from nanoserve.engine_pod.default_model import resolve_model
         self.model = resolve_model(self.model)
         path = os.path.join(self.model, "config.json")
         if not os.path.isfile(path):
             raise ModelLoadError(f"no config.json in model folder {self.model!r}")
         self.hf_config = _read_json(self.model, "config.json")
+        import torch
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype in (None, "auto"):
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 8192 if self.device.startswith("cuda") else CPU_BATCHED_TOKENS
+            self.max_num_batched_tokens = GPU_BATCHED_TOKENS if self.device.startswith("cuda") else CPU_BATCHED_TOKENS
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
         if self.kvcache_block_size < 1:
             raise ConfigError(f"kvcache_block_size must be >= 1, got {self.kvcache_block_size}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
-            raise ConfigError(f"scheduling_policy must be 'fcfs' or 'priority', got {self.scheduling_policy!r}")
         if not 1 <= self.tensor_parallel_size <= 8:
             raise ConfigError(f"tensor_parallel_size must be in 1..8, got {self.tensor_parallel_size}")
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -69,7 +87,13 @@ class Config:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
         return getattr(torch, self.dtype)
+
+
+def engine_argv(settings: dict) -> list[str]:
+    """Config settings (field name -> value, as `cli.engine_kwargs` gives them) as `nanoserve serve` flags."""
+    return settings_argv(Config, settings)
 
 
 def _read_json(folder: str, name: str) -> dict:

@@ -10,6 +10,7 @@ the new one once its /ready says so. SIGTERM or SIGINT drains the gateway, then 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,6 +19,9 @@ import subprocess
 import sys
 import time
 from typing import Callable
+
+from nanoserve.engine_pod.config import engine_argv
+from nanoserve.gateway.config import GatewayConfig
 
 log = logging.getLogger("nanoserve.up")
 
@@ -54,21 +58,6 @@ class Supervised:
             log.info("engine %s restarted (pid %d)", self.url, self.proc.pid)
 
 
-def engine_argv(kwargs: dict) -> list[str]:
-    """`engine_kwargs(args)` back to `nanoserve serve` flags (see cli.add_engine_args)."""
-    argv = []
-    for key, value in kwargs.items():
-        if key == "enable_prefix_caching":
-            argv += [] if value else ["--no-prefix-caching"]
-        elif key == "async_scheduling" and value is not None:
-            argv += ["--async-scheduling" if value else "--no-async-scheduling"]
-        elif isinstance(value, bool):
-            argv += ["--" + key.replace("_", "-")] if value else []
-        elif value is not None:
-            argv += ["--" + key.replace("_", "-"), str(value)]
-    return argv
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -77,7 +66,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def start_engine(engine_kwargs: dict, port: int, served_name: str, drain_timeout: float,
                  engine_args: list[str] = ()) -> subprocess.Popen:
-    """`engine_args`: more `nanoserve serve` flags (the tool-call and reasoning parsers)."""
+    """`engine_kwargs`: Config settings; `engine_args`: more `nanoserve serve` flags (the chat flags)."""
     cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *engine_argv(engine_kwargs),
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
            "--drain-timeout", str(drain_timeout), *engine_args]
@@ -97,32 +86,30 @@ def stop_engines(procs: list[subprocess.Popen], timeout: float) -> None:
             p.wait()
 
 
-async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", port: int = 8080,
-                 served_model_name: str | None = None, policy: str = "cache-aware",
-                 drain_timeout: float = 30.0, engine_args: list[str] = ()) -> int:
-    """Serve until SIGTERM/SIGINT (exit 0), restarting engines that exit."""
+async def run_up(engine_kwargs: dict, replicas: int, gateway: GatewayConfig, engine_args: list[str] = ()) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0), restarting engines that exit. `gateway`: its host, port, policy,
+    drain timeout (the engines' too) and served model name (the engines' too; default: the model as given)."""
     from nanoserve.engine_pod.default_model import resolve_model
-    from nanoserve.gateway import GatewayConfig
     from nanoserve.gateway.app import serve
 
     # Resolve once here (the default model is converted on first use), not in N racing engines.
     model = resolve_model(engine_kwargs["model"])
-    name = served_model_name or engine_kwargs["model"]  # as the user gave it, like `serve`
+    name = gateway.served_model_name or engine_kwargs["model"]  # as the user gave it, like `serve`
     engine_kwargs = {**engine_kwargs, "model": model}
-    engines = [Supervised(free_port(), lambda p: start_engine(engine_kwargs, p, name, drain_timeout, engine_args),
-                          time.monotonic()) for _ in range(replicas)]
+    engines = [Supervised(free_port(), lambda p: start_engine(engine_kwargs, p, name, gateway.drain_timeout,
+                                                              engine_args), time.monotonic())
+               for _ in range(replicas)]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # No local tokenizer: the gateway loads the engines' own, as it does in a cluster.
-    config = GatewayConfig(host=host, port=port, engines=[e.url for e in engines], served_model_name=name,
-                           policy=policy, engine_api_key=os.environ.get("NANOSERVE_API_KEY"),
-                           drain_timeout=drain_timeout)
+    config = dataclasses.replace(gateway, engines=[e.url for e in engines], served_model_name=name,
+                                 engine_api_key=os.environ.get("NANOSERVE_API_KEY"))
     try:
         async with serve(config) as gw:
-            log.info("gateway on %s (model %s, %d engines, policy %s)", gw.url, name, replicas, policy)
+            log.info("gateway on %s (model %s, %d engines, policy %s)", gw.url, name, replicas, config.policy)
             while not stop.is_set():
                 for engine in engines:
                     engine.check(time.monotonic())
@@ -132,5 +119,5 @@ async def run_up(engine_kwargs: dict, replicas: int, host: str = "127.0.0.1", po
                     pass
             log.info("stopping: gateway first, then the engines")
     finally:
-        await asyncio.to_thread(stop_engines, [e.proc for e in engines], drain_timeout + 10)
+        await asyncio.to_thread(stop_engines, [e.proc for e in engines], config.drain_timeout + 10)
     return 0
