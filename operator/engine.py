@@ -1,5 +1,7 @@
 """Pure rendering of the engine: a GPU Deployment and the headless Service the gateway discovers."""
+import re
 
+from nanoserve.engine_pod.config import engine_argv
 from nanoserve.operator.model import model_source, served_model_name
 from nanoserve.operator.names import ENGINE_PORT, engine_name, labels, selector
 from nanoserve.operator.security import container_security, pod_security
@@ -9,23 +11,18 @@ GRACE_SECONDS = 120  # then in-flight generations get this long to finish
 
 
 def engine_args(spec: dict, model_arg: str) -> list[str]:
+    """The engine's Config settings (spec.engine's fields are Config's, in camelCase; an unset one takes the
+    engine's default for its device), then the server's flags, then extraArgs (last: they win)."""
     eng = spec["engine"]
-    args = [
-        "--model", model_arg,
-        "--served-model-name", served_model_name(spec),
-        "--host", "0.0.0.0",
-        "--port", str(ENGINE_PORT),
-        "--tensor-parallel-size", str(spec["tensorParallelSize"]),
-        "--max-model-len", str(eng["maxModelLen"]),
-        "--max-num-seqs", str(eng["maxNumSeqs"]),
-        "--gpu-memory-utilization", str(eng["gpuMemoryUtilization"]),
-        "--kvcache-block-size", str(eng["kvcacheBlockSize"]),
-    ]
-    if "maxNumBatchedTokens" in eng:  # else the engine's default for its device
-        args += ["--max-num-batched-tokens", str(eng["maxNumBatchedTokens"])]
-    if eng["enforceEager"]:
-        args.append("--enforce-eager")
-    return args + list(eng.get("extraArgs", []))
+    settings = {"model": model_arg, "tensor_parallel_size": spec["tensorParallelSize"]}
+    settings |= {snake_case(key): value for key, value in eng.items() if key != "extraArgs"}
+    server = ["--served-model-name", served_model_name(spec), "--host", "0.0.0.0", "--port", str(ENGINE_PORT)]
+    return engine_argv(settings) + server + list(eng.get("extraArgs", []))
+
+
+def snake_case(key: str) -> str:
+    """maxNumSeqs -> max_num_seqs."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
 
 
 def engine_resources(spec: dict) -> dict:

@@ -1,5 +1,6 @@
 """Pure rendering of the gateway: its Deployment, client-facing Service and EndpointSlice RBAC."""
 
+from nanoserve.gateway.config import gateway_argv
 from nanoserve.operator.names import GATEWAY_PORT, engine_name, gateway_name, labels, selector, service_name
 from nanoserve.operator.security import container_security, pod_security
 
@@ -36,8 +37,8 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
         "name": "gateway",
         "image": gw["image"],
         "command": ["nanoserve", "gateway"],
-        "args": ["--port", str(GATEWAY_PORT), "--service", engine_name(name), "--namespace", namespace,
-                 "--policy", gw["policy"], "--drain-timeout", str(GATEWAY_GRACE_SECONDS)],
+        "args": gateway_argv({"port": GATEWAY_PORT, "service": engine_name(name), "namespace": namespace,
+                              "policy": gw["policy"], "drain_timeout": GATEWAY_GRACE_SECONDS}),
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         "env": env,
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},

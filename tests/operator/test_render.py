@@ -197,3 +197,23 @@ def test_api_key_reaches_the_gateway_too():
     (c,) = children({"apiKeySecret": "key"})["Deployment", "demo-gateway"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
     assert env["NANOSERVE_API_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "key"
+
+
+def test_the_crds_engine_fields_are_config_settings_at_its_defaults():
+    """spec.engine's fields are the engine's Config settings in camelCase (rendered through engine_argv), and a
+    default the CRD gives is the engine's own; the gateway's policies are the gateway's."""
+    import dataclasses
+
+    from crd_schema import load_crd, version_schema
+
+    from nanoserve.engine_pod.config import Config
+    from nanoserve.gateway.config import POLICIES
+    from nanoserve.operator.engine import snake_case
+    spec = version_schema(load_crd())["properties"]["spec"]["properties"]
+    settings = {f.name: f for f in dataclasses.fields(Config) if f.init}
+    engine = {key: prop for key, prop in spec["engine"]["properties"].items() if key != "extraArgs"}
+    assert engine and {snake_case(key) for key in engine} <= settings.keys()
+    for key, prop in engine.items():
+        assert prop.get("default", settings[snake_case(key)].default) == settings[snake_case(key)].default, key
+    assert spec["tensorParallelSize"]["default"] == settings["tensor_parallel_size"].default
+    assert tuple(spec["gateway"]["properties"]["policy"]["enum"]) == POLICIES
