@@ -206,6 +206,8 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
         raise APIError(400, "'prompt' is required", "prompt")
     batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
         else [prompt]  # a list of strings or of id lists is a batch: a choice (or n) per prompt, in order
+    if len(batch) > MAX_BATCH_PROMPTS:
+        raise APIError(400, f"a batch takes at most {MAX_BATCH_PROMPTS} prompts, got {len(batch)}", "prompt")
     prompts = []
     for one in batch:
         try:
@@ -223,6 +225,9 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
         raise APIError(400, "'echo' with 'logprobs' (the prompt's logprobs) is not available with 'stream'", "echo")
     return ParsedRequest(ids, params, stream, include_usage, more_prompts=more, echo=echo,
                          tokens_as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False))
+
+
+MAX_BATCH_PROMPTS = 256  # a completions batch: a bounded amount of work per request
 
 
 def _check_choices(params: SamplingParams, stream: bool) -> None:

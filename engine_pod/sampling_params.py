@@ -8,6 +8,7 @@ from nanoserve.engine_pod.structured_params import StructuredOutputsParams
 
 _INT32_MAX = 2**31 - 1
 MAX_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_N = 128        # n and best_of: each completion is a sequence of its own (a billion would never end)
 
 
 def _is_int(value) -> bool:
@@ -83,6 +84,9 @@ class SamplingParams:
         _int_at_least(self.n, 1, "n")
         if self.best_of is not None:
             _int_at_least(self.best_of, self.n, "best_of")
+        for name in ("n", "best_of"):
+            if (getattr(self, name) or 0) > MAX_N:
+                raise InvalidRequestError(f"{name} must be <= {MAX_N}, got {getattr(self, name)}", name)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:

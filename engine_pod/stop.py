@@ -24,10 +24,15 @@ class StopChecker:
         return cut_at_stop(text, p.stop, p.include_stop_str_in_output)
 
 
+def find_stop(text: str, stops: list[str]) -> tuple[int, int] | None:
+    """(start, length) of the first occurrence of any stop string, or None."""
+    return min(((i, len(s)) for i, s in ((text.find(s), s) for s in stops) if i >= 0), default=None)
+
+
 def cut_at_stop(text: str, stops: list[str], include: bool = False) -> str:
     """The text before the first occurrence of any stop string (`include`: up to its end)."""
-    found = [(i, len(s)) for i, s in ((text.find(s), s) for s in stops) if i >= 0]
-    if not found:
+    found = find_stop(text, stops)
+    if found is None:
         return text
-    start, length = min(found)
+    start, length = found
     return text[:start + length] if include else text[:start]

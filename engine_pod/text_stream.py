@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
-from nanoserve.engine_pod.stop import cut_at_stop
+from nanoserve.engine_pod.stop import find_stop
 
 _CONTEXT = 4  # ids decoded before an unfinished tail at the end, so that its text is as in the full decode
 
@@ -53,10 +53,12 @@ class TextStream:
             self.unflushed = []
         if finished and self.unflushed:
             self.pending += self._flush()
-        before_stop = cut_at_stop(self.pending, self.stop, self.include_stop)
-        if len(before_stop) < len(self.pending):  # a stop string: the text ends before it
+        found = find_stop(self.pending, self.stop)
+        if found is not None:  # a stop string: the text ends before it (or with it)
+            start, length = found
+            out = self.pending[:start + length if self.include_stop else start]
             self.stopped, self.pending = True, ""
-            return before_stop
+            return out
         keep = 0 if finished else self._stop_prefix()
         out = self.pending[:len(self.pending) - keep]
         self.pending = self.pending[len(out):]

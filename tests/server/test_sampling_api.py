@@ -185,6 +185,7 @@ def test_chat_template_options(client):
     ({"min_tokens": 9}, "min_tokens"), ({"allowed_token_ids": []}, "allowed_token_ids"),
     ({"bad_words": [1]}, "bad_words"), ({"echo": True, "logprobs": 1, "stream": True}, "echo"), ({"n": True}, "n"),
     ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"), ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"best_of": 10 ** 9}, "best_of"), ({"n": 129}, "n"), ({"prompt": ["w1"] * 257}, "prompt"),
     ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"), ({"skip_special_tokens": 1}, "skip_special_tokens")])
 def test_bad_values_are_400_naming_the_field(client, fields, param):
     with pytest.raises(openai.BadRequestError) as e:
