@@ -92,7 +92,8 @@ class EngineCore:
         self.compiling: dict[int, concurrent.futures.Future] = {}  # constrained requests, by seq_id
         self.compile_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="grammar")
         self.last_counts: EngineCounts | None = None
-        self.prompts_scored: set[int] = set()  # prompt_logprobs sent, request not finished
+        self.scoring: set[int] = set()         # unfinished requests that want logprobs or prompt logprobs
+        self.prompts_scored: set[int] = set()  # ... whose prompt logprobs have been sent
         engine.block_manager.record_events = True
 
     def run(self, inbox: Connection) -> None:
@@ -137,6 +138,8 @@ class EngineCore:
                 self.compiling.pop(seq_id).cancel()
             else:
                 self.unscheduled.discard(seq_id)
+                self.scoring.discard(seq_id)
+                self.prompts_scored.discard(seq_id)
                 self.engine.abort(seq_id)
         elif kind == "subscribe":
             self.subscribers.add(msg[1])
@@ -150,6 +153,8 @@ class EngineCore:
     def _add(self, seq) -> None:
         self.engine.add_sequence(seq)
         self.unscheduled.add(seq.seq_id)
+        if seq.params.logprobs is not None or seq.params.prompt_logprobs is not None:
+            self.scoring.add(seq.seq_id)
 
     def _admit_compiled(self) -> None:
         for seq_id, future in list(self.compiling.items()):
@@ -168,6 +173,20 @@ class EngineCore:
         sched, bm = self.engine.scheduler, self.engine.block_manager
         return EngineCounts(len(sched.waiting) + len(self.compiling), len(sched.running), bm.usage(), self.received)
 
+    def _logprobs(self, sampled) -> tuple[dict, dict]:
+        """This step's logprobs, and the prompt logprobs of requests that got their first token."""
+        logprobs, prompt_logprobs = {}, {}
+        for seq, token in sampled:
+            if seq.params.logprobs is not None and token is not None:
+                logprobs[seq.seq_id] = seq.logprobs[-1]
+            if seq.params.prompt_logprobs is not None and seq.seq_id not in self.prompts_scored:
+                prompt_logprobs[seq.seq_id] = seq.prompt_logprobs
+                self.prompts_scored.add(seq.seq_id)
+            if seq.is_finished:
+                self.prompts_scored.discard(seq.seq_id)
+                self.scoring.discard(seq.seq_id)
+        return logprobs, prompt_logprobs
+
     def _send_counts(self) -> None:
         counts = self._counts()
         if counts != self.last_counts:
@@ -185,15 +204,7 @@ class EngineCore:
             scheduled = [seq.seq_id for seq, _ in engine.last_batch if seq.seq_id in self.unscheduled]
             self.unscheduled.difference_update(scheduled)
         rows = [(seq.seq_id, token, seq.finish_reason, seq.num_cached_tokens) for seq, token in sampled]
-        logprobs = {seq.seq_id: seq.logprobs[-1] for seq, token in sampled
-                    if token is not None and seq.params.logprobs is not None}
-        prompt_logprobs = {}
-        for seq, _ in sampled:
-            if seq.params.prompt_logprobs is not None and seq.seq_id not in self.prompts_scored:
-                prompt_logprobs[seq.seq_id] = seq.prompt_logprobs
-                self.prompts_scored.add(seq.seq_id)
-            if seq.is_finished:
-                self.prompts_scored.discard(seq.seq_id)
+        logprobs, prompt_logprobs = self._logprobs(sampled) if self.scoring else ({}, {})
         events = _runs(bm.events) if self.subscribers else []  # in order: a hash can be evicted and stored again
         bm.events.clear()
         self.last_counts = counts = self._counts()

@@ -66,6 +66,8 @@ def sampling_inputs(seqs: list[Sequence], rng: random.Random, eos_ids: list[int]
     top_k = np.array([p.top_k for p in params], np.int64)
     top_p = np.array([p.top_p for p in params], np.float64)
     needs_top = any(not g and (p.top_k > 0 or p.top_p < 1) for p, g in zip(params, greedy))
+    if not any(p.extras for p in params):
+        return SamplingInputs(temps, top_k, top_p, seeds, all(greedy), needs_top)
     min_p = None
     if any(not g and p.min_p > 0 for p, g in zip(params, greedy)):
         min_p = np.array([p.min_p for p in params], np.float64)

@@ -79,6 +79,10 @@ class SamplingParams:
         if self.seed is not None:
             self.seed %= 1 << 63  # any integer seeds; the sampler keeps seeds in int64
         self._check_processing()
+        # Whether the sampler needs more than temperature and top-k/top-p for this request: the common case
+        # skips a pass over the batch's rows each step.
+        self.extras = bool(self.logit_bias or self.min_tokens or self.bad_words or self.allowed_token_ids is not None
+                           or self.penalized or self.min_p > 0 or self.logprobs is not None)
 
     def _check_processing(self) -> None:
         _int_at_least(self.n, 1, "n")

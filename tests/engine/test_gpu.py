@@ -1,5 +1,6 @@
 """On a GPU (skipped without CUDA): the engine in bf16 with Triton kernels and CUDA graphs against
 Hugging Face transformers on the same random Qwen3 weights, and its fast paths against its slow ones."""
+import dataclasses
 import random
 
 import pytest
@@ -87,6 +88,45 @@ def test_chunked_prefill_and_small_blocks_on_gpu(model_path, prompts):
     base = engine_tokens(model_path, prompts)
     chunked = engine_tokens(model_path, prompts, max_num_batched_tokens=64, kvcache_block_size=32)
     assert [g[:2] for g in base] == [c[:2] for c in chunked]
+
+
+def test_sampling_options_on_gpu(model_path, prompts):
+    """Logprobs are lossless and close to transformers'; penalties and bad words read the newest token on the
+    device under async scheduling exactly as the host has it under sync; n equals seeded requests."""
+    from transformers import AutoModelForCausalLM
+    processed = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.5,
+                               frequency_penalty=0.5, presence_penalty=0.3, bad_words=["w1 w2"], min_p=0.1)
+    outs = {}
+    for async_scheduling in (True, False):
+        llm = LLM(model_path, max_model_len=1024, num_kvcache_blocks=512, async_scheduling=async_scheduling)
+        try:
+            outs[async_scheduling] = [o["token_ids"] for o in llm.generate(prompts, processed)]
+            if not async_scheduling:
+                continue
+            plain = [o["token_ids"] for o in llm.generate(prompts, GREEDY)]
+            scored = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3,
+                                                          prompt_logprobs=1))
+            assert [o["token_ids"] for o in scored] == plain  # logprobs change nothing
+            seeded = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=7)
+            fanned = llm.generate([prompts[2]], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True,
+                                                               seed=7, n=3))[0]["outputs"]
+            single = [llm.generate([prompts[2]], dataclasses.replace(seeded, seed=7 + j))[0]
+                      for j in range(3)]
+            assert [o["token_ids"] for o in fanned] == [o["token_ids"] for o in single]
+        finally:
+            llm.exit()
+    assert outs[True] == outs[False]
+    assert outs[True] != plain
+    hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts[1:3], scored[1:3]):
+        with torch.no_grad():
+            expected = hf(torch.tensor([prompt + out["token_ids"]])).logits[0].log_softmax(-1)
+        first = expected[len(prompt) - 1, out["token_ids"][0]].item()
+        assert out["logprobs"][0].logprob == pytest.approx(first, abs=0.1)  # bf16 against float32
+        assert out["logprobs"][0].rank == 1 and out["logprobs"][0].top[0][0] == out["token_ids"][0]
+        assert len(out["prompt_logprobs"]) == len(prompt)
+        second = expected[0, prompt[1]].item()
+        assert out["prompt_logprobs"][1].logprob == pytest.approx(second, abs=0.1)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
