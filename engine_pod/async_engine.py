@@ -80,6 +80,7 @@ class AsyncEngine:
         self.num_sent = 0  # "add" messages sent: those the engine has not read yet count as waiting
         self.counts = EngineCounts(0, 0, 0.0, 0)
         self.prefix_queries = self.prefix_hits = 0  # so far (the V0 hit-rate gauge)
+        self.prompt_tokens_total = self.generation_tokens_total = 0  # so far (the periodic stats line)
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="engine-pipe-out", daemon=True)
         self._receiver = threading.Thread(target=self._recv_loop, name="engine-pipe-in", daemon=True)
@@ -280,6 +281,7 @@ class AsyncEngine:
                 req.scheduled_at = out.started
                 m("request_queue_time").observe(out.started - req.arrival)
                 m("prompt_tokens").inc(req.num_prompt_tokens)
+                self.prompt_tokens_total += req.num_prompt_tokens
         if out.num_tokens:
             m("iteration_tokens").observe(out.num_tokens)
         generated = 0
@@ -320,6 +322,7 @@ class AsyncEngine:
                 self.metrics.finished(finish, req.arrival, req.scheduled_at, req.first_token_at, now,
                                       req.num_prompt_tokens, req.num_generated)
         m("generation_tokens").inc(generated)
+        self.generation_tokens_total += generated
         m("prefix_cache_queries").inc(out.prefix_queries)
         m("prefix_cache_hits").inc(out.prefix_hits)
         if out.prefix_queries:

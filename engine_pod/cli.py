@@ -47,7 +47,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
                    help="a file of API keys, one per line, # comments (default: none)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key (Prometheus)")
     p.add_argument("--disable-log-requests", action="store_true",
-                   help="accepted for vLLM's command lines: nanoserve does not log requests")
+                   help="no access line per request (method, path, status, tokens, latency; never the text)")
     p.add_argument("--cache-salt-by-api-key", action="store_true",
                    help="salt the prefix cache by each request's API key: tenants share no cached block")
     p.add_argument("--max-pending", type=int, default=256, help="waiting requests beyond this get 429")
@@ -112,7 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                   max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
                                   drain_timeout=args.drain_timeout, api_key_file=args.api_key_file,
                                   public_metrics=args.public_metrics,
-                                  cache_salt_by_api_key=args.cache_salt_by_api_key, chat=chat_config(args)))
+                                  cache_salt_by_api_key=args.cache_salt_by_api_key, chat=chat_config(args),
+                                  log_requests=not args.disable_log_requests, version=_version()))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -135,6 +136,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     return event_loop.run(run_up(engine_kwargs(args), args.replicas, gateway, chat_argv(args)))
 
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nanoserve {_version()}")
@@ -145,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the model, as vLLM's `vllm serve MODEL` (default: --model)")
     add_engine_args(serve)
     add_server_args(serve)
+    serve.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="the server's log level")
     serve.set_defaults(fn=cmd_serve)
     gen = sub.add_parser("generate", help="generate offline from prompts", formatter_class=HelpFormatter)
     add_engine_args(gen)
@@ -167,12 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "gateway":
+    if args.command == "gateway":  # (which configures its own logging)
         from nanoserve.gateway.cli import main as gateway_main
         return gateway_main(rest)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "model_tag", None):

@@ -16,6 +16,7 @@ from nanoserve.engine_pod.choices import Choice
 from nanoserve.engine_pod.errors import ServerShutdown
 from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest
 from nanoserve.engine_pod.sampling_params import SamplingParams, best_of
+from nanoserve.engine_pod.server_logs import TOKENS
 from nanoserve.engine_pod.server_state import ServerState
 from nanoserve.engine_pod.text_stream import TextStream
 
@@ -49,8 +50,11 @@ def _chat_output(req: ParsedRequest) -> ChatOutput:
     return ChatOutput(req.tool_use, req.reasoning, req.thinking_in_prompt)
 
 
-def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
+def _usage(req: ParsedRequest, completion_tokens: int, cached: int, request: web.Request | None = None) -> dict:
+    """The response's usage; also noted on `request` for its access line."""
     n = sum(len(ids) for ids, _ in req.prompts)
+    if request is not None:
+        request[TOKENS] = (n, completion_tokens)
     return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -90,7 +94,7 @@ async def _complete(request, state, engine, pairs, req, rid, chat) -> web.Respon
         c.index = index
     body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": state.model_name, "choices": [c.final() for c in kept],
-            "usage": _usage(req, sum(c.count for c in choices), _cached(choices))}
+            "usage": _usage(req, sum(c.count for c in choices), _cached(choices), request)}
     if chat and req.params.prompt_logprobs is not None:  # chat: one prompt, its logprobs beside the choices
         body["prompt_logprobs"] = kept[0].prompt_logprobs
     return web.json_response(body)
@@ -149,6 +153,7 @@ async def _stream_choices(request, state, engine, pairs, req, rid, chat) -> web.
     finally:
         for t in tasks:
             t.cancel()
+        _usage(req, sum(c.count for c, _ in pairs), 0, request)  # (for the access line)
     return resp
 
 
@@ -211,6 +216,7 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
         await _stream_error(resp, e)
     finally:
         await gen.aclose()
+        _usage(req, count, cached, request)  # (for the access line)
     return resp
 
 

@@ -11,6 +11,7 @@ from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import load_api_keys
 from nanoserve.engine_pod.errors import ServerShutdown
 from nanoserve.engine_pod.server import ServerState, create_app
+from nanoserve.engine_pod.server_logs import banner, log_stats
 from nanoserve.engine_pod.tool_choice import ChatConfig
 
 log = logging.getLogger("nanoserve.serve")
@@ -22,7 +23,7 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
                      api_key: list[str] | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
                      drain_timeout: float = 120.0, api_key_file: str | None = None,
                      public_metrics: bool = False, cache_salt_by_api_key: bool = False,
-                     chat: ChatConfig = ChatConfig()) -> int:
+                     chat: ChatConfig = ChatConfig(), log_requests: bool = True, version: str = "") -> int:
     """Serve until SIGTERM/SIGINT (then 0) or until the engine fails (then 1, after answering every request).
     API keys: `api_key` (a list), one per line of `api_key_file`, and $NANOSERVE_API_KEY / $VLLM_API_KEY."""
     model = engine_kwargs.pop("model")
@@ -39,6 +40,7 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
     if keys:
         log.info("%d API key(s); /metrics %s", len(keys), "public" if public_metrics else "needs a key")
     state = ServerState(name, keys, max_pending, max_body_bytes, public_metrics, cache_salt_by_api_key, chat)
+    state.log_requests = log_requests
     quiet_client_faults()
     # auto_decompress off: the server undoes Content-Encoding itself, with a bound, and answers errors in JSON.
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5, auto_decompress=False)
@@ -51,7 +53,7 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    engine, code = AsyncEngine(model, engine_kwargs, name), 0
+    engine, code, stats_task = AsyncEngine(model, engine_kwargs, name), 0, None
     try:
         load = asyncio.ensure_future(engine.start())  # the engine core process loads the model
         await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
@@ -70,6 +72,8 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
         state.engine = engine
         log.info("ready: model %s, %d KV blocks of %d tokens; engine core pid %d", name, engine.info.num_blocks,
                  engine.config.kvcache_block_size, engine.process.pid)
+        log.info(banner(f"http://{host}:{port}", name, engine, version))
+        stats_task = asyncio.ensure_future(log_stats(engine))
         failed = asyncio.ensure_future(engine.failed.wait())
         await asyncio.wait([asyncio.ensure_future(stop.wait()), failed], return_when=asyncio.FIRST_COMPLETED)
         # Drain: /ready says 503, new requests get 503, running ones finish or time out.
@@ -91,6 +95,8 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
             while state.inflight and loop.time() < deadline:
                 await asyncio.sleep(0.05)
     finally:
+        if stats_task is not None:
+            stats_task.cancel()
         await runner.cleanup()
         await engine.stop()
     return code

@@ -19,6 +19,7 @@ from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_file
 from nanoserve.engine_pod.openai_protocol import APIError, parse_chat, parse_completion
 from nanoserve.engine_pod.responses import engine_requests, respond
+from nanoserve.engine_pod.server_logs import access_logger
 from nanoserve.engine_pod.server_state import (
     API_KEY,
     STATE,
@@ -130,7 +131,8 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[errors_and_auth], client_max_size=state.max_body_bytes)
+    app = web.Application(middlewares=[access_logger(state.log_requests), errors_and_auth],
+                          client_max_size=state.max_body_bytes)
     app[STATE] = state
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -33,6 +33,7 @@ class ServerState:
         self.tokenizer_info: dict | None = None  # GET /v1/tokenizer, and its files: what the gateway loads
         self.tokenizer_files: dict[str, bytes] = {}
         self.draining = False
+        self.log_requests = True  # an access line per request (server_logs.py)
         self.inflight = 0
         self.created = int(time.time())
 
