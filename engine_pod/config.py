@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
@@ -17,6 +18,9 @@ if TYPE_CHECKING:  # torch is imported when a Config is made: the CLI and the op
 CPU_BATCHED_TOKENS, GPU_BATCHED_TOKENS = 256, 8192
 
 
+FALLBACK_MAX_MODEL_LEN = 4096  # a model config without max_position_embeddings
+
+
 @dataclass
 class Config:
     """Every engine knob in one place, each with its help: `nanoserve serve`'s flags, the engine command lines
@@ -24,8 +28,10 @@ class Config:
     model: str = setting(DEFAULT_MODEL, "a Hugging Face model folder, or smollm2-135m (the built-in model)")
     tensor_parallel_size: int = setting(1, "GPUs that split the model (tensor parallelism; 1..8)",
                                         flags=("--tensor-parallel-size", "-tp"))
-    max_model_len: int = setting(4096, "most tokens in a sequence, prompt and output together (at most the "
-                                       "model's max_position_embeddings)")
+    max_model_len: int | None = setting(None, "most tokens in a sequence, prompt and output together (at most the "
+                                              "model's max_position_embeddings)",
+                                        unset=f"the model's max_position_embeddings ({FALLBACK_MAX_MODEL_LEN} if it "
+                                              "has none), as vLLM")
     max_num_seqs: int = setting(256, "most sequences running at once")
     max_num_batched_tokens: int | None = setting(
         None, "most tokens in one step, prefill chunks and decodes together",
@@ -81,8 +87,13 @@ class Config:
             if hf.get(key) and hf[key] % tp:
                 raise ConfigError(f"tensor_parallel_size={tp} does not divide {key}={hf[key]}")
         hf_max = self.hf_config.get("max_position_embeddings")
-        if hf_max:
-            self.max_model_len = min(self.max_model_len, hf_max)
+        if self.max_model_len is None:
+            self.max_model_len = hf_max or FALLBACK_MAX_MODEL_LEN
+        elif hf_max and self.max_model_len > hf_max:
+            logging.getLogger("nanoserve.config").warning(
+                "max_model_len %d is beyond the model's max_position_embeddings %d: using %d",
+                self.max_model_len, hf_max, hf_max)
+            self.max_model_len = hf_max
         self.eos_token_ids = sorted(_eos_ids(self.hf_config) | _eos_ids(_read_json(self.model, "generation_config.json")))
 
     @property

@@ -56,7 +56,8 @@ def test_defaults_cover_everything_the_renderer_reads():
     spec = default_spec()
     assert spec["model"] == {"builtin": "smollm2-135m"}
     engine_props = version_schema(load_crd())["properties"]["spec"]["properties"]["engine"]["properties"]
-    optional = {"extraArgs", "maxNumBatchedTokens"}  # unset: the engine's own per-device default
+    optional = {"extraArgs", "maxNumBatchedTokens", "maxModelLen"}  # unset: the engine's own default (per device,
+    # or the model's)
     assert {k for k, v in engine_props.items() if "default" in v} == set(engine_props) - optional
     assert set(spec["engine"]) == set(engine_props) - optional
     assert set(spec["gateway"]) == {"enabled", "replicas", "policy", "image"}
