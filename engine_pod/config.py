@@ -53,7 +53,12 @@ class Config:
     attention_backend: str | None = setting(None, "attention kernels", unset="triton on CUDA, torch on CPU",
                                             choices=("torch", "flash_attn", "triton"))
     async_scheduling: bool | None = setting(None, "schedule step N+1 while step N runs", unset="on with CUDA")
+    generation_config: str = setting(
+        "auto", "auto: a request's sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, and "
+                "max_new_tokens as max_tokens) come from the model's generation_config.json, as in vLLM; vllm: "
+                "vLLM's own defaults", choices=("auto", "vllm"))
     hf_config: dict = field(default_factory=dict, repr=False, init=False)  # read from the model folder
+    sampling_defaults: dict = field(default_factory=dict, init=False)     # generation_config "auto"
     eos_token_ids: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self):
@@ -94,7 +99,10 @@ class Config:
                 "max_model_len %d is beyond the model's max_position_embeddings %d: using %d",
                 self.max_model_len, hf_max, hf_max)
             self.max_model_len = hf_max
-        self.eos_token_ids = sorted(_eos_ids(self.hf_config) | _eos_ids(_read_json(self.model, "generation_config.json")))
+        generation = _read_json(self.model, "generation_config.json")
+        self.eos_token_ids = sorted(_eos_ids(self.hf_config) | _eos_ids(generation))
+        if self.generation_config == "auto":
+            self.sampling_defaults = sampling_defaults(generation)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -105,6 +113,16 @@ class Config:
 def engine_argv(settings: dict) -> list[str]:
     """Config settings (field name -> value, as `cli.engine_kwargs` gives them) as `nanoserve serve` flags."""
     return settings_argv(Config, settings)
+
+
+_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                  "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def sampling_defaults(generation: dict) -> dict:
+    """A generation_config.json's sampling settings as SamplingParams fields (vLLM's `get_diff_sampling_param`:
+    the values it sets, whatever its do_sample says)."""
+    return {ours: generation[theirs] for theirs, ours in _SAMPLING_KEYS.items() if generation.get(theirs) is not None}
 
 
 def _read_json(folder: str, name: str) -> dict:

@@ -18,7 +18,7 @@ class LLM(LLMEngine):
         first under best_of) and the keys above are the first one's."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or SamplingParams(**self.config.sampling_defaults)  # the model's, as vLLM
         if not isinstance(params, list):
             params = [params] * len(prompts)
         if len(params) != len(prompts):

@@ -82,11 +82,16 @@ COMPLETION_MAX_TOKENS = 16
 
 
 def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: str | None,
-                     forced: StructuredOutputsParams | None = None, chat: bool = True) -> SamplingParams:
-    """`forced`: the structured output tool_choice asks for (a named function's arguments, or "required")."""
+                     forced: StructuredOutputsParams | None = None, chat: bool = True,
+                     defaults: dict | None = None) -> SamplingParams:
+    """`forced`: the structured output tool_choice asks for (a named function's arguments, or "required").
+    `defaults`: the model's sampling defaults (Config.sampling_defaults) for the fields the body leaves out."""
+    d = defaults or {}
     max_tokens = _get(body, "max_completion_tokens", (int,))
     if max_tokens is None:  # (not `or`: 0 is refused by SamplingParams, not taken for "no limit")
         max_tokens = _get(body, "max_tokens", (int,))
+    if max_tokens is None and "max_tokens" in d:
+        max_tokens = min(d["max_tokens"], max_model_len - prompt_len)
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len if chat else min(COMPLETION_MAX_TOKENS, max_model_len - prompt_len)
     if prompt_len + max_tokens > max_model_len:
@@ -102,9 +107,9 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
         raise APIError(400, "'stop_token_ids' must be a list of integers", "stop_token_ids")
     try:
         return SamplingParams(
-            temperature=_float(body, "temperature", 1.0),
-            top_p=_float(body, "top_p", 1.0),
-            top_k=_get(body, "top_k", (int,), -1),
+            temperature=_float(body, "temperature", d.get("temperature", 1.0)),
+            top_p=_float(body, "top_p", d.get("top_p", 1.0)),
+            top_k=_get(body, "top_k", (int,), d.get("top_k", -1)),
             max_tokens=max_tokens,
             ignore_eos=_get(body, "ignore_eos", (bool,), False),
             stop=stop, stop_token_ids=stop_ids,
@@ -115,8 +120,8 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
             n=_get(body, "n", (int,), 1), best_of=_get(body, "best_of", (int,)),
             presence_penalty=_float(body, "presence_penalty", 0.0),
             frequency_penalty=_float(body, "frequency_penalty", 0.0),
-            repetition_penalty=_float(body, "repetition_penalty", 1.0),
-            min_p=_float(body, "min_p", 0.0), min_tokens=_get(body, "min_tokens", (int,), 0),
+            repetition_penalty=_float(body, "repetition_penalty", d.get("repetition_penalty", 1.0)),
+            min_p=_float(body, "min_p", d.get("min_p", 0.0)), min_tokens=_get(body, "min_tokens", (int,), 0),
             logit_bias=_get(body, "logit_bias", (dict,)), allowed_token_ids=_get(body, "allowed_token_ids", (list,)),
             bad_words=_get(body, "bad_words", (list,)), logprobs=_logprobs(body, chat),
             prompt_logprobs=_prompt_logprobs(body, chat),
@@ -199,7 +204,7 @@ def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> Non
 
 
 def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
-                     salt_key: str | None = None) -> ParsedRequest:
+                     salt_key: str | None = None, defaults: dict | None = None) -> ParsedRequest:
     _check_fields(body, chat=False)
     prompt = body.get("prompt")
     if prompt is None:
@@ -216,7 +221,7 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
             raise APIError(400, str(e), "prompt") from None
         ids = _truncated(body, ids, max_model_len)
         check_prompt_ids(ids, vocab_size, max_model_len)
-        prompts.append((ids, _sampling_params(body, len(ids), max_model_len, salt_key, chat=False)))
+        prompts.append((ids, _sampling_params(body, len(ids), max_model_len, salt_key, chat=False, defaults=defaults)))
     stream, include_usage = _stream_options(body)
     (ids, params), *more = prompts
     _check_choices(params, stream)
@@ -236,7 +241,7 @@ def _check_choices(params: SamplingParams, stream: bool) -> None:
 
 
 def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_key: str | None = None,
-               chat: ChatConfig | None = None) -> ParsedRequest:
+               chat: ChatConfig | None = None, defaults: dict | None = None) -> ParsedRequest:
     """`chat`: the server's tool-call and reasoning parsers (none by default)."""
     chat = chat or ChatConfig()
     _check_fields(body, chat=True)
@@ -251,7 +256,7 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_
     ids = _truncated(body, tokenizer.encode(text, add_special_tokens=False), max_model_len)
     check_prompt_ids(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
-    params = _sampling_params(body, len(ids), max_model_len, salt_key, tools.constraint)
+    params = _sampling_params(body, len(ids), max_model_len, salt_key, tools.constraint, defaults=defaults)
     _check_choices(params, stream)
     reasoning, thinking = chat.reasoning_parser, False
     if reasoning is not None and params.structured_outputs is None:

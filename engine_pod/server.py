@@ -69,6 +69,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = engine_for(state, body)
     cfg = engine.config
     parse = functools.partial(parse_chat, chat=state.chat) if chat else parse_completion
+    parse = functools.partial(parse, defaults=cfg.sampling_defaults)  # the model's (generation_config)
     salt_key = request.get(API_KEY) if state.cache_salt_by_api_key else None  # tenants share no cached block
     args = (cfg.hf_config["vocab_size"], cfg.max_model_len, salt_key)
     if len(await request.read()) > LOOP_BYTES:  # (read() is cached) long prompts tokenize off the event loop,
