@@ -81,6 +81,7 @@ BAD = {
     "tp on cpu": ({"tensorParallelSize": 2, "device": "cpu"}, "needs device gpu"),
     "gpus in resources": ({"resources": {"limits": {"nvidia.com/gpu": 4}}}, "tensorParallelSize"),
     "managed flag in extraArgs": ({"engine": {"extraArgs": ["--port=9000"]}}, "must not set"),
+    "tp alias in extraArgs": ({"engine": {"extraArgs": ["-tp", "4"]}}, "must not set"),
     "negative replicas": ({"replicas": -1}, "minimum"),
     "unknown policy": ({"gateway": {"policy": "random"}}, "is not one of"),
     "memory utilization 0": ({"engine": {"gpuMemoryUtilization": 0}}, "minimum"),
