@@ -26,7 +26,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1                 # -1 or 0: no top-k
-    max_tokens: int = 64
+    max_tokens: int = 16             # vLLM's default
     ignore_eos: bool = False
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)

@@ -81,3 +81,4 @@ def test_bad_sampling_params_raise(kwargs):
 
 def test_top_k_zero_is_off_as_in_vllm():
     assert SamplingParams(top_k=0).top_k == SamplingParams().top_k == -1
+    assert SamplingParams().max_tokens == 16  # vLLM's default
