@@ -24,6 +24,7 @@ CUSTOM = {
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
         {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
     "example": {"enabled": True},
+    "grafanaDashboard": {"enabled": True},
 }
 VALUES = {"default": {}, "custom": CUSTOM}
 BAD = {
@@ -155,3 +156,11 @@ def test_values_schema_is_valid_json_schema():
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
     jsonschema.validate(CUSTOM, schema)
+
+
+def test_grafana_dashboard_is_a_configmap_the_sidecar_finds(helm):
+    assert not [o for o in helm.template() if o["kind"] == "ConfigMap"]  # off by default
+    (cm,) = [o for o in helm.template({"grafanaDashboard": {"enabled": True}}, namespace="mon")
+             if o["kind"] == "ConfigMap"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1" and cm["metadata"]["namespace"] == "mon"
+    assert json.loads(cm["data"]["nanoserve.json"]) == json.loads((CHART / "dashboards" / "nanoserve.json").read_text())
