@@ -27,7 +27,7 @@ class EngineMetrics:
     def __init__(self, model_name: str, max_model_len: int = 4096, block_size: int = 16, num_blocks: int = 0,
                  prefix_caching: bool = True):
         self.registry = r = CollectorRegistry()
-        labels = ["model_name"]
+        labels = ["model_name", "engine"]  # vLLM V1's: the engine core's index (one here: "0")
         tokens = token_buckets(max_model_len)
         self.num_requests_running = Gauge("vllm:num_requests_running", "Requests in the running batch", labels, registry=r)
         self.num_requests_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
@@ -65,7 +65,7 @@ class EngineMetrics:
         key = (name, *labels.values())
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = getattr(self, name).labels(model_name=self.model_name, **labels)
+            child = self._children[key] = getattr(self, name).labels(model_name=self.model_name, engine="0", **labels)
         return child
 
     def finished(self, reason: str, arrival: float, scheduled_at: float | None, first_token_at: float | None,

@@ -1,5 +1,5 @@
 """The chart's Grafana dashboard fills: every metric its panels query is one a real server exports (after a
-few requests, so that every labelled series exists), with the `model_name` label its variable selects by."""
+few requests, so that every labelled series exists), with the `model_name` label its variable selects by (and vLLM V1's `engine`)."""
 import json
 import pathlib
 import re
@@ -24,4 +24,4 @@ def test_every_panel_queries_exported_metrics(tiny_server):
     assert len(dashboard["panels"]) >= 11 and len(queried) >= 14
     for name in queried:
         assert name in exported, name
-        assert exported[name].get("model_name") == "tiny", name
+        assert exported[name].get("model_name") == "tiny" and exported[name].get("engine") == "0", name
