@@ -41,27 +41,25 @@ def processing_inputs(seqs: list[Sequence], eos_ids: list[int]) -> dict[str, np.
     add_rows, add_tokens, add_values, add_if_row, add_if_token = [], [], [], [], []
     allow_row_ids, allow_rows, allow_tokens = [], [], []
     pen = []
+
+    def add(row: int, token: int, value: float, if_row: int = -1, if_token: int = 0) -> None:
+        """Add `value` to the row's logit of `token` (if_row >= 0: only if the previous step's token there
+        is `if_token`)."""
+        add_rows.append(row)
+        add_tokens.append(token)
+        add_values.append(value)
+        add_if_row.append(if_row)
+        add_if_token.append(if_token)
+
     for row, seq in enumerate(seqs):
         p = seq.params
-        if p.logit_bias:
-            add_rows += [row] * len(p.logit_bias)
-            add_tokens += p.logit_bias.keys()
-            add_values += p.logit_bias.values()
-            add_if_row += [-1] * len(p.logit_bias)
-            add_if_token += [0] * len(p.logit_bias)
+        for token, bias in (p.logit_bias or {}).items():
+            add(row, token, bias)
         if p.min_tokens and seq.num_tokens - seq.num_prompt_tokens < p.min_tokens:
-            banned = set(p.stop_token_ids) | set(eos_ids)  # (vLLM masks EOS even under ignore_eos)
-            add_rows += [row] * len(banned)
-            add_tokens += banned
-            add_values += [_BAN] * len(banned)
-            add_if_row += [-1] * len(banned)
-            add_if_token += [0] * len(banned)
+            for token in set(p.stop_token_ids) | set(eos_ids):  # (vLLM masks EOS even under ignore_eos)
+                add(row, token, _BAN)
         for token, if_row, if_token in _bad_word_bans(seq):
-            add_rows.append(row)
-            add_tokens.append(token)
-            add_values.append(_BAN)
-            add_if_row.append(if_row)
-            add_if_token.append(if_token)
+            add(row, token, _BAN, if_row, if_token)
         if p.allowed_token_ids is not None:
             allow_row_ids.append(row)
             allow_rows += [row] * len(p.allowed_token_ids)

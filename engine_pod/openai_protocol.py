@@ -46,10 +46,6 @@ class ParsedRequest:
     def prompts(self) -> list[tuple[list[int], SamplingParams]]:
         return [(self.prompt_ids, self.params)] + self.more_prompts
 
-    @property
-    def num_choices(self) -> int:
-        return len(self.prompts) * self.params.n
-
 
 def _get(body: dict, name: str, types: tuple, default=None):
     value = body.get(name, default)
@@ -236,7 +232,7 @@ MAX_BATCH_PROMPTS = 256  # a completions batch: a bounded amount of work per req
 
 
 def _check_choices(params: SamplingParams, stream: bool) -> None:
-    if params.best_of is not None and params.best_of > params.n and stream:
+    if params.ranks_best_of and stream:
         raise APIError(400, "'best_of' cannot be used with 'stream' (the best are known only at the end)", "best_of")
 
 

@@ -50,13 +50,27 @@ def _chat_output(req: ParsedRequest) -> ChatOutput:
     return ChatOutput(req.tool_use, req.reasoning, req.thinking_in_prompt)
 
 
-def _usage(req: ParsedRequest, completion_tokens: int, cached: int, request: web.Request | None = None) -> dict:
-    """The response's usage; also noted on `request` for its access line."""
-    n = sum(len(ids) for ids, _ in req.prompts)
-    if request is not None:
-        request[TOKENS] = (n, completion_tokens)
+def _prompt_tokens(req: ParsedRequest) -> int:
+    return sum(len(ids) for ids, _ in req.prompts)
+
+
+def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
+    n = _prompt_tokens(req)
     return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _note_tokens(request: web.Request, req: ParsedRequest, completion_tokens: int) -> None:
+    """The token counts of the request's access line (server_logs)."""
+    request[TOKENS] = (_prompt_tokens(req), completion_tokens)
+
+
+def _chunk_sender(resp: web.StreamResponse, rid: str, obj: str, created: int, model: str):
+    """`send(choices, **extra)`: one SSE chunk of a stream."""
+    async def send(choices: list, **extra) -> None:
+        chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
+        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    return send
 
 
 def _cached(choices: list[Choice]) -> int:
@@ -94,7 +108,8 @@ async def _complete(request, state, engine, pairs, req, rid, chat) -> web.Respon
         c.index = index
     body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": state.model_name, "choices": [c.final() for c in kept],
-            "usage": _usage(req, sum(c.count for c in choices), _cached(choices), request)}
+            "usage": _usage(req, sum(c.count for c in choices), _cached(choices))}
+    _note_tokens(request, req, sum(c.count for c in choices))
     if chat and req.params.prompt_logprobs is not None:  # chat: one prompt, its logprobs beside the choices
         body["prompt_logprobs"] = kept[0].prompt_logprobs
     return web.json_response(body)
@@ -119,9 +134,7 @@ async def _stream_choices(request, state, engine, pairs, req, rid, chat) -> web.
             await gen.aclose()
             arrived.put_nowait((choice, None))
 
-    async def send(choices: list, **extra) -> None:
-        chunk = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
-        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    send = _chunk_sender(resp, rid, obj, created, state.model_name)
 
     tasks = [asyncio.create_task(follow(c, s)) for c, s in pairs]
     try:
@@ -153,7 +166,7 @@ async def _stream_choices(request, state, engine, pairs, req, rid, chat) -> web.
     finally:
         for t in tasks:
             t.cancel()
-        _usage(req, sum(c.count for c, _ in pairs), 0, request)  # (for the access line)
+        _note_tokens(request, req, sum(c.count for c, _ in pairs))
     return resp
 
 
@@ -172,9 +185,7 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
     head = ("data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": state.model_name})[:-1]
             + ', "choices": [{"index": 0, ').encode()
 
-    async def send(choices: list, **extra) -> None:
-        chunk = {"id": rid, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
-        await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+    send = _chunk_sender(resp, rid, obj, created, state.model_name)
 
     output = _chat_output(req) if chat else None
 
@@ -216,7 +227,7 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
         await _stream_error(resp, e)
     finally:
         await gen.aclose()
-        _usage(req, count, cached, request)  # (for the access line)
+        _note_tokens(request, req, count)
     return resp
 
 

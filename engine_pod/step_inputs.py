@@ -51,7 +51,7 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
     B = block_size
     input_ids, positions, slots, cu, ctx, logits_idx, sampling = [], [], [], [0], [], [], []
     pending_at, pending_rows = [], []
-    scored: list[tuple[Sequence, int, int]] = []  # prompt_logprobs: (seq, first row, rows)
+    scored: list[tuple[Sequence, int, int, int]] = []  # prompt_logprobs: (seq, first row, first position, rows)
     max_q = 0
     for seq, n in batch:
         start = seq.num_computed_tokens
@@ -89,21 +89,20 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
     inputs = StepInputs(i64(input_ids), i64(positions), i64(slots), i64(cu), i64(ctx), tables, i64(logits_idx),
                         max_q, max(ctx), prev_rows)
     if scored:
-        inputs.prompt_rows = np.concatenate([np.arange(r, r + n) for _, r, n in scored])
-        inputs.prompt_targets = np.concatenate([
-            np.asarray(s.token_ids[len(s.prompt_logprobs) + 1:len(s.prompt_logprobs) + 1 + n], np.int64)
-            for s, _, n in scored])
-        inputs.prompt_k = max(s.params.prompt_logprobs for s, _, _ in scored)
-        inputs.prompt_slices = [(s.seq_id, n) for s, _, n in scored]
+        inputs.prompt_rows = np.concatenate([np.arange(r, r + n) for _, r, _, n in scored])
+        inputs.prompt_targets = np.concatenate([np.asarray(s.token_ids[p + 1:p + 1 + n], np.int64)
+                                                for s, _, p, n in scored])  # position p scores token p + 1
+        inputs.prompt_k = max(s.params.prompt_logprobs for s, _, _, _ in scored)
+        inputs.prompt_slices = [(s.seq_id, n) for s, _, _, n in scored]
     return inputs, sampling
 
 
-def _prompt_scoring(seq: Sequence, start: int, end: int, row: int) -> list[tuple[Sequence, int, int]]:
+def _prompt_scoring(seq: Sequence, start: int, end: int, row: int) -> list[tuple[Sequence, int, int, int]]:
     """prompt_logprobs: the rows of this chunk (its first at `row`) that score a prompt token not yet scored
     (position p scores token p + 1; a recomputed chunk after a preemption scores nothing twice)."""
     first = max(start, len(seq.prompt_logprobs))
     last = min(end, seq.num_prompt_tokens - 1)
-    return [(seq, row + first - start, last - first)] if last > first else []
+    return [(seq, row + first - start, first, last - first)] if last > first else []
 
 
 UPLOADED = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_indices",

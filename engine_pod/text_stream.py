@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers.decoders import DecodeStream
 
-from nanoserve.engine_pod.stop import find_stop
+from nanoserve.engine_pod.stop import cut_at_stop, find_stop
 
 _CONTEXT = 4  # ids decoded before an unfinished tail at the end, so that its text is as in the full decode
 
@@ -53,10 +53,8 @@ class TextStream:
             self.unflushed = []
         if finished and self.unflushed:
             self.pending += self._flush()
-        found = find_stop(self.pending, self.stop)
-        if found is not None:  # a stop string: the text ends before it (or with it)
-            start, length = found
-            out = self.pending[:start + length if self.include_stop else start]
+        if find_stop(self.pending, self.stop) is not None:  # a stop string: the text ends before it (or with it)
+            out = cut_at_stop(self.pending, self.stop, self.include_stop)
             self.stopped, self.pending = True, ""
             return out
         keep = 0 if finished else self._stop_prefix()
