@@ -1,6 +1,7 @@
 """Decode attention micro-benchmark: time and achieved bandwidth (KV bytes read / time) of the Triton
 paged-attention kernel at batch 256, 16 query / 8 KV heads, head_dim 128, mean context 256 / 850 / 2000,
 against the card's measured copy bandwidth (same run)."""
+
 import json
 import os
 import sys
@@ -12,14 +13,14 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth  # noqa: E402
-
 from nanoserve.kernels.paged_attention import num_splits_for, paged_attention, tile_config  # noqa: E402
 
 BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
 
 
-def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3, tiles=None,
-         longest_first: bool = False):
+def case(
+    mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3, tiles=None, longest_first: bool = False
+):
     seed(mean_ctx)
     ctx = [randint(max(1, mean_ctx // 2), mean_ctx * 3 // 2) for _ in range(BATCH)]
     if longest_first:  # as the engine orders a batch
@@ -34,7 +35,7 @@ def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3
         table = torch.full((BATCH, max(blocks)), -1, dtype=torch.int32, device="cuda")
         i = 0
         for s, n in enumerate(blocks):
-            table[s, :n] = perm[i:i + n]
+            table[s, :n] = perm[i : i + n]
             i += n
         q = torch.randn(BATCH, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
         sets.append((q, kc, vc, table))
@@ -46,13 +47,19 @@ def case(mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3
 
     def run():
         q, kc, vc, table = sets[next(it) % copies]
-        paged_attention(q, kc, vc, cu, lens, table, DIM ** -0.5, 1, num_splits=splits, tiles=tiles)
+        paged_attention(q, kc, vc, cu, lens, table, DIM**-0.5, 1, num_splits=splits, tiles=tiles)
 
     ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
     kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2  # k and v, bf16
-    return {"mean_ctx": mean_ctx, "block_size": block_size, "splits": splits, "tiles": tiles,
-            "longest_first": longest_first, "us": round(ms * 1e3, 1),
-            "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}
+    return {
+        "mean_ctx": mean_ctx,
+        "block_size": block_size,
+        "splits": splits,
+        "tiles": tiles,
+        "longest_first": longest_first,
+        "us": round(ms * 1e3, 1),
+        "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3),
+    }
 
 
 def decode_mid_batch(batch: int, mean_ctx: int, splits: int, block_size: int = 16) -> dict:
@@ -69,7 +76,7 @@ def decode_mid_batch(batch: int, mean_ctx: int, splits: int, block_size: int = 1
         table = torch.zeros((batch, max(blocks)), dtype=torch.int32, device="cuda")
         i = 0
         for s, n in enumerate(blocks):
-            table[s, :n] = perm[i:i + n]
+            table[s, :n] = perm[i : i + n]
             i += n
         tables.append(table)
     q = torch.randn(batch, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
@@ -77,11 +84,19 @@ def decode_mid_batch(batch: int, mean_ctx: int, splits: int, block_size: int = 1
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
     it = iter(range(1 << 30))
     ms = triton.testing.do_bench_cudagraph(
-        lambda: paged_attention(q, kc, vc, cu, lens, tables[next(it) % 3], DIM ** -0.5, 1, num_splits=splits),
-        rep=100, return_mode="median")
+        lambda: paged_attention(q, kc, vc, cu, lens, tables[next(it) % 3], DIM**-0.5, 1, num_splits=splits),
+        rep=100,
+        return_mode="median",
+    )
     kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2
-    return {"case": "decode_mid_batch", "batch": batch, "mean_ctx": mean_ctx, "splits": splits,
-            "us": round(ms * 1e3, 1), "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3)}
+    return {
+        "case": "decode_mid_batch",
+        "batch": batch,
+        "mean_ctx": mean_ctx,
+        "splits": splits,
+        "us": round(ms * 1e3, 1),
+        "tb_per_s": round(kv_bytes / (ms / 1e3) / 1e12, 3),
+    }
 
 
 def prefill(tiles, block_size: int = 16, tokens: int = 16384) -> dict:
@@ -101,11 +116,19 @@ def prefill(tiles, block_size: int = 16, tokens: int = 16384) -> dict:
     q = torch.randn(tokens, HEADS, DIM, device="cuda", dtype=torch.bfloat16)
     cu = torch.tensor([0] + list(accumulate(lens)), dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    ms = triton.testing.do_bench(lambda: paged_attention(q, kc, vc, cu, ctx, table, DIM ** -0.5, max(lens),
-                                                          tiles=tiles), warmup=20, rep=100, return_mode="median")
+    ms = triton.testing.do_bench(
+        lambda: paged_attention(q, kc, vc, cu, ctx, table, DIM**-0.5, max(lens), tiles=tiles),
+        warmup=20,
+        rep=100,
+        return_mode="median",
+    )
     flops = sum(n * (n + 1) // 2 for n in lens) * HEADS * DIM * 4  # QK^T and PV, causal
-    return {"case": "prefill", "tiles": tiles or tile_config(max(lens), 2), "ms": round(ms, 3),
-            "tflops": round(flops / (ms / 1e3) / 1e12, 1)}
+    return {
+        "case": "prefill",
+        "tiles": tiles or tile_config(max(lens), 2),
+        "ms": round(ms, 3),
+        "tflops": round(flops / (ms / 1e3) / 1e12, 1),
+    }
 
 
 def tune_prefill() -> None:

@@ -2,6 +2,7 @@
 the CUDA graphs use? Times (graph replay, median) of cuBLAS (`F.linear`), cuBLASLt, and a Triton GEMM
 candidate tuned per shape, against max(weight-read time, matrix-rate time). One JSON line per case.
 """
+
 import json
 import os
 import sys
@@ -26,14 +27,23 @@ def configs(m: int) -> list[dict]:
         for bn in (32, 64, 128):
             for bk in (64, 128):
                 for split in (1, 2, 4):
-                    out.append({"BM": bm, "BN": bn, "BK": bk, "SPLIT_K": split,
-                                "num_warps": 4 if bm * bn <= 4096 else 8, "num_stages": 4 if bk == 64 else 3})
+                    out.append(
+                        {
+                            "BM": bm,
+                            "BN": bn,
+                            "BK": bk,
+                            "SPLIT_K": split,
+                            "num_warps": 4 if bm * bn <= 4096 else 8,
+                            "num_stages": 4 if bk == 64 else 3,
+                        }
+                    )
     return out
 
 
 @triton.jit
-def matmul_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                  SPLIT_K: tl.constexpr):
+def matmul_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr
+):
     # c[M, N] (+)= a[M, K] @ b[N, K]^T; split-K programs add fp32 partial sums atomically.
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_n = tl.cdiv(N, BN)
@@ -79,17 +89,28 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), ws[0].float())
             out32 = torch.zeros(m, n, device="cuda", dtype=torch.float32)
-            row = {"gemm": name, "M": m, "K": k, "N": n,
-                   "floor_us": round(1e6 * max(n * k * 2 / bw, 2 * m * n * k / 790e12), 2)}
+            row = {
+                "gemm": name,
+                "M": m,
+                "K": k,
+                "N": n,
+                "floor_us": round(1e6 * max(n * k * 2 / bw, 2 * m * n * k / 790e12), 2),
+            }
             for lib in ("cublas", "cublaslt"):
                 torch.backends.cuda.preferred_blas_library(lib)
-                row[f"{lib}_us"] = round(1e3 * graph_ms(lambda: [F.linear(x, w) for w in ws]) / copies, 2)
+                row[f"{lib}_us"] = round(1e3 * graph_ms(lambda x=x, ws=ws: [F.linear(x, w) for w in ws]) / copies, 2)
             torch.backends.cuda.preferred_blas_library("cublas")
             best = None
             for cfg in configs(m):
                 out32.zero_()
                 err = ((triton_linear(x, ws[0], out32, cfg) - ref).norm() / ref.norm()).item()
-                us = 1e3 * graph_ms(lambda: [triton_linear(x, w, out32, cfg) for w in ws], rep=20) / copies
+                us = (
+                    1e3
+                    * graph_ms(
+                        lambda x=x, ws=ws, cfg=cfg, out32=out32: [triton_linear(x, w, out32, cfg) for w in ws], rep=20
+                    )
+                    / copies
+                )
                 if err < 1e-2 and (best is None or us < best[0]):
                     best = (us, cfg)
             row["triton_us"], row["triton_config"] = round(best[0], 2), best[1]

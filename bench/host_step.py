@@ -2,6 +2,7 @@
 schedule, prepare (step inputs), sampling inputs, advance, and resolving the sampled tokens, for the
 1,033 steps of Nano-vLLM's workload (256 sequences, async scheduling's order, every token = 7).
 On the GPU these run while the previous step computes; they bound the small-batch steps."""
+
 import json
 import os
 import random
@@ -10,9 +11,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QWEN3_0_6B  # noqa: E402
 from throughput import nano_vllm_workload  # noqa: E402
 
+from common import QWEN3_0_6B  # noqa: E402
 from nanoserve.engine_pod.block_manager import BlockManager  # noqa: E402
 from nanoserve.engine_pod.config import Config  # noqa: E402
 from nanoserve.engine_pod.sampler import sampling_inputs  # noqa: E402
@@ -29,8 +30,12 @@ def main() -> None:
     scheduler = Scheduler(config, BlockManager(71_656, 16, True))
     for prompt, params in zip(*nano_vllm_workload()):
         scheduler.add(Sequence(prompt, params))
-    rng, phases, steps, in_flight = random.Random(0), dict.fromkeys(
-        ["schedule", "prepare", "sampling_inputs", "advance", "resolve"], 0.0), 0, None
+    rng, phases, steps, in_flight = (
+        random.Random(0),
+        dict.fromkeys(["schedule", "prepare", "sampling_inputs", "advance", "resolve"], 0.0),
+        0,
+        None,
+    )
 
     def timed(name, fn, *args):
         t = time.perf_counter()
@@ -47,10 +52,12 @@ def main() -> None:
                 timed("sampling_inputs", sampling_inputs, sampling, rng)
             launched = (sampling, timed("advance", scheduler.advance, batch, sampling))
         if in_flight:
-            timed("resolve", lambda: [scheduler.resolve(s, p, 7) for s, p in zip(*in_flight) if not s.is_finished])
+            timed("resolve", lambda f=in_flight: [scheduler.resolve(s, p, 7) for s, p in zip(*f) if not s.is_finished])
         in_flight, steps = launched, steps + 1
-    print("RESULT " + json.dumps({"steps": steps, **{f"{k}_ms_per_step": round(1e3 * v / steps, 3)
-                                                     for k, v in phases.items()}}))
+    print(
+        "RESULT "
+        + json.dumps({"steps": steps, **{f"{k}_ms_per_step": round(1e3 * v / steps, 3) for k, v in phases.items()}})
+    )
 
 
 if __name__ == "__main__":

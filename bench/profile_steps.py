@@ -2,6 +2,7 @@
 steps (prefill batches of up to 16k tokens), 20 steady decode steps at batch 256, and 20 decode steps once
 the batch has shrunk to 64 (the workload's tail). Per profile also the device time a step: the kernels'
 sum against the wall time shows how much of a step is gaps between kernels."""
+
 import os
 import sys
 import time
@@ -10,9 +11,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import qwen3_0_6b_path  # noqa: E402
 from throughput import nano_vllm_workload  # noqa: E402
 
+from common import qwen3_0_6b_path  # noqa: E402
 from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
 
 
@@ -44,8 +45,10 @@ show(prof, "3 prefill steps")
 for _ in range(40):  # past the prefills: a steady decode batch of 256
     llm.step()
 torch.cuda.synchronize()
-for title, ready in (("20 decode steps at batch 256", lambda: True),
-                     ("20 decode steps at batch <= 64", lambda: len(llm.last_batch) <= 64)):
+for title, ready in (
+    ("20 decode steps at batch 256", lambda: True),
+    ("20 decode steps at batch <= 64", lambda: len(llm.last_batch) <= 64),
+):
     while not ready():
         llm.step()
     torch.cuda.synchronize()

@@ -17,6 +17,7 @@ TTFT (first content token, at the client) p50/p90, the engines' mean queue time,
 `qwen3-0.6b` is Qwen3-0.6B's shape with random bf16 weights and a word-level tokenizer (bench/common.py):
 each "wN" word of the prompts is one token.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,13 +36,26 @@ import aiohttp
 from nanoserve.common.block_hash import block_hashes
 from nanoserve.engine_pod.up import free_port, start_engine, stop_engines
 
-TINY = dict(model_type="qwen3", vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-            initializer_range=0.25, tie_word_embeddings=True, eos_token_id=None, bos_token_id=None)
+TINY = dict(
+    model_type="qwen3",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    max_position_embeddings=4096,
+    initializer_range=0.25,
+    tie_word_embeddings=True,
+    eos_token_id=None,
+    bos_token_id=None,
+)
 
 
 def tiny_model(folder: str = "/tmp/nanoserve-bench/routing-tiny") -> str:
     from nanoserve.engine_pod.random_model import save_random_model
+
     if not os.path.isfile(os.path.join(folder, "config.json")):
         save_random_model(folder, TINY, seed=0)
     return folder
@@ -49,7 +63,7 @@ def tiny_model(folder: str = "/tmp/nanoserve-bench/routing-tiny") -> str:
 
 @dataclass
 class Turn:
-    sent: float            # seconds since the run started
+    sent: float  # seconds since the run started
     messages: list[dict]
     ttft: float = -1.0
     latency: float = -1.0
@@ -76,8 +90,14 @@ async def user(s: aiohttp.ClientSession, url: str, args, uid: int, start: float,
     for _ in range(args.turns):
         messages.append({"role": "user", "content": words(rng, rng.randrange(10, 20))})
         turn = Turn(time.monotonic() - t0, list(messages))
-        body = {"model": "bench", "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True}
+        body = {
+            "model": "bench",
+            "messages": messages,
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+        }
         text, sent = [], time.monotonic()
         async with s.post(url + "/v1/chat/completions", json=body) as resp:
             assert resp.status == 200, await resp.text()
@@ -97,13 +117,18 @@ async def user(s: aiohttp.ClientSession, url: str, args, uid: int, start: float,
         await asyncio.sleep(rng.expovariate(1 / args.think))
 
 
-COUNTERS = ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
-            "vllm:request_queue_time_seconds_sum", "vllm:request_queue_time_seconds_count")
+COUNTERS = (
+    "vllm:prefix_cache_hits_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:request_queue_time_seconds_sum",
+    "vllm:request_queue_time_seconds_count",
+)
 
 
 def engine_counters(urls: list[str]) -> dict[str, float]:
     """COUNTERS summed over the engines (prefix-cache ones in prompt tokens)."""
     from prometheus_client.parser import text_string_to_metric_families
+
     sums = dict.fromkeys(COUNTERS, 0.0)
     for url in urls:
         with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
@@ -129,17 +154,30 @@ def wait_ready(urls: list[str], procs, timeout: float = 300.0) -> None:
 
 async def run_policy(policy: str, model: str, args) -> Run:
     from nanoserve.gateway import GatewayConfig, serve
+
     ports = [free_port() for _ in range(args.engines)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     # max_model_len: a prompt must fit the (small) cache, else the engine could never schedule it.
-    kwargs = dict(model=model, device="cuda" if args.gpu else "cpu", kvcache_block_size=args.block_size,
-                  num_kvcache_blocks=args.kv_blocks, max_model_len=min(4096, args.kv_blocks * args.block_size))
+    kwargs = dict(
+        model=model,
+        device="cuda" if args.gpu else "cpu",
+        kvcache_block_size=args.block_size,
+        num_kvcache_blocks=args.kv_blocks,
+        max_model_len=min(4096, args.kv_blocks * args.block_size),
+    )
     procs = [start_engine(kwargs, p, "bench", drain_timeout=5) for p in ports]
     run = Run(policy)
     try:
         await asyncio.to_thread(wait_ready, urls, procs)
-        cfg = GatewayConfig(host="127.0.0.1", port=0, engines=urls, model=model, policy=policy,
-                            health_interval=0.2, metrics_interval=0.5)
+        cfg = GatewayConfig(
+            host="127.0.0.1",
+            port=0,
+            engines=urls,
+            model=model,
+            policy=policy,
+            health_interval=0.2,
+            metrics_interval=0.5,
+        )
         async with serve(cfg) as gw, aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
             while len(gw.pool.routable()) < len(urls):
                 await asyncio.sleep(0.05)
@@ -189,8 +227,11 @@ def percentile(xs: list[float], q: float) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="model folder, smollm2-135m, tiny (a small random qwen3) or qwen3-0.6b (random weights)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="model folder, smollm2-135m, tiny (a small random qwen3) or qwen3-0.6b (random weights)",
+    )
     p.add_argument("--gpu", action="store_true", help="engines on CUDA (all on the first GPU)")
     p.add_argument("--engines", type=int, default=3)
     p.add_argument("--users", type=int, default=30)
@@ -207,22 +248,29 @@ def main() -> None:
     args = p.parse_args()
     from nanoserve.engine_pod.default_model import resolve_model
     from nanoserve.gateway.prompt import load_tokenizer
+
     os.environ["OMP_NUM_THREADS"] = str(args.engine_threads)  # inherited by the engines; oversubscription hurts
     if args.model == "qwen3-0.6b":
         sys.path.insert(0, os.path.dirname(__file__))
         from common import qwen3_0_6b_path
+
         model = qwen3_0_6b_path()
     else:
         model = tiny_model() if args.model == "tiny" else resolve_model(args.model)
     tok = load_tokenizer(model)
     system_tokens = len(tok.chat_ids([{"role": "system", "content": words(random.Random(1000), args.system_words)}]))
-    print(f"model {args.model} on {'one GPU' if args.gpu else 'CPU'}, {args.engines} engines x {args.kv_blocks} "
-          f"blocks of {args.block_size} "
-          f"({args.engine_threads} thread each), {args.users} users x {args.turns} turns, {args.systems} system "
-          f"prompts of ~{system_tokens} tokens, {args.rate}/s users, {args.think} s think, {args.max_tokens} output tokens",
-          flush=True)
-    print("| policy | engine hit rate | fleet oracle | one-engine oracle | unbounded | TTFT p50 | TTFT p90 "
-          "| engine queue mean | output tok/s |")
+    print(
+        f"model {args.model} on {'one GPU' if args.gpu else 'CPU'}, {args.engines} engines x {args.kv_blocks} "
+        f"blocks of {args.block_size} "
+        f"({args.engine_threads} thread each), {args.users} users x {args.turns} turns, {args.systems} system "
+        f"prompts of ~{system_tokens} tokens, {args.rate}/s users, {args.think} s think, "
+        f"{args.max_tokens} output tokens",
+        flush=True,
+    )
+    print(
+        "| policy | engine hit rate | fleet oracle | one-engine oracle | unbounded | TTFT p50 | TTFT p90 "
+        "| engine queue mean | output tok/s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for policy in args.policies.split(","):
         run = asyncio.run(run_policy(policy, model, args))
@@ -232,10 +280,13 @@ def main() -> None:
         one, _ = oracle_hit_rates(prompts, args.block_size, 1, args.kv_blocks)
         ttft, c = [t.ttft for t in turns], run.counters
         queue = c["vllm:request_queue_time_seconds_sum"] / max(1.0, c["vllm:request_queue_time_seconds_count"])
-        print(f"| {policy} | {c['vllm:prefix_cache_hits_total'] / c['vllm:prefix_cache_queries_total']:.1%} | "
-              f"{fleet:.1%} | {one:.1%} | {unbounded:.1%} | {percentile(ttft, 0.5) * 1e3:.0f} ms | "
-              f"{percentile(ttft, 0.9) * 1e3:.0f} ms | {queue * 1e3:.0f} ms | "
-              f"{sum(t.tokens for t in turns) / run.seconds:.1f} |", flush=True)
+        print(
+            f"| {policy} | {c['vllm:prefix_cache_hits_total'] / c['vllm:prefix_cache_queries_total']:.1%} | "
+            f"{fleet:.1%} | {one:.1%} | {unbounded:.1%} | {percentile(ttft, 0.5) * 1e3:.0f} ms | "
+            f"{percentile(ttft, 0.9) * 1e3:.0f} ms | {queue * 1e3:.0f} ms | "
+            f"{sum(t.tokens for t in turns) / run.seconds:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ the engine's own mean inter-token latency from its /metrics. One `RESULT serving
   python bench/serving.py --model DIR --num-prompts 300 --rate 32 --output-len 50 300 --stream
 --model starts `nanoserve serve` (and with --gateway a gateway in front of it) and stops them at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ import urllib.request
 import numpy as np
 
 
-def workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int], rate: float, seed: int,
-             salt: int = 0) -> list[dict]:
+def workload(
+    n: int, input_len: tuple[int, int], output_len: tuple[int, int], rate: float, seed: int, salt: int = 0
+) -> list[dict]:
     """Requests in arrival order: prompt ids, max_tokens and the send time (seconds after the start). With
     seed 0, salt 0 and the default lengths: Nano-vLLM's bench.py workload. Another salt keeps the lengths and
     changes the ids, so that a run finds nothing of the previous one in the prefix cache."""
@@ -47,8 +49,14 @@ def workload(n: int, input_len: tuple[int, int], output_len: tuple[int, int], ra
 
 async def one_request(session, url: str, req: dict, stream: bool, model: str | None) -> dict:
     import aiohttp
-    body = {"prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0.6, "ignore_eos": True,
-            "stream": stream}
+
+    body = {
+        "prompt": req["prompt"],
+        "max_tokens": req["max_tokens"],
+        "temperature": 0.6,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     if model:
         body["model"] = model
     if stream:
@@ -80,7 +88,7 @@ async def one_request(session, url: str, req: dict, stream: bool, model: str | N
                 out["tokens"] = json.loads(last[6:])["usage"]["completion_tokens"] if last else 0
             out["e2e"] = time.perf_counter() - start
             out["ok"] = True
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as e:
         out["error"] = repr(e)
     return out
 
@@ -92,10 +100,13 @@ def client(url: str, reqs: list[dict], t0: float, stream: bool, model: str | Non
     async def main():
         timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
+
             async def send(req):
                 await asyncio.sleep(max(0.0, t0 + req["at"] - time.time()))
                 return await one_request(s, url, req, stream, model)
+
             return await asyncio.gather(*(send(r) for r in reqs))
+
     results.put(asyncio.run(main()))
 
 
@@ -104,6 +115,7 @@ def engine_itl(metrics_url: str | None) -> tuple[float, float] | None:
     if not metrics_url:
         return None
     from prometheus_client.parser import text_string_to_metric_families
+
     text = urllib.request.urlopen(metrics_url + "/metrics", timeout=10).read().decode()
     total = count = 0.0
     for f in text_string_to_metric_families(text):
@@ -119,12 +131,15 @@ def pct(xs: list[float]) -> dict[str, float]:
     if not xs:
         return {}
     a = np.asarray(xs) * 1e3
-    return {"mean": round(float(a.mean()), 2), "p50": round(float(np.percentile(a, 50)), 2),
-            "p90": round(float(np.percentile(a, 90)), 2), "p99": round(float(np.percentile(a, 99)), 2)}
+    return {
+        "mean": round(float(a.mean()), 2),
+        "p50": round(float(np.percentile(a, 50)), 2),
+        "p90": round(float(np.percentile(a, 90)), 2),
+        "p99": round(float(np.percentile(a, 99)), 2),
+    }
 
 
-def run(url: str, reqs: list[dict], stream: bool, processes: int, model: str | None,
-        metrics_url: str | None) -> dict:
+def run(url: str, reqs: list[dict], stream: bool, processes: int, model: str | None, metrics_url: str | None) -> dict:
     before = engine_itl(metrics_url)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -140,14 +155,19 @@ def run(url: str, reqs: list[dict], stream: bool, processes: int, model: str | N
     ok = [o for o in outs if o["ok"]]
     tokens = sum(o["tokens"] for o in ok)
     report = {
-        "requests": len(outs), "errors": len(outs) - len(ok), "duration_s": round(end - t0, 3),
-        "output_tokens": tokens, "output_tok_s": round(tokens / (end - t0), 1), "stream": stream,
+        "requests": len(outs),
+        "errors": len(outs) - len(ok),
+        "duration_s": round(end - t0, 3),
+        "output_tokens": tokens,
+        "output_tok_s": round(tokens / (end - t0), 1),
+        "stream": stream,
         "e2e_ms": pct([o["e2e"] for o in ok]),
     }
     if stream:
         report["ttft_ms"] = pct([o["ttft"] for o in ok if o["ttft"] is not None])
-        report["tpot_ms"] = pct([(o["e2e"] - o["ttft"]) / (o["tokens"] - 1) for o in ok
-                                 if o["ttft"] is not None and o["tokens"] > 1])
+        report["tpot_ms"] = pct(
+            [(o["e2e"] - o["ttft"]) / (o["tokens"] - 1) for o in ok if o["ttft"] is not None and o["tokens"] > 1]
+        )
         report["itl_ms"] = pct([b - a for o in ok for a, b in zip(o["events"], o["events"][1:])])
         report["events_per_token"] = round(sum(len(o["events"]) for o in ok) / max(tokens, 1), 3)
     after = engine_itl(metrics_url)
@@ -176,15 +196,48 @@ def start_servers(args) -> tuple[str, str, list[subprocess.Popen]]:
     """`nanoserve serve` on --model (and the gateway): (client URL, engine URL, processes)."""
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     engine_url = f"http://127.0.0.1:{args.port}"
-    procs = [subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", args.model,
-                               "--host", "127.0.0.1", "--port", str(args.port), "--served-model-name", "bench",
-                               *shlex.split(args.serve_args)], env=env)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nanoserve.engine_pod.cli",
+                "serve",
+                "--model",
+                args.model,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(args.port),
+                "--served-model-name",
+                "bench",
+                *shlex.split(args.serve_args),
+            ],
+            env=env,
+        )
+    ]
     wait_ready(engine_url, procs[0])
     if not args.gateway:
         return engine_url, engine_url, procs
     gw_url = f"http://127.0.0.1:{args.port + 1}"
-    procs.append(subprocess.Popen([sys.executable, "-m", "nanoserve.gateway", "--host", "127.0.0.1", "--port",
-                                   str(args.port + 1), "--engine", engine_url, "--log-level", "WARNING"], env=env))
+    procs.append(
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nanoserve.gateway",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(args.port + 1),
+                "--engine",
+                engine_url,
+                "--log-level",
+                "WARNING",
+            ],
+            env=env,
+        )
+    )
     wait_ready(gw_url, procs[1])
     return gw_url, engine_url, procs
 
@@ -221,10 +274,12 @@ def main() -> None:
         if args.warmup:
             run(url, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
         for i, stream in enumerate([False, True] if args.both else [args.stream]):
-            reqs = workload(args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.rate, args.seed,
-                            args.salt + i)
-            report = run(url, reqs, stream, args.processes, model, engine_url if args.metrics_url or procs
-                         else args.url)
+            reqs = workload(
+                args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.rate, args.seed, args.salt + i
+            )
+            report = run(
+                url, reqs, stream, args.processes, model, engine_url if args.metrics_url or procs else args.url
+            )
             report.update(label=args.label, rate=args.rate, salt=args.salt + i)
             print("RESULT serving " + json.dumps(report), flush=True)
     finally:

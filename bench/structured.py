@@ -7,6 +7,7 @@ grammar masks are as costly as a real model's. Every request writes 256 tokens: 
 the schema's free strings, so constrained and unconstrained requests do the same work.
 `--mask-only`: the host and device mask costs alone (runs on CPU too).
 """
+
 import argparse
 import functools
 import json
@@ -20,17 +21,26 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import QWEN3_0_6B, timed as timed_into  # noqa: E402
-
+from common import QWEN3_0_6B  # noqa: E402
+from common import timed as timed_into
 from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
 from nanoserve.engine_pod.structured_params import StructuredOutputsParams  # noqa: E402
 
-TYPICAL = {"type": "object", "properties": {  # a typical extraction schema
-    "name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}, "email": {"type": "string"},
-    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
-    "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
-                "required": ["city", "zip"]}},
-    "required": ["name", "age", "email", "tags", "address"]}
+TYPICAL = {
+    "type": "object",
+    "properties": {  # a typical extraction schema
+        "name": {"type": "string"},
+        "age": {"type": "integer", "minimum": 0},
+        "email": {"type": "string"},
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "string"}},
+            "required": ["city", "zip"],
+        },
+    },
+    "required": ["name", "age", "email", "tags", "address"],
+}
 OUTPUT_LEN = 256
 
 
@@ -41,6 +51,7 @@ def tokenizer_folder(arg: str | None) -> str:
     if os.path.isdir(here):
         return here
     from nanoserve.engine_pod.default_model import resolve_model
+
     return resolve_model("smollm2-135m")
 
 
@@ -48,12 +59,19 @@ def model_folder(tokenizer: str, folder: str = "/tmp/nanoserve-bench/qwen3-0.6b-
     from transformers import AutoTokenizer
 
     from nanoserve.engine_pod.random_model import save_random_model
+
     if not os.path.isfile(os.path.join(folder, "config.json")):
         tok = AutoTokenizer.from_pretrained(tokenizer)
-        config = {**QWEN3_0_6B, "vocab_size": 49152, "initializer_range": 0.02, "eos_token_id": tok.eos_token_id,
-                  "bos_token_id": None}
-        save_random_model(folder, config, seed=0, dtype=torch.bfloat16,
-                          device="cuda" if torch.cuda.is_available() else "cpu")
+        config = {
+            **QWEN3_0_6B,
+            "vocab_size": 49152,
+            "initializer_range": 0.02,
+            "eos_token_id": tok.eos_token_id,
+            "bos_token_id": None,
+        }
+        save_random_model(
+            folder, config, seed=0, dtype=torch.bfloat16, device="cuda" if torch.cuda.is_available() else "cpu"
+        )
         for name in ("tokenizer.json", "tokenizer_config.json"):  # the real vocabulary over the placeholder one
             shutil.copy(os.path.join(tokenizer, name), folder)
     return folder
@@ -63,8 +81,7 @@ def throughput(llm: LLM, batch: int, constrained: bool, run: int) -> float:
     rng = Random(batch * 10 + run)  # other prompts every run: no prefix-cache hit from an earlier one
     prompts = [[rng.randint(0, 40000) for _ in range(rng.randint(100, 300))] for _ in range(batch)]
     spec = StructuredOutputsParams(json=TYPICAL) if constrained else None
-    params = SamplingParams(temperature=0.6, max_tokens=OUTPUT_LEN, ignore_eos=not constrained,
-                            structured_outputs=spec)
+    params = SamplingParams(temperature=0.6, max_tokens=OUTPUT_LEN, ignore_eos=not constrained, structured_outputs=spec)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
@@ -80,6 +97,7 @@ def mask_costs(tokenizer: str, rows: int = 256) -> dict:
     from transformers import AutoTokenizer
 
     from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
+
     tok = AutoTokenizer.from_pretrained(tokenizer)
     info = xgr.TokenizerInfo.from_huggingface(tok, vocab_size=49152)
     grammar = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(TYPICAL), max_whitespace_cnt=20)
@@ -96,6 +114,7 @@ def mask_costs(tokenizer: str, rows: int = 256) -> dict:
             fn()
             times.append(time.perf_counter() - t)
         return min(times)
+
     loop = best_of(lambda: [m.fill_next_token_bitmask(bitmask, j) for j, m in enumerate(matchers)])
     batch = xgr.BatchGrammarMatcher()
     pooled = best_of(lambda: batch.batch_fill_next_token_bitmask(matchers, bitmask))
@@ -107,16 +126,25 @@ def mask_costs(tokenizer: str, rows: int = 256) -> dict:
         apply_grammar_mask(logits, mask)
         if device == "cuda":
             torch.cuda.synchronize()
-    return {"rows": rows, "fill_loop_us_per_row": round(loop / rows * 1e6, 2),
-            "fill_pool_us_per_row": round(pooled / rows * 1e6, 2), "fill_loop_ms": round(loop * 1e3, 3),
-            "fill_pool_ms": round(pooled * 1e3, 3), "apply_ms": round(best_of(apply) * 1e3, 3), "device": device,
-            "cpus": os.cpu_count()}
+
+    return {
+        "rows": rows,
+        "fill_loop_us_per_row": round(loop / rows * 1e6, 2),
+        "fill_pool_us_per_row": round(pooled / rows * 1e6, 2),
+        "fill_loop_ms": round(loop * 1e3, 3),
+        "fill_pool_ms": round(pooled * 1e3, 3),
+        "apply_ms": round(best_of(apply) * 1e3, 3),
+        "device": device,
+        "cpus": os.cpu_count(),
+    }
 
 
 def profiled(llm: LLM, batch: int) -> dict:
     """Host time by phase over one constrained run (bench/throughput.py's timers, and the mask's own)."""
-    import nanoserve.engine_pod.llm_engine as engine_module
     from throughput import profile_phases
+
+    import nanoserve.engine_pod.llm_engine as engine_module
+
     totals = profile_phases(llm)
     timed = functools.partial(timed_into, totals)
     engine_module.grammar_mask = timed("grammar_mask", engine_module.grammar_mask)
@@ -124,8 +152,12 @@ def profiled(llm: LLM, batch: int) -> dict:
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
     llm.step = timed("step", llm.step)
     tok_s = throughput(llm, batch, True, 1)
-    return {"bench": "structured-profile", "batch": batch, "constrained_tok_s": round(tok_s),
-            "phases_s": {k: round(v, 3) for k, v in totals.items()}}
+    return {
+        "bench": "structured-profile",
+        "batch": batch,
+        "constrained_tok_s": round(tok_s),
+        "phases_s": {k: round(v, 3) for k, v in totals.items()},
+    }
 
 
 def main() -> None:
@@ -145,9 +177,19 @@ def main() -> None:
             throughput(llm, 8, constrained, run=99)
         for batch in args.batches:
             free, forced = throughput(llm, batch, False, 0), throughput(llm, batch, True, 0)
-            print("RESULT " + json.dumps({"bench": "structured", "batch": batch, "unconstrained_tok_s": round(free),
-                                          "constrained_tok_s": round(forced), "ratio": round(forced / free, 3)}),
-                  flush=True)
+            print(
+                "RESULT "
+                + json.dumps(
+                    {
+                        "bench": "structured",
+                        "batch": batch,
+                        "unconstrained_tok_s": round(free),
+                        "constrained_tok_s": round(forced),
+                        "ratio": round(forced / free, 3),
+                    }
+                ),
+                flush=True,
+            )
         if args.profile:
             print("RESULT " + json.dumps(profiled(llm, 256)), flush=True)
     finally:

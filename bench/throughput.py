@@ -4,6 +4,7 @@
 temperature 0.6, ignore_eos, Qwen3-0.6B shape with random bf16 weights. Throughput = output tokens / time
 of one generate after a warm-up. `--prefix-sharing` runs the prefix-sharing variant instead.
 """
+
 import argparse
 import functools
 import json
@@ -15,8 +16,8 @@ from random import randint, seed
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import qwen3_0_6b_path, timed as timed_into  # noqa: E402
-
+from common import qwen3_0_6b_path  # noqa: E402
+from common import timed as timed_into
 from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
 
 
@@ -24,8 +25,10 @@ def nano_vllm_workload():
     seed(0)
     num_seqs, max_input_len, max_output_len = 256, 1024, 1024
     prompts = [[randint(0, 10000) for _ in range(randint(100, max_input_len))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
-              for _ in range(num_seqs)]
+    params = [
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, max_output_len))
+        for _ in range(num_seqs)
+    ]
     return prompts, params
 
 
@@ -41,6 +44,7 @@ def profile_phases(llm) -> dict[str, float]:
     """Wrap the engine's per-step calls with host timers. GPU time shows up in "apply" (it waits for the
     sampled tokens) and in "run" when the launch queue is full."""
     import nanoserve.engine_pod.llm_engine as engine_module
+
     totals: dict[str, float] = {}
     timed = functools.partial(timed_into, totals)
 
@@ -63,9 +67,16 @@ def record_steps(llm) -> list[tuple[float, int, int, int]]:
         t = time.perf_counter()
         out = step()
         batch = llm.last_batch
-        steps.append((time.perf_counter() - t, len(batch), sum(n for _, n in batch),
-                      sum(s.num_computed_tokens for s, _ in batch)))
+        steps.append(
+            (
+                time.perf_counter() - t,
+                len(batch),
+                sum(n for _, n in batch),
+                sum(s.num_computed_tokens for s, _ in batch),
+            )
+        )
         return out
+
     llm.step = timed_step
     return steps
 
@@ -75,16 +86,22 @@ def summarize_steps(steps, kv_bytes_per_token: int) -> dict:
     decode steps' KV reads alone would take at 4.2 TB/s (what attention cannot go below)."""
     out = {"steps": len(steps), "step_s_total": round(sum(s[0] for s in steps), 3)}
     mixed = [s for s in steps if s[2] > s[1]]
-    out["prefill_steps"] = {"n": len(mixed), "s": round(sum(s[0] for s in mixed), 3),
-                            "tokens": sum(s[2] for s in mixed),
-                            "each_ms_seqs_tokens": [(round(1e3 * s[0], 1), s[1], s[2]) for s in mixed]}
+    out["prefill_steps"] = {
+        "n": len(mixed),
+        "s": round(sum(s[0] for s in mixed), 3),
+        "tokens": sum(s[2] for s in mixed),
+        "each_ms_seqs_tokens": [(round(1e3 * s[0], 1), s[1], s[2]) for s in mixed],
+    }
     for lo, hi in [(1, 16), (17, 64), (65, 128), (129, 192), (193, 256)]:
         d = [s for s in steps if s[2] == s[1] and lo <= s[1] <= hi]
         if d:
             kv_s = sum(s[3] for s in d) * kv_bytes_per_token / 4.2e12
-            out[f"decode_bs{lo}-{hi}"] = {"n": len(d), "s": round(sum(s[0] for s in d), 3),
-                                          "ms_per_step": round(1e3 * sum(s[0] for s in d) / len(d), 2),
-                                          "kv_read_floor_s": round(kv_s, 3)}
+            out[f"decode_bs{lo}-{hi}"] = {
+                "n": len(d),
+                "s": round(sum(s[0] for s in d), 3),
+                "ms_per_step": round(1e3 * sum(s[0] for s in d) / len(d), 2),
+                "kv_read_floor_s": round(kv_s, 3),
+            }
     return out
 
 
@@ -104,9 +121,15 @@ def main() -> None:
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     t0 = time.perf_counter()
-    llm = LLM(path, enforce_eager=args.enforce_eager, max_model_len=4096, kvcache_block_size=args.block_size,
-              max_num_batched_tokens=args.max_num_batched_tokens, tensor_parallel_size=args.tp,
-              async_scheduling=not args.sync)
+    llm = LLM(
+        path,
+        enforce_eager=args.enforce_eager,
+        max_model_len=4096,
+        kvcache_block_size=args.block_size,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        tensor_parallel_size=args.tp,
+        async_scheduling=not args.sync,
+    )
     load_s = time.perf_counter() - t0
     prompts, params = prefix_sharing_workload() if args.prefix_sharing else nano_vllm_workload()
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(p.max_tokens for p in params)
@@ -124,12 +147,23 @@ def main() -> None:
     t = time.perf_counter() - t
     assert sum(len(o["token_ids"]) for o in outs) == output_tokens
     result = {
-        "label": args.label or ("eager" if args.enforce_eager else "graphs"), "block_size": args.block_size,
-        "tp": args.tp, "blas": args.blas or "default", "async_scheduling": not args.sync, "prefix_sharing": args.prefix_sharing, "seconds": round(t, 3),
-        "output_tok_per_s": round(output_tokens / t), "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
+        "label": args.label or ("eager" if args.enforce_eager else "graphs"),
+        "block_size": args.block_size,
+        "tp": args.tp,
+        "blas": args.blas or "default",
+        "async_scheduling": not args.sync,
+        "prefix_sharing": args.prefix_sharing,
+        "seconds": round(t, 3),
+        "output_tok_per_s": round(output_tokens / t),
+        "prompt_tokens": prompt_tokens,
+        "output_tokens": output_tokens,
         "prefix_hit_rate": round((bm.prefix_hits - hits0) / max(1, bm.prefix_queries - queries0), 4),
-        "load_s": round(load_s, 2), "graph_capture_s": round(llm.model_runner.graph_capture_s, 2), "kv_blocks": bm.num_blocks, "preemptions": llm.scheduler.num_preemptions,
-        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2), "card": torch.cuda.get_device_name(),
+        "load_s": round(load_s, 2),
+        "graph_capture_s": round(llm.model_runner.graph_capture_s, 2),
+        "kv_blocks": bm.num_blocks,
+        "preemptions": llm.scheduler.num_preemptions,
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "card": torch.cuda.get_device_name(),
     }
     if phases is not None:
         result["phases_s"] = {k: round(v, 3) for k, v in phases.items()}

@@ -6,11 +6,12 @@ with no prefix for block 0, or, for a request with a cache salt (vLLM's `cache_s
 h_{-1} = salt_root(salt) as block 0's parent: salted requests share blocks only with the same salt.
 Only full blocks are hashed. Torch-free on purpose (the gateway image has no torch).
 """
+
 from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import xxhash
 
@@ -30,7 +31,7 @@ def block_hashes(token_ids: Sequence[int], block_size: int, parent: int | None =
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     hashes: list[int] = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(token_ids[start:start + block_size], parent)
+        parent = hash_block(token_ids[start : start + block_size], parent)
         hashes.append(parent)
     return hashes
 

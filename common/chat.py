@@ -4,6 +4,7 @@ The engine server and the gateway both call these, so a request tokenizes to the
 gateway's prefix hashes must match the engine's). Tools and `chat_template_kwargs` (e.g. Qwen3's
 `enable_thinking`) are part of the prompt: the model's own template renders them.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,24 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "developer", "tool")
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")  # OpenAI's rule (and '.', which vLLM allows)
 # apply_chat_template's own arguments: a request's chat_template_kwargs may not set them.
-_RESERVED_KWARGS = {"conversation", "messages", "tools", "documents", "tokenize", "add_generation_prompt",
-                    "continue_final_message", "return_dict", "return_tensors", "chat_template", "tokenizer",
-                    "padding", "truncation", "max_length", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+_RESERVED_KWARGS = {
+    "conversation",
+    "messages",
+    "tools",
+    "documents",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_dict",
+    "return_tensors",
+    "chat_template",
+    "tokenizer",
+    "padding",
+    "truncation",
+    "max_length",
+    "return_assistant_tokens_mask",
+    "tokenizer_kwargs",
+}
 
 
 class ChatTemplateError(ValueError):
@@ -34,8 +50,7 @@ def _text(content: Any, where: str, optional: bool = False) -> str:
     if content is None and optional:
         return ""
     if isinstance(content, list):  # content parts: only text is supported
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise ChatFieldError(f"{where}: only text parts are supported", where)
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
@@ -53,15 +68,23 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
     for j, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
-            raise ChatFieldError(f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', "
-                                 "'arguments': a JSON string}}}", f"{where}[{j}]")
+            raise ChatFieldError(
+                f"{where}[{j}] must be {{'id', 'type': 'function', 'function': {{'name', "
+                "'arguments': a JSON string}}}",
+                f"{where}[{j}]",
+            )
         check_text(fn["arguments"], f"{where}[{j}].function.arguments")
         try:
             arguments = json.loads(fn["arguments"])
         except ValueError:
             arguments = fn["arguments"]  # not JSON: the template gets the text as it came
-        out.append({"id": call.get("id") if isinstance(call.get("id"), str) else f"call_{j}", "type": "function",
-                    "function": {"name": fn["name"], "arguments": arguments}})
+        out.append(
+            {
+                "id": call.get("id") if isinstance(call.get("id"), str) else f"call_{j}",
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": arguments},
+            }
+        )
     return out
 
 
@@ -74,13 +97,16 @@ def template_messages(messages: Any) -> list[dict]:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise ChatFieldError(f"{where} must be an object with a role of system, user, assistant, developer "
-                                 "or tool", where)
+            raise ChatFieldError(
+                f"{where} must be an object with a role of system, user, assistant, developer or tool", where
+            )
         role = m["role"]
         calls = m.get("tool_calls") if role == "assistant" else None
         # An assistant message that calls tools may have no content.
-        msg = {"role": "system" if role == "developer" else role,
-               "content": _text(m.get("content"), f"{where}.content", optional=role == "assistant")}
+        msg = {
+            "role": "system" if role == "developer" else role,
+            "content": _text(m.get("content"), f"{where}.content", optional=role == "assistant"),
+        }
         if calls:
             msg["tool_calls"] = _tool_calls(calls, f"{where}.tool_calls")
         if role == "tool":
@@ -110,14 +136,16 @@ def template_tools(tools: Any) -> list[dict] | None:
             raise ChatFieldError(f"{where} must be {{'type': 'function', 'function': {{...}}}}", where)
         name = fn.get("name")
         if not isinstance(name, str) or not _TOOL_NAME.match(name):
-            raise ChatFieldError(f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.'",
-                                 f"{where}.function.name")
+            raise ChatFieldError(
+                f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.'", f"{where}.function.name"
+            )
         if name in names:
             raise ChatFieldError(f"{where}.function.name: two tools are named {name!r}", f"{where}.function.name")
         names.add(name)
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise ChatFieldError(f"{where}.function.parameters must be a JSON schema object",
-                                 f"{where}.function.parameters")
+            raise ChatFieldError(
+                f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters"
+            )
         if fn.get("description") is not None and not isinstance(fn["description"], str):
             raise ChatFieldError(f"{where}.function.description must be a string", f"{where}.function.description")
     return tools
@@ -146,21 +174,25 @@ def check_text(text: str, where: str) -> None:
 def template_options(body: dict) -> dict:
     """A chat body's `add_generation_prompt` (default true) and `continue_final_message` (vLLM's: the reply
     continues the last, assistant, message instead of starting a new one) as apply_chat_template takes them."""
-    options = {"add_generation_prompt": body.get("add_generation_prompt", True),
-               "continue_final_message": body.get("continue_final_message", False)}
+    options = {
+        "add_generation_prompt": body.get("add_generation_prompt", True),
+        "continue_final_message": body.get("continue_final_message", False),
+    }
     for name, value in options.items():
         if value is None:
             options[name] = name == "add_generation_prompt"
         elif not isinstance(value, bool):
             raise ChatFieldError(f"'{name}' must be a boolean", name)
     if options["add_generation_prompt"] and options["continue_final_message"]:
-        raise ChatFieldError("'continue_final_message' needs 'add_generation_prompt' set to false",
-                             "continue_final_message")
+        raise ChatFieldError(
+            "'continue_final_message' needs 'add_generation_prompt' set to false", "continue_final_message"
+        )
     return options
 
 
-def chat_prompt(tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None,
-                options: dict | None = None) -> str:
+def chat_prompt(
+    tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None, options: dict | None = None
+) -> str:
     """A chat request's prompt text: the model's chat template over messages and tools, with the generation
     prompt unless `options` (template_options) say otherwise. Raises ChatFieldError (bad fields) or
     ChatTemplateError (the template refused)."""
@@ -174,8 +206,9 @@ def chat_prompt(tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = 
         raise ChatTemplateError(str(e)) from None
 
 
-def chat_prompt_ids(tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None,
-                    options: dict | None = None) -> list[int]:
+def chat_prompt_ids(
+    tokenizer: Any, messages: Any, tools: Any = None, kwargs: Any = None, options: dict | None = None
+) -> list[int]:
     """Token ids of a chat request's prompt, encoded without adding special tokens again (the template
     wrote them)."""
     return tokenizer.encode(chat_prompt(tokenizer, messages, tools, kwargs, options), add_special_tokens=False)

@@ -3,8 +3,10 @@
 Safe for the engine server since its engine core runs in another process: a faster loop no longer takes
 GIL time from the engine (it did when the engine was a thread of the server, and uvloop was then slower).
 """
+
 import asyncio
-from typing import Any, Coroutine
+from collections.abc import Coroutine
+from typing import Any
 
 
 def run(main: Coroutine[Any, Any, Any]) -> Any:

@@ -5,18 +5,27 @@ Each field that is a setting carries its help (and any aliases or choices) in it
 `settings_argv` turns settings into a command line that parses back to the same values (the engines that
 `nanoserve up` starts, the containers the operator renders). Fields with init=False are derived, not set.
 """
+
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 
-def setting(default: Any = dataclasses.MISSING, help: str = "", *, unset: str | None = None,
-            flags: tuple[str, ...] = (), choices: tuple[str, ...] | None = None, metavar: str | None = None,
-            factory: Any = dataclasses.MISSING) -> Any:
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    unset: str | None = None,
+    flags: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    factory: Any = dataclasses.MISSING,
+) -> Any:
     """A dataclass field that is also a flag. `unset`: what a default of None means, for --help ("cuda when
     available"); `flags`: its option strings, the canonical one first (default: --field-name); `factory` in
     place of a mutable default."""
@@ -32,8 +41,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return help if "(default:" in help else super()._get_help_string(action)
 
 
-def add_flags(parser: argparse.ArgumentParser, cls: type, only: Iterable[str] | None = None,
-              defaults: dict | None = None) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, cls: type, only: Iterable[str] | None = None, defaults: dict | None = None
+) -> None:
     """One flag per setting of `cls` (or of those named in `only`); nested config dataclasses are flattened.
     `defaults` replaces some fields' defaults (`nanoserve up` listens on 127.0.0.1, say)."""
     hints, defaults = typing.get_type_hints(cls), defaults or {}
@@ -60,8 +70,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, only: Iterable[str] | 
 def settings_from_args(cls: type, args: argparse.Namespace, only: Iterable[str] | None = None) -> dict:
     """The settings of `cls` parsed by `add_flags`'s flags, as keyword arguments of `cls` (nested configs built)."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name](**settings_from_args(hints[f.name], args))
-            if dataclasses.is_dataclass(hints[f.name]) else getattr(args, f.name) for f in _fields(cls, only)}
+    return {
+        f.name: hints[f.name](**settings_from_args(hints[f.name], args))
+        if dataclasses.is_dataclass(hints[f.name])
+        else getattr(args, f.name)
+        for f in _fields(cls, only)
+    }
 
 
 def settings_argv(cls: type, settings: dict) -> list[str]:

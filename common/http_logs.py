@@ -1,5 +1,6 @@
 """aiohttp logs a full traceback at ERROR for every malformed request and every client that hangs up
 mid-answer: a hostile client could fill the logs at will. Those are the client's doing, not the server's."""
+
 import logging
 
 from aiohttp.http_exceptions import HttpProcessingError

@@ -3,6 +3,7 @@ small gzip can hold gigabytes), its charset honoured, large bodies parsed off th
 
 Every way a body can be wrong is a `BodyError` with the HTTP status and a message for the client.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -14,12 +15,14 @@ from aiohttp import web
 
 LOOP_BYTES = 64 << 10  # larger bodies are decoded on a worker thread: streams keep flowing meanwhile
 # zlib's window bits: gzip framing, zlib framing, raw deflate (some clients send raw deflate as "deflate").
-_WBITS = {"gzip": (16 + zlib.MAX_WBITS,), "x-gzip": (16 + zlib.MAX_WBITS,),
-          "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS)}
+_WBITS = {
+    "gzip": (16 + zlib.MAX_WBITS,),
+    "x-gzip": (16 + zlib.MAX_WBITS,),
+    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),
+}
 
 
 class BodyError(Exception):
-
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status

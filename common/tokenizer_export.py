@@ -6,6 +6,7 @@ no download of its own. The fingerprint hashes the vocabulary, the chat template
 and a probe conversation: a copy that tokenizes differently, or an engine that lies, shows up as a different
 fingerprint before its hashes steer any request. Torch-free (the gateway image has no torch).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,9 +18,11 @@ from typing import Any
 from nanoserve.common.chat import chat_prompt_ids
 
 # Text that exercises normalisation and pre-tokenisation: spaces, digits, code, accents, CJK, emoji, markup.
-PROBE_TEXT = ("Hello, world!  The year 2026: 3.14159 \u00d7 10\u207b\u00b3 \u2014 caf\u00e9 na\u00efve "
-              "\u65e5\u672c\u8a9e\u306e\u6587 \U0001f642\U0001f680 <s></s> <|im_start|>user\n"
-              "def f(x):\n\treturn x ** 2  # ok\r\n  \u00a0end")
+PROBE_TEXT = (
+    "Hello, world!  The year 2026: 3.14159 \u00d7 10\u207b\u00b3 \u2014 caf\u00e9 na\u00efve "
+    "\u65e5\u672c\u8a9e\u306e\u6587 \U0001f642\U0001f680 <s></s> <|im_start|>user\n"
+    "def f(x):\n\treturn x ** 2  # ok\r\n  \u00a0end"
+)
 PROBE_MESSAGES = [
     {"role": "system", "content": "You are a helpful assistant. R\u00e9ponds bri\u00e8vement."},
     {"role": "user", "content": "What is 2 + 2? \u4e8c\u52a0\u4e8c"},
@@ -65,6 +68,8 @@ def tokenizer_info(tokenizer: Any, files: dict[str, bytes], model: str, block_si
         "fingerprint": fingerprint(tokenizer),
         "vocab_size": len(tokenizer),
         "block_size": block_size,
-        "files": [{"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-                  for name, data in files.items()],
+        "files": [
+            {"name": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            for name, data in files.items()
+        ],
     }

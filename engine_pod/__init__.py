@@ -3,6 +3,7 @@
 Imported lazily, so that torch-free parts under this package (the CLI, the Config that the operator renders
 engine flags from, the default model's name) do not pull torch in.
 """
+
 import importlib
 
 _EXPORTS = {

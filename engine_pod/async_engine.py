@@ -3,10 +3,11 @@ starts it, sends it requests and aborts, and turns its one message a step into e
 and the Prometheus metrics, on the event loop.
 
 Both pipes are served by threads: sending (a pipe that is full while the engine runs a long step must not
-block the event loop) and receiving (one loop wake-up a message, i.e. a step). A streamed request's tokens go to its queue as
-they come; a non-streamed one's come in one delta when it finishes (no loop work per token). An engine that
+block the event loop) and receiving (one loop wake-up a message, i.e. a step). A streamed request's tokens go to its
+queue as they come; a non-streamed one's come in one delta when it finishes (no loop work per token). An engine that
 fails, by a fault it reports or a process that dies, ends every open request with the error at once.
 """
+
 import asyncio
 import contextlib
 import itertools
@@ -14,8 +15,8 @@ import multiprocessing
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 from nanoserve.engine_pod.admission import check_request
 from nanoserve.engine_pod.engine_core import EngineCounts, EngineInfo, StepOutput, engine_process
@@ -34,7 +35,7 @@ class TokenDelta:
     num_cached_tokens: int = 0
     logprobs: list | None = None  # with params.logprobs: a sampler.TokenLogprobs per token
     prompt_logprobs: list | None = None  # with params.prompt_logprobs, in the first delta: one per prompt token
-                                         # from the second
+    # from the second
 
 
 def _joined(a: list | None, b: list | None) -> list | None:
@@ -44,30 +45,31 @@ def _joined(a: list | None, b: list | None) -> list | None:
 @dataclass(eq=False)
 class EngineRequest:
     """One request as the server tracks it while the engine core runs it."""
+
     seq_id: int
     num_prompt_tokens: int
     arrival: float
     stream: bool  # False: the tokens come in one delta at the end
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     held: list[int] = field(default_factory=list)  # a non-streamed request's tokens so far
-    held_logprobs: list | None = None              # ... and their logprobs, when asked
+    held_logprobs: list | None = None  # ... and their logprobs, when asked
     prompt_logprobs: list | None = None
     admitted: asyncio.Future | None = None  # a constrained request: set once its grammar has compiled
     finished: bool = False
-    scheduled_at: float | None = None    # first scheduled (the metrics of a request's phases)
+    scheduled_at: float | None = None  # first scheduled (the metrics of a request's phases)
     first_token_at: float | None = None
     last_token_at: float | None = None
     num_generated: int = 0
 
 
 class AsyncEngine:
-
     def __init__(self, model: str, engine_kwargs: dict, model_name: str):
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: CUDA and threads do not survive fork
-        self._in_r, self._in_w = ctx.Pipe(duplex=False)    # server -> engine
+        self._in_r, self._in_w = ctx.Pipe(duplex=False)  # server -> engine
         self._out_r, self._out_w = ctx.Pipe(duplex=False)  # engine -> server
-        self.process = ctx.Process(target=engine_process, args=(model, engine_kwargs, self._in_r, self._out_w),
-                                   name="nanoserve-engine")
+        self.process = ctx.Process(
+            target=engine_process, args=(model, engine_kwargs, self._in_r, self._out_w), name="nanoserve-engine"
+        )
         self.model_name = model_name
         self.metrics: EngineMetrics | None = None  # made once the engine is loaded (buckets by max_model_len)
         self.info: EngineInfo | None = None
@@ -123,8 +125,14 @@ class AsyncEngine:
         """Send a request to the engine core. InvalidRequestError if it could never be served (for a
         constrained one, also if its grammar does not compile). Every submitted request must be released."""
         cfg = self.config
-        check_request(prompt_ids, params, cfg.max_model_len, cfg.kvcache_block_size, self.info.num_blocks,
-                      cfg.hf_config["vocab_size"])
+        check_request(
+            prompt_ids,
+            params,
+            cfg.max_model_len,
+            cfg.kvcache_block_size,
+            self.info.num_blocks,
+            cfg.hf_config["vocab_size"],
+        )
         if self.error is not None:
             raise self.error
         req = EngineRequest(next(self._ids), len(prompt_ids), time.monotonic(), stream)  # the engine's clock too
@@ -150,7 +158,7 @@ class AsyncEngine:
             if out.empty():
                 try:
                     delta = await asyncio.wait_for(out.get(), _GONE_CHECK_S)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if gone is not None and gone():
                         return
                     continue
@@ -161,8 +169,13 @@ class AsyncEngine:
                 if isinstance(more, BaseException):
                     delta = more
                     break
-                delta = TokenDelta(delta.token_ids + more.token_ids, more.finish_reason, more.num_cached_tokens,
-                                   _joined(delta.logprobs, more.logprobs), delta.prompt_logprobs)
+                delta = TokenDelta(
+                    delta.token_ids + more.token_ids,
+                    more.finish_reason,
+                    more.num_cached_tokens,
+                    _joined(delta.logprobs, more.logprobs),
+                    delta.prompt_logprobs,
+                )
             if isinstance(delta, BaseException):
                 raise delta
             yield delta
@@ -250,8 +263,9 @@ class AsyncEngine:
         elif kind == "ready":
             self.info = info = msg[1]
             cfg = info.config
-            self.metrics = EngineMetrics(self.model_name, cfg.max_model_len, cfg.kvcache_block_size, info.num_blocks,
-                                         cfg.enable_prefix_caching)
+            self.metrics = EngineMetrics(
+                self.model_name, cfg.max_model_len, cfg.kvcache_block_size, info.num_blocks, cfg.enable_prefix_caching
+            )
             self._ready.set_result(None)
         elif kind == "failed":
             self._fail(msg[1])
@@ -304,8 +318,15 @@ class AsyncEngine:
                 if out.prompt_logprobs and seq_id in out.prompt_logprobs:
                     req.prompt_logprobs = out.prompt_logprobs[seq_id]
                 if req.stream:
-                    req.out.put_nowait(TokenDelta([token], finish, cached, None if logprobs is None else [logprobs],
-                                                  req.prompt_logprobs if req.num_generated == 1 else None))
+                    req.out.put_nowait(
+                        TokenDelta(
+                            [token],
+                            finish,
+                            cached,
+                            None if logprobs is None else [logprobs],
+                            req.prompt_logprobs if req.num_generated == 1 else None,
+                        )
+                    )
                 else:
                     req.held.append(token)
                     if logprobs is not None:
@@ -319,8 +340,15 @@ class AsyncEngine:
                     req.out.put_nowait(TokenDelta(req.held, finish, cached, req.held_logprobs, req.prompt_logprobs))
                 del self.requests[seq_id]
                 req.finished = True
-                self.metrics.finished(finish, req.arrival, req.scheduled_at, req.first_token_at, now,
-                                      req.num_prompt_tokens, req.num_generated)
+                self.metrics.finished(
+                    finish,
+                    req.arrival,
+                    req.scheduled_at,
+                    req.first_token_at,
+                    now,
+                    req.num_prompt_tokens,
+                    req.num_generated,
+                )
         m("generation_tokens").inc(generated)
         self.generation_tokens_total += generated
         m("prefix_cache_queries").inc(out.prefix_queries)

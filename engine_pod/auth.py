@@ -3,12 +3,13 @@
 Several keys are several tenants: any one of them opens the API. Keys are compared in constant time, by
 digest, so that neither a key's bytes nor its length leak through response timing.
 """
+
 from __future__ import annotations
 
 import hashlib
 import hmac
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 ENV_VARS = ("NANOSERVE_API_KEY", "VLLM_API_KEY")  # ours, and vLLM's (for drop-in deployments)
 
@@ -19,8 +20,9 @@ def read_key_file(path: str) -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
-def load_api_keys(keys: Sequence[str] | None = None, key_file: str | None = None,
-                  environ: Mapping[str, str] = os.environ) -> list[str]:
+def load_api_keys(
+    keys: Sequence[str] | None = None, key_file: str | None = None, environ: Mapping[str, str] = os.environ
+) -> list[str]:
     """Every configured key, in order, without duplicates: `--api-key`s, the key file's, then the env's."""
     found = [k.strip() for k in ([keys] if isinstance(keys, str) else keys or [])]
     if key_file:

@@ -6,6 +6,7 @@ entered in `hash_to_block`, so a later sequence with the same prefix reuses it i
 Freed blocks keep their hash (lazy eviction) and stay hit-able until they are handed out again; the least
 recently freed block is handed out first.
 """
+
 from collections import OrderedDict
 
 from nanoserve.common.block_hash import hash_block
@@ -23,17 +24,16 @@ class Block:
 
 
 class BlockManager:
-
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.hash_to_block: dict[int, int] = {}
         self.free_block_ids: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.record_events = False              # the server turns this on to feed /v1/cache/events
+        self.record_events = False  # the server turns this on to feed /v1/cache/events
         self.events: list[tuple[str, int]] = []  # ("stored" | "removed", block hash)
-        self.prefix_queries = 0                  # tokens looked up in the prefix cache
-        self.prefix_hits = 0                     # of those, tokens found
+        self.prefix_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, tokens found
 
     @property
     def num_blocks(self) -> int:
@@ -50,12 +50,15 @@ class BlockManager:
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of `seq`. The last token is always left to compute,
         since its logits are needed."""
-        if not self.enable_prefix_caching or len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1 and \
-                seq.params.prompt_logprobs is not None:  # its prompt must be computed to be scored
+        if (
+            not self.enable_prefix_caching
+            or len(seq.prompt_logprobs) < seq.num_prompt_tokens - 1
+            and seq.params.prompt_logprobs is not None
+        ):  # its prompt must be computed to be scored
             return []
         hits, parent, B = [], seq.hash_root, self.block_size
         for i in range((seq.num_tokens - 1) // B):
-            tokens = tuple(seq.token_ids[i * B:(i + 1) * B])
+            tokens = tuple(seq.token_ids[i * B : (i + 1) * B])
             parent = hash_block(tokens, parent)
             block_id = self.hash_to_block.get(parent)
             if block_id is None or self.blocks[block_id].token_ids != tokens:
@@ -80,7 +83,7 @@ class BlockManager:
         B = self.block_size
         while len(seq.block_hashes) < num_tokens // B:  # placeholders are never hashed: callers stop before
             i = len(seq.block_hashes)
-            tokens = tuple(seq.token_ids[i * B:(i + 1) * B])
+            tokens = tuple(seq.token_ids[i * B : (i + 1) * B])
             h = hash_block(tokens, seq.block_hashes[-1] if i else seq.hash_root)
             seq.block_hashes.append(h)
             if not self.enable_prefix_caching:

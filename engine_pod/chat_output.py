@@ -1,6 +1,7 @@
 """A chat response's text read back into OpenAI's parts: `reasoning` (the text a thinking model writes in
 <think>...</think>), `content`, and `tool_calls`. The same reader serves streaming (a delta per step) and
 non-streaming (the deltas merged), so both give the same message."""
+
 from dataclasses import dataclass, field
 
 from nanoserve.engine_pod.reasoning import ReasoningParser
@@ -28,8 +29,9 @@ class ChatDelta:
 class ChatOutput:
     """One response's reader: text in (as it streams), ChatDelta out."""
 
-    def __init__(self, tool_use: ToolUse | None = None, reasoning: str | None = None,
-                 thinking_in_prompt: bool = False) -> None:
+    def __init__(
+        self, tool_use: ToolUse | None = None, reasoning: str | None = None, thinking_in_prompt: bool = False
+    ) -> None:
         use = tool_use or ToolUse(None)
         self.tools = make_tool_parser(use.parser, function=use.function) if use.parser else None
         self.parallel, self.forced = use.parallel, use.parser == "named"

@@ -6,13 +6,13 @@ The n requests of a prompt go to the engine together, so the first one's prompt 
 cache when the others are admitted (in the same step even: blocks are hashed when allocated, and a step
 stores every token's KV before any attention reads it): the prompt is computed once, as in vLLM's fan-out.
 """
+
 from nanoserve.engine_pod.async_engine import TokenDelta
 from nanoserve.engine_pod.chat_output import ChatOutput
 from nanoserve.engine_pod.openai_protocol import ParsedRequest
 from nanoserve.engine_pod.sampler import TokenLogprobs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.text_stream import TextStream
-
 
 _UNSCORED = TokenLogprobs(0.0, 0, [])  # the prompt's first token: nothing before it to score it
 
@@ -36,8 +36,12 @@ class LogprobsWriter:
             tokens.append(self._text(t))
             offsets.append(self.offset)
             self.offset += len(tokens[-1])
-        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-                "top_logprobs": [{self._text(t): lp for t, lp in e.top} for e in entries], "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self._text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
 
     def _chat_entry(self, token: int, entry) -> dict:
         top = [self._named(t, lp) for t, lp in entry.top]
@@ -53,8 +57,10 @@ def prompt_logprobs_json(tokenizer, prompt_ids: list[int], entries: list) -> lis
     decoded_token}} for the token itself and the top ones."""
     out: list = [None]
     for token, e in zip(prompt_ids[1:], entries):
-        scored = {str(t): {"logprob": lp, "rank": r, "decoded_token": tokenizer.decode([t])}
-                  for r, (t, lp) in enumerate(e.top, 1)}
+        scored = {
+            str(t): {"logprob": lp, "rank": r, "decoded_token": tokenizer.decode([t])}
+            for r, (t, lp) in enumerate(e.top, 1)
+        }
         scored[str(token)] = {"logprob": e.logprob, "rank": e.rank, "decoded_token": tokenizer.decode([token])}
         out.append(scored)
     return out
@@ -71,8 +77,16 @@ def merge_logprobs(parts: list[dict], chat: bool) -> dict | None:
 class Choice:
     """One choice as its tokens come."""
 
-    def __init__(self, index: int, prompt: int, tokenizer, req: ParsedRequest, params: SamplingParams, chat: bool,
-                 prefix: str = "") -> None:
+    def __init__(
+        self,
+        index: int,
+        prompt: int,
+        tokenizer,
+        req: ParsedRequest,
+        params: SamplingParams,
+        chat: bool,
+        prefix: str = "",
+    ) -> None:
         self.index, self.prompt, self.chat = index, prompt, chat  # prompt: its index in a completions batch
         self.text = TextStream(tokenizer, params.stop, params.skip_special_tokens, params.include_stop_str_in_output)
         self.output = ChatOutput(req.tool_use, req.reasoning, req.thinking_in_prompt) if chat else None
@@ -126,8 +140,12 @@ class Choice:
             extra = {} if self.prompt_logprobs is None else {"prompt_logprobs": self.prompt_logprobs}
             return {"index": self.index, "text": content, "logprobs": logprobs, "finish_reason": self.finish} | extra
         self.output.push(content, True)
-        return {"index": self.index, "message": self.output.message(), "logprobs": logprobs,
-                "finish_reason": self.output.finish_reason(self.finish)}
+        return {
+            "index": self.index,
+            "message": self.output.message(),
+            "logprobs": logprobs,
+            "finish_reason": self.output.finish_reason(self.finish),
+        }
 
     def chunk(self, piece: str, part: dict | None) -> dict | None:
         """A streamed chunk's choice for the delta just pushed, or None when it carries nothing."""
@@ -142,5 +160,9 @@ class Choice:
             delta = self.output.push(piece, done).to_openai()
         if not delta and not done and not part:
             return None
-        return {"index": self.index, "delta": delta, "logprobs": part,
-                "finish_reason": self.output.finish_reason(self.finish)}
+        return {
+            "index": self.index,
+            "delta": delta,
+            "logprobs": part,
+            "finish_reason": self.output.finish_reason(self.finish),
+        }

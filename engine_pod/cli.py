@@ -1,4 +1,5 @@
 """The `nanoserve` command: `serve` (the engine pod), `generate` (offline), `gateway`, `up` (local stack)."""
+
 import argparse
 import logging
 import os
@@ -20,10 +21,17 @@ def add_engine_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
     add_flags(p, Config, defaults=defaults)
     # vLLM's flags whose only value nanoserve has is the one it always uses: accepted, so that vLLM command
     # lines run, and refused at any other value (argparse names the choices).
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto"],
-                   help="auto: the model's dtype (an fp8 KV cache is not supported yet)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="accepted for vLLM's command lines: nanoserve never runs code from a model folder")
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto"],
+        help="auto: the model's dtype (an fp8 KV cache is not supported yet)",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="accepted for vLLM's command lines: nanoserve never runs code from a model folder",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -36,17 +44,26 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="0.0.0.0", help="the address to listen on")
     p.add_argument("--port", type=int, default=8000, help="the port to listen on")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: --model as given)")
-    p.add_argument("--api-key", action="append", default=None,
-                   help="require 'Authorization: Bearer KEY' on all but /health and /ready; repeat for several "
-                        "tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY) "
-                        "(default: none)")
-    p.add_argument("--api-key-file", default=None,
-                   help="a file of API keys, one per line, # comments (default: none)")
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on all but /health and /ready; repeat for several "
+        "tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY) "
+        "(default: none)",
+    )
+    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line, # comments (default: none)")
     p.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key (Prometheus)")
-    p.add_argument("--disable-log-requests", action="store_true",
-                   help="no access line per request (method, path, status, tokens, latency; never the text)")
-    p.add_argument("--cache-salt-by-api-key", action="store_true",
-                   help="salt the prefix cache by each request's API key: tenants share no cached block")
+    p.add_argument(
+        "--disable-log-requests",
+        action="store_true",
+        help="no access line per request (method, path, status, tokens, latency; never the text)",
+    )
+    p.add_argument(
+        "--cache-salt-by-api-key",
+        action="store_true",
+        help="salt the prefix cache by each request's API key: tenants share no cached block",
+    )
     p.add_argument("--max-pending", type=int, default=256, help="waiting requests beyond this get 429")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=120.0, help="seconds to finish requests after SIGTERM")
@@ -55,23 +72,38 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
 
 def add_chat_args(p: argparse.ArgumentParser) -> None:
     """vLLM's flags for tool calls and reasoning (`serve`, and `up` passes them to its engines)."""
-    p.add_argument("--tool-call-parser", default=None, choices=TOOL_CALL_PARSERS,
-                   help="read tool calls out of the model's text in this format, hermes: Hermes/Qwen <tool_call> "
-                        "(default: none)")
-    p.add_argument("--enable-auto-tool-choice", action="store_true",
-                   help='let the model decide whether to call tools (tool_choice "auto", the default with tools)')
-    p.add_argument("--reasoning-parser", default=None, choices=REASONING_PARSERS,
-                   help="return a thinking model's <think> text as `reasoning`, apart from `content` "
-                        "(default: none)")
-    p.add_argument("--chat-template", default=None,
-                   help="a Jinja chat template in place of the model's: a file, or the template itself "
-                        "(default: the model's)")
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=TOOL_CALL_PARSERS,
+        help="read tool calls out of the model's text in this format, hermes: Hermes/Qwen <tool_call> (default: none)",
+    )
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide whether to call tools (tool_choice "auto", the default with tools)',
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=REASONING_PARSERS,
+        help="return a thinking model's <think> text as `reasoning`, apart from `content` (default: none)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template in place of the model's: a file, or the template itself (default: the model's)",
+    )
 
 
 def chat_config(args: argparse.Namespace) -> ChatConfig:
     try:
-        return ChatConfig(args.tool_call_parser, args.enable_auto_tool_choice, args.reasoning_parser,
-                          read_chat_template(args.chat_template))
+        return ChatConfig(
+            args.tool_call_parser,
+            args.enable_auto_tool_choice,
+            args.reasoning_parser,
+            read_chat_template(args.chat_template),
+        )
     except ValueError as e:
         raise SystemExit(f"nanoserve: {e}") from None
 
@@ -87,6 +119,7 @@ def read_chat_template(value: str | None) -> str | None:
     elif "{{" not in value and "{%" not in value:
         raise ValueError(f"--chat-template: no such file, and not a template: {value!r}")
     from jinja2 import Environment, TemplateSyntaxError
+
     try:
         Environment().parse(value)
     except TemplateSyntaxError as e:
@@ -96,30 +129,49 @@ def read_chat_template(value: str | None) -> str | None:
 
 def chat_argv(args: argparse.Namespace) -> list[str]:
     chat = chat_config(args)
-    return ((["--tool-call-parser", chat.tool_call_parser] if chat.tool_call_parser else [])
-            + (["--enable-auto-tool-choice"] if chat.enable_auto_tool_choice else [])
-            + (["--reasoning-parser", chat.reasoning_parser] if chat.reasoning_parser else [])
-            + (["--chat-template", args.chat_template] if args.chat_template else []))
+    return (
+        (["--tool-call-parser", chat.tool_call_parser] if chat.tool_call_parser else [])
+        + (["--enable-auto-tool-choice"] if chat.enable_auto_tool_choice else [])
+        + (["--reasoning-parser", chat.reasoning_parser] if chat.reasoning_parser else [])
+        + (["--chat-template", args.chat_template] if args.chat_template else [])
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.serve import run_server
-    return event_loop.run(run_server(engine_kwargs(args), host=args.host, port=args.port,
-                                  served_model_name=args.served_model_name, api_key=args.api_key,
-                                  max_pending=args.max_pending, max_body_bytes=args.max_body_bytes,
-                                  drain_timeout=args.drain_timeout, api_key_file=args.api_key_file,
-                                  public_metrics=args.public_metrics,
-                                  cache_salt_by_api_key=args.cache_salt_by_api_key, chat=chat_config(args),
-                                  log_requests=not args.disable_log_requests, version=_version()))
+
+    return event_loop.run(
+        run_server(
+            engine_kwargs(args),
+            host=args.host,
+            port=args.port,
+            served_model_name=args.served_model_name,
+            api_key=args.api_key,
+            max_pending=args.max_pending,
+            max_body_bytes=args.max_body_bytes,
+            drain_timeout=args.drain_timeout,
+            api_key_file=args.api_key_file,
+            public_metrics=args.public_metrics,
+            cache_salt_by_api_key=args.cache_salt_by_api_key,
+            chat=chat_config(args),
+            log_requests=not args.disable_log_requests,
+            version=_version(),
+        )
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod import LLM, SamplingParams
+
     llm = LLM(**engine_kwargs(args))
     prompts = args.prompt or ["The capital of France is"]
     if args.chat:
-        prompts = [llm.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                     add_generation_prompt=True) for p in prompts]
+        prompts = [
+            llm.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            )
+            for p in prompts
+        ]
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
     for prompt, out in zip(prompts, llm.generate(prompts, params)):
         print(f"{prompt!r} -> {out['text']!r}")
@@ -129,6 +181,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from nanoserve.engine_pod.up import run_up
+
     gateway = GatewayConfig(**settings_from_args(GatewayConfig, args, UP_GATEWAY_SETTINGS))
     return event_loop.run(run_up(engine_kwargs(args), args.replicas, gateway, chat_argv(args)))
 
@@ -140,10 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
     parser.add_argument("--version", action="version", version=f"nanoserve {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="serve the OpenAI-compatible API (the engine pod)",
-                           formatter_class=HelpFormatter)
-    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
-                       help="the model, as vLLM's `vllm serve MODEL` (default: --model)")
+    serve = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible API (the engine pod)", formatter_class=HelpFormatter
+    )
+    serve.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="the model, as vLLM's `vllm serve MODEL` (default: --model)",
+    )
     add_engine_args(serve)
     add_server_args(serve)
     serve.add_argument("--log-level", default="INFO", choices=LOG_LEVELS, help="the server's log level")
@@ -155,9 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.set_defaults(fn=cmd_generate)
-    up = sub.add_parser("up", help="N local engine processes and the gateway in front (CPU by default)",
-                        description="N local `nanoserve serve` engines on free ports, and the gateway in front of "
-                                    "them: --host and --port are the gateway's", formatter_class=HelpFormatter)
+    up = sub.add_parser(
+        "up",
+        help="N local engine processes and the gateway in front (CPU by default)",
+        description="N local `nanoserve serve` engines on free ports, and the gateway in front of "
+        "them: --host and --port are the gateway's",
+        formatter_class=HelpFormatter,
+    )
     add_engine_args(up, defaults={"device": "cpu"})
     up.add_argument("--replicas", type=int, default=2, help="engine processes")
     add_flags(up, GatewayConfig, UP_GATEWAY_SETTINGS, defaults={"host": "127.0.0.1"})
@@ -173,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if args.command == "gateway":  # (which configures its own logging)
         from nanoserve.gateway.cli import main as gateway_main
+
         return gateway_main(rest)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "model_tag", None):
@@ -185,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version("nanoserve")
     except PackageNotFoundError:

@@ -25,40 +25,61 @@ FALLBACK_MAX_MODEL_LEN = 4096  # a model config without max_position_embeddings
 class Config:
     """Every engine knob in one place, each with its help: `nanoserve serve`'s flags, the engine command lines
     of `nanoserve up` and of the operator's pods all come from these fields (common/flags.py)."""
+
     model: str = setting(DEFAULT_MODEL, "a Hugging Face model folder, or smollm2-135m (the built-in model)")
-    tensor_parallel_size: int = setting(1, "GPUs that split the model (tensor parallelism; 1..8)",
-                                        flags=("--tensor-parallel-size", "-tp"))
-    max_model_len: int | None = setting(None, "most tokens in a sequence, prompt and output together (at most the "
-                                              "model's max_position_embeddings)",
-                                        unset=f"the model's max_position_embeddings ({FALLBACK_MAX_MODEL_LEN} if it "
-                                              "has none), as vLLM")
+    tensor_parallel_size: int = setting(
+        1, "GPUs that split the model (tensor parallelism; 1..8)", flags=("--tensor-parallel-size", "-tp")
+    )
+    max_model_len: int | None = setting(
+        None,
+        "most tokens in a sequence, prompt and output together (at most the model's max_position_embeddings)",
+        unset=f"the model's max_position_embeddings ({FALLBACK_MAX_MODEL_LEN} if it has none), as vLLM",
+    )
     max_num_seqs: int = setting(256, "most sequences running at once")
     max_num_batched_tokens: int | None = setting(
-        None, "most tokens in one step, prefill chunks and decodes together",
-        unset=f"{GPU_BATCHED_TOKENS} on GPU, {CPU_BATCHED_TOKENS} on CPU, so that a long prompt cannot stall others")
+        None,
+        "most tokens in one step, prefill chunks and decodes together",
+        unset=f"{GPU_BATCHED_TOKENS} on GPU, {CPU_BATCHED_TOKENS} on CPU, so that a long prompt cannot stall others",
+    )
     kvcache_block_size: int = setting(16, "tokens per KV-cache block", flags=("--kvcache-block-size", "--block-size"))
     gpu_memory_utilization: float = setting(0.9, "fraction of the GPU's memory the engine may fill, KV cache included")
     enforce_eager: bool = setting(False, "no CUDA graphs: every decode step runs eagerly")
     device: str | None = setting(None, "cuda or cpu", unset="cuda when available")
-    dtype: str = setting("auto", "the weights' and activations' dtype; auto: bfloat16 on GPU, float32 on CPU",
-                         choices=("auto", "bfloat16", "float16", "float32"))
-    seed: int | None = setting(None, "seeds the sampling of requests that bring no seed, as vLLM's --seed",
-                               unset="none: each such request draws a fresh one")
-    enable_prefix_caching: bool = setting(True, "reuse the KV blocks of prompt prefixes already computed",
-                                          flags=("--enable-prefix-caching", "--prefix-caching"))
-    scheduling_policy: str = setting("fcfs", "which waiting request runs first: fcfs (arrival) or priority (the "
-                                             "request's priority, then arrival)", choices=("fcfs", "priority"))
+    dtype: str = setting(
+        "auto",
+        "the weights' and activations' dtype; auto: bfloat16 on GPU, float32 on CPU",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    seed: int | None = setting(
+        None,
+        "seeds the sampling of requests that bring no seed, as vLLM's --seed",
+        unset="none: each such request draws a fresh one",
+    )
+    enable_prefix_caching: bool = setting(
+        True,
+        "reuse the KV blocks of prompt prefixes already computed",
+        flags=("--enable-prefix-caching", "--prefix-caching"),
+    )
+    scheduling_policy: str = setting(
+        "fcfs",
+        "which waiting request runs first: fcfs (arrival) or priority (the request's priority, then arrival)",
+        choices=("fcfs", "priority"),
+    )
     num_kvcache_blocks: int = setting(-1, "KV-cache blocks; -1: as many as free memory holds")
     cpu_kvcache_gib: float = setting(1.0, "the KV cache's size on CPU (GiB), where free memory is not measured")
-    attention_backend: str | None = setting(None, "attention kernels", unset="triton on CUDA, torch on CPU",
-                                            choices=("torch", "flash_attn", "triton"))
+    attention_backend: str | None = setting(
+        None, "attention kernels", unset="triton on CUDA, torch on CPU", choices=("torch", "flash_attn", "triton")
+    )
     async_scheduling: bool | None = setting(None, "schedule step N+1 while step N runs", unset="on with CUDA")
     generation_config: str = setting(
-        "auto", "auto: a request's sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, and "
-                "max_new_tokens as max_tokens) come from the model's generation_config.json, as in vLLM; vllm: "
-                "vLLM's own defaults", choices=("auto", "vllm"))
+        "auto",
+        "auto: a request's sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, and "
+        "max_new_tokens as max_tokens) come from the model's generation_config.json, as in vLLM; vllm: "
+        "vLLM's own defaults",
+        choices=("auto", "vllm"),
+    )
     hf_config: dict = field(default_factory=dict, repr=False, init=False)  # read from the model folder
-    sampling_defaults: dict = field(default_factory=dict, init=False)     # generation_config "auto"
+    sampling_defaults: dict = field(default_factory=dict, init=False)  # generation_config "auto"
     eos_token_ids: list[int] = field(default_factory=list, init=False)
 
     def __post_init__(self):
@@ -67,12 +88,14 @@ class Config:
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         from nanoserve.engine_pod.default_model import resolve_model
+
         self.model = resolve_model(self.model)
         path = os.path.join(self.model, "config.json")
         if not os.path.isfile(path):
             raise ModelLoadError(f"no config.json in model folder {self.model!r}")
         self.hf_config = _read_json(self.model, "config.json")
         import torch
+
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype in (None, "auto"):
@@ -97,7 +120,10 @@ class Config:
         elif hf_max and self.max_model_len > hf_max:
             logging.getLogger("nanoserve.config").warning(
                 "max_model_len %d is beyond the model's max_position_embeddings %d: using %d",
-                self.max_model_len, hf_max, hf_max)
+                self.max_model_len,
+                hf_max,
+                hf_max,
+            )
             self.max_model_len = hf_max
         generation = _read_json(self.model, "generation_config.json")
         self.eos_token_ids = sorted(_eos_ids(self.hf_config) | _eos_ids(generation))
@@ -107,6 +133,7 @@ class Config:
     @property
     def torch_dtype(self) -> torch.dtype:
         import torch
+
         return getattr(torch, self.dtype)
 
 
@@ -115,8 +142,14 @@ def engine_argv(settings: dict) -> list[str]:
     return settings_argv(Config, settings)
 
 
-_SAMPLING_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-                  "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+_SAMPLING_KEYS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
 
 
 def sampling_defaults(generation: dict) -> dict:

@@ -4,6 +4,7 @@ Graphs are captured for batch sizes 1, 2, 4, 8, then every 16 up to max_num_seqs
 smallest graph that holds it, its extra rows padded (slot -1: nothing stored; context 0: nothing read).
 Inputs are copied into the static buffers the graphs were captured on.
 """
+
 import torch
 
 from nanoserve.engine_pod.context import Context, set_context
@@ -15,9 +16,16 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-
-    def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, hidden_size: int, num_kv_heads: int,
-                 dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        model,
+        max_num_seqs: int,
+        max_blocks_per_seq: int,
+        hidden_size: int,
+        num_kv_heads: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
         self.model = model
         self.sizes = graph_batch_sizes(max_num_seqs)
         n = self.sizes[-1]
@@ -33,10 +41,18 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def _context(self, bs: int) -> Context:
-        return Context(slot_mapping=self.slot_mapping[:bs], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
-                       context_lens=self.context_lens[:bs], block_tables=self.block_tables[:bs],
-                       max_seqlen_q=1, max_seqlen_k=0, query_lens_list=[], context_lens_list=[], is_decode=True,
-                       num_splits=num_splits_for(bs, self.num_kv_heads, 1 << 30, self.num_sms))
+        return Context(
+            slot_mapping=self.slot_mapping[:bs],
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
+            context_lens=self.context_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_seqlen_q=1,
+            max_seqlen_k=0,
+            query_lens_list=[],
+            context_lens_list=[],
+            is_decode=True,
+            num_splits=num_splits_for(bs, self.num_kv_heads, 1 << 30, self.num_sms),
+        )
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -55,8 +71,14 @@ class DecodeGraphs:
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.sizes[-1]
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
-            context_lens: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_tables: torch.Tensor,
+    ) -> torch.Tensor:
         bs = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= bs)
         self.input_ids[:bs].copy_(input_ids)
@@ -65,6 +87,6 @@ class DecodeGraphs:
         self.slot_mapping[bs:size].fill_(-1)
         self.context_lens[:bs].copy_(context_lens)
         self.context_lens[bs:size].zero_()
-        self.block_tables[:bs, :block_tables.shape[1]].copy_(block_tables)
+        self.block_tables[:bs, : block_tables.shape[1]].copy_(block_tables)
         self.graphs[size].replay()
         return self.hidden[:bs]

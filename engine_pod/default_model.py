@@ -4,6 +4,7 @@ It is converted once (dequantized by transformers' GGUF reader) into a Hugging F
 under the cache directory, which is what the engine and the tests load. The package is located, never
 imported.
 """
+
 import importlib.util
 import os
 import shutil
@@ -27,8 +28,10 @@ def resolve_model(model: str) -> str:
     if model.lower() in _ALIASES:
         return ensure_default_model()
     if not os.path.isdir(model):
-        raise ModelLoadError(f"model folder {model!r} does not exist (nanoserve loads local Hugging Face "
-                             f"folders only; use {DEFAULT_MODEL!r} for the embedded default model)")
+        raise ModelLoadError(
+            f"model folder {model!r} does not exist (nanoserve loads local Hugging Face "
+            f"folders only; use {DEFAULT_MODEL!r} for the embedded default model)"
+        )
     return model
 
 
@@ -48,6 +51,7 @@ def ensure_default_model() -> str:
     print(f"nanoserve: converting {_GGUF} to safetensors in {target} (once)", flush=True)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     folder, name = os.path.split(gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -56,8 +60,12 @@ def ensure_default_model() -> str:
     try:
         # save_pretrained refuses GGUF-loaded models, so write the (already dequantized) pieces directly.
         from safetensors.torch import save_file
-        state = {k: v.contiguous() for k, v in model.state_dict().items()
-                 if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+
+        state = {
+            k: v.contiguous()
+            for k, v in model.state_dict().items()
+            if not (k == "lm_head.weight" and model.config.tie_word_embeddings)
+        }
         save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         model.config.__dict__.pop("quantization_config", None)
         model.config.architectures = [type(model).__name__]

@@ -9,6 +9,7 @@ seq_id[, error]) for constrained requests (their grammars compile on threads her
 ("snapshot", sub_id, hashes), and ("failed", error) before it exits on a fault. It exits when told to, and
 when the server's end of the pipe closes (the server died).
 """
+
 import concurrent.futures
 import contextlib
 import logging
@@ -24,22 +25,23 @@ from nanoserve.engine_pod.config import Config
 @dataclass
 class EngineInfo:
     """What the server needs to know of the loaded engine."""
+
     config: Config
     num_blocks: int
 
 
 @dataclass
 class EngineCounts:
-    waiting: int     # in the scheduler's waiting queue, or compiling a grammar
+    waiting: int  # in the scheduler's waiting queue, or compiling a grammar
     running: int
     kv_usage: float  # fraction of KV blocks in use
-    received: int    # "add" messages read so far (the server counts those in the pipe as waiting too)
+    received: int  # "add" messages read so far (the server counts those in the pipe as waiting too)
 
 
 @dataclass
 class StepOutput:
     started: float  # time.monotonic() (one clock for both processes) when the step began
-    now: float      # ... and when its tokens were known
+    now: float  # ... and when its tokens were known
     scheduled: list[int]  # requests scheduled for the first time
     rows: list[tuple[int, int | None, str | None, int]]  # (seq_id, token or None, finish_reason, cached tokens)
     counts: EngineCounts
@@ -69,6 +71,7 @@ def engine_process(model: str, engine_kwargs: dict, inbox: Connection, outbox: C
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nanoserve.engine_pod.llm_engine import LLMEngine
+
     try:
         engine = LLMEngine(model, **engine_kwargs)
     except BaseException as e:
@@ -82,7 +85,6 @@ def engine_process(model: str, engine_kwargs: dict, inbox: Connection, outbox: C
 
 
 class EngineCore:
-
     def __init__(self, engine, outbox: Connection):
         self.engine = engine
         self.out = outbox
@@ -92,7 +94,7 @@ class EngineCore:
         self.compiling: dict[int, concurrent.futures.Future] = {}  # constrained requests, by seq_id
         self.compile_pool = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="grammar")
         self.last_counts: EngineCounts | None = None
-        self.scoring: set[int] = set()         # unfinished requests that want logprobs or prompt logprobs
+        self.scoring: set[int] = set()  # unfinished requests that want logprobs or prompt logprobs
         self.prompts_scored: set[int] = set()  # ... whose prompt logprobs have been sent
         engine.block_manager.record_events = True
 
@@ -130,8 +132,9 @@ class EngineCore:
             if params.structured_outputs is None:
                 self._add(self.engine.checked_sequence(token_ids, params, seq_id, arrival))
             else:
-                self.compiling[seq_id] = self.compile_pool.submit(self.engine.checked_sequence, token_ids, params,
-                                                                  seq_id, arrival)
+                self.compiling[seq_id] = self.compile_pool.submit(
+                    self.engine.checked_sequence, token_ids, params, seq_id, arrival
+                )
         elif kind == "abort":
             seq_id = msg[1]
             if seq_id in self.compiling:
@@ -208,10 +211,25 @@ class EngineCore:
         events = _runs(bm.events) if self.subscribers else []  # in order: a hash can be evicted and stored again
         bm.events.clear()
         self.last_counts = counts = self._counts()
-        self.out.send(("step", StepOutput(started, now, scheduled, rows, counts, bm.prefix_queries - queries,
-                                          bm.prefix_hits - hits, engine.scheduler.num_preemptions - preemptions,
-                                          sum(n for _, n in engine.last_batch), events, logprobs,
-                                          prompt_logprobs)))
+        self.out.send(
+            (
+                "step",
+                StepOutput(
+                    started,
+                    now,
+                    scheduled,
+                    rows,
+                    counts,
+                    bm.prefix_queries - queries,
+                    bm.prefix_hits - hits,
+                    engine.scheduler.num_preemptions - preemptions,
+                    sum(n for _, n in engine.last_batch),
+                    events,
+                    logprobs,
+                    prompt_logprobs,
+                ),
+            )
+        )
 
 
 def _runs(events: list[tuple[str, int]]) -> list[tuple[str, list[int]]]:

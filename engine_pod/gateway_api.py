@@ -1,9 +1,11 @@
 """What gateways read from an engine: the prefix-cache feed (server-sent events of block hashes) and the
 tokenizer (fingerprint, files), so that a gateway hashes prompts exactly as this engine does."""
+
 import asyncio
 import json
 
 from aiohttp import web
+
 from nanoserve.engine_pod.openai_protocol import APIError
 from nanoserve.engine_pod.server_state import STATE, ServerState, engine_for
 

@@ -1,4 +1,5 @@
 """Offline batch generation, the Python API of DESIGN.md: `LLM(model).generate(prompts, params)`."""
+
 from tqdm.auto import tqdm
 
 from nanoserve.common.chat import chat_prompt_ids
@@ -8,10 +9,12 @@ from nanoserve.engine_pod.sequence import Sequence
 
 
 class LLM(LLMEngine):
-
-    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
-                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[dict]:
+    def generate(
+        self,
+        prompts: str | list[int] | list[str] | list[list[int]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[dict]:
         """Complete every prompt (a string or a token-id list is one prompt); results come back in input order
         as dicts with "text", "token_ids" (completion only), "finish_reason" and, when asked, "logprobs" (a
         sampler.TokenLogprobs per token). With n > 1 (or best_of), "outputs" holds the n completions (best
@@ -24,8 +27,9 @@ class LLM(LLMEngine):
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         # Validate all before queueing any; a prompt's n children go in together (they share its blocks).
-        groups = [[self.make_sequence(p, sp.child(j)) for j in range(sp.best_of or sp.n)]
-                  for p, sp in zip(prompts, params)]
+        groups = [
+            [self.make_sequence(p, sp.child(j)) for j in range(sp.best_of or sp.n)] for p, sp in zip(prompts, params)
+        ]
         seqs = [seq for group in groups for seq in group]
         for seq in seqs:
             self.add_sequence(seq)
@@ -41,8 +45,10 @@ class LLM(LLMEngine):
             bar.close()
             for seq in seqs:  # an interrupted generate leaves nothing queued and no block taken
                 self.abort(seq.seq_id)
-        return [self._grouped([results.get(s.seq_id) or self._result(s) for s in group], sp)
-                for group, sp in zip(groups, params)]
+        return [
+            self._grouped([results.get(s.seq_id) or self._result(s) for s in group], sp)
+            for group, sp in zip(groups, params)
+        ]
 
     @staticmethod
     def _grouped(outputs: list[dict], params: SamplingParams) -> dict:
@@ -53,9 +59,14 @@ class LLM(LLMEngine):
                 outputs = [{k: v for k, v in o.items() if k != "logprobs"} for o in outputs]
         return outputs[0] | ({"outputs": outputs} if len(outputs) > 1 or params.n > 1 else {})
 
-    def chat(self, messages: list[dict] | list[list[dict]],
-             sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False,
-             tools: list[dict] | None = None, chat_template_kwargs: dict | None = None) -> list[dict]:
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        tools: list[dict] | None = None,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[dict]:
         """Answer one conversation (a list of OpenAI messages) or several, through the model's chat template
         (with `tools` and `chat_template_kwargs`, e.g. {"enable_thinking": False}), as the server renders them;
         results as `generate`'s."""

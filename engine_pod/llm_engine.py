@@ -4,6 +4,7 @@
 sampled tokens; `abort` drops a request and frees its blocks at once. `LLM.generate` (llm.py) and the
 HTTP server both drive this class.
 """
+
 import atexit
 import random
 import threading
@@ -31,13 +32,13 @@ from nanoserve.engine_pod.tp_workers import Workers
 @dataclass
 class InFlight:
     """A launched step's sampling rows: the sequences, their placeholders' positions, the tokens coming."""
+
     seqs: list[Sequence]
     positions: list[int]
     tokens: SampledTokens
 
 
 class LLMEngine:
-
     def __init__(self, model: str, **kwargs):
         config = Config(model, **kwargs)
         self.config = config
@@ -56,8 +57,9 @@ class LLMEngine:
                     self.workers.stop(timeout=0)  # they may wait in a collective that will never come
             raise
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        self.block_manager = BlockManager(self.model_runner.num_kvcache_blocks, config.kvcache_block_size,
-                                          config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            self.model_runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config, self.block_manager)
         self.rng = random.Random(config.seed)  # seeds of the rows that sample without a request seed
         self.download = Downloader(self.model_runner.device, config.max_num_seqs)
@@ -66,7 +68,7 @@ class LLMEngine:
         self.requests: dict[int, Sequence] = {}
         self.grammars: Grammars | None = None  # built by the first constrained request (xgrammar is optional)
         self._grammars_lock = threading.Lock()
-        self.constrained: set[int] = set()     # unfinished requests with a grammar
+        self.constrained: set[int] = set()  # unfinished requests with a grammar
         self.pool_masks = config.device.startswith("cuda")  # masks filled on xgrammar's threads (grammar_mask)
         self.last_batch: list[tuple[Sequence, int]] = []
         self._closed = False
@@ -106,12 +108,19 @@ class LLMEngine:
         """Validate one request and turn it into a Sequence (not yet queued)."""
         token_ids = self.tokenize(prompt)
         bm = self.block_manager
-        check_request(token_ids, params, self.config.max_model_len, bm.block_size, bm.num_blocks,
-                      self.config.hf_config["vocab_size"])
+        check_request(
+            token_ids,
+            params,
+            self.config.max_model_len,
+            bm.block_size,
+            bm.num_blocks,
+            self.config.hf_config["vocab_size"],
+        )
         return self.checked_sequence(token_ids, params)
 
-    def checked_sequence(self, token_ids: list[int], params: SamplingParams, seq_id: int | None = None,
-                         arrival: float | None = None) -> Sequence:
+    def checked_sequence(
+        self, token_ids: list[int], params: SamplingParams, seq_id: int | None = None, arrival: float | None = None
+    ) -> Sequence:
         """The Sequence of a request already validated (make_sequence, or the server before it sent it to the
         engine core: not again on the step loop). A constrained request's grammar compiles here, which raises
         InvalidRequestError for a bad one: the engine core calls this on a worker thread for those."""
@@ -129,8 +138,9 @@ class LLMEngine:
                 try:
                     self.grammars = Grammars(cfg.model, cfg.hf_config["vocab_size"], cfg.eos_token_ids)
                 except ImportError:
-                    raise InvalidRequestError("structured output needs xgrammar on the server (pip install "
-                                              "xgrammar)", "structured_outputs") from None
+                    raise InvalidRequestError(
+                        "structured output needs xgrammar on the server (pip install xgrammar)", "structured_outputs"
+                    ) from None
             return self.grammars
 
     def add_sequence(self, seq: Sequence) -> None:

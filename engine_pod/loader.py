@@ -1,4 +1,5 @@
 """Load Hugging Face safetensors into a (possibly tensor-parallel) model; each parameter loads its shard."""
+
 import glob
 import os
 
@@ -35,8 +36,9 @@ def load_model(model: nn.Module, path: str) -> None:
         loaded.add("lm_head.weight")
     missing = sorted(set(params) - loaded)
     if missing:
-        raise ModelLoadError(f"weights missing from {path!r}: {', '.join(missing[:5])}"
-                             + (" ..." if len(missing) > 5 else ""))
+        raise ModelLoadError(
+            f"weights missing from {path!r}: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
+        )
 
 
 def _target(name: str, packed: dict) -> tuple[str, object]:

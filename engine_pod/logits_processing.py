@@ -8,6 +8,7 @@ scatters, never a loop over rows. With async scheduling a row's newest token may
 placeholder on the host): its penalty, and a bad word whose prefix ends in it, read it on the device from
 the previous step's sampled tokens.
 """
+
 import numpy as np
 import torch
 
@@ -81,7 +82,7 @@ def processing_inputs(seqs: list[Sequence], eos_ids: list[int]) -> dict[str, np.
 def _bad_word_bans(seq: Sequence):
     """(token, row of the previous step's tokens that must equal `if_token` for the ban, or -1) per banned token:
     a bad word's last token is banned once the output ends in the rest of it (vLLM's rule)."""
-    output = seq.token_ids[seq.num_prompt_tokens:]
+    output = seq.token_ids[seq.num_prompt_tokens :]
     for word in seq.bad_words_ids:
         *prefix, last = word
         if not prefix:
@@ -89,7 +90,7 @@ def _bad_word_bans(seq: Sequence):
             continue
         if len(output) < len(prefix):
             continue
-        tail = output[-len(prefix):]
+        tail = output[-len(prefix) :]
         if tail[-1] == PLACEHOLDER:  # the newest token is still on the device: compare it there
             if tail[:-1] == prefix[:-1]:
                 yield last, seq.pending_row, prefix[-1]
@@ -100,7 +101,7 @@ def _bad_word_bans(seq: Sequence):
 def _penalty_inputs(pen: list[tuple[int, Sequence]]) -> dict[str, np.ndarray]:
     out_p, out_tok, out_cnt, prompt_p, prompt_tok, pend_p, pend_row = [], [], [], [], [], [], []
     for i, (_, seq) in enumerate(pen):
-        output = np.asarray(seq.token_ids[seq.num_prompt_tokens:], np.int64)
+        output = np.asarray(seq.token_ids[seq.num_prompt_tokens :], np.int64)
         if len(output) and output[-1] == PLACEHOLDER:
             output = output[:-1]
             pend_p.append(i)
@@ -115,13 +116,19 @@ def _penalty_inputs(pen: list[tuple[int, Sequence]]) -> dict[str, np.ndarray]:
             prompt_tok.append(unique_prompt)
     params = [s.params for _, s in pen]
     cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return {"pen_rows": _i64([row for row, _ in pen]),
-            "pen_presence": _f64([p.presence_penalty for p in params]),
-            "pen_frequency": _f64([p.frequency_penalty for p in params]),
-            "pen_repetition": _f64([p.repetition_penalty for p in params]),
-            "pen_out_p": cat(out_p), "pen_out_tok": cat(out_tok), "pen_out_cnt": cat(out_cnt).astype(np.int64),
-            "pen_prompt_p": cat(prompt_p), "pen_prompt_tok": cat(prompt_tok),
-            "pen_pend_p": _i64(pend_p), "pen_pend_row": _i64(pend_row)}
+    return {
+        "pen_rows": _i64([row for row, _ in pen]),
+        "pen_presence": _f64([p.presence_penalty for p in params]),
+        "pen_frequency": _f64([p.frequency_penalty for p in params]),
+        "pen_repetition": _f64([p.repetition_penalty for p in params]),
+        "pen_out_p": cat(out_p),
+        "pen_out_tok": cat(out_tok),
+        "pen_out_cnt": cat(out_cnt).astype(np.int64),
+        "pen_prompt_p": cat(prompt_p),
+        "pen_prompt_tok": cat(prompt_tok),
+        "pen_pend_p": _i64(pend_p),
+        "pen_pend_row": _i64(pend_row),
+    }
 
 
 def apply_processing(logits: torch.Tensor, dev: dict[str, torch.Tensor], prev: torch.Tensor | None) -> torch.Tensor:
@@ -151,8 +158,7 @@ def _penalized(logits: torch.Tensor, dev: dict[str, torch.Tensor], prev: torch.T
     counts.index_put_((dev["pen_out_p"], dev["pen_out_tok"]), dev["pen_out_cnt"].float(), accumulate=True)
     if len(dev["pen_pend_p"]) and prev is not None:
         pending = prev[dev["pen_pend_row"]]
-        counts.index_put_((dev["pen_pend_p"], pending), torch.ones_like(pending, dtype=torch.float32),
-                          accumulate=True)
+        counts.index_put_((dev["pen_pend_p"], pending), torch.ones_like(pending, dtype=torch.float32), accumulate=True)
     in_output = counts > 0
     repetition = dev["pen_repetition"].float().unsqueeze(1)
     seen = in_output.clone()

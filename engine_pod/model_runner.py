@@ -9,6 +9,7 @@ worker has acknowledged reading the last one (`read` semaphores), else it could 
 Rank 0 waits through `workers` (tp_workers.Workers), which notices a dead worker within a fraction of a
 second; a worker whose rank 0 has died leaves on its own (it would wait for a command forever).
 """
+
 import multiprocessing as mp
 import os
 import pickle
@@ -38,6 +39,7 @@ class TPLink:
     """How rank 0 reaches its workers: a free TCP port for the process group, one shm segment, and per
     worker a `posted` semaphore (a command waits) and a `read` one (the worker has taken it). Semaphores, not
     Events: Event.set() waits for every waiter to wake, so a worker killed while it waits would hang rank 0."""
+
     port: int
     shm_name: str
     posted: list
@@ -45,7 +47,6 @@ class TPLink:
 
 
 class ModelRunner:
-
     def __init__(self, config: Config, rank: int, link: TPLink | None = None, workers=None):
         self.config, self.rank, self.world = config, rank, config.tensor_parallel_size
         self.link, self.workers = link, workers  # workers: rank 0's tp_workers.Workers
@@ -54,8 +55,9 @@ class ModelRunner:
             torch.cuda.set_device(self.device)
         if self.world > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{link.port}",
-                                    world_size=self.world, rank=rank)
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{link.port}", world_size=self.world, rank=rank
+            )
         try:
             self._build(config, link)
         except BaseException:
@@ -78,11 +80,13 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = backend
         self.num_kvcache_blocks = self._allocate_kv_cache()
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count \
-            if self.device.type == "cuda" else 1
+        self.num_sms = (
+            torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
+        )
         self.graphs, self.num_splits_for, self.graph_capture_s = None, None, 0.0
         if backend == "triton":  # imported here: CPU installs need no triton
             from nanoserve.kernels.paged_attention import num_splits_for
+
             self.num_splits_for = num_splits_for
             if not config.enforce_eager:
                 self._capture_graphs()
@@ -92,10 +96,18 @@ class ModelRunner:
 
     def _capture_graphs(self) -> None:
         from nanoserve.engine_pod.cuda_graphs import DecodeGraphs
+
         cfg, a = self.config, self.attention_layers[0]
         t = time.perf_counter()
-        self.graphs = DecodeGraphs(self.model, cfg.max_num_seqs, -(-cfg.max_model_len // cfg.kvcache_block_size),
-                                   cfg.hf_config["hidden_size"], a.num_kv_heads, cfg.torch_dtype, self.device)
+        self.graphs = DecodeGraphs(
+            self.model,
+            cfg.max_num_seqs,
+            -(-cfg.max_model_len // cfg.kvcache_block_size),
+            cfg.hf_config["hidden_size"],
+            a.num_kv_heads,
+            cfg.torch_dtype,
+            self.device,
+        )
         self.graphs.capture()
         self.graph_capture_s = time.perf_counter() - t
 
@@ -103,7 +115,9 @@ class ModelRunner:
     def _block_bytes(self) -> int:
         a = self.attention_layers[0]
         dtype_size = torch.empty((), dtype=self.config.torch_dtype).element_size()
-        return 2 * len(self.attention_layers) * self.config.kvcache_block_size * a.num_kv_heads * a.head_dim * dtype_size
+        return (
+            2 * len(self.attention_layers) * self.config.kvcache_block_size * a.num_kv_heads * a.head_dim * dtype_size
+        )
 
     def _allocate_kv_cache(self) -> int:
         cfg = self.config
@@ -114,8 +128,10 @@ class ModelRunner:
             stats = torch.cuda.memory_stats(self.device)
             peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
             activations = self._activation_estimate()
-            num_blocks = int(total * cfg.gpu_memory_utilization - (total - free) - activations
-                             - (peak - current)) // self._block_bytes()
+            num_blocks = (
+                int(total * cfg.gpu_memory_utilization - (total - free) - activations - (peak - current))
+                // self._block_bytes()
+            )
         else:
             num_blocks = int(cfg.cpu_kvcache_gib * 2**30) // self._block_bytes()
         if self.world > 1:  # every rank must agree on the block count
@@ -124,10 +140,19 @@ class ModelRunner:
             num_blocks = int(t.item())
         if num_blocks < 1:
             from nanoserve.engine_pod.errors import ConfigError
+
             raise ConfigError("no memory left for the KV cache: raise gpu_memory_utilization or lower max_model_len")
         a = self.attention_layers[0]
-        self.kv_cache = torch.empty(2, len(self.attention_layers), num_blocks, cfg.kvcache_block_size,
-                                    a.num_kv_heads, a.head_dim, dtype=cfg.torch_dtype, device=self.device)
+        self.kv_cache = torch.empty(
+            2,
+            len(self.attention_layers),
+            num_blocks,
+            cfg.kvcache_block_size,
+            a.num_kv_heads,
+            a.head_dim,
+            dtype=cfg.torch_dtype,
+            device=self.device,
+        )
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
@@ -171,8 +196,9 @@ class ModelRunner:
         return self._sample(logits, mask, sampling, t)
 
     @torch.inference_mode()
-    def _sample(self, logits: torch.Tensor, mask: GrammarMask | None, sampling: SamplingInputs,
-                t: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _sample(
+        self, logits: torch.Tensor, mask: GrammarMask | None, sampling: SamplingInputs, t: dict
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if mask is not None:  # structured output: before all other processing (vLLM's order)
             apply_grammar_mask(logits, mask)
         tokens = self.prev_tokens = sample(logits, sampling, t, self.prev_tokens)
@@ -192,8 +218,11 @@ class ModelRunner:
         t = self.upload(inputs)
         input_ids = t["input_ids"]
         if inputs.prev_count:  # rows whose input token the previous step sampled and the host has not seen
-            prev = self.prev_tokens if self.rank == 0 else torch.empty(inputs.prev_count, dtype=torch.int64,
-                                                                        device=self.device)
+            prev = (
+                self.prev_tokens
+                if self.rank == 0
+                else torch.empty(inputs.prev_count, dtype=torch.int64, device=self.device)
+            )
             if self.world > 1:
                 dist.broadcast(prev, src=0)
             rows = t["prev_rows"]
@@ -205,17 +234,26 @@ class ModelRunner:
         is_decode = inputs.max_seqlen_q == 1
         splits = 1
         if is_decode and self.num_splits_for is not None:
-            splits = self.num_splits_for(num_seqs, self.attention_layers[0].num_kv_heads, inputs.max_seqlen_k,
-                                         self.num_sms)
+            splits = self.num_splits_for(
+                num_seqs, self.attention_layers[0].num_kv_heads, inputs.max_seqlen_k, self.num_sms
+            )
         if is_decode and self.graphs is not None and self.graphs.fits(num_seqs):
-            hidden = self.graphs.run(input_ids, t["positions"], t["slot_mapping"], t["context_lens"],
-                                     t["block_tables"])
+            hidden = self.graphs.run(input_ids, t["positions"], t["slot_mapping"], t["context_lens"], t["block_tables"])
         else:
-            set_context(Context(
-                slot_mapping=t["slot_mapping"], cu_seqlens_q=t["cu_seqlens_q"], context_lens=t["context_lens"],
-                block_tables=t["block_tables"], max_seqlen_q=inputs.max_seqlen_q, max_seqlen_k=inputs.max_seqlen_k,
-                query_lens_list=np.diff(inputs.cu_seqlens_q).tolist(), context_lens_list=inputs.context_lens.tolist(),
-                is_decode=is_decode, num_splits=splits))
+            set_context(
+                Context(
+                    slot_mapping=t["slot_mapping"],
+                    cu_seqlens_q=t["cu_seqlens_q"],
+                    context_lens=t["context_lens"],
+                    block_tables=t["block_tables"],
+                    max_seqlen_q=inputs.max_seqlen_q,
+                    max_seqlen_k=inputs.max_seqlen_k,
+                    query_lens_list=np.diff(inputs.cu_seqlens_q).tolist(),
+                    context_lens_list=inputs.context_lens.tolist(),
+                    is_decode=is_decode,
+                    num_splits=splits,
+                )
+            )
             hidden = self.model(input_ids, t["positions"])
             set_context(None)
         return hidden, t
@@ -231,13 +269,28 @@ class ModelRunner:
             n, seqs, longest = sum(q_lens), len(q_lens), max(q_lens)
             cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
             rows = np.arange(seqs, dtype=np.int64)
-            sampling = SamplingInputs(temperatures=np.where(rows % 2, 0.0, 1.0), top_k=np.full(seqs, -1),
-                                      top_p=np.ones(seqs), seeds=rows, all_greedy=False, needs_top=False)
-            self.run(StepInputs(
-                input_ids=np.zeros(n, np.int64), positions=np.concatenate([np.arange(q) for q in q_lens]),
-                slot_mapping=np.full(n, -1, np.int64), cu_seqlens_q=cu, context_lens=np.asarray(q_lens, np.int64),
-                block_tables=np.zeros((seqs, -(-longest // cfg.kvcache_block_size)), np.int64),
-                logits_indices=cu[1:] - 1, max_seqlen_q=longest, max_seqlen_k=longest, sampling=sampling))
+            sampling = SamplingInputs(
+                temperatures=np.where(rows % 2, 0.0, 1.0),
+                top_k=np.full(seqs, -1),
+                top_p=np.ones(seqs),
+                seeds=rows,
+                all_greedy=False,
+                needs_top=False,
+            )
+            self.run(
+                StepInputs(
+                    input_ids=np.zeros(n, np.int64),
+                    positions=np.concatenate([np.arange(q) for q in q_lens]),
+                    slot_mapping=np.full(n, -1, np.int64),
+                    cu_seqlens_q=cu,
+                    context_lens=np.asarray(q_lens, np.int64),
+                    block_tables=np.zeros((seqs, -(-longest // cfg.kvcache_block_size)), np.int64),
+                    logits_indices=cu[1:] - 1,
+                    max_seqlen_q=longest,
+                    max_seqlen_k=longest,
+                    sampling=sampling,
+                )
+            )
         self.prev_tokens = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -252,7 +305,7 @@ class ModelRunner:
             for rank, read in enumerate(self.link.read, 1):
                 self.workers.wait(read, rank)
             self.shm.buf[:4] = len(data).to_bytes(4, "little")
-            self.shm.buf[4:4 + len(data)] = data
+            self.shm.buf[4 : 4 + len(data)] = data
             for posted in self.link.posted:
                 posted.release()
             try:
@@ -269,7 +322,7 @@ class ModelRunner:
             if leader is not None and not leader.is_alive():
                 raise SystemExit(f"tensor-parallel worker {self.rank}: rank 0 (pid {leader.pid}) is gone; leaving")
         n = int.from_bytes(self.shm.buf[:4], "little")
-        method, args = pickle.loads(self.shm.buf[4:4 + n])
+        method, args = pickle.loads(self.shm.buf[4 : 4 + n])
         read.release()
         return method, args
 

@@ -4,11 +4,17 @@ Everything a client can get wrong becomes an `APIError` with an OpenAI-shaped bo
 the server never answers a bad request with a 500. `salt_key`: the API key a request authenticated with,
 when the server salts the prefix cache by key (--cache-salt-by-api-key): tenants then share no cached block.
 """
+
 from dataclasses import dataclass, field
 
 from nanoserve.common.block_hash import tenant_salt
-from nanoserve.common.chat import (ChatFieldError, ChatTemplateError, chat_prompt, completion_prompt_ids,
-                                   template_options)
+from nanoserve.common.chat import (
+    ChatFieldError,
+    ChatTemplateError,
+    chat_prompt,
+    completion_prompt_ids,
+    template_options,
+)
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.reasoning import prompt_opens_thinking
 from nanoserve.engine_pod.request_fields import check_fields
@@ -18,9 +24,9 @@ from nanoserve.engine_pod.tool_choice import ChatConfig, ToolUse, tool_use
 
 
 class APIError(Exception):
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, type: str | None = None
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
@@ -36,11 +42,11 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     tool_use: ToolUse | None = None  # chat: how to read tool calls out of the output
-    reasoning: str | None = None     # chat: the reasoning parser's kind, None for no reasoning apart
+    reasoning: str | None = None  # chat: the reasoning parser's kind, None for no reasoning apart
     thinking_in_prompt: bool = False  # chat: the template ended the prompt inside an open <think>
     more_prompts: list[tuple[list[int], SamplingParams]] = field(default_factory=list)  # a completions batch
-    echo: bool = False               # completions: the prompt's text starts each choice's text
-    tokens_as_ids: bool = False      # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
+    echo: bool = False  # completions: the prompt's text starts each choice's text
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:<id>" (vLLM's return_tokens_as_token_ids)
 
     @property
     def prompts(self) -> list[tuple[list[int], SamplingParams]]:
@@ -77,9 +83,15 @@ def _cache_salt(body: dict, salt_key: str | None) -> str | None:
 COMPLETION_MAX_TOKENS = 16
 
 
-def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: str | None,
-                     forced: StructuredOutputsParams | None = None, chat: bool = True,
-                     defaults: dict | None = None) -> SamplingParams:
+def _sampling_params(
+    body: dict,
+    prompt_len: int,
+    max_model_len: int,
+    salt_key: str | None,
+    forced: StructuredOutputsParams | None = None,
+    chat: bool = True,
+    defaults: dict | None = None,
+) -> SamplingParams:
     """`forced`: the structured output tool_choice asks for (a named function's arguments, or "required").
     `defaults`: the model's sampling defaults (Config.sampling_defaults) for the fields the body leaves out."""
     d = defaults or {}
@@ -91,10 +103,14 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len if chat else min(COMPLETION_MAX_TOKENS, max_model_len - prompt_len)
     if prompt_len + max_tokens > max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
-                            f"completion). Please reduce the length of the prompt or completion.", "max_tokens",
-                       "context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+            f"completion). Please reduce the length of the prompt or completion.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     stop = _get(body, "stop", (str, list))
     if isinstance(stop, list) and not all(isinstance(s, str) for s in stop):
         raise APIError(400, "'stop' must be a string or a list of strings", "stop")
@@ -108,21 +124,27 @@ def _sampling_params(body: dict, prompt_len: int, max_model_len: int, salt_key: 
             top_k=_get(body, "top_k", (int,), d.get("top_k", -1)),
             max_tokens=max_tokens,
             ignore_eos=_get(body, "ignore_eos", (bool,), False),
-            stop=stop, stop_token_ids=stop_ids,
+            stop=stop,
+            stop_token_ids=stop_ids,
             seed=_get(body, "seed", (int,)),
             priority=_get(body, "priority", (int,), 0),
             cache_salt=_cache_salt(body, salt_key),
             structured_outputs=_constraint(body, forced),
-            n=_get(body, "n", (int,), 1), best_of=_get(body, "best_of", (int,)),
+            n=_get(body, "n", (int,), 1),
+            best_of=_get(body, "best_of", (int,)),
             presence_penalty=_float(body, "presence_penalty", 0.0),
             frequency_penalty=_float(body, "frequency_penalty", 0.0),
             repetition_penalty=_float(body, "repetition_penalty", d.get("repetition_penalty", 1.0)),
-            min_p=_float(body, "min_p", d.get("min_p", 0.0)), min_tokens=_get(body, "min_tokens", (int,), 0),
-            logit_bias=_get(body, "logit_bias", (dict,)), allowed_token_ids=_get(body, "allowed_token_ids", (list,)),
-            bad_words=_get(body, "bad_words", (list,)), logprobs=_logprobs(body, chat),
+            min_p=_float(body, "min_p", d.get("min_p", 0.0)),
+            min_tokens=_get(body, "min_tokens", (int,), 0),
+            logit_bias=_get(body, "logit_bias", (dict,)),
+            allowed_token_ids=_get(body, "allowed_token_ids", (list,)),
+            bad_words=_get(body, "bad_words", (list,)),
+            logprobs=_logprobs(body, chat),
             prompt_logprobs=_prompt_logprobs(body, chat),
             skip_special_tokens=_get(body, "skip_special_tokens", (bool,), True),
-            include_stop_str_in_output=_get(body, "include_stop_str_in_output", (bool,), False))
+            include_stop_str_in_output=_get(body, "include_stop_str_in_output", (bool,), False),
+        )
     except InvalidRequestError as e:
         raise APIError(400, str(e), e.param) from None
 
@@ -155,8 +177,9 @@ def _logprobs(body: dict, chat: bool) -> int | None:
 def _constraint(body: dict, forced: StructuredOutputsParams | None) -> StructuredOutputsParams | None:
     asked = request_constraint(body)  # response_format, structured_outputs, guided_*
     if asked is not None and forced is not None:
-        raise InvalidRequestError(f"'{asked.param}' cannot be combined with a 'tool_choice' that forces a tool call",
-                                  asked.param)
+        raise InvalidRequestError(
+            f"'{asked.param}' cannot be combined with a 'tool_choice' that forces a tool call", asked.param
+        )
     return asked or forced
 
 
@@ -184,8 +207,11 @@ def _truncated(body: dict, ids: list[int], max_model_len: int) -> list[int]:
         raise APIError(400, "'truncate_prompt_tokens' must be -1 or an integer >= 1", "truncate_prompt_tokens")
     k = max_model_len - 1 if k == -1 else k
     if k >= max_model_len:
-        raise APIError(400, f"'truncate_prompt_tokens' ({k}) must be below max_model_len ({max_model_len})",
-                       "truncate_prompt_tokens")
+        raise APIError(
+            400,
+            f"'truncate_prompt_tokens' ({k}) must be below max_model_len ({max_model_len})",
+            "truncate_prompt_tokens",
+        )
     return ids[-k:]
 
 
@@ -193,20 +219,31 @@ def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> Non
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
     if len(ids) >= max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens; the prompt has "
-                            f"{len(ids)} tokens", "prompt", "context_length_exceeded")
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens; the prompt has {len(ids)} tokens",
+            "prompt",
+            "context_length_exceeded",
+        )
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
         raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
 
 
-def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
-                     salt_key: str | None = None, defaults: dict | None = None) -> ParsedRequest:
+def parse_completion(
+    body: dict,
+    tokenizer,
+    vocab_size: int,
+    max_model_len: int,
+    salt_key: str | None = None,
+    defaults: dict | None = None,
+) -> ParsedRequest:
     _check_fields(body, chat=False)
     prompt = body.get("prompt")
     if prompt is None:
         raise APIError(400, "'prompt' is required", "prompt")
-    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) \
-        else [prompt]  # a list of strings or of id lists is a batch: a choice (or n) per prompt, in order
+    batch = (
+        prompt if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt) else [prompt]
+    )  # a list of strings or of id lists is a batch: a choice (or n) per prompt, in order
     if len(batch) > MAX_BATCH_PROMPTS:
         raise APIError(400, f"a batch takes at most {MAX_BATCH_PROMPTS} prompts, got {len(batch)}", "prompt")
     prompts = []
@@ -224,8 +261,15 @@ def parse_completion(body: dict, tokenizer, vocab_size: int, max_model_len: int,
     echo = _get(body, "echo", (bool,), False)
     if echo and params.logprobs is not None and stream:
         raise APIError(400, "'echo' with 'logprobs' (the prompt's logprobs) is not available with 'stream'", "echo")
-    return ParsedRequest(ids, params, stream, include_usage, more_prompts=more, echo=echo,
-                         tokens_as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False))
+    return ParsedRequest(
+        ids,
+        params,
+        stream,
+        include_usage,
+        more_prompts=more,
+        echo=echo,
+        tokens_as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False),
+    )
 
 
 MAX_BATCH_PROMPTS = 256  # a completions batch: a bounded amount of work per request
@@ -236,15 +280,23 @@ def _check_choices(params: SamplingParams, stream: bool) -> None:
         raise APIError(400, "'best_of' cannot be used with 'stream' (the best are known only at the end)", "best_of")
 
 
-def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_key: str | None = None,
-               chat: ChatConfig | None = None, defaults: dict | None = None) -> ParsedRequest:
+def parse_chat(
+    body: dict,
+    tokenizer,
+    vocab_size: int,
+    max_model_len: int,
+    salt_key: str | None = None,
+    chat: ChatConfig | None = None,
+    defaults: dict | None = None,
+) -> ParsedRequest:
     """`chat`: the server's tool-call and reasoning parsers (none by default)."""
     chat = chat or ChatConfig()
     _check_fields(body, chat=True)
     try:
         tools = tool_use(body, chat)
-        text = chat_prompt(tokenizer, body.get("messages"), body.get("tools"), body.get("chat_template_kwargs"),
-                           template_options(body))
+        text = chat_prompt(
+            tokenizer, body.get("messages"), body.get("tools"), body.get("chat_template_kwargs"), template_options(body)
+        )
     except ChatTemplateError as e:
         raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
     except (ChatFieldError, InvalidRequestError) as e:
@@ -259,5 +311,13 @@ def parse_chat(body: dict, tokenizer, vocab_size: int, max_model_len: int, salt_
         thinking = prompt_opens_thinking(text, reasoning)
     elif reasoning is not None:  # the grammar holds from the first token: reasoning only in a <think> it writes
         reasoning = "qwen3"
-    return ParsedRequest(ids, params, stream, include_usage, tools, reasoning, thinking,
-                         tokens_as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False))
+    return ParsedRequest(
+        ids,
+        params,
+        stream,
+        include_usage,
+        tools,
+        reasoning,
+        thinking,
+        tokens_as_ids=_get(body, "return_tokens_as_token_ids", (bool,), False),
+    )

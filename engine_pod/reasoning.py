@@ -14,6 +14,7 @@ Thinking cut off by the end of the output stays reasoning. The tags are markup: 
 after `</think>` (typically "\\n\\n") stays content, and the whitespace after `<think>` stays reasoning,
 as vLLM's qwen3 and deepseek_r1 parsers do (they split at the tag and strip nothing).
 """
+
 from __future__ import annotations
 
 _OPEN, _CLOSE = "<think>", "</think>"
@@ -72,7 +73,7 @@ class ReasoningParser:
         """Decide where the output starts; False while it cannot be told yet (held back)."""
         head = self.buf.lstrip()
         if head.startswith(_OPEN):
-            self.buf, self.state = head[len(_OPEN):], "reasoning"
+            self.buf, self.state = head[len(_OPEN) :], "reasoning"
             return True
         if not finished and _OPEN.startswith(head):  # only whitespace, or the start of `<think>`, so far
             return False

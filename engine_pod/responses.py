@@ -5,12 +5,14 @@ A stream of one plain choice (the common case) has a short path: its chunks diff
 the rest of each chunk is encoded once. Several choices (n, a completions batch), logprobs or echo take the
 general path: each choice's deltas as they come, one chunk each, tagged with the choice's index.
 """
+
 import asyncio
 import contextlib
 import json
 import time
 
 from aiohttp import web
+
 from nanoserve.engine_pod.chat_output import ChatOutput
 from nanoserve.engine_pod.choices import Choice
 from nanoserve.engine_pod.errors import ServerShutdown
@@ -23,12 +25,16 @@ from nanoserve.engine_pod.text_stream import TextStream
 
 def engine_requests(req: ParsedRequest) -> list[tuple[int, list[int], SamplingParams]]:
     """(prompt index, prompt ids, params) of every engine request: best_of (or n) a prompt, prompt after prompt."""
-    return [(i, ids, params.child(j)) for i, (ids, params) in enumerate(req.prompts)
-            for j in range(params.best_of or params.n)]
+    return [
+        (i, ids, params.child(j))
+        for i, (ids, params) in enumerate(req.prompts)
+        for j in range(params.best_of or params.n)
+    ]
 
 
-async def respond(request: web.Request, state: ServerState, engine, submitted: list, req: ParsedRequest, rid: str,
-                  chat: bool) -> web.StreamResponse:
+async def respond(
+    request: web.Request, state: ServerState, engine, submitted: list, req: ParsedRequest, rid: str, chat: bool
+) -> web.StreamResponse:
     """The response to `req`, whose engine requests (engine_requests' order) are `submitted`."""
     if req.stream and len(submitted) == 1 and req.params.logprobs is None and not req.echo:
         return await _stream(request, state, engine, submitted[0], req, rid, chat)
@@ -56,8 +62,12 @@ def _prompt_tokens(req: ParsedRequest) -> int:
 
 def _usage(req: ParsedRequest, completion_tokens: int, cached: int) -> dict:
     n = _prompt_tokens(req)
-    return {"prompt_tokens": n, "completion_tokens": completion_tokens, "total_tokens": n + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": n,
+        "completion_tokens": completion_tokens,
+        "total_tokens": n + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _note_tokens(request: web.Request, req: ParsedRequest, completion_tokens: int) -> None:
@@ -67,9 +77,11 @@ def _note_tokens(request: web.Request, req: ParsedRequest, completion_tokens: in
 
 def _chunk_sender(resp: web.StreamResponse, rid: str, obj: str, created: int, model: str):
     """`send(choices, **extra)`: one SSE chunk of a stream."""
+
     async def send(choices: list, **extra) -> None:
         chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices, **extra}
         await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
     return send
 
 
@@ -106,9 +118,14 @@ async def _complete(request, state, engine, pairs, req, rid, chat) -> web.Respon
         kept = [g[k] for g in groups for k in best_of([c.mean_logprob for c in g], req.params.n)]
     for index, c in enumerate(kept):
         c.index = index
-    body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": state.model_name, "choices": [c.final() for c in kept],
-            "usage": _usage(req, sum(c.count for c in choices), _cached(choices))}
+    body = {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": state.model_name,
+        "choices": [c.final() for c in kept],
+        "usage": _usage(req, sum(c.count for c in choices), _cached(choices)),
+    }
     _note_tokens(request, req, sum(c.count for c in choices))
     if chat and req.params.prompt_logprobs is not None:  # chat: one prompt, its logprobs beside the choices
         body["prompt_logprobs"] = kept[0].prompt_logprobs
@@ -139,8 +156,17 @@ async def _stream_choices(request, state, engine, pairs, req, rid, chat) -> web.
     tasks = [asyncio.create_task(follow(c, s)) for c, s in pairs]
     try:
         if chat:
-            await send([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None} for c, _ in pairs])
+            await send(
+                [
+                    {
+                        "index": c.index,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for c, _ in pairs
+                ]
+            )
         following = len(tasks)
         while following:
             choice, item = await arrived.get()
@@ -171,8 +197,11 @@ async def _stream_choices(request, state, engine, pairs, req, rid, chat) -> web.
 
 
 async def _stream_error(resp: web.StreamResponse, e: Exception) -> None:
-    body = (APIError(503, str(e), code="server_shutdown") if isinstance(e, ServerShutdown) else
-            APIError(500, f"engine failed: {type(e).__name__}: {e}", code="engine_failed")).body()
+    body = (
+        APIError(503, str(e), code="server_shutdown")
+        if isinstance(e, ServerShutdown)
+        else APIError(500, f"engine failed: {type(e).__name__}: {e}", code="engine_failed")
+    ).body()
     with contextlib.suppress(ConnectionResetError):
         await resp.write(f"data: {json.dumps(body)}\n\n".encode())
 
@@ -182,8 +211,11 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
     await resp.prepare(request)
     created, obj = int(time.time()), "chat.completion.chunk" if chat else "text_completion"
     # A stream sends thousands of chunks that differ only in their text: the rest is encoded once.
-    head = ("data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": state.model_name})[:-1]
-            + ', "choices": [{"index": 0, ').encode()
+    head = (
+        "data: "
+        + json.dumps({"id": rid, "object": obj, "created": created, "model": state.model_name})[:-1]
+        + ', "choices": [{"index": 0, '
+    ).encode()
 
     send = _chunk_sender(resp, rid, obj, created, state.model_name)
 
@@ -193,8 +225,9 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
         if output is not None and not output.plain:  # reasoning or tool calls: a delta object a step
             delta = output.push(text, finish is not None).to_openai()
             if delta or finish:
-                await send([{"index": 0, "delta": delta, "logprobs": None,
-                             "finish_reason": output.finish_reason(finish)}])
+                await send(
+                    [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": output.finish_reason(finish)}]
+                )
             return
         if chat:
             delta = f'{{"content": {json.dumps(text)}}}' if text or not finish else "{}"
@@ -209,8 +242,9 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
     gen = engine.generate(submitted, gone=lambda: _client_gone(request))
     try:
         if chat:
-            await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}])
+            await send(
+                [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
         async for delta in gen:
             if _client_gone(request):
                 return resp  # released by the caller: the engine aborts it and frees its blocks
@@ -229,5 +263,3 @@ async def _stream(request, state, engine, submitted, req, rid, chat) -> web.Stre
         await gen.aclose()
         _note_tokens(request, req, count)
     return resp
-
-

@@ -6,6 +6,7 @@ inverting the softmax's CDF with one uniform a row (kernels/sampling.py on CUDA,
 elsewhere). Every row draws from its own seed: a seeded request's seed mixed with the token's position,
 so its tokens do not depend on the batch around it; other rows take fresh random seeds.
 """
+
 import random
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -22,14 +23,14 @@ _MASK63 = (1 << 63) - 1
 @dataclass
 class SamplingInputs:
     temperatures: np.ndarray  # float64 [rows]; 0 = greedy
-    top_k: np.ndarray         # int64 [rows]; -1 = off
-    top_p: np.ndarray         # float64 [rows]
-    seeds: np.ndarray         # int64 [rows]
-    all_greedy: bool          # decided on the host, so the device needs no check
-    needs_top: bool           # some row has top-k or top-p
+    top_k: np.ndarray  # int64 [rows]; -1 = off
+    top_p: np.ndarray  # float64 [rows]
+    seeds: np.ndarray  # int64 [rows]
+    all_greedy: bool  # decided on the host, so the device needs no check
+    needs_top: bool  # some row has top-k or top-p
     min_p: np.ndarray | None = None  # float64 [rows], when some sampled row has min_p
     processing: dict[str, np.ndarray] | None = None  # logits_processing's arrays, when some row needs them
-    num_logprobs: int = -1    # the most top logprobs a row asks for; -1: no row wants logprobs
+    num_logprobs: int = -1  # the most top logprobs a row asks for; -1: no row wants logprobs
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What the step uploads for sampling."""
@@ -42,6 +43,7 @@ class SamplingInputs:
 class TokenLogprobs(NamedTuple):
     """A sampled token's logprob (from the raw logits, as vLLM's default logprobs mode), its rank among the
     vocabulary (1 = the most likely) and the top tokens as (token id, logprob), most likely first."""
+
     logprob: float
     rank: int
     top: list[tuple[int, float]]
@@ -61,8 +63,13 @@ def sampling_inputs(seqs: list[Sequence], rng: random.Random, eos_ids: list[int]
     params = [s.params for s in seqs]
     greedy = [p.greedy for p in params]
     temps = np.array([0.0 if g else p.temperature for p, g in zip(params, greedy)], np.float64)
-    seeds = np.array([0 if g else row_seed(p.seed, s.num_tokens) if p.seed is not None else rng.getrandbits(63)
-                      for s, p, g in zip(seqs, params, greedy)], np.int64)
+    seeds = np.array(
+        [
+            0 if g else row_seed(p.seed, s.num_tokens) if p.seed is not None else rng.getrandbits(63)
+            for s, p, g in zip(seqs, params, greedy)
+        ],
+        np.int64,
+    )
     top_k = np.array([p.top_k for p in params], np.int64)
     top_p = np.array([p.top_p for p in params], np.float64)
     needs_top = any(not g and (p.top_k > 0 or p.top_p < 1) for p, g in zip(params, greedy))
@@ -72,8 +79,9 @@ def sampling_inputs(seqs: list[Sequence], rng: random.Random, eos_ids: list[int]
     if any(not g and p.min_p > 0 for p, g in zip(params, greedy)):
         min_p = np.array([p.min_p for p in params], np.float64)
     num_logprobs = max((p.logprobs for p in params if p.logprobs is not None), default=-1)
-    return SamplingInputs(temps, top_k, top_p, seeds, all(greedy), needs_top, min_p,
-                          processing_inputs(seqs, list(eos_ids)), num_logprobs)
+    return SamplingInputs(
+        temps, top_k, top_p, seeds, all(greedy), needs_top, min_p, processing_inputs(seqs, list(eos_ids)), num_logprobs
+    )
 
 
 def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -93,8 +101,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def sample(logits: torch.Tensor, host: SamplingInputs, dev: dict[str, torch.Tensor],
-           prev: torch.Tensor | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, host: SamplingInputs, dev: dict[str, torch.Tensor], prev: torch.Tensor | None = None
+) -> torch.Tensor:
     """Token ids [rows] (int64, on logits' device). `dev` holds the uploaded arrays of `host`; `prev`: the
     previous step's sampled tokens (the processing of a row whose newest token the host has not seen reads it)."""
     if host.processing is not None:
@@ -112,8 +121,10 @@ def sample(logits: torch.Tensor, host: SamplingInputs, dev: dict[str, torch.Tens
         temps = sampled.float()  # already scaled; greedy rows stay 0
     if logits.device.type == "cuda":
         from nanoserve.kernels.sampling import sample as sample_kernel
+
         return sample_kernel(logits, temps, dev["seeds"])
     from nanoserve.kernels.sampling_ref import sample_ref
+
     return sample_ref(logits, temps, host.seeds.tolist())
 
 
@@ -131,5 +142,5 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.
 def unpack_logprobs(row: np.ndarray, k: int) -> TokenLogprobs:
     """One row of `token_logprobs`' result, with the request's own k."""
     width = (len(row) - 2) // 2
-    ids, values = row[2:2 + width], row[2 + width:]
+    ids, values = row[2 : 2 + width], row[2 + width :]
     return TokenLogprobs(float(row[0]), int(row[1]), [(int(ids[i]), float(values[i])) for i in range(k)])

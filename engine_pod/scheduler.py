@@ -7,6 +7,7 @@ flowing), then waiting ones are admitted while blocks, seats and budget last. Wh
 needs a block and none is free, the least important running sequence is preempted (its blocks freed, its
 tokens recomputed later, cheaply when its prefix is still cached).
 """
+
 import bisect
 from collections.abc import Callable
 
@@ -28,7 +29,6 @@ POLICIES: dict[str, Callable[[Sequence], tuple]] = {"fcfs": fcfs_key, "priority"
 
 
 class Scheduler:
-
     def __init__(self, config: Config, block_manager: BlockManager):
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
@@ -36,8 +36,8 @@ class Scheduler:
         self.eos_token_ids = set(config.eos_token_ids)
         self.key = POLICIES[config.scheduling_policy]
         self.block_manager = block_manager
-        self.waiting: list[Sequence] = []   # sorted by self.key
-        self.running: list[Sequence] = []   # sorted by self.key
+        self.waiting: list[Sequence] = []  # sorted by self.key
+        self.running: list[Sequence] = []  # sorted by self.key
         self.num_preemptions = 0
 
     def is_finished(self) -> bool:
@@ -133,7 +133,7 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if seq.num_pending:  # tokens still in flight are dropped with the request
-            del seq.token_ids[-seq.num_pending:]
+            del seq.token_ids[-seq.num_pending :]
             seq.num_pending = 0
         if seq.block_table:  # its last full blocks, not hashed while their tokens were in flight
             self.block_manager.register_computed(seq)

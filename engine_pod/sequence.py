@@ -21,6 +21,7 @@ class Sequence:
     Prefill and decode are the same thing here: each step computes `num_tokens - num_computed_tokens`
     tokens (or a chunk of them); a decode step is simply one token.
     """
+
     _ids = count()
 
     def __init__(self, token_ids: list[int], params: SamplingParams, arrival: float = 0.0, seq_id: int | None = None):
@@ -28,8 +29,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
-        self.num_computed_tokens = 0   # tokens whose KV is in the cache (prefix hits included)
-        self.num_cached_tokens = 0     # of those, tokens found in the prefix cache at admission
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache (prefix hits included)
+        self.num_cached_tokens = 0  # of those, tokens found in the prefix cache at admission
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks registered so far
         self.hash_root = salt_root(params.cache_salt)  # block 0's hash parent: None unless salted
@@ -37,9 +38,9 @@ class Sequence:
         self.arrival = arrival
         self.finish_reason: str | None = None  # "stop", "length" or "abort"
         self.num_preemptions = 0
-        self.num_pending = 0   # trailing PLACEHOLDER tokens (sampled, not yet copied back)
+        self.num_pending = 0  # trailing PLACEHOLDER tokens (sampled, not yet copied back)
         self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
-        self.grammar = None    # structured output: an xgrammar matcher that has accepted every completion token
+        self.grammar = None  # structured output: an xgrammar matcher that has accepted every completion token
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine tokenizes them)
         self.logprobs: list = []  # with params.logprobs: one sampler.TokenLogprobs per completion token
         self.prompt_logprobs: list = []  # with params.prompt_logprobs: one per prompt token from the second on
@@ -59,7 +60,7 @@ class Sequence:
 
     @property
     def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def is_finished(self) -> bool:
@@ -68,7 +69,7 @@ class Sequence:
     def prompt_unique(self) -> np.ndarray:
         """The prompt's distinct token ids (the repetition penalty's), computed once."""
         if self._prompt_unique is None:
-            self._prompt_unique = np.unique(np.asarray(self.token_ids[:self.num_prompt_tokens], np.int64))
+            self._prompt_unique = np.unique(np.asarray(self.token_ids[: self.num_prompt_tokens], np.int64))
         return self._prompt_unique
 
     def append_token(self, token_id: int) -> None:

@@ -1,10 +1,12 @@
 """`nanoserve serve`: listen first, load the model in the background, drain on SIGTERM, exit 0 (1 after an
 engine fault or a drain that had to cut requests)."""
+
 import asyncio
 import logging
 import signal
 
 from aiohttp import web
+
 from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
@@ -19,11 +21,22 @@ FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers 
 FAILED_LINGER_SECONDS = 1.0  # ... and at least this long up, so that probes and gateways read why (/health 500)
 
 
-async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 8000, served_model_name: str | None = None,
-                     api_key: list[str] | None = None, max_pending: int = 256, max_body_bytes: int = 8 << 20,
-                     drain_timeout: float = 120.0, api_key_file: str | None = None,
-                     public_metrics: bool = False, cache_salt_by_api_key: bool = False,
-                     chat: ChatConfig = ChatConfig(), log_requests: bool = True, version: str = "") -> int:
+async def run_server(
+    engine_kwargs: dict,
+    host: str = "0.0.0.0",
+    port: int = 8000,
+    served_model_name: str | None = None,
+    api_key: list[str] | None = None,
+    max_pending: int = 256,
+    max_body_bytes: int = 8 << 20,
+    drain_timeout: float = 120.0,
+    api_key_file: str | None = None,
+    public_metrics: bool = False,
+    cache_salt_by_api_key: bool = False,
+    chat: ChatConfig = ChatConfig(),
+    log_requests: bool = True,
+    version: str = "",
+) -> int:
     """Serve until SIGTERM/SIGINT (then 0) or until the engine fails (then 1, after answering every request).
     API keys: `api_key` (a list), one per line of `api_key_file`, and $NANOSERVE_API_KEY / $VLLM_API_KEY."""
     model = engine_kwargs.pop("model")
@@ -33,8 +46,9 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
     except (OSError, ValueError) as e:
         raise SystemExit(f"nanoserve serve: API keys: {e}") from None
     if cache_salt_by_api_key and not keys:
-        raise SystemExit("nanoserve serve: --cache-salt-by-api-key needs API keys "
-                         "(--api-key-file or $NANOSERVE_API_KEY)")
+        raise SystemExit(
+            "nanoserve serve: --cache-salt-by-api-key needs API keys (--api-key-file or $NANOSERVE_API_KEY)"
+        )
     if api_key:
         log.warning("--api-key on the command line shows in `ps`; prefer --api-key-file or $NANOSERVE_API_KEY")
     if keys:
@@ -61,17 +75,24 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
             return 0  # stopped while loading
         load.result()
         from transformers import AutoTokenizer
+
         folder = engine.config.model  # the resolved folder (the built-in model's cache, for one)
         state.tokenizer = AutoTokenizer.from_pretrained(folder)
         state.bulk_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, folder)
         if chat.chat_template is not None:  # also in the files the gateway loads: it renders chats the same way
             state.tokenizer.chat_template = state.bulk_tokenizer.chat_template = chat.chat_template
         state.tokenizer_files = await asyncio.to_thread(export_files, state.tokenizer)
-        state.tokenizer_info = await asyncio.to_thread(tokenizer_info, state.tokenizer, state.tokenizer_files, name,
-                                                       engine.config.kvcache_block_size)
+        state.tokenizer_info = await asyncio.to_thread(
+            tokenizer_info, state.tokenizer, state.tokenizer_files, name, engine.config.kvcache_block_size
+        )
         state.engine = engine
-        log.info("ready: model %s, %d KV blocks of %d tokens; engine core pid %d", name, engine.info.num_blocks,
-                 engine.config.kvcache_block_size, engine.process.pid)
+        log.info(
+            "ready: model %s, %d KV blocks of %d tokens; engine core pid %d",
+            name,
+            engine.info.num_blocks,
+            engine.config.kvcache_block_size,
+            engine.process.pid,
+        )
         log.info(banner(f"http://{host}:{port}", name, engine, version))
         stats_task = asyncio.ensure_future(log_stats(engine))
         failed = asyncio.ensure_future(engine.failed.wait())
@@ -88,8 +109,9 @@ async def run_server(engine_kwargs: dict, host: str = "0.0.0.0", port: int = 800
             await asyncio.sleep(0.05)
         if state.inflight:  # out of time: each request still open ends with an error, not a cut connection
             log.warning("drain timeout: ending %d unfinished requests with an error", state.inflight)
-            engine.end_all(ServerShutdown(f"the server shut down before the request finished "
-                                          f"(drain timeout {drain_timeout:.0f}s)"))
+            engine.end_all(
+                ServerShutdown(f"the server shut down before the request finished (drain timeout {drain_timeout:.0f}s)")
+            )
             code = 1  # work was lost
             deadline = loop.time() + 2.0
             while state.inflight and loop.time() < deadline:

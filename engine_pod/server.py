@@ -6,14 +6,15 @@ sheds load with 429 past `max_pending` waiting requests, and on SIGTERM drains: 
 requests get 503, running ones finish (up to `drain_timeout`), then it exits 0; requests still open then
 end with a `server_shutdown` error (an SSE error event for streams) and it exits 1.
 """
+
 import asyncio
-import contextlib
 import functools
 import json
-import time
 import uuid
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from nanoserve.common.json_body import LOOP_BYTES
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_file
@@ -29,7 +30,6 @@ from nanoserve.engine_pod.server_state import (
     json_body,
 )
 from nanoserve.engine_pod.tokenize_api import detokenize, server_version, tokenize
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
 @web.middleware
@@ -38,7 +38,9 @@ async def errors_and_auth(request: web.Request, handler):
     if state.api_keys and request.path not in state.open_paths:  # the cache feed and /metrics included
         key = state.api_keys.match(request.headers.get("Authorization", ""))
         if key is None:
-            return error_response(401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key")
+            return error_response(
+                401, "missing or invalid API key (send 'Authorization: Bearer <key>')", code="invalid_api_key"
+            )
         request[API_KEY] = key
     try:
         return await handler(request)
@@ -47,8 +49,9 @@ async def errors_and_auth(request: web.Request, handler):
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        return error_response(e.status, e.reason if e.status != 413 else
-                      f"request body too large (limit {state.max_body_bytes} bytes)")
+        return error_response(
+            e.status, e.reason if e.status != 413 else f"request body too large (limit {state.max_body_bytes} bytes)"
+        )
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception as e:  # a bug, not bad input: still answer in OpenAI's shape
@@ -97,9 +100,20 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     max_len = state.engine.config.max_model_len if state.engine else None
-    return web.json_response({"object": "list", "data": [{"id": state.model_name, "object": "model",
-                                                          "created": state.created, "owned_by": "nanoserve",
-                                                          "max_model_len": max_len}]})
+    return web.json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": state.model_name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "nanoserve",
+                    "max_model_len": max_len,
+                }
+            ],
+        }
+    )
 
 
 async def model_by_id(request: web.Request) -> web.Response:
@@ -120,8 +134,14 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     if state.engine is None or state.draining or state.engine.error is not None:  # a failed engine takes no traffic
-        return web.json_response({"ready": False, "draining": state.draining,
-                                  "failed": state.engine is not None and state.engine.error is not None}, status=503)
+        return web.json_response(
+            {
+                "ready": False,
+                "draining": state.draining,
+                "failed": state.engine is not None and state.engine.error is not None,
+            },
+            status=503,
+        )
     return web.json_response({"ready": True})
 
 
@@ -132,8 +152,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def create_app(state: ServerState) -> web.Application:
-    app = web.Application(middlewares=[access_logger(state.log_requests), errors_and_auth],
-                          client_max_size=state.max_body_bytes)
+    app = web.Application(
+        middlewares=[access_logger(state.log_requests), errors_and_auth], client_max_size=state.max_body_bytes
+    )
     app[STATE] = state
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)

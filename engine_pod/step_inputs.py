@@ -8,6 +8,7 @@ With overlapped scheduling a decode row's input token may still be on the GPU (s
 before, not yet copied back): its id here is PLACEHOLDER and `prev_rows` says which row of the previous
 step's sampled tokens replaces it on the device.
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,19 +21,19 @@ from nanoserve.engine_pod.structured_output import GrammarMask
 
 @dataclass
 class StepInputs:
-    input_ids: np.ndarray       # [tokens] int64
-    positions: np.ndarray       # [tokens]
-    slot_mapping: np.ndarray    # [tokens] cache slot of each token's KV
-    cu_seqlens_q: np.ndarray    # [seqs + 1]
-    context_lens: np.ndarray    # [seqs]
-    block_tables: np.ndarray    # [seqs, max_blocks], -1 padded
+    input_ids: np.ndarray  # [tokens] int64
+    positions: np.ndarray  # [tokens]
+    slot_mapping: np.ndarray  # [tokens] cache slot of each token's KV
+    cu_seqlens_q: np.ndarray  # [seqs + 1]
+    context_lens: np.ndarray  # [seqs]
+    block_tables: np.ndarray  # [seqs, max_blocks], -1 padded
     logits_indices: np.ndarray  # rows whose logits are needed (last token of each sequence that samples)
     max_seqlen_q: int
     max_seqlen_k: int
     prev_rows: np.ndarray | None = None  # [tokens]: row of the previous step's tokens to use, or -1
-    prev_count: int = 0                  # rows the previous step sampled (what rank 0 broadcasts)
+    prev_count: int = 0  # rows the previous step sampled (what rank 0 broadcasts)
     sampling: SamplingInputs | None = None  # the rows that sample (in logits_indices order), or None
-    grammar: GrammarMask | None = None      # structured output: the constrained rows' token mask (rank 0 only)
+    grammar: GrammarMask | None = None  # structured output: the constrained rows' token mask (rank 0 only)
     defer_sampling: bool = False  # rank 0 keeps the logits; sample_deferred(mask) samples once the mask is made
     # prompt_logprobs: the rows whose logits score the next prompt token, those tokens, the most top logprobs
     # asked, and (seq_id, rows) per sequence in row order
@@ -86,12 +87,23 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
         prev_rows = np.full(cu[-1], -1, np.int64)
         prev_rows[pending_at] = pending_rows
     i64 = lambda v: np.asarray(v, np.int64)
-    inputs = StepInputs(i64(input_ids), i64(positions), i64(slots), i64(cu), i64(ctx), tables, i64(logits_idx),
-                        max_q, max(ctx), prev_rows)
+    inputs = StepInputs(
+        i64(input_ids),
+        i64(positions),
+        i64(slots),
+        i64(cu),
+        i64(ctx),
+        tables,
+        i64(logits_idx),
+        max_q,
+        max(ctx),
+        prev_rows,
+    )
     if scored:
         inputs.prompt_rows = np.concatenate([np.arange(r, r + n) for _, r, _, n in scored])
-        inputs.prompt_targets = np.concatenate([np.asarray(s.token_ids[p + 1:p + 1 + n], np.int64)
-                                                for s, _, p, n in scored])  # position p scores token p + 1
+        inputs.prompt_targets = np.concatenate(
+            [np.asarray(s.token_ids[p + 1 : p + 1 + n], np.int64) for s, _, p, n in scored]
+        )  # position p scores token p + 1
         inputs.prompt_k = max(s.params.prompt_logprobs for s, _, _, _ in scored)
         inputs.prompt_slices = [(s.seq_id, n) for s, _, _, n in scored]
     return inputs, sampling
@@ -105,8 +117,18 @@ def _prompt_scoring(seq: Sequence, start: int, end: int, row: int) -> list[tuple
     return [(seq, row + first - start, first, last - first)] if last > first else []
 
 
-UPLOADED = ["input_ids", "positions", "slot_mapping", "cu_seqlens_q", "context_lens", "logits_indices",
-            "block_tables", "prev_rows", "prompt_rows", "prompt_targets"]
+UPLOADED = [
+    "input_ids",
+    "positions",
+    "slot_mapping",
+    "cu_seqlens_q",
+    "context_lens",
+    "logits_indices",
+    "block_tables",
+    "prev_rows",
+    "prompt_rows",
+    "prompt_targets",
+]
 
 
 class Uploader:
@@ -136,12 +158,12 @@ class Uploader:
         flat = np.zeros(sum(sizes.values()), np.int64)
         offset = 0
         for k, v in arrays.items():
-            flat[offset:offset + v.size] = v
+            flat[offset : offset + v.size] = v
             offset += sizes[k]
         dev = self._upload(flat)
         out, offset = {}, 0
         for k, v in arrays.items():
-            out[k] = dev[offset:offset + v.size]
+            out[k] = dev[offset : offset + v.size]
             offset += sizes[k]
             if k in floats:
                 out[k] = out[k].view(torch.float64)
@@ -155,9 +177,10 @@ class Uploader:
         if self.copied[self.turn] is not None:
             self.copied[self.turn].synchronize()
         if self.pinned[self.turn].numel() < flat.size:
-            self.pinned[self.turn] = torch.empty(max(flat.size, 2 * self.pinned[self.turn].numel()),
-                                                 dtype=torch.int64, pin_memory=True)
-        host = self.pinned[self.turn][:flat.size]
+            self.pinned[self.turn] = torch.empty(
+                max(flat.size, 2 * self.pinned[self.turn].numel()), dtype=torch.int64, pin_memory=True
+            )
+        host = self.pinned[self.turn][: flat.size]
         host.numpy()[:] = flat
         out = host.to(self.device, non_blocking=True)
         self.copied[self.turn] = torch.cuda.Event()
@@ -169,16 +192,21 @@ class SampledTokens:
     """A step's sampled token ids (and logprobs, when asked) on their way to the host: the copy is queued
     behind the step on the GPU, and `wait()` is the only place the host waits for the GPU."""
 
-    def __init__(self, tokens: torch.Tensor, pinned: torch.Tensor | None, logprobs: torch.Tensor | None = None,
-                 pinned_logprobs: torch.Tensor | None = None):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        pinned: torch.Tensor | None,
+        logprobs: torch.Tensor | None = None,
+        pinned_logprobs: torch.Tensor | None = None,
+    ):
         self.logprobs = None
         if tokens.device.type != "cuda":
             self.host, self.event, self.logprobs = tokens, None, logprobs
             return
-        self.host = pinned[:tokens.numel()]
+        self.host = pinned[: tokens.numel()]
         self.host.copy_(tokens, non_blocking=True)
         if logprobs is not None:
-            self.logprobs = pinned_logprobs[:logprobs.numel()].view(logprobs.shape)
+            self.logprobs = pinned_logprobs[: logprobs.numel()].view(logprobs.shape)
             self.logprobs.copy_(logprobs, non_blocking=True)
         self.event = torch.cuda.Event()
         self.event.record()
@@ -199,8 +227,11 @@ class Downloader:
     each launch is followed by applying the previous sampling step's tokens."""
 
     def __init__(self, device: torch.device, max_rows: int):
-        self.pinned = [torch.empty(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)] \
-            if device.type == "cuda" else [None, None]
+        self.pinned = (
+            [torch.empty(max_rows, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+            if device.type == "cuda"
+            else [None, None]
+        )
         self.pinned_logprobs: list[torch.Tensor | None] = [None, None]  # made when a request first asks
         self.turn = 0
 
@@ -210,6 +241,7 @@ class Downloader:
             buffer = self.pinned_logprobs[self.turn]
             if buffer is None or buffer.numel() < logprobs.numel():
                 buffer = self.pinned_logprobs[self.turn] = torch.empty(
-                    max(logprobs.numel(), 2 * (buffer.numel() if buffer is not None else 0)), pin_memory=True)
+                    max(logprobs.numel(), 2 * (buffer.numel() if buffer is not None else 0)), pin_memory=True
+                )
             return SampledTokens(tokens, self.pinned[self.turn], logprobs, buffer)
         return SampledTokens(tokens, self.pinned[self.turn], logprobs)

@@ -1,9 +1,9 @@
 """Stop strings: detect them in the generated text and cut the text before them."""
+
 from nanoserve.engine_pod.sequence import Sequence
 
 
 class StopChecker:
-
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
@@ -14,7 +14,7 @@ class StopChecker:
         if not stops or end - seq.num_prompt_tokens < seq.params.min_tokens:  # (vLLM's min_tokens rule)
             return False
         # A stop string of L characters ends within the last L tokens (plus a few for multi-token characters).
-        window = seq.token_ids[max(seq.num_prompt_tokens, end - max(map(len, stops)) - 4):end]
+        window = seq.token_ids[max(seq.num_prompt_tokens, end - max(map(len, stops)) - 4) : end]
         tail = self.tokenizer.decode(window, skip_special_tokens=True)
         return any(s in tail for s in stops)
 
@@ -35,4 +35,4 @@ def cut_at_stop(text: str, stops: list[str], include: bool = False) -> str:
     if found is None:
         return text
     start, length = found
-    return text[:start + length] if include else text[:start]
+    return text[: start + length] if include else text[:start]

@@ -7,6 +7,7 @@ Each step, `grammar_mask` asks the matchers of the constrained sampling rows whi
 before temperature, top-k and top-p; after sampling each matcher accepts its row's token (llm_engine.py).
 The mask allows EOS only where the grammar may end; a matcher that accepted EOS is terminated.
 """
+
 import json
 import os
 import re
@@ -25,8 +26,13 @@ from nanoserve.engine_pod.structured_params import StructuredOutputsParams
 # fits): a model stuck emitting whitespace (a known failure mode) closes its JSON instead of running to max_tokens.
 MAX_WHITESPACE = 20
 _CACHE_SIZE = 256  # compiled grammars kept (a schema sent by many requests compiles once)
-_WHAT = {"json": "JSON schema", "regex": "regex", "choice": "choice", "grammar": "grammar",
-         "json_object": "JSON object"}
+_WHAT = {
+    "json": "JSON schema",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+    "json_object": "JSON object",
+}
 
 
 class Grammars:
@@ -35,6 +41,7 @@ class Grammars:
     def __init__(self, model_folder: str, vocab_size: int, stop_token_ids: list[int]):
         import xgrammar as xgr
         from transformers import AutoTokenizer
+
         # Its own tokenizer: the engine thread uses the engine's, and a Rust tokenizer is not shared by threads.
         tokenizer = AutoTokenizer.from_pretrained(model_folder)
         stops = stop_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
@@ -67,9 +74,12 @@ class Grammars:
             # json_object: any object, so extra properties must be allowed (strict_mode would allow only {}).
             schema = spec.json if kind == "json" else {"type": "object"}
             text = schema if isinstance(schema, str) else json.dumps(schema)
-            return c.compile_json_schema(text, strict_mode=spec.strict and kind == "json",
-                                         any_whitespace=not spec.disable_any_whitespace,
-                                         max_whitespace_cnt=MAX_WHITESPACE)
+            return c.compile_json_schema(
+                text,
+                strict_mode=spec.strict and kind == "json",
+                any_whitespace=not spec.disable_any_whitespace,
+                max_whitespace_cnt=MAX_WHITESPACE,
+            )
         if kind == "regex":
             return c.compile_regex(spec.regex)
         if kind == "choice":  # JSON's string escapes are EBNF literals' escapes too
@@ -80,6 +90,7 @@ class Grammars:
     def matcher(self, spec: StructuredOutputsParams):
         """A fresh matcher for one request (matchers hold one sequence's state; grammars are shared)."""
         import xgrammar as xgr
+
         # A tokenizer without a stop token: end where the grammar ends, or the request could never finish.
         return xgr.GrammarMatcher(self.compile(spec), terminate_without_stop_token=not self.info.stop_token_ids)
 
@@ -99,6 +110,7 @@ def _stays_on_rank0():
 class GrammarMask:
     """Which tokens each constrained sampling row may sample next: `bitmask` row j (xgrammar's packed bits,
     int32 [n, ceil(vocab / 32)], 1 = allowed) is for sampling row `rows[j]`."""
+
     rows: np.ndarray
     bitmask: torch.Tensor
 
@@ -107,7 +119,7 @@ class GrammarMask:
 
 
 _POOL_ROWS = 16  # fewer rows fill faster in one loop than through the pool
-_pool = None     # xgrammar's BatchGrammarMatcher (only the engine thread fills masks)
+_pool = None  # xgrammar's BatchGrammarMatcher (only the engine thread fills masks)
 
 
 def grammar_mask(seqs: list[Sequence], vocab_size: int, pool: bool = False) -> GrammarMask | None:
@@ -116,6 +128,7 @@ def grammar_mask(seqs: list[Sequence], vocab_size: int, pool: bool = False) -> G
     `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU
     engine they would fight the model's own threads)."""
     import xgrammar as xgr
+
     # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
     rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
     if not rows:
@@ -163,8 +176,9 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     n = host.numel()
     buf = _STAGING.get(host.dtype)
     if buf is None or buf.numel() < n:
-        buf = _STAGING[host.dtype] = torch.empty(max(n, 2 * (0 if buf is None else buf.numel())), dtype=host.dtype,
-                                                 pin_memory=True)
+        buf = _STAGING[host.dtype] = torch.empty(
+            max(n, 2 * (0 if buf is None else buf.numel())), dtype=host.dtype, pin_memory=True
+        )
     staged = buf[:n].view(host.shape)
     staged.copy_(host)
     return staged.to(device, non_blocking=True)

@@ -6,6 +6,7 @@
 `guided_grammar`. One constraint per request; each error names the field it came from.
 Compiling it into a grammar is structured_output.py's job (xgrammar).
 """
+
 import json as jsonlib
 from dataclasses import dataclass
 
@@ -18,29 +19,34 @@ _KINDS = ("json", "regex", "choice", "grammar", "json_object")
 class StructuredOutputsParams:
     """Exactly one of `json` (a JSON schema, as a dict or its text), `regex`, `choice` (the output is one
     of these strings), `grammar` (EBNF in xgrammar's GBNF dialect, or Lark) or `json_object` (any JSON object)."""
+
     json: dict | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool = False
-    strict: bool = True                   # json: no properties or items beyond the schema's
+    strict: bool = True  # json: no properties or items beyond the schema's
     disable_any_whitespace: bool = False  # json: compact output, no free whitespace between tokens
-    param: str = "structured_outputs"     # the request field it came from, for error messages
+    param: str = "structured_outputs"  # the request field it came from, for error messages
 
     def __post_init__(self):
         p = self.param
         set_ = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(set_) != 1:
-            raise InvalidRequestError(f"'{p}' must set exactly one of {', '.join(_KINDS)}; got "
-                                      f"{', '.join(set_) or 'none'}", p)
+            raise InvalidRequestError(
+                f"'{p}' must set exactly one of {', '.join(_KINDS)}; got {', '.join(set_) or 'none'}", p
+            )
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise InvalidRequestError(f"'{p}': a JSON schema must be an object or a string", p)
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise InvalidRequestError(f"'{p}': {name} must be a non-empty string", p)
-        if self.choice is not None and (not isinstance(self.choice, list) or not self.choice
-                                        or not all(isinstance(c, str) and c for c in self.choice)):
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
             raise InvalidRequestError(f"'{p}': choice must be a non-empty list of non-empty strings", p)
         for name in ("json_object", "strict", "disable_any_whitespace"):
             if not isinstance(getattr(self, name), bool):
@@ -78,8 +84,10 @@ def request_constraint(body: dict) -> StructuredOutputsParams | None:
         if body.get(field) is not None:
             found.append(StructuredOutputsParams(**{kind: body[field]}, param=field))
     if len(found) > 1:
-        raise InvalidRequestError(f"only one structured output constraint per request; got {found[0].param} "
-                                  f"and {found[1].param}", found[1].param)
+        raise InvalidRequestError(
+            f"only one structured output constraint per request; got {found[0].param} and {found[1].param}",
+            found[1].param,
+        )
     return found[0] if found else None
 
 
@@ -98,8 +106,9 @@ def _response_format(rf) -> StructuredOutputsParams | None:
     if kind == "json_object":
         return StructuredOutputsParams(json_object=True, param=p)
     if kind != "json_schema":
-        raise InvalidRequestError(f"'{p}.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
-                                  f"{p}.type")
+        raise InvalidRequestError(
+            f"'{p}.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}", f"{p}.type"
+        )
     spec = rf.get("json_schema")
     if not isinstance(spec, dict):
         raise InvalidRequestError(f"'{p}.json_schema' is required with type 'json_schema'", f"{p}.json_schema")
@@ -128,5 +137,9 @@ def _structured_outputs(so) -> StructuredOutputsParams:
             raise InvalidRequestError(f"'{p}.{name}' must be a boolean", p)
     kinds = {k: so[k] for k in _KINDS if so.get(k) is not None}
     # vLLM's xgrammar backend allows no properties beyond the schema's unless told otherwise.
-    return StructuredOutputsParams(**kinds, strict=so.get("disable_additional_properties") is not False,
-                                   disable_any_whitespace=bool(so.get("disable_any_whitespace")), param=p)
+    return StructuredOutputsParams(
+        **kinds,
+        strict=so.get("disable_additional_properties") is not False,
+        disable_any_whitespace=bool(so.get("disable_any_whitespace")),
+        param=p,
+    )

@@ -7,6 +7,7 @@ a stop string cuts the text before it. At the end, bytes of a character that nev
 as the full decode would (U+FFFD), so the text equals `decode(ids, skip_special_tokens=True)` cut at the
 first stop string.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,9 +20,13 @@ _CONTEXT = 4  # ids decoded before an unfinished tail at the end, so that its te
 
 
 class TextStream:
-
-    def __init__(self, tokenizer: Any, stop: list[str] | None = None, skip_special_tokens: bool = True,
-                 include_stop: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop: list[str] | None = None,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+    ) -> None:
         """`include_stop`: a stop string that ends the text is kept (vLLM's include_stop_str_in_output)."""
         self.tokenizer = tokenizer
         self.backend = tokenizer._tokenizer  # the Rust tokenizer of a fast (TokenizersBackend) tokenizer
@@ -31,7 +36,7 @@ class TextStream:
         self.special = set(tokenizer.all_special_ids) if skip_special_tokens else set()
         self.stop = [s for s in (stop or []) if s]
         self.include_stop = include_stop
-        self.pending = ""   # decoded, not yet sent: a possible stop-string start
+        self.pending = ""  # decoded, not yet sent: a possible stop-string start
         self.unflushed: list[int] = []  # ids since the decoder last produced text (an incomplete character)
         self.recent: list[int] = []  # the last ids that did produce text, as context for the final flush
         self.stopped = False  # a stop string was found: nothing more is sent
@@ -58,8 +63,8 @@ class TextStream:
             self.stopped, self.pending = True, ""
             return out
         keep = 0 if finished else self._stop_prefix()
-        out = self.pending[:len(self.pending) - keep]
-        self.pending = self.pending[len(out):]
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(out) :]
         return out
 
     def _stop_prefix(self) -> int:
@@ -74,4 +79,4 @@ class TextStream:
 
     def _flush(self) -> str:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)  # noqa: E731
-        return decode(self.recent + self.unflushed)[len(decode(self.recent)):]
+        return decode(self.recent + self.unflushed)[len(decode(self.recent)) :]

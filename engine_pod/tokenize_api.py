@@ -1,8 +1,11 @@
 """vLLM's utility endpoints beside the OpenAI API: POST /tokenize (a completion prompt, or chat messages
-rendered exactly as /v1/chat/completions renders them), POST /detokenize, GET /version (and /ping, routed to /health in server.py)."""
+rendered exactly as /v1/chat/completions renders them), POST /detokenize, GET /version (and /ping, routed to /health
+in server.py)."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 from aiohttp import web
+
 from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt_ids, completion_prompt_ids
 from nanoserve.engine_pod.openai_protocol import APIError
 from nanoserve.engine_pod.server_state import STATE, ServerState, engine_for, json_body
@@ -35,15 +38,19 @@ async def tokenize(request: web.Request) -> web.Response:
             special = body.get("add_special_tokens", True)
             if not isinstance(special, bool):
                 raise APIError(400, "'add_special_tokens' must be a boolean", "add_special_tokens")
-            ids = completion_prompt_ids(tok, body["prompt"]) if special or not isinstance(body["prompt"], str) \
+            ids = (
+                completion_prompt_ids(tok, body["prompt"])
+                if special or not isinstance(body["prompt"], str)
                 else tok.encode(body["prompt"], add_special_tokens=False)
+            )
     except ChatTemplateError as e:
         raise APIError(400, f"the messages do not fit the model's chat template: {e}", "messages") from None
     except ChatFieldError as e:
         raise APIError(400, str(e), e.param) from None
     strs = tok.convert_ids_to_tokens(ids) if body.get("return_token_strs") else None
-    return web.json_response({"count": len(ids), "max_model_len": engine.config.max_model_len,
-                              "tokens": ids, "token_strs": strs})
+    return web.json_response(
+        {"count": len(ids), "max_model_len": engine.config.max_model_len, "tokens": ids, "token_strs": strs}
+    )
 
 
 async def detokenize(request: web.Request) -> web.Response:

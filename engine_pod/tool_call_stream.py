@@ -1,6 +1,7 @@
 """One streaming tool call at a time: the deltas of OpenAI's `tool_calls`, the JSON scanning that finds a
 call's head and the end of its arguments in text that is still arriving, and the base of every format's
 parser (tool_parsers.py): a state machine over the unconsumed text."""
+
 from __future__ import annotations
 
 import json
@@ -15,22 +16,27 @@ _HEAD = ("{", '"name"', ":", _STR, ",", ('"arguments"', '"parameters"'), ":", "{
 _START, _END, _PYTHON_TAG = "<tool_call>", "</tool_call>", "<|python_tag|>"
 _CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'  # a character of a JSON string
 _STRING = re.compile(f'"{_CHAR}*"')
-_STRING_START = re.compile(f'"{_CHAR}*' + r'(?:\\(?:u[0-9a-fA-F]{0,3})?)?')  # may still become a string
+_STRING_START = re.compile(f'"{_CHAR}*' + r"(?:\\(?:u[0-9a-fA-F]{0,3})?)?")  # may still become a string
 
 
 @dataclass
 class ToolCallDelta:
     """One entry of a streaming delta's `tool_calls`."""
-    index: int                # the call's position among this response's calls (0, 1, ...)
-    id: str | None = None     # set on the call's first delta only
-    name: str | None = None   # set on the call's first delta only
-    arguments: str = ""       # a piece of the arguments' JSON text
+
+    index: int  # the call's position among this response's calls (0, 1, ...)
+    id: str | None = None  # set on the call's first delta only
+    name: str | None = None  # set on the call's first delta only
+    arguments: str = ""  # a piece of the arguments' JSON text
 
     def to_openai(self) -> dict:
         if self.id is None:
             return {"index": self.index, "function": {"arguments": self.arguments}}
-        return {"index": self.index, "id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "index": self.index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 @dataclass

@@ -8,6 +8,7 @@ how its output is read back.
   (exactly one with `parallel_tool_calls: false`).
 - `{"type": "function", "function": {"name": ...}}`: structured output forces that function's arguments.
 """
+
 from dataclasses import dataclass
 
 from nanoserve.common.chat import template_tools
@@ -21,10 +22,11 @@ REASONING_PARSERS = ("qwen3", "deepseek_r1")
 @dataclass(frozen=True)
 class ChatConfig:
     """The server's chat options, under vLLM's flag names."""
-    tool_call_parser: str | None = None    # --tool-call-parser: how "auto" tool calls are read from the text
+
+    tool_call_parser: str | None = None  # --tool-call-parser: how "auto" tool calls are read from the text
     enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice: let the model decide (tool_choice "auto")
-    reasoning_parser: str | None = None    # --reasoning-parser: reasoning apart from content
-    chat_template: str | None = None       # --chat-template: the Jinja template's text, in place of the model's
+    reasoning_parser: str | None = None  # --reasoning-parser: reasoning apart from content
+    chat_template: str | None = None  # --chat-template: the Jinja template's text, in place of the model's
 
     def __post_init__(self):
         if self.tool_call_parser not in (None, *TOOL_CALL_PARSERS):
@@ -37,10 +39,10 @@ class ChatConfig:
 
 @dataclass(frozen=True)
 class ToolUse:
-    parser: str | None                   # tool_parsers.make_tool_parser's kind; None: the output is content
-    function: str | None = None          # the function tool_choice names
+    parser: str | None  # tool_parsers.make_tool_parser's kind; None: the output is content
+    function: str | None = None  # the function tool_choice names
     constraint: StructuredOutputsParams | None = None  # what "required" and a named function force
-    parallel: bool = True                # parallel_tool_calls: more than one call per response
+    parallel: bool = True  # parallel_tool_calls: more than one call per response
 
 
 def tool_use(body: dict, config: ChatConfig) -> ToolUse:
@@ -57,23 +59,37 @@ def tool_use(body: dict, config: ChatConfig) -> ToolUse:
         return ToolUse(None)
     if choice is None or choice == "auto":
         if not config.enable_auto_tool_choice:
-            raise InvalidRequestError('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
-                                      'to be set (or send tool_choice "required", "none" or a named function)',
-                                      "tool_choice")
+            raise InvalidRequestError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                'to be set (or send tool_choice "required", "none" or a named function)',
+                "tool_choice",
+            )
         return ToolUse(config.tool_call_parser, parallel=parallel)
     if choice == "none":
         return ToolUse(None)
     params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in tools}
     if choice == "required":
-        calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
-                  "required": ["name", "parameters"], "additionalProperties": False} for name, schema in params.items()]
+        calls = [
+            {
+                "type": "object",
+                "properties": {"name": {"type": "string", "enum": [name]}, "parameters": schema},
+                "required": ["name", "parameters"],
+                "additionalProperties": False,
+            }
+            for name, schema in params.items()
+        ]
         array = {"type": "array", "minItems": 1, "items": {"anyOf": calls}} | ({} if parallel else {"maxItems": 1})
         return ToolUse("required", constraint=_forced(array, "tools"), parallel=parallel)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
-        and isinstance(choice.get("function"), dict) else None
+    name = (
+        choice.get("function", {}).get("name")
+        if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+        else None
+    )
     if not isinstance(name, str):
-        raise InvalidRequestError("'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', "
-                                  "'function': {'name': ...}}", "tool_choice")
+        raise InvalidRequestError(
+            "'tool_choice' must be 'none', 'auto', 'required' or {'type': 'function', 'function': {'name': ...}}",
+            "tool_choice",
+        )
     if name not in params:
         raise InvalidRequestError(f"'tool_choice' names the function {name!r}, which is not in 'tools'", "tool_choice")
     i = list(params).index(name)

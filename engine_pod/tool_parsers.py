@@ -18,13 +18,24 @@ too: arguments that are not an object go the slow way below); from then on the a
 streams as it comes, up to the bracket that closes them. Keys in another order hold the call back until
 its object ends; then json.loads reads it and the arguments go out re-serialized.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
 from uuid import uuid4
 
 from nanoserve.engine_pod.tool_call_stream import (  # noqa: F401 - ToolCallDelta, merge_tool_calls: the API
-    _END, _HEAD, _PYTHON_TAG, _START, _WS, ToolCallDelta, ToolDelta, ToolParser, _Brackets, _match, _partial_tag,
+    _END,
+    _HEAD,
+    _PYTHON_TAG,
+    _START,
+    _WS,
+    ToolCallDelta,
+    ToolDelta,
+    ToolParser,
+    _Brackets,
+    _match,
+    _partial_tag,
     merge_tool_calls,
 )
 
@@ -36,8 +47,8 @@ class HermesParser(ToolParser):
     def __init__(self, new_id: Callable[[], str]) -> None:
         super().__init__(new_id)
         self.after_call = False  # whitespace right after a call's block is not content
-        self.held = False        # this block cannot stream (keys in another order...): wait for its end
-        self.searched = 0        # buf[:searched] holds no `</tool_call>`
+        self.held = False  # this block cannot stream (keys in another order...): wait for its end
+        self.searched = 0  # buf[:searched] holds no `</tool_call>`
         self.brackets = _Brackets()
 
     def _on_text(self, finished: bool) -> bool:
@@ -47,11 +58,11 @@ class HermesParser(ToolParser):
         at = self.buf.find(_START)
         if at < 0:
             keep = 0 if finished else _partial_tag(self.buf, _START)
-            self._emit_content(self.buf[:len(self.buf) - keep])
-            self.buf = self.buf[len(self.buf) - keep:]
+            self._emit_content(self.buf[: len(self.buf) - keep])
+            self.buf = self.buf[len(self.buf) - keep :]
             return False
         self._emit_content(self.buf[:at])
-        self.buf, self.state, self.held, self.searched = self.buf[at + len(_START):], "head", False, 0
+        self.buf, self.state, self.held, self.searched = self.buf[at + len(_START) :], "head", False, 0
         return True
 
     def _on_head(self, finished: bool) -> bool:
@@ -62,7 +73,7 @@ class HermesParser(ToolParser):
             verdict, at, name = _match(self.buf[:end] if end >= 0 else self.buf, _HEAD)
             if verdict == "yes":
                 self._emit_start(name)
-                self.buf, self.state, self.brackets = self.buf[at - 1:], "args", _Brackets()
+                self.buf, self.state, self.brackets = self.buf[at - 1 :], "args", _Brackets()
                 return True
             self.held = verdict == "no"
         if end < 0 and not finished:
@@ -72,7 +83,7 @@ class HermesParser(ToolParser):
             self.after_call = True
         else:  # not a call: the block is content, raw
             self._emit_content(_START + body + (_END if end >= 0 else ""))
-        self.buf, self.state = (self.buf[end + len(_END):] if end >= 0 else ""), "text"
+        self.buf, self.state = (self.buf[end + len(_END) :] if end >= 0 else ""), "text"
         return True
 
     def _on_args(self, finished: bool) -> bool:
@@ -82,7 +93,7 @@ class HermesParser(ToolParser):
         if why == "end":
             self.state = "tail"
         elif why == "stop":  # `</tool_call>` outside a string before the arguments closed: the call ends
-            self.buf, self.state, self.after_call = self.buf[len(_END):], "text", True
+            self.buf, self.state, self.after_call = self.buf[len(_END) :], "text", True
         return why != "more"
 
     def _on_tail(self, finished: bool) -> bool:
@@ -91,9 +102,9 @@ class HermesParser(ToolParser):
             self.buf, self.state, self.after_call = self.buf[start:], "text", True
             return True
         if end < 0:  # the rest of the call object: nothing to send
-            self.buf = self.buf[len(self.buf) - max(_partial_tag(self.buf, _END), _partial_tag(self.buf, _START)):]
+            self.buf = self.buf[len(self.buf) - max(_partial_tag(self.buf, _END), _partial_tag(self.buf, _START)) :]
             return False
-        self.buf, self.state, self.after_call = self.buf[end + len(_END):], "text", True
+        self.buf, self.state, self.after_call = self.buf[end + len(_END) :], "text", True
         return True
 
 
@@ -108,7 +119,7 @@ class JsonCallsParser(ToolParser):
         super().__init__(new_id)
         self.state = "open"
         self.seen = ""  # the whole output while no call has gone out: the content if none does
-        self.pos = 0    # "held": buf[:pos] scanned
+        self.pos = 0  # "held": buf[:pos] scanned
         self.brackets = _Brackets()
 
     def push(self, text: str, finished: bool) -> ToolDelta:
@@ -125,7 +136,7 @@ class JsonCallsParser(ToolParser):
         """Consume `prefix` (a bracket or separator) and go to `state`, if the text starts with it."""
         if not prefix or not self.buf.startswith(prefix):
             return False
-        self.buf, self.state = self.buf[len(prefix):], state
+        self.buf, self.state = self.buf[len(prefix) :], state
         return True
 
     def _rest_is_content(self) -> bool:
@@ -157,7 +168,7 @@ class JsonCallsParser(ToolParser):
         verdict, at, name = _match(self.buf, _HEAD)
         if verdict == "yes":
             self._emit_start(name)
-            self.buf, self.state, self.brackets = self.buf[at - 1:], "args", _Brackets()
+            self.buf, self.state, self.brackets = self.buf[at - 1 :], "args", _Brackets()
             return True
         if verdict == "maybe" and not finished:
             return False
@@ -168,9 +179,9 @@ class JsonCallsParser(ToolParser):
         self.pos, why = self.brackets.scan(self.buf, self.pos)
         if why != "end":
             return finished and self._rest_is_content()
-        if not self._emit_whole_call(self.buf[:self.pos]):
+        if not self._emit_whole_call(self.buf[: self.pos]):
             return self._rest_is_content()
-        self.buf, self.state = self.buf[self.pos:], "after"
+        self.buf, self.state = self.buf[self.pos :], "after"
         return True
 
     def _on_args(self, finished: bool) -> bool:
@@ -208,7 +219,7 @@ class Llama3JsonParser(JsonCallsParser):
     def _on_open(self, finished: bool) -> bool:
         text = self.buf.lstrip(_WS)
         if text.startswith(_PYTHON_TAG):
-            text = text[len(_PYTHON_TAG):]
+            text = text[len(_PYTHON_TAG) :]
         elif text and _PYTHON_TAG.startswith(text) and not finished:
             return False
         verdict, _, _ = _match(text, ("{", '"name"', ":"))
@@ -237,12 +248,13 @@ class NamedParser(ToolParser):
             self.begun = bool(self.buf)
         body = self.buf.rstrip(_WS)
         self._emit_args(body)
-        self.buf = self.buf[len(body):]
+        self.buf = self.buf[len(body) :]
         return False
 
 
-def make_tool_parser(kind: str, new_id: Callable[[], str] = lambda: f"chatcmpl-tool-{uuid4().hex}",
-                     function: str | None = None) -> ToolParser:
+def make_tool_parser(
+    kind: str, new_id: Callable[[], str] = lambda: f"chatcmpl-tool-{uuid4().hex}", function: str | None = None
+) -> ToolParser:
     """A parser for one response: kind "hermes", "llama3_json", "required", or "named" (`function`)."""
     if kind == "named":
         if not function:

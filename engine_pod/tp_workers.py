@@ -8,6 +8,7 @@ that checks the workers' exit codes, so rank 0 raises WorkerDied, naming the wor
 Not covered: NCCL does not raise when a peer dies (rank 0 may wait in a CUDA sync until NCCL's own
 watchdog aborts it), and a worker that dies inside the rendezvous itself costs the group's timeout.
 """
+
 import logging
 import multiprocessing as mp
 import os
@@ -25,9 +26,11 @@ log = logging.getLogger("nanoserve.engine")
 
 POLL_S = 0.2  # how often a waiting rank 0 checks that its workers live
 WORKER_TIMEOUT_S = 600  # a live worker busy this long with one step is stuck (first steps compile kernels)
-START_HINT = ("If you create LLM(tensor_parallel_size>1) in a script, put it under `if __name__ == \"__main__\":` "
-              "(each worker is a spawned process that imports the main module again); the worker's own error, "
-              "if any, is printed above")
+START_HINT = (
+    'If you create LLM(tensor_parallel_size>1) in a script, put it under `if __name__ == "__main__":` '
+    "(each worker is a spawned process that imports the main module again); the worker's own error, "
+    "if any, is printed above"
+)
 
 
 class WorkerDied(RuntimeError):
@@ -61,16 +64,21 @@ class Workers:
         ctx = mp.get_context("spawn")
         ranks = range(1, config.tensor_parallel_size)
         # A worker releases its `read` semaphore once it runs (see worker_main): the segment is free for a command.
-        self.link = TPLink(port=_free_port(), shm_name=name, posted=[ctx.Semaphore(0) for _ in ranks],
-                           read=[ctx.Semaphore(0) for _ in ranks])
+        self.link = TPLink(
+            port=_free_port(),
+            shm_name=name,
+            posted=[ctx.Semaphore(0) for _ in ranks],
+            read=[ctx.Semaphore(0) for _ in ranks],
+        )
         self.procs: list = []
         self.shm: SharedMemory | None = SharedMemory(name=name, create=True, size=size)
         # Workers must not put the current directory on sys.path: our operator/ folder shadows the stdlib's.
         os.environ.setdefault("PYTHONSAFEPATH", "1")
         try:
             for rank in ranks:
-                proc = ctx.Process(target=worker_main, args=(config, rank, self.link), daemon=True,
-                                   name=f"nanoserve-tp-worker-{rank}")
+                proc = ctx.Process(
+                    target=worker_main, args=(config, rank, self.link), daemon=True, name=f"nanoserve-tp-worker-{rank}"
+                )
                 proc.start()
                 self.procs.append(proc)
         except BaseException:  # e.g. multiprocessing's "bootstrapping phase" error in an unguarded script
@@ -95,8 +103,9 @@ class Workers:
         while not sem.acquire(timeout=POLL_S):
             self.check()
             if time.monotonic() > deadline:
-                raise RuntimeError(f"tensor-parallel worker {rank} did not take a command for {timeout:.0f} s: "
-                                   "it is stuck")
+                raise RuntimeError(
+                    f"tensor-parallel worker {rank} did not take a command for {timeout:.0f} s: it is stuck"
+                )
 
     def wait_started(self) -> None:
         """Until every worker runs worker_main. One that dies first (typically while it imports the main module

@@ -7,6 +7,7 @@ after a backoff that doubles with each crash in a row; meanwhile the gateway rou
 the new one once its /ready says so. SIGTERM or SIGINT drains the gateway, then stops the engines
 (SIGTERM: they drain too) and waits for them.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from nanoserve.engine_pod.config import engine_argv
 from nanoserve.gateway.config import GatewayConfig
@@ -51,8 +52,13 @@ class Supervised:
                 return
             self.crashes = 1 if now - self.started_at >= STABLE_S else self.crashes + 1
             self.restart_at = now + restart_delay(self.crashes)
-            log.warning("engine %s (pid %d) exited with %d; restarting it in %.0fs", self.url, self.proc.pid,
-                        self.proc.returncode, self.restart_at - now)
+            log.warning(
+                "engine %s (pid %d) exited with %d; restarting it in %.0fs",
+                self.url,
+                self.proc.pid,
+                self.proc.returncode,
+                self.restart_at - now,
+            )
         elif now >= self.restart_at:
             self.proc, self.started_at, self.restart_at = self.start(self.port), now, None
             log.info("engine %s restarted (pid %d)", self.url, self.proc.pid)
@@ -64,12 +70,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_engine(engine_kwargs: dict, port: int, served_name: str, drain_timeout: float,
-                 engine_args: list[str] = ()) -> subprocess.Popen:
+def start_engine(
+    engine_kwargs: dict, port: int, served_name: str, drain_timeout: float, engine_args: list[str] = ()
+) -> subprocess.Popen:
     """`engine_kwargs`: Config settings; `engine_args`: more `nanoserve serve` flags (the chat flags)."""
-    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *engine_argv(engine_kwargs),
-           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served_name,
-           "--drain-timeout", str(drain_timeout), *engine_args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanoserve.engine_pod.cli",
+        "serve",
+        *engine_argv(engine_kwargs),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        served_name,
+        "--drain-timeout",
+        str(drain_timeout),
+        *engine_args,
+    ]
     return subprocess.Popen(cmd)  # logs go to our stdout/stderr
 
 
@@ -96,17 +116,26 @@ async def run_up(engine_kwargs: dict, replicas: int, gateway: GatewayConfig, eng
     model = resolve_model(engine_kwargs["model"])
     name = gateway.served_model_name or engine_kwargs["model"]  # as the user gave it, like `serve`
     engine_kwargs = {**engine_kwargs, "model": model}
-    engines = [Supervised(free_port(), lambda p: start_engine(engine_kwargs, p, name, gateway.drain_timeout,
-                                                              engine_args), time.monotonic())
-               for _ in range(replicas)]
+    engines = [
+        Supervised(
+            free_port(),
+            lambda p: start_engine(engine_kwargs, p, name, gateway.drain_timeout, engine_args),
+            time.monotonic(),
+        )
+        for _ in range(replicas)
+    ]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     # No local tokenizer: the gateway loads the engines' own, as it does in a cluster.
-    config = dataclasses.replace(gateway, engines=[e.url for e in engines], served_model_name=name,
-                                 engine_api_key=os.environ.get("NANOSERVE_API_KEY"))
+    config = dataclasses.replace(
+        gateway,
+        engines=[e.url for e in engines],
+        served_model_name=name,
+        engine_api_key=os.environ.get("NANOSERVE_API_KEY"),
+    )
     try:
         async with serve(config) as gw:
             log.info("gateway on %s (model %s, %d engines, policy %s)", gw.url, name, replicas, config.policy)
@@ -115,7 +144,7 @@ async def run_up(engine_kwargs: dict, replicas: int, gateway: GatewayConfig, eng
                     engine.check(time.monotonic())
                 try:
                     await asyncio.wait_for(stop.wait(), timeout=0.5)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             log.info("stopping: gateway first, then the engines")
     finally:

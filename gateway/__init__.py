@@ -3,6 +3,7 @@
 Torch-free on purpose: its image carries a tokenizer, not a model. The app is imported when first asked
 for, so that the command lines and the operator, which need the config only, do not load it.
 """
+
 from nanoserve.gateway.config import GatewayConfig, RoutingConfig
 
 __all__ = ["Gateway", "GatewayConfig", "RoutingConfig", "build_app", "run_gateway", "serve"]
@@ -11,5 +12,6 @@ __all__ = ["Gateway", "GatewayConfig", "RoutingConfig", "build_app", "run_gatewa
 def __getattr__(name: str):
     if name in ("Gateway", "build_app", "run_gateway", "serve"):
         from nanoserve.gateway import app
+
         return getattr(app, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

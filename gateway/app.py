@@ -1,11 +1,12 @@
 """The gateway application: state, background tasks, routes; `run_gateway` serves it."""
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
 import signal
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
@@ -49,11 +50,13 @@ class Gateway:
         # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding.
         self.session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
         key = self.config.engine_api_key
-        self.control = aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"} if key else None,
-                                             connector=aiohttp.TCPConnector(limit=0))
+        self.control = aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {key}"} if key else None, connector=aiohttp.TCPConnector(limit=0)
+        )
         if self.config.service:
-            watcher = EndpointSliceWatcher(self.config.service, self.config.namespace, self.set_targets,
-                                           self.config.port_name, self.config.scheme)
+            watcher = EndpointSliceWatcher(
+                self.config.service, self.config.namespace, self.set_targets, self.config.port_name, self.config.scheme
+            )
             watcher.connect()
             self._discovery = asyncio.create_task(watcher.run())
         else:
@@ -87,10 +90,23 @@ class Gateway:
         cfg = self.config
         tasks = [asyncio.create_task(watch_engine(self.control, ep, cfg))]
         if self.policy.uses_cache:
-            tasks.append(asyncio.create_task(follow_feed(self.control, ep.url, ep.cache,
-                                                         cfg.feed_retry_interval, cfg.feed_idle_timeout)))
-            tasks.append(asyncio.create_task(follow_tokenizer(self.control, ep, self.tokenizers, cfg.health_interval,
-                                                              cfg.tokenizer_retry_interval, self.tokenizer_changed)))
+            tasks.append(
+                asyncio.create_task(
+                    follow_feed(self.control, ep.url, ep.cache, cfg.feed_retry_interval, cfg.feed_idle_timeout)
+                )
+            )
+            tasks.append(
+                asyncio.create_task(
+                    follow_tokenizer(
+                        self.control,
+                        ep,
+                        self.tokenizers,
+                        cfg.health_interval,
+                        cfg.tokenizer_retry_interval,
+                        self.tokenizer_changed,
+                    )
+                )
+            )
         return tasks
 
     @property
@@ -103,8 +119,13 @@ class Gateway:
             log.warning("engine %s: no usable tokenizer (%s): %s", ep.url, error.reason, error)
             self.metrics.tokenizer_errors.labels(error.reason).inc()
         elif ep is not None and ep.tokenizer is not None:
-            log.info("engine %s: tokenizer %s verified (from %s), block size %d", ep.url,
-                     ep.tokenizer.fingerprint[:12], ep.tokenizer.source, ep.cache.block_size)
+            log.info(
+                "engine %s: tokenizer %s verified (from %s), block size %d",
+                ep.url,
+                ep.tokenizer.fingerprint[:12],
+                ep.tokenizer.source,
+                ep.cache.block_size,
+            )
         self.tokenizers.prune({e.tokenizer.fingerprint for e in self.pool.endpoints.values() if e.tokenizer})
         self.log_mode()
 
@@ -121,8 +142,11 @@ class Gateway:
         if mode != self.mode:
             self.mode = mode
             without = sorted(ep.url for ep in self.pool.endpoints.values() if ep.tokenizer is None)
-            log.info("routing mode: %s%s", mode, f" (no verified tokenizer yet: {without})"
-                     if mode == "text" and without else "")
+            log.info(
+                "routing mode: %s%s",
+                mode,
+                f" (no verified tokenizer yet: {without})" if mode == "text" and without else "",
+            )
 
     # Routes.
 
@@ -131,17 +155,21 @@ class Gateway:
 
     async def models(self, request: web.Request) -> web.Response:
         """Union of the engines' model lists (by id)."""
+
         async def fetch(ep: Endpoint) -> list[dict]:
             try:
                 timeout = aiohttp.ClientTimeout(total=self.config.health_timeout)
-                async with self.control.get(ep.url + "/v1/models", timeout=timeout,
-                                            allow_redirects=False) as resp:
+                async with self.control.get(ep.url + "/v1/models", timeout=timeout, allow_redirects=False) as resp:
                     body = await resp.json() if resp.status == 200 else {}
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, RecursionError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RecursionError):
                 return []
             data = body.get("data") if isinstance(body, dict) else None  # an engine's garbage is skipped
-            return [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)] \
-                if isinstance(data, list) else []
+            return (
+                [m for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+                if isinstance(data, list)
+                else []
+            )
+
         results = await asyncio.gather(*(fetch(ep) for ep in self.pool.routable()))
         merged: dict[str, dict] = {}
         for data in results:
@@ -162,8 +190,9 @@ class Gateway:
         return self.metrics.render(self.pool, self.routing_mode_now())
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.metrics_text(),
-                            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return web.Response(
+            body=self.metrics_text(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -185,6 +214,7 @@ def build_app(config: GatewayConfig, tokenizer: PromptTokenizer | None = None) -
         await gw.start()
         yield
         await gw.stop()
+
     app.cleanup_ctx.append(lifecycle)
     return app
 
@@ -218,6 +248,10 @@ async def run_gateway(config: GatewayConfig) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not in the main thread / not on Unix
             loop.add_signal_handler(sig, task.cancel)
     async with serve(config) as gw:
-        log.info("gateway on %s, policy %s, engines %s", gw.url, config.policy,
-                 config.engines or f"service {config.namespace}/{config.service}")
+        log.info(
+            "gateway on %s, policy %s, engines %s",
+            gw.url,
+            config.policy,
+            config.engines or f"service {config.namespace}/{config.service}",
+        )
         await asyncio.Event().wait()

@@ -6,6 +6,7 @@ for a cooldown. Then it is half-open: exactly one trial request goes through; su
 failure opens it again with the cooldown doubled (capped at `max_cooldown`). Probes do not close it: only
 a request the engine actually served does.
 """
+
 from __future__ import annotations
 
 import time
@@ -13,13 +14,13 @@ import time
 
 class Breaker:
     def __init__(self, threshold: int = 5, cooldown: float = 2.0, max_cooldown: float = 60.0) -> None:
-        self.threshold = threshold      # <= 0: never opens
-        self.cooldown = cooldown        # after the first trip; doubled per failed trial
+        self.threshold = threshold  # <= 0: never opens
+        self.cooldown = cooldown  # after the first trip; doubled per failed trial
         self.max_cooldown = max_cooldown
-        self.failures = 0               # consecutive failed requests while closed
-        self.trips = 0                  # consecutive openings (0: closed)
-        self.open_until = 0.0           # time.monotonic() when the cooldown ends
-        self.trial = False              # the half-open trial request is in flight
+        self.failures = 0  # consecutive failed requests while closed
+        self.trips = 0  # consecutive openings (0: closed)
+        self.open_until = 0.0  # time.monotonic() when the cooldown ends
+        self.trial = False  # the half-open trial request is in flight
 
     def state(self, now: float | None = None) -> str:
         if self.trips == 0:

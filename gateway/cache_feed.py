@@ -4,6 +4,7 @@ The feed only steers routing, so a broken one must never break requests: a malfo
 (the index may miss a delta until the next connection's snapshot), a feed that cannot be read at all is
 reconnected, and the follower task itself only ends when cancelled.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,7 +57,7 @@ async def read_feed(session: aiohttp.ClientSession, url: str, index: CacheIndex,
             buf += chunk
             while (end := buf.find(b"\n", search)) >= 0:
                 line = bytes(buf[:end])
-                del buf[:end + 1]
+                del buf[: end + 1]
                 search = 0
                 if not line.startswith(b"data:"):
                     continue  # comments (pings), other SSE fields
@@ -72,13 +73,14 @@ async def read_feed(session: aiohttp.ClientSession, url: str, index: CacheIndex,
     return True
 
 
-async def follow_feed(session: aiohttp.ClientSession, url: str, index: CacheIndex,
-                      retry_interval: float, idle_timeout: float) -> None:
+async def follow_feed(
+    session: aiohttp.ClientSession, url: str, index: CacheIndex, retry_interval: float, idle_timeout: float
+) -> None:
     """Keep the index in sync until cancelled, reconnecting (each connection starts with a snapshot)."""
     while True:
         try:
             has_feed = await read_feed(session, url, index, idle_timeout)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError) as e:
             log.debug("cache feed of %s: %r", url, e)
             has_feed = True
         except Exception:  # noqa: BLE001 - a bug must not end the feed for good: log it and resync

@@ -8,11 +8,12 @@ In precise mode a prompt just routed is also held as "pending" for a few seconds
 event may reach the gateway after the response did (two connections), and the next turn of the same
 conversation, or a burst sharing a prefix, must still find it.
 """
+
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 class CacheIndex:

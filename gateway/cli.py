@@ -1,4 +1,5 @@
 """`nanoserve gateway ...` / `python -m nanoserve.gateway ...`."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,12 +14,16 @@ from nanoserve.gateway.config import GatewayConfig
 
 def build_parser() -> argparse.ArgumentParser:
     """GatewayConfig's settings (gateway/config.py), and where keys come from (files, the environment)."""
-    p = argparse.ArgumentParser(prog="nanoserve gateway", formatter_class=HelpFormatter,
-                                description="Prefix-cache-aware gateway in front of nanoserve engines.")
+    p = argparse.ArgumentParser(
+        prog="nanoserve gateway",
+        formatter_class=HelpFormatter,
+        description="Prefix-cache-aware gateway in front of nanoserve engines.",
+    )
     add_flags(p, GatewayConfig)
     p.add_argument("--engine-api-key-file", metavar="PATH", help="read --engine-api-key from this file (default: none)")
-    p.add_argument("--api-key-file", action="append", default=[], metavar="PATH",
-                   help="client keys, one per line (repeatable)")
+    p.add_argument(
+        "--api-key-file", action="append", default=[], metavar="PATH", help="client keys, one per line (repeatable)"
+    )
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     return p
 
@@ -62,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     config = config_from_args(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from nanoserve.gateway.app import run_gateway
+
     try:
         event_loop.run(run_gateway(config))
     except (KeyboardInterrupt, asyncio.CancelledError):

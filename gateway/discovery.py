@@ -3,12 +3,14 @@
 The `kubernetes` client is synchronous, so the watch runs in a thread and hands complete target lists
 ({url: ready}) to the event loop. Parsing of EndpointSlice objects is pure and unit-tested.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,14 @@ def merge_slices(slices: dict[str, Targets]) -> Targets:
 class EndpointSliceWatcher:
     """Lists then watches the EndpointSlices labelled kubernetes.io/service-name=<service>."""
 
-    def __init__(self, service: str, namespace: str, on_targets: Callable[[Targets], None],
-                 port_name: str | None = None, scheme: str = "http") -> None:
+    def __init__(
+        self,
+        service: str,
+        namespace: str,
+        on_targets: Callable[[Targets], None],
+        port_name: str | None = None,
+        scheme: str = "http",
+    ) -> None:
         self.selector = f"kubernetes.io/service-name={service}"
         self.namespace = namespace
         self.on_targets = on_targets
@@ -70,6 +78,7 @@ class EndpointSliceWatcher:
     def connect(self) -> None:
         """Load the in-cluster (or kubeconfig) credentials; raises at startup when there are none."""
         from kubernetes import client, config, watch  # lazy: only needed in a cluster
+
         try:
             config.load_incluster_config()
         except config.ConfigException:
@@ -83,8 +92,8 @@ class EndpointSliceWatcher:
         def deliver(targets: Targets) -> None:
             if not self._stop.is_set():
                 loop.call_soon_threadsafe(self.on_targets, targets)
-        thread = threading.Thread(target=self.watch_forever, args=(deliver,), daemon=True,
-                                  name="endpointslice-watch")
+
+        thread = threading.Thread(target=self.watch_forever, args=(deliver,), daemon=True, name="endpointslice-watch")
         thread.start()
         try:
             await asyncio.Event().wait()
@@ -104,9 +113,13 @@ class EndpointSliceWatcher:
         listing = self.api.list_namespaced_endpoint_slice(self.namespace, label_selector=self.selector)
         slices = {s.metadata.name: self._parse(s) for s in listing.items}
         deliver(merge_slices(slices))
-        stream = self.watch_factory().stream(self.api.list_namespaced_endpoint_slice, self.namespace,
-                                             label_selector=self.selector, timeout_seconds=30,
-                                             resource_version=listing.metadata.resource_version)
+        stream = self.watch_factory().stream(
+            self.api.list_namespaced_endpoint_slice,
+            self.namespace,
+            label_selector=self.selector,
+            timeout_seconds=30,
+            resource_version=listing.metadata.resource_version,
+        )
         for event in stream:
             if self._stop.is_set():
                 return

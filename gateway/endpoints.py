@@ -1,4 +1,5 @@
 """Engine endpoints as the gateway sees them: discovery state, health, load, tokenizer and cache indexes."""
+
 from __future__ import annotations
 
 import hashlib
@@ -21,15 +22,15 @@ def engine_id(url: str) -> str:
 @dataclass
 class Endpoint:
     url: str
-    cache: CacheIndex       # the engine's prefix cache, in its block hashes (precise with its feed)
+    cache: CacheIndex  # the engine's prefix cache, in its block hashes (precise with its feed)
     # Prompts routed here, as text chunks: steers routing while no tokenizer is verified.
     text_cache: CacheIndex = field(default_factory=lambda: CacheIndex(TEXT_CHUNK))
-    ready: bool = True      # discovery's view (EndpointSlice "ready" condition)
-    healthy: bool = False   # active checks' view; unknown until the first probe answers
-    successes: int = 0      # consecutive good probes
-    failures: int = 0       # consecutive failed probes
-    in_flight: int = 0      # requests this gateway has open on it
-    engine_busy: int = 0    # running + waiting, from the engine's /metrics
+    ready: bool = True  # discovery's view (EndpointSlice "ready" condition)
+    healthy: bool = False  # active checks' view; unknown until the first probe answers
+    successes: int = 0  # consecutive good probes
+    failures: int = 0  # consecutive failed probes
+    in_flight: int = 0  # requests this gateway has open on it
+    engine_busy: int = 0  # running + waiting, from the engine's /metrics
     metrics_at: float = -1e9  # time.monotonic() of that scrape
     tokenizer: PromptTokenizer | None = None  # the engine's own, verified (gateway/tokenizers.py)
     breaker: Breaker = field(default_factory=Breaker)  # requests' view: consecutive failures
@@ -104,10 +105,12 @@ class EndpointPool:
             ep = self.endpoints.get(url)
             if ep is None:
                 cfg = self.config
-                ep = Endpoint(url, CacheIndex(cfg.block_size, cfg.approx_capacity_blocks, cfg.pending_ttl),
-                              CacheIndex(TEXT_CHUNK, cfg.approx_capacity_blocks),
-                              breaker=Breaker(cfg.breaker_threshold, cfg.breaker_cooldown,
-                                              cfg.breaker_max_cooldown))
+                ep = Endpoint(
+                    url,
+                    CacheIndex(cfg.block_size, cfg.approx_capacity_blocks, cfg.pending_ttl),
+                    CacheIndex(TEXT_CHUNK, cfg.approx_capacity_blocks),
+                    breaker=Breaker(cfg.breaker_threshold, cfg.breaker_cooldown, cfg.breaker_max_cooldown),
+                )
                 self.endpoints[url] = ep
                 added.append(ep)
             ep.ready = ready
@@ -131,6 +134,9 @@ class EndpointPool:
                 hashes = prompt.hashes(ep.cache.block_size, ep.tokenizer)
             else:
                 hashes = prompt.text_hashes() if mode == "text" else []
-            out.append(Candidate(ep.url, ep.load(self.config.metrics_max_age, now),
-                                 index.match(hashes), len(hashes), len(index)))
+            out.append(
+                Candidate(
+                    ep.url, ep.load(self.config.metrics_max_age, now), index.match(hashes), len(hashes), len(index)
+                )
+            )
         return out

@@ -1,4 +1,5 @@
 """OpenAI-shaped errors, as JSON responses and as a server-sent event."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type_: str, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, type_: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.json_response(error_body(message, type_, code), status=status, headers=headers)
 
 

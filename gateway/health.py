@@ -1,4 +1,5 @@
 """Active health checks and load scraping, one loop per engine."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,7 +22,7 @@ async def probe(session: aiohttp.ClientSession, ep: Endpoint, cfg: GatewayConfig
         async with session.get(ep.url + cfg.health_path, timeout=timeout, allow_redirects=False) as resp:
             await resp.read()
             return resp.status == 200
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return False
 
 
@@ -43,7 +44,7 @@ async def scrape(session: aiohttp.ClientSession, ep: Endpoint, cfg: GatewayConfi
             if resp.status != 200:
                 return
             values = parse_engine_metrics(await resp.text())
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
         return  # stale metrics age out; health is the probe's business
     if "vllm:num_requests_running" in values or "vllm:num_requests_waiting" in values:
         ep.engine_busy = int(values.get("vllm:num_requests_running", 0) + values.get("vllm:num_requests_waiting", 0))

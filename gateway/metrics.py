@@ -1,4 +1,5 @@
 """The gateway's own Prometheus metrics, in a registry per gateway (several can run in one process)."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -9,37 +10,68 @@ from nanoserve.gateway.endpoints import EndpointPool
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("nanoserve_gateway_requests", "Requests answered, by engine and status",
-                                ["engine", "status"], registry=r)
-        self.decisions = Counter("nanoserve_gateway_routing_decisions", "Routing decisions, by reason",
-                                 ["reason"], registry=r)
-        self.matched_blocks = Histogram("nanoserve_gateway_matched_blocks",
-                                        "Leading prompt blocks cached on the chosen engine",
-                                        buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024), registry=r)
-        self.retries = Counter("nanoserve_gateway_retries", "Attempts retried on another engine, by cause",
-                               ["cause"], registry=r)
-        self.stream_errors = Counter("nanoserve_gateway_stream_errors",
-                                     "Responses cut off after the first byte", registry=r)
-        self.ttfb = Histogram("nanoserve_gateway_upstream_ttfb_seconds",
-                              "Engine time to first response byte", ["engine"], registry=r)
-        self.latency = Histogram("nanoserve_gateway_upstream_latency_seconds",
-                                 "Engine time to the end of the response", ["engine"], registry=r)
-        self.prompt_modes = Counter("nanoserve_gateway_prompt_match_mode",
-                                    "Requests by how their prompt was matched: tokens (the engines' block hashes), "
-                                    "text (text-prefix affinity, no verified tokenizer), none", ["mode"], registry=r)
-        self.tokenizer_errors = Counter("nanoserve_gateway_tokenizer_errors",
-                                        "Engine tokenizers refused, by reason (unavailable, invalid, mismatch)",
-                                        ["reason"], registry=r)
-        self.routing_mode = Gauge("nanoserve_gateway_routing_mode",
-                                  "1 for the mode the gateway routes in now: tokens, text or load", ["mode"], registry=r)
-        self.engine_tokenizer = Gauge("nanoserve_gateway_engine_tokenizer_verified",
-                                      "1 when the engine's tokenizer is verified (its fingerprint as a label)",
-                                      ["engine", "fingerprint"], registry=r)
+        self.requests = Counter(
+            "nanoserve_gateway_requests", "Requests answered, by engine and status", ["engine", "status"], registry=r
+        )
+        self.decisions = Counter(
+            "nanoserve_gateway_routing_decisions", "Routing decisions, by reason", ["reason"], registry=r
+        )
+        self.matched_blocks = Histogram(
+            "nanoserve_gateway_matched_blocks",
+            "Leading prompt blocks cached on the chosen engine",
+            buckets=(0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+            registry=r,
+        )
+        self.retries = Counter(
+            "nanoserve_gateway_retries", "Attempts retried on another engine, by cause", ["cause"], registry=r
+        )
+        self.stream_errors = Counter(
+            "nanoserve_gateway_stream_errors", "Responses cut off after the first byte", registry=r
+        )
+        self.ttfb = Histogram(
+            "nanoserve_gateway_upstream_ttfb_seconds", "Engine time to first response byte", ["engine"], registry=r
+        )
+        self.latency = Histogram(
+            "nanoserve_gateway_upstream_latency_seconds",
+            "Engine time to the end of the response",
+            ["engine"],
+            registry=r,
+        )
+        self.prompt_modes = Counter(
+            "nanoserve_gateway_prompt_match_mode",
+            "Requests by how their prompt was matched: tokens (the engines' block hashes), "
+            "text (text-prefix affinity, no verified tokenizer), none",
+            ["mode"],
+            registry=r,
+        )
+        self.tokenizer_errors = Counter(
+            "nanoserve_gateway_tokenizer_errors",
+            "Engine tokenizers refused, by reason (unavailable, invalid, mismatch)",
+            ["reason"],
+            registry=r,
+        )
+        self.routing_mode = Gauge(
+            "nanoserve_gateway_routing_mode",
+            "1 for the mode the gateway routes in now: tokens, text or load",
+            ["mode"],
+            registry=r,
+        )
+        self.engine_tokenizer = Gauge(
+            "nanoserve_gateway_engine_tokenizer_verified",
+            "1 when the engine's tokenizer is verified (its fingerprint as a label)",
+            ["engine", "fingerprint"],
+            registry=r,
+        )
         self.up = Gauge("nanoserve_gateway_engine_up", "1 when the engine is routed to", ["engine"], registry=r)
-        self.in_flight = Gauge("nanoserve_gateway_engine_in_flight", "Requests open on the engine",
-                               ["engine"], registry=r)
-        self.cached_blocks = Gauge("nanoserve_gateway_engine_cached_blocks",
-                                   "Blocks in the gateway's index of the engine's cache", ["engine"], registry=r)
+        self.in_flight = Gauge(
+            "nanoserve_gateway_engine_in_flight", "Requests open on the engine", ["engine"], registry=r
+        )
+        self.cached_blocks = Gauge(
+            "nanoserve_gateway_engine_cached_blocks",
+            "Blocks in the gateway's index of the engine's cache",
+            ["engine"],
+            registry=r,
+        )
 
     def render(self, pool: EndpointPool, mode: str) -> bytes:
         """Exposition text, with per-engine gauges and the routing mode refreshed."""

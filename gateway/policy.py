@@ -4,28 +4,29 @@ The router turns each routable engine into a `Candidate` (its load and how many 
 prompt it holds); a policy ranks them. The first engine of the ranking gets the request, the rest are
 the order in which it is retried if that engine fails before answering.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from nanoserve.gateway.config import POLICIES, RoutingConfig
 
 
 @dataclass(frozen=True)
 class Candidate:
-    name: str         # engine base URL
-    load: int         # requests in flight (see Endpoint.load)
+    name: str  # engine base URL
+    load: int  # requests in flight (see Endpoint.load)
     matched: int = 0  # leading blocks of the prompt the engine holds
-    total: int = 0    # full blocks in the prompt (at this engine's block size)
-    cached: int = 0   # blocks the engine holds in all (less means more room for new prefixes)
+    total: int = 0  # full blocks in the prompt (at this engine's block size)
+    cached: int = 0  # blocks the engine holds in all (less means more room for new prefixes)
 
 
 @dataclass(frozen=True)
 class Decision:
     ranked: list[str]  # chosen engine first, then the retry order
-    reason: str        # cache_hit | load | fallback | round_robin | least_loaded
-    matched: int       # matched blocks on the chosen engine
+    reason: str  # cache_hit | load | fallback | round_robin | least_loaded
+    matched: int  # matched blocks on the chosen engine
 
 
 class RoundRobinPolicy:
@@ -62,6 +63,7 @@ class CacheAwarePolicy:
     the least-loaded engine (reason "load"). Without any match it also goes by load, ties going to the engine
     holding the fewest blocks, so that new prefixes spread over the fleet (reason "fallback").
     """
+
     uses_cache = True
 
     def __init__(self, config: RoutingConfig | None = None) -> None:

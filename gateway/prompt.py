@@ -8,6 +8,7 @@ blocks (common/block_hash.py): a salted prompt routes to the engine holding that
 
 transformers is imported lazily, inside `load_tokenizer`; it never imports torch (the gateway image has none).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,10 +29,11 @@ class PromptTokenizer:
     def __init__(self, tokenizer: Any, fingerprint: str, source: str) -> None:
         self.tokenizer = tokenizer
         self.fingerprint = fingerprint  # common.tokenizer_export.fingerprint of `tokenizer`
-        self.source = source            # where it came from (a folder, an engine URL), for logs
+        self.source = source  # where it came from (a folder, an engine URL), for logs
 
-    def chat_ids(self, messages: list[dict], tools: Any = None, kwargs: Any = None,
-                 options: dict | None = None) -> list[int]:
+    def chat_ids(
+        self, messages: list[dict], tools: Any = None, kwargs: Any = None, options: dict | None = None
+    ) -> list[int]:
         return chat_prompt_ids(self.tokenizer, messages, tools, kwargs, options)
 
     def completion_ids(self, prompt: Any) -> list[int]:
@@ -39,14 +41,16 @@ class PromptTokenizer:
 
     def ids(self, path: str, body: dict) -> list[int]:
         if path.endswith("/chat/completions"):
-            return self.chat_ids(body["messages"], body.get("tools"), body.get("chat_template_kwargs"),
-                                 template_options(body))
+            return self.chat_ids(
+                body["messages"], body.get("tools"), body.get("chat_template_kwargs"), template_options(body)
+            )
         return self.completion_ids(body["prompt"])
 
 
 def load_tokenizer(path: str, source: str | None = None) -> PromptTokenizer:
     """A tokenizer folder (--model, or files an engine served) -> PromptTokenizer with its fingerprint."""
     from transformers import AutoTokenizer  # lazy: a heavy import
+
     tok = AutoTokenizer.from_pretrained(path)
     return PromptTokenizer(tok, fingerprint(tok), source or path)
 
@@ -76,7 +80,7 @@ def text_hashes(text: str, salt: str | None = None) -> list[int]:
     data = text.encode("utf-8", "surrogatepass")
     out, parent = [], b"" if salt is None else salt_root(salt).to_bytes(8, "little")
     for start in range(0, len(data) - TEXT_CHUNK + 1, TEXT_CHUNK):
-        h = xxhash.xxh64_intdigest(parent + data[start:start + TEXT_CHUNK])
+        h = xxhash.xxh64_intdigest(parent + data[start : start + TEXT_CHUNK])
         out.append(h)
         parent = h.to_bytes(8, "little")
     return out

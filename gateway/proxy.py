@@ -4,6 +4,7 @@ Retried on the next engine: connection failures, invalid HTTP and first-byte tim
 client yet), and 429/503. Never a 500 or a 4xx (the request itself is the problem), nor a redirect (not
 followed: the engine is misconfigured, and the prompt must not go where it points; the client gets a 502).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
-              "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 # Overload and draining: another engine may do. Not 500: an engine that failed on this request says the
 # request broke it, and sending it on would let one poison request take down every engine in turn.
 RETRY_STATUSES = {429, 503}
@@ -39,11 +51,12 @@ ENGINE_HEADER = "X-Nanoserve-Engine"  # which engine answered, as its opaque id 
 @dataclass
 class Failure:
     """An attempt that failed before anything was sent to the client."""
+
     cause: str
     status: int | None = None  # the engine's answer, passed on if every attempt fails
     headers: dict[str, str] | None = None
     body: bytes = b""
-    retry: bool = True         # may another engine take the request?
+    retry: bool = True  # may another engine take the request?
 
 
 def _forward_headers(headers) -> dict[str, str]:
@@ -82,8 +95,9 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
         return error_response(400, "request body must be a JSON object", "invalid_request_error")
     served = gw.config.served_model_name
     if served and body.get("model") not in (None, served):
-        return error_response(404, f"model {body.get('model')!r} does not exist", "invalid_request_error",
-                              "model_not_found")
+        return error_response(
+            404, f"model {body.get('model')!r} does not exist", "invalid_request_error", "model_not_found"
+        )
     endpoints = gw.pool.routable()
     if not endpoints:
         return error_response(503, "no healthy engine", "server_error", "no_healthy_engine")
@@ -127,12 +141,14 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
     if failure.status is not None:  # every engine refused: pass the last answer on (e.g. 429 + Retry-After)
         return web.Response(status=failure.status, body=failure.body, headers=failure.headers)
     # Never the engine's URL: clients see engine ids at most.
-    return error_response(502, f"no engine could serve the request ({failure.cause})", "server_error",
-                          "upstream_unavailable")
+    return error_response(
+        502, f"no engine could serve the request ({failure.cause})", "server_error", "upstream_unavailable"
+    )
 
 
-async def _attempt(gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes, headers: dict[str, str],
-                   stream: bool) -> web.StreamResponse | Failure:
+async def _attempt(
+    gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes, headers: dict[str, str], stream: bool
+) -> web.StreamResponse | Failure:
     """One try on one engine: a prepared response once bytes reached the client, else a Failure. The
     engine's breaker learns the outcome: served (< 500), failed (5xx, broken, silent), or unknown."""
     cfg = gw.config
@@ -147,8 +163,9 @@ async def _attempt(gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes, 
         try:
             async with first_byte:
                 # Never follow a redirect: the prompt must not be re-posted to wherever an engine points.
-                up = await gw.session.post(ep.url + request.path, data=raw, headers=headers, timeout=timeout,
-                                           allow_redirects=False)
+                up = await gw.session.post(
+                    ep.url + request.path, data=raw, headers=headers, timeout=timeout, allow_redirects=False
+                )
         except TimeoutError:
             if not first_byte.expired():
                 raise
@@ -198,8 +215,7 @@ async def _attempt(gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes, 
             ep.breaker.release()
 
 
-async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web.StreamResponse,
-                first: bytes) -> bool:
+async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web.StreamResponse, first: bytes) -> bool:
     """Copy the engine's bytes as they arrive; False if the engine failed mid-way. Then an event stream
     ends with an error event (a JSON body can only be cut off). A client that goes away ends the copy (and
     the upstream connection, so the engine stops generating)."""
@@ -219,8 +235,9 @@ async def _pump(gw: Gateway, ep: Endpoint, up: aiohttp.ClientResponse, resp: web
                 ok = False
                 if up.content_type == "text/event-stream":
                     sep = b"" if tail.endswith(b"\n\n") else b"\n\n"  # never inject inside an event
-                    await resp.write(sep + sse_error(f"engine failed mid-stream: {type(e).__name__}",
-                                                     "upstream_disconnected"))
+                    await resp.write(
+                        sep + sse_error(f"engine failed mid-stream: {type(e).__name__}", "upstream_disconnected")
+                    )
                 else:
                     resp.force_close()
                 break

@@ -6,6 +6,7 @@ the fingerprint and vocabulary size: a copy that does not reproduce the engine's
 is routed by text until it serves one that does). A tokenizer given with --model is used for the engines
 that report its fingerprint, and for engines that serve none.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import aiohttp
 
@@ -65,14 +66,15 @@ def check_info(info: object) -> dict:
 async def fetch_info(session: aiohttp.ClientSession, url: str, timeout: float) -> dict | None:
     """The engine's tokenizer description; None when it serves none (404: an older engine)."""
     try:
-        async with session.get(url + INFO_PATH, timeout=aiohttp.ClientTimeout(total=timeout),
-                               allow_redirects=False) as resp:
+        async with session.get(
+            url + INFO_PATH, timeout=aiohttp.ClientTimeout(total=timeout), allow_redirects=False
+        ) as resp:
             if resp.status == 404:
                 return None
             if resp.status != 200:
                 raise TokenizerError("unavailable", f"GET {INFO_PATH} answered {resp.status}")
             return check_info(await resp.json(content_type=None))
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, RecursionError) as e:
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError, RecursionError) as e:
         raise TokenizerError("unavailable", f"GET {INFO_PATH}: {e!r}") from None
 
 
@@ -80,8 +82,11 @@ async def fetch_files(session: aiohttp.ClientSession, url: str, info: dict, fold
     """Download every listed file into `folder`, each checked against its size and sha256."""
     for f in info["files"]:
         try:
-            async with session.get(f"{url}{INFO_PATH}/files/{f['name']}", allow_redirects=False,
-                                   timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with session.get(
+                f"{url}{INFO_PATH}/files/{f['name']}",
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as resp:
                 if resp.status != 200:
                     raise TokenizerError("unavailable", f"tokenizer file {f['name']}: status {resp.status}")
                 data = bytearray()
@@ -89,7 +94,7 @@ async def fetch_files(session: aiohttp.ClientSession, url: str, info: dict, fold
                     data += chunk
                     if len(data) > f["size"]:
                         break  # more than described: no need to read the rest
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise TokenizerError("unavailable", f"tokenizer file {f['name']}: {e!r}") from None
         if len(data) != f["size"] or hashlib.sha256(data).hexdigest() != f["sha256"]:
             raise TokenizerError("mismatch", f"tokenizer file {f['name']} is not the one described")
@@ -104,8 +109,9 @@ def load_verified(folder: str, info: dict, source: str) -> PromptTokenizer:
     except Exception as e:  # noqa: BLE001 - whatever transformers raises for files it cannot read
         raise TokenizerError("invalid", f"tokenizer files do not load: {type(e).__name__}: {e}") from None
     if len(tok.tokenizer) != info["vocab_size"]:
-        raise TokenizerError("mismatch", f"vocabulary of {len(tok.tokenizer)} tokens, the engine reports "
-                                         f"{info['vocab_size']}")
+        raise TokenizerError(
+            "mismatch", f"vocabulary of {len(tok.tokenizer)} tokens, the engine reports {info['vocab_size']}"
+        )
     if tok.fingerprint != info["fingerprint"]:
         raise TokenizerError("mismatch", "the copy tokenizes differently from the engine (fingerprint differs)")
     return tok
@@ -136,8 +142,10 @@ class Tokenizers:
             self.loaded[fp] = await asyncio.shield(task)
         tok = self.loaded[fp]
         if len(tok.tokenizer) != info["vocab_size"]:  # a known fingerprint with another size: a lie
-            raise TokenizerError("mismatch", f"vocabulary size {info['vocab_size']} for tokenizer {fp[:12]} "
-                                             f"of {len(tok.tokenizer)} tokens")
+            raise TokenizerError(
+                "mismatch",
+                f"vocabulary size {info['vocab_size']} for tokenizer {fp[:12]} of {len(tok.tokenizer)} tokens",
+            )
         return tok, info["block_size"]
 
     async def _download(self, session: aiohttp.ClientSession, url: str, info: dict) -> PromptTokenizer:
@@ -152,9 +160,14 @@ class Tokenizers:
                 del self.loaded[fp]
 
 
-async def follow_tokenizer(session: aiohttp.ClientSession, ep: Endpoint, tokenizers: Tokenizers,
-                           interval: float, retry_interval: float,
-                           on_change: Callable[[Endpoint, TokenizerError | None], None]) -> None:
+async def follow_tokenizer(
+    session: aiohttp.ClientSession,
+    ep: Endpoint,
+    tokenizers: Tokenizers,
+    interval: float,
+    retry_interval: float,
+    on_change: Callable[[Endpoint, TokenizerError | None], None],
+) -> None:
     """Keep `ep.tokenizer` right until cancelled: fetch it whenever the engine is up without one (it is
     cleared when the engine goes down or its cache feed reports another fingerprint)."""
     retry_at = 0.0

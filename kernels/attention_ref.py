@@ -2,12 +2,14 @@
 
 KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim].
 """
+
 import torch
 import torch.nn.functional as F
 
 
-def store_kvcache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      slot_mapping: torch.Tensor) -> None:
+def store_kvcache_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Write each token's k/v ([tokens, kv_heads, head_dim]) into its slot; slot -1 is skipped."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -15,9 +17,15 @@ def store_kvcache_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v
     v_cache.view(-1, *v.shape[1:])[slots] = v[keep]
 
 
-def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        query_lens: list[int], context_lens: list[int], block_tables: torch.Tensor,
-                        scale: float) -> torch.Tensor:
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
     q: [total_query_tokens, heads, head_dim]; sequence i owns `query_lens[i]` consecutive rows, which are
@@ -28,16 +36,22 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = torch.empty_like(q)
     start = 0
     for i, (n, length) in enumerate(zip(query_lens, context_lens)):
-        blocks = block_tables[i, :(length + block_size - 1) // block_size]
-        k = k_cache[blocks].flatten(0, 1)[:length]   # [length, kv_heads, head_dim]
+        blocks = block_tables[i, : (length + block_size - 1) // block_size]
+        k = k_cache[blocks].flatten(0, 1)[:length]  # [length, kv_heads, head_dim]
         v = v_cache[blocks].flatten(0, 1)[:length]
-        qi = q[start:start + n]
+        qi = q[start : start + n]
         # Query j sits at position length - n + j and sees keys 0..that position.
-        mask = (torch.arange(length, device=q.device)[None, :]
-                <= torch.arange(length - n, length, device=q.device)[:, None])
+        mask = (
+            torch.arange(length, device=q.device)[None, :] <= torch.arange(length - n, length, device=q.device)[:, None]
+        )
         o = F.scaled_dot_product_attention(
-            qi.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-            enable_gqa=q.shape[1] != num_kv_heads)
-        out[start:start + n] = o.transpose(0, 1)
+            qi.transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
+            enable_gqa=q.shape[1] != num_kv_heads,
+        )
+        out[start : start + n] = o.transpose(0, 1)
         start += n
     return out

@@ -4,14 +4,27 @@ RMSNorm (optionally fused with the residual add), rotary embedding of q and k (w
 q/k RMSNorm, and optionally the KV-cache store, fused in), and SiLU(gate) * up.
 References: the plain-PyTorch functions in engine_pod/layers (layernorm, rotary, activation).
 """
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_xt, stride_xh, stride_rt, n, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_xt,
+    stride_xh,
+    stride_rt,
+    n,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     t, h = tl.program_id(0), tl.program_id(1)
     offs = tl.arange(0, BLOCK)
     mask = offs < n
@@ -32,16 +45,39 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     tokens, heads, n = x3.shape
     out = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     res_out = torch.empty_like(residual) if residual is not None else out
-    _rms_norm_kernel[(tokens, heads)](x3, residual if residual is not None else x3, weight, out, res_out,
-                                      x3.stride(0), x3.stride(1), residual.stride(0) if residual is not None else 0,
-                                      n, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(n))
+    _rms_norm_kernel[(tokens, heads)](
+        x3,
+        residual if residual is not None else x3,
+        weight,
+        out,
+        res_out,
+        x3.stride(0),
+        x3.stride(1),
+        residual.stride(0) if residual is not None else 0,
+        n,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=triton.next_power_of_2(n),
+    )
     out = out.view(x.shape)
     return out if residual is None else (out, res_out)
 
 
 @triton.jit
-def _norm_rotate_heads(src_ptr, dst_ptr, w_ptr, stride_h, cos, sin, eps, NUM: tl.constexpr, NUM_P: tl.constexpr,
-                       HALF: tl.constexpr, HALF_P: tl.constexpr, HAS_NORM: tl.constexpr):
+def _norm_rotate_heads(
+    src_ptr,
+    dst_ptr,
+    w_ptr,
+    stride_h,
+    cos,
+    sin,
+    eps,
+    NUM: tl.constexpr,
+    NUM_P: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
     """One token's heads [NUM, 2 * HALF] from src (strided heads) to dst (contiguous): optional RMSNorm
     per head, then neox-style rotation."""
     h = tl.arange(0, NUM_P)[:, None]
@@ -62,32 +98,91 @@ def _norm_rotate_heads(src_ptr, dst_ptr, w_ptr, stride_h, cos, sin, eps, NUM: tl
 
 
 @triton.jit
-def _qk_norm_rotary_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, cos_sin_ptr, q_w_ptr, k_w_ptr, q_out_ptr, k_out_ptr,
-                           v_out_ptr, slot_ptr, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, eps,
-                           NUM_Q: tl.constexpr, NUM_Q_P: tl.constexpr, NUM_KV: tl.constexpr,
-                           NUM_KV_P: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
-                           HAS_NORM: tl.constexpr, STORE: tl.constexpr):
+def _qk_norm_rotary_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    cos_sin_ptr,
+    q_w_ptr,
+    k_w_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    v_out_ptr,
+    slot_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    eps,
+    NUM_Q: tl.constexpr,
+    NUM_Q_P: tl.constexpr,
+    NUM_KV: tl.constexpr,
+    NUM_KV_P: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_P: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    STORE: tl.constexpr,
+):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
     d = tl.arange(0, HALF_P)[None, :]
     cos = tl.load(cos_sin_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0)
     sin = tl.load(cos_sin_ptr + pos * 2 * HALF + HALF + d, mask=d < HALF, other=0.0)
-    _norm_rotate_heads(q_ptr + t * stride_qt, q_out_ptr + t * NUM_Q * 2 * HALF, q_w_ptr, stride_qh, cos, sin, eps,
-                       NUM_Q, NUM_Q_P, HALF, HALF_P, HAS_NORM)
+    _norm_rotate_heads(
+        q_ptr + t * stride_qt,
+        q_out_ptr + t * NUM_Q * 2 * HALF,
+        q_w_ptr,
+        stride_qh,
+        cos,
+        sin,
+        eps,
+        NUM_Q,
+        NUM_Q_P,
+        HALF,
+        HALF_P,
+        HAS_NORM,
+    )
     width = NUM_KV * 2 * HALF
     if STORE:  # k and v go straight to the token's paged-cache slot (-1: nothing to keep)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         if slot >= 0:
-            _norm_rotate_heads(k_ptr + t * stride_kt, k_out_ptr + slot * width, k_w_ptr, stride_kh, cos, sin, eps,
-                               NUM_KV, NUM_KV_P, HALF, HALF_P, HAS_NORM)
+            _norm_rotate_heads(
+                k_ptr + t * stride_kt,
+                k_out_ptr + slot * width,
+                k_w_ptr,
+                stride_kh,
+                cos,
+                sin,
+                eps,
+                NUM_KV,
+                NUM_KV_P,
+                HALF,
+                HALF_P,
+                HAS_NORM,
+            )
             h = tl.arange(0, NUM_KV_P)[:, None]
             c = tl.arange(0, 2 * HALF_P)[None, :]
             mask = (h < NUM_KV) & (c < 2 * HALF)
             v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=mask)
             tl.store(v_out_ptr + slot * width + h * 2 * HALF + c, v, mask=mask)
     else:
-        _norm_rotate_heads(k_ptr + t * stride_kt, k_out_ptr + t * width, k_w_ptr, stride_kh, cos, sin, eps,
-                           NUM_KV, NUM_KV_P, HALF, HALF_P, HAS_NORM)
+        _norm_rotate_heads(
+            k_ptr + t * stride_kt,
+            k_out_ptr + t * width,
+            k_w_ptr,
+            stride_kh,
+            cos,
+            sin,
+            eps,
+            NUM_KV,
+            NUM_KV_P,
+            HALF,
+            HALF_P,
+            HAS_NORM,
+        )
 
 
 def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, store=None):
@@ -97,17 +192,47 @@ def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, st
     v, v_out, slots = store or (k, k_out, positions)
     has_norm = q_weight is not None
     p2 = triton.next_power_of_2
-    _qk_norm_rotary_kernel[(tokens,)](q, k, v, positions, cos_sin, q_weight if has_norm else q,
-                                      k_weight if has_norm else k, q_out, k_out, v_out, slots,
-                                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), eps,
-                                      NUM_Q=heads, NUM_Q_P=p2(heads), NUM_KV=kv_heads, NUM_KV_P=p2(kv_heads),
-                                      HALF=dim // 2, HALF_P=p2(dim // 2), HAS_NORM=has_norm, STORE=store is not None,
-                                      num_warps=4)
+    _qk_norm_rotary_kernel[(tokens,)](
+        q,
+        k,
+        v,
+        positions,
+        cos_sin,
+        q_weight if has_norm else q,
+        k_weight if has_norm else k,
+        q_out,
+        k_out,
+        v_out,
+        slots,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        eps,
+        NUM_Q=heads,
+        NUM_Q_P=p2(heads),
+        NUM_KV=kv_heads,
+        NUM_KV_P=p2(kv_heads),
+        HALF=dim // 2,
+        HALF_P=p2(dim // 2),
+        HAS_NORM=has_norm,
+        STORE=store is not None,
+        num_warps=4,
+    )
     return q_out
 
 
-def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor,
-                   q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None, eps: float = 1e-6):
+def qk_norm_rotary(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos_sin: torch.Tensor,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+):
     """q: [tokens, heads, dim], k: [tokens, kv_heads, dim] (last dim contiguous); cos_sin: [max_pos, dim]
     float32 (cos | sin). With weights, RMSNorm each head first (Qwen3's q/k norm). One program per token
     does all of it; returns new contiguous q and k."""
@@ -115,16 +240,24 @@ def qk_norm_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, co
     return _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out), k_out
 
 
-def qk_norm_rotary_store(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                         slot_mapping: torch.Tensor, q_weight: torch.Tensor | None = None,
-                         k_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+def qk_norm_rotary_store(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_weight: torch.Tensor | None = None,
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """`qk_norm_rotary`, and the KV-cache store in the same kernel: each token's rotated k and its v are
     written to its slot of the paged caches ([num_blocks, block_size, kv_heads, dim], contiguous; slot -1:
     skipped). Returns the new q; k goes nowhere else."""
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v.stride(-1) == 1
-    return _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_cache,
-                           (v, v_cache, slot_mapping))
+    return _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_cache, (v, v_cache, slot_mapping))
 
 
 @triton.jit

@@ -6,6 +6,7 @@ The query rows of a tile are (token, head-of-this-KV-group) pairs, so the KV til
 used by every query head that shares it (GQA). When the batch is too small to fill the GPU, the context
 is split across programs and the partial results are merged through their log-sum-exp.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -15,14 +16,36 @@ import triton.language as tl
 # specializing on them (== 1, % 16) would compile new variants while serving.
 @triton.jit(do_not_specialize=["stride_bt", "stride_split_o", "stride_split_l"])
 def _paged_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, lse_ptr,
-        cu_q_ptr, ctx_ptr, block_table_ptr,
-        stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_ot, stride_oh,
-        stride_bt, stride_split_o, stride_split_l, num_heads,
-        scale_log2,
-        GROUP: tl.constexpr, GROUP_P: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        NUM_SPLITS: tl.constexpr):
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    lse_ptr,
+    cu_q_ptr,
+    ctx_ptr,
+    block_table_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kb,
+    stride_kt,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_split_o,
+    stride_split_l,
+    num_heads,
+    scale_log2,
+    GROUP: tl.constexpr,
+    GROUP_P: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     tile = tl.program_id(2) // NUM_SPLITS
@@ -38,13 +61,16 @@ def _paged_attention_kernel(
     t_local = tile * BLOCK_T + rows // GROUP_P
     g = rows % GROUP_P
     row_ok = (rows // GROUP_P < BLOCK_T) & (g < GROUP) & (t_local < q_len)
-    pos = ctx - q_len + t_local                      # absolute position of each query row
+    pos = ctx - q_len + t_local  # absolute position of each query row
     head = kv_head * GROUP + g
     d = tl.arange(0, HEAD_DIM_P)
     d_ok = d < HEAD_DIM
 
-    q = tl.load(q_ptr + (q_start + t_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + (q_start + t_local)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
 
     # Keys this tile may see (causal), then this split's share of them, in whole BLOCK_N steps.
     last_t = tl.minimum(q_len, (tile + 1) * BLOCK_T) - 1
@@ -85,9 +111,21 @@ def _paged_attention_kernel(
 
 
 @triton.jit(do_not_specialize=["stride_split_o", "stride_split_l"])
-def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_split_o, stride_split_l, stride_pt, stride_ph,
-                         stride_ot, stride_oh, num_heads,
-                         NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P: tl.constexpr):
+def _merge_splits_kernel(
+    part_ptr,
+    lse_ptr,
+    out_ptr,
+    stride_split_o,
+    stride_split_l,
+    stride_pt,
+    stride_ph,
+    stride_ot,
+    stride_oh,
+    num_heads,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_P: tl.constexpr,
+):
     token = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
@@ -97,8 +135,11 @@ def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, stride_split_o, stride_spli
     w = tl.math.exp2(lse - m)
     w = w / tl.maximum(tl.sum(w, 0), 1e-30)
     d = tl.arange(0, HEAD_DIM_P)
-    part = tl.load(part_ptr + s[:, None] * stride_split_o + token * stride_pt + head * stride_ph + d[None, :],
-                   mask=d[None, :] < HEAD_DIM, other=0.0)
+    part = tl.load(
+        part_ptr + s[:, None] * stride_split_o + token * stride_pt + head * stride_ph + d[None, :],
+        mask=d[None, :] < HEAD_DIM,
+        other=0.0,
+    )
     out = tl.sum(part * w[:, None], 0)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
@@ -122,10 +163,19 @@ def tile_config(max_seqlen_q: int, group_p: int, num_splits: int = 1) -> tuple[i
     return max(64, group_p), 32, 4, 3  # best of 24 tiles for a 16k-token prefill on an H200 (186 TFLOP/s)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                    context_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, max_seqlen_q: int,
-                    num_splits: int = 1, out: torch.Tensor | None = None,
-                    tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    max_seqlen_q: int,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+    tiles: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
     """q: [tokens, heads, head_dim]; caches [num_blocks, block_size, kv_heads, head_dim]; block_tables int32
     [seqs, max_blocks]; cu_seqlens_q int32 [seqs + 1]; context_lens int32 [seqs]. `max_seqlen_q` bounds the
     grid (it is 1 for decode, so a CUDA graph can capture this call). `tiles` overrides `tile_config`
@@ -149,13 +199,52 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         target, lse, stride_split_o, stride_split_l = out, out, 0, 0
         t_stride, h_stride = out.stride(0), out.stride(1)
     _paged_attention_kernel[(num_seqs, kv_heads, num_tiles * num_splits)](
-        q, k_cache, v_cache, target, lse, cu_seqlens_q, context_lens, block_tables,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), t_stride, h_stride,
-        block_tables.stride(0), stride_split_o, stride_split_l, heads, scale * 1.4426950408889634,
-        GROUP=group, GROUP_P=group_p, HEAD_DIM=dim, HEAD_DIM_P=dim_p, BLOCK_SIZE=block_size, BLOCK_T=block_t,
-        BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=num_splits, num_warps=warps, num_stages=stages)
+        q,
+        k_cache,
+        v_cache,
+        target,
+        lse,
+        cu_seqlens_q,
+        context_lens,
+        block_tables,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        t_stride,
+        h_stride,
+        block_tables.stride(0),
+        stride_split_o,
+        stride_split_l,
+        heads,
+        scale * 1.4426950408889634,
+        GROUP=group,
+        GROUP_P=group_p,
+        HEAD_DIM=dim,
+        HEAD_DIM_P=dim_p,
+        BLOCK_SIZE=block_size,
+        BLOCK_T=block_t,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        num_warps=warps,
+        num_stages=stages,
+    )
     if num_splits > 1:
-        _merge_splits_kernel[(tokens, heads)](part, lse, out, part.stride(0), lse.stride(0), part.stride(1),
-                                              part.stride(2), out.stride(0), out.stride(1), heads,
-                                              NUM_SPLITS=num_splits, HEAD_DIM=dim, HEAD_DIM_P=dim_p)
+        _merge_splits_kernel[(tokens, heads)](
+            part,
+            lse,
+            out,
+            part.stride(0),
+            lse.stride(0),
+            part.stride(1),
+            part.stride(2),
+            out.stride(0),
+            out.stride(1),
+            heads,
+            NUM_SPLITS=num_splits,
+            HEAD_DIM=dim,
+            HEAD_DIM_P=dim_p,
+        )
     return out

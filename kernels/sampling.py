@@ -9,6 +9,7 @@ one program a row, draws u in [0, total), finds the split where the running sum 
 only that split for the token. (A Gumbel-max draw needs a random number and two logarithms per logit:
 on an H200 that kernel took 129 us at batch 256, Philox being most of it.)
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -18,8 +19,18 @@ NO_INDEX = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
-def _split_stats_kernel(logits_ptr, temp_ptr, max_ptr, sum_ptr, idx_ptr, stride_row, vocab, num_splits,
-                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _split_stats_kernel(
+    logits_ptr,
+    temp_ptr,
+    max_ptr,
+    sum_ptr,
+    idx_ptr,
+    stride_row,
+    vocab,
+    num_splits,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Sampled rows: the split's max of x / T (in log2 units) and its sum of 2^(x / T - max).
     Greedy rows: the split's max logit and its first index."""
     row, split = tl.program_id(0), tl.program_id(1)
@@ -54,8 +65,21 @@ def _split_stats_kernel(logits_ptr, temp_ptr, max_ptr, sum_ptr, idx_ptr, stride_
 
 
 @triton.jit
-def _pick_kernel(logits_ptr, temp_ptr, seed_ptr, max_ptr, sum_ptr, idx_ptr, out_ptr, stride_row, vocab,
-                 num_splits, CHUNK: tl.constexpr, BLOCK: tl.constexpr, SPLITS_P: tl.constexpr):
+def _pick_kernel(
+    logits_ptr,
+    temp_ptr,
+    seed_ptr,
+    max_ptr,
+    sum_ptr,
+    idx_ptr,
+    out_ptr,
+    stride_row,
+    vocab,
+    num_splits,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+):
     row = tl.program_id(0)
     t = tl.load(temp_ptr + row).to(tl.float32)
     sp = tl.arange(0, SPLITS_P)
@@ -64,8 +88,11 @@ def _pick_kernel(logits_ptr, temp_ptr, seed_ptr, max_ptr, sum_ptr, idx_ptr, out_
     top = tl.max(m, 0)
     if t > 0:
         top_safe = tl.where(top == float("-inf"), 0.0, top)
-        mass = tl.where(m > float("-inf"),
-                        tl.load(sum_ptr + row * num_splits + sp, mask=ok, other=0.0) * tl.math.exp2(m - top_safe), 0.0)
+        mass = tl.where(
+            m > float("-inf"),
+            tl.load(sum_ptr + row * num_splits + sp, mask=ok, other=0.0) * tl.math.exp2(m - top_safe),
+            0.0,
+        )
         u = tl.sum(tl.rand(tl.load(seed_ptr + row), tl.arange(0, 1)), 0)  # the row's one uniform
         target = u * tl.sum(mass, 0)
         split = tl.min(tl.where((tl.cumsum(mass, 0) > target) & ok, sp, num_splits - 1), 0)
@@ -105,8 +132,23 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor
     sums = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
     idx = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    _split_stats_kernel[(rows, splits)](logits, temperatures, maxes, sums, idx, logits.stride(0), vocab, splits,
-                                        CHUNK=chunk, BLOCK=block, num_warps=4)
-    _pick_kernel[(rows,)](logits, temperatures, seeds, maxes, sums, idx, out, logits.stride(0), vocab, splits,
-                          CHUNK=chunk, BLOCK=block, SPLITS_P=triton.next_power_of_2(splits), num_warps=4)
+    _split_stats_kernel[(rows, splits)](
+        logits, temperatures, maxes, sums, idx, logits.stride(0), vocab, splits, CHUNK=chunk, BLOCK=block, num_warps=4
+    )
+    _pick_kernel[(rows,)](
+        logits,
+        temperatures,
+        seeds,
+        maxes,
+        sums,
+        idx,
+        out,
+        logits.stride(0),
+        vocab,
+        splits,
+        CHUNK=chunk,
+        BLOCK=block,
+        SPLITS_P=triton.next_power_of_2(splits),
+        num_warps=4,
+    )
     return out

@@ -4,6 +4,7 @@ Inverse CDF: one uniform u per row, scaled by the total of exp((logits - max) / 
 where the running sum passes it, which draws from softmax(logits / T). Each row's uniform comes from its
 own seed, so a seeded request's draw does not depend on the batch around it.
 """
+
 import torch
 
 

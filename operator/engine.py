@@ -1,4 +1,5 @@
 """Pure rendering of the engine: a GPU Deployment and the headless Service the gateway discovers."""
+
 import re
 
 from nanoserve.engine_pod.config import engine_argv
@@ -51,8 +52,12 @@ def render_engine_deployment(name: str, spec: dict) -> dict:
         {"name": "TRITON_CACHE_DIR", "value": "/cache/triton"},
     ]
     if spec.get("apiKeySecret"):
-        env.append({"name": "NANOSERVE_API_KEY",
-                    "valueFrom": {"secretKeyRef": {"name": spec["apiKeySecret"], "key": "api-key"}}})
+        env.append(
+            {
+                "name": "NANOSERVE_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": spec["apiKeySecret"], "key": "api-key"}},
+            }
+        )
     http = lambda path: {"httpGet": {"path": path, "port": "http"}}  # noqa: E731
     container = {
         "name": "engine",
@@ -68,7 +73,8 @@ def render_engine_deployment(name: str, spec: dict) -> dict:
         "livenessProbe": {**http("/health"), "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 6},
         "lifecycle": {"preStop": {"sleep": {"seconds": DRAIN_SECONDS}}},
         "securityContext": container_security(),
-        "volumeMounts": mounts + [
+        "volumeMounts": mounts
+        + [
             {"name": "dshm", "mountPath": "/dev/shm"},
             {"name": "cache", "mountPath": "/cache"},
             {"name": "tmp", "mountPath": "/tmp"},

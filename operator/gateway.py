@@ -15,14 +15,22 @@ def render_gateway_rbac(name: str) -> list[dict]:
     sa = gateway_name(name)
     meta = {"name": sa, "labels": labels(name, "gateway")}
     return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta,
-         "automountServiceAccountToken": True},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta,
-         "rules": [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
-                    "verbs": ["get", "list", "watch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": meta,
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
-         "subjects": [{"kind": "ServiceAccount", "name": sa}]},
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": True},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": meta,
+            "rules": [
+                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+            ],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa},
+            "subjects": [{"kind": "ServiceAccount", "name": sa}],
+        },
     ]
 
 
@@ -30,15 +38,26 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
     gw = spec["gateway"]
     env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
     if spec.get("apiKeySecret"):  # the gateway's own calls to the engines (health, metrics) need the key
-        env.append({"name": "NANOSERVE_API_KEY",
-                    "valueFrom": {"secretKeyRef": {"name": spec["apiKeySecret"], "key": "api-key"}}})
+        env.append(
+            {
+                "name": "NANOSERVE_API_KEY",
+                "valueFrom": {"secretKeyRef": {"name": spec["apiKeySecret"], "key": "api-key"}},
+            }
+        )
     http = lambda path: {"httpGet": {"path": path, "port": "http"}}  # noqa: E731
     container = {
         "name": "gateway",
         "image": gw["image"],
         "command": ["nanoserve", "gateway"],
-        "args": gateway_argv({"port": GATEWAY_PORT, "service": engine_name(name), "namespace": namespace,
-                              "policy": gw["policy"], "drain_timeout": GATEWAY_GRACE_SECONDS}),
+        "args": gateway_argv(
+            {
+                "port": GATEWAY_PORT,
+                "service": engine_name(name),
+                "namespace": namespace,
+                "policy": gw["policy"],
+                "drain_timeout": GATEWAY_GRACE_SECONDS,
+            }
+        ),
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         "env": env,
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},

@@ -23,7 +23,8 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     # kopf's state goes to our own annotations, so the status schema stays strict (no status.kopf).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration")
+        prefix=GROUP, key="last-handled-configuration"
+    )
     settings.posting.level = logging.WARNING  # Events for problems only
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300  # re-list now and then: a watch can stall silently
@@ -35,8 +36,14 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
     meta = body["metadata"]
-    new = reconcile(body, meta["name"], meta["namespace"], dict(body["spec"]),
-                    meta.get("generation", 0), dict(body.get("status", {})))
+    new = reconcile(
+        body,
+        meta["name"],
+        meta["namespace"],
+        dict(body["spec"]),
+        meta.get("generation", 0),
+        dict(body.get("status", {})),
+    )
     patch.status.update(new)
 
 

@@ -46,12 +46,18 @@ def _client() -> kubernetes.client.ApiClient:
     return kubernetes.client.ApiClient()  # after load_config(); its connection pool is thread-safe
 
 
-def _call(method: str, url: str, body: dict | None = None, query: list | None = None,
-          content_type: str = "application/json") -> dict:
+def _call(
+    method: str, url: str, body: dict | None = None, query: list | None = None, content_type: str = "application/json"
+) -> dict:
     api = _client()
-    params = api.param_serialize(method, url, query_params=query or [],
-                                 header_params={"Content-Type": content_type, "Accept": "application/json"},
-                                 body=body, auth_settings=["BearerToken"])
+    params = api.param_serialize(
+        method,
+        url,
+        query_params=query or [],
+        header_params={"Content-Type": content_type, "Accept": "application/json"},
+        body=body,
+        auth_settings=["BearerToken"],
+    )
     resp = api.call_api(*params)
     data = json.loads(resp.read() or b"{}")
     if not 200 <= resp.status < 300:
@@ -62,8 +68,7 @@ def _call(method: str, url: str, body: dict | None = None, query: list | None = 
 def apply(obj: dict, namespace: str) -> dict:
     """Server-side apply: creates if missing, takes back the fields we own if edited by hand."""
     url = path(obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"])
-    return _call("PATCH", url, obj, [("fieldManager", MANAGER), ("force", "true")],
-                 "application/apply-patch+yaml")
+    return _call("PATCH", url, obj, [("fieldManager", MANAGER), ("force", "true")], "application/apply-patch+yaml")
 
 
 def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:

@@ -36,10 +36,14 @@ def model_source(model: dict, image: str) -> tuple[str, list[dict], list[dict], 
     download = {
         "name": "download-model",
         "image": image,
-        "command": ["python", "-c",
-                    "import sys; from huggingface_hub import snapshot_download; "
-                    "snapshot_download(repo_id=sys.argv[1], local_dir=sys.argv[2])",
-                    model["name"], folder],
+        "command": [
+            "python",
+            "-c",
+            "import sys; from huggingface_hub import snapshot_download; "
+            "snapshot_download(repo_id=sys.argv[1], local_dir=sys.argv[2])",
+            model["name"],
+            folder,
+        ],
         "env": [{"name": "HF_HOME", "value": "/cache/huggingface"}],
         "volumeMounts": [mount, {"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],
     }

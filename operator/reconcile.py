@@ -34,8 +34,7 @@ def apply_all(objs: list[dict], namespace: str) -> list[tuple[str, str]]:
     return problems
 
 
-def reconcile(owner: kopf.Body, name: str, namespace: str, spec: dict, generation: int,
-              old_status: dict) -> dict:
+def reconcile(owner: kopf.Body, name: str, namespace: str, spec: dict, generation: int, old_status: dict) -> dict:
     """Returns the new status; raises only on transient API failures (kopf retries those)."""
     try:
         objs, stale = render(name, namespace, spec), render_stale(name, namespace, spec)
@@ -48,6 +47,5 @@ def reconcile(owner: kopf.Body, name: str, namespace: str, spec: dict, generatio
     for obj in stale:
         kube.delete(obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"])
     engine = kube.get("apps/v1", "Deployment", namespace, engine_name(name))
-    gateway = kube.get("apps/v1", "Deployment", namespace, gateway_name(name)) \
-        if spec["gateway"]["enabled"] else None
+    gateway = kube.get("apps/v1", "Deployment", namespace, gateway_name(name)) if spec["gateway"]["enabled"] else None
     return compute_status(name, namespace, spec, generation, old_status, engine, gateway, problems)

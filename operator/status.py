@@ -38,45 +38,71 @@ def _condition(old: list[dict], type_: str, ok: bool, reason: str, message: str,
     status = "True" if ok else "False"
     prev = next((c for c in old if c.get("type") == type_), None)
     # lastTransitionTime only moves when the status flips, as in every built-in controller.
-    since = prev["lastTransitionTime"] if prev and prev.get("status") == status and "lastTransitionTime" in prev else now
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "observedGeneration": gen, "lastTransitionTime": since}
+    since = (
+        prev["lastTransitionTime"] if prev and prev.get("status") == status and "lastTransitionTime" in prev else now
+    )
+    return {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": gen,
+        "lastTransitionTime": since,
+    }
 
 
 def _now(now: datetime.datetime | None) -> str:
     return (now or datetime.datetime.now(datetime.UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def invalid_status(generation: int, old_status: dict, message: str,
-                   now: datetime.datetime | None = None) -> dict:
+def invalid_status(generation: int, old_status: dict, message: str, now: datetime.datetime | None = None) -> dict:
     """For a spec that cannot be rendered at all: report it, keep whatever runs untouched."""
     old, t = old_status.get("conditions", []), _now(now)
-    return {**old_status, "observedGeneration": generation, "conditions": [
-        _condition(old, "Ready", False, "InvalidSpec", message, generation, t),
-        _condition(old, "Progressing", False, "InvalidSpec", message, generation, t),
-        _condition(old, "Degraded", True, "InvalidSpec", message, generation, t),
-    ]}
+    return {
+        **old_status,
+        "observedGeneration": generation,
+        "conditions": [
+            _condition(old, "Ready", False, "InvalidSpec", message, generation, t),
+            _condition(old, "Progressing", False, "InvalidSpec", message, generation, t),
+            _condition(old, "Degraded", True, "InvalidSpec", message, generation, t),
+        ],
+    }
 
 
-def compute_status(name: str, namespace: str, spec: dict, generation: int, old_status: dict,
-                   engine: dict | None, gateway: dict | None, problems: list[str],
-                   now: datetime.datetime | None = None) -> dict:
+def compute_status(
+    name: str,
+    namespace: str,
+    spec: dict,
+    generation: int,
+    old_status: dict,
+    engine: dict | None,
+    gateway: dict | None,
+    problems: list[str],
+    now: datetime.datetime | None = None,
+) -> dict:
     """problems: (reason, message) pairs the operator itself found (missing PVC, rejected manifests)."""
     now_s = _now(now)
     old = old_status.get("conditions", [])
     e_ready, e_prog, e_why = _rollout(engine, spec["replicas"])
-    g_ready, g_prog, g_why = (True, False, "") if not spec["gateway"]["enabled"] else \
-        _rollout(gateway, spec["gateway"]["replicas"])
+    g_ready, g_prog, g_why = (
+        (True, False, "") if not spec["gateway"]["enabled"] else _rollout(gateway, spec["gateway"]["replicas"])
+    )
     failures = problems + _failures(engine) + _failures(gateway)
     ready = e_ready and g_ready and not problems
     progressing = (e_prog or g_prog) and not failures
     why = "; ".join(w for w in (e_why, g_why) if w)
     conditions = [
         _condition(old, "Ready", ready, "Available" if ready else "NotReady", why, generation, now_s),
-        _condition(old, "Progressing", progressing, "RollingOut" if progressing else "Settled", why,
-                   generation, now_s),
-        _condition(old, "Degraded", bool(failures), failures[0][0] if failures else "AsExpected",
-                   "; ".join(m for _, m in failures), generation, now_s),
+        _condition(old, "Progressing", progressing, "RollingOut" if progressing else "Settled", why, generation, now_s),
+        _condition(
+            old,
+            "Degraded",
+            bool(failures),
+            failures[0][0] if failures else "AsExpected",
+            "; ".join(m for _, m in failures),
+            generation,
+            now_s,
+        ),
     ]
     return {
         "observedGeneration": generation,

@@ -1,5 +1,6 @@
 """Helpers for the tests of flags derived from config dataclasses (common/flags.py): a value other than its
 default for every setting, and the entries of a --help text."""
+
 from __future__ import annotations
 
 import dataclasses

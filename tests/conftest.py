@@ -1,4 +1,5 @@
 """Fixtures shared by every suite: tiny random Hugging Face models built on the spot, with fixed seeds."""
+
 import os
 import pathlib
 import sys
@@ -17,14 +18,25 @@ if "torch" in sys.modules:  # imported before this file (by a plugin): too late 
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.25, eos_token_id=None,
-            bos_token_id=None, pad_token_id=None)
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.25,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
 
 
 def build_tiny_model(folder: str, arch: str, seed: int = 0, **overrides) -> str:
     """Save a small random model of `arch` ("llama", "qwen2", "qwen3") with its tokenizer into `folder`."""
     from nanoserve.engine_pod.random_model import save_random_model
+
     params = {**TINY, **overrides, "model_type": arch}
     if arch == "qwen3":
         params.setdefault("head_dim", 32)
@@ -46,6 +58,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def default_model_path() -> str:
     from nanoserve.engine_pod.default_model import ensure_default_model
+
     return ensure_default_model()
 
 
@@ -53,6 +66,7 @@ def default_model_path() -> str:
 def bpe_model(tmp_path_factory) -> str:
     """A tiny random qwen3 with a byte-level BPE tokenizer (tests/bpe_model.py): it can spell JSON."""
     from bpe_model import save_bpe_model
+
     return save_bpe_model(str(tmp_path_factory.mktemp("models") / "bpe"))
 
 

@@ -3,6 +3,7 @@
 Used by the gateway's routing tests and by the cluster end-to-end tests (real engines behind the rendered
 gateway). Words w10..w249 are in every test vocabulary (fake engines', tiny models') and in real ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,14 @@ MAX_TOKENS = 16  # real engines' replies (fake ones answer `tokens` chunks)
 
 
 class Conversation:
-    def __init__(self, seed: int, model: str = "fake-model", max_tokens: int = MAX_TOKENS,
-                 words: tuple[int, int] = (30, 50), shared_system: bool = True) -> None:
+    def __init__(
+        self,
+        seed: int,
+        model: str = "fake-model",
+        max_tokens: int = MAX_TOKENS,
+        words: tuple[int, int] = (30, 50),
+        shared_system: bool = True,
+    ) -> None:
         self.rng = random.Random(seed)
         self.model = model
         self.max_tokens = max_tokens
@@ -46,8 +53,9 @@ async def chat(session, gw_url: str, conv: Conversation, stream: bool = False) -
             return resp.status, [raw.decode()]
         if stream:
             data = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
-            text = "".join(c["delta"].get("content", "") for d in data if d != "[DONE]"
-                           for c in json.loads(d).get("choices", []))
+            text = "".join(
+                c["delta"].get("content", "") for d in data if d != "[DONE]" for c in json.loads(d).get("choices", [])
+            )
         else:
             data = [raw.decode()]
             text = json.loads(raw)["choices"][0]["message"]["content"]
@@ -58,11 +66,16 @@ async def chat(session, gw_url: str, conv: Conversation, stream: bool = False) -
 async def total_hits(session, engines) -> float:
     """Prefix-cache hits summed over the engines, from their Prometheus /metrics (as real engines report)."""
     from prometheus_client.parser import text_string_to_metric_families
+
     total = 0.0
     for e in engines:
         text = await (await session.get(e.url + "/metrics")).text()
-        total += sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-                     if s.name == "vllm:prefix_cache_hits_total")
+        total += sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "vllm:prefix_cache_hits_total"
+        )
     return total
 
 
@@ -77,8 +90,9 @@ async def cached_hashes(session, engine_url: str) -> set[int]:
     raise AssertionError("the feed ended before its snapshot")
 
 
-async def run_conversations(gw_url: str, n_conv: int, turns: int, first_seed: int = 0, model: str = "fake-model",
-                            **options) -> list[Conversation]:
+async def run_conversations(
+    gw_url: str, n_conv: int, turns: int, first_seed: int = 0, model: str = "fake-model", **options
+) -> list[Conversation]:
     """`n_conv` conversations of `turns` turns, interleaved one request at a time; options: Conversation's."""
     convs = [Conversation(seed, model, **options) for seed in range(first_seed, first_seed + n_conv)]
     async with aiohttp.ClientSession() as s:

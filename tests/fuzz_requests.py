@@ -3,6 +3,7 @@
 Shared by the engine's and the gateway's fuzz suites: whatever is sent, the answer must be a 2xx or a 4xx
 with an OpenAI-shaped JSON body, never a 5xx, and the fleet must stay healthy.
 """
+
 import json
 import socket
 import string
@@ -11,25 +12,44 @@ from hypothesis import strategies as st
 
 # Every value JSON can carry, nested a little, with the numbers and strings that broke parsers before.
 _scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(), st.sampled_from([0, -1, 1, 2 ** 31, 2 ** 63, -(2 ** 63) - 1, 10 ** 30]),
-    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([1e308, -1e308, 5e-324, -0.0]),
-    st.text(max_size=20), st.sampled_from(["", "\ud800", "\udfff x", "\x00", "w5 w6", "<|im_start|>", "é" * 3]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.sampled_from([0, -1, 1, 2**31, 2**63, -(2**63) - 1, 10**30]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e308, -1e308, 5e-324, -0.0]),
+    st.text(max_size=20),
+    st.sampled_from(["", "\ud800", "\udfff x", "\x00", "w5 w6", "<|im_start|>", "é" * 3]),
 )
-any_json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
-                        | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=12)
+any_json = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
 
 _small_int = st.integers(-3, 40)
-_prompt = st.one_of(st.sampled_from(["w5", "w5 w6 w7", "", " "]), st.text(max_size=30),
-                    st.lists(st.integers(-5, 300), max_size=12), st.lists(st.text(max_size=5), max_size=3),
-                    st.lists(st.lists(st.integers(0, 300), max_size=4), max_size=3))
+_prompt = st.one_of(
+    st.sampled_from(["w5", "w5 w6 w7", "", " "]),
+    st.text(max_size=30),
+    st.lists(st.integers(-5, 300), max_size=12),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.lists(st.lists(st.integers(0, 300), max_size=4), max_size=3),
+)
 _role = st.sampled_from(["user", "assistant", "system", "tool", "developer", "wizard", ""])
-_content = st.one_of(st.text(max_size=30), st.none(), st.integers(),
-                     st.lists(st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]),
-                                                     "text": st.text(max_size=10)}), max_size=2))
-_message = st.one_of(st.fixed_dictionaries({"role": _role, "content": _content}),
-                     st.dictionaries(st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id"]),
-                                     any_json, max_size=4), any_json)
+_content = st.one_of(
+    st.text(max_size=30),
+    st.none(),
+    st.integers(),
+    st.lists(
+        st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "x"]), "text": st.text(max_size=10)}),
+        max_size=2,
+    ),
+)
+_message = st.one_of(
+    st.fixed_dictionaries({"role": _role, "content": _content}),
+    st.dictionaries(st.sampled_from(["role", "content", "name", "tool_calls", "tool_call_id"]), any_json, max_size=4),
+    any_json,
+)
 _messages = st.one_of(st.lists(_message, max_size=4), any_json)
 
 # The fields of OpenAI's (and vLLM's) request schema, each with plausible values and, sometimes, anything.
@@ -47,9 +67,18 @@ FIELDS = {
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), any_json),
     "ignore_eos": st.one_of(st.booleans(), any_json),
     "priority": st.one_of(_small_int, any_json),
-    "n": st.one_of(st.integers(0, 3), any_json), "best_of": any_json, "logprobs": any_json,
-    "top_logprobs": any_json, "echo": any_json, "suffix": any_json, "logit_bias": any_json, "tools": any_json,
-    "presence_penalty": any_json, "frequency_penalty": any_json, "response_format": any_json, "user": any_json,
+    "n": st.one_of(st.integers(0, 3), any_json),
+    "best_of": any_json,
+    "logprobs": any_json,
+    "top_logprobs": any_json,
+    "echo": any_json,
+    "suffix": any_json,
+    "logit_bias": any_json,
+    "tools": any_json,
+    "presence_penalty": any_json,
+    "frequency_penalty": any_json,
+    "response_format": any_json,
+    "user": any_json,
     "cache_salt": st.one_of(st.text(max_size=6), any_json),
 }
 
@@ -63,8 +92,9 @@ def request_body(draw, chat: bool) -> dict:
     for name in draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=6, unique=True)):
         body[name] = draw(FIELDS[name])
     if draw(st.integers(0, 9)) == 0:
-        body.update(draw(st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=8), any_json,
-                                         max_size=2)))
+        body.update(
+            draw(st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=8), any_json, max_size=2))
+        )
     # Keep generation short: the point is parsing, and a long valid request only costs time.
     if isinstance(body.get("max_tokens"), int) and not isinstance(body["max_tokens"], bool):
         body["max_tokens"] = min(body["max_tokens"], 40)
@@ -78,8 +108,13 @@ PATIENCE = 0.5
 
 
 def http_request(path: str, body: bytes, headers: dict[str, str] | None = None) -> bytes:
-    head = [f"POST {path} HTTP/1.1", "Host: fuzz", "Connection: close", f"Content-Length: {len(body)}",
-            *(f"{k}: {v}" for k, v in {"Content-Type": "application/json", **(headers or {})}.items())]
+    head = [
+        f"POST {path} HTTP/1.1",
+        "Host: fuzz",
+        "Connection: close",
+        f"Content-Length: {len(body)}",
+        *(f"{k}: {v}" for k, v in {"Content-Type": "application/json", **(headers or {})}.items()),
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -92,16 +127,17 @@ def mutated(draw, data: bytes) -> bytes:
         op = draw(st.sampled_from(["replace", "delete", "insert"]))
         chunk = draw(st.binary(min_size=1, max_size=6))
         if op == "replace":
-            out[i:i + len(chunk)] = chunk
+            out[i : i + len(chunk)] = chunk
         elif op == "delete":
-            del out[i:i + len(chunk)]
+            del out[i : i + len(chunk)]
         else:
             out[i:i] = chunk
     return bytes(out)
 
 
-def send_raw(host: str, port: int, data: bytes, timeout: float = 30.0,
-             patience: float | None = None) -> tuple[int | None, dict, bytes]:
+def send_raw(
+    host: str, port: int, data: bytes, timeout: float = 30.0, patience: float | None = None
+) -> tuple[int | None, dict, bytes]:
     """Send bytes, read to EOF: (status or None if nothing parseable came back, headers, body). With
     `patience`, a server still silent after that many seconds gets the end of the sending side (for bytes
     whose framing promises more than is sent: the server then sees the end instead of waiting)."""
@@ -140,7 +176,7 @@ def _dechunk(data: bytes) -> bytes:
         if n == 0:
             break
         out += rest[:n]
-        data = rest[n + 2:]
+        data = rest[n + 2 :]
     return bytes(out)
 
 

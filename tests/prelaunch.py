@@ -13,11 +13,13 @@ Launchers run from an unrelated test's setup: they may only ask for the session 
 (tiny_models, bpe_model, default_model_path, tmp_path_factory). Nothing waits or asserts in a launcher.
 NANOSERVE_TEST_PRELAUNCH=0 turns prelaunching off: each process then starts when its fixture asks for it.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -29,13 +31,13 @@ ENABLED = os.environ.get("NANOSERVE_TEST_PRELAUNCH", "1") != "0"
 class Plan:
     name: str
     launch: Callable[[Callable[[str], Any]], Any]  # launch(getfixturevalue) -> the process (not yet ready)
-    needs: Callable[[Any], bool]                    # needs(item): does this test use it?
+    needs: Callable[[Any], bool]  # needs(item): does this test use it?
     stop: Callable[[Any], None]
-    weight: int                                     # processes it starts, for the AHEAD budget
-    first: int | None = None                        # index of the first and last tests that use it
+    weight: int  # processes it starts, for the AHEAD budget
+    first: int | None = None  # index of the first and last tests that use it
     last: int | None = None
-    launched: bool = False                          # (ahead of its tests; once at most)
-    waiting: Any = None                             # launched ahead, not taken yet
+    launched: bool = False  # (ahead of its tests; once at most)
+    waiting: Any = None  # launched ahead, not taken yet
 
 
 _plans: dict[str, Plan] = {}
@@ -50,20 +52,23 @@ def uses(*fixtures: str) -> Callable[[Any], bool]:
 def param(name: str, value, in_file: str | None = None) -> Callable[[Any], bool]:
     """A `needs` for the tests whose parameter (or parametrized fixture) `name` has this value; only those in
     `in_file` (a test module's __file__) if given."""
+
     def needs(item) -> bool:
         callspec = getattr(item, "callspec", None)
         if in_file is not None and str(getattr(item, "path", "")) != in_file:
             return False
         return callspec is not None and name in callspec.params and callspec.params[name] == value
+
     return needs
 
 
-def plan(name: str, needs: Callable[[Any], bool], stop: Callable[[Any], None] = lambda p: p.stop(),
-         weight: int = 1):
+def plan(name: str, needs: Callable[[Any], bool], stop: Callable[[Any], None] = lambda p: p.stop(), weight: int = 1):
     """Decorator: register `launch(getfixturevalue)` as the way to start the process called `name`."""
+
     def register(launch):
         _plans[name] = Plan(name, launch, needs, stop, weight)
         return launch
+
     return register
 
 
@@ -78,6 +83,7 @@ def server_fixture(name: str, launch: Callable[[Callable[[str], Any]], Any], sco
         proc = take(name, request.getfixturevalue)
         yield proc.wait_ready()
         proc.stop_later()
+
     return server
 
 
@@ -110,8 +116,9 @@ def ahead(item, getfixturevalue: Callable[[str], Any]) -> None:
         if p.waiting is not None and p.last is not None and p.last < i:  # its tests were skipped
             _stop(p)
     budget = AHEAD - sum(p.weight for p in _plans.values() if p.waiting is not None)
-    coming = sorted((p for p in _plans.values() if p.first is not None and p.first >= i and not p.launched),
-                    key=lambda p: p.first)
+    coming = sorted(
+        (p for p in _plans.values() if p.first is not None and p.first >= i and not p.launched), key=lambda p: p.first
+    )
     for p in coming:
         if p.weight > budget:
             break

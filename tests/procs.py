@@ -1,5 +1,6 @@
 """Helpers for tests that run real processes and servers: free ports, bounded waits for HTTP, `nanoserve serve`
 processes."""
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,7 @@ def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = N
                 return
         except OSError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout}s")
+                raise TimeoutError(f"{url} did not answer within {timeout}s") from None
             time.sleep(0.05)
 
 
@@ -41,18 +42,35 @@ class ServerProcess:
         """`model` None: the command line names it itself (vLLM's positional form)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", *(["--model", model] if model else []),
-               "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nanoserve.engine_pod.cli",
+            "serve",
+            *(["--model", model] if model else []),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--device",
+            "cpu",
+            *args,
+        ]
         # A file, not a pipe: a pipe nobody reads fills up (64 KiB of logs) and then blocks the server.
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
-                                     stdout=self.log, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            env={**os.environ, "PYTHONSAFEPATH": "1", **(env or {})},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
 
-    def wait_ready(self, timeout: float = 180) -> "ServerProcess":
+    def wait_ready(self, timeout: float = 180) -> ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

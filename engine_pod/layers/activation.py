@@ -14,5 +14,6 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from nanoserve.kernels.elementwise import silu_and_mul as fused
+
             return fused(x)
         return silu_and_mul(x)

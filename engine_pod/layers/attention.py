@@ -5,6 +5,7 @@ Every backend does the same three things per layer: rotate the new tokens' q and
 the paged cache, then attend each sequence's new queries over its cached context (Triton: the first two
 in one kernel).
 """
+
 import torch
 from torch import nn
 
@@ -16,6 +17,7 @@ from nanoserve.kernels.attention_ref import paged_attention_ref, store_kvcache_r
 def flash_attn_available() -> bool:
     try:
         import flash_attn  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -23,9 +25,11 @@ def flash_attn_available() -> bool:
 
 def pick_backend(requested: str | None, device: str, block_size: int) -> str:
     from nanoserve.engine_pod.errors import ConfigError
+
     if requested == "flash_attn" and (not flash_attn_available() or block_size % 256):
-        raise ConfigError("attention_backend='flash_attn' needs the flash_attn package and kvcache_block_size "
-                          "a multiple of 256")
+        raise ConfigError(
+            "attention_backend='flash_attn' needs the flash_attn package and kvcache_block_size a multiple of 256"
+        )
     if requested in ("triton", "flash_attn") and not device.startswith("cuda"):
         raise ConfigError(f"attention_backend={requested!r} needs a CUDA device")
     if requested:
@@ -34,42 +38,76 @@ def pick_backend(requested: str | None, device: str, block_size: int) -> str:
 
 
 class Attention(nn.Module):
-
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
         super().__init__()
         self.num_heads, self.head_dim, self.scale, self.num_kv_heads = num_heads, head_dim, scale, num_kv_heads
         self.backend = "torch"
         self.k_cache = self.v_cache = torch.tensor([])  # bound to the runner's cache after allocation
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rotary: RotaryEmbedding, q_norm: nn.Module | None = None,
-                k_norm: nn.Module | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rotary: RotaryEmbedding,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> torch.Tensor:
         """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim].
         q and k come before the rotary embedding (and Qwen3's per-head norms): on the Triton backend the
         kernel that applies them also writes k and v into the cache."""
         ctx = get_context()
         if self.backend == "triton":
             from nanoserve.kernels.paged_attention import paged_attention
-            q = rotary.rotate_and_store(positions, q, k, v, q_norm, k_norm, self.k_cache, self.v_cache,
-                                        ctx.slot_mapping)
-            return paged_attention(q, self.k_cache, self.v_cache, ctx.cu_seqlens_q, ctx.context_lens,
-                                   ctx.block_tables, self.scale, ctx.max_seqlen_q, ctx.num_splits)
+
+            q = rotary.rotate_and_store(
+                positions, q, k, v, q_norm, k_norm, self.k_cache, self.v_cache, ctx.slot_mapping
+            )
+            return paged_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                ctx.cu_seqlens_q,
+                ctx.context_lens,
+                ctx.block_tables,
+                self.scale,
+                ctx.max_seqlen_q,
+                ctx.num_splits,
+            )
         q, k = rotary(positions, q, k, q_norm, k_norm)
         if self.backend == "flash_attn":
             return self._flash_attn(q, k, v, ctx)
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        return paged_attention_ref(q, self.k_cache, self.v_cache, ctx.query_lens_list, ctx.context_lens_list,
-                                   ctx.block_tables, self.scale)
+        return paged_attention_ref(
+            q, self.k_cache, self.v_cache, ctx.query_lens_list, ctx.context_lens_list, ctx.block_tables, self.scale
+        )
 
     def _flash_attn(self, q, k, v, ctx):
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         tables, lens = ctx.block_tables.to(torch.int32), ctx.context_lens.to(torch.int32)
         if ctx.is_decode:
-            return flash_attn_with_kvcache(q.unsqueeze(1), self.k_cache, self.v_cache, cache_seqlens=lens,
-                                           block_table=tables, softmax_scale=self.scale, causal=True).squeeze(1)
+            return flash_attn_with_kvcache(
+                q.unsqueeze(1),
+                self.k_cache,
+                self.v_cache,
+                cache_seqlens=lens,
+                block_table=tables,
+                softmax_scale=self.scale,
+                causal=True,
+            ).squeeze(1)
         cu_k = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
-        return flash_attn_varlen_func(q, self.k_cache, self.v_cache, cu_seqlens_q=ctx.cu_seqlens_q.to(torch.int32),
-                                      cu_seqlens_k=cu_k, max_seqlen_q=ctx.max_seqlen_q,
-                                      max_seqlen_k=ctx.max_seqlen_k, softmax_scale=self.scale, causal=True,
-                                      block_table=tables)
+        return flash_attn_varlen_func(
+            q,
+            self.k_cache,
+            self.v_cache,
+            cu_seqlens_q=ctx.cu_seqlens_q.to(torch.int32),
+            cu_seqlens_k=cu_k,
+            max_seqlen_q=ctx.max_seqlen_q,
+            max_seqlen_k=ctx.max_seqlen_k,
+            softmax_scale=self.scale,
+            causal=True,
+            block_table=tables,
+        )

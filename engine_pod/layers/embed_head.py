@@ -1,4 +1,5 @@
 """Vocabulary-parallel embedding and LM head. The vocabulary is padded up to a multiple of the TP size."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -7,7 +8,6 @@ from nanoserve.engine_pod.layers.parallel import all_reduce, gather_to_rank0, tp
 
 
 class VocabParallelEmbedding(nn.Module):
-
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.vocab_size = vocab_size
@@ -18,7 +18,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         n = max(0, min(self.shard_size, self.vocab_size - self.start))
-        param.data[:n].copy_(loaded[self.start:self.start + n])
+        param.data[:n].copy_(loaded[self.start : self.start + n])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tp_size() == 1:
@@ -34,4 +34,4 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = gather_to_rank0(F.linear(hidden, self.weight))
-        return None if logits is None else logits[..., :self.vocab_size]
+        return None if logits is None else logits[..., : self.vocab_size]

@@ -1,4 +1,5 @@
 """Linear layers sharded for tensor parallelism; each parameter knows how to load its shard."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -7,7 +8,6 @@ from nanoserve.engine_pod.layers.parallel import all_reduce, divide, tp_rank, tp
 
 
 class LinearBase(nn.Module):
-
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)

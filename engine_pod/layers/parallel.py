@@ -2,6 +2,7 @@
 
 With one rank nothing here touches torch.distributed, so TP=1 engines need no process group.
 """
+
 import torch
 import torch.distributed as dist
 
@@ -42,6 +43,7 @@ def gather_to_rank0(x: torch.Tensor) -> torch.Tensor | None:
 
 def divide(n: int, what: str) -> int:
     from nanoserve.engine_pod.errors import ConfigError
+
     if n % _size:
         raise ConfigError(f"tensor_parallel_size={_size} does not divide {what}={n}")
     return n // _size

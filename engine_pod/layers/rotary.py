@@ -1,4 +1,5 @@
 """Rotary position embedding (neox style, as Llama/Qwen), with Llama-3 and linear frequency scaling."""
+
 import math
 
 import torch
@@ -24,15 +25,15 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Ten
         wavelen = 2 * math.pi / inv_freq
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_len / low, inv_freq / factor,
-                               torch.where(wavelen < old_len / high, inv_freq, smoothed))
+        inv_freq = torch.where(
+            wavelen > old_len / low, inv_freq / factor, torch.where(wavelen < old_len / high, inv_freq, smoothed)
+        )
     elif kind != "default":
         raise NotImplementedError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
     return inv_freq
 
 
 class RotaryEmbedding(nn.Module):
-
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
@@ -44,6 +45,7 @@ class RotaryEmbedding(nn.Module):
         modules, Qwen3) normalize each head first; on CUDA one kernel does norms and rotation."""
         if q.is_cuda:
             from nanoserve.kernels.elementwise import qk_norm_rotary
+
             if q_norm is None:
                 return qk_norm_rotary(positions, q, k, self.cos_sin)
             return qk_norm_rotary(positions, q, k, self.cos_sin, q_norm.weight, k_norm.weight, q_norm.eps)
@@ -51,12 +53,22 @@ class RotaryEmbedding(nn.Module):
             q, k = q_norm(q), k_norm(k)
         return apply_rotary(positions, q, k, self.cos_sin)
 
-    def rotate_and_store(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         q_norm: nn.Module | None, k_norm: nn.Module | None, k_cache: torch.Tensor,
-                         v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    def rotate_and_store(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_norm: nn.Module | None,
+        k_norm: nn.Module | None,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor:
         """CUDA: `forward`, with rotated k and v written straight into their paged-cache slots by the same
         kernel (one launch a layer fewer). Returns q."""
         from nanoserve.kernels.elementwise import qk_norm_rotary_store
+
         norms = () if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
         return qk_norm_rotary_store(positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping, *norms)
 

@@ -1,4 +1,5 @@
 """Supported architectures (config.json "architectures") and the decoder switches each one sets."""
+
 from nanoserve.engine_pod.errors import ModelLoadError
 from nanoserve.engine_pod.models.decoder import DecoderForCausalLM
 
@@ -20,6 +21,8 @@ def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:
     archs = cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type"), cfg.get("model_type"))]
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
-        raise ModelLoadError(f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ModelLoadError(
+            f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     return DecoderForCausalLM(cfg, max_position, **_switches(arch, cfg))

@@ -4,6 +4,7 @@ Switches: `qkv_bias` (Qwen2), `qk_norm` (Qwen3: RMSNorm on each head of q and k 
 `o_bias` (Llama with attention_bias). Weights load from Hugging Face names through
 `packed_modules_mapping` (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
 """
+
 import torch
 from torch import nn
 
@@ -16,7 +17,6 @@ from nanoserve.engine_pod.layers.rotary import RotaryEmbedding, rope_parameters
 
 
 class DecoderAttention(nn.Module):
-
     def __init__(self, cfg: dict, max_position: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -26,7 +26,7 @@ class DecoderAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=o_bias)
         self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, *rope_parameters(cfg))
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim ** -0.5, self.num_kv_heads)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
@@ -41,7 +41,6 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-
     def __init__(self, hidden: int, intermediate: int, bias: bool):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias)
@@ -53,7 +52,6 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-
     def __init__(self, cfg: dict, max_position: int, **switches):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
@@ -73,12 +71,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-
     def __init__(self, cfg: dict, max_position: int, **switches):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
-        self.layers = nn.ModuleList(DecoderLayer(cfg, max_position, **switches)
-                                    for _ in range(cfg["num_hidden_layers"]))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, max_position, **switches) for _ in range(cfg["num_hidden_layers"])
+        )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -91,8 +89,11 @@ class DecoderModel(nn.Module):
 
 class DecoderForCausalLM(nn.Module):
     packed_modules_mapping = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
     }
 
     def __init__(self, cfg: dict, max_position: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):

@@ -1,5 +1,6 @@
 """Async scheduling (step N+1 scheduled while step N runs, its sampled tokens applied one step later)
 gives exactly what synchronous scheduling gives, and loses nothing when a request ends mid-flight."""
+
 import pytest
 import torch
 
@@ -25,8 +26,10 @@ def test_stops_mid_flight_match_sync(tiny_models):
     greedy = run(path, False, PROMPTS, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     # Stop tokens that occur early: async has already scheduled the next step when it sees them.
     params = [SamplingParams(temperature=0, max_tokens=8, stop_token_ids=[o["token_ids"][2]]) for o in greedy[:2]]
-    params += [SamplingParams(temperature=0.8, seed=7, max_tokens=11, ignore_eos=True),
-               SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)]
+    params += [
+        SamplingParams(temperature=0.8, seed=7, max_tokens=11, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+    ]
     sync, overlapped = run(path, False, PROMPTS, params), run(path, True, PROMPTS, params)
     assert sync == overlapped
     assert [o["finish_reason"] for o in sync] == ["stop", "stop", "length", "length"]
@@ -39,7 +42,7 @@ def test_tokens_arrive_one_step_later(tiny_models):
         seq = llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
         assert llm.step() == []  # the prefill's token is still on its way...
         assert seq.token_ids[-1] == PLACEHOLDER
-        (got, token), = llm.step()  # ...and arrives while the first decode step runs
+        ((got, token),) = llm.step()  # ...and arrives while the first decode step runs
         assert got is seq and seq.token_ids[3] == token != PLACEHOLDER
         while llm.has_unfinished():
             llm.step()

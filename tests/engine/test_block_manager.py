@@ -1,5 +1,7 @@
 """Block manager invariants under random admit/extend/free sequences, and its prefix-cache rules."""
-from hypothesis import settings, strategies as st
+
+from hypothesis import settings
+from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from nanoserve.common.block_hash import block_hashes, salt_root
@@ -72,8 +74,9 @@ class BlockManagerMachine(RuleBasedStateMachine):
             assert bm.blocks[block_id].hash == h
         for s in self.live:  # every live sequence's cached prefix really is its own tokens
             assert len(s.block_table) == bm.blocks_for(s.num_computed_tokens)
-            assert s.block_hashes == block_hashes(s.token_ids[:s.num_computed_tokens], B,
-                                                  salt_root(s.params.cache_salt))
+            assert s.block_hashes == block_hashes(
+                s.token_ids[: s.num_computed_tokens], B, salt_root(s.params.cache_salt)
+            )
 
     def teardown(self):
         for seq in self.live:

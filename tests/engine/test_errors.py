@@ -1,4 +1,5 @@
 """Bad input fails with a typed, clear exception and leaves nothing behind (no queued request, no block)."""
+
 import json
 import os
 import shutil
@@ -10,7 +11,13 @@ from nanoserve.engine_pod import LLM, ConfigError, InvalidRequestError, ModelLoa
 
 @pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
 def llm(tiny_models, request):
-    engine = LLM(tiny_models["llama"], num_kvcache_blocks=8, kvcache_block_size=16, max_model_len=100, async_scheduling=request.param)
+    engine = LLM(
+        tiny_models["llama"],
+        num_kvcache_blocks=8,
+        kvcache_block_size=16,
+        max_model_len=100,
+        async_scheduling=request.param,
+    )
     yield engine
     engine.exit()
 
@@ -20,13 +27,16 @@ def assert_clean(llm):
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
-@pytest.mark.parametrize("prompt, match", [
-    ("", "empty"),
-    ([], "empty"),
-    ([1] * 100, "max_model_len"),
-    ([1, 2, 999], "token ids"),
-    ([1, -2], "token ids"),
-])
+@pytest.mark.parametrize(
+    "prompt, match",
+    [
+        ("", "empty"),
+        ([], "empty"),
+        ([1] * 100, "max_model_len"),
+        ([1, 2, 999], "token ids"),
+        ([1, -2], "token ids"),
+    ],
+)
 def test_bad_prompts(llm, prompt, match):
     with pytest.raises(InvalidRequestError, match=match):
         llm.generate([[3, 4], prompt], SamplingParams(max_tokens=4))

@@ -1,5 +1,6 @@
 """On a GPU (skipped without CUDA): the engine in bf16 with Triton kernels and CUDA graphs against
 Hugging Face transformers on the same random Qwen3 weights, and its fast paths against its slow ones."""
+
 import dataclasses
 import random
 
@@ -12,9 +13,21 @@ from nanoserve.engine_pod.step_inputs import prepare
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-CONFIG = dict(model_type="qwen3", vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-              num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
-              initializer_range=0.1, tie_word_embeddings=True, eos_token_id=None, bos_token_id=None)
+CONFIG = dict(
+    model_type="qwen3",
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=2048,
+    initializer_range=0.1,
+    tie_word_embeddings=True,
+    eos_token_id=None,
+    bos_token_id=None,
+)
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
@@ -40,6 +53,7 @@ def engine_tokens(path, prompts, **kw):
 
 def test_first_tokens_and_logits_match_transformers(model_path, prompts):
     from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).cuda().eval()
     llm = LLM(model_path, max_model_len=1024, num_kvcache_blocks=512)
     try:
@@ -94,8 +108,17 @@ def test_sampling_options_on_gpu(model_path, prompts):
     """Logprobs are lossless and close to transformers'; penalties and bad words read the newest token on the
     device under async scheduling exactly as the host has it under sync; n equals seeded requests."""
     from transformers import AutoModelForCausalLM
-    processed = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.5,
-                               frequency_penalty=0.5, presence_penalty=0.3, bad_words=["w1 w2"], min_p=0.1)
+
+    processed = SamplingParams(
+        temperature=0,
+        max_tokens=16,
+        ignore_eos=True,
+        repetition_penalty=1.5,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+        bad_words=["w1 w2"],
+        min_p=0.1,
+    )
     outs = {}
     for async_scheduling in (True, False):
         llm = LLM(model_path, max_model_len=1024, num_kvcache_blocks=512, async_scheduling=async_scheduling)
@@ -104,14 +127,15 @@ def test_sampling_options_on_gpu(model_path, prompts):
             if not async_scheduling:
                 continue
             plain = [o["token_ids"] for o in llm.generate(prompts, GREEDY)]
-            scored = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3,
-                                                          prompt_logprobs=1))
+            scored = llm.generate(
+                prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=3, prompt_logprobs=1)
+            )
             assert [o["token_ids"] for o in scored] == plain  # logprobs change nothing
             seeded = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=7)
-            fanned = llm.generate([prompts[2]], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True,
-                                                               seed=7, n=3))[0]["outputs"]
-            single = [llm.generate([prompts[2]], dataclasses.replace(seeded, seed=7 + j))[0]
-                      for j in range(3)]
+            fanned = llm.generate(
+                [prompts[2]], SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True, seed=7, n=3)
+            )[0]["outputs"]
+            single = [llm.generate([prompts[2]], dataclasses.replace(seeded, seed=7 + j))[0] for j in range(3)]
             assert [o["token_ids"] for o in fanned] == [o["token_ids"] for o in single]
         finally:
             llm.exit()
@@ -131,7 +155,7 @@ def test_sampling_options_on_gpu(model_path, prompts):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "graphs"])  # eager first: tells a
-def test_tp2_matches_tp1_on_gpu(model_path, prompts, enforce_eager):               # capture hang apart
+def test_tp2_matches_tp1_on_gpu(model_path, prompts, enforce_eager):  # capture hang apart
     one = engine_tokens(model_path, prompts)
     two = engine_tokens(model_path, prompts, tensor_parallel_size=2, enforce_eager=enforce_eager)
     assert [o[:2] for o in one] == [t[:2] for t in two]
@@ -145,12 +169,21 @@ def test_json_schema_on_gpu_is_valid_json(bpe_model):
     import re
 
     from nanoserve.engine_pod.structured_params import StructuredOutputsParams
-    schema = {"type": "object", "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
-                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
-              "required": ["name", "age"], "additionalProperties": False}
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "pattern": "^[a-z]{1,8}$"},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
     so = StructuredOutputsParams(json=schema)
-    params = [GREEDY] + [SamplingParams(temperature=t, seed=s, max_tokens=300, structured_outputs=so)
-                         for t, s in ((0, None), (1.0, 1), (1.0, 2))]
+    params = [GREEDY] + [
+        SamplingParams(temperature=t, seed=s, max_tokens=300, structured_outputs=so)
+        for t, s in ((0, None), (1.0, 1), (1.0, 2))
+    ]
     llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=256)
     try:
         assert llm.config.device == "cuda" and llm.config.async_scheduling

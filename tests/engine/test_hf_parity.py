@@ -1,5 +1,6 @@
 """Greedy tokens equal Hugging Face transformers (float32, CPU) on the same weights, under every
 scheduling shape: plain, chunked prefill mixed with decode, prefix caching on and off, preemption."""
+
 import random
 
 import pytest
@@ -15,9 +16,8 @@ def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     outs = []
     for p in prompts:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False,
-                             min_new_tokens=max_tokens)
-        outs.append(ids[0, len(p):].tolist())
+        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens)
+        outs.append(ids[0, len(p) :].tolist())
     return outs
 
 
@@ -64,15 +64,19 @@ def test_one_at_a_time_matches_transformers(cases, arch):
 def test_chunked_prefill_mixed_with_decode(cases, arch, async_scheduling):
     # 24 tokens a step: long prompts are cut into chunks that share steps with other sequences' decodes.
     path, prompts, expected = cases[arch]
-    assert engine_greedy(path, prompts, max_num_batched_tokens=24, kvcache_block_size=8,
-                         async_scheduling=async_scheduling) == expected
+    assert (
+        engine_greedy(path, prompts, max_num_batched_tokens=24, kvcache_block_size=8, async_scheduling=async_scheduling)
+        == expected
+    )
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_few_seats_and_odd_block_size(cases, async_scheduling):
     path, prompts, expected = cases["qwen3"]
-    assert engine_greedy(path, prompts, max_num_seqs=2, kvcache_block_size=5,
-                         async_scheduling=async_scheduling) == expected
+    assert (
+        engine_greedy(path, prompts, max_num_seqs=2, kvcache_block_size=5, async_scheduling=async_scheduling)
+        == expected
+    )
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])

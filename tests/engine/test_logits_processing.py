@@ -1,14 +1,19 @@
 """Logits processing (logit bias, allowed ids, bad words, min_tokens, penalties, min_p) against transformers'
 own logits processors on the same logits, with the newest token on the host or still on the device; and
 end to end: greedy generation with a repetition penalty / bad words / min_tokens equals transformers'."""
-import numpy as np
+
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
-from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, MinPLogitsWarper,
-                                                    NoBadWordsLogitsProcessor, RepetitionPenaltyLogitsProcessor,
-                                                    SequenceBiasLogitsProcessor)
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+)
 
 from nanoserve.engine_pod import LLM, SamplingParams
 from nanoserve.engine_pod.logits_processing import apply_processing, processing_inputs
@@ -62,8 +67,11 @@ def test_presence_and_frequency_penalties_follow_openai_formula(prompt, output, 
 
 
 @settings(max_examples=60, deadline=None)
-@given(output=tokens, pending=st.booleans(), words=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1,
-                                                                      max_size=3), min_size=1, max_size=4))
+@given(
+    output=tokens,
+    pending=st.booleans(),
+    words=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=3), min_size=1, max_size=4),
+)
 def test_bad_words_equal_transformers(output, pending, words):
     logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(len(words)))
     seq, prev = sequence([1, 2], output, pending)
@@ -76,10 +84,10 @@ def test_bad_words_equal_transformers(output, pending, words):
 def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     logits = torch.randn(1, VOCAB)
     for done in range(5):
-        seq, _ = sequence([1, 2, 3], list(range(10, 10 + done)), False, min_tokens=3, max_tokens=8,
-                          stop_token_ids=[9])
-        expected = MinNewTokensLengthLogitsProcessor(3, 3, eos_token_id=[0, 9])(torch.tensor([seq.token_ids]),
-                                                                                 logits.clone())
+        seq, _ = sequence([1, 2, 3], list(range(10, 10 + done)), False, min_tokens=3, max_tokens=8, stop_token_ids=[9])
+        expected = MinNewTokensLengthLogitsProcessor(3, 3, eos_token_id=[0, 9])(
+            torch.tensor([seq.token_ids]), logits.clone()
+        )
         assert torch.equal(processed([seq], logits, [0]), expected)
 
 
@@ -120,9 +128,10 @@ def hf_model(tiny_models):
 
 
 def hf_generate(model, prompt, max_tokens, **options) -> list[int]:
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                         do_sample=False, **options)
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False, **options
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True])
@@ -132,18 +141,20 @@ def test_greedy_with_repetition_penalty_equals_transformers(tiny_models, hf_mode
         params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.8)
         plain = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
         outs = llm.generate(PROMPTS + PROMPTS[:1], [params] * len(PROMPTS) + [plain])
-        assert [o["token_ids"] for o in outs[:-1]] == [hf_generate(hf_model, p, 16, repetition_penalty=1.8)
-                                                       for p in PROMPTS]
+        assert [o["token_ids"] for o in outs[:-1]] == [
+            hf_generate(hf_model, p, 16, repetition_penalty=1.8) for p in PROMPTS
+        ]
         assert outs[-1]["token_ids"] == hf_generate(hf_model, PROMPTS[0], 16)  # its neighbour is unaffected
         assert outs[0]["token_ids"] != outs[-1]["token_ids"]  # the penalty changed something
         # A bad word taken from the greedy output itself: it must no longer appear.
         greedy = outs[-1]["token_ids"]
         word = greedy[3:5]
         text = llm.tokenizer.decode(word)
-        banned = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
-                                                           bad_words=[text]))[0]["token_ids"]
+        banned = llm.generate(
+            [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, bad_words=[text])
+        )[0]["token_ids"]
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
-        assert not any(banned[i:i + len(ids)] == ids for i in range(len(banned)))
+        assert not any(banned[i : i + len(ids)] == ids for i in range(len(banned)))
         assert banned[:3] == greedy[:3]
     finally:
         llm.exit()

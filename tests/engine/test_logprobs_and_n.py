@@ -1,5 +1,6 @@
 """Logprobs equal transformers' float32 log_softmax; n completions of a prompt equal n seeded requests and share
 the prompt's KV blocks; best_of keeps the completions with the best logprob per token."""
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -23,12 +24,13 @@ def hf_model(tiny_models):
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_logprobs_equal_transformers_log_softmax(llm, hf_model, temperature):
-    params = SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True, logprobs=5, seed=3,
-                            repetition_penalty=1.3)  # processing changes the draw, not the raw logprobs
+    params = SamplingParams(
+        temperature=temperature, max_tokens=8, ignore_eos=True, logprobs=5, seed=3, repetition_penalty=1.3
+    )  # processing changes the draw, not the raw logprobs
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, params)):
         ids = prompt + out["token_ids"]
         with torch.no_grad():
-            logits = hf_model(torch.tensor([ids])).logits[0, len(prompt) - 1:-1]
+            logits = hf_model(torch.tensor([ids])).logits[0, len(prompt) - 1 : -1]
         expected = logits.log_softmax(-1)
         assert len(out["logprobs"]) == len(out["token_ids"]) == 8
         for step, (token, entry) in enumerate(zip(out["token_ids"], out["logprobs"])):
@@ -55,8 +57,12 @@ def test_n_equals_seeded_requests_and_shares_the_prompt_blocks(llm):
     hits = bm.prefix_hits - hits_before
     assert bm.num_free_blocks == bm.num_blocks  # nothing leaked
     assert len(out["outputs"]) == 4 and out["token_ids"] == out["outputs"][0]["token_ids"]
-    separate = [llm.generate([PROMPTS[1]], SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True,
-                                                           seed=11 + j))[0]["token_ids"] for j in range(4)]
+    separate = [
+        llm.generate([PROMPTS[1]], SamplingParams(temperature=1.0, max_tokens=6, ignore_eos=True, seed=11 + j))[0][
+            "token_ids"
+        ]
+        for j in range(4)
+    ]
     assert [o["token_ids"] for o in out["outputs"]] == separate
     assert len({tuple(s) for s in separate}) > 1
     # Children 2..4 found the first one's two full prompt blocks (40 tokens, blocks of 16) in the cache.
@@ -82,8 +88,9 @@ def test_best_of_keeps_the_best_logprob_per_token(llm):
     base = dict(temperature=1.5, max_tokens=6, ignore_eos=True, seed=21)
     out = llm.generate([PROMPTS[0]], SamplingParams(**base, n=2, best_of=5))[0]
     assert len(out["outputs"]) == 2 and "logprobs" not in out  # ranked by logprobs it did not ask for
-    candidates = [llm.generate([PROMPTS[0]], SamplingParams(**{**base, "seed": 21 + j}, logprobs=0))[0]
-                  for j in range(5)]
+    candidates = [
+        llm.generate([PROMPTS[0]], SamplingParams(**{**base, "seed": 21 + j}, logprobs=0))[0] for j in range(5)
+    ]
     means = [sum(e.logprob for e in c["logprobs"]) / 6 for c in candidates]
     order = sorted(range(5), key=lambda i: means[i], reverse=True)
     assert [o["token_ids"] for o in out["outputs"]] == [candidates[i]["token_ids"] for i in order[:2]]
@@ -91,8 +98,11 @@ def test_best_of_keeps_the_best_logprob_per_token(llm):
 
 def test_a_single_string_prompt_is_one_prompt(llm):
     out = llm.generate("w5 w6 w7", SamplingParams(temperature=0, max_tokens=4))
-    assert len(out) == 1 and out[0]["token_ids"] == llm.generate(["w5 w6 w7"], SamplingParams(
-        temperature=0, max_tokens=4))[0]["token_ids"]
+    assert (
+        len(out) == 1
+        and out[0]["token_ids"]
+        == llm.generate(["w5 w6 w7"], SamplingParams(temperature=0, max_tokens=4))[0]["token_ids"]
+    )
 
 
 def test_prompt_logprobs_equal_transformers_chunked_and_after_a_cache_hit(tiny_models, hf_model):

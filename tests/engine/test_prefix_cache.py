@@ -1,4 +1,5 @@
 """Prefix caching through the engine: shared prefixes reuse blocks, count hits, change no token."""
+
 import random
 
 import pytest
@@ -11,7 +12,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_shared_prefix_reuses_blocks_and_keeps_tokens(tiny_models, async_scheduling):
     rng = random.Random(1)
-    prefix = [rng.randrange(200) for _ in range(64)]          # 4 full blocks of 16
+    prefix = [rng.randrange(200) for _ in range(64)]  # 4 full blocks of 16
     a, b = prefix + [7, 8, 9], prefix + [10, 11]
     cold = LLM(tiny_models["llama"], num_kvcache_blocks=64, enable_prefix_caching=False)
     expected = [o["token_ids"] for o in cold.generate([a, b], GREEDY)]
@@ -68,15 +69,16 @@ def test_cache_salt_separates_prefixes_and_changes_no_token(tiny_models):
     prompt = list(range(60, 93))  # 2 full blocks and one token
     llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=64)
     try:
+
         def run(salt):
-            seq = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
-                                                         cache_salt=salt))
+            seq = llm.add_request(prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, cache_salt=salt))
             while llm.has_unfinished():
                 llm.step()
             return seq.num_cached_tokens, seq.completion_token_ids
+
         cached_a, tokens = run("a")
         assert cached_a == 0
         assert run("b") == (0, tokens) and run(None) == (0, tokens)  # other salts, or none, share nothing
-        assert run("a") == (32, tokens)                               # the same salt does
+        assert run("a") == (32, tokens)  # the same salt does
     finally:
         llm.exit()

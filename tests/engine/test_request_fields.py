@@ -1,5 +1,6 @@
 """Every request field is honoured, accepted only at its no-op value, or refused naming it (request_fields.py):
 each field of vLLM's chat and completion protocols is known, and nothing else passes."""
+
 import pytest
 
 from nanoserve.engine_pod.errors import InvalidRequestError
@@ -17,8 +18,15 @@ VLLM_CHAT = """messages top_logprobs max_completion_tokens tools tool_choice rea
 parallel_tool_calls bad_words echo add_generation_prompt continue_final_message documents chat_template
 chat_template_kwargs mm_processor_kwargs""".split()
 VLLM_COMPLETION = "prompt echo suffix prompt_embeds".split()
-NOT_DEFAULT = {"echo": True, "spaces_between_special_tokens": False, "use_beam_search": True,
-               "store": True, "service_tier": "flex", "add_special_tokens": True, "length_penalty": 2.0}
+NOT_DEFAULT = {
+    "echo": True,
+    "spaces_between_special_tokens": False,
+    "use_beam_search": True,
+    "store": True,
+    "service_tier": "flex",
+    "add_special_tokens": True,
+    "length_penalty": 2.0,
+}
 
 
 @pytest.mark.parametrize("chat", [True, False], ids=["chat", "completions"])
@@ -39,9 +47,13 @@ def test_unimplemented_fields_pass_only_at_their_no_op_value(name, value):
 
 
 def test_unknown_and_wrong_endpoint_fields_are_refused():
-    for body, chat, param in (({"max_token": 5}, True, "max_token"), ({"messages": []}, False, "messages"),
-                              ({"prompt": "x"}, True, "prompt"), ({"tools": []}, False, "tools"),
-                              ({"suffix": True}, False, "suffix")):
+    for body, chat, param in (
+        ({"max_token": 5}, True, "max_token"),
+        ({"messages": []}, False, "messages"),
+        ({"prompt": "x"}, True, "prompt"),
+        ({"tools": []}, False, "tools"),
+        ({"suffix": True}, False, "suffix"),
+    ):
         with pytest.raises(InvalidRequestError) as e:
             check_fields(body, chat)
         assert e.value.param == param

@@ -1,4 +1,5 @@
 """Sampling parameters end to end: seeds, top-k/top-p, temperature, stop strings and stop tokens."""
+
 import pytest
 import torch
 
@@ -22,8 +23,11 @@ def tokens(llm, prompts, params):
 def test_seeded_requests_reproduce_whatever_the_batch(llm):
     p = SamplingParams(temperature=1.0, max_tokens=10, seed=1234, ignore_eos=True)
     alone = tokens(llm, [PROMPTS[0]], p)[0]
-    in_batch = tokens(llm, [PROMPTS[1], PROMPTS[0], PROMPTS[2]], [SamplingParams(temperature=1.0, max_tokens=7), p,
-                                                                  SamplingParams(temperature=0.5, max_tokens=3)])[1]
+    in_batch = tokens(
+        llm,
+        [PROMPTS[1], PROMPTS[0], PROMPTS[2]],
+        [SamplingParams(temperature=1.0, max_tokens=7), p, SamplingParams(temperature=0.5, max_tokens=3)],
+    )[1]
     assert alone == in_batch
     other_seed = tokens(llm, [PROMPTS[0]], SamplingParams(temperature=1.0, max_tokens=10, seed=99, ignore_eos=True))[0]
     assert other_seed != alone
@@ -46,9 +50,11 @@ def test_top_k_top_p_mask():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 0.0, 10.0]])
     out = apply_top_k_top_p(logits, torch.tensor([2, -1, -1]), torch.tensor([1.0, 0.5, 0.9]))
     kept = torch.isfinite(out)
-    assert kept.tolist() == [[True, True, False, False],   # top-2
-                             [True, False, False, False],  # p(4.0) = 0.64 >= 0.5 on its own
-                             [False, False, False, True]]  # the 10.0 logit alone holds > 0.9
+    assert kept.tolist() == [
+        [True, True, False, False],  # top-2
+        [True, False, False, False],  # p(4.0) = 0.64 >= 0.5 on its own
+        [False, False, False, True],
+    ]  # the 10.0 logit alone holds > 0.9
     assert torch.equal(out[kept], logits[kept])
 
 
@@ -60,7 +66,7 @@ def test_stop_string_cuts_text(llm):
     assert out["finish_reason"] == "stop"
     assert stop not in out["text"]
     assert full["text"].startswith(out["text"])
-    assert out["text"].split() == words[:words.index(stop)]
+    assert out["text"].split() == words[: words.index(stop)]
 
 
 def test_stop_token_ids_and_max_tokens(llm):
@@ -69,11 +75,13 @@ def test_stop_token_ids_and_max_tokens(llm):
     stop_at = full["token_ids"][4]
     out = llm.generate([PROMPTS[2]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_at]))[0]
     assert out["finish_reason"] == "stop"
-    assert out["token_ids"] == full["token_ids"][:full["token_ids"].index(stop_at) + 1]
+    assert out["token_ids"] == full["token_ids"][: full["token_ids"].index(stop_at) + 1]
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-0.1),
-                                    dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-2)],
+)
 def test_bad_sampling_params_raise(kwargs):
     with pytest.raises(InvalidRequestError):
         SamplingParams(**kwargs)

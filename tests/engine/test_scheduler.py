@@ -1,5 +1,6 @@
 """Scheduling policies: first-come first-served by default; `priority` runs lower values first and
 preempts the least important running request first."""
+
 import pytest
 
 from nanoserve.engine_pod import LLM, SamplingParams
@@ -16,8 +17,13 @@ def finish_order(llm, params_list):
 @pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("policy, order", [("fcfs", [0, 1, 2]), ("priority", [1, 2, 0])])
 def test_one_seat_runs_in_policy_order(tiny_models, policy, order, async_scheduling):
-    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, max_num_seqs=1, scheduling_policy=policy,
-              async_scheduling=async_scheduling)
+    llm = LLM(
+        tiny_models["qwen3"],
+        num_kvcache_blocks=32,
+        max_num_seqs=1,
+        scheduling_policy=policy,
+        async_scheduling=async_scheduling,
+    )
     try:
         params = [SamplingParams(max_tokens=3, priority=p, ignore_eos=True) for p in (5, 1, 3)]
         assert finish_order(llm, params) == order
@@ -29,8 +35,13 @@ def test_one_seat_runs_in_policy_order(tiny_models, policy, order, async_schedul
 def test_priority_preempts_the_least_important(tiny_models, async_scheduling):
     # Two sequences that each grow to 4 blocks share 6 blocks: one must be preempted, and it must be
     # the one with the larger priority value even though it arrived first.
-    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=6, kvcache_block_size=4, scheduling_policy="priority",
-              async_scheduling=async_scheduling)
+    llm = LLM(
+        tiny_models["qwen3"],
+        num_kvcache_blocks=6,
+        kvcache_block_size=4,
+        scheduling_policy="priority",
+        async_scheduling=async_scheduling,
+    )
     try:
         low = llm.add_request([1, 2, 3], SamplingParams(max_tokens=12, priority=9, ignore_eos=True))
         high = llm.add_request([4, 5, 6], SamplingParams(max_tokens=12, priority=0, ignore_eos=True))
@@ -64,6 +75,7 @@ def test_cpu_steps_are_bounded_by_default_so_a_long_prompt_cannot_stall_decodes(
     """On CPU one step takes at most CPU_BATCHED_TOKENS tokens (issue 16: a 4,000-token prompt held the engine
     for 36 s in one step while every other request waited)."""
     from nanoserve.engine_pod.config import CPU_BATCHED_TOKENS
+
     llm = LLM(tiny_models["qwen3"], device="cpu", num_kvcache_blocks=128)
     try:
         assert llm.scheduler.max_num_batched_tokens == CPU_BATCHED_TOKENS

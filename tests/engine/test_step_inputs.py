@@ -1,5 +1,6 @@
 """A step's flattened inputs: rows go longest context first (the decode attention kernel's order), and
 every per-row array, the block tables and the sampling rows follow that order."""
+
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence
 from nanoserve.engine_pod.step_inputs import prepare
@@ -13,10 +14,10 @@ def running(tokens: list[int], computed: int, first_block: int, block_size: int 
 
 
 def test_rows_go_longest_context_first_and_everything_follows():
-    short = running([1, 2, 3], 2, first_block=10)                  # decode at context 3
-    long = running(list(range(100, 111)), 10, first_block=20)      # decode at context 11
-    prefill = running([7, 8, 9, 5, 6], 0, first_block=30)          # 5-token prefill, context 5
-    chunk = running(list(range(50, 62)), 0, first_block=40)        # first 4 tokens of 12: no token yet
+    short = running([1, 2, 3], 2, first_block=10)  # decode at context 3
+    long = running(list(range(100, 111)), 10, first_block=20)  # decode at context 11
+    prefill = running([7, 8, 9, 5, 6], 0, first_block=30)  # 5-token prefill, context 5
+    chunk = running(list(range(50, 62)), 0, first_block=40)  # first 4 tokens of 12: no token yet
     long.token_ids[-1] = PLACEHOLDER
     long.pending_row = 3
     inputs, sampling = prepare([(short, 1), (chunk, 4), (long, 1), (prefill, 5)], block_size=4)

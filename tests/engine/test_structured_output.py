@@ -2,6 +2,7 @@
 constrained completions always match their schema, regex, choice or grammar, at temperature 0 and 1,
 batched with unconstrained requests (which stay token for token what they are alone), under preemption
 and async scheduling; a grammar that allows everything changes no token."""
+
 import json
 import re
 
@@ -20,8 +21,10 @@ FREE = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def constrained(spec: SO, seeds=(None, 1, 2), max_tokens=300) -> list[SamplingParams]:
-    return [SamplingParams(temperature=0 if s is None else 1.0, seed=s, max_tokens=max_tokens, structured_outputs=spec)
-            for s in seeds]
+    return [
+        SamplingParams(temperature=0 if s is None else 1.0, seed=s, max_tokens=max_tokens, structured_outputs=spec)
+        for s in seeds
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,11 @@ def check_json(outs, schema=SCHEMA):
 def test_json_schema_batched_with_unconstrained(llm):
     alone = llm.generate(["hello", "abc xyz"], FREE)
     # (greedy with free whitespace, the slowest to finish, runs through the server in test_structured_server.py)
-    params = ([FREE, FREE] + constrained(SO(json=SCHEMA, disable_any_whitespace=True))
-              + constrained(SO(json=SCHEMA), seeds=(1, 2)))
+    params = (
+        [FREE, FREE]
+        + constrained(SO(json=SCHEMA, disable_any_whitespace=True))
+        + constrained(SO(json=SCHEMA), seeds=(1, 2))
+    )
     outs = llm.generate(["hello", "abc xyz"] + ["a person:"] * 5, params)
     assert [o["token_ids"] for o in outs[:2]] == [o["token_ids"] for o in alone]  # neighbours change nothing
     check_json(outs[2:])
@@ -54,8 +60,13 @@ def test_choice_regex_grammar_and_json_object(llm):
     regex = r"[a-z]{3}-[0-9]{2,4}"
     grammar = 'root ::= "(" num (("+" | "*") num){0,3} ")"\nnum ::= [1-9] [0-9]{0,2}'
     lark = 'start: "(" NUM OP NUM ")"\nNUM: /[1-9][0-9]{0,2}/\nOP: "+" | "*"'  # Lark: no `::=` (as vLLM tells)
-    params = (constrained(SO(choice=choices)) + constrained(SO(regex=regex)) + constrained(SO(grammar=grammar))
-              + constrained(SO(json_object=True)) + constrained(SO(grammar=lark)))
+    params = (
+        constrained(SO(choice=choices))
+        + constrained(SO(regex=regex))
+        + constrained(SO(grammar=grammar))
+        + constrained(SO(json_object=True))
+        + constrained(SO(grammar=lark))
+    )
     outs = llm.generate(["pick one"] * len(params), params)
     assert all(o["finish_reason"] == "stop" for o in outs), outs
     texts = [o["text"] for o in outs]
@@ -69,14 +80,18 @@ def test_choice_regex_grammar_and_json_object(llm):
 def test_a_grammar_allowing_everything_changes_no_token(llm):
     prompts = ["hello", "abc", "x y z"]
     free = [SamplingParams(temperature=0, max_tokens=16)] + [SamplingParams(seed=s, max_tokens=16) for s in (3, 4)]
-    anything = [SamplingParams(temperature=p.temperature, seed=p.seed, max_tokens=16,
-                               structured_outputs=SO(regex=r"[\s\S]*")) for p in free]
-    assert [o["token_ids"] for o in llm.generate(prompts, anything)] == \
-           [o["token_ids"] for o in llm.generate(prompts, free)]
+    anything = [
+        SamplingParams(temperature=p.temperature, seed=p.seed, max_tokens=16, structured_outputs=SO(regex=r"[\s\S]*"))
+        for p in free
+    ]
+    assert [o["token_ids"] for o in llm.generate(prompts, anything)] == [
+        o["token_ids"] for o in llm.generate(prompts, free)
+    ]
 
 
 def test_all_allowing_mask_leaves_logits_alone():
     from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
+
     logits = torch.randn(3, 70)
     masked = logits.clone()
     apply_grammar_mask(masked, GrammarMask(torch.tensor([0, 2]).numpy(), torch.full((2, 3), -1, dtype=torch.int32)))
@@ -87,15 +102,15 @@ def test_all_allowing_mask_leaves_logits_alone():
     assert masked[1].argmax() == 36 and torch.isinf(masked[1]).sum() == 69 and torch.equal(masked[0], logits[0])
 
 
-
 @pytest.mark.parametrize("rows", [[0, 1, 2, 3], [3, 1]])
 def test_the_mask_refuses_exactly_what_xgrammar_refuses(rows):
     import numpy as np
     import xgrammar as xgr
 
     from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
+
     g = torch.Generator().manual_seed(len(rows))
-    bits = torch.randint(-2**31, 2**31 - 1, (len(rows), 4), dtype=torch.int32, generator=g)
+    bits = torch.randint(-(2**31), 2**31 - 1, (len(rows), 4), dtype=torch.int32, generator=g)
     logits = torch.randn(4, 100, generator=g)
     ours, theirs = logits.clone(), logits.clone()
     apply_grammar_mask(ours, GrammarMask(np.asarray(rows), bits))
@@ -108,15 +123,24 @@ def test_the_mask_refuses_exactly_what_xgrammar_refuses(rows):
 def test_preemption_async_scheduling_and_tp_give_the_same_valid_json(bpe_model, llm):
     specs = [SO(json=SCHEMA, disable_any_whitespace=True), SO(json_object=True, disable_any_whitespace=True)]
     # Unconstrained rows that outlive the constrained ones: async steps leave the constrained pipeline mid-run.
-    params = ([FREE] + constrained(specs[0], max_tokens=48) + constrained(specs[1], seeds=(4,), max_tokens=48)
-              + [SamplingParams(temperature=0, max_tokens=90, ignore_eos=True),
-                 SamplingParams(temperature=1.0, seed=9, max_tokens=70, ignore_eos=True)])
+    params = (
+        [FREE]
+        + constrained(specs[0], max_tokens=48)
+        + constrained(specs[1], seeds=(4,), max_tokens=48)
+        + [
+            SamplingParams(temperature=0, max_tokens=90, ignore_eos=True),
+            SamplingParams(temperature=1.0, seed=9, max_tokens=70, ignore_eos=True),
+        ]
+    )
     prompts = ["some prompt words"] * len(params)
     want = llm.generate(prompts, params)
     check_json(want[1:4])
-    for kw in ({"num_kvcache_blocks": 30, "kvcache_block_size": 4}, {"async_scheduling": True},
-               {"num_kvcache_blocks": 30, "kvcache_block_size": 4, "async_scheduling": True},
-               {"tensor_parallel_size": 2, "async_scheduling": True}):  # rank 0 masks and samples
+    for kw in (
+        {"num_kvcache_blocks": 30, "kvcache_block_size": 4},
+        {"async_scheduling": True},
+        {"num_kvcache_blocks": 30, "kvcache_block_size": 4, "async_scheduling": True},
+        {"tensor_parallel_size": 2, "async_scheduling": True},
+    ):  # rank 0 masks and samples
         other = LLM(bpe_model, max_model_len=512, **{"num_kvcache_blocks": 256, "async_scheduling": False, **kw})
         try:
             assert other.generate(prompts, params) == want
@@ -128,9 +152,11 @@ def test_preemption_async_scheduling_and_tp_give_the_same_valid_json(bpe_model, 
 
 
 def test_invalid_constraints_name_their_field(llm):
-    for spec, words in ((SO(json={"type": "nope"}, param="response_format"), "Unsupported type"),
-                        (SO(regex="a((", param="guided_regex"), "parenthesis"),
-                        (SO(grammar="root ::= foo"), "not defined")):
+    for spec, words in (
+        (SO(json={"type": "nope"}, param="response_format"), "Unsupported type"),
+        (SO(regex="a((", param="guided_regex"), "parenthesis"),
+        (SO(grammar="root ::= foo"), "not defined"),
+    ):
         with pytest.raises(InvalidRequestError, match=words) as e:
             llm.make_sequence("hi", SamplingParams(structured_outputs=spec))
         assert e.value.param == spec.param
@@ -142,8 +168,9 @@ def test_invalid_constraints_name_their_field(llm):
 def test_a_grammar_the_vocabulary_cannot_spell_ends_the_request_with_no_token(tiny_models, async_scheduling):
     llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, async_scheduling=async_scheduling)  # words w0..w255
     try:
-        free, json_object = llm.generate([[5, 6], [7, 8]],
-                                         [FREE, SamplingParams(structured_outputs=SO(json_object=True))])
+        free, json_object = llm.generate(
+            [[5, 6], [7, 8]], [FREE, SamplingParams(structured_outputs=SO(json_object=True))]
+        )
         assert free["finish_reason"] == "length" and len(free["token_ids"]) == 12
         assert json_object == {"text": "", "token_ids": [], "finish_reason": "abort"}
         assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
@@ -155,24 +182,44 @@ def _schemas():
     """Random JSON schemas whose every instance is short (bounded strings, integers, arrays, depth), so that a
     random model always closes them within max_tokens: what fails is the mask, not the budget."""
     from hypothesis import strategies as st
+
     names = st.sampled_from(["a", "b", "id", "name", "x_y", "k9"])
     leaves = st.one_of(
-        st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
-                  st.integers(-50, 50), st.integers(0, 500)),
-        st.just({"type": "boolean"}), st.just({"type": "null"}),
+        st.builds(
+            lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+            st.integers(-50, 50),
+            st.integers(0, 500),
+        ),
+        st.just({"type": "boolean"}),
+        st.just({"type": "null"}),
         st.builds(lambda n: {"type": "string", "pattern": f"^[a-z]{{1,{n}}}$"}, st.integers(1, 6)),
-        st.lists(st.sampled_from(["red", "x y", 'q"t', 3, True, None]), min_size=1, max_size=3, unique=True)
-        .map(lambda values: {"enum": values}))
+        st.lists(st.sampled_from(["red", "x y", 'q"t', 3, True, None]), min_size=1, max_size=3, unique=True).map(
+            lambda values: {"enum": values}
+        ),
+    )
 
     def containers(inner):
         props = st.dictionaries(names, inner, min_size=1, max_size=3)
         return st.one_of(
-            st.builds(lambda p, data: {"type": "object", "properties": p, "additionalProperties": False,
-                                       "required": data.draw(st.lists(st.sampled_from(sorted(p)), unique=True))},
-                      props, st.data()),
-            st.builds(lambda item, lo, extra: {"type": "array", "items": item, "minItems": lo, "maxItems": lo + extra},
-                      inner, st.integers(0, 2), st.integers(0, 1)),
-            st.builds(lambda a, b: {"anyOf": [a, b]}, inner, inner))
+            st.builds(
+                lambda p, data: {
+                    "type": "object",
+                    "properties": p,
+                    "additionalProperties": False,
+                    "required": data.draw(st.lists(st.sampled_from(sorted(p)), unique=True)),
+                },
+                props,
+                st.data(),
+            ),
+            st.builds(
+                lambda item, lo, extra: {"type": "array", "items": item, "minItems": lo, "maxItems": lo + extra},
+                inner,
+                st.integers(0, 2),
+                st.integers(0, 1),
+            ),
+            st.builds(lambda a, b: {"anyOf": [a, b]}, inner, inner),
+        )
+
     return st.recursive(leaves, containers, max_leaves=6)
 
 
@@ -183,11 +230,18 @@ def test_random_schemas_always_give_valid_json(llm):  # 210 schemas
     @settings(max_examples=7, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(st.lists(_schemas(), min_size=30, max_size=30), st.integers(0, 2**16))
     def batch(schemas, seed):  # 30 schemas a batch, each sampled at temperature 1 with its own seed
-        params = [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=400,
-                                 structured_outputs=SO(json=s, disable_any_whitespace=i % 2 == 0))
-                  for i, s in enumerate(schemas)]
+        params = [
+            SamplingParams(
+                temperature=1.0,
+                seed=seed + i,
+                max_tokens=400,
+                structured_outputs=SO(json=s, disable_any_whitespace=i % 2 == 0),
+            )
+            for i, s in enumerate(schemas)
+        ]
         for schema, out in zip(schemas, llm.generate(["json:"] * len(schemas), params)):
             check_json([out], schema)
+
     batch()
     assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 

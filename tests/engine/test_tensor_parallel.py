@@ -1,6 +1,7 @@
 """TP=2 on CPU (gloo, two processes: this one drives, a spawned worker follows through shared memory)
 gives the same greedy tokens as TP=1, for an odd vocabulary (padded shards) and qkv biases; a failed step
 or a worker dead at start-up ends cleanly (a worker killed mid-generation: tests/server/test_tp_faults.py)."""
+
 import os
 import signal
 import subprocess
@@ -22,8 +23,13 @@ def test_tp2_equals_tp1(tiny_models, arch, async_scheduling):
     expected = [o["token_ids"] for o in one.generate(PROMPTS, GREEDY)]
     one.exit()
     # Async: the worker gets the previous step's sampled tokens from rank 0 (a broadcast) for its inputs.
-    two = LLM(tiny_models[arch], tensor_parallel_size=2, num_kvcache_blocks=64, max_num_batched_tokens=32,
-              async_scheduling=async_scheduling)
+    two = LLM(
+        tiny_models[arch],
+        tensor_parallel_size=2,
+        num_kvcache_blocks=64,
+        max_num_batched_tokens=32,
+        async_scheduling=async_scheduling,
+    )
     try:
         assert [o["token_ids"] for o in two.generate(PROMPTS, GREEDY)] == expected
         assert two.workers.procs[0].is_alive()
@@ -70,9 +76,11 @@ def _kill(proc: subprocess.Popen) -> None:
 
 # Both scripts are started ahead of their tests (tests/prelaunch.py): each is a torch import and a TP=2 start.
 prelaunch.plan("tp other engine", prelaunch.uses("other_engine"), stop=_kill, weight=2)(
-    lambda get: run_script(get, True, stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+    lambda get: run_script(get, True, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+)
 prelaunch.plan("tp unguarded script", prelaunch.uses("unguarded_script"), stop=_kill, weight=2)(
-    lambda get: run_script(get, False, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    lambda get: run_script(get, False, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+)
 
 
 @pytest.fixture
@@ -128,6 +136,7 @@ def test_a_script_without_the_main_guard_fails_at_once_naming_it(unguarded_scrip
 
 def test_a_failed_step_tears_down_and_a_worker_killed_while_idle_fails_the_next_step(tiny_models):
     from nanoserve.engine_pod.tp_workers import WorkerDied
+
     # Rank 0 fails inside the forward, after the worker entered it: the worker waits in a collective
     # that never comes, so exit must not try a graceful (collective) shutdown.
     llm = LLM(tiny_models["qwen3"], tensor_parallel_size=2, num_kvcache_blocks=32)

@@ -1,5 +1,6 @@
 """tool_choice as vLLM reads it (engine_pod/tool_choice.py), and tools as part of the prompt: the gateway
 renders a tools request to the same ids as the engine, and those ids hold the tools."""
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -9,8 +10,10 @@ from nanoserve.engine_pod.openai_protocol import parse_chat
 from nanoserve.engine_pod.tool_choice import ChatConfig, tool_use
 from nanoserve.gateway.prompt import PromptTokenizer
 
-TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-    "x": {"type": "integer"}}}}}
+TOOL = {
+    "type": "function",
+    "function": {"name": "f", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+}
 AUTO = ChatConfig("hermes", True)
 
 
@@ -44,8 +47,12 @@ def tokenizer(bpe_model):
 
 
 def test_the_gateway_renders_tools_requests_to_the_engines_ids(tokenizer):
-    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [TOOL], "tool_choice": "required",
-            "chat_template_kwargs": {"enable_thinking": False}}
+    body = {
+        "messages": [{"role": "user", "content": "hi"}],
+        "tools": [TOOL],
+        "tool_choice": "required",
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
     engine = parse_chat(body, tokenizer, len(tokenizer), 1024, chat=AUTO).prompt_ids
     gateway = PromptTokenizer(tokenizer, "fp", "test").ids("/v1/chat/completions", body)
     assert engine == gateway

@@ -2,6 +2,7 @@
 pushes gives the same content and calls as one push; and nothing is lost or invented: on outputs built
 from known parts the content and calls are exactly the parts', and on random text soups the content is
 made of the output's own characters, in order."""
+
 import itertools
 import json
 import re
@@ -9,6 +10,7 @@ import re
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from nanoserve.engine_pod.tool_parsers import (
     ToolCallDelta,
     ToolDelta,
@@ -61,46 +63,103 @@ def block(body: str) -> str:
 
 # -- goldens ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind, text, content, calls", [
-    ("hermes", "The capital of France is Paris.", "The capital of France is Paris.", []),
-    ("hermes", block(WEATHER), "", [call(0, "get_weather", '{"city": "Paris", "n": [1, {"a": "}"}]}')]),
-    ("hermes", "Let me look both up.\n\n" + block('{"name": "a", "arguments": {"x": 1}}') + "\n"
-     + block('{"name": "b", "arguments": {}}') + "\n",
-     "Let me look both up.\n\n", [call(0, "a", '{"x": 1}'), call(1, "b", "{}")]),
-    ("hermes", block('{"name": "w\\"x", "arguments": {"q": "a}b\\"}{", "d": {"e": [{}, "]"]}}}'), "",
-     [call(0, 'w"x', '{"q": "a}b\\"}{", "d": {"e": [{}, "]"]}}')]),
-    ("hermes", block('{"arguments": {"city": "Z\\u00fcrich"}, "name": "get_weather"}'), "",
-     [call(0, "get_weather", '{"city": "Zürich"}')]),
-    ("hermes", 'ok <tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call> done', "ok done",
-     [call(0, "f", '{"x": 1}')]),
-    ("hermes", "a " + block("not json") + " b", "a " + block("not json") + " b", []),
-    ("hermes", block('{"name": "f", "arguments": [1]}'), block('{"name": "f", "arguments": [1]}'), []),
-    ("hermes", 'x <tool_call>{"name": "f", "argu', 'x <tool_call>{"name": "f", "argu', []),
-    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": "b', "", [call(0, "f", '{"a": "b')]),
-    ("hermes", '<tool_call>{"arguments": {}, "name": "f"}', "", [call(0, "f", "{}")]),
-    ("hermes", "1 < 2 and <tool <tool_c", "1 < 2 and <tool <tool_c", []),
-    # Once the arguments stream, only a </tool_call> outside their strings ends the block ...
-    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": "</tool_call>"}}</tool_call>', "",
-     [call(0, "f", '{"a": "</tool_call>"}')]),
-    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call> after', "after", [call(0, "f", '{"a": 1')]),
-    ("hermes", '<tool_call>{"name": "a", "arguments": {}}\n<tool_call>{"name": "b", "arguments": {}}</tool_call>', "",
-     [call(0, "a", "{}"), call(1, "b", "{}")]),  # a call's block may end where the next one starts
-    # ... before that, the first </tool_call> does, even inside a string.
-    ("hermes", '<tool_call>{"name": "f</tool_call>", "arguments": {}}</tool_call>',
-     '<tool_call>{"name": "f</tool_call>", "arguments": {}}</tool_call>', []),
-    ("llama3_json", '<|python_tag|>{"name": "a", "parameters": {"x": [1, 2]}}; {"name": "b", "arguments": {}}',
-     "", [call(0, "a", '{"x": [1, 2]}'), call(1, "b", "{}")]),
-    ("llama3_json", '\n{"name": "a", "parameters": {"x": 1}} ;\n{"parameters": {"y": "é"}, "name": "b"}', "",
-     [call(0, "a", '{"x": 1}'), call(1, "b", '{"y": "é"}')]),
-    ("llama3_json", '{"answer": 42, "unit": "km"}', '{"answer": 42, "unit": "km"}', []),
-    ("llama3_json", '{"name": "Ada", "born": 1815}', '{"name": "Ada", "born": 1815}', []),
-    ("llama3_json", "Sure: {\"name\": 1}", "Sure: {\"name\": 1}", []),
-    ("llama3_json", '{"name": "a", "parameters": {}}\n\nDone.', "Done.", [call(0, "a", "{}")]),
-    ("required", '[{"name": "a", "parameters": {"x": "}]"}}, {"name": "b", "parameters": {}}]', "",
-     [call(0, "a", '{"x": "}]"}'), call(1, "b", "{}")]),
-    ("required", " [ ] ", "", []),
-    ("named", ' \n{"city": "Paris", "days": [1, 2]}\n ', "", [call(0, "get_weather", '{"city": "Paris", "days": [1, 2]}')]),
-])
+
+@pytest.mark.parametrize(
+    "kind, text, content, calls",
+    [
+        ("hermes", "The capital of France is Paris.", "The capital of France is Paris.", []),
+        ("hermes", block(WEATHER), "", [call(0, "get_weather", '{"city": "Paris", "n": [1, {"a": "}"}]}')]),
+        (
+            "hermes",
+            "Let me look both up.\n\n"
+            + block('{"name": "a", "arguments": {"x": 1}}')
+            + "\n"
+            + block('{"name": "b", "arguments": {}}')
+            + "\n",
+            "Let me look both up.\n\n",
+            [call(0, "a", '{"x": 1}'), call(1, "b", "{}")],
+        ),
+        (
+            "hermes",
+            block('{"name": "w\\"x", "arguments": {"q": "a}b\\"}{", "d": {"e": [{}, "]"]}}}'),
+            "",
+            [call(0, 'w"x', '{"q": "a}b\\"}{", "d": {"e": [{}, "]"]}}')],
+        ),
+        (
+            "hermes",
+            block('{"arguments": {"city": "Z\\u00fcrich"}, "name": "get_weather"}'),
+            "",
+            [call(0, "get_weather", '{"city": "Zürich"}')],
+        ),
+        (
+            "hermes",
+            'ok <tool_call>{"name": "f", "parameters": {"x": 1}}</tool_call> done',
+            "ok done",
+            [call(0, "f", '{"x": 1}')],
+        ),
+        ("hermes", "a " + block("not json") + " b", "a " + block("not json") + " b", []),
+        ("hermes", block('{"name": "f", "arguments": [1]}'), block('{"name": "f", "arguments": [1]}'), []),
+        ("hermes", 'x <tool_call>{"name": "f", "argu', 'x <tool_call>{"name": "f", "argu', []),
+        ("hermes", '<tool_call>{"name": "f", "arguments": {"a": "b', "", [call(0, "f", '{"a": "b')]),
+        ("hermes", '<tool_call>{"arguments": {}, "name": "f"}', "", [call(0, "f", "{}")]),
+        ("hermes", "1 < 2 and <tool <tool_c", "1 < 2 and <tool <tool_c", []),
+        # Once the arguments stream, only a </tool_call> outside their strings ends the block ...
+        (
+            "hermes",
+            '<tool_call>{"name": "f", "arguments": {"a": "</tool_call>"}}</tool_call>',
+            "",
+            [call(0, "f", '{"a": "</tool_call>"}')],
+        ),
+        (
+            "hermes",
+            '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call> after',
+            "after",
+            [call(0, "f", '{"a": 1')],
+        ),
+        (
+            "hermes",
+            '<tool_call>{"name": "a", "arguments": {}}\n<tool_call>{"name": "b", "arguments": {}}</tool_call>',
+            "",
+            [call(0, "a", "{}"), call(1, "b", "{}")],
+        ),  # a call's block may end where the next one starts
+        # ... before that, the first </tool_call> does, even inside a string.
+        (
+            "hermes",
+            '<tool_call>{"name": "f</tool_call>", "arguments": {}}</tool_call>',
+            '<tool_call>{"name": "f</tool_call>", "arguments": {}}</tool_call>',
+            [],
+        ),
+        (
+            "llama3_json",
+            '<|python_tag|>{"name": "a", "parameters": {"x": [1, 2]}}; {"name": "b", "arguments": {}}',
+            "",
+            [call(0, "a", '{"x": [1, 2]}'), call(1, "b", "{}")],
+        ),
+        (
+            "llama3_json",
+            '\n{"name": "a", "parameters": {"x": 1}} ;\n{"parameters": {"y": "é"}, "name": "b"}',
+            "",
+            [call(0, "a", '{"x": 1}'), call(1, "b", '{"y": "é"}')],
+        ),
+        ("llama3_json", '{"answer": 42, "unit": "km"}', '{"answer": 42, "unit": "km"}', []),
+        ("llama3_json", '{"name": "Ada", "born": 1815}', '{"name": "Ada", "born": 1815}', []),
+        ("llama3_json", 'Sure: {"name": 1}', 'Sure: {"name": 1}', []),
+        ("llama3_json", '{"name": "a", "parameters": {}}\n\nDone.', "Done.", [call(0, "a", "{}")]),
+        (
+            "required",
+            '[{"name": "a", "parameters": {"x": "}]"}}, {"name": "b", "parameters": {}}]',
+            "",
+            [call(0, "a", '{"x": "}]"}'), call(1, "b", "{}")],
+        ),
+        ("required", " [ ] ", "", []),
+        (
+            "named",
+            ' \n{"city": "Paris", "days": [1, 2]}\n ',
+            "",
+            [call(0, "get_weather", '{"city": "Paris", "days": [1, 2]}')],
+        ),
+    ],
+)
 def test_golden(kind, text, content, calls):
     function = "get_weather" if kind == "named" else None
     assert once(kind, text, function) == (content, calls)
@@ -112,7 +171,7 @@ def test_streaming_golden_hermes():
     steps = [  # (pushed text, what goes out)
         ("Hi<too", ToolDelta("Hi")),  # "<too" is held back: it may be the start of <tool_call>
         ("l_call", ToolDelta()),
-        ('>\n{"na', ToolDelta()),     # the head: no name yet
+        ('>\n{"na', ToolDelta()),  # the head: no name yet
         ('me": "', ToolDelta()),
         ('f", "a', ToolDelta()),
         ("rgumen", ToolDelta()),
@@ -129,7 +188,11 @@ def test_streaming_golden_hermes():
 
 def test_to_openai():
     assert ToolCallDelta(1, "call_9", "f").to_openai() == {
-        "index": 1, "id": "call_9", "type": "function", "function": {"name": "f", "arguments": ""}}
+        "index": 1,
+        "id": "call_9",
+        "type": "function",
+        "function": {"name": "f", "arguments": ""},
+    }
     assert ToolCallDelta(1, arguments='{"a"').to_openai() == {"index": 1, "function": {"arguments": '{"a"'}}
 
 
@@ -144,9 +207,38 @@ def test_default_ids_and_bad_kinds():
 
 # -- any split is one push; nothing lost or invented --------------------------------------------------
 
-SOUP = ["<tool_call>", "</tool_call>", WEATHER, '{"name": "f", "arguments": ', '{"arguments": {"x": 1}, "name": "g"}',
-        '{"name": "h", "parameters": {"q": "a;b"}}', '\\"', '"', "{", "}", "[", "]", '"}"', "hello", "world", "<",
-        "<tool", "</tool_c", " ", "\n", "\t", "é", "日本", "🙂", ";", ",", ":", "<|python_tag|>", "\\", "1"]
+SOUP = [
+    "<tool_call>",
+    "</tool_call>",
+    WEATHER,
+    '{"name": "f", "arguments": ',
+    '{"arguments": {"x": 1}, "name": "g"}',
+    '{"name": "h", "parameters": {"q": "a;b"}}',
+    '\\"',
+    '"',
+    "{",
+    "}",
+    "[",
+    "]",
+    '"}"',
+    "hello",
+    "world",
+    "<",
+    "<tool",
+    "</tool_c",
+    " ",
+    "\n",
+    "\t",
+    "é",
+    "日本",
+    "🙂",
+    ";",
+    ",",
+    ":",
+    "<|python_tag|>",
+    "\\",
+    "1",
+]
 soups = st.lists(st.sampled_from(SOUP), max_size=25).map("".join)
 cuts = st.lists(st.integers(0, 10_000), max_size=12)
 
@@ -175,9 +267,12 @@ def test_any_split_is_one_push(text, cut, kind):
 
 names = st.sampled_from(["get_weather", 'say "hi"', "naïve", "back\\slash", "f"])
 leaves = st.none() | st.booleans() | st.integers(-99, 99) | st.text(alphabet='ab }{][":,\\/<>é\n', max_size=8)
-values = st.recursive(leaves, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text("xyz}\"", max_size=3),
-                                                                                        kids, max_size=3), max_leaves=8)
-arguments = st.dictionaries(st.text("abc{\"", max_size=4), values, max_size=4)
+values = st.recursive(
+    leaves,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text('xyz}"', max_size=3), kids, max_size=3),
+    max_leaves=8,
+)
+arguments = st.dictionaries(st.text('abc{"', max_size=4), values, max_size=4)
 spaces = st.text(alphabet=WS, max_size=2)
 
 
@@ -186,19 +281,34 @@ def call_object(draw, keys=("arguments", "parameters")) -> tuple[str, str, str]:
     """(object text, name, arguments text the parser reports): name first streams the arguments' raw
     text; another order is read whole and the arguments re-serialized."""
     name, args, key = draw(names), draw(arguments), draw(st.sampled_from(keys))
-    raw_args = json.dumps(args, ensure_ascii=draw(st.booleans()), indent=draw(st.sampled_from([None, 1])),
-                          separators=draw(st.sampled_from([(", ", ": "), (",", ":")])))
+    raw_args = json.dumps(
+        args,
+        ensure_ascii=draw(st.booleans()),
+        indent=draw(st.sampled_from([None, 1])),
+        separators=draw(st.sampled_from([(", ", ": "), (",", ":")])),
+    )
     if draw(st.booleans()):
         s = [draw(spaces) for _ in range(8)]
-        text = (f'{s[0]}{{{s[1]}"name"{s[2]}:{s[3]}{json.dumps(name)}{s[4]},{s[5]}"{key}"{s[6]}:{s[7]}{raw_args}'
-                f'{draw(spaces)}}}')
+        text = (
+            f'{s[0]}{{{s[1]}"name"{s[2]}:{s[3]}{json.dumps(name)}{s[4]},{s[5]}"{key}"{s[6]}:{s[7]}{raw_args}'
+            f"{draw(spaces)}}}"
+        )
         return text, name, raw_args
     return json.dumps({key: args, "name": name}), name, json.dumps(args, ensure_ascii=False)
 
 
 TEXT = ["Let me check.", " ", "\n", "hello", "<", "<tool", "</tool_call>", "{", "}", '"', "é🙂", "a < b", ">"]
-NOT_CALLS = ["", "not json", '{"name": "f"}', '{"name": 3, "arguments": {}}', '{"name": "f", "arguments": [1]}',
-             '{"name": "f", "arguments": "{}"}', '{"name": "", "arguments": {}}', "[1, 2]", '{"arguments": {}} x']
+NOT_CALLS = [
+    "",
+    "not json",
+    '{"name": "f"}',
+    '{"name": 3, "arguments": {}}',
+    '{"name": "f", "arguments": [1]}',
+    '{"name": "f", "arguments": "{}"}',
+    '{"name": "", "arguments": {}}',
+    "[1, 2]",
+    '{"arguments": {}} x',
+]
 
 
 @st.composite
@@ -244,8 +354,13 @@ def test_hermes_content_and_calls_are_the_parts(output, cut):
 
 
 @CASES
-@given(objs=st.lists(call_object(), max_size=4), seps=st.lists(spaces, min_size=10, max_size=10), cut=cuts,
-       tag=st.booleans(), rest=st.sampled_from(["", "Done.", "x {"]))
+@given(
+    objs=st.lists(call_object(), max_size=4),
+    seps=st.lists(spaces, min_size=10, max_size=10),
+    cut=cuts,
+    tag=st.booleans(),
+    rest=st.sampled_from(["", "Done.", "x {"]),
+)
 def test_json_calls_are_the_parts(objs, seps, cut, tag, rest):
     want = [call(i, name, args) for i, (_, name, args) in enumerate(objs)]
     required = "[" + seps[0] + f"{seps[1]},{seps[2]}".join(o for o, _, _ in objs) + seps[3] + "]" + seps[4] + rest

@@ -5,6 +5,7 @@ Everything listens on 127.0.0.1. Fake engines come from `spawn_engines(n, **opti
 `local_engines` (in this process); `backend` gives the same interface over fake or real `nanoserve serve`
 processes (objects with `.url`, `.proc`, `.kill()`, `.restart()`), so routing tests run against both.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,17 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import prelaunch
 import pytest
 from procs import free_port, wait_http
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
 WORDS = ["system", "user", "assistant", "ok"] + [f"w{i}" for i in range(500)]
 
 
@@ -34,6 +37,7 @@ def tiny_tokenizer(tmp_path_factory) -> str:
     """A Hugging Face tokenizer folder: whitespace word-level vocab, BOS added by encode(), a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
+
     specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
     vocab = {w: i for i, w in enumerate(specials + WORDS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -59,8 +63,9 @@ class EngineProcess:
 
     def start(self) -> None:
         out = open(self.log, "ab") if self.log else None  # real engines log their loading; keep it for failures
-        self.proc = subprocess.Popen(self.args, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out,
-                                     stderr=subprocess.STDOUT if out else None)
+        self.proc = subprocess.Popen(
+            self.args, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out, stderr=subprocess.STDOUT if out else None
+        )
         if out:
             out.close()
 
@@ -96,8 +101,21 @@ def fake_engine(name: str, options: dict) -> EngineProcess:
 
 def real_engine(model: str, log: Path, *engine_args: str) -> EngineProcess:
     """`nanoserve serve` on CPU; ready once the model is loaded."""
-    args = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", model, "--host", "127.0.0.1",
-            "--port", "{port}", "--device", "cpu", *engine_args]
+    args = [
+        sys.executable,
+        "-m",
+        "nanoserve.engine_pod.cli",
+        "serve",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--device",
+        "cpu",
+        *engine_args,
+    ]
     return EngineProcess(args, "/ready", log)
 
 
@@ -149,6 +167,7 @@ def fake_engines_shared(tiny_tokenizer, fake_engine_module):
     started on first use and shared by the session (each start imports transformers), configured anew at
     each take; dead ones are restarted."""
     from dataclasses import fields
+
     at_start = {"name", "model", "tokenizer", "exit_on_crash"}
     defaults = {f.name: f.default for f in fields(fake_engine_module.FakeConfig) if f.name not in at_start}
     pool: list[SharedFake] = []
@@ -168,8 +187,16 @@ def fake_engines_shared(tiny_tokenizer, fake_engine_module):
 
 
 REAL_BLOCK_SIZE = 8  # small blocks: short test conversations still span several
-REAL_ENGINE_ARGS = ("--kvcache-block-size", str(REAL_BLOCK_SIZE), "--num-kvcache-blocks", "1024",
-                    "--max-model-len", "1024", "--served-model-name", "tiny")
+REAL_ENGINE_ARGS = (
+    "--kvcache-block-size",
+    str(REAL_BLOCK_SIZE),
+    "--num-kvcache-blocks",
+    "1024",
+    "--max-model-len",
+    "1024",
+    "--served-model-name",
+    "tiny",
+)
 
 
 REAL_ENGINES = 3  # the most that a test takes
@@ -186,9 +213,12 @@ def launch_real_engines(get) -> list[EngineProcess]:
 
 
 # Started ahead of the first test that takes them (tests/prelaunch.py).
-prelaunch.plan("real-engines", lambda item: "real_engine_pool" in getattr(item, "fixturenames", ())
-               or prelaunch.param("backend", "real")(item), stop=lambda pool: [e.kill() for e in pool],
-               weight=REAL_ENGINES)(launch_real_engines)
+prelaunch.plan(
+    "real-engines",
+    lambda item: "real_engine_pool" in getattr(item, "fixturenames", ()) or prelaunch.param("backend", "real")(item),
+    stop=lambda pool: [e.kill() for e in pool],
+    weight=REAL_ENGINES,
+)(launch_real_engines)
 
 
 @pytest.fixture(scope="session")
@@ -215,9 +245,10 @@ def real_engine_pool(tiny_models, request):
 @dataclass
 class Backend:
     """Engines behind the gateway, fake or real, with what a test needs to talk to them."""
-    kind: str        # "fake" | "real"
-    tokenizer: str   # the engines' tokenizer folder (the gateway's `model`)
-    model: str       # the served model name
+
+    kind: str  # "fake" | "real"
+    tokenizer: str  # the engines' tokenizer folder (the gateway's `model`)
+    model: str  # the served model name
     spawn: Callable[..., list[EngineProcess]]  # spawn(n, block_size=..., latency=..., tokens=...)
 
 
@@ -237,6 +268,7 @@ def backend(request, tiny_tokenizer) -> Backend:
         if options.pop("block_size", REAL_BLOCK_SIZE) != REAL_BLOCK_SIZE or options:
             raise ValueError(f"real engines cannot do {options}: use spawn_engines (fake) for faults")
         return take(n)
+
     return Backend("real", request.getfixturevalue("tiny_models")["qwen3"], "tiny", spawn_real)
 
 
@@ -248,13 +280,23 @@ def start_gateway():
 
     @contextlib.asynccontextmanager
     async def start(urls: list[str], wait_routable: bool = True, **overrides):
-        cfg = dict(host="127.0.0.1", port=0, engines=urls, health_interval=0.1, health_timeout=1.0,
-                   metrics_interval=0.1, feed_retry_interval=0.1, retry_backoff=0.01, drain_timeout=0.5)
+        cfg = dict(
+            host="127.0.0.1",
+            port=0,
+            engines=urls,
+            health_interval=0.1,
+            health_timeout=1.0,
+            metrics_interval=0.1,
+            feed_retry_interval=0.1,
+            retry_backoff=0.01,
+            drain_timeout=0.5,
+        )
         cfg.update(overrides)
         async with serve(GatewayConfig(**cfg)) as gw:
             if wait_routable:
                 await wait_until(lambda: len(gw.pool.routable()) == len(urls))
             yield gw
+
     return start
 
 
@@ -293,6 +335,7 @@ def http_ready():
 def fake_engine_module():
     """tests/gateway/fake_engine.py as a module, for in-process engines (`build_app(FakeConfig(...))`)."""
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("nanoserve_tests_fake_engine", FAKE_ENGINE)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
@@ -305,6 +348,7 @@ def local_engines(fake_engine_module):
     """`async with local_engines(FakeConfig options, ...) as urls:` fake engines in this process and event loop
     (no process start: for tests of the gateway's own logic, not of process faults)."""
     from aiohttp import web
+
     fake = fake_engine_module
 
     @contextlib.asynccontextmanager
@@ -320,5 +364,5 @@ def local_engines(fake_engine_module):
         finally:
             for runner in runners:
                 await runner.cleanup()
-    return start
 
+    return start

@@ -9,6 +9,7 @@ or answering garbage or a redirect to every request (while /ready says 200), a f
 Run as a process: python fake_engine.py --port 8001 --name e1 [--tokenizer DIR] [--crash-after 3] ...
 or in-process: web.AppRunner(build_app(FakeConfig(...))). GET/POST /fake/state reads/changes the faults.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,41 +36,51 @@ class FakeConfig:
     name: str = "fake"
     model: str = "fake-model"
     tokenizer: str | None = None  # HF folder; without it prompts are not hashed
-    latency: float = 0.0          # seconds before each streamed chunk (and before a full reply)
-    tokens: int = 4               # chunks per reply
-    fail_next: int = 0            # answer the next N generation requests with fail_status
+    latency: float = 0.0  # seconds before each streamed chunk (and before a full reply)
+    tokens: int = 4  # chunks per reply
+    fail_next: int = 0  # answer the next N generation requests with fail_status
     fail_status: int = 500
-    crash_after: int = -1         # serve N generation requests, then crash on the next one (-1: never)
-    crash_chunks: int = 1         # chunks sent before crashing (0: die before answering)
-    exit_on_crash: bool = True    # exit the process; False (in-process): drop the connection
-    feed: bool = True             # serve /v1/cache/events
+    crash_after: int = -1  # serve N generation requests, then crash on the next one (-1: never)
+    crash_chunks: int = 1  # chunks sent before crashing (0: die before answering)
+    exit_on_crash: bool = True  # exit the process; False (in-process): drop the connection
+    feed: bool = True  # serve /v1/cache/events
     ready: bool = True
     block_size: int = 16
     cache_blocks: int = 4096
-    api_key: str | None = None    # when set, /v1/* needs "Authorization: Bearer <key>" (as the engine server)
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>" (as the engine server)
     serve_tokenizer: bool = True  # GET /v1/tokenizer (with a tokenizer): as the engine server
-    tokenizer_fault: str = ""     # error: 500 | vocab: reports a wrong vocabulary size | file: serves other bytes
-                                  # | swap: serves another tokenizer's files under its own description
-    fault: str = ""               # every generation request: hang (accepted, never answered) | garbage (bytes
-                                  # that are not HTTP) | redirect (307 to redirect_to)
+    tokenizer_fault: str = ""  # error: 500 | vocab: reports a wrong vocabulary size | file: serves other bytes
+    # | swap: serves another tokenizer's files under its own description
+    fault: str = ""  # every generation request: hang (accepted, never answered) | garbage (bytes
+    # that are not HTTP) | redirect (307 to redirect_to)
     redirect_to: str = ""
-    feed_garbage: bool = False    # the feed sends FEED_GARBAGE after its snapshot, then carries on
+    feed_garbage: bool = False  # the feed sends FEED_GARBAGE after its snapshot, then carries on
 
 
 # Malformed cache-feed events a gateway must survive (each line is one event's data).
-FEED_GARBAGE = [b"5", b"[1, 2]", b'"snapshot"', b"{not json", b"\xff\xfe\x80 not utf-8",
-                b"[" * 100_000 + b"]" * 100_000,
-                b'{"type": "stored", "hashes": "x"}', b'{"type": "stored", "hashes": 5}',
-                b'{"type": "stored", "hashes": [1, "x", null]}', b'{"type": "removed"}',
-                b'{"type": "removed", "hashes": [[1]]}', b'{"type": 7}', b'{"type": "stored", "hashes": [true]}',
-                b'{"type": "stored", "hashes": [' + b"9" * 5000 + b']}',
-                b'{"type": "snapshot", "block_size": 0, "hashes": []}',
-                b'{"type": "snapshot", "block_size": -16, "hashes": []}',
-                b'{"type": "snapshot", "block_size": "16", "hashes": []}',
-                b'{"type": "snapshot", "block_size": 16.5, "hashes": []}',
-                b'{"type": "snapshot", "block_size": 16, "hashes": [{"a": 1}]}',
-                b'{"type": "snapshot", "block_size": 16, "hashes": [], "tokenizer": 3}',
-                b'{"type": "snapshot", "block_size": 16}']
+FEED_GARBAGE = [
+    b"5",
+    b"[1, 2]",
+    b'"snapshot"',
+    b"{not json",
+    b"\xff\xfe\x80 not utf-8",
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"type": "stored", "hashes": "x"}',
+    b'{"type": "stored", "hashes": 5}',
+    b'{"type": "stored", "hashes": [1, "x", null]}',
+    b'{"type": "removed"}',
+    b'{"type": "removed", "hashes": [[1]]}',
+    b'{"type": 7}',
+    b'{"type": "stored", "hashes": [true]}',
+    b'{"type": "stored", "hashes": [' + b"9" * 5000 + b"]}",
+    b'{"type": "snapshot", "block_size": 0, "hashes": []}',
+    b'{"type": "snapshot", "block_size": -16, "hashes": []}',
+    b'{"type": "snapshot", "block_size": "16", "hashes": []}',
+    b'{"type": "snapshot", "block_size": 16.5, "hashes": []}',
+    b'{"type": "snapshot", "block_size": 16, "hashes": [{"a": 1}]}',
+    b'{"type": "snapshot", "block_size": 16, "hashes": [], "tokenizer": 3}',
+    b'{"type": "snapshot", "block_size": 16}',
+]
 
 
 class FakeEngine:
@@ -79,13 +90,14 @@ class FakeEngine:
         self.tokenizer_info, self.tokenizer_files = None, {}
         if cfg.tokenizer:
             from transformers import AutoTokenizer
+
             self.tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
             self.tokenizer_files = export_files(self.tok)
             self.tokenizer_info = tokenizer_info(self.tok, self.tokenizer_files, cfg.model, cfg.block_size)
-        self.requests = 0      # generation requests received
+        self.requests = 0  # generation requests received
         self.running = 0
-        self.queries = 0       # prompt tokens looked up in the prefix cache
-        self.hits = 0          # of which cached
+        self.queries = 0  # prompt tokens looked up in the prefix cache
+        self.hits = 0  # of which cached
         self.cache: OrderedDict[int, None] = OrderedDict()
         self.subscribers: list[asyncio.Queue] = []
 
@@ -131,12 +143,23 @@ class FakeEngine:
         if cfg.fail_next > 0:
             cfg.fail_next -= 1
             headers = {"Retry-After": "1"} if cfg.fail_status == 429 else None
-            return web.json_response({"error": {"message": "injected failure", "type": "server_error",
-                                                "param": None, "code": None}}, status=cfg.fail_status,
-                                     headers=headers)
+            return web.json_response(
+                {"error": {"message": "injected failure", "type": "server_error", "param": None, "code": None}},
+                status=cfg.fail_status,
+                headers=headers,
+            )
         if "messages" not in body and "prompt" not in body:
-            return web.json_response({"error": {"message": "prompt or messages required", "param": None,
-                                                "type": "invalid_request_error", "code": None}}, status=400)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "prompt or messages required",
+                        "param": None,
+                        "type": "invalid_request_error",
+                        "code": None,
+                    }
+                },
+                status=400,
+            )
         crash = cfg.crash_after >= 0 and self.requests > cfg.crash_after
         if crash and cfg.crash_chunks == 0:
             return await self.die(request)
@@ -150,9 +173,15 @@ class FakeEngine:
             text = "ok " * cfg.tokens
             choice = {"index": 0, "finish_reason": "length"}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
-            return web.json_response({"id": f"cmpl-{cfg.name}", "object": "chat.completion" if chat
-                                      else "text_completion", "model": self.cfg.model, "engine": cfg.name,
-                                      "choices": [choice]})
+            return web.json_response(
+                {
+                    "id": f"cmpl-{cfg.name}",
+                    "object": "chat.completion" if chat else "text_completion",
+                    "model": self.cfg.model,
+                    "engine": cfg.name,
+                    "choices": [choice],
+                }
+            )
         finally:
             self.running -= 1
 
@@ -166,8 +195,13 @@ class FakeEngine:
             last = i == self.cfg.tokens - 1
             choice = {"index": 0, "finish_reason": "length" if last else None}
             choice.update({"delta": {"content": "ok "}} if chat else {"text": "ok "})
-            chunk = {"id": f"cmpl-{self.cfg.name}", "object": "chat.completion.chunk" if chat
-                     else "text_completion", "model": self.cfg.model, "engine": self.cfg.name, "choices": [choice]}
+            chunk = {
+                "id": f"cmpl-{self.cfg.name}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "model": self.cfg.model,
+                "engine": self.cfg.name,
+                "choices": [choice],
+            }
             await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
@@ -196,8 +230,12 @@ class FakeEngine:
         q: asyncio.Queue = asyncio.Queue()
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        snapshot = {"type": "snapshot", "block_size": self.cfg.block_size, "hashes": list(self.cache),
-                    "tokenizer": self.tokenizer_info["fingerprint"] if self.tokenizer_info else None}
+        snapshot = {
+            "type": "snapshot",
+            "block_size": self.cfg.block_size,
+            "hashes": list(self.cache),
+            "tokenizer": self.tokenizer_info["fingerprint"] if self.tokenizer_info else None,
+        }
         self.subscribers.append(q)
         try:
             await resp.write(b"data: " + json.dumps(snapshot).encode() + b"\n\n")
@@ -207,7 +245,7 @@ class FakeEngine:
             while True:
                 try:
                     event = await asyncio.wait_for(q.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await resp.write(b": ping\n\n")
                     continue
                 if event is None:
@@ -242,8 +280,9 @@ class FakeEngine:
         return web.Response(body=data, content_type="application/octet-stream")
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.cfg.model, "object": "model",
-                                                              "owned_by": "nanoserve"}]})
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.cfg.model, "object": "model", "owned_by": "nanoserve"}]}
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -254,12 +293,16 @@ class FakeEngine:
     async def metrics(self, request: web.Request) -> web.Response:
         label = f'{{model_name="{self.cfg.model}"}}'
         lines = [
-            "# TYPE vllm:num_requests_running gauge", f'vllm:num_requests_running{label} {self.running}',
-            "# TYPE vllm:num_requests_waiting gauge", f'vllm:num_requests_waiting{label} 0',
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{label} {self.running}",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{label} 0",
             "# TYPE vllm:kv_cache_usage_perc gauge",
-            f'vllm:kv_cache_usage_perc{label} {len(self.cache) / self.cfg.cache_blocks}',
-            "# TYPE vllm:prefix_cache_queries counter", f'vllm:prefix_cache_queries_total{label} {self.queries}',
-            "# TYPE vllm:prefix_cache_hits counter", f'vllm:prefix_cache_hits_total{label} {self.hits}',
+            f"vllm:kv_cache_usage_perc{label} {len(self.cache) / self.cfg.cache_blocks}",
+            "# TYPE vllm:prefix_cache_queries counter",
+            f"vllm:prefix_cache_queries_total{label} {self.queries}",
+            "# TYPE vllm:prefix_cache_hits counter",
+            f"vllm:prefix_cache_hits_total{label} {self.hits}",
         ]
         return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
 
@@ -273,8 +316,15 @@ class FakeEngine:
                     self.requests = self.queries = self.hits = 0
                 else:
                     setattr(self.cfg, k, v)
-        return web.json_response({"requests": self.requests, "queries": self.queries, "hits": self.hits,
-                                  "cached_blocks": len(self.cache), **asdict(self.cfg)})
+        return web.json_response(
+            {
+                "requests": self.requests,
+                "queries": self.queries,
+                "hits": self.hits,
+                "cached_blocks": len(self.cache),
+                **asdict(self.cfg),
+            }
+        )
 
 
 def _swapped_files(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -292,11 +342,24 @@ def build_app(cfg: FakeConfig) -> web.Application:
 
     @web.middleware
     async def auth(request: web.Request, handler):
-        if cfg.api_key and request.path.startswith("/v1/") and \
-                request.headers.get("Authorization") != f"Bearer {cfg.api_key}":
-            return web.json_response({"error": {"message": "invalid API key", "type": "invalid_request_error",
-                                                "param": None, "code": "invalid_api_key"}}, status=401)
+        if (
+            cfg.api_key
+            and request.path.startswith("/v1/")
+            and request.headers.get("Authorization") != f"Bearer {cfg.api_key}"
+        ):
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "invalid API key",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
+                status=401,
+            )
         return await handler(request)
+
     app = web.Application(middlewares=[auth])
     for path in ("/v1/completions", "/v1/chat/completions"):
         app.router.add_post(path, engine.generate)
@@ -311,6 +374,7 @@ def build_app(cfg: FakeConfig) -> web.Application:
 
     async def end_feeds(app: web.Application) -> None:
         engine.publish(None)  # the feed ends when the engine stops
+
     app.on_shutdown.append(end_feeds)
     return app
 

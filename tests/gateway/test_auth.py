@@ -1,4 +1,5 @@
 """The gateway's own client keys: checked before any routing; probes stay open; /metrics is private."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,8 +27,11 @@ def test_bearer_check():
 
 def test_keys_are_required_before_routing(local_engines, start_gateway):
     async def main():
-        async with local_engines({}) as [url], start_gateway([url], api_keys=["k1", "k2"]) as gw, \
-                aiohttp.ClientSession() as s:
+        async with (
+            local_engines({}) as [url],
+            start_gateway([url], api_keys=["k1", "k2"]) as gw,
+            aiohttp.ClientSession() as s,
+        ):
             chat = gw.url + "/v1/chat/completions"
             for key in (None, "wrong", "k1 k2"):
                 status, headers, body = await status_of(s, "POST", chat, key, json=CHAT)
@@ -48,14 +52,18 @@ def test_keys_are_required_before_routing(local_engines, start_gateway):
             assert (await status_of(s, "GET", gw.url + "/ready"))[0] == 200
             assert (await status_of(s, "GET", gw.url + "/metrics"))[0] == 401
             assert (await status_of(s, "GET", gw.url + "/metrics", "k1"))[0] == 200
+
     asyncio.run(main())
 
 
 def test_public_metrics_and_the_client_key_reaching_the_engine(local_engines, start_gateway):
     async def main():
-        async with local_engines({"api_key": "k1"}) as [url], \
-                start_gateway([url], api_keys=["k1"], engine_api_key="k1", public_metrics=True) as gw, \
-                aiohttp.ClientSession() as s:
+        async with (
+            local_engines({"api_key": "k1"}) as [url],
+            start_gateway([url], api_keys=["k1"], engine_api_key="k1", public_metrics=True) as gw,
+            aiohttp.ClientSession() as s,
+        ):
             assert (await status_of(s, "GET", gw.url + "/metrics"))[0] == 200
             assert (await status_of(s, "POST", gw.url + "/v1/chat/completions", "k1", json=CHAT))[0] == 200
+
     asyncio.run(main())

@@ -1,4 +1,5 @@
 """The circuit breaker as a pure state machine (an explicit clock)."""
+
 from __future__ import annotations
 
 from nanoserve.gateway.breaker import Breaker

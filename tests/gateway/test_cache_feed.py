@@ -1,4 +1,5 @@
 """The cache-feed client against a scripted event stream on a real socket."""
+
 from __future__ import annotations
 
 import asyncio
@@ -11,7 +12,7 @@ from nanoserve.gateway.cache_feed import follow_feed, read_feed
 from nanoserve.gateway.cache_index import CacheIndex
 
 SNAPSHOT = list(range(1, 30_001))  # ~200 KB on one line: more than a default readline() accepts
-BIG = 2**64 - 1                    # hashes are unsigned 64-bit
+BIG = 2**64 - 1  # hashes are unsigned 64-bit
 
 
 def feed_app(events: list[bytes], status: int = 200) -> web.Application:
@@ -24,6 +25,7 @@ def feed_app(events: list[bytes], status: int = 200) -> web.Application:
             await resp.write(e)
             await asyncio.sleep(0)
         return resp  # the stream ends, as when the engine stops
+
     app = web.Application()
     app.router.add_get("/v1/cache/events", handler)
     return app
@@ -39,11 +41,13 @@ async def serving(app: web.Application):
 
 def read_all(events: list[bytes], index: CacheIndex) -> None:
     """Serve `events` as a feed and read it into `index` to its end (a clean end: read_feed is True)."""
+
     async def main():
         runner, url = await serving(feed_app(events))
         async with aiohttp.ClientSession() as s:
             assert await read_feed(s, url, index, idle_timeout=10) is True
         await runner.cleanup()
+
     asyncio.run(main())
 
 
@@ -53,10 +57,13 @@ def data(obj) -> bytes:
 
 def test_snapshot_pings_and_deltas_are_applied():
     snapshot = data({"type": "snapshot", "block_size": 32, "hashes": SNAPSHOT})
-    events = [snapshot[:1000], snapshot[1000:],  # an event split across chunks
-              b": ping\n\n",
-              data({"type": "stored", "hashes": [BIG, 0]}),
-              data({"type": "removed", "hashes": SNAPSHOT[:10]})]
+    events = [
+        snapshot[:1000],
+        snapshot[1000:],  # an event split across chunks
+        b": ping\n\n",
+        data({"type": "stored", "hashes": [BIG, 0]}),
+        data({"type": "removed", "hashes": SNAPSHOT[:10]}),
+    ]
     index = CacheIndex(block_size=16)
 
     read_all(events, index)
@@ -71,6 +78,7 @@ def test_missing_feed_is_reported():
         async with aiohttp.ClientSession() as s:
             assert await read_feed(s, url, CacheIndex(), idle_timeout=10) is False
         await runner.cleanup()
+
     asyncio.run(main())
 
 
@@ -102,6 +110,7 @@ def test_follow_feed_forgets_the_cache_when_the_stream_ends_and_reconnects():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
+
     asyncio.run(main())
     assert index.log[:6] == ["snapshot", "lost"] * 3  # each connection: a snapshot, then forgotten at its end
     assert not index.is_precise or index.log[-1] == "snapshot"
@@ -109,8 +118,13 @@ def test_follow_feed_forgets_the_cache_when_the_stream_ends_and_reconnects():
 
 def test_garbage_events_are_skipped_and_the_good_ones_still_applied(fake_engine_module):
     garbage = [b"data: " + line + b"\n\n" for line in fake_engine_module.FEED_GARBAGE]
-    events = [data({"type": "snapshot", "block_size": 16, "hashes": [1, 2]}), *garbage,
-              data({"type": "stored", "hashes": [3]}), *garbage, data({"type": "removed", "hashes": [1]})]
+    events = [
+        data({"type": "snapshot", "block_size": 16, "hashes": [1, 2]}),
+        *garbage,
+        data({"type": "stored", "hashes": [3]}),
+        *garbage,
+        data({"type": "removed", "hashes": [1]}),
+    ]
     index = CacheIndex(block_size=8)
 
     read_all(events, index)
@@ -127,11 +141,13 @@ def test_the_follower_survives_anything_and_resyncs(monkeypatch):
         if len(calls) == 1:
             raise AttributeError("a bug")
         RecordingIndex.apply(index, event)
+
     monkeypatch.setattr(index, "apply", flaky_apply)
 
     async def main():
-        runner, url = await serving(feed_app([data({"type": "snapshot", "block_size": 16, "hashes": [7]}),
-                                              b"data: \xff\n\n", b"data: 5\n\n"]))
+        runner, url = await serving(
+            feed_app([data({"type": "snapshot", "block_size": 16, "hashes": [7]}), b"data: \xff\n\n", b"data: 5\n\n"])
+        )
         async with aiohttp.ClientSession() as s:
             task = asyncio.create_task(follow_feed(s, url, index, retry_interval=0.01, idle_timeout=10))
             for _ in range(500):  # bounded wait for the next connection's snapshot
@@ -142,6 +158,7 @@ def test_the_follower_survives_anything_and_resyncs(monkeypatch):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
+
     asyncio.run(main())
     assert "snapshot" in index.log
 
@@ -149,13 +166,18 @@ def test_the_follower_survives_anything_and_resyncs(monkeypatch):
 def test_a_garbage_feed_through_the_gateway_keeps_routing(local_engines, start_gateway, tiny_tokenizer, until):
     """A fake engine whose feed sends every kind of garbage after its snapshot: requests still succeed and
     the index still learns what the engine stores."""
+
     async def main():
-        async with local_engines({"feed_garbage": True, "tokenizer": tiny_tokenizer}) as [url], \
-                start_gateway([url]) as gw, aiohttp.ClientSession() as s:
+        async with (
+            local_engines({"feed_garbage": True, "tokenizer": tiny_tokenizer}) as [url],
+            start_gateway([url]) as gw,
+            aiohttp.ClientSession() as s,
+        ):
             ep = gw.pool.endpoints[url]
             await until(lambda: ep.cache.is_precise and ep.tokenizer is not None)
             async with s.post(gw.url + "/v1/completions", json={"prompt": " ".join(["w1"] * 40)}) as resp:
                 assert resp.status == 200
             await until(lambda: len(ep.cache) == 2)  # 40 words + BOS: two full blocks of 16, stored
             assert ep.cache.block_size == 16 and not ep.cache.pending
+
     asyncio.run(main())

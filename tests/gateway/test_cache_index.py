@@ -1,4 +1,5 @@
 """Per-engine cache index: precise mode from the feed's events, approximate LRU mode otherwise."""
+
 from __future__ import annotations
 
 import random
@@ -91,7 +92,7 @@ def test_routed_prompt_is_pending_until_the_feed_confirms_or_it_expires():
     t0 = 100.0
     idx.record(hs, now=t0)
     assert idx.match(hs, now=t0 + ttl / 2) == len(hs)  # the stored event may not have arrived yet
-    assert idx.match(hs, now=t0 + ttl) == 0           # it never did: forget it
+    assert idx.match(hs, now=t0 + ttl) == 0  # it never did: forget it
     idx.apply({"type": "stored", "hashes": hs[:2]})
     assert idx.match(hs, now=t0 + ttl) == 2
     assert len(idx.pending) == len(hs) - 2

@@ -1,4 +1,5 @@
 """The command line: arguments to config, and a real process that serves and drains on SIGTERM."""
+
 from __future__ import annotations
 
 import os
@@ -19,8 +20,24 @@ def parse(argv):
 
 
 def test_arguments_reach_the_config():
-    cfg = parse(["--engine", "http://a:1", "--engine", "http://b:2", "--port", "9000", "--policy",
-                 "least-loaded", "--cache-threshold", "0.5", "--balance-abs-threshold", "3", "--model", "/m"])
+    cfg = parse(
+        [
+            "--engine",
+            "http://a:1",
+            "--engine",
+            "http://b:2",
+            "--port",
+            "9000",
+            "--policy",
+            "least-loaded",
+            "--cache-threshold",
+            "0.5",
+            "--balance-abs-threshold",
+            "3",
+            "--model",
+            "/m",
+        ]
+    )
     assert cfg.engines == ["http://a:1", "http://b:2"] and cfg.port == 9000 and cfg.model == "/m"
     assert cfg.policy == "least-loaded"
     assert (cfg.routing.cache_threshold, cfg.routing.balance_abs_threshold) == (0.5, 3)
@@ -39,9 +56,22 @@ def test_engines_or_service_required():
 
 
 def test_module_serves_and_exits_cleanly_on_sigterm(dead_url, port, http_ready):
-    proc = subprocess.Popen([sys.executable, "-m", "nanoserve.gateway", "--host", "127.0.0.1", "--port", str(port),
-                             "--engine", dead_url, "--log-level", "WARNING"],
-                            env={**os.environ, "PYTHONSAFEPATH": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanoserve.gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--engine",
+            dead_url,
+            "--log-level",
+            "WARNING",
+        ],
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
     try:
         http_ready(f"http://127.0.0.1:{port}/health")
         with pytest.raises(urllib.error.HTTPError) as e:  # its only engine is down
@@ -60,14 +90,40 @@ def test_fault_and_auth_flags_reach_the_config(tmp_path, monkeypatch):
     engine_key = tmp_path / "engine-key"
     engine_key.write_text("sekret\n")
     monkeypatch.setenv("NANOSERVE_GATEWAY_API_KEYS", "key-e, ,key-f")
-    cfg = parse(["--engine", "http://a:1", "--api-key", "key-a", "--api-key", "key-b", "--api-key-file", str(keys),
-                 "--engine-api-key-file", str(engine_key), "--public-metrics", "--first-byte-timeout", "7",
-                 "--breaker-threshold", "3", "--breaker-cooldown", "0.5", "--breaker-max-cooldown", "9",
-                 "--max-body-bytes", "1000"])
+    cfg = parse(
+        [
+            "--engine",
+            "http://a:1",
+            "--api-key",
+            "key-a",
+            "--api-key",
+            "key-b",
+            "--api-key-file",
+            str(keys),
+            "--engine-api-key-file",
+            str(engine_key),
+            "--public-metrics",
+            "--first-byte-timeout",
+            "7",
+            "--breaker-threshold",
+            "3",
+            "--breaker-cooldown",
+            "0.5",
+            "--breaker-max-cooldown",
+            "9",
+            "--max-body-bytes",
+            "1000",
+        ]
+    )
     assert cfg.api_keys == ["key-a", "key-b", "key-e", "key-f", "key-c", "key-d"]
     assert cfg.engine_api_key == "sekret" and cfg.public_metrics
-    assert (cfg.first_byte_timeout, cfg.breaker_threshold, cfg.breaker_cooldown, cfg.breaker_max_cooldown,
-            cfg.max_body_bytes) == (7, 3, 0.5, 9, 1000)
+    assert (
+        cfg.first_byte_timeout,
+        cfg.breaker_threshold,
+        cfg.breaker_cooldown,
+        cfg.breaker_max_cooldown,
+        cfg.max_body_bytes,
+    ) == (7, 3, 0.5, 9, 1000)
     monkeypatch.delenv("NANOSERVE_GATEWAY_API_KEYS")
     default = GatewayConfig()
     cfg = parse(["--engine", "http://a:1"])
@@ -79,10 +135,12 @@ def test_fault_and_auth_flags_reach_the_config(tmp_path, monkeypatch):
 
 # Flags derived from the GatewayConfig dataclass (common/flags.py): the CLI can set every field of the config.
 
+
 def test_every_config_field_is_a_flag():
     import dataclasses
 
     from nanoserve.gateway.config import RoutingConfig
+
     args = build_parser().parse_args([])
     for cls in (GatewayConfig, RoutingConfig):
         for f in dataclasses.fields(cls):
@@ -96,6 +154,7 @@ def test_config_round_trips_through_argv(monkeypatch):
     from config_flags import changed_settings
 
     from nanoserve.gateway.config import gateway_argv
+
     monkeypatch.delenv("NANOSERVE_GATEWAY_API_KEYS", raising=False)
     monkeypatch.delenv("NANOSERVE_API_KEY", raising=False)
     changed = GatewayConfig(**changed_settings(GatewayConfig))
@@ -113,6 +172,7 @@ def test_engine_api_key_comes_from_the_environment_unless_given(monkeypatch):
 
 def test_every_flag_has_help_with_its_default():
     from config_flags import help_entries
+
     parser = build_parser()
     entries = help_entries(parser.format_help())
     assert entries.keys() == {a.option_strings[0] for a in parser._actions}

@@ -1,18 +1,21 @@
 """Endpoint discovery: static lists and EndpointSlice parsing (no cluster needed)."""
+
 from __future__ import annotations
 
-from kubernetes.client import (DiscoveryV1EndpointPort, V1Endpoint, V1EndpointConditions, V1EndpointSlice,
-                               V1ObjectMeta)
+from kubernetes.client import DiscoveryV1EndpointPort, V1Endpoint, V1EndpointConditions, V1EndpointSlice, V1ObjectMeta
 
 from nanoserve.gateway.discovery import merge_slices, parse_endpoint_slice, static_targets
 
 
 def make_slice(endpoints, ports, address_type="IPv4", name="engines-abc"):
     return V1EndpointSlice(
-        address_type=address_type, metadata=V1ObjectMeta(name=name),
-        endpoints=[V1Endpoint(addresses=addrs, conditions=V1EndpointConditions(ready=ready))
-                   for addrs, ready in endpoints],
-        ports=[DiscoveryV1EndpointPort(name=n, port=p, protocol="TCP") for n, p in ports])
+        address_type=address_type,
+        metadata=V1ObjectMeta(name=name),
+        endpoints=[
+            V1Endpoint(addresses=addrs, conditions=V1EndpointConditions(ready=ready)) for addrs, ready in endpoints
+        ],
+        ports=[DiscoveryV1EndpointPort(name=n, port=p, protocol="TCP") for n, p in ports],
+    )
 
 
 def test_static_targets_are_ready_and_normalised():
@@ -21,9 +24,11 @@ def test_static_targets_are_ready_and_normalised():
 
 def test_readiness_of_each_endpoint():
     s = make_slice([(["10.0.0.1"], True), (["10.0.0.2"], False), (["10.0.0.3"], None)], [("http", 8000)])
-    assert parse_endpoint_slice(s) == {"http://10.0.0.1:8000": True,
-                                       "http://10.0.0.2:8000": False,  # known, not routed to
-                                       "http://10.0.0.3:8000": True}   # unknown counts as ready
+    assert parse_endpoint_slice(s) == {
+        "http://10.0.0.1:8000": True,
+        "http://10.0.0.2:8000": False,  # known, not routed to
+        "http://10.0.0.3:8000": True,
+    }  # unknown counts as ready
 
 
 def test_named_port_is_chosen():
@@ -43,24 +48,30 @@ def test_empty_slice():
 
 
 def test_raw_api_dicts_parse_like_client_objects():
-    obj = {"addressType": "IPv4", "metadata": {"name": "x"},
-           "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": False}},
-                         {"addresses": ["10.1.0.6"]}],
-           "ports": [{"name": "http", "port": 8000}]}
+    obj = {
+        "addressType": "IPv4",
+        "metadata": {"name": "x"},
+        "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": False}}, {"addresses": ["10.1.0.6"]}],
+        "ports": [{"name": "http", "port": 8000}],
+    }
     assert parse_endpoint_slice(obj, "http") == {"http://10.1.0.5:8000": False, "http://10.1.0.6:8000": True}
 
 
 def test_slices_merge_and_any_ready_wins():
     a = {"http://10.0.0.1:8000": False, "http://10.0.0.2:8000": True}
     b = {"http://10.0.0.1:8000": True, "http://10.0.0.3:8000": False}
-    assert merge_slices({"a": a, "b": b}) == {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": True,
-                                              "http://10.0.0.3:8000": False}
+    assert merge_slices({"a": a, "b": b}) == {
+        "http://10.0.0.1:8000": True,
+        "http://10.0.0.2:8000": True,
+        "http://10.0.0.3:8000": False,
+    }
 
 
 def test_watcher_applies_list_then_watch_events():
     from types import SimpleNamespace
 
     from nanoserve.gateway.discovery import EndpointSliceWatcher
+
     a = make_slice([(["10.0.0.1"], True)], [("http", 8000)], name="a")
     b = make_slice([(["10.0.0.2"], False)], [("http", 8000)], name="b")
     b_ready = make_slice([(["10.0.0.2"], True)], [("http", 8000)], name="b")
@@ -84,7 +95,9 @@ def test_watcher_applies_list_then_watch_events():
     w.api, w.watch_factory = FakeApi(), FakeWatch
     w.watch_once(delivered.append)
     assert calls == [("llm", "kubernetes.io/service-name=engines")]
-    assert delivered == [{"http://10.0.0.1:8000": True},
-                         {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": False},
-                         {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": True},
-                         {"http://10.0.0.2:8000": True}]
+    assert delivered == [
+        {"http://10.0.0.1:8000": True},
+        {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": False},
+        {"http://10.0.0.1:8000": True, "http://10.0.0.2:8000": True},
+        {"http://10.0.0.2:8000": True},
+    ]

@@ -3,14 +3,14 @@
 Asserted for every example: never a 5xx, every error OpenAI-shaped JSON. After the run (which includes
 issue 16's poison request), both engines are healthy and the gateway still routes to both.
 """
+
 import json
 import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-
 from fuzz_requests import PATIENCE, check_answer, http_request, mutated, request_body, send_raw
+from hypothesis import HealthCheck, given, settings
 from procs import free_port, wait_http
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -22,9 +22,25 @@ def fuzz_gateway(real_engine_pool, tmp_path_factory):
     engines = real_engine_pool(2)
     port = free_port()
     log = open(tmp_path_factory.mktemp("gateway") / "gateway.log", "w")  # a file: a full pipe would block it
-    proc = subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "gateway", "--host", "127.0.0.1",
-                             "--port", str(port), "--health-interval", "0.2", "--served-model-name", "tiny",
-                             *(a for e in engines for a in ("--engine", e.url))], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "nanoserve.engine_pod.cli",
+            "gateway",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--health-interval",
+            "0.2",
+            "--served-model-name",
+            "tiny",
+            *(a for e in engines for a in ("--engine", e.url)),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/ready", 60, proc)
         yield port, engines, proc
@@ -48,6 +64,7 @@ def test_fuzzed_bodies_through_the_gateway_never_get_a_5xx(fuzz_gateway, chat):
     def check(body):
         status, headers, answer = send_raw("127.0.0.1", port, http_request(path, json.dumps(body).encode()))
         check_answer(status, headers, answer, f"{path} {body!r}")
+
     check()
 
 
@@ -66,8 +83,9 @@ def test_mutated_http_bytes_through_the_gateway_never_get_a_5xx(fuzz_gateway, da
 def test_the_poison_request_leaves_both_engines_healthy(fuzz_gateway):
     port, engines, proc = fuzz_gateway
     for _ in range(4):  # whichever engine each lands on
-        status, headers, answer = send_raw("127.0.0.1", port, http_request("/v1/completions",
-                                                                           json.dumps(POISON).encode()))
+        status, headers, answer = send_raw(
+            "127.0.0.1", port, http_request("/v1/completions", json.dumps(POISON).encode())
+        )
         assert status == 200, answer
     for engine in engines:
         assert engine.proc.poll() is None

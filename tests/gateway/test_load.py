@@ -1,4 +1,5 @@
 """Engine load: /metrics parsing, freshness, and the balance thresholds end to end."""
+
 from __future__ import annotations
 
 import asyncio
@@ -57,11 +58,13 @@ def test_burst_on_one_prefix_spills_over_only_past_the_thresholds(fake_engines_s
 
     async def run(**routing) -> tuple[set[str], str]:
         from nanoserve.gateway import RoutingConfig
+
         async with aiohttp.ClientSession() as s:
             for e in engines:
                 await s.post(e.url + "/fake/state", json={"reset": True})
-            async with start_gateway([e.url for e in engines], model=tiny_tokenizer,
-                                     routing=RoutingConfig(**routing)) as gw:
+            async with start_gateway(
+                [e.url for e in engines], model=tiny_tokenizer, routing=RoutingConfig(**routing)
+            ) as gw:
                 async with s.post(gw.url + "/v1/completions", json={"prompt": prompt}) as r:  # warm one engine
                     await r.read()
 
@@ -69,6 +72,7 @@ def test_burst_on_one_prefix_spills_over_only_past_the_thresholds(fake_engines_s
                     async with s.post(gw.url + "/v1/completions", json={"prompt": prompt}) as r:
                         assert r.status == 200
                         return r.headers["X-Nanoserve-Engine"]
+
                 used = set(await asyncio.gather(*(one() for _ in range(burst))))
                 return used, gw.metrics_text().decode()
 

@@ -1,14 +1,15 @@
 """Routing policies: pure ranking of candidates."""
+
 from __future__ import annotations
 
 from collections import Counter
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nanoserve.gateway.config import RoutingConfig
-from nanoserve.gateway.policy import (CacheAwarePolicy, Candidate, LeastLoadedPolicy, RoundRobinPolicy,
-                                      make_policy)
+from nanoserve.gateway.policy import CacheAwarePolicy, Candidate, LeastLoadedPolicy, RoundRobinPolicy, make_policy
 
 
 def names(cands):
@@ -33,9 +34,13 @@ def test_least_loaded_picks_min_load_and_rotates_ties():
 
 
 def test_cache_aware_prefers_longest_match():
-    d = CacheAwarePolicy().rank([Candidate("a", 0, matched=2, total=10),
-                                 Candidate("b", 1, matched=8, total=10),
-                                 Candidate("c", 0, matched=5, total=10)])
+    d = CacheAwarePolicy().rank(
+        [
+            Candidate("a", 0, matched=2, total=10),
+            Candidate("b", 1, matched=8, total=10),
+            Candidate("c", 0, matched=5, total=10),
+        ]
+    )
     assert d.ranked[0] == "b" and d.reason == "cache_hit" and d.matched == 8
     assert d.ranked[1] == "c"  # retry order: next-best match
 
@@ -60,8 +65,9 @@ def test_overloaded_best_match_is_passed_over():
     base = 10
     heavy = max(base + cfg.balance_abs_threshold + 1, int(base * cfg.balance_rel_threshold) + 1)
     # Best match overloaded -> second-best match, still a cache hit.
-    d = CacheAwarePolicy(cfg).rank([Candidate("a", heavy, 9, 10), Candidate("b", base + 1, 5, 10),
-                                    Candidate("c", base, 0, 10)])
+    d = CacheAwarePolicy(cfg).rank(
+        [Candidate("a", heavy, 9, 10), Candidate("b", base + 1, 5, 10), Candidate("c", base, 0, 10)]
+    )
     assert d.ranked == ["b", "a", "c"] and d.reason == "cache_hit"
     # Only match overloaded -> least loaded, reason "load".
     d = CacheAwarePolicy(cfg).rank([Candidate("a", heavy, 9, 10), Candidate("c", base, 0, 10)])
@@ -93,9 +99,9 @@ def test_make_policy_names():
         make_policy("random")
 
 
-candidates = st.lists(st.tuples(st.integers(0, 50), st.integers(0, 12), st.integers(0, 500)),
-                      min_size=1, max_size=6).map(
-    lambda rows: [Candidate(f"e{i}", load, min(m, 12), 12, cached) for i, (load, m, cached) in enumerate(rows)])
+candidates = st.lists(
+    st.tuples(st.integers(0, 50), st.integers(0, 12), st.integers(0, 500)), min_size=1, max_size=6
+).map(lambda rows: [Candidate(f"e{i}", load, min(m, 12), 12, cached) for i, (load, m, cached) in enumerate(rows)])
 
 
 @settings(max_examples=200, deadline=None)

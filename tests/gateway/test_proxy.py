@@ -1,4 +1,5 @@
 """The reverse proxy against fake engine processes: passthrough, retries, mid-stream failure, errors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,7 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "w1 w2 w
 
 def events(raw: bytes) -> list[str]:
     """The data payloads of a server-sent event stream."""
-    return [line[len("data: "):] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    return [line[len("data: ") :] for line in raw.decode().split("\n") if line.startswith("data: ")]
 
 
 async def post(session, url, body, **kw):
@@ -32,9 +33,11 @@ def test_stream_and_json_pass_through_unchanged(spawn_engines, start_gateway):
 
     async def main():
         async with start_gateway([engine.url]) as gw, aiohttp.ClientSession() as s:
-            for path, body in [("/v1/chat/completions", {**CHAT, "stream": True}),
-                               ("/v1/completions", {"model": "fake-model", "prompt": "w1", "stream": True}),
-                               ("/v1/chat/completions", CHAT)]:
+            for path, body in [
+                ("/v1/chat/completions", {**CHAT, "stream": True}),
+                ("/v1/completions", {"model": "fake-model", "prompt": "w1", "stream": True}),
+                ("/v1/chat/completions", CHAT),
+            ]:
                 direct = await post(s, engine.url + path, body)
                 via = await post(s, gw.url + path, body)
                 assert via[0] == direct[0] == 200
@@ -43,6 +46,7 @@ def test_stream_and_json_pass_through_unchanged(spawn_engines, start_gateway):
                 assert via[1]["X-Nanoserve-Engine"] == engine_id(engine.url)
             stream = (await post(s, gw.url + "/v1/chat/completions", {**CHAT, "stream": True}))[2]
             assert events(stream)[-1] == "[DONE]"
+
     asyncio.run(main())
 
 
@@ -59,6 +63,7 @@ def test_retries_before_first_byte(spawn_engines, start_gateway):
             assert sum(served) == 3  # failed on both, then succeeded on the first again
             metrics = await (await s.get(gw.url + "/metrics")).text()
             assert 'nanoserve_gateway_retries_total{cause="status_429"} 2.0' in metrics
+
     asyncio.run(main())
 
 
@@ -71,6 +76,7 @@ def test_an_engine_error_is_passed_on_not_retried(spawn_engines, start_gateway):
             status, _, body = await post(s, gw.url + "/v1/completions", {"prompt": "w1", "max_tokens": 2})
             assert status == 500 and json.loads(body)["error"]["message"] == "injected failure"
             assert sum([(await engine_state(s, e.url))["requests"] for e in engines]) == 1
+
     asyncio.run(main())
 
 
@@ -84,6 +90,7 @@ def test_client_errors_are_not_retried(spawn_engines, start_gateway):
             assert sum([(await engine_state(s, e.url))["requests"] for e in engines]) == 1
             status, _, body = await post(s, gw.url + "/v1/completions", None, data=b"{not json")
             assert status == 400 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}
+
     asyncio.run(main())
 
 
@@ -96,6 +103,7 @@ def test_overload_is_passed_on_when_every_engine_refuses(spawn_engines, start_ga
             assert status == 429 and "Retry-After" in headers
             assert "error" in json.loads(body)
             assert sum([(await engine_state(s, e.url))["requests"] for e in engines]) == 2
+
     asyncio.run(main())
 
 
@@ -104,13 +112,13 @@ def test_engine_dying_before_first_byte_is_retried_elsewhere(spawn_engines, star
     [healthy] = spawn_engines(1)
 
     async def main():
-        async with start_gateway([dying.url, healthy.url], policy="round-robin") as gw, \
-                aiohttp.ClientSession() as s:
+        async with start_gateway([dying.url, healthy.url], policy="round-robin") as gw, aiohttp.ClientSession() as s:
             for stream in (True, False, True, False):  # round-robin sends one of the first two to `dying`
                 status, headers, body = await post(s, gw.url + "/v1/chat/completions", {**CHAT, "stream": stream})
                 assert status == 200 and headers["X-Nanoserve-Engine"] == engine_id(healthy.url)
             assert dying.proc.wait(timeout=10) != 0
             assert [ep.url for ep in gw.pool.routable()] == [healthy.url]
+
     asyncio.run(main())
 
 
@@ -128,6 +136,7 @@ def test_engine_dying_mid_stream_ends_with_error_event(spawn_engines, start_gate
             assert body.endswith(b"\n\n")
             metrics = await (await s.get(gw.url + "/metrics")).text()
             assert "nanoserve_gateway_stream_errors_total 1.0" in metrics
+
     asyncio.run(main())
 
 
@@ -140,12 +149,12 @@ def test_openai_client_sees_mid_stream_error(spawn_engines, start_gateway):
             client = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="none", max_retries=0)
             reply = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"])
             assert reply.choices[0].message.content.startswith("ok")
-            stream = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"],
-                                                          stream=True)
+            stream = await client.chat.completions.create(model="fake-model", messages=CHAT["messages"], stream=True)
             with pytest.raises(openai.APIError):
                 async for _ in stream:
                     pass
             await client.close()
+
     asyncio.run(main())
 
 
@@ -160,6 +169,7 @@ def test_no_engine_gives_503(start_gateway, dead_url):
                 assert status == 503
                 assert json.loads(body)["error"]["code"] == "no_healthy_engine"
             assert (await s.get(gw.url + "/v1/models")).status == 503
+
     asyncio.run(main())
 
 
@@ -172,6 +182,7 @@ def test_models_are_aggregated(spawn_engines, start_gateway):
             assert resp.status == 200
             ids = sorted(m["id"] for m in (await resp.json())["data"])
             assert ids == ["fake-model", "other-model"]
+
     asyncio.run(main())
 
 
@@ -179,11 +190,11 @@ def test_served_model_name_rejects_other_models(spawn_engines, start_gateway):
     [engine] = spawn_engines(1)
 
     async def main():
-        async with start_gateway([engine.url], served_model_name="fake-model") as gw, \
-                aiohttp.ClientSession() as s:
+        async with start_gateway([engine.url], served_model_name="fake-model") as gw, aiohttp.ClientSession() as s:
             status, _, body = await post(s, gw.url + "/v1/chat/completions", {**CHAT, "model": "gpt-9"})
             assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
             assert (await post(s, gw.url + "/v1/chat/completions", CHAT))[0] == 200
+
     asyncio.run(main())
 
 
@@ -192,8 +203,7 @@ def test_metrics_count_requests_per_engine(spawn_engines, start_gateway):
     n = 6
 
     async def main():
-        async with start_gateway([e.url for e in engines], policy="round-robin") as gw, \
-                aiohttp.ClientSession() as s:
+        async with start_gateway([e.url for e in engines], policy="round-robin") as gw, aiohttp.ClientSession() as s:
             for _ in range(n):
                 assert (await post(s, gw.url + "/v1/chat/completions", CHAT))[0] == 200
             text = await (await s.get(gw.url + "/metrics")).text()
@@ -201,17 +211,18 @@ def test_metrics_count_requests_per_engine(spawn_engines, start_gateway):
                 assert f'nanoserve_gateway_requests_total{{engine="{e.url}",status="200"}} {n // 2}.0' in text
                 assert f'nanoserve_gateway_engine_up{{engine="{e.url}"}} 1.0' in text
             assert f'nanoserve_gateway_routing_decisions_total{{reason="round_robin"}} {n}.0' in text
+
     asyncio.run(main())
 
 
 def test_in_process_fake_engine_drops_the_connection_mid_stream(start_gateway, fake_engine_module):
     """The fake engine also runs inside the test's event loop (no process to kill: it drops the socket)."""
     from aiohttp import web
+
     fake = fake_engine_module
 
     async def main():
-        runner = web.AppRunner(fake.build_app(fake.FakeConfig(crash_after=0, crash_chunks=1,
-                                                              exit_on_crash=False)))
+        runner = web.AppRunner(fake.build_app(fake.FakeConfig(crash_after=0, crash_chunks=1, exit_on_crash=False)))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
@@ -223,11 +234,13 @@ def test_in_process_fake_engine_drops_the_connection_mid_stream(start_gateway, f
                 assert json.loads(data[1])["error"]["code"] == "upstream_disconnected"
         finally:
             await runner.cleanup()
+
     asyncio.run(main())
 
 
 def test_engine_api_key_for_own_calls_and_client_keys_pass_through(start_gateway, fake_engine_module):
     from aiohttp import web
+
     fake = fake_engine_module
 
     async def main():
@@ -236,8 +249,10 @@ def test_engine_api_key_for_own_calls_and_client_keys_pass_through(start_gateway
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         try:
-            async with start_gateway([url], engine_api_key="sekret", policy="cache-aware") as gw, \
-                    aiohttp.ClientSession() as s:
+            async with (
+                start_gateway([url], engine_api_key="sekret", policy="cache-aware") as gw,
+                aiohttp.ClientSession() as s,
+            ):
                 assert (await s.get(gw.url + "/v1/models")).status == 200
                 for _ in range(100):  # the feed authenticates too (bounded wait for its snapshot)
                     if gw.pool.endpoints[url].cache.is_precise:
@@ -250,4 +265,5 @@ def test_engine_api_key_for_own_calls_and_client_keys_pass_through(start_gateway
                 assert (await post(s, gw.url + "/v1/chat/completions", CHAT, headers=auth))[0] == 200
         finally:
             await runner.cleanup()
+
     asyncio.run(main())

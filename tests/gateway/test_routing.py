@@ -1,6 +1,7 @@
 """Cache-aware routing end to end: tokenizer + cache feed + policy, against engines that keep a prefix cache
 (their `vllm:prefix_cache_hits_total` shows what routing saved). Tests taking `backend` run twice: on fake
 engines and on real `nanoserve serve` processes with a tiny random model (words w0..w255)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,18 +20,18 @@ def test_precise_index_follows_the_feed(backend, start_gateway, until):
     engines = backend.spawn(2, block_size=BLOCK)
 
     async def main():
-        async with start_gateway([e.url for e in engines], model=backend.tokenizer) as gw, \
-                aiohttp.ClientSession() as s:
+        async with start_gateway([e.url for e in engines], model=backend.tokenizer) as gw, aiohttp.ClientSession() as s:
             [conv] = await run_conversations(gw.url, 1, 3, model=backend.model)
             await until(lambda: all(ep.cache.is_precise for ep in gw.pool.endpoints.values()))
             for e in engines:  # quiet now: the gateway's index converges to exactly what the engine holds
                 ep = gw.pool.endpoints[e.url]
                 assert ep.cache.block_size == BLOCK
                 held = await cached_hashes(s, e.url)
-                await until(lambda: ep.cache.precise == held)
+                await until(lambda ep=ep, held=held: ep.cache.precise == held)
             assert len(set(conv.engines)) == 1
             history = Prompt(token_ids=gw.tokenizer.chat_ids(conv.messages)).hashes(BLOCK)
             assert gw.pool.by_id(conv.engines[0]).cache.match(history) > 2
+
     asyncio.run(main())
 
 
@@ -51,7 +52,7 @@ def test_conversations_stick_and_hit_more_than_round_robin(backend, start_gatewa
 
     convs = asyncio.run(main("cache-aware", 0))
     assert all(len(set(c.engines)) == 1 for c in convs)  # every turn on one engine
-    assert len({c.engines[0] for c in convs}) > 1        # but not all conversations on one
+    assert len({c.engines[0] for c in convs}) > 1  # but not all conversations on one
     asyncio.run(main("round-robin", 1000))
     assert hits["cache-aware"] > 2 * hits["round-robin"]
 
@@ -65,6 +66,7 @@ def test_approximate_mode_without_feed_still_sticks(fake_engines_shared, start_g
             assert not any(ep.cache.is_precise for ep in gw.pool.endpoints.values())
             assert all(len(set(c.engines)) == 1 for c in convs)
             assert len({c.engines[0] for c in convs}) > 1
+
     asyncio.run(main())
 
 
@@ -74,16 +76,18 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gat
     results: list[tuple[bool, int, list[str]]] = []
 
     async def converse(s, gw_url, conv: Conversation, turns: int) -> None:
-        for t in range(turns):
-            stream = (conv.rng.random() < 0.5)
+        for _ in range(turns):
+            stream = conv.rng.random() < 0.5
             status, data = await chat(s, gw_url, conv, stream)
             results.append((stream, status, data))
             if status == 200 and stream and data[-1] != "[DONE]":
                 conv.messages.pop()  # cut off: ask again
 
     async def main():
-        async with start_gateway([e.url for e in engines], model=backend.tokenizer, unhealthy_threshold=1) as gw, \
-                aiohttp.ClientSession() as s:
+        async with (
+            start_gateway([e.url for e in engines], model=backend.tokenizer, unhealthy_threshold=1) as gw,
+            aiohttp.ClientSession() as s,
+        ):
             convs = [Conversation(seed, backend.model) for seed in range(6)]
             run = asyncio.gather(*(converse(s, gw.url, c, 5) for c in convs))
             victim_ep = gw.pool.endpoints[victim.url]
@@ -108,6 +112,7 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gat
             await until(lambda: gw.pool.endpoints[victim.url].routable)
             fresh = await run_conversations(gw.url, 2, 2, 100, backend.model)
             assert engine_id(victim.url) in {c.engines[0] for c in fresh}
+
     asyncio.run(main())
 
 
@@ -117,8 +122,11 @@ def test_long_prompts_are_routed_by_cache_too(start_gateway, tiny_tokenizer, loc
 
     async def main():
         # Engines without a feed: the gateway's approximate index decides.
-        async with local_engines({"feed": False}, {"feed": False}) as urls, \
-                start_gateway(urls, model=tiny_tokenizer) as gw, aiohttp.ClientSession() as s:
+        async with (
+            local_engines({"feed": False}, {"feed": False}) as urls,
+            start_gateway(urls, model=tiny_tokenizer) as gw,
+            aiohttp.ClientSession() as s,
+        ):
             await until(lambda: gw.routing_mode_now() == "tokens")  # engines without /v1/tokenizer: --model's
             served = []
             for _ in range(3):
@@ -129,4 +137,5 @@ def test_long_prompts_are_routed_by_cache_too(start_gateway, tiny_tokenizer, loc
             metrics = gw.metrics_text().decode()
             assert 'nanoserve_gateway_routing_decisions_total{reason="cache_hit"} 2.0' in metrics
             assert 'nanoserve_gateway_prompt_match_mode_total{mode="tokens"} 3.0' in metrics
+
     asyncio.run(main())

@@ -1,5 +1,6 @@
 """The gateway tokenizes with the engines' own tokenizer, fetched from them and verified; without one it
 routes by text prefix, and a broken or lying engine never makes it route by wrong hashes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -18,11 +19,17 @@ from nanoserve.gateway.tokenizers import TokenizerError, check_info, load_verifi
 
 CHATS = [
     [{"role": "user", "content": "Hello there"}],
-    [{"role": "system", "content": "You are terse. Réponds en français."},
-     {"role": "user", "content": "Quelle est la capitale du Japon ? 日本の首都は？ 🙂"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "w1 w2 w3"},
-     {"role": "assistant", "content": "w4 w5"}, {"role": "developer", "content": "w6"},
-     {"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two\n\t"}]}],
+    [
+        {"role": "system", "content": "You are terse. Réponds en français."},
+        {"role": "user", "content": "Quelle est la capitale du Japon ? 日本の首都は？ 🙂"},
+    ],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "w1 w2 w3"},
+        {"role": "assistant", "content": "w4 w5"},
+        {"role": "developer", "content": "w6"},
+        {"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "text", "text": "part two\n\t"}]},
+    ],
 ]
 PROMPTS = ["The capital of France is", "  leading spaces, ünïcödé, 中文, emoji 🚀 and\nnew lines", "w7 w8 w9", "x"]
 
@@ -38,8 +45,12 @@ def exported(tokenizer, tmp_path, block_size=16):
 @pytest.mark.parametrize("which", ["default", "qwen3", "bos"])
 def test_the_copy_gives_the_engines_ids_and_block_hashes(which, tmp_path, request, tiny_models, tiny_tokenizer):
     from transformers import AutoTokenizer
-    folder = {"default": lambda: request.getfixturevalue("default_model_path"), "qwen3": lambda: tiny_models["qwen3"],
-              "bos": lambda: tiny_tokenizer}[which]()
+
+    folder = {
+        "default": lambda: request.getfixturevalue("default_model_path"),
+        "qwen3": lambda: tiny_models["qwen3"],
+        "bos": lambda: tiny_tokenizer,
+    }[which]()
     engine_tok = AutoTokenizer.from_pretrained(folder)
     info = check_info(exported(engine_tok, tmp_path))
     copy = load_verified(str(tmp_path), info, "engine")
@@ -60,6 +71,7 @@ def test_the_copy_gives_the_engines_ids_and_block_hashes(which, tmp_path, reques
 
 def test_a_copy_that_tokenizes_differently_is_refused(tmp_path, tiny_tokenizer):
     from transformers import AutoTokenizer
+
     info = exported(AutoTokenizer.from_pretrained(tiny_tokenizer), tmp_path)
     with pytest.raises(TokenizerError) as e:
         load_verified(str(tmp_path), {**info, "vocab_size": info["vocab_size"] + 1}, "engine")
@@ -77,8 +89,9 @@ def test_a_copy_that_tokenizes_differently_is_refused(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("bad", [None, [], {"fingerprint": "xyz"}, {"files": "../etc/passwd"}])
 def test_malformed_descriptions_are_refused(bad, tmp_path, tiny_tokenizer):
     from transformers import AutoTokenizer
+
     info = exported(AutoTokenizer.from_pretrained(tiny_tokenizer), tmp_path)
-    for body in ([bad] if not isinstance(bad, dict) else [{**info, **bad}]):
+    for body in [bad] if not isinstance(bad, dict) else [{**info, **bad}]:
         with pytest.raises(TokenizerError):
             check_info(body)
     with pytest.raises(TokenizerError):  # names are file names, never paths
@@ -88,6 +101,7 @@ def test_malformed_descriptions_are_refused(bad, tmp_path, tiny_tokenizer):
 def metric(gw, name: str) -> dict[str, float]:
     """Samples of one gateway metric, by their label string."""
     from prometheus_client.parser import text_string_to_metric_families
+
     out = {}
     for family in text_string_to_metric_families(gw.metrics_text().decode()):
         for s in family.samples:
@@ -113,19 +127,25 @@ def test_engines_serve_the_tokenizer_the_gateway_routes_by(fake_engines_shared, 
             async with aiohttp.ClientSession() as s:  # the engines' caches hold what the gateway predicted
                 state = [await (await s.get(e.url + "/fake/state")).json() for e in engines]
             assert sum(st["hits"] for st in state) > 0
+
     asyncio.run(main())
 
 
 @pytest.mark.parametrize("fault", ["error", "vocab", "file", "swap", "none served"])
-def test_a_broken_or_lying_engine_leaves_routing_by_text(fault, local_engines, start_gateway, until, tiny_tokenizer,
-                                                        tiny_models):
+def test_a_broken_or_lying_engine_leaves_routing_by_text(
+    fault, local_engines, start_gateway, until, tiny_tokenizer, tiny_models
+):
     # The good engine serves another tokenizer: the bad one's files must be downloaded from the bad one.
     bad = {"serve_tokenizer": False} if fault == "none served" else {"tokenizer_fault": fault}
 
     async def main():
-        async with local_engines({"tokenizer": tiny_models["qwen3"], "block_size": 8},
-                                 {"tokenizer": tiny_tokenizer, "block_size": 8, **bad}) as (good, liar), \
-                start_gateway([good, liar]) as gw:
+        async with (
+            local_engines(
+                {"tokenizer": tiny_models["qwen3"], "block_size": 8},
+                {"tokenizer": tiny_tokenizer, "block_size": 8, **bad},
+            ) as (good, liar),
+            start_gateway([good, liar]) as gw,
+        ):
             await until(lambda: gw.pool.endpoints[good].tokenizer is not None)
             reason = {"vocab": "mismatch", "file": "mismatch", "swap": "mismatch"}.get(fault, "unavailable")
             await until(lambda: metric(gw, "nanoserve_gateway_tokenizer_errors_total").get(f"reason={reason}"))
@@ -135,6 +155,7 @@ def test_a_broken_or_lying_engine_leaves_routing_by_text(fault, local_engines, s
             assert {c.engines[0] for c in convs} == {engine_id(good), engine_id(liar)}
             assert metric(gw, "nanoserve_gateway_prompt_match_mode_total") == {"mode=text": 12}
             assert gw.pool.endpoints[liar].routable  # the engine itself still serves
+
     asyncio.run(main())
 
 
@@ -144,19 +165,23 @@ def test_text_prefix_affinity_without_any_tokenizer(local_engines, start_gateway
             convs = await run_conversations(gw.url, 5, 4)
             assert gw.routing_mode_now() == "text"
             assert all(len(set(c.engines)) == 1 for c in convs)  # each conversation sticks to one engine
-            assert len({c.engines[0] for c in convs}) > 1         # and they spread
+            assert len({c.engines[0] for c in convs}) > 1  # and they spread
             assert metric(gw, "nanoserve_gateway_routing_decisions_total")["reason=cache_hit"] == 5 * 3
+
     asyncio.run(main())
 
 
-def test_engines_with_other_models_each_get_their_own(local_engines, start_gateway, until, tiny_tokenizer,
-                                                     tiny_models):
+def test_engines_with_other_models_each_get_their_own(local_engines, start_gateway, until, tiny_tokenizer, tiny_models):
     """Mid rolling update to another model: each engine is matched in its own tokenizer's ids; the old
     tokenizer is dropped once no engine uses it."""
+
     async def main():
-        async with local_engines({"tokenizer": tiny_tokenizer, "block_size": 8},
-                                 {"tokenizer": tiny_models["qwen3"], "block_size": 8}) as (old, new), \
-                start_gateway([old, new]) as gw:
+        async with (
+            local_engines(
+                {"tokenizer": tiny_tokenizer, "block_size": 8}, {"tokenizer": tiny_models["qwen3"], "block_size": 8}
+            ) as (old, new),
+            start_gateway([old, new]) as gw,
+        ):
             await until(lambda: gw.routing_mode_now() == "tokens")
             assert len(gw.tokenizers.loaded) == 2
             body = {"messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(10, 60))}]}
@@ -171,14 +196,17 @@ def test_engines_with_other_models_each_get_their_own(local_engines, start_gatew
             gw.set_targets({new: True})  # the old engine's pod is gone
             assert [ep.tokenizer.source for ep in gw.pool.endpoints.values()] == [new]
             assert len(gw.tokenizers.loaded) == 1
+
     asyncio.run(main())
 
 
-def test_an_engine_restarted_with_another_model_is_reverified(start_gateway, until, tiny_tokenizer, tiny_models,
-                                                              fake_engine_module):
+def test_an_engine_restarted_with_another_model_is_reverified(
+    start_gateway, until, tiny_tokenizer, tiny_models, fake_engine_module
+):
     """Same address, new model (a pod replaced in place): the gateway notices (its probes or the feed's
     snapshot fingerprint) and verifies the new tokenizer before routing by it again."""
     from aiohttp import web
+
     fake = fake_engine_module
 
     async def serve(tokenizer: str, port: int = 0) -> web.AppRunner:
@@ -203,6 +231,7 @@ def test_an_engine_restarted_with_another_model_is_reverified(start_gateway, unt
                 assert list(gw.tokenizers.loaded) == [ep.tokenizer.fingerprint]  # the old one is dropped
         finally:
             await runner.cleanup()
+
     asyncio.run(main())
 
 
@@ -210,8 +239,11 @@ def test_descriptions_are_checked_under_python_O_too():
     """Served file names become paths: their check must not be an `assert` that -O strips."""
     import subprocess
     import sys
-    code = ("from nanoserve.gateway.tokenizers import TokenizerError, check_info\n"
-            "info = {'fingerprint': 'a' * 16, 'vocab_size': 5, 'block_size': 16,\n"
-            "        'files': [{'name': '../../escape', 'size': 1, 'sha256': 'b' * 64}]}\n"
-            "try:\n    check_info(info)\nexcept TokenizerError:\n    raise SystemExit(0)\nraise SystemExit(1)\n")
+
+    code = (
+        "from nanoserve.gateway.tokenizers import TokenizerError, check_info\n"
+        "info = {'fingerprint': 'a' * 16, 'vocab_size': 5, 'block_size': 16,\n"
+        "        'files': [{'name': '../../escape', 'size': 1, 'sha256': 'b' * 64}]}\n"
+        "try:\n    check_info(info)\nexcept TokenizerError:\n    raise SystemExit(0)\nraise SystemExit(1)\n"
+    )
     assert subprocess.run([sys.executable, "-O", "-c", code], env={**os.environ, "PYTHONSAFEPATH": "1"}).returncode == 0

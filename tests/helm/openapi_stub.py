@@ -23,10 +23,13 @@ def gv_document(emulator: Emulator, group: str, version: str) -> dict:
             continue
         scope = "namespaces/{namespace}/" if info.namespaced else ""
         gvk = {"group": group, "version": version, "kind": info.kind}
-        paths[f"/{_gv_path(group, version)}/{scope}{res.plural}/{{name}}"] = {"patch": {
-            "x-kubernetes-group-version-kind": gvk,
-            "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "OK"}}}}
+        paths[f"/{_gv_path(group, version)}/{scope}{res.plural}/{{name}}"] = {
+            "patch": {
+                "x-kubernetes-group-version-kind": gvk,
+                "parameters": [{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "OK"}},
+            }
+        }
     return {"openapi": "3.0.0", "info": {"title": "emulator", "version": version}, "paths": paths}
 
 
@@ -35,8 +38,9 @@ class OpenAPIEmulator(Emulator):
         path = request.url.path.strip("/")
         if path == "openapi/v3":
             gvs = {(r.group, r.version) for r in self.resources}
-            return aiohttp.web.json_response({"paths": {
-                _gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{_gv_path(g, v)}"} for g, v in gvs}})
+            return aiohttp.web.json_response(
+                {"paths": {_gv_path(g, v): {"serverRelativeURL": f"/openapi/v3/{_gv_path(g, v)}"} for g, v in gvs}}
+            )
         if path.startswith("openapi/v3/"):
             parts = path.removeprefix("openapi/v3/").split("/")
             group, version = ("", parts[1]) if parts[0] == "api" else (parts[1], parts[2])

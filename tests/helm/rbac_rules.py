@@ -50,8 +50,9 @@ def calls_of(requests: list[tuple[str, str, dict, str, str]], who: set[int]) -> 
         if call is None:
             continue
         key = path.rstrip("/")
-        creates = method == "PATCH" and "apply-patch" in content_type and key not in existing \
-            and "/" not in call.resource
+        creates = (
+            method == "PATCH" and "apply-patch" in content_type and key not in existing and "/" not in call.resource
+        )
         if method in ("PATCH", "PUT"):
             existing.add(key)
         elif method == "POST":
@@ -65,12 +66,17 @@ def calls_of(requests: list[tuple[str, str, dict, str, str]], who: set[int]) -> 
 
 def grants(objects: list[dict], sa_name: str, sa_namespace: str) -> list[tuple[str | None, dict]]:
     """(namespace or None for everywhere, rule) for every rule bound to the ServiceAccount."""
-    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o.get("rules", [])
-             for o in objects if o["kind"] in ("Role", "ClusterRole")}
+    roles = {
+        (o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o.get("rules", [])
+        for o in objects
+        if o["kind"] in ("Role", "ClusterRole")
+    }
     out = []
     for b in (o for o in objects if o["kind"] in ("RoleBinding", "ClusterRoleBinding")):
-        if not any(s["kind"] == "ServiceAccount" and s["name"] == sa_name and s.get("namespace") == sa_namespace
-                   for s in b.get("subjects", [])):
+        if not any(
+            s["kind"] == "ServiceAccount" and s["name"] == sa_name and s.get("namespace") == sa_namespace
+            for s in b.get("subjects", [])
+        ):
             continue
         scope = b["metadata"].get("namespace") if b["kind"] == "RoleBinding" else None
         ref = b["roleRef"]
@@ -82,8 +88,12 @@ def grants(objects: list[dict], sa_name: str, sa_namespace: str) -> list[tuple[s
 def rule_allows(rule: dict, call: Call) -> bool:
     def has(values, v):
         return v in values or "*" in values
-    return has(rule.get("apiGroups", []), call.group) and has(rule.get("resources", []), call.resource) \
+
+    return (
+        has(rule.get("apiGroups", []), call.group)
+        and has(rule.get("resources", []), call.resource)
         and has(rule.get("verbs", []), call.verb)
+    )
 
 
 def allowed(granted: list[tuple[str | None, dict]], call: Call) -> bool:
@@ -92,5 +102,10 @@ def allowed(granted: list[tuple[str | None, dict]], call: Call) -> bool:
 
 def expand(granted: list[tuple[str | None, dict]]) -> set[Call]:
     """Every (verb, group, resource, scope) the rules grant, one by one."""
-    return {Call(v, g, r, scope) for scope, rule in granted
-            for g in rule.get("apiGroups", []) for r in rule.get("resources", []) for v in rule.get("verbs", [])}
+    return {
+        Call(v, g, r, scope)
+        for scope, rule in granted
+        for g in rule.get("apiGroups", [])
+        for r in rule.get("resources", [])
+        for v in rule.get("verbs", [])
+    }

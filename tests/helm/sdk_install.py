@@ -16,8 +16,11 @@ import helm_sdkpy
 def main(kubeconfig: str, namespace: str, release: str, chart: str, values: str) -> None:
     config = helm_sdkpy.Configuration(namespace=namespace, kubeconfig=kubeconfig)
     # No waiting: the emulator runs no controllers, so Deployments never become ready.
-    result = asyncio.run(helm_sdkpy.Install(config).run(release, chart, values=json.loads(values),
-                                                        create_namespace=True, wait=False, timeout=60))
+    result = asyncio.run(
+        helm_sdkpy.Install(config).run(
+            release, chart, values=json.loads(values), create_namespace=True, wait=False, timeout=60
+        )
+    )
     print(json.dumps(result))
 
 

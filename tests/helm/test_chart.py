@@ -21,8 +21,15 @@ CUSTOM = {
     "priorityClassName": "system-cluster-critical",
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ops", "effect": "NoSchedule"}],
-    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-        {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}]}}},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "kubernetes.io/arch", "operator": "In", "values": ["amd64"]}]}
+                ]
+            }
+        }
+    },
     "example": {"enabled": True},
     "grafanaDashboard": {"enabled": True},
 }
@@ -74,8 +81,11 @@ def test_every_rendered_object_is_valid_for_kubernetes_1_37(helm, values):
         assert validation_errors(schema, apply_defaults(schema, cr)) == []
 
 
-@pytest.mark.parametrize("values", [{"watchNamespaces": ["a"], "example": {"enabled": True}},
-                                    {"serviceAccount": {"create": False, "name": ""}}], ids=["example", "sa"])
+@pytest.mark.parametrize(
+    "values",
+    [{"watchNamespaces": ["a"], "example": {"enabled": True}}, {"serviceAccount": {"create": False, "name": ""}}],
+    ids=["example", "sa"],
+)
 def test_inconsistent_values_fail_with_a_message(helm, values):
     proc = helm.template(values, namespace="ml", check=False)
     assert proc.returncode != 0
@@ -99,7 +109,9 @@ def test_operator_deployment_defaults(helm):
     objs = helm.template()
     pod = operator(objs)["spec"]["template"]["spec"]
     (c,) = pod["containers"]
-    assert c["image"] == f"ghcr.io/nanoserve/operator:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+    assert (
+        c["image"] == f"ghcr.io/nanoserve/operator:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
+    )
     assert c["command"] == ["kopf", "run"] and "--all-namespaces" in c["args"] and "--standalone" in c["args"]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     sc = c["securityContext"]
@@ -138,7 +150,9 @@ def test_custom_values_reach_the_objects(helm):
 
 
 def test_example_is_examples_inferenceservice(helm):
-    (cr,) = [o for o in helm.template({"example": {"enabled": True}}, namespace="ml") if o["kind"] == "InferenceService"]
+    (cr,) = [
+        o for o in helm.template({"example": {"enabled": True}}, namespace="ml") if o["kind"] == "InferenceService"
+    ]
     example = yaml.safe_load((REPO / "examples" / "inferenceservice.yaml").read_text())
     assert (cr["metadata"]["name"], cr["spec"]) == (example["metadata"]["name"], example["spec"])
     assert cr["metadata"]["namespace"] == "ml"
@@ -152,6 +166,7 @@ def test_notes_tell_how_to_apply_and_reach_the_gateway(helm):
 
 def test_values_schema_is_valid_json_schema():
     import jsonschema
+
     schema = json.loads((CHART / "values.schema.json").read_text())
     jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.validate(yaml.safe_load((CHART / "values.yaml").read_text()), schema)
@@ -160,7 +175,8 @@ def test_values_schema_is_valid_json_schema():
 
 def test_grafana_dashboard_is_a_configmap_the_sidecar_finds(helm):
     assert not [o for o in helm.template() if o["kind"] == "ConfigMap"]  # off by default
-    (cm,) = [o for o in helm.template({"grafanaDashboard": {"enabled": True}}, namespace="mon")
-             if o["kind"] == "ConfigMap"]
+    (cm,) = [
+        o for o in helm.template({"grafanaDashboard": {"enabled": True}}, namespace="mon") if o["kind"] == "ConfigMap"
+    ]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1" and cm["metadata"]["namespace"] == "mon"
     assert json.loads(cm["data"]["nanoserve.json"]) == json.loads((CHART / "dashboards" / "nanoserve.json").read_text())

@@ -20,8 +20,12 @@ BIN = pathlib.Path(sys.executable).parent
 
 @pytest.mark.parametrize("path", IMAGES.values(), ids=IMAGES)
 def test_hadolint_finds_nothing(path):
-    proc = subprocess.run([str(BIN / "hadolint"), "--no-color", "--failure-threshold", "style", str(path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(BIN / "hadolint"), "--no-color", "--failure-threshold", "style", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -55,6 +59,7 @@ def test_engine_command_is_nanoserve_serve():
     from nanoserve.engine_pod import cli
     from nanoserve.operator.engine import render_engine_deployment
     from nanoserve.operator.names import ENGINE_PORT
+
     cmd = command(IMAGES["engine"])
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert cmd[:2] == ["nanoserve", "serve"] and scripts["nanoserve"] == "nanoserve.engine_pod.cli:main"
@@ -64,6 +69,7 @@ def test_engine_command_is_nanoserve_serve():
     assert parser.parse_args(cmd[2:]).port == ENGINE_PORT
     # The operator's engine pods override the command with the same one.
     from crd_schema import default_spec
+
     pod = render_engine_deployment("demo", default_spec({}))["spec"]["template"]["spec"]
     assert pod["containers"][0]["command"] == cmd[:2]
     assert f"EXPOSE {ENGINE_PORT}" in {f"{o} {v}" for o, v in instructions(IMAGES["engine"])}
@@ -73,10 +79,12 @@ def test_gateway_command_is_nanoserve_gateway():
     from nanoserve.gateway.cli import build_parser
     from nanoserve.operator.gateway import render_gateway_deployment
     from nanoserve.operator.names import GATEWAY_PORT
+
     cmd = command(IMAGES["gateway"])
     assert cmd[:2] == ["nanoserve", "gateway"]
     assert build_parser().parse_args(cmd[2:]).port == GATEWAY_PORT
     from crd_schema import default_spec
+
     pod = render_gateway_deployment("demo", "ml", default_spec({}))["spec"]["template"]["spec"]
     assert pod["containers"][0]["command"] == cmd[:2]
 
@@ -86,13 +94,19 @@ def test_nanoserve_gateway_runs_without_torch(tmp_path):
     (tmp_path / "torch").mkdir()
     (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('no torch in the gateway image')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTHONSAFEPATH": "1"}
-    run = subprocess.run([sys.executable, "-c", "from nanoserve.engine_pod.cli import main; main(['gateway', '--help'])"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-c", "from nanoserve.engine_pod.cli import main; main(['gateway', '--help'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0 and "--service" in run.stdout, run.stderr
 
 
 def test_operator_command_is_kopf_run_of_the_handlers():
     import kopf.cli
+
     cmd = command(IMAGES["operator"])
     assert cmd[:2] == ["kopf", "run"]
     ctx = kopf.cli.run.make_context("run", cmd[2:])  # parses the flags, runs nothing
@@ -104,9 +118,12 @@ def test_operator_command_is_kopf_run_of_the_handlers():
 @pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["ml"]}], ids=["cluster-wide", "namespaced"])
 def test_chart_runs_the_operator_image_as_built(helm, values):
     import kopf.cli
+
     (dep,) = [o for o in helm.template(values) if o["kind"] == "Deployment"]
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == command(IMAGES["operator"])[:2]
     ctx = kopf.cli.run.make_context("run", list(c["args"]))
     assert ctx.params["modules"] == ("nanoserve.operator.handlers",) and ctx.params["standalone"]
-    assert ctx.params["clusterwide"] == (not values) and list(ctx.params["namespaces"]) == values.get("watchNamespaces", [])
+    assert ctx.params["clusterwide"] == (not values) and list(ctx.params["namespaces"]) == values.get(
+        "watchNamespaces", []
+    )

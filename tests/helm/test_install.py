@@ -31,8 +31,11 @@ def test_example_is_reconciled_into_owned_children(installed):
     assert obj["status"]["url"] == f"http://{name}.ml.svc"
     kids = kubectl.items("deployments,services", f"app.kubernetes.io/instance={name}", "ml")
     assert {(k["kind"], k["metadata"]["name"]) for k in kids} == {
-        ("Deployment", f"{name}-engine"), ("Deployment", f"{name}-gateway"),
-        ("Service", f"{name}-engine"), ("Service", name)}
+        ("Deployment", f"{name}-engine"),
+        ("Deployment", f"{name}-gateway"),
+        ("Service", f"{name}-engine"),
+        ("Service", name),
+    }
     for kid in kids:
         assert kid["metadata"]["ownerReferences"][0]["uid"] == obj["metadata"]["uid"]
         assert kid["metadata"]["labels"]["app.kubernetes.io/managed-by"] == MANAGER

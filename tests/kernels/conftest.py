@@ -1,4 +1,5 @@
 """Kernel tests run on CUDA when there is a GPU, else in Triton's CPU interpreter (small shapes)."""
+
 import os
 
 import pytest

@@ -1,12 +1,15 @@
 """Fused elementwise Triton kernels against the layers' plain-PyTorch functions, on fresh random inputs."""
+
 import random
 
 import pytest
 import torch
 
 from nanoserve.engine_pod.layers.activation import silu_and_mul as silu_ref
-from nanoserve.engine_pod.layers.layernorm import add_rms_norm, rms_norm as rms_ref
-from nanoserve.engine_pod.layers.rotary import RotaryEmbedding, apply_rotary as rotary_ref
+from nanoserve.engine_pod.layers.layernorm import add_rms_norm
+from nanoserve.engine_pod.layers.layernorm import rms_norm as rms_ref
+from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
+from nanoserve.engine_pod.layers.rotary import apply_rotary as rotary_ref
 from nanoserve.kernels.attention_ref import store_kvcache_ref
 
 
@@ -27,12 +30,17 @@ def dtype(device):
 @pytest.mark.parametrize("n", [64, 100])
 def test_rms_norm(device, dtype, n):
     from nanoserve.kernels.elementwise import rms_norm
-    x, res, w = rnd(5, n, device=device, dtype=dtype), rnd(5, n, device=device, dtype=dtype), rnd(n, device=device, dtype=dtype)
+
+    x, res, w = (
+        rnd(5, n, device=device, dtype=dtype),
+        rnd(5, n, device=device, dtype=dtype),
+        rnd(n, device=device, dtype=dtype),
+    )
     assert close(rms_norm(x, w, 1e-6), rms_ref(x, w, 1e-6), dtype)
     out, new_res = rms_norm(x, w, 1e-6, res)
     ref_out, ref_res = add_rms_norm(x, res, w, 1e-6)
     assert close(out, ref_out, dtype) and close(new_res, ref_res, dtype)
-    heads = rnd(5, 3 * (n + 8), device=device, dtype=dtype)[:, :3 * n].view(5, 3, n)  # strided per-head view
+    heads = rnd(5, 3 * (n + 8), device=device, dtype=dtype)[:, : 3 * n].view(5, 3, n)  # strided per-head view
     assert close(rms_norm(heads, w, 1e-6), rms_ref(heads, w, 1e-6), dtype)
 
 
@@ -40,6 +48,7 @@ def test_rms_norm(device, dtype, n):
 @pytest.mark.parametrize("dim, heads, kv_heads", [(32, 4, 2), (40, 6, 3)])
 def test_qk_norm_rotary(device, dtype, dim, heads, kv_heads, with_norm):
     from nanoserve.kernels.elementwise import qk_norm_rotary
+
     rope = RotaryEmbedding(dim, 64, 10000.0, {}).to(device)
     qkv = rnd(6, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)  # q and k: strided views
     q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
@@ -61,13 +70,17 @@ def test_qk_norm_rotary_store(device, dtype, dim, heads, kv_heads, with_norm):
     """The fused kernel's q equals the reference's; rotated k and v land in their slots, -1 is skipped, and
     no other slot of the caches changes."""
     from nanoserve.kernels.elementwise import qk_norm_rotary_store
+
     rope = RotaryEmbedding(dim, 64, 10000.0, {}).to(device)
     qkv = rnd(6, (heads + 2 * kv_heads) * dim, device=device, dtype=dtype)
     q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
     q, k, v = q.view(6, heads, dim), k.view(6, kv_heads, dim), v.view(6, kv_heads, dim)
     pos = torch.tensor([0, 3, 7, 8, 40, 63], device=device)
     slots = torch.tensor([0, 5, -1, 17, 3, 30], device=device)
-    k_cache, v_cache = rnd(4, 8, kv_heads, dim, device=device, dtype=dtype), rnd(4, 8, kv_heads, dim, device=device, dtype=dtype)
+    k_cache, v_cache = (
+        rnd(4, 8, kv_heads, dim, device=device, dtype=dtype),
+        rnd(4, 8, kv_heads, dim, device=device, dtype=dtype),
+    )
     ref_k_cache, ref_v_cache = k_cache.clone(), v_cache.clone()
     norms = (rnd(dim, device=device, dtype=dtype), rnd(dim, device=device, dtype=dtype), 1e-6) if with_norm else ()
     got_q = qk_norm_rotary_store(pos, q, k, v, rope.cos_sin, k_cache, v_cache, slots, *norms)
@@ -84,5 +97,6 @@ def test_qk_norm_rotary_store(device, dtype, dim, heads, kv_heads, with_norm):
 
 def test_silu_and_mul(device, dtype):
     from nanoserve.kernels.elementwise import silu_and_mul
+
     x = rnd(7, 2 * 1500, device=device, dtype=dtype)
     assert close(silu_and_mul(x), silu_ref(x), dtype)

@@ -1,5 +1,6 @@
 """Triton paged attention against its PyTorch reference, on fresh random inputs of many
 shapes: block sizes, GQA groups, head dims, query/context mixes, splits. Outputs are poisoned first."""
+
 import random
 
 import pytest
@@ -20,7 +21,7 @@ def make_batch(query_lens, context_lens, block_size, kv_heads, head_dim, heads, 
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, i = [], 0
     for n in blocks_per_seq:
-        tables.append(perm[i:i + n])
+        tables.append(perm[i : i + n])
         i += n
     width = max(blocks_per_seq)
     table = torch.tensor([t + [-1] * (width - len(t)) for t in tables], dtype=torch.int32)
@@ -35,10 +36,10 @@ def make_batch(query_lens, context_lens, block_size, kv_heads, head_dim, heads, 
 
 
 CASES = [  # (query_lens, context_lens, block_size, kv_heads, heads, head_dim)
-    ([1, 1, 1], [1, 17, 40], 16, 2, 4, 32),           # decode, GQA 2
-    ([5, 9], [5, 30], 16, 1, 8, 64),                  # prefill, one with a cached prefix, GQA 8
-    ([1, 7, 1, 20], [33, 7, 64, 50], 32, 2, 2, 32),   # mixed prefill chunks and decodes, MHA
-    ([3], [70], 48, 2, 6, 40),                         # odd head dim (padded), GQA 3, block 48
+    ([1, 1, 1], [1, 17, 40], 16, 2, 4, 32),  # decode, GQA 2
+    ([5, 9], [5, 30], 16, 1, 8, 64),  # prefill, one with a cached prefix, GQA 8
+    ([1, 7, 1, 20], [33, 7, 64, 50], 32, 2, 2, 32),  # mixed prefill chunks and decodes, MHA
+    ([3], [70], 48, 2, 6, 40),  # odd head dim (padded), GQA 3, block 48
 ]
 
 
@@ -46,12 +47,14 @@ CASES = [  # (query_lens, context_lens, block_size, kv_heads, heads, head_dim)
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_paged_attention_matches_reference(device, case, num_splits):
     from nanoserve.kernels.paged_attention import paged_attention
+
     query_lens, context_lens, block_size, kv_heads, heads, dim = case
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q, kc, vc, cu, ctx, table = make_batch(query_lens, context_lens, block_size, kv_heads, dim, heads, dtype,
-                                           device, seed=random.randrange(1 << 30))
+    q, kc, vc, cu, ctx, table = make_batch(
+        query_lens, context_lens, block_size, kv_heads, dim, heads, dtype, device, seed=random.randrange(1 << 30)
+    )
     out = torch.full_like(q, float("nan"))
-    paged_attention(q, kc, vc, cu, ctx, table, dim ** -0.5, max(query_lens), num_splits=num_splits, out=out)
-    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), query_lens, context_lens, table, dim ** -0.5)
+    paged_attention(q, kc, vc, cu, ctx, table, dim**-0.5, max(query_lens), num_splits=num_splits, out=out)
+    ref = paged_attention_ref(q.float(), kc.float(), vc.float(), query_lens, context_lens, table, dim**-0.5)
     assert not out.isnan().any()
     assert rel_err(out, ref) < (1e-2 if dtype == torch.bfloat16 else 1e-4)

@@ -1,6 +1,7 @@
 """The sampling kernel and its reference: greedy rows equal torch's argmax (first index on ties), sampled
 rows follow softmax(logits / T) (also when the mass is spread over the kernel's vocabulary splits), and a
 row's draw depends only on its seed."""
+
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ def draw(impl, logits, temps, seeds):
     if impl == "ref":
         return sample_ref(logits, temps, seeds.tolist())
     from nanoserve.kernels.sampling import sample
+
     return sample(logits, temps, seeds)
 
 
@@ -30,7 +32,7 @@ def test_greedy_rows_are_argmax_with_first_index_on_ties(impl, device):
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 3001, generator=gen).to(device, dtype)  # not a multiple of the kernel's block
     logits[1, 5] = logits[1, 2900] = logits[1].max() + 1  # a tie: the first index wins
-    logits[2, -1] = logits[2].max() + 1                   # the maximum in the ragged last block
+    logits[2, -1] = logits[2].max() + 1  # the maximum in the ragged last block
     temps = torch.zeros(6, device=device)
     seeds = torch.arange(6, device=device)
     got = draw(impl, logits, temps, seeds)

@@ -15,8 +15,11 @@ from op_harness import NAMESPACE, REPO, Kubectl, Operator  # noqa: E402
 def cluster(tmp_path_factory):
     """The emulated API server with the CRD and the test namespace in it."""
     with EmulatorThread() as em:
-        em.env = {**os.environ, "KUBECONFIG": em.kubeconfig(tmp_path_factory.mktemp("kube") / "config"),
-                  "PYTHONSAFEPATH": "1"}
+        em.env = {
+            **os.environ,
+            "KUBECONFIG": em.kubeconfig(tmp_path_factory.mktemp("kube") / "config"),
+            "PYTHONSAFEPATH": "1",
+        }
         kubectl = Kubectl(em.env)
         kubectl("apply", "--validate=false", "-f", str(REPO / "crds" / "inferenceservice.yaml"))
         kubectl("wait", "--for=condition=Established", "crd/inferenceservices.serving.nanoserve.io")

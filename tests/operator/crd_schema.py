@@ -58,8 +58,7 @@ def _cel_errors(schema: dict, value, path: str) -> list[str]:
 def validation_errors(schema: dict, obj: dict) -> list[str]:
     """Empty when the (already defaulted) object is valid; else apiserver-like messages."""
     validator = jsonschema.Draft7Validator(schema)
-    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-              for e in validator.iter_errors(obj)]
+    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(obj)]
     if errors:  # CEL only runs on schema-valid objects
         return errors
     return _cel_errors(schema.get("properties", {}).get("spec", {}), obj.get("spec"), "spec")

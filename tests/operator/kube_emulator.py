@@ -64,9 +64,9 @@ def _field(obj: dict, path: str) -> str | None:
 def selected(obj: dict, params: dict) -> bool:
     """labelSelector and fieldSelector (metadata.name=x, status.phase!=y), as lists and watches filter."""
     fields = {k: _field(obj, k) for k in re.findall(r"([\w.]+)\s*!?==?", params.get("fieldSelector", ""))}
-    return (matches_selector(obj.get("metadata", {}).get("labels") or {}, params.get("labelSelector", ""))
-            and matches_selector({k: v for k, v in fields.items() if v is not None},
-                                 params.get("fieldSelector", "")))
+    return matches_selector(
+        obj.get("metadata", {}).get("labels") or {}, params.get("labelSelector", "")
+    ) and matches_selector({k: v for k, v in fields.items() if v is not None}, params.get("fieldSelector", ""))
 
 
 def matches_selector(labels: dict, selector: str) -> bool:
@@ -102,10 +102,19 @@ class Emulator(kmock.KubernetesEmulator):
     # ---- errors and discovery --------------------------------------------------------------
     async def _render_error(self, exc: Exception) -> aiohttp.web.StreamResponse:
         if isinstance(exc, k8s.KubernetesError) and exc.status in REASONS:
-            return aiohttp.web.json_response({
-                "apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure", "code": exc.status,
-                "reason": REASONS[exc.status], "message": exc.message, "details": exc.details or {}},
-                status=exc.status)
+            return aiohttp.web.json_response(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Status",
+                    "metadata": {},
+                    "status": "Failure",
+                    "code": exc.status,
+                    "reason": REASONS[exc.status],
+                    "message": exc.message,
+                    "details": exc.details or {},
+                },
+                status=exc.status,
+            )
         return await super()._render_error(exc)
 
     async def _serve_version(self, request):
@@ -133,15 +142,21 @@ class Emulator(kmock.KubernetesEmulator):
 
         def mine(obj: dict) -> bool:
             meta = obj.get("metadata", {})
-            return (ns is None or meta.get("namespace") == ns) and \
-                request.name in (None, meta.get("name")) and selected(obj, params)
+            return (
+                (ns is None or meta.get("namespace") == ns)
+                and request.name in (None, meta.get("name"))
+                and selected(obj, params)
+            )
 
         since = params.get("resourceVersion", "")
         async with self._lock:  # snapshot and live position taken together: no event falls between
             mark = await self._buses[res].mark()
             if since in ("", "0") or params.get("sendInitialEvents") == "true":
-                replay = [{"type": "ADDED", "object": o.last.raw}
-                          for (r, _, _), o in self._objects.items() if r == res and not o.deleted]
+                replay = [
+                    {"type": "ADDED", "object": o.last.raw}
+                    for (r, _, _), o in self._objects.items()
+                    if r == res and not o.deleted
+                ]
             else:  # a watch from a resourceVersion continues from there, as after a list or a GET
                 replay = [e for rv, r, e in self._log if r == res and rv > int(since)]
             rv = str(self._rv)
@@ -151,9 +166,14 @@ class Emulator(kmock.KubernetesEmulator):
                     yield event
             if params.get("sendInitialEvents") == "true":  # "watch list": a bookmark ends the replay
                 info = self.resources[res]
-                yield {"type": "BOOKMARK", "object": {
-                    "kind": info.kind, "apiVersion": f"{res.group}/{res.version}".lstrip("/"),
-                    "metadata": {"resourceVersion": rv, "annotations": {"k8s.io/initial-events-end": "true"}}}}
+                yield {
+                    "type": "BOOKMARK",
+                    "object": {
+                        "kind": info.kind,
+                        "apiVersion": f"{res.group}/{res.version}".lstrip("/"),
+                        "metadata": {"resourceVersion": rv, "annotations": {"k8s.io/initial-events-end": "true"}},
+                    },
+                }
             async for event in self._buses[res].stream(since=mark):
                 if mine(event.get("object", {})):
                     yield event
@@ -225,8 +245,9 @@ class Emulator(kmock.KubernetesEmulator):
             if sub == "status":
                 new = {**old, "status": new.get("status")}
             elif "status" in self.resources[res].subresources:
-                new = {k: v for k, v in new.items() if k != "status"} | \
-                    ({"status": old["status"]} if "status" in old else {})
+                new = {k: v for k, v in new.items() if k != "status"} | (
+                    {"status": old["status"]} if "status" in old else {}
+                )
         if res == kmock.resource("apiextensions.k8s.io/v1/customresourcedefinitions"):
             new = self._register_crd(new)
         new = self._stamp(res, request.namespace, name, old, new)
@@ -248,19 +269,23 @@ class Emulator(kmock.KubernetesEmulator):
             new = apply_defaults(self._schemas[res], new)
             if errors := validation_errors(self._schemas[res], new):
                 kind = self.resources[res].kind
-                causes = [dict(zip(("field", "message"), e.split(": ", 1)), reason="FieldValueInvalid")
-                          for e in errors]
-                raise k8s.KubernetesError(422, message=f'{kind}.{res.group} "{name}" is invalid: ' + "; ".join(errors),
-                                          details={"name": name, "group": res.group, "kind": kind, "causes": causes})
+                causes = [dict(zip(("field", "message"), e.split(": ", 1)), reason="FieldValueInvalid") for e in errors]
+                raise k8s.KubernetesError(
+                    422,
+                    message=f'{kind}.{res.group} "{name}" is invalid: ' + "; ".join(errors),
+                    details={"name": name, "group": res.group, "kind": kind, "causes": causes},
+                )
         meta = dict(new.get("metadata") or {}, name=name)
         if namespace:
             meta["namespace"] = namespace
         before = (old or {}).get("metadata", {})
         meta["uid"] = before.get("uid") or str(uuid.uuid4())
-        meta["creationTimestamp"] = before.get("creationTimestamp") or \
-            datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        changed = old is None or {k: v for k, v in old.items() if k not in ("metadata", "status")} != \
-            {k: v for k, v in new.items() if k not in ("metadata", "status")}
+        meta["creationTimestamp"] = before.get("creationTimestamp") or datetime.datetime.now(datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+        changed = old is None or {k: v for k, v in old.items() if k not in ("metadata", "status")} != {
+            k: v for k, v in new.items() if k not in ("metadata", "status")
+        }
         meta["generation"] = before.get("generation", 0) + 1 if changed else before.get("generation", 1)
         meta["resourceVersion"] = before.get("resourceVersion", "")
         if old is None or {**new, "metadata": meta} != old:  # a no-op write changes nothing
@@ -273,10 +298,14 @@ class Emulator(kmock.KubernetesEmulator):
         for v in spec["versions"]:
             res = kmock.resource(spec["group"], v["name"], names["plural"])
             self.resources[res] = kmock.ResourceInfo(
-                kind=names["kind"], singular=names.get("singular", names["kind"].lower()),
-                namespaced=spec["scope"] == "Namespaced", shortnames=names.get("shortNames", []),
-                categories=names.get("categories", []), subresources=list(v.get("subresources", {})),
-                verbs=["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"])
+                kind=names["kind"],
+                singular=names.get("singular", names["kind"].lower()),
+                namespaced=spec["scope"] == "Namespaced",
+                shortnames=names.get("shortNames", []),
+                categories=names.get("categories", []),
+                subresources=list(v.get("subresources", {})),
+                verbs=["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            )
             self._schemas[res] = v["schema"]["openAPIV3Schema"]
             self._scale[res] = v.get("subresources", {}).get("scale")
         conditions = [{"type": t, "status": "True", "reason": t} for t in ("NamesAccepted", "Established")]
@@ -284,9 +313,12 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _as_scale(self, obj: dict) -> dict:
         status = obj.get("status") or {}
-        return {"apiVersion": "autoscaling/v1", "kind": "Scale",
-                "metadata": {k: obj["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion")
-                             if k in obj["metadata"]},
-                "spec": {"replicas": obj.get("spec", {}).get("replicas", 0)},
-                "status": {"replicas": status.get("replicas", 0), "selector": status.get("selector", "")}}
-
+        return {
+            "apiVersion": "autoscaling/v1",
+            "kind": "Scale",
+            "metadata": {
+                k: obj["metadata"][k] for k in ("name", "namespace", "uid", "resourceVersion") if k in obj["metadata"]
+            },
+            "spec": {"replicas": obj.get("spec", {}).get("replicas", 0)},
+            "status": {"replicas": status.get("replicas", 0), "selector": status.get("selector", "")},
+        }

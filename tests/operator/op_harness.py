@@ -32,8 +32,9 @@ class Kubectl:
         self.env = env
 
     def __call__(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run([str(BIN / "kubectl"), *args], env=self.env, input=input, text=True,
-                              capture_output=True, timeout=60)
+        proc = subprocess.run(
+            [str(BIN / "kubectl"), *args], env=self.env, input=input, text=True, capture_output=True, timeout=60
+        )
         if check and proc.returncode:
             raise AssertionError(f"kubectl {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
         return proc
@@ -70,10 +71,22 @@ class Operator:
         port = _free_port()
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kopf", "run", "--standalone", f"--namespace={self.namespace}",
-             f"--liveness=http://127.0.0.1:{port}/healthz", "-m", "nanoserve.operator.handlers"],
-            env={**self.env, "NANOSERVE_RESYNC_SECONDS": "1"}, stdout=self.log, stderr=subprocess.STDOUT,
-            cwd=self.log_path.parent)
+            [
+                sys.executable,
+                "-m",
+                "kopf",
+                "run",
+                "--standalone",
+                f"--namespace={self.namespace}",
+                f"--liveness=http://127.0.0.1:{port}/healthz",
+                "-m",
+                "nanoserve.operator.handlers",
+            ],
+            env={**self.env, "NANOSERVE_RESYNC_SECONDS": "1"},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=self.log_path.parent,
+        )
         wait_for(lambda: self._healthy(port), 60, "the operator's liveness endpoint")
         return self
 

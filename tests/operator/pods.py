@@ -7,6 +7,7 @@ the pod's IP. Only the listening port is changed: the pods share this machine's 
 a free port, and its EndpointSlice says which (`endpoint_slice`). As in the gateway image, a gateway pod
 finds no torch; pods get the tests' OpenMP thread count (they share this machine's cores).
 """
+
 from __future__ import annotations
 
 import os
@@ -63,7 +64,7 @@ class Pod:
         """Where a path inside the container is on this machine (through its volume mount)."""
         for mount, folder in sorted(self.mounts.items(), key=lambda m: -len(m[0])):
             if container_path == mount or container_path.startswith(mount.rstrip("/") + "/"):
-                return str(folder) + container_path[len(mount.rstrip("/")):]
+                return str(folder) + container_path[len(mount.rstrip("/")) :]
         return container_path
 
     def argv(self) -> list[str]:
@@ -94,8 +95,9 @@ class Pod:
         cwd = Path(self.path(self.workdir))
         cwd.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.argv(), env=self.environment(), cwd=cwd, stdout=out,
-                                         stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                self.argv(), env=self.environment(), cwd=cwd, stdout=out, stderr=subprocess.STDOUT
+            )
         return self
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -123,9 +125,14 @@ class Pod:
 def endpoint_slice(service: str, pod: Pod) -> dict:
     """The EndpointSlice the endpoints controller would publish for one ready pod of `service`."""
     (port,) = pod.container["ports"]
-    return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-            "metadata": {"name": f"{service}-{pod.ip.replace('.', '-')}",
-                         "labels": {"kubernetes.io/service-name": service}},
-            "addressType": "IPv4",
-            "endpoints": [{"addresses": [pod.ip], "conditions": {"ready": True, "serving": True}}],
-            "ports": [{"name": port["name"], "port": pod.port, "protocol": "TCP"}]}
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service}-{pod.ip.replace('.', '-')}",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [pod.ip], "conditions": {"ready": True, "serving": True}}],
+        "ports": [{"name": port["name"], "port": pod.port, "protocol": "TCP"}],
+    }

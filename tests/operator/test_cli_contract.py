@@ -28,8 +28,10 @@ def test_gateway_args_parse(spec):
     assert args.port == c["ports"][0]["containerPort"]
     assert args.model is None  # no tokenizer flag: the gateway fetches the engines' own
     config = cli.config_from_args(args)
-    assert c["lifecycle"]["preStop"]["sleep"]["seconds"] + config.drain_timeout <= \
-        container(spec, "demo-gateway")[1]["terminationGracePeriodSeconds"]
+    assert (
+        c["lifecycle"]["preStop"]["sleep"]["seconds"] + config.drain_timeout
+        <= container(spec, "demo-gateway")[1]["terminationGracePeriodSeconds"]
+    )
 
 
 @pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())

@@ -6,6 +6,7 @@ processes (pods.py: the rendered command, args and env, the image's ENV); the En
 endpoints controller would publish go into the emulator, where the gateway's real watch finds them. The
 gateway gets no tokenizer flag: it must fetch and verify the engines' own.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,10 +29,17 @@ ENGINE = {"maxModelLen": 1024, "maxNumSeqs": 16, "maxNumBatchedTokens": 1024, "e
 # process that imports torch and loads its model: two replicas. The builtin model is real (and slow on CPU):
 # fewer turns, of 6-9 words (~30 of its tokens: "w123" is 4); the tiny model's words are one token each.
 VARIANTS = {
-    "builtin": dict(model={"builtin": "smollm2-135m"}, replicas=2, conversations=3, turns=2, words=(6, 10),
-                    served="smollm2-135m"),
-    "pvc": dict(model={"pvc": "models", "path": "qwen3/tiny"}, replicas=2, conversations=3, turns=3,
-                words=(15, 25), served="qwen3/tiny"),
+    "builtin": dict(
+        model={"builtin": "smollm2-135m"}, replicas=2, conversations=3, turns=2, words=(6, 10), served="smollm2-135m"
+    ),
+    "pvc": dict(
+        model={"pvc": "models", "path": "qwen3/tiny"},
+        replicas=2,
+        conversations=3,
+        turns=3,
+        words=(15, 25),
+        served="qwen3/tiny",
+    ),
 }
 # Short replies; each conversation its own system prompt.
 TALK = dict(max_tokens=2, shared_system=False)
@@ -53,8 +61,10 @@ class Stack:
 
     def rendered(self, component: str, kubectl, where=lambda dep: True) -> dict:
         """The component's Deployment once the operator has rendered it as `where` wants it."""
-        return wait_for(lambda: (d := kubectl.get("deployment", f"{self.name}-{component}")) and where(d) and d,
-                        what=f"the {component} Deployment")
+        return wait_for(
+            lambda: (d := kubectl.get("deployment", f"{self.name}-{component}")) and where(d) and d,
+            what=f"the {component} Deployment",
+        )
 
     def gateway_pod(self, deployment: dict, ip: str) -> Pod:
         # The ServiceAccount's credentials, as the in-cluster config would find them.
@@ -80,13 +90,25 @@ def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_
     name, net = f"routed-{variant}", next(_subnet)
     tmp = tmp_path_factory.mktemp(name)
     if "pvc" in v["model"]:
-        kubectl.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "models"},
-                       "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-    kubectl.apply({"apiVersion": "serving.nanoserve.io/v1alpha1", "kind": "InferenceService",
-                   "metadata": {"name": name},
-                   "spec": {"device": "cpu", "model": v["model"], "replicas": v["replicas"], "engine": ENGINE}})
-    stack = Stack(name, v["served"], v["conversations"], v["turns"], v["words"], [], None, cluster.env["KUBECONFIG"],
-                  tmp)
+        kubectl.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "models"},
+                "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
+            }
+        )
+    kubectl.apply(
+        {
+            "apiVersion": "serving.nanoserve.io/v1alpha1",
+            "kind": "InferenceService",
+            "metadata": {"name": name},
+            "spec": {"device": "cpu", "model": v["model"], "replicas": v["replicas"], "engine": ENGINE},
+        }
+    )
+    stack = Stack(
+        name, v["served"], v["conversations"], v["turns"], v["words"], [], None, cluster.env["KUBECONFIG"], tmp
+    )
     engine_dep = stack.rendered("engine", kubectl)
     try:
         for i in range(v["replicas"]):
@@ -124,9 +146,13 @@ def stacks(request, kubectl, operator, cluster, tmp_path_factory, default_model_
     """The stacks of every variant that this run's tests use, begun together at the module's first test: an
     engine's start is mostly the latency of one core (imports, loading), so the two variants' four engines
     boot in about the time of the slower two."""
-    wanted = {item.callspec.params["stack"] for item in request.session.items
-              if getattr(item, "module", None) is request.module and hasattr(item, "callspec")
-              and "stack" in item.callspec.params}
+    wanted = {
+        item.callspec.params["stack"]
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        and hasattr(item, "callspec")
+        and "stack" in item.callspec.params
+    }
     begun: dict[str, Stack] = {}
     try:
         for variant in (v for v in VARIANTS if v in wanted):
@@ -150,9 +176,13 @@ def stack(request, stacks, kubectl):
 
 async def gateway_metrics(session: aiohttp.ClientSession, gw: Pod) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
+
     text = await (await session.get(gw.url + "/metrics")).text()
-    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
-            for f in text_string_to_metric_families(text) for s in f.samples}
+    return {
+        s.name + json.dumps(s.labels, sort_keys=True): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
 
 
 async def wait_metric(session, gw: Pod, key: str, want: float | None, timeout: float = 30.0) -> None:
@@ -172,29 +202,41 @@ def test_the_rendered_gateway_routes_by_the_engines_prefix_caches(stack, kubectl
             models = await (await s.get(gw.url + "/v1/models")).json()
             assert [m["id"] for m in models["data"]] == [stack.served]  # the model as the user gave it
             before = await total_hits(s, stack.engines)
-            convs = await run_conversations(gw.url, stack.conversations, stack.turns, 0, stack.served,
-                                            words=stack.words, **TALK)
+            convs = await run_conversations(
+                gw.url, stack.conversations, stack.turns, 0, stack.served, words=stack.words, **TALK
+            )
             cache_aware = await total_hits(s, stack.engines) - before
             assert all(len(set(c.engines)) == 1 for c in convs)  # every conversation stays on its engine
-            assert len({c.engines[0] for c in convs}) > 1        # and they spread over the engines
+            assert len({c.engines[0] for c in convs}) > 1  # and they spread over the engines
             m = await gateway_metrics(s, gw)
             assert m['nanoserve_gateway_prompt_match_mode_total{"mode": "tokens"}'] == stack.turns * stack.conversations
 
             # The same InferenceService switched to round-robin: a second gateway, rendered anew, same engines.
-            kubectl("patch", "isvc", stack.name, "-n", NAMESPACE, "--type=merge",
-                    "-p", json.dumps({"spec": {"gateway": {"policy": "round-robin"}}}))
-            dep = stack.rendered("gateway", kubectl, lambda d: "round-robin" in d["spec"]["template"]["spec"]
-                                 ["containers"][0]["args"])
+            kubectl(
+                "patch",
+                "isvc",
+                stack.name,
+                "-n",
+                NAMESPACE,
+                "--type=merge",
+                "-p",
+                json.dumps({"spec": {"gateway": {"policy": "round-robin"}}}),
+            )
+            dep = stack.rendered(
+                "gateway", kubectl, lambda d: "round-robin" in d["spec"]["template"]["spec"]["containers"][0]["args"]
+            )
             rr = stack.gateway_pod(dep, stack.gateway.ip.rsplit(".", 1)[0] + ".3").start()
             try:
                 rr.wait_ready()
                 before = await total_hits(s, stack.engines)
-                await run_conversations(rr.url, stack.conversations, stack.turns, 100, stack.served,
-                                        words=stack.words, **TALK)
+                await run_conversations(
+                    rr.url, stack.conversations, stack.turns, 100, stack.served, words=stack.words, **TALK
+                )
                 round_robin = await total_hits(s, stack.engines) - before
             finally:
                 rr.kill()
             assert cache_aware > 2 * round_robin, (cache_aware, round_robin)
+
     asyncio.run(main())
 
 
@@ -207,17 +249,19 @@ def test_a_conversation_moves_when_its_engine_goes_away(stack, kubectl):
             (home,) = set(conv.engines)
             pod = next(p for p in stack.engines if engine_id(p.url) == home)  # the header names engines by id
             kubectl("delete", "endpointslice", f"{stack.name}-engine-{pod.ip.replace('.', '-')}", "-n", NAMESPACE)
-            await wait_metric(s, gw, 'nanoserve_gateway_engine_up{"engine": "%s"}' % pod.url, None)
+            await wait_metric(s, gw, f'nanoserve_gateway_engine_up{{"engine": "{pod.url}"}}', None)
             status, _ = await chat(s, gw.url, conv)
             assert status == 200 and conv.engines[-1] != home
             kubectl.apply(endpoint_slice(f"{stack.name}-engine", pod))  # back for the next test
-            await wait_metric(s, gw, 'nanoserve_gateway_engine_up{"engine": "%s"}' % pod.url, 1.0)
+            await wait_metric(s, gw, f'nanoserve_gateway_engine_up{{"engine": "{pod.url}"}}', 1.0)
+
     asyncio.run(main())
 
 
 @pytest.mark.parametrize("stack", ["pvc"], indirect=True)
 def test_sigterm_lets_the_gateways_open_streams_finish(stack):
     """A rolling update of the gateway: after preStop, SIGTERM; open streams end normally, then it exits 0."""
+
     async def main():
         async with aiohttp.ClientSession() as s:
             conv = Conversation(300, stack.served, max_tokens=200, words=(15, 25))
@@ -232,4 +276,5 @@ def test_sigterm_lets_the_gateways_open_streams_finish(stack):
             assert events[-1] == "[DONE]"
             assert sum(1 for e in events[:-1] for c in json.loads(e)["choices"] if c["finish_reason"]) == 1
             assert await code == 0
+
     asyncio.run(main())

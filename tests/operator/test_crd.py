@@ -16,8 +16,12 @@ def schema():
 
 
 def isvc(spec: dict) -> dict:
-    return {"apiVersion": "serving.nanoserve.io/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": "x"}, "spec": spec}
+    return {
+        "apiVersion": "serving.nanoserve.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "x"},
+        "spec": spec,
+    }
 
 
 def test_crd_is_a_valid_1_37_object():

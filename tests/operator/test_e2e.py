@@ -14,8 +14,12 @@ _ids = itertools.count()
 
 
 def isvc(spec: dict | None = None, name: str | None = None) -> dict:
-    return {"apiVersion": "serving.nanoserve.io/v1alpha1", "kind": "InferenceService",
-            "metadata": {"name": name or f"svc{next(_ids)}"}, "spec": spec or {"device": "cpu"}}
+    return {
+        "apiVersion": "serving.nanoserve.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": name or f"svc{next(_ids)}"},
+        "spec": spec or {"device": "cpu"},
+    }
 
 
 @pytest.fixture
@@ -32,10 +36,12 @@ def condition(obj: dict | None, type_: str) -> dict:
 
 def reconciled(kubectl, name: str, namespace: str = NAMESPACE) -> dict:
     """Waits until the operator has written status for the current generation."""
+
     def check():
         obj = kubectl.get("isvc", name, namespace)
         st = (obj or {}).get("status", {})
         return obj if st.get("observedGeneration") == obj["metadata"]["generation"] else None
+
     return wait_for(check, what=f"status of {name}")
 
 
@@ -48,11 +54,24 @@ def children(kubectl, name: str, namespace: str = NAMESPACE) -> dict[tuple[str, 
 def play_deployment_controller(kubectl, dep: dict, ready: int | None = None) -> None:
     """What the Deployment controller would write once its pods are up."""
     want = dep["spec"]["replicas"]
-    status = {"observedGeneration": dep["metadata"]["generation"], "replicas": want,
-              "updatedReplicas": want, "readyReplicas": want if ready is None else ready,
-              "availableReplicas": want if ready is None else ready}
-    kubectl("patch", "deployment", dep["metadata"]["name"], "-n", dep["metadata"]["namespace"],
-            "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
+    status = {
+        "observedGeneration": dep["metadata"]["generation"],
+        "replicas": want,
+        "updatedReplicas": want,
+        "readyReplicas": want if ready is None else ready,
+        "availableReplicas": want if ready is None else ready,
+    }
+    kubectl(
+        "patch",
+        "deployment",
+        dep["metadata"]["name"],
+        "-n",
+        dep["metadata"]["namespace"],
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
 
 
 def test_create_makes_owned_children_and_status(kubectl, name):
@@ -90,8 +109,10 @@ def test_kubectl_scale_patches_the_engine_deployment(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
     kubectl("scale", "-n", NAMESPACE, f"isvc/{name}", "--replicas=3")
-    wait_for(lambda: (kubectl.get("deployment", f"{name}-engine") or {}).get("spec", {}).get("replicas") == 3,
-             what="engine replicas 3")
+    wait_for(
+        lambda: (kubectl.get("deployment", f"{name}-engine") or {}).get("spec", {}).get("replicas") == 3,
+        what="engine replicas 3",
+    )
     assert kubectl.get("isvc", name)["spec"]["replicas"] == 3
 
 
@@ -104,6 +125,7 @@ def test_image_change_rolls_the_engine(kubectl, name):
     def rolled():
         dep = kubectl.get("deployment", f"{name}-engine")
         return dep if dep["spec"]["template"]["spec"]["containers"][0]["image"] == "engine:v2" else None
+
     after = wait_for(rolled, what="new engine image")
     assert int(after["metadata"]["generation"]) > int(before["metadata"]["generation"])  # a new rollout
     assert after["metadata"]["uid"] == before["metadata"]["uid"]  # patched, not recreated
@@ -120,8 +142,13 @@ def test_children_deleted_or_edited_by_hand_are_restored(kubectl, name):
     wait_for(lambda: kubectl.get("service", name), what="gateway service recreated")
 
     kubectl("set", "image", "-n", NAMESPACE, f"deployment/{name}-engine", "engine=evil:latest")
-    wait_for(lambda: kubectl.get("deployment", f"{name}-engine")["spec"]["template"]["spec"]["containers"][0]
-             ["image"] == engine["spec"]["template"]["spec"]["containers"][0]["image"], what="image restored")
+    wait_for(
+        lambda: (
+            kubectl.get("deployment", f"{name}-engine")["spec"]["template"]["spec"]["containers"][0]["image"]
+            == engine["spec"]["template"]["spec"]["containers"][0]["image"]
+        ),
+        what="image restored",
+    )
 
 
 def test_disabling_the_gateway_removes_it(kubectl, name):
@@ -156,10 +183,15 @@ def test_missing_model_volume_is_degraded_until_it_appears(kubectl, name):
     assert condition(obj, "Degraded")["reason"] == "ModelVolumeMissing"
     assert f"{name}-models" in condition(obj, "Degraded")["message"]
     assert kubectl.get("deployment", f"{name}-engine") is not None  # pods wait for the claim, as in a cluster
-    kubectl.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": f"{name}-models"},
-                   "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}}})
-    wait_for(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "False",
-             what="Degraded cleared")
+    kubectl.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": f"{name}-models"},
+            "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
+        }
+    )
+    wait_for(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "False", what="Degraded cleared")
 
 
 def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
@@ -174,8 +206,9 @@ def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
     op.start()
     try:
         # The new process resumes the object: its handler runs once more against the same children.
-        wait_for(lambda: "'on_change' succeeded" in (tmp_path / "kopf.log").read_text()[log_size:],
-                 what="resume handler")
+        wait_for(
+            lambda: "'on_change' succeeded" in (tmp_path / "kopf.log").read_text()[log_size:], what="resume handler"
+        )
         after = children(kubectl, name, ns)
     finally:
         op.stop()

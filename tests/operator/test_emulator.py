@@ -16,19 +16,25 @@ ISVCS = f"/apis/serving.nanoserve.io/v1alpha1/namespaces/{NS}/inferenceservices"
 def api(cluster):
     def call(method: str, path: str, body=None, content_type: str = "application/json"):
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-        req = urllib.request.Request(cluster.url + path, data=data, method=method,
-                                     headers={"Content-Type": content_type})
+        req = urllib.request.Request(
+            cluster.url + path, data=data, method=method, headers={"Content-Type": content_type}
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return resp.status, json.load(resp)
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
+
     return call
 
 
 def deployment(name: str, labels: dict | None = None, **spec) -> dict:
-    return {"apiVersion": "apps/v1", "kind": "Deployment",
-            "metadata": {"name": name, "labels": labels or {}}, "spec": {"replicas": 1, **spec}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels or {}},
+        "spec": {"replicas": 1, **spec},
+    }
 
 
 def test_namespaces_are_objects(api):
@@ -47,12 +53,12 @@ def test_server_owned_metadata(api):
     assert scaled["metadata"]["generation"] == 2
     assert int(scaled["metadata"]["resourceVersion"]) > int(meta["resourceVersion"])
     assert scaled["metadata"]["uid"] == meta["uid"]
-    _, labelled = api("PATCH", f"{DEPLOYMENTS}/meta", {"metadata": {"labels": {"a": "b"}}},
-                      "application/merge-patch+json")
+    _, labelled = api(
+        "PATCH", f"{DEPLOYMENTS}/meta", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json"
+    )
     assert labelled["metadata"]["generation"] == 2  # metadata is not spec
     assert labelled["metadata"]["resourceVersion"] != scaled["metadata"]["resourceVersion"]
-    _, same = api("PATCH", f"{DEPLOYMENTS}/meta", {"metadata": {"labels": {"a": "b"}}},
-                  "application/merge-patch+json")
+    _, same = api("PATCH", f"{DEPLOYMENTS}/meta", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json")
     assert same["metadata"]["resourceVersion"] == labelled["metadata"]["resourceVersion"]  # no-op
 
 
@@ -86,8 +92,12 @@ def test_a_created_crd_is_served_and_enforced(api):
     assert status == 200 and found["inferenceservices"]["kind"] == "InferenceService"
     assert found["inferenceservices"]["namespaced"] is True and "isvc" in found["inferenceservices"]["shortNames"]
     assert {"inferenceservices/status", "inferenceservices/scale"} <= set(found)
-    bad = {"apiVersion": "serving.nanoserve.io/v1alpha1", "kind": "InferenceService",
-           "metadata": {"name": "bad"}, "spec": {"tensorParallelSize": 2, "device": "cpu"}}
+    bad = {
+        "apiVersion": "serving.nanoserve.io/v1alpha1",
+        "kind": "InferenceService",
+        "metadata": {"name": "bad"},
+        "spec": {"tensorParallelSize": 2, "device": "cpu"},
+    }
     status, err = api("POST", ISVCS, bad)
     assert (status, err["reason"]) == (422, "Invalid")
     assert err["details"]["causes"][0]["field"] == "spec" and "needs device gpu" in err["message"]
@@ -97,11 +107,13 @@ def test_a_created_crd_is_served_and_enforced(api):
 
 def test_server_side_apply_creates_and_put_replaces(api):
     apply = "application/apply-patch+yaml"
-    status, created = api("PATCH", f"{DEPLOYMENTS}/applied?fieldManager=t&force=true",
-                          deployment("applied", paused=True), apply)
+    status, created = api(
+        "PATCH", f"{DEPLOYMENTS}/applied?fieldManager=t&force=true", deployment("applied", paused=True), apply
+    )
     assert status == 201 and created["spec"]["paused"] is True
-    status, again = api("PATCH", f"{DEPLOYMENTS}/applied?fieldManager=t&force=true",
-                        deployment("applied", paused=True), apply)
+    status, again = api(
+        "PATCH", f"{DEPLOYMENTS}/applied?fieldManager=t&force=true", deployment("applied", paused=True), apply
+    )
     assert status == 200 and again["metadata"]["uid"] == created["metadata"]["uid"]
     assert api("PATCH", f"{DEPLOYMENTS}/ghost", {"spec": {}}, "application/merge-patch+json")[0] == 404
     status, replaced = api("PUT", f"{DEPLOYMENTS}/applied", deployment("applied"))
@@ -139,11 +151,19 @@ def test_label_and_field_selectors_filter_lists(api):
     assert names("fieldSelector=metadata.name%3Dsel-b") == {"sel-b"}
 
 
-@pytest.mark.parametrize("selector,labels,expected", [
-    ("a=1", {"a": "1"}, True), ("a==1", {"a": "2"}, False), ("a!=1", {}, True), ("a", {"b": "1"}, False),
-    ("!a", {"b": "1"}, True), ("a=1,b=2", {"a": "1", "b": "2"}, True), ("a=1,b=2", {"a": "1"}, False),
-    ("", {"x": "y"}, True),
-])
+@pytest.mark.parametrize(
+    "selector,labels,expected",
+    [
+        ("a=1", {"a": "1"}, True),
+        ("a==1", {"a": "2"}, False),
+        ("a!=1", {}, True),
+        ("a", {"b": "1"}, False),
+        ("!a", {"b": "1"}, True),
+        ("a=1,b=2", {"a": "1", "b": "2"}, True),
+        ("a=1,b=2", {"a": "1"}, False),
+        ("", {"x": "y"}, True),
+    ],
+)
 def test_selector_grammar(selector, labels, expected):
     assert matches_selector(labels, selector) is expected
 
@@ -177,8 +197,10 @@ def test_removing_the_last_finalizer_completes_a_deletion(api):
 def test_a_watch_from_a_resource_version_replays_what_happened_since(api, cluster):
     _, obj = api("POST", DEPLOYMENTS, deployment("gone"))
     api("DELETE", f"{DEPLOYMENTS}/gone")  # happens between a client's GET and its watch
-    url = f"{cluster.url}{DEPLOYMENTS}?watch=true&fieldSelector=metadata.name%3Dgone" \
-          f"&resourceVersion={obj['metadata']['resourceVersion']}"
+    url = (
+        f"{cluster.url}{DEPLOYMENTS}?watch=true&fieldSelector=metadata.name%3Dgone"
+        f"&resourceVersion={obj['metadata']['resourceVersion']}"
+    )
     with urllib.request.urlopen(url, timeout=10) as stream:
         event = json.loads(stream.readline())
     assert (event["type"], event["object"]["metadata"]["name"]) == ("DELETED", "gone")
@@ -188,8 +210,10 @@ def test_a_watch_from_a_resource_version_replays_what_happened_since(api, cluste
 def test_a_json_patch_whose_test_fails_is_unprocessable(api):
     _, dep = api("POST", DEPLOYMENTS, deployment("jp"))
     api("PATCH", f"{DEPLOYMENTS}/jp", {"metadata": {"labels": {"a": "b"}}}, "application/merge-patch+json")
-    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": dep["metadata"]["resourceVersion"]},
-           {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/hold"]}]
+    ops = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": dep["metadata"]["resourceVersion"]},
+        {"op": "add", "path": "/metadata/finalizers", "value": ["example.com/hold"]},
+    ]
     status, err = api("PATCH", f"{DEPLOYMENTS}/jp", ops, "application/json-patch+json")
     assert (status, err["reason"]) == (422, "Invalid")  # kopf retries a 422 on its next cycle, a 500 for a minute
     assert "finalizers" not in api("GET", f"{DEPLOYMENTS}/jp")[1]["metadata"]

@@ -17,11 +17,17 @@ SPECS = {
     "defaults": {},
     "cpu builtin": {"device": "cpu"},
     "hf tp4": {"model": {"name": "Qwen/Qwen3-0.6B"}, "tensorParallelSize": 4, "replicas": 3},
-    "pvc": {"model": {"pvc": "models", "path": "qwen3/0.6b"}, "engine": {"enforceEager": True,
-                                                                        "maxNumBatchedTokens": 4096}},
+    "pvc": {
+        "model": {"pvc": "models", "path": "qwen3/0.6b"},
+        "engine": {"enforceEager": True, "maxNumBatchedTokens": 4096},
+    },
     "no gateway": {"gateway": {"enabled": False}},
-    "api key + overrides": {"apiKeySecret": "key", "resources": {"requests": {"cpu": 3}, "limits": {"memory": "9Gi"}},
-                            "engine": {"extraArgs": ["--scheduling-policy", "priority"]}, "gateway": {"policy": "round-robin"}},
+    "api key + overrides": {
+        "apiKeySecret": "key",
+        "resources": {"requests": {"cpu": 3}, "limits": {"memory": "9Gi"}},
+        "engine": {"extraArgs": ["--scheduling-policy", "priority"]},
+        "gateway": {"policy": "round-robin"},
+    },
     **{p.name: yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES},
 }
 
@@ -72,13 +78,14 @@ def test_engine_args_carry_the_spec(spec):
     assert f.get("--max-model-len") == (str(full["engine"]["maxModelLen"]) if "maxModelLen" in full["engine"] else None)
     assert f["--max-num-seqs"] == str(full["engine"]["maxNumSeqs"])
     # Unset: the engine picks per device (8192 on GPU, a CPU step-time bound on CPU).
-    assert f.get("--max-num-batched-tokens") == (str(full["engine"]["maxNumBatchedTokens"])
-                                                 if "maxNumBatchedTokens" in full["engine"] else None)
+    assert f.get("--max-num-batched-tokens") == (
+        str(full["engine"]["maxNumBatchedTokens"]) if "maxNumBatchedTokens" in full["engine"] else None
+    )
     assert float(f["--gpu-memory-utilization"]) == full["engine"]["gpuMemoryUtilization"]
     assert f["--kvcache-block-size"] == str(full["engine"]["kvcacheBlockSize"])
     assert ("--enforce-eager" in f) == full["engine"]["enforceEager"]
     extra = full["engine"].get("extraArgs", [])
-    assert c["args"][len(c["args"]) - len(extra):] == extra
+    assert c["args"][len(c["args"]) - len(extra) :] == extra
 
 
 @pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
@@ -134,9 +141,14 @@ def test_model_sources():
     assert any(model_dir.startswith(m["mountPath"]) for m in c["volumeMounts"] if m["name"] in shared)
 
 
-@pytest.mark.parametrize("model,served", [({"builtin": "smollm2-135m"}, "smollm2-135m"),
-                                          ({"name": "Qwen/Qwen3-0.6B"}, "Qwen/Qwen3-0.6B"),
-                                          ({"pvc": "models", "path": "org/llama-3b"}, "org/llama-3b")])
+@pytest.mark.parametrize(
+    "model,served",
+    [
+        ({"builtin": "smollm2-135m"}, "smollm2-135m"),
+        ({"name": "Qwen/Qwen3-0.6B"}, "Qwen/Qwen3-0.6B"),
+        ({"pvc": "models", "path": "org/llama-3b"}, "org/llama-3b"),
+    ],
+)
 def test_the_served_name_is_the_model_as_the_user_gave_it(model, served):
     """As vLLM names a model by its --model argument: the repo id, not the folder it lands in."""
     assert flags(engine_container(children({"model": model}))["args"])["--served-model-name"] == served
@@ -210,6 +222,7 @@ def test_the_crds_engine_fields_are_config_settings_at_its_defaults():
     from nanoserve.engine_pod.config import Config
     from nanoserve.gateway.config import POLICIES
     from nanoserve.operator.engine import snake_case
+
     spec = version_schema(load_crd())["properties"]["spec"]["properties"]
     settings = {f.name: f for f in dataclasses.fields(Config) if f.init}
     engine = {key: prop for key, prop in spec["engine"]["properties"].items() if key != "extraArgs"}

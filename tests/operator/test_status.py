@@ -10,12 +10,27 @@ T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 T1 = T0 + datetime.timedelta(minutes=5)
 
 
-def dep(name: str, want: int, ready: int, *, generation: int = 2, observed: int = 2, updated: int | None = None,
-        conditions: list | None = None) -> dict:
+def dep(
+    name: str,
+    want: int,
+    ready: int,
+    *,
+    generation: int = 2,
+    observed: int = 2,
+    updated: int | None = None,
+    conditions: list | None = None,
+) -> dict:
     """A Deployment as the Deployment controller leaves it."""
-    return {"metadata": {"name": name, "generation": generation},
-            "status": {"observedGeneration": observed, "replicas": want, "readyReplicas": ready,
-                       "updatedReplicas": want if updated is None else updated, "conditions": conditions or []}}
+    return {
+        "metadata": {"name": name, "generation": generation},
+        "status": {
+            "observedGeneration": observed,
+            "replicas": want,
+            "readyReplicas": ready,
+            "updatedReplicas": want if updated is None else updated,
+            "conditions": conditions or [],
+        },
+    }
 
 
 def status(spec=None, engine=None, gateway=None, problems=(), old=None, now=T0):
@@ -57,15 +72,27 @@ def test_unobserved_generation_and_partial_rollouts_progress():
 
 
 def test_operator_problems_degrade():
-    c = conds(status({}, dep("demo-engine", 1, 1), dep("demo-gateway", 1, 1),
-                     problems=[("ModelVolumeMissing", "PersistentVolumeClaim 'm' not found")]))
+    c = conds(
+        status(
+            {},
+            dep("demo-engine", 1, 1),
+            dep("demo-gateway", 1, 1),
+            problems=[("ModelVolumeMissing", "PersistentVolumeClaim 'm' not found")],
+        )
+    )
     assert c["Degraded"]["status"] == "True" and c["Degraded"]["reason"] == "ModelVolumeMissing"
     assert "'m'" in c["Degraded"]["message"] and c["Ready"]["status"] == "False"
 
 
 def test_deployment_failures_degrade_and_stop_progressing():
-    stuck = dep("demo-engine", 1, 0, conditions=[
-        {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "too slow"}])
+    stuck = dep(
+        "demo-engine",
+        1,
+        0,
+        conditions=[
+            {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "too slow"}
+        ],
+    )
     c = conds(status({}, stuck, dep("demo-gateway", 1, 1)))
     assert c["Degraded"]["status"] == "True" and "too slow" in c["Degraded"]["message"]
     assert c["Progressing"]["status"] == "False"

@@ -1,4 +1,5 @@
 """Real `nanoserve serve` processes on 127.0.0.1 (procs.ServerProcess), shared by the session or a module."""
+
 import prelaunch
 import pytest
 from procs import ServerProcess
@@ -6,8 +7,16 @@ from procs import ServerProcess
 
 def tiny_qwen3_server(mode: str, get) -> ServerProcess:
     """The tiny qwen3 served with synchronous scheduling (the CPU default) or async scheduling (the GPU default)."""
-    return ServerProcess(get("tiny_models")["qwen3"], "--num-kvcache-blocks", "512", "--served-model-name", "tiny",
-                         "--max-model-len", "512", f"--{'' if mode == 'async' else 'no-'}async-scheduling")
+    return ServerProcess(
+        get("tiny_models")["qwen3"],
+        "--num-kvcache-blocks",
+        "512",
+        "--served-model-name",
+        "tiny",
+        "--max-model-len",
+        "512",
+        f"--{'' if mode == 'async' else 'no-'}async-scheduling",
+    )
 
 
 # Started ahead of their first tests (tests/prelaunch.py): every user of tiny_servers needs the synchronous one.
@@ -26,6 +35,7 @@ def tiny_servers(tiny_models, request):
         if mode not in servers:
             servers[mode] = prelaunch.take(f"tiny-{mode}", request.getfixturevalue)
         return servers[mode].wait_ready()
+
     yield get
     for server in servers.values():
         server.stop_later()
@@ -85,10 +95,29 @@ def module_server():
 
 @prelaunch.plan("bpe", prelaunch.uses("bpe_server"))
 def launch_bpe_server(get) -> ServerProcess:
-    return ServerProcess(None, get("bpe_model"), "--served-model-name", "bpe", "--max-model-len", "1024",
-                         "--block-size", "16", "--enable-prefix-caching", "--dtype", "auto", "--seed", "0",
-                         "--num-kvcache-blocks", "512", "--async-scheduling", "--tool-call-parser", "hermes",
-                         "--enable-auto-tool-choice", "--reasoning-parser", "qwen3")
+    return ServerProcess(
+        None,
+        get("bpe_model"),
+        "--served-model-name",
+        "bpe",
+        "--max-model-len",
+        "1024",
+        "--block-size",
+        "16",
+        "--enable-prefix-caching",
+        "--dtype",
+        "auto",
+        "--seed",
+        "0",
+        "--num-kvcache-blocks",
+        "512",
+        "--async-scheduling",
+        "--tool-call-parser",
+        "hermes",
+        "--enable-auto-tool-choice",
+        "--reasoning-parser",
+        "qwen3",
+    )
 
 
 @pytest.fixture(scope="session")

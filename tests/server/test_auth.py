@@ -1,5 +1,6 @@
 """API keys from flags, a key file and the environment; which paths need one; tenants salted apart in the
 prefix cache (--cache-salt-by-api-key); and the gateway's own calls to a keyed engine. Real HTTP."""
+
 import asyncio
 import json
 import subprocess
@@ -24,6 +25,7 @@ def call(url: str, method: str, path: str, key: str | None = None, body: dict | 
                 if r.content_type == "text/event-stream":
                     return r.status, (await r.content.readline()).decode()  # the feed's snapshot
                 return r.status, await r.json() if r.content_type == "application/json" else await r.text()
+
     return asyncio.run(go())
 
 
@@ -44,12 +46,12 @@ def check_every_key_opens_everything_but_probes_need_none(keyed):
             status, body = call(keyed.url, "GET", path, key)
             assert status == 200, (path, key, KEYS[key])
     assert "vllm:num_requests_running" in call(keyed.url, "GET", "/metrics", "alpha")[1]
-    assert json.loads(call(keyed.url, "GET", "/v1/cache/events", "beta")[1][len("data: "):])["type"] == "snapshot"
+    assert json.loads(call(keyed.url, "GET", "/v1/cache/events", "beta")[1][len("data: ") :])["type"] == "snapshot"
 
 
 def check_tenants_share_no_cached_prefix(keyed):
     assert cached(keyed.url, "alpha") == 0
-    assert cached(keyed.url, "beta") == 0    # tenant B cannot see that A sent this prompt
+    assert cached(keyed.url, "beta") == 0  # tenant B cannot see that A sent this prompt
     assert cached(keyed.url, "alpha") == 32  # each tenant keeps its own cache
     assert cached(keyed.url, "beta") == 32
     assert cached(keyed.url, "alpha", cache_salt="x") == 0  # a request's own salt adds to its tenant's
@@ -59,8 +61,10 @@ def check_tenants_share_no_cached_prefix(keyed):
 
 def check_a_bad_cache_salt_is_refused_by_name(keyed):
     for salt in ["", 5, ["a"], None]:
-        for path, body in [("/v1/completions", {"prompt": "w5"}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}]})]:
+        for path, body in [
+            ("/v1/completions", {"prompt": "w5"}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w5"}]}),
+        ]:
             status, answer = call(keyed.url, "POST", path, "alpha", {**body, "max_tokens": 1, "cache_salt": salt})
             if salt is None:  # JSON null: no salt, as vLLM
                 assert status == 200
@@ -74,8 +78,14 @@ def check_gateway_own_calls_carry_its_key(keyed):
     from nanoserve.gateway.app import serve
 
     async def main():
-        config = GatewayConfig(host="127.0.0.1", port=0, engines=[keyed.url], engine_api_key="gamma",
-                               metrics_interval=0.1, health_interval=0.1)
+        config = GatewayConfig(
+            host="127.0.0.1",
+            port=0,
+            engines=[keyed.url],
+            engine_api_key="gamma",
+            metrics_interval=0.1,
+            health_interval=0.1,
+        )
         async with serve(config) as gw:
             ep = gw.pool.endpoints[keyed.url]
             for _ in range(500):  # bounded wait for the feed's snapshot, the tokenizer and a scrape
@@ -83,6 +93,7 @@ def check_gateway_own_calls_carry_its_key(keyed):
                     break
                 await asyncio.sleep(0.02)
             assert ep.cache.is_precise and ep.tokenizer is not None and ep.metrics_at > 0
+
     asyncio.run(main())
 
 
@@ -90,9 +101,19 @@ def launch_keyed_server(get) -> ServerProcess:
     """Keys from all three places, salting by key."""
     keys = get("tmp_path_factory").mktemp("keys") / "keys"
     keys.write_text("# tenants\nalpha\n\n  beta  \n")
-    return ServerProcess(get("tiny_models")["qwen3"], "--num-kvcache-blocks", "128", "--max-model-len", "256",
-                         "--api-key-file", str(keys), "--api-key", "delta", "--cache-salt-by-api-key",
-                         env={"VLLM_API_KEY": "gamma", "NANOSERVE_API_KEY": ""})
+    return ServerProcess(
+        get("tiny_models")["qwen3"],
+        "--num-kvcache-blocks",
+        "128",
+        "--max-model-len",
+        "256",
+        "--api-key-file",
+        str(keys),
+        "--api-key",
+        "delta",
+        "--cache-salt-by-api-key",
+        env={"VLLM_API_KEY": "gamma", "NANOSERVE_API_KEY": ""},
+    )
 
 
 keyed_server = prelaunch.server_fixture("keyed_server", launch_keyed_server)  # started ahead (tests/prelaunch.py)
@@ -124,10 +145,26 @@ def test_keys_come_from_flags_file_and_env(tmp_path):
 
 @prelaunch.plan("serve_without_keys", prelaunch.uses("serve_without_keys"), stop=lambda proc: proc.kill())
 def launch_serve_without_keys(get) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model", get("tiny_models")["qwen3"],
-           "--device", "cpu", "--port", "0", "--cache-salt-by-api-key"]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"})  # no key in the environment
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanoserve.engine_pod.cli",
+        "serve",
+        "--model",
+        get("tiny_models")["qwen3"],
+        "--device",
+        "cpu",
+        "--port",
+        "0",
+        "--cache-salt-by-api-key",
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={"PYTHONSAFEPATH": "1", "PATH": "/usr/bin:/bin"},
+    )  # no key in the environment
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """The chart's Grafana dashboard fills: every metric its panels query is one a real server exports (after a
-few requests, so that every labelled series exists), with the `model_name` label its variable selects by (and vLLM V1's `engine`)."""
+few requests, so that every labelled series exists), with the `model_name` label its variable selects by
+(and vLLM V1's `engine`)."""
+
 import json
 import pathlib
 import re

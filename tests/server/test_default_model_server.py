@@ -1,4 +1,5 @@
 """`nanoserve serve` on the embedded default model, as `make serve` runs it, through the openai client."""
+
 import openai
 
 
@@ -9,11 +10,15 @@ def test_default_model_answers_chat(default_server):
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, temperature=0)
     assert "Paris" in whole.choices[0].message.content
-    streamed = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, temperature=0,
-                                              stream=True)
+    streamed = client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=24, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole.choices[0].message.content
-    text = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=4,
-                                     temperature=0).choices[0].text
+    text = (
+        client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=4, temperature=0)
+        .choices[0]
+        .text
+    )
     assert "Paris" in text
 
 
@@ -21,6 +26,7 @@ def test_64_concurrent_streams_give_the_non_streaming_text(default_server):
     """Each prompt is sent twice at once, streaming and not: the two run in the same engine steps, so the
     greedy tokens are the same, and the streamed deltas must add up to exactly the whole text."""
     import asyncio
+
     client = openai.AsyncOpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0)
     topics = ["The sea", "In Paris,", "A cat", "def main():", "Trees", "The moon 🌙", "Bread is", "Café"]
     prompts = [f"{t} {w}" for w in ("and", "so", "then", "but", "with", "—", "«", "1.") for t in topics]
@@ -35,5 +41,6 @@ def test_64_concurrent_streams_give_the_non_streaming_text(default_server):
 
     async def main():
         return await asyncio.gather(asyncio.gather(*map(streamed, prompts)), asyncio.gather(*map(whole, prompts)))
+
     got, want = asyncio.run(main())
     assert len(prompts) == 64 and got == want and len(set(want)) > 24

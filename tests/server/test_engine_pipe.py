@@ -1,5 +1,6 @@
 """The server reads the engine core's pipe whole messages at a time, whatever the event loop does to the
 pipe: on uvloop (the servers' loop) a message that arrives in pieces once read as a dead engine."""
+
 import asyncio
 import os
 import pickle
@@ -29,8 +30,9 @@ def test_a_step_message_written_in_pieces_arrives_whole_on_uvloop():
 
         def write_slowly():
             for start in range(0, len(wire), 50_000):
-                os.write(fd, wire[start:start + 50_000])
+                os.write(fd, wire[start : start + 50_000])
                 time.sleep(0.01)  # the reader sees the first pieces long before the rest
+
         writer = threading.Thread(target=write_slowly)
         writer.start()
         while engine.counts.running != 5 and engine.error is None:

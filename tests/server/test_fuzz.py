@@ -3,15 +3,14 @@
 Asserted for every example: never a 5xx, every error OpenAI-shaped JSON; after the run the engine is healthy
 and serves a normal request.
 """
+
 import gzip
 import json
 import zlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
 from fuzz_requests import PATIENCE, check_answer, http_request, mutated, request_body, send_raw
+from hypothesis import HealthCheck, given, settings
 
 FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SAMPLE = http_request("/v1/completions", json.dumps({"prompt": "w5 w6", "max_tokens": 3, "stream": True}).encode())
@@ -23,8 +22,11 @@ def fuzz_server(tiny_servers):
 
 
 def _healthy(server) -> None:
-    status, _, body = send_raw("127.0.0.1", server.port, http_request(
-        "/v1/completions", json.dumps({"prompt": "w5", "max_tokens": 2}).encode()))
+    status, _, body = send_raw(
+        "127.0.0.1",
+        server.port,
+        http_request("/v1/completions", json.dumps({"prompt": "w5", "max_tokens": 2}).encode()),
+    )
     assert status == 200 and json.loads(body)["choices"][0]["finish_reason"] == "length", body
     status, _, _ = send_raw("127.0.0.1", server.port, b"GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 200
@@ -40,6 +42,7 @@ def test_fuzzed_bodies_never_get_a_5xx(fuzz_server, chat):
     def check(body):
         status, headers, answer = send_raw("127.0.0.1", fuzz_server.port, http_request(path, json.dumps(body).encode()))
         check_answer(status, headers, answer, f"{path} {body!r}")
+
     check()
     _healthy(fuzz_server)
 
@@ -47,20 +50,35 @@ def test_fuzzed_bodies_never_get_a_5xx(fuzz_server, chat):
 _GOOD = json.dumps({"prompt": "w5", "max_tokens": 2}).encode()
 
 
-@pytest.mark.parametrize("headers, body, status", [
-    ({"Content-Type": "application/json; charset=utf-16"}, _GOOD.decode().encode("utf-16"), 200),
-    ({"Content-Type": "application/json; charset=klingon"}, _GOOD, 400),
-    ({"Content-Encoding": "gzip"}, gzip.compress(_GOOD), 200),
-    ({"Content-Encoding": "deflate"}, zlib.compress(_GOOD), 200),
-    ({"Content-Encoding": "deflate"}, b"not deflated at all", 400),
-    ({"Content-Encoding": "gzip"}, b"\x1f\x8b garbage", 400),
-    ({"Content-Encoding": "gzip"}, gzip.compress(_GOOD)[:-12], 400),
-    ({"Content-Encoding": "gzip"}, gzip.compress(b" " * (9 << 20)), 413),  # 9 MiB in 9 KiB: over the limit
-    ({"Content-Encoding": "br"}, b"?", 415),
-    ({}, b'{"prompt": "\\ud800 w5", "max_tokens": 2}', 400),
-    ({}, b'{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}', 400),
-], ids=["utf16", "unknown-charset", "gzip", "deflate", "deflate-garbage", "gzip-garbage", "gzip-truncated",
-        "gzip-bomb", "brotli", "surrogate-prompt", "surrogate-content"])
+@pytest.mark.parametrize(
+    "headers, body, status",
+    [
+        ({"Content-Type": "application/json; charset=utf-16"}, _GOOD.decode().encode("utf-16"), 200),
+        ({"Content-Type": "application/json; charset=klingon"}, _GOOD, 400),
+        ({"Content-Encoding": "gzip"}, gzip.compress(_GOOD), 200),
+        ({"Content-Encoding": "deflate"}, zlib.compress(_GOOD), 200),
+        ({"Content-Encoding": "deflate"}, b"not deflated at all", 400),
+        ({"Content-Encoding": "gzip"}, b"\x1f\x8b garbage", 400),
+        ({"Content-Encoding": "gzip"}, gzip.compress(_GOOD)[:-12], 400),
+        ({"Content-Encoding": "gzip"}, gzip.compress(b" " * (9 << 20)), 413),  # 9 MiB in 9 KiB: over the limit
+        ({"Content-Encoding": "br"}, b"?", 415),
+        ({}, b'{"prompt": "\\ud800 w5", "max_tokens": 2}', 400),
+        ({}, b'{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}', 400),
+    ],
+    ids=[
+        "utf16",
+        "unknown-charset",
+        "gzip",
+        "deflate",
+        "deflate-garbage",
+        "gzip-garbage",
+        "gzip-truncated",
+        "gzip-bomb",
+        "brotli",
+        "surrogate-prompt",
+        "surrogate-content",
+    ],
+)
 def test_encodings_are_undone_or_refused_in_json(fuzz_server, headers, body, status):
     path = "/v1/chat/completions" if b"messages" in body else "/v1/completions"
     got, answer_headers, answer = send_raw("127.0.0.1", fuzz_server.port, http_request(path, body, headers))

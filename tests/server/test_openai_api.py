@@ -1,8 +1,8 @@
 """The official openai client against a real server: completions and chat, streamed and not."""
+
 import asyncio
 
 import aiohttp
-
 import openai
 import pytest
 
@@ -30,11 +30,14 @@ def test_completion_streamed_equals_whole(client):
 def test_completion_with_token_ids_and_stop(client):
     whole = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0)
     words = whole.choices[0].text.split()
-    stopped = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0, stop=[words[2]])
+    stopped = client.completions.create(
+        model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0, stop=[words[2]]
+    )
     assert stopped.choices[0].finish_reason == "stop"
-    assert stopped.choices[0].text.split() == words[:words.index(words[2])]
-    streamed = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0,
-                                         stop=[words[2]], stream=True)
+    assert stopped.choices[0].text.split() == words[: words.index(words[2])]
+    streamed = client.completions.create(
+        model="tiny", prompt=[5, 6, 7, 8], max_tokens=16, temperature=0, stop=[words[2]], stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == stopped.choices[0].text
 
 
@@ -66,14 +69,17 @@ def test_cache_salt_separates_prefixes(client):
     def cached(**salt):
         out = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body=salt)
         return out.usage.prompt_tokens_details.cached_tokens
+
     assert cached(cache_salt="a") == 0
     assert cached(cache_salt="b") == 0 and cached() == 0  # another salt, or none, shares nothing
     assert cached(cache_salt="a") == 32 and cached() == 32
     chat = dict(model="tiny", messages=[{"role": "user", "content": "w7 " * 40}], max_tokens=1)
     client.chat.completions.create(**chat, extra_body={"cache_salt": "c"})
     assert client.chat.completions.create(**chat).usage.prompt_tokens_details.cached_tokens == 0
-    assert client.chat.completions.create(**chat, extra_body={"cache_salt": "c"}
-                                          ).usage.prompt_tokens_details.cached_tokens >= 32
+    assert (
+        client.chat.completions.create(**chat, extra_body={"cache_salt": "c"}).usage.prompt_tokens_details.cached_tokens
+        >= 32
+    )
 
 
 def test_32_concurrent_streams_are_batched(tiny_server):
@@ -81,9 +87,15 @@ def test_32_concurrent_streams_are_batched(tiny_server):
 
     async def stream(i):
         text, tokens = "", 0
-        async for c in await client.completions.create(model="tiny", prompt=[40 + i, 41, 42], max_tokens=48,
-                                                       temperature=0, stream=True, extra_body={"ignore_eos": True},
-                                                       stream_options={"include_usage": True}):
+        async for c in await client.completions.create(
+            model="tiny",
+            prompt=[40 + i, 41, 42],
+            max_tokens=48,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            stream_options={"include_usage": True},
+        ):
             text += c.choices[0].text if c.choices else ""
             tokens = c.usage.completion_tokens if c.usage else tokens
         return text, tokens

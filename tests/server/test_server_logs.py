@@ -1,6 +1,7 @@
 """What a `nanoserve serve` process logs: a banner with its URL, model and KV blocks once ready, one access
 line per request (tokens and status, never the prompt's text), none with --disable-log-requests, and a
 periodic throughput line while there is work."""
+
 import asyncio
 import re
 
@@ -17,8 +18,11 @@ def test_banner_and_access_lines(tiny_server):
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="w31", max_tokens=-1)
     out = tiny_server.output()
-    assert re.search(rf"nanoserve \S+ serving tiny at http://127\.0\.0\.1:{tiny_server.port}/v1 \(device cpu, "
-                     r"float32, .*512 KV blocks of 16 tokens\)", out)
+    assert re.search(
+        rf"nanoserve \S+ serving tiny at http://127\.0\.0\.1:{tiny_server.port}/v1 \(device cpu, "
+        r"float32, .*512 KV blocks of 16 tokens\)",
+        out,
+    )
     assert re.search(r"POST /v1/completions 200 prompt_tokens=4 completion_tokens=3 [\d.]+ms", out)
     assert re.search(r"POST /v1/completions 200 prompt_tokens=2 completion_tokens=2 [\d.]+ms", out)
     assert re.search(r"POST /v1/completions 400 [\d.]+ms", out)
@@ -27,10 +31,12 @@ def test_banner_and_access_lines(tiny_server):
 
 
 def test_disable_log_requests(start_server, tiny_models):
-    server = start_server(tiny_models["qwen3"], "--num-kvcache-blocks", "64", "--disable-log-requests",
-                          "--log-level", "WARNING")
+    server = start_server(
+        tiny_models["qwen3"], "--num-kvcache-blocks", "64", "--disable-log-requests", "--log-level", "WARNING"
+    )
     openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0).completions.create(
-        model=tiny_models["qwen3"], prompt="w5", max_tokens=2)
+        model=tiny_models["qwen3"], prompt="w5", max_tokens=2
+    )
     out = server.output()
     assert "/v1/completions" not in out and "serving" not in out  # WARNING: no INFO lines at all
 
@@ -57,11 +63,15 @@ def test_stats_line_reports_throughput_while_there_is_work():
         while not lines:
             await asyncio.sleep(0.005)
         task.cancel()
+
     original, server_logs.stats = server_logs.stats, Catch()
     try:
         asyncio.run(go())
     finally:
         server_logs.stats = original
-    assert re.match(r"prompt throughput [\d.]+ tokens/s, generation throughput [\d.]+ tokens/s, running 2, "
-                    r"waiting 1, KV cache usage 25\.0%, prefix cache hit rate 40\.0%", lines[0])
+    assert re.match(
+        r"prompt throughput [\d.]+ tokens/s, generation throughput [\d.]+ tokens/s, running 2, "
+        r"waiting 1, KV cache usage 25\.0%, prefix cache hit rate 40\.0%",
+        lines[0],
+    )
     assert not lines[0].startswith("prompt throughput 0.0")

@@ -4,6 +4,7 @@ hermes --enable-auto-tool-choice --reasoning-parser qwen3) and the official open
 The model is random: structured output makes it write real calls. tool_choice "required" and a named
 function are forced by the server's own grammar; "auto" is read back by the Hermes parser, from text a
 regex makes the model write token by token, so the parser sees real detokenized output."""
+
 import json
 import re
 
@@ -14,13 +15,31 @@ from transformers import AutoTokenizer
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
 
-WEATHER = {"type": "function", "function": {
-    "name": "get_weather", "description": "The weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
-                   "required": ["city"], "additionalProperties": False}}}
-TIME = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}},
-                                       "required": ["zone"], "additionalProperties": False}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "pattern": "^[a-z]{1,8}$"}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["utc", "cet"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
 TOOLS = [WEATHER, TIME]
 SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "weather in paris?"}]
@@ -118,19 +137,33 @@ def test_reasoning_apart_from_content_streamed_and_not(client):
 
 def test_history_with_calls_and_results_renders_through_the_template(client, bpe_model):
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "paris"}'}}
-    history = ASK + [{"role": "assistant", "content": None, "tool_calls": [call]},
-                     {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
     out = client.chat.completions.create(model="bpe", messages=history, tools=TOOLS, max_tokens=1)
     tok = AutoTokenizer.from_pretrained(bpe_model)
-    rendered = tok.apply_chat_template(history[:1] + [{**history[1], "content": "", "tool_calls": [
-        {**call, "function": {"name": "get_weather", "arguments": {"city": "paris"}}}]}, history[2]],
-        tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        history[:1]
+        + [
+            {
+                **history[1],
+                "content": "",
+                "tool_calls": [{**call, "function": {"name": "get_weather", "arguments": {"city": "paris"}}}],
+            },
+            history[2],
+        ],
+        tools=TOOLS,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "paris"}}' in rendered
     assert "<tool_response>\nsunny" in rendered
     assert out.usage.prompt_tokens == len(tok.encode(rendered, add_special_tokens=False))
     on = client.chat.completions.create(model="bpe", messages=ASK, max_tokens=1)
-    off = client.chat.completions.create(model="bpe", messages=ASK, max_tokens=1,
-                                         extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    off = client.chat.completions.create(
+        model="bpe", messages=ASK, max_tokens=1, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
     empty_think = len(tok.encode("<think>\n\n</think>\n\n", add_special_tokens=False))
     assert off.usage.prompt_tokens - on.usage.prompt_tokens == empty_think
 
@@ -139,22 +172,29 @@ BAD_TOOL = {"type": "function", "function": {"parameters": {"type": "object"}}}
 BAD_SCHEMA = {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}
 
 
-@pytest.mark.parametrize("kw, param", [
-    ({"tools": [BAD_TOOL]}, "tools[0].function.name"),
-    ({"tools": [WEATHER, {"type": "retrieval"}]}, "tools[1]"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
-    ({"tools": [BAD_SCHEMA], "tool_choice": "required"}, "tools"),
-    ({"tools": [BAD_SCHEMA], "tool_choice": {"type": "function", "function": {"name": "f"}}},
-     "tools[0].function.parameters"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
-    ({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]},
-     "messages[0].tool_calls[0]"),
-    ({"extra_body": {"chat_template_kwargs": {"tokenize": True}}}, "chat_template_kwargs"),
-])
+@pytest.mark.parametrize(
+    "kw, param",
+    [
+        ({"tools": [BAD_TOOL]}, "tools[0].function.name"),
+        ({"tools": [WEATHER, {"type": "retrieval"}]}, "tools[1]"),
+        ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        ({"tools": [BAD_SCHEMA], "tool_choice": "required"}, "tools"),
+        (
+            {"tools": [BAD_SCHEMA], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tools[0].function.parameters",
+        ),
+        ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+        (
+            {"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]},
+            "messages[0].tool_calls[0]",
+        ),
+        ({"extra_body": {"chat_template_kwargs": {"tokenize": True}}}, "chat_template_kwargs"),
+    ],
+)
 def test_bad_tool_requests_are_400_naming_the_field(client, kw, param):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(**{"model": "bpe", "messages": ASK, "max_tokens": 5, **kw})

@@ -1,5 +1,6 @@
 """A tensor-parallel worker or the engine core process SIGKILLed mid-generation (issue 16): the server fails
 the engine within seconds, every request ends with an error, /ready says 503, and the server exits 1."""
+
 import asyncio
 import json
 import os
@@ -33,7 +34,7 @@ async def _probe(url: str) -> dict[str, list[int]]:
                 try:
                     async with s.get(url + path, timeout=aiohttp.ClientTimeout(total=2)) as r:
                         answers.append(r.status)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (TimeoutError, aiohttp.ClientError):
                     return seen
             await asyncio.sleep(0.01)
 
@@ -79,11 +80,33 @@ def launch_server(victim: str, get) -> tuple[subprocess.Popen, str, pathlib.Path
     port = free_port()
     log = get("tmp_path_factory").mktemp("tp-faults") / "serve.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "nanoserve.engine_pod.cli", "serve", "--model",
-                                 get("tiny_models")["qwen3"], "--host", "127.0.0.1", "--port", str(port), "--device",
-                                 "cpu", "--tensor-parallel-size", "2" if victim == "tp worker" else "1",
-                                 "--max-num-seqs", "4", "--num-kvcache-blocks", "256", "--max-model-len", "512"],
-                                env={**os.environ, "PYTHONSAFEPATH": "1"}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "nanoserve.engine_pod.cli",
+                "serve",
+                "--model",
+                get("tiny_models")["qwen3"],
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--device",
+                "cpu",
+                "--tensor-parallel-size",
+                "2" if victim == "tp worker" else "1",
+                "--max-num-seqs",
+                "4",
+                "--num-kvcache-blocks",
+                "256",
+                "--max-model-len",
+                "512",
+            ],
+            env={**os.environ, "PYTHONSAFEPATH": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     return proc, f"http://127.0.0.1:{port}", log
 
 
@@ -94,7 +117,8 @@ def _kill(server) -> None:
 
 for _victim in VICTIMS:  # each started ahead of its test (tests/prelaunch.py)
     prelaunch.plan(f"tp-faults {_victim}", prelaunch.param("victim", _victim, __file__), stop=_kill)(
-        lambda get, victim=_victim: launch_server(victim, get))
+        lambda get, victim=_victim: launch_server(victim, get)
+    )
 
 
 @pytest.mark.parametrize("victim", VICTIMS)
@@ -119,7 +143,7 @@ def test_a_killed_engine_process_ends_every_request_with_an_error_and_the_server
         # Once it knows, and until it stops listening, the failed server takes no traffic.
         for path, failed in (("/ready", 503), ("/health", 500)):
             answers = probed[path]
-            assert failed in answers and set(answers[answers.index(failed):]) == {failed}, probed
+            assert failed in answers and set(answers[answers.index(failed) :]) == {failed}, probed
         assert proc.wait(timeout=30) == 1
     finally:
         if proc.poll() is None:

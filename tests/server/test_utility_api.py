@@ -1,5 +1,6 @@
 """vLLM's utility endpoints on a real server: /tokenize (prompts, and chat exactly as the chat API renders it),
 /detokenize, /version, /ping, /v1/models/{id}."""
+
 import json
 import urllib.error
 import urllib.request
@@ -22,8 +23,9 @@ class Http:
 
     def call(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, json.loads(r.read() or b"null")
@@ -46,12 +48,16 @@ def test_tokenize_and_detokenize(bpe_server, bpe_model):
     assert http.post("/detokenize", {"tokens": out["tokens"]}) == (200, {"prompt": "hello world"})
     _, chat = http.post("/tokenize", {"messages": MESSAGES, "tools": TOOLS})
     client = openai.OpenAI(base_url=f"{bpe_server.url}/v1", api_key="unused", max_retries=0)
-    usage = client.chat.completions.create(model="bpe", messages=MESSAGES, tools=TOOLS, tool_choice="none",
-                                           max_tokens=1).usage
+    usage = client.chat.completions.create(
+        model="bpe", messages=MESSAGES, tools=TOOLS, tool_choice="none", max_tokens=1
+    ).usage
     assert chat["count"] == usage.prompt_tokens and chat["token_strs"] is None
-    for path, body, param in (("/tokenize", {"prompt": "x", "n": 2}, "n"), ("/tokenize", {}, "prompt"),
-                              ("/detokenize", {"tokens": [10**9]}, "tokens"),
-                              ("/tokenize", {"messages": [{"role": "user", "content": 1}]}, "messages[0].content")):
+    for path, body, param in (
+        ("/tokenize", {"prompt": "x", "n": 2}, "n"),
+        ("/tokenize", {}, "prompt"),
+        ("/detokenize", {"tokens": [10**9]}, "tokens"),
+        ("/tokenize", {"messages": [{"role": "user", "content": 1}]}, "messages[0].content"),
+    ):
         status, answer = http.post(path, body)
         assert status == 400 and answer["error"]["param"] == param, answer
 
@@ -66,15 +72,18 @@ def test_version_ping_and_model_by_id(bpe_server):
     assert status == 404 and answer["error"]["code"] == "model_not_found"
 
 
-CUSTOM_TEMPLATE = ("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
-                   "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+CUSTOM_TEMPLATE = (
+    "{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<<assistant>>{% endif %}"
+)
 
 
 def launch_custom_template_server(get) -> ServerProcess:
     path = get("tmp_path_factory").mktemp("template") / "template.jinja"
     path.write_text(CUSTOM_TEMPLATE)
-    return ServerProcess(get("bpe_model"), "--chat-template", str(path), "--num-kvcache-blocks", "256",
-                         "--max-model-len", "512")
+    return ServerProcess(
+        get("bpe_model"), "--chat-template", str(path), "--num-kvcache-blocks", "256", "--max-model-len", "512"
+    )
 
 
 # Started ahead of its test (tests/prelaunch.py).
@@ -103,6 +112,7 @@ def test_chat_template_flag_renders_every_chat_and_reaches_the_gateways_files(bp
 
 def test_a_broken_chat_template_stops_the_start_with_a_message():
     from nanoserve.engine_pod.cli import read_chat_template
+
     with pytest.raises(ValueError, match="not a valid Jinja template"):
         read_chat_template("{% for m in messages %}never closed")
     with pytest.raises(ValueError, match="no such file"):
