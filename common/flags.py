@@ -38,7 +38,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
-        return help if "(default:" in help else super()._get_help_string(action)
+        return help if "(default:" in help else super()._get_help_string(action) or ""
 
 
 def add_flags(

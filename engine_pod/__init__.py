@@ -5,6 +5,13 @@ engine flags from, the default model's name) do not pull torch in.
 """
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports each on first use
+    from nanoserve.engine_pod.errors import ConfigError, InvalidRequestError, ModelLoadError, NanoserveError
+    from nanoserve.engine_pod.llm import LLM
+    from nanoserve.engine_pod.sampling_params import SamplingParams
+    from nanoserve.engine_pod.structured_params import StructuredOutputsParams
 
 _EXPORTS = {
     "LLM": "nanoserve.engine_pod.llm",
@@ -15,7 +22,15 @@ _EXPORTS = {
     "ModelLoadError": "nanoserve.engine_pod.errors",
     "ConfigError": "nanoserve.engine_pod.errors",
 }
-__all__ = list(_EXPORTS)
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputsParams",
+    "NanoserveError",
+    "InvalidRequestError",
+    "ModelLoadError",
+    "ConfigError",
+]
 
 
 def __getattr__(name: str):

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from nanoserve.engine_pod.admission import check_request
+from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.engine_core import EngineCounts, EngineInfo, StepOutput, engine_process
 from nanoserve.engine_pod.errors import EngineDeadError
 from nanoserve.engine_pod.metrics import EngineMetrics
@@ -71,7 +72,7 @@ class AsyncEngine:
             target=engine_process, args=(model, engine_kwargs, self._in_r, self._out_w), name="nanoserve-engine"
         )
         self.model_name = model_name
-        self.metrics: EngineMetrics | None = None  # made once the engine is loaded (buckets by max_model_len)
+        self.metrics: EngineMetrics  # made once the engine is loaded (buckets by max_model_len)
         self.info: EngineInfo | None = None
         self.error: BaseException | None = None
         self.requests: dict[int, EngineRequest] = {}
@@ -88,8 +89,15 @@ class AsyncEngine:
         self._receiver = threading.Thread(target=self._recv_loop, name="engine-pipe-in", daemon=True)
 
     @property
-    def config(self):
-        return self.info.config
+    def loaded(self) -> EngineInfo:
+        """What the loaded engine reported (the server calls nothing that needs it before start() returned)."""
+        if self.info is None:
+            raise RuntimeError("the engine has not loaded yet")
+        return self.info
+
+    @property
+    def config(self) -> Config:
+        return self.loaded.config
 
     @property
     def num_waiting(self) -> int:
@@ -130,7 +138,7 @@ class AsyncEngine:
             params,
             cfg.max_model_len,
             cfg.kvcache_block_size,
-            self.info.num_blocks,
+            self.loaded.num_blocks,
             cfg.hf_config["vocab_size"],
         )
         if self.error is not None:
@@ -245,7 +253,7 @@ class AsyncEngine:
             self._on_counts(msg[1])
         elif kind == "admitted":
             req = self.requests.get(msg[1])
-            if req is not None and not req.admitted.done():
+            if req is not None and req.admitted is not None and not req.admitted.done():
                 req.admitted.set_result(None)
         elif kind == "rejected":
             req = self.requests.pop(msg[1], None)

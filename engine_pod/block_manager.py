@@ -96,25 +96,27 @@ class BlockManager:
                     self.events.append(("stored", h))
 
     # ---- allocation ---------------------------------------------------------------------------
-    def blocks_needed(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> int:
+    def blocks_needed(self, seq: Sequence, num_new_tokens: int, hits: list[int] | tuple[()] = ()) -> int:
         """Free blocks that admitting waiting `seq`, with its cached prefix `hits` and `num_new_tokens` to
         compute, would consume (hit blocks that are cached but free leave the free list too)."""
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         return self.blocks_for(len(hits) * self.block_size + num_new_tokens) - len(hits) + revived
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int] = ()) -> bool:
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, hits: list[int] | tuple[()] = ()) -> bool:
         return self.blocks_needed(seq, num_new_tokens, hits) <= self.num_free_blocks
 
     def take_prefix(self, seq: Sequence, hits: list[int]) -> None:
         """Admit `seq` with its cached prefix: share the hit blocks and skip their computation."""
         assert not seq.block_table
+        seq.block_hashes = []
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-        seq.block_hashes = [self.blocks[b].hash for b in hits]
+            assert block.hash is not None  # a hit is a hashed block
+            seq.block_hashes.append(block.hash)
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         self.prefix_queries += seq.num_tokens
         self.prefix_hits += seq.num_cached_tokens

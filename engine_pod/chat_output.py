@@ -18,7 +18,7 @@ class ChatDelta:
     def to_openai(self) -> dict:
         """A streaming chunk's `delta`. Reasoning goes out as vLLM's `reasoning` and as `reasoning_content`,
         the name DeepSeek's API and many clients (e.g. the Vercel AI SDK) read."""
-        delta = {"reasoning": self.reasoning, "reasoning_content": self.reasoning} if self.reasoning else {}
+        delta: dict = {"reasoning": self.reasoning, "reasoning_content": self.reasoning} if self.reasoning else {}
         if self.content:
             delta["content"] = self.content
         if self.tool_calls:

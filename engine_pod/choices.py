@@ -112,7 +112,7 @@ class Choice:
         part = None
         if delta.prompt_logprobs is not None:
             self.prompt_logprobs = prompt_logprobs_json(self.text.tokenizer, self.prompt_ids, delta.prompt_logprobs)
-            if self.echo_logprobs:  # the prompt's tokens open the logprobs, the first one scored None
+            if self.echo_logprobs and self.logprobs:  # the prompt's tokens open the logprobs, the first scored None
                 first = self.logprobs.part(self.prompt_ids, [_UNSCORED] + delta.prompt_logprobs)
                 first["token_logprobs"][0] = first["top_logprobs"][0] = None
                 part = first
@@ -136,7 +136,7 @@ class Choice:
         """The choice of a non-streamed response."""
         logprobs = merge_logprobs(self.logprob_parts, self.chat) if self.logprobs is not None else None
         content = "".join(self.pieces)
-        if not self.chat:
+        if self.output is None:  # a completion
             extra = {} if self.prompt_logprobs is None else {"prompt_logprobs": self.prompt_logprobs}
             return {"index": self.index, "text": content, "logprobs": logprobs, "finish_reason": self.finish} | extra
         self.output.push(content, True)
@@ -150,7 +150,7 @@ class Choice:
     def chunk(self, piece: str, part: dict | None) -> dict | None:
         """A streamed chunk's choice for the delta just pushed, or None when it carries nothing."""
         done = self.finish is not None
-        if not self.chat:
+        if self.output is None:  # a completion
             if not piece and not done and not part:
                 return None
             return {"index": self.index, "text": piece, "logprobs": part, "finish_reason": self.finish}

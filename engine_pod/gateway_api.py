@@ -7,12 +7,12 @@ import json
 from aiohttp import web
 
 from nanoserve.engine_pod.openai_protocol import APIError
-from nanoserve.engine_pod.server_state import STATE, ServerState, engine_for
+from nanoserve.engine_pod.server_state import STATE, engine_for
 
 
 async def cache_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events: a snapshot of the cached block hashes, then stored/removed deltas."""
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     engine = engine_for(state, {})
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
@@ -42,14 +42,14 @@ async def cache_events(request: web.Request) -> web.StreamResponse:
 
 async def tokenizer(request: web.Request) -> web.Response:
     """The tokenizer's fingerprint, vocabulary size, block size and file list (gateways tokenize with it)."""
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     if state.tokenizer_info is None:
         raise APIError(503, "model is still loading", type="service_unavailable")
     return web.json_response(state.tokenizer_info)
 
 
 async def tokenizer_file(request: web.Request) -> web.Response:
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     name = request.match_info["name"]
     data = state.tokenizer_files.get(name)  # a lookup by exact name: nothing else on disk is reachable
     if data is None:

@@ -19,16 +19,16 @@ class LLM(LLMEngine):
         as dicts with "text", "token_ids" (completion only), "finish_reason" and, when asked, "logprobs" (a
         sampler.TokenLogprobs per token). With n > 1 (or best_of), "outputs" holds the n completions (best
         first under best_of) and the keys above are the first one's."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        one = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+        batch: list = [prompts] if one else list(prompts)
         params = sampling_params or SamplingParams(**self.config.sampling_defaults)  # the model's, as vLLM
         if not isinstance(params, list):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+            params = [params] * len(batch)
+        if len(params) != len(batch):
+            raise ValueError(f"{len(batch)} prompts but {len(params)} sampling params")
         # Validate all before queueing any; a prompt's n children go in together (they share its blocks).
         groups = [
-            [self.make_sequence(p, sp.child(j)) for j in range(sp.best_of or sp.n)] for p, sp in zip(prompts, params)
+            [self.make_sequence(p, sp.child(j)) for j in range(sp.best_of or sp.n)] for p, sp in zip(batch, params)
         ]
         seqs = [seq for group in groups for seq in group]
         for seq in seqs:

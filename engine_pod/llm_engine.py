@@ -178,7 +178,7 @@ class LLMEngine:
         sampling, positions, tokens, deferred = [], [], None, False
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
-            if inputs.prev_rows is not None:
+            if inputs.prev_rows is not None and self.in_flight is not None:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
@@ -187,7 +187,7 @@ class LLMEngine:
                     if not overlap:
                         inputs.grammar = self._mask(sampling)
             tokens, logprobs, prompt = self._run("run", inputs)
-            if prompt is not None:
+            if prompt is not None and inputs.prompt_slices is not None:
                 self._score_prompts(inputs.prompt_slices, prompt)
             positions = self.scheduler.advance(batch, sampling)
         elif self.in_flight is None and self.has_unfinished():
@@ -197,6 +197,7 @@ class LLMEngine:
         if deferred:  # the previous tokens are in the matchers now
             tokens, logprobs = self._run("sample_deferred", self._mask(sampling), local=True)
         if sampling:
+            assert tokens is not None  # a batch that samples ran the model
             launched = InFlight(sampling, positions, self.download(tokens, logprobs))
             if overlap:
                 self.in_flight = launched
@@ -210,7 +211,7 @@ class LLMEngine:
         for seq_id, n in slices:
             seq = self.requests.get(seq_id)
             if seq is not None:
-                k = seq.params.prompt_logprobs
+                k = seq.params.prompt_logprobs or 0
                 seq.prompt_logprobs += [unpack_logprobs(rows[i], k) for i in range(start, start + n)]
             start += n
 
@@ -241,7 +242,7 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 token = None
             else:
-                if seq.params.logprobs is not None:
+                if seq.params.logprobs is not None and logprob_rows is not None:
                     seq.logprobs.append(unpack_logprobs(logprob_rows[row], seq.params.logprobs))
                 self.scheduler.resolve(seq, position, token)
             if not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated():

@@ -142,7 +142,7 @@ def apply_processing(logits: torch.Tensor, dev: dict[str, torch.Tensor], prev: t
         logits.masked_fill_(blocked, _BAN)
     if "add_rows" in dev:
         values = dev["add_values"].float()
-        if "add_if_row" in dev:  # bad words whose prefix ends in the token the host has not seen
+        if "add_if_row" in dev and prev is not None:  # bad words whose prefix ends in a token the host lacks
             if_row = dev["add_if_row"]
             met = (if_row < 0) | (prev[if_row.clamp(min=0)] == dev["add_if_token"])
             values = torch.where(met, values, 0.0)

@@ -1,5 +1,7 @@
 """Prometheus metrics of one engine pod, named as vLLM names them (dashboards and autoscalers carry over)."""
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Bucket sets per kind of value, as vLLM's differ: a token's latency, a request's phases, token counts.
@@ -203,7 +205,7 @@ class EngineMetrics:
             registry=r,
         )
         self.model_name = model_name
-        self._children: dict[tuple, object] = {}
+        self._children: dict[tuple, Any] = {}  # prometheus_client's labelled children
         self.labeled(
             "cache_config_info",
             block_size=str(block_size),
@@ -212,7 +214,7 @@ class EngineMetrics:
             enable_prefix_caching=str(prefix_caching),
         ).set(1)
 
-    def labeled(self, name: str, **labels):
+    def labeled(self, name: str, **labels) -> Any:
         """The metric `name`'s series for this model (and `labels`), looked up once: the server updates
         some of them for every token."""
         key = (name, *labels.values())

@@ -49,14 +49,17 @@ class TPLink:
 class ModelRunner:
     def __init__(self, config: Config, rank: int, link: TPLink | None = None, workers=None):
         self.config, self.rank, self.world = config, rank, config.tensor_parallel_size
+        if self.world > 1 and link is None:
+            raise ValueError("a tensor-parallel rank needs its TPLink")
         self.link, self.workers = link, workers  # workers: rank 0's tp_workers.Workers
+        self.deferred: tuple | None = None  # (logits, sampling, arrays) of a run whose sampling waits for a mask
         self.device = torch.device(f"cuda:{rank}" if config.device.startswith("cuda") else config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world > 1:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             dist.init_process_group(
-                backend, init_method=f"tcp://127.0.0.1:{link.port}", world_size=self.world, rank=rank
+                backend, init_method=f"tcp://127.0.0.1:{self._tp_link().port}", world_size=self.world, rank=rank
             )
         try:
             self._build(config, link)
@@ -91,7 +94,7 @@ class ModelRunner:
             if not config.enforce_eager:
                 self._capture_graphs()
         if self.world > 1:
-            self.shm = SharedMemory(name=link.shm_name)
+            self.shm = SharedMemory(name=self._tp_link().shm_name)
             dist.barrier()
 
     def _capture_graphs(self) -> None:
@@ -192,6 +195,7 @@ class ModelRunner:
 
     def sample_deferred(self, mask: GrammarMask | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rank 0: sample the rows of the last `run` that deferred its sampling, under `mask`."""
+        assert self.deferred is not None, "sample_deferred without a deferred run"
         (logits, sampling, t), self.deferred = self.deferred, None
         return self._sample(logits, mask, sampling, t)
 
@@ -207,22 +211,17 @@ class ModelRunner:
             logprobs = token_logprobs(logits, tokens, sampling.num_logprobs)
         return tokens, logprobs
 
-    @torch.inference_mode()
-    def logits(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Forward one batch; rank 0 gets the logits of `inputs.logits_indices`, other ranks None."""
-        hidden, t = self._forward(inputs)
-        return self.model.compute_logits(_logits_rows(hidden, inputs, t))
-
     def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The last hidden states of every token, and the step's arrays as uploaded to the device."""
         t = self.upload(inputs)
         input_ids = t["input_ids"]
-        if inputs.prev_count:  # rows whose input token the previous step sampled and the host has not seen
+        if inputs.prev_count and inputs.prev_rows is not None:  # rows whose token only the device has seen
             prev = (
                 self.prev_tokens
                 if self.rank == 0
                 else torch.empty(inputs.prev_count, dtype=torch.int64, device=self.device)
             )
+            assert prev is not None, "rank 0 keeps the previous step's tokens"
             if self.world > 1:
                 dist.broadcast(prev, src=0)
             rows = t["prev_rows"]
@@ -296,33 +295,45 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     # ---- leader/worker plumbing ---------------------------------------------------------------
+    def _tp_link(self) -> TPLink:
+        assert self.link is not None  # checked in __init__ for every tensor-parallel rank
+        return self.link
+
+    def _shm_buf(self) -> memoryview:
+        assert self.shm.buf is not None  # open until exit()
+        return self.shm.buf
+
     def call(self, method: str, *args):
         """Run `method` on every rank (rank 0 broadcasts it through shared memory first)."""
         if self.world > 1 and self.rank == 0:
             data = pickle.dumps((method, args))
             if len(data) + 4 > self.shm.size:
                 raise RuntimeError(f"step command of {len(data)} bytes exceeds the shared-memory segment")
-            for rank, read in enumerate(self.link.read, 1):
-                self.workers.wait(read, rank)
-            self.shm.buf[:4] = len(data).to_bytes(4, "little")
-            self.shm.buf[4 : 4 + len(data)] = data
-            for posted in self.link.posted:
+            link, workers, buf = self._tp_link(), self.workers, self._shm_buf()
+            assert workers is not None, "rank 0 of tensor parallelism watches its workers"
+            for rank, read in enumerate(link.read, 1):
+                workers.wait(read, rank)
+            buf[:4] = len(data).to_bytes(4, "little")
+            buf[4 : 4 + len(data)] = data
+            for posted in link.posted:
                 posted.release()
             try:
                 return getattr(self, method)(*args)
             except BaseException as e:  # a collective failed because a worker died? Then say which one.
-                self.workers.explain(e)
+                workers.explain(e)
                 raise
         return getattr(self, method)(*args)
 
     def _read_command(self):
-        posted, read = self.link.posted[self.rank - 1], self.link.read[self.rank - 1]
+        link = self._tp_link()
+        posted, read = link.posted[self.rank - 1], link.read[self.rank - 1]
         while not posted.acquire(timeout=LEADER_CHECK_S):
             leader = mp.parent_process()
             if leader is not None and not leader.is_alive():
                 raise SystemExit(f"tensor-parallel worker {self.rank}: rank 0 (pid {leader.pid}) is gone; leaving")
-        n = int.from_bytes(self.shm.buf[:4], "little")
-        method, args = pickle.loads(self.shm.buf[4 : 4 + n])
+        buf = self._shm_buf()
+        n = int.from_bytes(buf[:4], "little")
+        method, args = pickle.loads(buf[4 : 4 + n])
         read.release()
         return method, args
 

@@ -6,6 +6,7 @@ when the server salts the prefix cache by key (--cache-salt-by-api-key): tenants
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanoserve.common.block_hash import tenant_salt
 from nanoserve.common.chat import (
@@ -53,7 +54,8 @@ class ParsedRequest:
         return [(self.prompt_ids, self.params)] + self.more_prompts
 
 
-def _get(body: dict, name: str, types: tuple, default=None):
+def _get(body: dict, name: str, types: tuple, default: Any = None) -> Any:
+    """body[name], checked to be one of `types` (a bool is no int here), or `default` when absent or null."""
     value = body.get(name, default)
     if value is None:
         return default

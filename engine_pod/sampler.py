@@ -8,6 +8,7 @@ so its tokens do not depend on the batch around it; other rows take fresh random
 """
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -57,7 +58,7 @@ def row_seed(seed: int, position: int) -> int:
     return (x ^ (x >> 31)) & _MASK63
 
 
-def sampling_inputs(seqs: list[Sequence], rng: random.Random, eos_ids: list[int] = ()) -> SamplingInputs:
+def sampling_inputs(seqs: list[Sequence], rng: random.Random, eos_ids: Iterable[int] = ()) -> SamplingInputs:
     """The sampling rows of one step, in the order of their logits. A row samples the token at position
     `seq.num_tokens` (before its placeholder is appended)."""
     params = [s.params for s in seqs]

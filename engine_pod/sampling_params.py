@@ -28,7 +28,7 @@ class SamplingParams:
     top_k: int = -1  # -1 or 0: no top-k
     max_tokens: int = 16  # vLLM's default
     ignore_eos: bool = False
-    stop: list[str] | str | None = None
+    stop: list[str] = field(default_factory=list)  # a single string or None is taken too
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     priority: int = 0  # lower runs first under the "priority" scheduling policy

@@ -1,10 +1,14 @@
 from enum import Enum, auto
 from itertools import count
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nanoserve.common.block_hash import salt_root
 from nanoserve.engine_pod.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import xgrammar
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped scheduling): its id is not known yet
 
@@ -40,7 +44,7 @@ class Sequence:
         self.num_preemptions = 0
         self.num_pending = 0  # trailing PLACEHOLDER tokens (sampled, not yet copied back)
         self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
-        self.grammar = None  # structured output: an xgrammar matcher that has accepted every completion token
+        self.grammar: xgrammar.GrammarMatcher | None = None  # structured output: accepted every completion token
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine tokenizes them)
         self.logprobs: list = []  # with params.logprobs: one sampler.TokenLogprobs per completion token
         self.prompt_logprobs: list = []  # with params.prompt_logprobs: one per prompt token from the second on

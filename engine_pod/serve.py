@@ -89,7 +89,7 @@ async def run_server(
         log.info(
             "ready: model %s, %d KV blocks of %d tokens; engine core pid %d",
             name,
-            engine.info.num_blocks,
+            engine.loaded.num_blocks,
             engine.config.kvcache_block_size,
             engine.process.pid,
         )

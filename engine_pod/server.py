@@ -9,7 +9,6 @@ end with a `server_shutdown` error (an SSE error event for streams) and it exits
 
 import asyncio
 import functools
-import json
 import uuid
 
 from aiohttp import web
@@ -21,20 +20,13 @@ from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_
 from nanoserve.engine_pod.openai_protocol import APIError, parse_chat, parse_completion
 from nanoserve.engine_pod.responses import engine_requests, respond
 from nanoserve.engine_pod.server_logs import access_logger
-from nanoserve.engine_pod.server_state import (
-    API_KEY,
-    STATE,
-    ServerState,
-    engine_for,
-    error_response,
-    json_body,
-)
+from nanoserve.engine_pod.server_state import API_KEY, STATE, ServerState, engine_for, error_response, json_body
 from nanoserve.engine_pod.tokenize_api import detokenize, server_version, tokenize
 
 
 @web.middleware
 async def errors_and_auth(request: web.Request, handler):
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     if state.api_keys and request.path not in state.open_paths:  # the cache feed and /metrics included
         key = state.api_keys.match(request.headers.get("Authorization", ""))
         if key is None:
@@ -67,7 +59,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     body = await json_body(request)
     engine = engine_for(state, body)
     cfg = engine.config
@@ -97,31 +89,26 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
         state.inflight -= 1
 
 
-async def models(request: web.Request) -> web.Response:
-    state: ServerState = request.app[STATE]
+def _model_card(state: ServerState) -> dict:
     max_len = state.engine.config.max_model_len if state.engine else None
-    return web.json_response(
-        {
-            "object": "list",
-            "data": [
-                {
-                    "id": state.model_name,
-                    "object": "model",
-                    "created": state.created,
-                    "owned_by": "nanoserve",
-                    "max_model_len": max_len,
-                }
-            ],
-        }
-    )
+    return {
+        "id": state.model_name,
+        "object": "model",
+        "created": state.created,
+        "owned_by": "nanoserve",
+        "max_model_len": max_len,
+    }
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app[STATE])]})
 
 
 async def model_by_id(request: web.Request) -> web.Response:
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     if request.match_info["model"] != state.model_name:
         raise APIError(404, f"The model `{request.match_info['model']}` does not exist.", "model", "model_not_found")
-    listing = json.loads((await models(request)).body)
-    return web.json_response(listing["data"][0])
+    return web.json_response(_model_card(state))
 
 
 async def health(request: web.Request) -> web.Response:
@@ -132,7 +119,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     if state.engine is None or state.draining or state.engine.error is not None:  # a failed engine takes no traffic
         return web.json_response(
             {

@@ -3,6 +3,7 @@ request's API key, and the checks every generation or feed request passes first.
 
 import concurrent.futures
 import time
+from typing import Any
 
 from aiohttp import web
 
@@ -12,7 +13,6 @@ from nanoserve.engine_pod.auth import KeyRing
 from nanoserve.engine_pod.openai_protocol import APIError
 from nanoserve.engine_pod.tool_choice import ChatConfig
 
-STATE = web.AppKey("state", object)
 API_KEY = web.RequestKey("api_key", str)  # the key a request authenticated with
 
 
@@ -36,8 +36,8 @@ class ServerState:
         self.open_paths = {"/health", "/ready", "/ping", "/version"} | ({"/metrics"} if public_metrics else set())
         self.cache_salt_by_api_key = cache_salt_by_api_key  # tenants (keys) then share no prefix-cache block
         self.engine: AsyncEngine | None = None  # set when the model is loaded
-        self.tokenizer = None  # the server's own (the engine core process loads its own)
-        self.bulk_tokenizer = None  # another, for long prompts on the `bulk` thread
+        self.tokenizer: Any = None  # a transformers tokenizer: the server's own (the engine core process loads its own)
+        self.bulk_tokenizer: Any = None  # another, for long prompts on the `bulk` thread
         self.bulk = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         self.tokenizer_info: dict | None = None  # GET /v1/tokenizer, and its files: what the gateway loads
         self.tokenizer_files: dict[str, bytes] = {}
@@ -45,6 +45,9 @@ class ServerState:
         self.log_requests = True  # an access line per request (server_logs.py)
         self.inflight = 0
         self.created = int(time.time())
+
+
+STATE = web.AppKey("state", ServerState)
 
 
 def error_response(status: int, message: str, param=None, code=None) -> web.Response:

@@ -104,7 +104,7 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
         inputs.prompt_targets = np.concatenate(
             [np.asarray(s.token_ids[p + 1 : p + 1 + n], np.int64) for s, _, p, n in scored]
         )  # position p scores token p + 1
-        inputs.prompt_k = max(s.params.prompt_logprobs for s, _, _, _ in scored)
+        inputs.prompt_k = max(s.params.prompt_logprobs or 0 for s, _, _, _ in scored)
         inputs.prompt_slices = [(s.seq_id, n) for s, _, _, n in scored]
     return inputs, sampling
 
@@ -200,12 +200,12 @@ class SampledTokens:
         pinned_logprobs: torch.Tensor | None = None,
     ):
         self.logprobs = None
-        if tokens.device.type != "cuda":
+        if tokens.device.type != "cuda" or pinned is None:
             self.host, self.event, self.logprobs = tokens, None, logprobs
             return
         self.host = pinned[: tokens.numel()]
         self.host.copy_(tokens, non_blocking=True)
-        if logprobs is not None:
+        if logprobs is not None and pinned_logprobs is not None:
             self.logprobs = pinned_logprobs[: logprobs.numel()].view(logprobs.shape)
             self.logprobs.copy_(logprobs, non_blocking=True)
         self.event = torch.cuda.Event()

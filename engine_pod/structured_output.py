@@ -80,12 +80,14 @@ class Grammars:
                 any_whitespace=not spec.disable_any_whitespace,
                 max_whitespace_cnt=MAX_WHITESPACE,
             )
-        if kind == "regex":
+        if kind == "regex" and spec.regex is not None:
             return c.compile_regex(spec.regex)
-        if kind == "choice":  # JSON's string escapes are EBNF literals' escapes too
+        if kind == "choice" and spec.choice is not None:  # JSON's string escapes are EBNF literals' escapes too
             return c.compile_grammar("root ::= " + " | ".join(json.dumps(s) for s in spec.choice))
         # EBNF (GBNF) rules are written `name ::= ...`; a grammar without one is Lark (`name: ...`), as vLLM tells them.
-        return c.compile_grammar(spec.grammar) if "::=" in spec.grammar else c.compile_lark(spec.grammar)
+        grammar = spec.grammar
+        assert kind == "grammar" and grammar is not None  # StructuredOutputsParams has exactly one kind set
+        return c.compile_grammar(grammar) if "::=" in grammar else c.compile_lark(grammar)
 
     def matcher(self, spec: StructuredOutputsParams):
         """A fresh matcher for one request (matchers hold one sequence's state; grammars are shared)."""
@@ -130,17 +132,21 @@ def grammar_mask(seqs: list[Sequence], vocab_size: int, pool: bool = False) -> G
     import xgrammar as xgr
 
     # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
-    rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
+    rows, matchers = [], []
+    for i, seq in enumerate(seqs):
+        if seq.grammar is not None and not seq.is_finished:
+            rows.append(i)
+            matchers.append(seq.grammar)
     if not rows:
         return None
     bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
     if pool and len(rows) >= _POOL_ROWS:
         global _pool
         _pool = _pool or xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
-        _pool.batch_fill_next_token_bitmask([seqs[i].grammar for i in rows], bitmask)
+        _pool.batch_fill_next_token_bitmask(matchers, bitmask)
     else:
-        for j, i in enumerate(rows):
-            seqs[i].grammar.fill_next_token_bitmask(bitmask, j)
+        for j, matcher in enumerate(matchers):
+            matcher.fill_next_token_bitmask(bitmask, j)
     return GrammarMask(np.asarray(rows, np.int64), bitmask)
 
 

@@ -8,7 +8,7 @@ from aiohttp import web
 
 from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt_ids, completion_prompt_ids
 from nanoserve.engine_pod.openai_protocol import APIError
-from nanoserve.engine_pod.server_state import STATE, ServerState, engine_for, json_body
+from nanoserve.engine_pod.server_state import STATE, engine_for, json_body
 
 _COMPLETION = {"model", "prompt", "add_special_tokens", "return_token_strs"}
 _CHAT = {"model", "messages", "tools", "chat_template_kwargs", "add_generation_prompt", "return_token_strs"}
@@ -23,7 +23,7 @@ def _fields(body: dict, allowed: set[str]) -> None:
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     body = await json_body(request)
     engine = engine_for(state, body)
     tok = state.tokenizer
@@ -54,7 +54,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    state: ServerState = request.app[STATE]
+    state = request.app[STATE]
     body = await json_body(request)
     engine = engine_for(state, body)
     ids, vocab = body.get("tokens"), engine.config.hf_config["vocab_size"]

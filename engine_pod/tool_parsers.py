@@ -72,6 +72,7 @@ class HermesParser(ToolParser):
             # The head lies before the first `</tool_call>` (it cannot straddle one: it ends in "{").
             verdict, at, name = _match(self.buf[:end] if end >= 0 else self.buf, _HEAD)
             if verdict == "yes":
+                assert name is not None  # _HEAD's steps name the function
                 self._emit_start(name)
                 self.buf, self.state, self.brackets = self.buf[at - 1 :], "args", _Brackets()
                 return True
@@ -167,6 +168,7 @@ class JsonCallsParser(ToolParser):
     def _on_head(self, finished: bool) -> bool:
         verdict, at, name = _match(self.buf, _HEAD)
         if verdict == "yes":
+            assert name is not None  # _HEAD's steps name the function
             self._emit_start(name)
             self.buf, self.state, self.brackets = self.buf[at - 1 :], "args", _Brackets()
             return True

@@ -71,7 +71,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def start_engine(
-    engine_kwargs: dict, port: int, served_name: str, drain_timeout: float, engine_args: list[str] = ()
+    engine_kwargs: dict, port: int, served_name: str, drain_timeout: float, engine_args: list[str] | tuple[()] = ()
 ) -> subprocess.Popen:
     """`engine_kwargs`: Config settings; `engine_args`: more `nanoserve serve` flags (the chat flags)."""
     cmd = [
@@ -106,7 +106,9 @@ def stop_engines(procs: list[subprocess.Popen], timeout: float) -> None:
             p.wait()
 
 
-async def run_up(engine_kwargs: dict, replicas: int, gateway: GatewayConfig, engine_args: list[str] = ()) -> int:
+async def run_up(
+    engine_kwargs: dict, replicas: int, gateway: GatewayConfig, engine_args: list[str] | tuple[()] = ()
+) -> int:
     """Serve until SIGTERM/SIGINT (exit 0), restarting engines that exit. `gateway`: its host, port, policy,
     drain timeout (the engines' too) and served model name (the engines' too; default: the model as given)."""
     from nanoserve.engine_pod.default_model import resolve_model

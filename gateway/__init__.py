@@ -4,7 +4,12 @@ Torch-free on purpose: its image carries a tokenizer, not a model. The app is im
 for, so that the command lines and the operator, which need the config only, do not load it.
 """
 
+from typing import TYPE_CHECKING
+
 from nanoserve.gateway.config import GatewayConfig, RoutingConfig
+
+if TYPE_CHECKING:
+    from nanoserve.gateway.app import Gateway, build_app, run_gateway, serve
 
 __all__ = ["Gateway", "GatewayConfig", "RoutingConfig", "build_app", "run_gateway", "serve"]
 

@@ -79,7 +79,7 @@ class CacheIndex:
     def match(self, hashes: Iterable[int], now: float | None = None) -> int:
         """Number of leading blocks of the prompt that this engine holds (or will, once pending lands)."""
         if self.precise is None:
-            held, pending = self.approx, {}
+            held, pending, now = self.approx, {}, 0.0
         else:
             held, pending = self.precise, self.pending
             now = time.monotonic() if now is None else now

@@ -62,7 +62,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     return GatewayConfig(**{**settings, "engine_api_key": engine_key(args), "api_keys": client_keys(args)})
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         event_loop.run(run_gateway(config))
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass  # a signal cancelled the server after draining
+    return 0
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class EndpointSliceWatcher:
         self.port_name = port_name
         self.scheme = scheme
         self.api: Any = None
-        self.watch_factory: Callable[[], Any] | None = None
+        self.watch_factory: Callable[[], Any] = lambda: None  # kubernetes.watch.Watch once connected
         self._stop = threading.Event()
 
     def connect(self) -> None:

@@ -130,10 +130,10 @@ class EndpointPool:
         out = []
         for ep in endpoints:
             index = ep.text_cache if mode == "text" else ep.cache
-            if mode == "tokens":
+            if prompt is not None and mode == "tokens":
                 hashes = prompt.hashes(ep.cache.block_size, ep.tokenizer)
             else:
-                hashes = prompt.text_hashes() if mode == "text" else []
+                hashes = prompt.text_hashes() if prompt is not None and mode == "text" else []
             out.append(
                 Candidate(
                     ep.url, ep.load(self.config.metrics_max_age, now), index.match(hashes), len(hashes), len(index)

@@ -78,7 +78,8 @@ def text_hashes(text: str, salt: str | None = None) -> list[int]:
     """Chained hashes of each full TEXT_CHUNK-byte chunk of the text's UTF-8 bytes (the first one chained to
     the salt's root, as the engine chains its first block)."""
     data = text.encode("utf-8", "surrogatepass")
-    out, parent = [], b"" if salt is None else salt_root(salt).to_bytes(8, "little")
+    root = salt_root(salt)
+    out, parent = [], b"" if root is None else root.to_bytes(8, "little")
     for start in range(0, len(data) - TEXT_CHUNK + 1, TEXT_CHUNK):
         h = xxhash.xxh64_intdigest(parent + data[start : start + TEXT_CHUNK])
         out.append(h)

@@ -1,3 +1,5 @@
+# pyright: reportArgumentType=false, reportCallIssue=false
+# (Triton's launch: `kernel[grid](...)` takes plain ints for constexpr parameters, and num_warps)
 """Triton kernels for the small per-layer operations, each one launch instead of the many tiny kernels
 eager PyTorch runs (at decode batch sizes those launches cost more than the math):
 RMSNorm (optionally fused with the residual add), rotary embedding of q and k (with Qwen3's per-head

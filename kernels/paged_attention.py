@@ -1,3 +1,5 @@
+# pyright: reportArgumentType=false, reportCallIssue=false
+# (Triton's launch: `kernel[grid](...)` takes plain ints for constexpr parameters, and num_warps)
 """Triton kernel: causal attention of varlen queries over a paged KV cache (prefill, chunked prefill with
 a cached prefix, and decode are one kernel). Reference: `attention_ref.paged_attention_ref`.
 

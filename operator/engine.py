@@ -45,7 +45,7 @@ def engine_resources(spec: dict) -> dict:
 def render_engine_deployment(name: str, spec: dict) -> dict:
     model_arg, volumes, mounts, init_containers = model_source(spec["model"], spec["image"])
     tp = spec["tensorParallelSize"]
-    env = [
+    env: list[dict] = [
         {"name": "HOME", "value": "/cache"},  # read-only root: every cache goes to the cache volume
         {"name": "XDG_CACHE_HOME", "value": "/cache"},
         {"name": "HF_HOME", "value": "/cache/huggingface"},

@@ -36,7 +36,7 @@ def render_gateway_rbac(name: str) -> list[dict]:
 
 def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
     gw = spec["gateway"]
-    env = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
+    env: list[dict] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
     if spec.get("apiKeySecret"):  # the gateway's own calls to the engines (health, metrics) need the key
         env.append(
             {

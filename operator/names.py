@@ -28,11 +28,7 @@ def selector(isvc: str, component: str) -> dict[str, str]:
 
 
 def labels(isvc: str, component: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "nanoserve",
-        "app.kubernetes.io/managed-by": MANAGER,
-        **selector(isvc, component),
-    }
+    return {"app.kubernetes.io/name": "nanoserve", "app.kubernetes.io/managed-by": MANAGER, **selector(isvc, component)}
 
 
 def selector_string(isvc: str, component: str) -> str:

@@ -25,8 +25,10 @@ def _rollout(dep: dict | None, want: int) -> tuple[bool, bool, str]:
 
 def _failures(dep: dict | None) -> list[tuple[str, str]]:
     """The Deployment controller's own verdicts that no waiting will fix."""
+    if dep is None:
+        return []
     out = []
-    for c in (dep or {}).get("status", {}).get("conditions", []):
+    for c in dep.get("status", {}).get("conditions", []):
         failed = c.get("type") == "ReplicaFailure" and c.get("status") == "True"
         stuck = c.get("type") == "Progressing" and c.get("reason") == "ProgressDeadlineExceeded"
         if failed or stuck:
@@ -77,7 +79,7 @@ def compute_status(
     old_status: dict,
     engine: dict | None,
     gateway: dict | None,
-    problems: list[str],
+    problems: list[tuple[str, str]],
     now: datetime.datetime | None = None,
 ) -> dict:
     """problems: (reason, message) pairs the operator itself found (missing PVC, rejected manifests)."""

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from nanoserve.engine_pod.context import get_context
+from nanoserve.engine_pod.layers.layernorm import RMSNorm
 from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
 from nanoserve.kernels.attention_ref import paged_attention_ref, store_kvcache_ref
 
 
 def flash_attn_available() -> bool:
     try:
-        import flash_attn  # noqa: F401
+        import flash_attn  # noqa: F401  # pyright: ignore[reportMissingImports]  (optional)
 
         return True
     except ImportError:
@@ -51,8 +52,8 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         rotary: RotaryEmbedding,
-        q_norm: nn.Module | None = None,
-        k_norm: nn.Module | None = None,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
     ) -> torch.Tensor:
         """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim].
         q and k come before the rotary embedding (and Qwen3's per-head norms): on the Triton backend the
@@ -84,7 +85,7 @@ class Attention(nn.Module):
         )
 
     def _flash_attn(self, q, k, v, ctx):
-        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # pyright: ignore[reportMissingImports]  (optional)
 
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         tables, lens = ctx.block_tables.to(torch.int32), ctx.context_lens.to(torch.int32)

@@ -14,7 +14,7 @@ class VocabParallelEmbedding(nn.Module):
         self.shard_size = -(-vocab_size // tp_size())
         self.start = tp_rank() * self.shard_size
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.weight.weight_loader = self.weight_loader  # pyright: ignore[reportAttributeAccessIssue]  # the loader rides on the parameter, as in Nano-vLLM
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         n = max(0, min(self.shard_size, self.vocab_size - self.start))

@@ -11,10 +11,10 @@ class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.weight.weight_loader = self.weight_loader  # pyright: ignore[reportAttributeAccessIssue]  # the loader rides on the parameter, as in Nano-vLLM
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            self.bias.weight_loader = self.weight_loader  # pyright: ignore[reportAttributeAccessIssue]
         else:
             self.register_parameter("bias", None)
 

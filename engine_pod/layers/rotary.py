@@ -5,6 +5,8 @@ import math
 import torch
 from torch import nn
 
+from nanoserve.engine_pod.layers.layernorm import RMSNorm
+
 
 def rope_parameters(hf_config: dict) -> tuple[float, dict]:
     """(theta, scaling) from a config.json, in either the transformers 4 or 5 spelling."""
@@ -34,22 +36,31 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Ten
 
 
 class RotaryEmbedding(nn.Module):
+    cos_sin: torch.Tensor  # [max_position, head_dim]: cos then sin (a buffer)
+
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict):
         super().__init__()
         inv_freq = inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
+    def forward(
+        self,
+        positions: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        q_norm: RMSNorm | None = None,
+        k_norm: RMSNorm | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim]. `q_norm`/`k_norm` (RMSNorm
         modules, Qwen3) normalize each head first; on CUDA one kernel does norms and rotation."""
         if q.is_cuda:
             from nanoserve.kernels.elementwise import qk_norm_rotary
 
-            if q_norm is None:
+            if q_norm is None or k_norm is None:
                 return qk_norm_rotary(positions, q, k, self.cos_sin)
             return qk_norm_rotary(positions, q, k, self.cos_sin, q_norm.weight, k_norm.weight, q_norm.eps)
-        if q_norm is not None:
+        if q_norm is not None and k_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return apply_rotary(positions, q, k, self.cos_sin)
 
@@ -59,8 +70,8 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        q_norm: nn.Module | None,
-        k_norm: nn.Module | None,
+        q_norm: RMSNorm | None,
+        k_norm: RMSNorm | None,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
@@ -69,8 +80,10 @@ class RotaryEmbedding(nn.Module):
         kernel (one launch a layer fewer). Returns q."""
         from nanoserve.kernels.elementwise import qk_norm_rotary_store
 
-        norms = () if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
-        return qk_norm_rotary_store(positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping, *norms)
+        args = (positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping)
+        if q_norm is None or k_norm is None:
+            return qk_norm_rotary_store(*args)
+        return qk_norm_rotary_store(*args, q_norm.weight, k_norm.weight, q_norm.eps)
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):

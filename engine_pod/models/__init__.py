@@ -18,7 +18,8 @@ _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwe
 
 
 def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:
-    archs = cfg.get("architectures") or [_BY_MODEL_TYPE.get(cfg.get("model_type"), cfg.get("model_type"))]
+    model_type = cfg.get("model_type") or ""
+    archs = cfg.get("architectures") or [_BY_MODEL_TYPE.get(model_type, model_type)]
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None:
         raise ModelLoadError(

@@ -29,13 +29,7 @@ def assert_clean(llm):
 
 @pytest.mark.parametrize(
     "prompt, match",
-    [
-        ("", "empty"),
-        ([], "empty"),
-        ([1] * 100, "max_model_len"),
-        ([1, 2, 999], "token ids"),
-        ([1, -2], "token ids"),
-    ],
+    [("", "empty"), ([], "empty"), ([1] * 100, "max_model_len"), ([1, 2, 999], "token ids"), ([1, -2], "token ids")],
 )
 def test_bad_prompts(llm, prompt, match):
     with pytest.raises(InvalidRequestError, match=match):

@@ -11,12 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nanoserve.engine_pod.tool_parsers import (
-    ToolCallDelta,
-    ToolDelta,
-    make_tool_parser,
-    merge_tool_calls,
-)
+from nanoserve.engine_pod.tool_parsers import ToolCallDelta, ToolDelta, make_tool_parser, merge_tool_calls
 
 WS = " \t\n\r"
 WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "n": [1, {"a": "}"}]}}'

@@ -10,7 +10,7 @@ from rbac_rules import Call, allowed, expand, grants
 
 UNEXERCISED = {
     # kopf posts Events only for handler errors (settings.posting.level = WARNING); none happen here.
-    ("create", "", "events"),
+    ("create", "", "events")
 }
 
 
