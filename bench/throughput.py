@@ -1,4 +1,4 @@
-"""Offline throughput on Nano-vLLM's bench.py workload (DESIGN.md, Performance method).
+"""Offline throughput on Nano-vLLM's bench.py workload (docs/benchmarks.md).
 
 256 sequences, prompts of randint(100, 1024) ids from randint(0, 10000), max_tokens randint(100, 1024),
 temperature 0.6, ignore_eos, Qwen3-0.6B shape with random bf16 weights. Throughput = output tokens / time

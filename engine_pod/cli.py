@@ -48,8 +48,8 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--api-key",
         action="append",
         default=None,
-        help="require 'Authorization: Bearer KEY' on all but /health and /ready; repeat for several "
-        "tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY) "
+        help="require 'Authorization: Bearer KEY' on all but /health, /ready, /ping and /version; repeat for "
+        "several tenants. Shows in `ps`: prefer --api-key-file or env NANOSERVE_API_KEY (or VLLM_API_KEY) "
         "(default: none)",
     )
     p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line, # comments (default: none)")

@@ -1,4 +1,4 @@
-"""Offline batch generation, the Python API of DESIGN.md: `LLM(model).generate(prompts, params)`."""
+"""Offline batch generation, the Python API of docs/contracts.md: `LLM(model).generate(prompts, params)`."""
 
 from tqdm.auto import tqdm
 

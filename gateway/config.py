@@ -74,7 +74,9 @@ class GatewayConfig:
     policy: str = setting("cache-aware", "how an engine is picked", choices=POLICIES)
     routing: RoutingConfig = field(default_factory=RoutingConfig)  # its fields are flags too
     block_size: int = setting(16, "tokens per KV-cache block, until an engine's cache feed reports its own")
-    approx_capacity_blocks: int = setting(1 << 16, "per-engine bound (LRU) of the approximate text-prefix index")
+    approx_capacity_blocks: int = setting(
+        1 << 16, "per-engine bound (LRU) of each approximate index: routed block hashes (no feed), text chunks"
+    )
     pending_ttl: float = setting(
         10.0, "seconds a routed prompt counts as cached on its engine until the engine's feed confirms it"
     )
@@ -84,7 +86,7 @@ class GatewayConfig:
     health_timeout: float = setting(2.0, "seconds a probe may take")
     unhealthy_threshold: int = setting(2, "consecutive failed probes before an engine is marked down")
     healthy_threshold: int = setting(1, "consecutive good probes before it is routed to again")
-    metrics_interval: float = setting(2.0, "seconds between scrapes of an engine's /metrics (its waiting queue)")
+    metrics_interval: float = setting(2.0, "seconds between scrapes of an engine's /metrics (running + waiting)")
     metrics_max_age: float = setting(5.0, "seconds after which a scrape no longer counts")
     feed_retry_interval: float = setting(1.0, "seconds before the cache-event feed reconnects")
     feed_idle_timeout: float = setting(120.0, "seconds of silence after which a feed reconnects (and resyncs)")
@@ -111,7 +113,7 @@ class GatewayConfig:
     breaker_threshold: int = setting(
         5,
         "consecutive failed requests (connection errors, timeouts, invalid HTTP, "
-        "5xx) that open an engine's circuit breaker (0: never)",
+        "5xx, redirects) that open an engine's circuit breaker (0: never)",
     )
     breaker_cooldown: float = setting(2.0, "seconds an open breaker keeps traffic away, doubled per failed trial")
     breaker_max_cooldown: float = setting(60.0, "most seconds of a breaker's cooldown")
