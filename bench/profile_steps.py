@@ -34,9 +34,9 @@ for p, sp in zip(prompts, params):
 for i in range(3):  # unprofiled: first-call costs (compiles) show up here
     torch.cuda.synchronize()
     t = time.perf_counter()
-    llm.step()
+    batch = llm.run_step().batch
     torch.cuda.synchronize()
-    print(f"step {i}: {1e3 * (time.perf_counter() - t):.1f} ms, {sum(n for _, n in llm.last_batch)} tokens")
+    print(f"step {i}: {1e3 * (time.perf_counter() - t):.1f} ms, {sum(n for _, n in batch)} tokens")
 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     for _ in range(3):
         llm.step()
@@ -47,7 +47,7 @@ for _ in range(40):  # past the prefills: a steady decode batch of 256
 torch.cuda.synchronize()
 for title, ready in (
     ("20 decode steps at batch 256", lambda: True),
-    ("20 decode steps at batch <= 64", lambda: len(llm.last_batch) <= 64),
+    ("20 decode steps at batch <= 64", lambda: len(llm.run_step().batch) <= 64),
 ):
     while not ready():
         llm.step()
@@ -58,4 +58,4 @@ for title, ready in (
             llm.step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - t
-    show(prof, f"{title} (batch now {len(llm.last_batch)})", 20, wall)
+    show(prof, f"{title} (batch now {len(llm.scheduler.running)} running)", 20, wall)

@@ -61,12 +61,11 @@ def record_steps(llm) -> list[tuple[float, int, int, int]]:
     """Per step: (wall seconds, sequences, tokens computed, KV tokens attended). Every step waits for
     sampled tokens (its own, or with async scheduling the previous step's), so in the steady state the
     wall time per step is the larger of the step's host and GPU time."""
-    steps, step = [], llm.step
+    steps, step = [], llm.run_step
 
     def timed_step():
         t = time.perf_counter()
-        out = step()
-        batch = llm.last_batch
+        batch, out = step()
         steps.append(
             (
                 time.perf_counter() - t,

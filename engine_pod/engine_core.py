@@ -200,11 +200,11 @@ class EngineCore:
         engine, bm = self.engine, self.engine.block_manager
         queries, hits, preemptions = bm.prefix_queries, bm.prefix_hits, engine.scheduler.num_preemptions
         started = time.monotonic()
-        sampled = engine.step()
+        batch, sampled = engine.run_step()
         now = time.monotonic()
         scheduled = []
         if self.unscheduled:
-            scheduled = [seq.seq_id for seq, _ in engine.last_batch if seq.seq_id in self.unscheduled]
+            scheduled = [seq.seq_id for seq, _ in batch if seq.seq_id in self.unscheduled]
             self.unscheduled.difference_update(scheduled)
         rows = [(seq.seq_id, token, seq.finish_reason, seq.num_cached_tokens) for seq, token in sampled]
         logprobs, prompt_logprobs = self._logprobs(sampled) if self.scoring else ({}, {})
@@ -223,7 +223,7 @@ class EngineCore:
                     bm.prefix_queries - queries,
                     bm.prefix_hits - hits,
                     engine.scheduler.num_preemptions - preemptions,
-                    sum(n for _, n in engine.last_batch),
+                    sum(n for _, n in batch),
                     events,
                     logprobs,
                     prompt_logprobs,

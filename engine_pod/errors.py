@@ -8,12 +8,12 @@ class NanoserveError(Exception):
 class InvalidRequestError(NanoserveError, ValueError):
     """A request (prompt or sampling parameters) that can never be served as given."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code  # code: OpenAI's error code, e.g. context_length_exceeded
 
-    def __reduce__(self):  # crosses from the engine core process to the server with its param
-        return type(self), (str(self), self.param)
+    def __reduce__(self):  # crosses from the engine core process to the server with its param and code
+        return type(self), (str(self), self.param, self.code)
 
 
 class ServerShutdown(NanoserveError):

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from transformers import AutoTokenizer
 
@@ -27,6 +28,11 @@ from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
 from nanoserve.engine_pod.stop import StopChecker
 from nanoserve.engine_pod.structured_output import Grammars, grammar_mask
 from nanoserve.engine_pod.tp_workers import Workers
+
+
+class StepResult(NamedTuple):
+    batch: list[tuple[Sequence, int]]  # what the step scheduled: (sequence, tokens it computes)
+    outputs: list[tuple[Sequence, int | None]]  # (sequence, new token): this step's, or the previous one's
 
 
 @dataclass
@@ -70,7 +76,6 @@ class LLMEngine:
         self._grammars_lock = threading.Lock()
         self.constrained: set[int] = set()  # unfinished requests with a grammar
         self.pool_masks = config.device.startswith("cuda")  # masks filled on xgrammar's threads (grammar_mask)
-        self.last_batch: list[tuple[Sequence, int]] = []
         self._closed = False
         self._broken = False  # a step failed on rank 0: workers may wait in a collective forever
         atexit.register(self.exit)
@@ -98,11 +103,7 @@ class LLMEngine:
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) and 0 <= t < self.config.hf_config["vocab_size"] for t in prompt):
-            raise InvalidRequestError("prompt token ids must be integers in [0, vocab_size)", "prompt")
-        return list(prompt)
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)  # ids: check_request's
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Validate one request and turn it into a Sequence (not yet queued)."""
@@ -167,14 +168,19 @@ class LLMEngine:
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int | None]]:
-        """Run one batch. Returns `(sequence, new token)` for each sequence that got a token (finished ones
-        have `finish_reason`). With async scheduling these are the previous step's tokens: this step is
-        launched first, so the GPU works on it while the host applies them and schedules the next one.
+        """Run one batch: `run_step`'s outputs."""
+        return self.run_step().outputs
+
+    def run_step(self) -> StepResult:
+        """Run one batch. Returns the batch it scheduled, (sequence, tokens computed), and its outputs,
+        `(sequence, new token)` for each sequence that got a token (finished ones have `finish_reason`).
+        With async scheduling these are the previous step's tokens: this step is launched first, so the GPU
+        works on it while the host applies them and schedules the next one.
         A constrained row's mask needs its previous token: its step launches the forward, applies the
         previous step's tokens, makes the mask while the forward runs, then samples. (Scheduling the next
         step before sampling too, a pipeline, measured no faster on an H200: the host's mask fill bounds it.)"""
         overlap = self.config.async_scheduling
-        batch = self.last_batch = self.scheduler.schedule()
+        batch = self.scheduler.schedule()
         sampling, positions, tokens, deferred = [], [], None, False
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
@@ -203,7 +209,7 @@ class LLMEngine:
                 self.in_flight = launched
             else:
                 out = self._apply(launched)
-        return out
+        return StepResult(batch, out)
 
     def _score_prompts(self, slices: list[tuple[int, int]], rows) -> None:
         """prompt_logprobs: append each sequence's newly scored prompt tokens."""

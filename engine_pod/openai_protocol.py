@@ -8,6 +8,7 @@ when the server salts the prefix cache by key (--cache-salt-by-api-key): tenants
 from dataclasses import dataclass, field
 from typing import Any
 
+from nanoserve.common.api_errors import error_body
 from nanoserve.common.block_hash import tenant_salt
 from nanoserve.common.chat import (
     ChatFieldError,
@@ -16,6 +17,7 @@ from nanoserve.common.chat import (
     completion_prompt_ids,
     template_options,
 )
+from nanoserve.engine_pod.admission import check_prompt
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.reasoning import prompt_opens_thinking
 from nanoserve.engine_pod.request_fields import check_fields
@@ -32,8 +34,13 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or ("invalid_request_error" if status < 500 else "server_error")
 
+    @classmethod
+    def invalid(cls, e: InvalidRequestError) -> "APIError":
+        """The 400 of a request the engine's checks refused."""
+        return cls(400, str(e), e.param, e.code)
+
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return error_body(self.message, self.type, self.param, self.code)
 
 
 @dataclass
@@ -148,7 +155,7 @@ def _sampling_params(
             include_stop_str_in_output=_get(body, "include_stop_str_in_output", (bool,), False),
         )
     except InvalidRequestError as e:
-        raise APIError(400, str(e), e.param) from None
+        raise APIError.invalid(e) from None
 
 
 def _prompt_logprobs(body: dict, chat: bool) -> int | None:
@@ -189,7 +196,7 @@ def _check_fields(body: dict, chat: bool) -> None:
     try:
         check_fields(body, chat)
     except InvalidRequestError as e:
-        raise APIError(400, str(e), e.param) from None
+        raise APIError.invalid(e) from None
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -217,18 +224,11 @@ def _truncated(body: dict, ids: list[int], max_model_len: int) -> list[int]:
     return ids[-k:]
 
 
-def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
-    if not ids:
-        raise APIError(400, "the prompt is empty", "prompt")
-    if len(ids) >= max_model_len:
-        raise APIError(
-            400,
-            f"This model's maximum context length is {max_model_len} tokens; the prompt has {len(ids)} tokens",
-            "prompt",
-            "context_length_exceeded",
-        )
-    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids):
-        raise APIError(400, f"prompt token ids must be integers in [0, {vocab_size})", "prompt")
+def _check_prompt(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    try:
+        check_prompt(ids, vocab_size, max_model_len)  # the engine's own check, answered before any other
+    except InvalidRequestError as e:
+        raise APIError.invalid(e) from None
 
 
 def parse_completion(
@@ -255,7 +255,7 @@ def parse_completion(
         except ChatFieldError as e:
             raise APIError(400, str(e), "prompt") from None
         ids = _truncated(body, ids, max_model_len)
-        check_prompt_ids(ids, vocab_size, max_model_len)
+        _check_prompt(ids, vocab_size, max_model_len)
         prompts.append((ids, _sampling_params(body, len(ids), max_model_len, salt_key, chat=False, defaults=defaults)))
     stream, include_usage = _stream_options(body)
     (ids, params), *more = prompts
@@ -304,7 +304,7 @@ def parse_chat(
     except (ChatFieldError, InvalidRequestError) as e:
         raise APIError(400, str(e), e.param) from None
     ids = _truncated(body, tokenizer.encode(text, add_special_tokens=False), max_model_len)
-    check_prompt_ids(ids, vocab_size, max_model_len)
+    _check_prompt(ids, vocab_size, max_model_len)
     stream, include_usage = _stream_options(body)
     params = _sampling_params(body, len(ids), max_model_len, salt_key, tools.constraint, defaults=defaults)
     _check_choices(params, stream)

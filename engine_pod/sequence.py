@@ -51,9 +51,6 @@ class Sequence:
         self._prompt_unique: np.ndarray | None = None
         self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)
 
-    def __len__(self) -> int:
-        return len(self.token_ids)
-
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

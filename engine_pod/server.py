@@ -81,7 +81,7 @@ async def _serve(request: web.Request, chat: bool) -> web.StreamResponse:
             for _, prompt_ids, params in engine_requests(req):
                 submitted.append(await engine.submit(prompt_ids, params, req.stream))
         except InvalidRequestError as e:
-            raise APIError(400, str(e), e.param) from None
+            raise APIError.invalid(e) from None
         return await respond(request, state, engine, submitted, req, rid, chat)
     finally:
         for one in submitted:

@@ -6,17 +6,15 @@ import json
 
 from aiohttp import web
 
-
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+from nanoserve.common.api_errors import error_body
 
 
 def error_response(
     status: int, message: str, type_: str, code: str | None = None, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.json_response(error_body(message, type_, code), status=status, headers=headers)
+    return web.json_response(error_body(message, type_, code=code), status=status, headers=headers)
 
 
 def sse_error(message: str, code: str) -> bytes:
     """The event that ends a stream cut off mid-way (clients such as openai-python raise it as APIError)."""
-    return b"data: " + json.dumps(error_body(message, "server_error", code)).encode() + b"\n\n"
+    return b"data: " + json.dumps(error_body(message, "server_error", code=code)).encode() + b"\n\n"

@@ -29,7 +29,13 @@ def assert_clean(llm):
 
 @pytest.mark.parametrize(
     "prompt, match",
-    [("", "empty"), ([], "empty"), ([1] * 100, "max_model_len"), ([1, 2, 999], "token ids"), ([1, -2], "token ids")],
+    [
+        ("", "empty"),
+        ([], "empty"),
+        ([1] * 100, "max_model_len"),
+        ([1, 2, 999], "token id 999"),
+        ([1, -2], "token id -2"),
+    ],
 )
 def test_bad_prompts(llm, prompt, match):
     with pytest.raises(InvalidRequestError, match=match):
