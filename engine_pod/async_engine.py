@@ -16,51 +16,17 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 from nanoserve.engine_pod.admission import check_request
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.engine_core import EngineCounts, EngineInfo, StepOutput, engine_process
+from nanoserve.engine_pod.engine_request import EngineRequest, TokenDelta
 from nanoserve.engine_pod.errors import EngineDeadError
 from nanoserve.engine_pod.metrics import EngineMetrics
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.tp_workers import describe_exit
 
 _GONE_CHECK_S = 1.0  # how often a waiting request checks that its client is still there
-
-
-@dataclass
-class TokenDelta:
-    token_ids: list[int]
-    finish_reason: str | None  # None while the request runs
-    num_cached_tokens: int = 0
-    logprobs: list | None = None  # with params.logprobs: a sampler.TokenLogprobs per token
-    prompt_logprobs: list | None = None  # with params.prompt_logprobs, in the first delta: one per prompt token
-    # from the second
-
-
-def _joined(a: list | None, b: list | None) -> list | None:
-    return None if a is None and b is None else (a or []) + (b or [])
-
-
-@dataclass(eq=False)
-class EngineRequest:
-    """One request as the server tracks it while the engine core runs it."""
-
-    seq_id: int
-    num_prompt_tokens: int
-    arrival: float
-    stream: bool  # False: the tokens come in one delta at the end
-    out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    held: list[int] = field(default_factory=list)  # a non-streamed request's tokens so far
-    held_logprobs: list | None = None  # ... and their logprobs, when asked
-    prompt_logprobs: list | None = None
-    admitted: asyncio.Future | None = None  # a constrained request: set once its grammar has compiled
-    finished: bool = False
-    scheduled_at: float | None = None  # first scheduled (the metrics of a request's phases)
-    first_token_at: float | None = None
-    last_token_at: float | None = None
-    num_generated: int = 0
 
 
 class AsyncEngine:
@@ -177,13 +143,7 @@ class AsyncEngine:
                 if isinstance(more, BaseException):
                     delta = more
                     break
-                delta = TokenDelta(
-                    delta.token_ids + more.token_ids,
-                    more.finish_reason,
-                    more.num_cached_tokens,
-                    _joined(delta.logprobs, more.logprobs),
-                    delta.prompt_logprobs,
-                )
+                delta = delta.then(more)
             if isinstance(delta, BaseException):
                 raise delta
             yield delta
@@ -321,33 +281,12 @@ class AsyncEngine:
             req.last_token_at = now
             if token is not None:  # None: a grammar that allowed no token ended it
                 generated += 1
-                req.num_generated += 1
-                logprobs = out.logprobs.get(seq_id) if out.logprobs else None
-                if out.prompt_logprobs and seq_id in out.prompt_logprobs:
-                    req.prompt_logprobs = out.prompt_logprobs[seq_id]
-                if req.stream:
-                    req.out.put_nowait(
-                        TokenDelta(
-                            [token],
-                            finish,
-                            cached,
-                            None if logprobs is None else [logprobs],
-                            req.prompt_logprobs if req.num_generated == 1 else None,
-                        )
-                    )
-                else:
-                    req.held.append(token)
-                    if logprobs is not None:
-                        if req.held_logprobs is None:
-                            req.held_logprobs = []
-                        req.held_logprobs.append(logprobs)
-            elif req.stream:
-                req.out.put_nowait(TokenDelta([], finish, cached))
+            logprobs = out.logprobs.get(seq_id) if out.logprobs else None
+            if out.prompt_logprobs and seq_id in out.prompt_logprobs:
+                req.prompt_logprobs = out.prompt_logprobs[seq_id]
+            req.deliver(token, finish, cached, logprobs)
             if finish is not None:
-                if not req.stream:
-                    req.out.put_nowait(TokenDelta(req.held, finish, cached, req.held_logprobs, req.prompt_logprobs))
                 del self.requests[seq_id]
-                req.finished = True
                 self.metrics.finished(
                     finish,
                     req.arrival,

@@ -7,8 +7,8 @@ cache when the others are admitted (in the same step even: blocks are hashed whe
 stores every token's KV before any attention reads it): the prompt is computed once, as in vLLM's fan-out.
 """
 
-from nanoserve.engine_pod.async_engine import TokenDelta
 from nanoserve.engine_pod.chat_output import ChatOutput
+from nanoserve.engine_pod.engine_request import TokenDelta
 from nanoserve.engine_pod.openai_protocol import ParsedRequest
 from nanoserve.engine_pod.sampler import TokenLogprobs
 from nanoserve.engine_pod.sampling_params import SamplingParams

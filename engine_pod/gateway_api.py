@@ -6,7 +6,7 @@ import json
 
 from aiohttp import web
 
-from nanoserve.engine_pod.openai_protocol import APIError
+from nanoserve.engine_pod.api_error import APIError
 from nanoserve.engine_pod.server_state import STATE, engine_for
 
 

@@ -1,21 +1,14 @@
 """Runs the model, one step at a time, on one rank; owns the paged KV cache.
 
 Tensor parallelism (Nano-vLLM's scheme): rank 0 lives in the engine process and drives. Ranks 1..N-1
-are spawned processes that loop in `worker_main`, each waiting on its semaphore for the next command,
-which rank 0 pickles into a shared-memory segment. The model's collectives (torch.distributed: gloo on
-CPU, NCCL on GPU) keep the ranks in lockstep inside each forward. NCCL collectives return before the
-peers join them, so rank 0 can run ahead of its workers; it writes the next command only once every
-worker has acknowledged reading the last one (`read` semaphores), else it could overwrite a command unread.
-Rank 0 waits through `workers` (tp_workers.Workers), which notices a dead worker within a fraction of a
-second; a worker whose rank 0 has died leaves on its own (it would wait for a command forever).
+are spawned processes that loop in `worker_main`, reading each command rank 0 posts (tp_commands.py). The
+model's collectives (torch.distributed: gloo on CPU, NCCL on GPU) keep the ranks in lockstep inside each
+forward. Rank 0 waits through `workers` (tp_workers.Workers), which notices a dead worker within a
+fraction of a second; a worker whose rank 0 has died leaves on its own.
 """
 
-import multiprocessing as mp
 import os
-import pickle
 import time
-from dataclasses import dataclass
-from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import torch
@@ -23,6 +16,7 @@ import torch.distributed as dist
 
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.context import Context, set_context
+from nanoserve.engine_pod.kv_cache import allocate_kv_cache, num_blocks_that_fit
 from nanoserve.engine_pod.layers.attention import Attention, pick_backend
 from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
@@ -30,20 +24,7 @@ from nanoserve.engine_pod.models import build_model
 from nanoserve.engine_pod.sampler import SamplingInputs, sample, token_logprobs
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
 from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
-
-LEADER_CHECK_S = 1.0  # how often an idle worker checks that rank 0 still lives
-
-
-@dataclass
-class TPLink:
-    """How rank 0 reaches its workers: a free TCP port for the process group, one shm segment, and per
-    worker a `posted` semaphore (a command waits) and a `read` one (the worker has taken it). Semaphores, not
-    Events: Event.set() waits for every waiter to wake, so a worker killed while it waits would hang rank 0."""
-
-    port: int
-    shm_name: str
-    posted: list
-    read: list
+from nanoserve.engine_pod.tp_commands import CommandChannel, TPLink
 
 
 class ModelRunner:
@@ -82,7 +63,8 @@ class ModelRunner:
         backend = pick_backend(config.attention_backend, config.device, config.kvcache_block_size)
         for layer in self.attention_layers:
             layer.backend = backend
-        self.num_kvcache_blocks = self._allocate_kv_cache()
+        self.num_kvcache_blocks = num_blocks_that_fit(config, self.attention_layers, self.device, self.world)
+        self.kv_cache = allocate_kv_cache(config, self.attention_layers, self.num_kvcache_blocks, self.device)
         self.num_sms = (
             torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         )
@@ -94,7 +76,7 @@ class ModelRunner:
             if not config.enforce_eager:
                 self._capture_graphs()
         if self.world > 1:
-            self.shm = SharedMemory(name=self._tp_link().shm_name)
+            self.channel = CommandChannel(self._tp_link(), self.rank)
             dist.barrier()
 
     def _capture_graphs(self) -> None:
@@ -115,58 +97,6 @@ class ModelRunner:
         self.graph_capture_s = time.perf_counter() - t
 
     # ---- KV cache -----------------------------------------------------------------------------
-    def _block_bytes(self) -> int:
-        a = self.attention_layers[0]
-        dtype_size = torch.empty((), dtype=self.config.torch_dtype).element_size()
-        return (
-            2 * len(self.attention_layers) * self.config.kvcache_block_size * a.num_kv_heads * a.head_dim * dtype_size
-        )
-
-    def _allocate_kv_cache(self) -> int:
-        cfg = self.config
-        if cfg.num_kvcache_blocks > 0:
-            num_blocks = cfg.num_kvcache_blocks
-        elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            stats = torch.cuda.memory_stats(self.device)
-            peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
-            activations = self._activation_estimate()
-            num_blocks = (
-                int(total * cfg.gpu_memory_utilization - (total - free) - activations - (peak - current))
-                // self._block_bytes()
-            )
-        else:
-            num_blocks = int(cfg.cpu_kvcache_gib * 2**30) // self._block_bytes()
-        if self.world > 1:  # every rank must agree on the block count
-            t = torch.tensor([num_blocks], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MIN)
-            num_blocks = int(t.item())
-        if num_blocks < 1:
-            from nanoserve.engine_pod.errors import ConfigError
-
-            raise ConfigError("no memory left for the KV cache: raise gpu_memory_utilization or lower max_model_len")
-        a = self.attention_layers[0]
-        self.kv_cache = torch.empty(
-            2,
-            len(self.attention_layers),
-            num_blocks,
-            cfg.kvcache_block_size,
-            a.num_kv_heads,
-            a.head_dim,
-            dtype=cfg.torch_dtype,
-            device=self.device,
-        )
-        for i, layer in enumerate(self.attention_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        return num_blocks
-
-    def _activation_estimate(self) -> int:
-        """Bytes a full step's activations may take: a generous multiple of the widest hidden state."""
-        hf = self.config.hf_config
-        width = max(hf["hidden_size"] * 4, hf["intermediate_size"] * 2 // self.world)
-        dtype_size = torch.empty((), dtype=self.config.torch_dtype).element_size()
-        return self.config.max_num_batched_tokens * width * dtype_size * 4
-
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> tuple | None:
@@ -299,24 +229,12 @@ class ModelRunner:
         assert self.link is not None  # checked in __init__ for every tensor-parallel rank
         return self.link
 
-    def _shm_buf(self) -> memoryview:
-        assert self.shm.buf is not None  # open until exit()
-        return self.shm.buf
-
     def call(self, method: str, *args):
-        """Run `method` on every rank (rank 0 broadcasts it through shared memory first)."""
+        """Run `method` on every rank (rank 0 posts it to the workers first)."""
         if self.world > 1 and self.rank == 0:
-            data = pickle.dumps((method, args))
-            if len(data) + 4 > self.shm.size:
-                raise RuntimeError(f"step command of {len(data)} bytes exceeds the shared-memory segment")
-            link, workers, buf = self._tp_link(), self.workers, self._shm_buf()
+            workers = self.workers
             assert workers is not None, "rank 0 of tensor parallelism watches its workers"
-            for rank, read in enumerate(link.read, 1):
-                workers.wait(read, rank)
-            buf[:4] = len(data).to_bytes(4, "little")
-            buf[4 : 4 + len(data)] = data
-            for posted in link.posted:
-                posted.release()
+            self.channel.post(method, args, workers)
             try:
                 return getattr(self, method)(*args)
             except BaseException as e:  # a collective failed because a worker died? Then say which one.
@@ -324,36 +242,23 @@ class ModelRunner:
                 raise
         return getattr(self, method)(*args)
 
-    def _read_command(self):
-        link = self._tp_link()
-        posted, read = link.posted[self.rank - 1], link.read[self.rank - 1]
-        while not posted.acquire(timeout=LEADER_CHECK_S):
-            leader = mp.parent_process()
-            if leader is not None and not leader.is_alive():
-                raise SystemExit(f"tensor-parallel worker {self.rank}: rank 0 (pid {leader.pid}) is gone; leaving")
-        buf = self._shm_buf()
-        n = int.from_bytes(buf[:4], "little")
-        method, args = pickle.loads(buf[4 : 4 + n])
-        read.release()
-        return method, args
-
     def loop(self) -> None:
         while True:
-            method, args = self._read_command()
+            method, args = self.channel.read()
             getattr(self, method)(*args)
             if method == "exit":
                 break
 
     def exit(self) -> None:
         if self.world > 1:
-            self.shm.close()
+            self.channel.close()
             dist.barrier()
             dist.destroy_process_group()
 
     def abandon(self) -> None:
         """Rank 0 leaves without the workers (they are killed): no collective, which could wait forever."""
         if self.world > 1:
-            self.shm.close()
+            self.channel.close()
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if abort is not None and self.device.type == "cuda":
                 abort()

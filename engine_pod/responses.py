@@ -13,10 +13,11 @@ import time
 
 from aiohttp import web
 
+from nanoserve.engine_pod.api_error import APIError
 from nanoserve.engine_pod.chat_output import ChatOutput
 from nanoserve.engine_pod.choices import Choice
 from nanoserve.engine_pod.errors import ServerShutdown
-from nanoserve.engine_pod.openai_protocol import APIError, ParsedRequest
+from nanoserve.engine_pod.openai_protocol import ParsedRequest
 from nanoserve.engine_pod.sampling_params import SamplingParams, best_of
 from nanoserve.engine_pod.server_logs import TOKENS
 from nanoserve.engine_pod.server_state import ServerState

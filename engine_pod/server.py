@@ -15,9 +15,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nanoserve.common.json_body import LOOP_BYTES
+from nanoserve.engine_pod.api_error import APIError
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.gateway_api import cache_events, tokenizer, tokenizer_file
-from nanoserve.engine_pod.openai_protocol import APIError, parse_chat, parse_completion
+from nanoserve.engine_pod.openai_protocol import parse_chat, parse_completion
 from nanoserve.engine_pod.responses import engine_requests, respond
 from nanoserve.engine_pod.server_logs import access_logger
 from nanoserve.engine_pod.server_state import API_KEY, STATE, ServerState, engine_for, error_response, json_body

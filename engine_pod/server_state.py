@@ -8,9 +8,9 @@ from typing import Any
 from aiohttp import web
 
 from nanoserve.common.json_body import BodyError, read_json
+from nanoserve.engine_pod.api_error import APIError
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import KeyRing
-from nanoserve.engine_pod.openai_protocol import APIError
 from nanoserve.engine_pod.tool_choice import ChatConfig
 
 API_KEY = web.RequestKey("api_key", str)  # the key a request authenticated with

@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from aiohttp import web
 
 from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt_ids, completion_prompt_ids
-from nanoserve.engine_pod.openai_protocol import APIError
+from nanoserve.engine_pod.api_error import APIError
 from nanoserve.engine_pod.server_state import STATE, engine_for, json_body
 
 _COMPLETION = {"model", "prompt", "add_special_tokens", "return_token_strs"}

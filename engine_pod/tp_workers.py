@@ -20,7 +20,8 @@ from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 
 from nanoserve.engine_pod.config import Config
-from nanoserve.engine_pod.model_runner import TPLink, worker_main
+from nanoserve.engine_pod.model_runner import worker_main
+from nanoserve.engine_pod.tp_commands import TPLink
 
 log = logging.getLogger("nanoserve.engine")
 

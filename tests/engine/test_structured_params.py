@@ -3,7 +3,8 @@ use is a 400 naming its field (never silently ignored)."""
 
 import pytest
 
-from nanoserve.engine_pod.openai_protocol import APIError, parse_completion
+from nanoserve.engine_pod.api_error import APIError
+from nanoserve.engine_pod.openai_protocol import parse_completion
 from nanoserve.engine_pod.structured_params import StructuredOutputsParams as SO
 from nanoserve.engine_pod.structured_params import request_constraint
 

@@ -302,13 +302,13 @@ def patched_server(get, patch: str, *args: str) -> ServerProcess:
 
 FAULTY_STEP = """
 import nanoserve.engine_pod.llm_engine as llm_engine
-step, calls = llm_engine.LLMEngine.step, [0]
+step, calls = llm_engine.LLMEngine.run_step, [0]
 def faulty_step(self):  # the test's injected fault: the engine's 20th step raises
     calls[0] += 1
     if calls[0] >= 20:
         raise RuntimeError("injected step failure")
     return step(self)
-llm_engine.LLMEngine.step = faulty_step
+llm_engine.LLMEngine.run_step = faulty_step
 """
 faulty_server = prelaunch.server_fixture("faulty_server", lambda get: patched_server(get, FAULTY_STEP))
 
@@ -346,11 +346,11 @@ def test_a_failing_step_ends_every_request_with_an_error_and_the_server_exits(fa
 SLOW_STEP = """
 import time
 import nanoserve.engine_pod.llm_engine as llm_engine
-step = llm_engine.LLMEngine.step
+step = llm_engine.LLMEngine.run_step
 def slow_step(self):  # the test's injected slowness: a request takes far longer than the drain timeout
     time.sleep(0.05)
     return step(self)
-llm_engine.LLMEngine.step = slow_step
+llm_engine.LLMEngine.run_step = slow_step
 """
 slow_server = prelaunch.server_fixture(
     "slow_server", lambda get: patched_server(get, SLOW_STEP, "--drain-timeout", "1")
