@@ -44,11 +44,15 @@ def parse_event(data: bytes) -> dict | None:
 
 
 async def read_feed(session: aiohttp.ClientSession, url: str, index: CacheIndex, idle_timeout: float) -> bool:
-    """Apply one feed connection's events until it ends. False when the engine has no feed (404)."""
+    """Apply one feed connection's events until it ends. False when the engine has no feed (404); any other
+    refusal (503 while it loads its model, 401) is retried at the normal interval, like a lost connection."""
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5.0, sock_read=idle_timeout)
     async with session.get(url + FEED_PATH, timeout=timeout, allow_redirects=False) as resp:
-        if resp.status != 200:
+        if resp.status == 404:
             return False
+        if resp.status != 200:
+            log.debug("cache feed of %s: answered %d", url, resp.status)
+            return True
         buf = bytearray()
         skipped = 0
         # Lines can be megabytes (a snapshot of a large cache): split chunks ourselves instead of readline().

@@ -69,6 +69,11 @@ class GatewayConfig:
         metavar="KEY",
         factory=list,
     )
+    cache_salt_by_api_key: bool = setting(
+        False,
+        "the engines run with --cache-salt-by-api-key: hash each prompt under its client's key as they do, "
+        "so that routing finds each tenant's blocks",
+    )
     public_metrics: bool = setting(False, "serve /metrics without a key (with --api-key)")
     max_body_bytes: int = setting(64 * 1024 * 1024, "largest client request body, after decompression (413 above)")
     policy: str = setting("cache-aware", "how an engine is picked", choices=POLICIES)

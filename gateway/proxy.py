@@ -70,6 +70,12 @@ def upstream_headers(headers) -> dict[str, str]:
     return {k: v for k, v in _forward_headers(headers).items() if k.lower() != "content-encoding"}
 
 
+def _client_key(request: web.Request) -> str | None:
+    """The key of the client's `Authorization: Bearer <key>`, which such engines salt its blocks by."""
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    return key.strip() or None if scheme.lower() == "bearer" else None
+
+
 def _parse_body(raw: bytes) -> dict | None:
     try:
         body = json.loads(raw)
@@ -105,7 +111,8 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
     try:
         if gw.policy.uses_cache:
             tokenizers = list({ep.tokenizer.fingerprint: ep.tokenizer for ep in endpoints if ep.tokenizer}.values())
-            build = functools.partial(build_prompt, request.path, body, tokenizers)
+            salt_key = _client_key(request) if gw.config.cache_salt_by_api_key else None
+            build = functools.partial(build_prompt, request.path, body, tokenizers, salt_key)
             # Long prompts are tokenized off the event loop (the Rust tokenizer releases the GIL).
             prompt = await asyncio.to_thread(build) if len(raw) > 16384 else build()
         decision, mode = _route(gw, endpoints, prompt)

@@ -7,6 +7,7 @@ import json
 
 import aiohttp
 
+from nanoserve.common.block_hash import block_hashes, salt_root, tenant_salt
 from nanoserve.gateway.middleware import bearer_ok
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "w1 w2 w3"}]}
@@ -65,5 +66,26 @@ def test_public_metrics_and_the_client_key_reaching_the_engine(local_engines, st
         ):
             assert (await status_of(s, "GET", gw.url + "/metrics"))[0] == 200
             assert (await status_of(s, "POST", gw.url + "/v1/chat/completions", "k1", json=CHAT))[0] == 200
+
+    asyncio.run(main())
+
+
+def test_routing_hashes_a_prompt_under_its_client_key_when_the_engines_salt_by_key(local_engines, start_gateway):
+    """Engines under --cache-salt-by-api-key chain a tenant's blocks to its key's salt: the gateway, told so,
+    records the prompt under the same hashes, and under no other (what it records is what it matches)."""
+    ids = list(range(3, 67))  # 64 token ids: whole blocks at any block size the index uses
+
+    async def main():
+        async with (
+            local_engines({}) as [url],
+            start_gateway([url], cache_salt_by_api_key=True) as gw,
+            aiohttp.ClientSession() as s,
+        ):
+            body = {"prompt": ids, "max_tokens": 1}
+            assert (await status_of(s, "POST", gw.url + "/v1/completions", "k1", json=body))[0] == 200
+            cache = gw.pool.endpoints[url].cache
+            salted = block_hashes(ids, cache.block_size, salt_root(tenant_salt("k1")))
+            assert cache.match(salted) == len(salted) > 0
+            assert cache.match(block_hashes(ids, cache.block_size)) == 0
 
     asyncio.run(main())

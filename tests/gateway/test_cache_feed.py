@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from nanoserve.gateway.cache_feed import follow_feed, read_feed
@@ -18,7 +19,7 @@ BIG = 2**64 - 1  # hashes are unsigned 64-bit
 def feed_app(events: list[bytes], status: int = 200) -> web.Application:
     async def handler(request):
         if status != 200:
-            raise web.HTTPNotFound()
+            return web.Response(status=status)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         for e in events:
@@ -72,11 +73,15 @@ def test_snapshot_pings_and_deltas_are_applied():
     assert index.match([BIG, 0]) == 2 and index.match(SNAPSHOT[:11]) == 0
 
 
-def test_missing_feed_is_reported():
+@pytest.mark.parametrize("status, has_feed", [(404, False), (503, True), (401, True)])
+def test_missing_feed_is_reported_and_a_refusal_is_retried_soon(status, has_feed):
+    """404: the engine has no feed (checked again rarely). 503 (an engine still loading its model) or 401 is
+    retried at the normal interval: a fresh engine's feed starts as soon as it is ready."""
+
     async def main():
-        runner, url = await serving(feed_app([], status=404))
+        runner, url = await serving(feed_app([], status=status))
         async with aiohttp.ClientSession() as s:
-            assert await read_feed(s, url, CacheIndex(), idle_timeout=10) is False
+            assert await read_feed(s, url, CacheIndex(), idle_timeout=10) is has_feed
         await runner.cleanup()
 
     asyncio.run(main())
