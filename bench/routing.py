@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from nanoserve.common.block_hash import block_hashes
-from nanoserve.engine_pod.up import free_port, start_engine, stop_engines
+from nanoserve.up import free_port, start_engine, stop_engines
 
 TINY = dict(
     model_type="qwen3",

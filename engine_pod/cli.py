@@ -180,7 +180,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from nanoserve.engine_pod.up import run_up
+    from nanoserve.up import run_up
 
     gateway = GatewayConfig(**settings_from_args(GatewayConfig, args, UP_GATEWAY_SETTINGS))
     return event_loop.run(run_up(engine_kwargs(args), args.replicas, gateway, chat_argv(args)))

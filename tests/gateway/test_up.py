@@ -17,7 +17,7 @@ import prelaunch
 import pytest
 from procs import free_port
 
-from nanoserve.engine_pod.up import engine_argv
+from nanoserve.up import engine_argv
 from nanoserve.gateway.endpoints import engine_id
 
 
@@ -170,7 +170,7 @@ class FakeProc:
 
 
 def test_an_exited_engine_is_restarted_on_its_port_with_doubling_backoff():
-    from nanoserve.engine_pod.up import STABLE_S, Supervised, restart_delay
+    from nanoserve.up import STABLE_S, Supervised, restart_delay
 
     assert [restart_delay(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
     started: list[tuple[int, FakeProc]] = []
