@@ -1,4 +1,6 @@
-"""The `nanoserve` command: `serve` (the engine pod), `generate` (offline), `gateway`, `up` (local stack)."""
+"""The engine's commands, `nanoserve serve` (the engine pod) and `nanoserve generate` (offline), and the flag
+sets other commands share (nanoserve up passes the engine and chat flags to its engines). The `nanoserve`
+command itself is nanoserve_pkg/cli.py; `python -m nanoserve.engine_pod.cli` runs these two alone."""
 
 import argparse
 import logging
@@ -7,12 +9,9 @@ import sys
 
 from nanoserve.common import event_loop
 from nanoserve.common.flags import HelpFormatter, add_flags, settings_from_args
+from nanoserve.common.version import package_version
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.tool_choice import REASONING_PARSERS, TOOL_CALL_PARSERS, ChatConfig
-from nanoserve.gateway.config import GatewayConfig
-
-# `nanoserve up`'s flags for its gateway (the rest of the gateway's config has its defaults there).
-UP_GATEWAY_SETTINGS = ("host", "port", "served_model_name", "policy", "drain_timeout")
 
 
 def add_engine_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
@@ -155,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             cache_salt_by_api_key=args.cache_salt_by_api_key,
             chat=chat_config(args),
             log_requests=not args.disable_log_requests,
-            version=_version(),
+            version=package_version(),
         )
     )
 
@@ -179,20 +178,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_up(args: argparse.Namespace) -> int:
-    from nanoserve.up import run_up
-
-    gateway = GatewayConfig(**settings_from_args(GatewayConfig, args, UP_GATEWAY_SETTINGS))
-    return event_loop.run(run_up(engine_kwargs(args), args.replicas, gateway, chat_argv(args)))
-
-
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoserve", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"nanoserve {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_commands(sub) -> None:
+    """`serve` and `generate`, on the `nanoserve` command's subparsers."""
     serve = sub.add_parser(
         "serve", help="serve the OpenAI-compatible API (the engine pod)", formatter_class=HelpFormatter
     )
@@ -214,47 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     gen.set_defaults(fn=cmd_generate)
-    up = sub.add_parser(
-        "up",
-        help="N local engine processes and the gateway in front (CPU by default)",
-        description="N local `nanoserve serve` engines on free ports, and the gateway in front of "
-        "them: --host and --port are the gateway's",
-        formatter_class=HelpFormatter,
-    )
-    add_engine_args(up, defaults={"device": "cpu"})
-    up.add_argument("--replicas", type=int, default=2, help="engine processes")
-    add_flags(up, GatewayConfig, UP_GATEWAY_SETTINGS, defaults={"host": "127.0.0.1"})
-    add_chat_args(up)
-    up.set_defaults(fn=cmd_up)
-    gateway = sub.add_parser("gateway", help="the prefix-cache-aware router", add_help=False)
-    gateway.set_defaults(fn=None)
-    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "gateway":  # (which configures its own logging)
-        from nanoserve.gateway.cli import main as gateway_main
-
-        return gateway_main(rest)
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command (its `fn`), logging at its --log-level."""
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if getattr(args, "model_tag", None):
         args.model = args.model_tag
     return args.fn(args)
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("nanoserve")
-    except PackageNotFoundError:
-        return "unknown"
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nanoserve.engine_pod.cli", description=__doc__)
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

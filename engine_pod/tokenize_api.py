@@ -2,11 +2,10 @@
 rendered exactly as /v1/chat/completions renders them), POST /detokenize, GET /version (and /ping, routed to /health
 in server.py)."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from aiohttp import web
 
 from nanoserve.common.chat import ChatFieldError, ChatTemplateError, chat_prompt_ids, completion_prompt_ids
+from nanoserve.common.version import package_version
 from nanoserve.engine_pod.api_error import APIError
 from nanoserve.engine_pod.server_state import STATE, engine_for, json_body
 
@@ -67,8 +66,4 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def server_version(request: web.Request) -> web.Response:
-    try:
-        v = version("nanoserve")
-    except PackageNotFoundError:  # run from a source tree (the GPU image links the folders)
-        v = "unknown"
-    return web.json_response({"version": v})
+    return web.json_response({"version": package_version()})

@@ -10,6 +10,7 @@ the new one once its /ready says so. SIGTERM or SIGINT drains the gateway, then 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import logging
@@ -21,6 +22,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from nanoserve.common import event_loop
+from nanoserve.common.flags import HelpFormatter, add_flags, settings_from_args
+from nanoserve.engine_pod.cli import add_chat_args, add_engine_args, chat_argv, engine_kwargs
 from nanoserve.engine_pod.config import engine_argv
 from nanoserve.gateway.config import GatewayConfig
 
@@ -152,3 +156,28 @@ async def run_up(
     finally:
         await asyncio.to_thread(stop_engines, [e.proc for e in engines], config.drain_timeout + 10)
     return 0
+
+
+# `nanoserve up`'s flags for its gateway (the rest of the gateway's config has its defaults there).
+UP_GATEWAY_SETTINGS = ("host", "port", "served_model_name", "policy", "drain_timeout")
+
+
+def add_command(sub) -> None:
+    """`up`, on the `nanoserve` command's subparsers."""
+    up = sub.add_parser(
+        "up",
+        help="N local engine processes and the gateway in front (CPU by default)",
+        description="N local `nanoserve serve` engines on free ports, and the gateway in front of "
+        "them: --host and --port are the gateway's",
+        formatter_class=HelpFormatter,
+    )
+    add_engine_args(up, defaults={"device": "cpu"})
+    up.add_argument("--replicas", type=int, default=2, help="engine processes")
+    add_flags(up, GatewayConfig, UP_GATEWAY_SETTINGS, defaults={"host": "127.0.0.1"})
+    add_chat_args(up)
+    up.set_defaults(fn=cmd_up)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    gateway = GatewayConfig(**settings_from_args(GatewayConfig, args, UP_GATEWAY_SETTINGS))
+    return event_loop.run(run_up(engine_kwargs(args), args.replicas, gateway, chat_argv(args)))

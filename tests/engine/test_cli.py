@@ -10,7 +10,7 @@ import pytest
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "nanoserve.engine_pod.cli", *args],
+        [sys.executable, "-m", "nanoserve.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONSAFEPATH": "1"},
@@ -51,7 +51,7 @@ def test_version():
 
 
 def help_text(capsys, command: str) -> str:
-    from nanoserve.engine_pod.cli import main
+    from nanoserve.cli import main
 
     try:
         main([command, "--help"])
@@ -63,7 +63,7 @@ def help_text(capsys, command: str) -> str:
 def subparser(name: str):
     import argparse
 
-    from nanoserve.engine_pod.cli import build_parser
+    from nanoserve.cli import build_parser
 
     (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     return sub.choices[name]
@@ -75,7 +75,7 @@ def names(parser) -> set[str]:
 
 
 def parse_serve(argv: list[str]):
-    from nanoserve.engine_pod.cli import build_parser
+    from nanoserve.cli import build_parser
 
     return build_parser().parse_args(["serve", *argv])
 

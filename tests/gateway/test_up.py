@@ -17,8 +17,8 @@ import prelaunch
 import pytest
 from procs import free_port
 
-from nanoserve.up import engine_argv
 from nanoserve.gateway.endpoints import engine_id
+from nanoserve.up import engine_argv
 
 
 def test_engine_argv_round_trips_through_the_serve_parser():
@@ -83,7 +83,7 @@ def launch_up(get) -> tuple[subprocess.Popen, str, pathlib.Path]:
     cmd = [
         sys.executable,
         "-m",
-        "nanoserve.engine_pod.cli",
+        "nanoserve.cli",
         "up",
         "--replicas",
         "2",
