@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from nanoserve.common.flags import setting, settings_argv
 from nanoserve.engine_pod.default_model import DEFAULT_MODEL
 from nanoserve.engine_pod.errors import ConfigError, ModelLoadError
+from nanoserve.engine_pod.rope_params import model_max_len
 
 if TYPE_CHECKING:  # torch is imported when a Config is made: the CLI and the operator import this without it
     import torch
@@ -32,8 +33,9 @@ class Config:
     )
     max_model_len: int = setting(  # None: resolved in __post_init__, as the others below
         None,
-        "most tokens in a sequence, prompt and output together (at most the model's max_position_embeddings)",
-        unset=f"the model's max_position_embeddings ({FALLBACK_MAX_MODEL_LEN} if it has none), as vLLM",
+        "most tokens in a sequence, prompt and output together (at most the model's length)",
+        unset=f"the model's length: max_position_embeddings, YaRN's extended length, at most a sliding window "
+        f"({FALLBACK_MAX_MODEL_LEN} if it has none), as vLLM",
     )
     max_num_seqs: int = setting(256, "most sequences running at once")
     max_num_batched_tokens: int = setting(
@@ -114,12 +116,13 @@ class Config:
         for key in ("num_attention_heads", "num_key_value_heads"):
             if hf.get(key) and hf[key] % tp:
                 raise ConfigError(f"tensor_parallel_size={tp} does not divide {key}={hf[key]}")
-        hf_max = self.hf_config.get("max_position_embeddings")
+        hf_max = model_max_len(self.hf_config)
         if self.max_model_len is None:
             self.max_model_len = hf_max or FALLBACK_MAX_MODEL_LEN
         elif hf_max and self.max_model_len > hf_max:
             logging.getLogger("nanoserve.config").warning(
-                "max_model_len %d is beyond the model's max_position_embeddings %d: using %d",
+                "max_model_len %d is beyond the model's length %d (max_position_embeddings, or YaRN's extended "
+                "length, at most its sliding window): using %d",
                 self.max_model_len,
                 hf_max,
                 hf_max,

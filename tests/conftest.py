@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -9,6 +10,33 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # helper modules beside the suites (procs.py)
 import prelaunch  # noqa: E402
 import procs  # noqa: E402
+
+REPO = pathlib.Path(__file__).parent.parent
+PACKAGE_DIRS = {"": "nanoserve_pkg", "engine_pod": "engine_pod", "kernels": "kernels", "common": "common"}
+PACKAGE_DIRS |= {"gateway": "gateway", "operator": "operator"}  # nanoserve.<key> is the repo's <folder>
+
+
+def _relink_if_stale() -> None:
+    """A module added or removed since the last `make setup` is missing from (or dangling in) the strict
+    editable install's link tree under build/: link it again (a second or two) before anything imports."""
+    import nanoserve
+
+    tree = pathlib.Path(nanoserve.__file__).parent
+    if tree.resolve() == (REPO / "nanoserve_pkg").resolve():
+        return  # not a link tree (a plain path install, as on the GPU machine)
+    linked = {q.relative_to(tree).as_posix() for q in tree.rglob("*.py")}
+    present = {
+        (f"{key}/" if key else "") + q.relative_to(REPO / folder).as_posix()
+        for key, folder in PACKAGE_DIRS.items()
+        for q in (REPO / folder).rglob("*.py")
+        if "__pycache__" not in q.parts
+    }
+    if linked != present:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", str(REPO)]
+        subprocess.run([*cmd, "--config-settings", "editable_mode=strict"], check=True, capture_output=True)
+
+
+_relink_if_stale()
 
 # One OpenMP thread per process, inherited by every engine a test starts. The suite runs several processes
 # at once on few cores, and a two-thread OpenMP region stalls whenever another process holds the other core:

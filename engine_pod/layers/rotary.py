@@ -1,4 +1,4 @@
-"""Rotary position embedding (neox style, as Llama/Qwen), with Llama-3 and linear frequency scaling."""
+"""Rotary position embedding (neox style, as Llama/Qwen), with linear, Llama-3 and YaRN frequency scaling."""
 
 import math
 
@@ -8,20 +8,14 @@ from torch import nn
 from nanoserve.engine_pod.layers.layernorm import RMSNorm
 
 
-def rope_parameters(hf_config: dict) -> tuple[float, dict]:
-    """(theta, scaling) from a config.json, in either the transformers 4 or 5 spelling."""
-    params = hf_config.get("rope_parameters") or {}
-    theta = hf_config.get("rope_theta") or params.get("rope_theta") or 10000.0
-    scaling = hf_config.get("rope_scaling") or params
-    return float(theta), dict(scaling or {})
-
-
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """The rotary frequencies of each pair of dimensions, and the factor on cos and sin (YaRN's attention
+    factor; 1 for the others). `scaling` as rope_params.rope_parameters gives it."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    kind = scaling["rope_type"]
     if kind == "linear":
-        inv_freq = inv_freq / scaling["factor"]
-    elif kind == "llama3":
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
@@ -30,9 +24,37 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> torch.Ten
         inv_freq = torch.where(
             wavelen > old_len / low, inv_freq / factor, torch.where(wavelen < old_len / high, inv_freq, smoothed)
         )
-    elif kind != "default":
-        raise NotImplementedError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
-    return inv_freq
+        return inv_freq, 1.0
+    if kind == "yarn":
+        return _yarn(inv_freq, head_dim, theta, scaling)
+    return inv_freq, 1.0
+
+
+def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): dimensions that turn many times over the pretrained length keep their
+    frequency, those that turn less than once are interpolated by `factor`, a linear ramp between; cos and
+    sin are scaled by 0.1 ln(factor) + 1 (or by the ratio of two such terms with mscale, mscale_all_dim)."""
+    old_len = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or scaling["max_position_embeddings"] / old_len
+
+    def mscale(weight: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+
+    def dim_turning(turns: float) -> float:  # the dimension whose pair turns `turns` times over old_len
+        return dim * math.log(old_len / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_turning(scaling.get("beta_fast") or 32), dim_turning(scaling.get("beta_slow") or 1)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the pretrained frequency), 0: interpolate (divided by factor)
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
 
 
 class RotaryEmbedding(nn.Module):
@@ -40,9 +62,9 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict):
         super().__init__()
-        inv_freq = inverse_frequencies(head_dim, theta, scaling)
+        inv_freq, scale = inverse_frequencies(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1), persistent=False)
+        self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1) * scale, persistent=False)
 
     def forward(
         self,

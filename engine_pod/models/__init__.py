@@ -10,11 +10,17 @@ def _switches(arch: str, cfg: dict) -> dict:
         return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
     if arch == "Qwen2ForCausalLM":
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
-    return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)  # LlamaForCausalLM
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)  # Llama, and Mistral (Llama's layers; its sliding
+    # window bounds max_model_len instead, rope_params.model_max_len)
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_BY_MODEL_TYPE = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:

@@ -13,7 +13,8 @@ from nanoserve.engine_pod.layers.attention import Attention
 from nanoserve.engine_pod.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanoserve.engine_pod.layers.layernorm import RMSNorm
 from nanoserve.engine_pod.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from nanoserve.engine_pod.layers.rotary import RotaryEmbedding, rope_parameters
+from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
+from nanoserve.engine_pod.rope_params import rope_parameters
 
 
 class DecoderAttention(nn.Module):

@@ -1,39 +1,10 @@
 """Greedy tokens equal Hugging Face transformers (float32, CPU) on the same weights, under every
 scheduling shape: plain, chunked prefill mixed with decode, prefix caching on and off, preemption."""
 
-import random
-
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
+from parity import MAX_TOKENS, engine_greedy, hf_greedy, random_prompts
 
 from nanoserve.engine_pod import LLM, SamplingParams
-
-MAX_TOKENS = 12
-
-
-def hf_greedy(path: str, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    outs = []
-    for p in prompts:
-        ids = model.generate(torch.tensor([p]), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens)
-        outs.append(ids[0, len(p) :].tolist())
-    return outs
-
-
-def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
-
-
-def engine_greedy(path: str, prompts, max_tokens=MAX_TOKENS, **kwargs) -> list[list[int]]:
-    llm = LLM(path, **{"num_kvcache_blocks": 256, **kwargs})
-    try:
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks  # nothing leaked
-        return [o["token_ids"] for o in outs]
-    finally:
-        llm.exit()
 
 
 @pytest.fixture(scope="module")

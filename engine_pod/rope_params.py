@@ -1,0 +1,42 @@
+"""A model's rotary-embedding parameters as transformers reads them from config.json (its 4.x `rope_scaling`
+and `rope_theta`, or 5.x `rope_parameters`), and the longest sequence they allow. Torch-free: Config uses it."""
+
+from nanoserve.engine_pod.errors import ModelLoadError
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # what layers/rotary.py computes
+
+
+def rope_parameters(hf_config: dict) -> tuple[float, dict]:
+    """(theta, scaling): `scaling` has its "rope_type", and for the types that extend a pretrained length
+    its "original_max_position_embeddings" (a top-level field wins, as transformers has it, else the
+    model's max_position_embeddings) and "max_position_embeddings"."""
+    params = hf_config.get("rope_parameters") or {}
+    theta = hf_config.get("rope_theta") or params.get("rope_theta") or 10000.0
+    scaling = dict(hf_config.get("rope_scaling") or params or {})
+    kind = scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise ModelLoadError(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if (scaling.get("partial_rotary_factor") or hf_config.get("partial_rotary_factor") or 1.0) != 1.0:
+        raise ModelLoadError("a partial rotary embedding (partial_rotary_factor < 1) is not supported")
+    scaling["rope_type"] = kind
+    if kind in ("llama3", "yarn"):
+        top = hf_config.get("original_max_position_embeddings")
+        scaling["original_max_position_embeddings"] = (
+            top or scaling.get("original_max_position_embeddings") or hf_config.get("max_position_embeddings")
+        )
+        scaling["max_position_embeddings"] = hf_config.get("max_position_embeddings")
+    return float(theta), scaling
+
+
+def model_max_len(hf_config: dict) -> int | None:
+    """The longest sequence the model was made for: max_position_embeddings, or under YaRN the pretrained
+    length times its factor (vLLM's rule); at most the sliding window, where the model has one (attention
+    over a sequence no longer than the window is the same with or without it)."""
+    length = hf_config.get("max_position_embeddings")
+    _, scaling = rope_parameters(hf_config)
+    if scaling["rope_type"] == "yarn" and scaling.get("factor"):
+        length = int(scaling["original_max_position_embeddings"] * scaling["factor"])
+    window = hf_config.get("sliding_window")
+    if window and hf_config.get("use_sliding_window", True) is not False:
+        length = min(length, window) if length else window
+    return length
