@@ -5,6 +5,7 @@ import re
 from nanoserve.engine_pod.config import engine_argv
 from nanoserve.operator.model import model_source, served_model_name
 from nanoserve.operator.names import ENGINE_PORT, engine_name, labels, selector
+from nanoserve.operator.pod_overrides import apply_pod_overrides
 from nanoserve.operator.security import container_security, pod_security
 
 DRAIN_SECONDS = 15  # preStop pause: endpoints leave the gateway's view before SIGTERM
@@ -16,7 +17,7 @@ def engine_args(spec: dict, model_arg: str) -> list[str]:
     engine's default for its device), then the server's flags, then extraArgs (last: they win)."""
     eng = spec["engine"]
     settings = {"model": model_arg, "tensor_parallel_size": spec["tensorParallelSize"]}
-    settings |= {snake_case(key): value for key, value in eng.items() if key != "extraArgs"}
+    settings |= {snake_case(key): value for key, value in eng.items() if key not in ("extraArgs", "pod")}
     server = ["--served-model-name", served_model_name(spec), "--host", "0.0.0.0", "--port", str(ENGINE_PORT)]
     return engine_argv(settings) + server + list(eng.get("extraArgs", []))
 
@@ -38,8 +39,12 @@ def engine_resources(spec: dict) -> dict:
     requests |= overrides.get("requests", {})
     limits |= overrides.get("limits", {})
     if spec["device"] == "gpu":
-        limits["nvidia.com/gpu"] = tp
+        limits[gpu_resource(spec)] = tp
     return {"requests": requests, "limits": limits}
+
+
+def gpu_resource(spec: dict) -> str:
+    return spec.get("resources", {}).get("gpuResourceName") or "nvidia.com/gpu"
 
 
 def render_engine_deployment(name: str, spec: dict) -> dict:
@@ -101,7 +106,9 @@ def render_engine_deployment(name: str, spec: dict) -> dict:
     if init_containers:
         pod_spec["initContainers"] = init_containers
     if gpu:
-        pod_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        pod_spec["tolerations"] = [{"key": gpu_resource(spec), "operator": "Exists", "effect": "NoSchedule"}]
+    template = {"metadata": {"labels": labels(name, "engine")}, "spec": pod_spec}
+    apply_pod_overrides(template, container, spec["engine"].get("pod"))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -110,7 +117,7 @@ def render_engine_deployment(name: str, spec: dict) -> dict:
             "replicas": spec["replicas"],
             "selector": {"matchLabels": selector(name, "engine")},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": strategy},
-            "template": {"metadata": {"labels": labels(name, "engine")}, "spec": pod_spec},
+            "template": template,
         },
     }
 

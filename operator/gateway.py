@@ -2,6 +2,7 @@
 
 from nanoserve.gateway.config import gateway_argv
 from nanoserve.operator.names import GATEWAY_PORT, engine_name, gateway_name, labels, selector, service_name
+from nanoserve.operator.pod_overrides import apply_pod_overrides
 from nanoserve.operator.security import container_security, pod_security
 
 # A rolling update drops no request: the preStop pause lets the Service stop sending new connections
@@ -67,6 +68,18 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
         "securityContext": container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
+    template = {
+        "metadata": {"labels": labels(name, "gateway")},
+        "spec": {
+            "serviceAccountName": gateway_name(name),
+            "terminationGracePeriodSeconds": GATEWAY_DRAIN_SECONDS + GATEWAY_GRACE_SECONDS + 5,
+            "securityContext": pod_security(),
+            "enableServiceLinks": False,
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        },
+    }
+    apply_pod_overrides(template, container, gw.get("pod"))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -74,17 +87,7 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
         "spec": {
             "replicas": gw["replicas"],
             "selector": {"matchLabels": selector(name, "gateway")},
-            "template": {
-                "metadata": {"labels": labels(name, "gateway")},
-                "spec": {
-                    "serviceAccountName": gateway_name(name),
-                    "terminationGracePeriodSeconds": GATEWAY_DRAIN_SECONDS + GATEWAY_GRACE_SECONDS + 5,
-                    "securityContext": pod_security(),
-                    "enableServiceLinks": False,
-                    "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {}}],
-                },
-            },
+            "template": template,
         },
     }
 

@@ -18,6 +18,7 @@ PLURALS = {
     "Role": "roles",
     "RoleBinding": "rolebindings",
     "PersistentVolumeClaim": "persistentvolumeclaims",
+    "PodDisruptionBudget": "poddisruptionbudgets",
 }
 
 

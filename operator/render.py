@@ -2,16 +2,36 @@
 
 from nanoserve.operator.engine import render_engine_deployment, render_engine_service
 from nanoserve.operator.gateway import render_gateway_deployment, render_gateway_rbac, render_gateway_service
-from nanoserve.operator.names import ENGINE_PORT, engine_name, service_name
+from nanoserve.operator.names import ENGINE_PORT, engine_name, gateway_name, labels, selector, service_name
 
 
 def render(name: str, namespace: str, spec: dict) -> list[dict]:
     """All children, in apply order (RBAC before the pods that use it). Owners are added by the caller."""
-    objs = [render_engine_service(name), render_engine_deployment(name, spec)]
+    objs = [render_engine_service(name), render_engine_deployment(name, spec), render_pdb(name, "engine")]
     if spec["gateway"]["enabled"]:
         objs += render_gateway_rbac(name)
         objs += [render_gateway_service(name), render_gateway_deployment(name, namespace, spec)]
+        objs.append(render_pdb(name, "gateway"))
     return objs
+
+
+def render_pdb(name: str, component: str) -> dict:
+    """A node drain (or any voluntary eviction) takes one pod of the component at a time; a pod that is not
+    ready anyway may always go (it serves nothing, and must not block the drain)."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": component_name(name, component), "labels": labels(name, component)},
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector(name, component)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def component_name(name: str, component: str) -> str:
+    return engine_name(name) if component == "engine" else gateway_name(name)
 
 
 def render_stale(name: str, namespace: str, spec: dict) -> list[dict]:

@@ -60,11 +60,12 @@ def test_defaults_cover_everything_the_renderer_reads():
     spec = default_spec()
     assert spec["model"] == {"builtin": "smollm2-135m"}
     engine_props = version_schema(load_crd())["properties"]["spec"]["properties"]["engine"]["properties"]
-    optional = {"extraArgs", "maxNumBatchedTokens", "maxModelLen"}  # unset: the engine's own default (per device,
-    # or the model's)
+    optional = {"extraArgs", "maxNumBatchedTokens", "maxModelLen", "pod"}  # unset: the engine's own default (per
+    # device, or the model's); no pod overrides
     assert {k for k, v in engine_props.items() if "default" in v} == set(engine_props) - optional
     assert set(spec["engine"]) == set(engine_props) - optional
     assert set(spec["gateway"]) == {"enabled", "replicas", "policy", "image"}
+    assert spec["resources"] == {"gpuResourceName": "nvidia.com/gpu"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -91,6 +92,20 @@ BAD = {
     "memory utilization 0": ({"engine": {"gpuMemoryUtilization": 0}}, "minimum"),
     "block size not a multiple of 16": ({"engine": {"kvcacheBlockSize": 100}}, "multiple"),
     "bad secret name": ({"apiKeySecret": "Not_A_Name"}, "does not match"),
+    "gpus in resources under their own name": (
+        {"resources": {"gpuResourceName": "amd.com/gpu", "limits": {"amd.com/gpu": 2}}},
+        "tensorParallelSize",
+    ),
+    "gpu resource without a domain": ({"resources": {"gpuResourceName": "gpu"}}, "does not match"),
+    "a pod volume named like the operator's": (
+        {"engine": {"pod": {"volumes": [{"name": "cache", "emptyDir": {}}]}}},
+        "must not reuse",
+    ),
+    "a mount of no pod volume": (
+        {"gateway": {"pod": {"volumeMounts": [{"name": "x", "mountPath": "/x"}]}}},
+        "names one of pod.volumes",
+    ),
+    "an env entry without a name": ({"engine": {"pod": {"env": [{"value": "1"}]}}}, "name"),
 }
 
 

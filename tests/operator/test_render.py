@@ -13,6 +13,28 @@ from nanoserve.operator.render import render, render_stale, service_url
 
 EXAMPLES = sorted((pathlib.Path(__file__).parents[2] / "examples").glob("inferenceservice*.yaml"))
 
+ENGINE_POD = {
+    "annotations": {"team": "ml"},
+    "nodeSelector": {"gpu": "h200"},
+    "affinity": {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]
+            }
+        }
+    },
+    "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "llm", "effect": "NoSchedule"}],
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"}
+    ],
+    "priorityClassName": "inference",
+    "runtimeClassName": "nvidia",
+    "imagePullSecrets": [{"name": "registry"}],
+    "env": [{"name": "NCCL_DEBUG", "value": "INFO"}],
+    "volumes": [{"name": "certs", "secret": {"secretName": "certs"}}],
+    "volumeMounts": [{"name": "certs", "mountPath": "/certs", "readOnly": True}],
+}
+
 SPECS = {
     "defaults": {},
     "cpu builtin": {"device": "cpu"},
@@ -27,6 +49,11 @@ SPECS = {
         "resources": {"requests": {"cpu": 3}, "limits": {"memory": "9Gi"}},
         "engine": {"extraArgs": ["--scheduling-policy", "priority"]},
         "gateway": {"policy": "round-robin"},
+    },
+    "pod overrides": {
+        "resources": {"gpuResourceName": "amd.com/gpu"},
+        "engine": {"pod": ENGINE_POD},
+        "gateway": {"pod": {"nodeSelector": {"pool": "cpu"}, "priorityClassName": "gateway-critical"}},
     },
     **{p.name: yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES},
 }
@@ -92,7 +119,7 @@ def test_engine_args_carry_the_spec(spec):
 def test_gpus_follow_tensor_parallel_size(spec):
     full = default_spec(spec)
     res = engine_container(children(spec))["resources"]
-    gpus = res["limits"].get("nvidia.com/gpu")
+    gpus = res["limits"].get(full["resources"]["gpuResourceName"])
     assert gpus == (full["tensorParallelSize"] if full["device"] == "gpu" else None)
     for kind in ("requests", "limits"):
         for key, value in full.get("resources", {}).get(kind, {}).items():
@@ -225,9 +252,46 @@ def test_the_crds_engine_fields_are_config_settings_at_its_defaults():
 
     spec = version_schema(load_crd())["properties"]["spec"]["properties"]
     settings = {f.name: f for f in dataclasses.fields(Config) if f.init}
-    engine = {key: prop for key, prop in spec["engine"]["properties"].items() if key != "extraArgs"}
+    engine = {key: prop for key, prop in spec["engine"]["properties"].items() if key not in ("extraArgs", "pod")}
     assert engine and {snake_case(key) for key in engine} <= settings.keys()
     for key, prop in engine.items():
         assert prop.get("default", settings[snake_case(key)].default) == settings[snake_case(key)].default, key
     assert spec["tensorParallelSize"]["default"] == settings["tensor_parallel_size"].default
     assert tuple(spec["gateway"]["properties"]["policy"]["enum"]) == POLICIES
+
+
+def test_pod_overrides_join_what_the_operator_renders():
+    objs = children(SPECS["pod overrides"])
+    template = objs["Deployment", "demo-engine"]["spec"]["template"]
+    pod, c = template["spec"], engine_container(objs)
+    for key in ("nodeSelector", "affinity", "topologySpreadConstraints", "priorityClassName", "runtimeClassName"):
+        assert pod[key] == ENGINE_POD[key], key
+    assert template["metadata"]["annotations"] == {"team": "ml"}
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    # The operator's own entries stay, the user's come after them.
+    assert (
+        pod["tolerations"]
+        == [{"key": "amd.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] + ENGINE_POD["tolerations"]
+    )
+    assert c["resources"]["limits"]["amd.com/gpu"] == 1 and "nvidia.com/gpu" not in c["resources"]["limits"]
+    assert c["env"][-1] == {"name": "NCCL_DEBUG", "value": "INFO"} and {"HF_HOME"} <= {e["name"] for e in c["env"]}
+    assert {v["name"] for v in pod["volumes"]} >= {"certs", "dshm", "cache", "tmp"}
+    assert c["volumeMounts"][-1] == ENGINE_POD["volumeMounts"][0]
+    gw = objs["Deployment", "demo-gateway"]["spec"]["template"]["spec"]
+    assert gw["nodeSelector"] == {"pool": "cpu"} and gw["priorityClassName"] == "gateway-critical"
+    assert (
+        "affinity" not in gw and "affinity" not in children({})["Deployment", "demo-engine"]["spec"]["template"]["spec"]
+    )
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_a_disruption_budget_lets_one_pod_of_each_component_go_at_a_time(spec):
+    objs, full = children(spec), default_spec(spec)
+    components = ["engine"] + (["gateway"] if full["gateway"]["enabled"] else [])
+    pdbs = {name: o for (kind, name), o in objs.items() if kind == "PodDisruptionBudget"}
+    assert set(pdbs) == {f"demo-{c}" for c in components}
+    for c in components:
+        pods = objs["Deployment", f"demo-{c}"]["spec"]["template"]["metadata"]["labels"]
+        budget = pdbs[f"demo-{c}"]["spec"]
+        assert budget["maxUnavailable"] == 1 and budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert budget["selector"]["matchLabels"].items() <= pods.items()
