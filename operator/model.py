@@ -20,6 +20,13 @@ def served_model_name(spec: dict) -> str:
     return model.get("builtin") or model.get("name") or model["path"]
 
 
+def hf_token_env(model: dict) -> list[dict]:
+    """HF_TOKEN from spec.model.tokenSecret (key `token`): huggingface_hub sends it for gated repos."""
+    if not model.get("tokenSecret"):
+        return []
+    return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": model["tokenSecret"], "key": "token"}}}]
+
+
 def model_source(model: dict, image: str) -> tuple[str, list[dict], list[dict], list[dict]]:
     """Returns (--model value, volumes, engine volume mounts, init containers)."""
     if "builtin" in model:
@@ -44,7 +51,7 @@ def model_source(model: dict, image: str) -> tuple[str, list[dict], list[dict], 
             model["name"],
             folder,
         ],
-        "env": [{"name": "HF_HOME", "value": "/cache/huggingface"}],
+        "env": [{"name": "HF_HOME", "value": "/cache/huggingface"}] + hf_token_env(model),
         "volumeMounts": [mount, {"name": "cache", "mountPath": "/cache"}, {"name": "tmp", "mountPath": "/tmp"}],
     }
     return folder, [volume], [mount], [download]

@@ -106,6 +106,7 @@ BAD = {
         "names one of pod.volumes",
     ),
     "an env entry without a name": ({"engine": {"pod": {"env": [{"value": "1"}]}}}, "name"),
+    "a token for a model on a PVC": ({"model": {"pvc": "m", "path": "x", "tokenSecret": "hf"}}, "tokenSecret"),
 }
 
 
