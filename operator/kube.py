@@ -19,6 +19,7 @@ PLURALS = {
     "RoleBinding": "rolebindings",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "PodDisruptionBudget": "poddisruptionbudgets",
+    "HorizontalPodAutoscaler": "horizontalpodautoscalers",
 }
 
 

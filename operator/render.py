@@ -1,5 +1,6 @@
 """spec -> manifests: every child of one InferenceService, and the ones to remove."""
 
+from nanoserve.operator.autoscaling import render_hpa
 from nanoserve.operator.engine import render_engine_deployment, render_engine_service
 from nanoserve.operator.gateway import render_gateway_deployment, render_gateway_rbac, render_gateway_service
 from nanoserve.operator.names import ENGINE_PORT, engine_name, gateway_name, labels, selector, service_name
@@ -8,6 +9,8 @@ from nanoserve.operator.names import ENGINE_PORT, engine_name, gateway_name, lab
 def render(name: str, namespace: str, spec: dict) -> list[dict]:
     """All children, in apply order (RBAC before the pods that use it). Owners are added by the caller."""
     objs = [render_engine_service(name), render_engine_deployment(name, spec), render_pdb(name, "engine")]
+    if spec.get("autoscaling"):
+        objs.append(render_hpa(name, spec))
     if spec["gateway"]["enabled"]:
         objs += render_gateway_rbac(name)
         objs += [render_gateway_service(name), render_gateway_deployment(name, namespace, spec)]
@@ -34,13 +37,26 @@ def component_name(name: str, component: str) -> str:
     return engine_name(name) if component == "engine" else gateway_name(name)
 
 
+# The optional parts at a spec that turns each on: what a previous spec may have rendered.
+_EVERYTHING = {
+    "gateway": {"enabled": True},
+    "autoscaling": {
+        "minReplicas": 1,
+        "maxReplicas": 1,
+        "metric": "m",
+        "averageValue": 1,
+        "scaleDownStabilizationSeconds": 0,
+    },
+}
+
+
 def render_stale(name: str, namespace: str, spec: dict) -> list[dict]:
-    """Children that a previous spec produced and this one does not (the gateway when disabled)."""
-    if spec["gateway"]["enabled"]:
-        return []
-    enabled = {**spec, "gateway": {**spec["gateway"], "enabled": True}}
+    """Children that a previous spec produced and this one does not (the gateway when disabled, the
+    autoscaler when autoscaling is removed)."""
+    everything = {**spec, "gateway": {**spec["gateway"], **_EVERYTHING["gateway"]}}
+    everything["autoscaling"] = spec.get("autoscaling") or _EVERYTHING["autoscaling"]
     wanted = {(o["kind"], o["metadata"]["name"]) for o in render(name, namespace, spec)}
-    return [o for o in render(name, namespace, enabled) if (o["kind"], o["metadata"]["name"]) not in wanted]
+    return [o for o in render(name, namespace, everything) if (o["kind"], o["metadata"]["name"]) not in wanted]
 
 
 def service_url(name: str, namespace: str, spec: dict) -> str:

@@ -173,7 +173,11 @@ def isvc(name: str, spec: dict) -> dict:
 
 # Beyond the example: a gateway-less one (the operator deletes gateway children) and one whose model
 # PVC is missing (the operator looks it up): between them, every call the operator can make.
-EXTRA = [isvc("no-gateway", {"gateway": {"enabled": False}}), isvc("no-pvc", {"model": {"pvc": "absent", "path": "m"}})]
+EXTRA = [
+    isvc("no-gateway", {"gateway": {"enabled": False}}),
+    isvc("no-pvc", {"model": {"pvc": "absent", "path": "m"}}),
+    isvc("autoscaled", {"autoscaling": {"maxReplicas": 3}}),
+]
 MODES = {
     "cluster-wide": ({"resyncSeconds": 1}, {"ml": EXTRA}, {}),
     "namespaced": (

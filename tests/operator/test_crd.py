@@ -106,6 +106,8 @@ BAD = {
         "names one of pod.volumes",
     ),
     "an env entry without a name": ({"engine": {"pod": {"env": [{"value": "1"}]}}}, "name"),
+    "autoscaling without a maximum": ({"autoscaling": {"minReplicas": 2}}, "maxReplicas"),
+    "autoscaling min above max": ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "must not exceed"),
     "a token for a model on a PVC": ({"model": {"pvc": "m", "path": "x", "tokenSecret": "hf"}}, "tokenSecret"),
 }
 

@@ -45,9 +45,12 @@ def reconciled(kubectl, name: str, namespace: str = NAMESPACE) -> dict:
     return wait_for(check, what=f"status of {name}")
 
 
+HPA = "horizontalpodautoscalers.v2.autoscaling"  # the version the operator writes (the emulator keeps each apart)
+
+
 def children(kubectl, name: str, namespace: str = NAMESPACE) -> dict[tuple[str, str], dict]:
     sel = f"app.kubernetes.io/instance={name}"
-    kinds = "deployments,services,serviceaccounts,roles,rolebindings"
+    kinds = f"deployments,services,serviceaccounts,roles,rolebindings,poddisruptionbudgets,{HPA}"
     return {(o["kind"], o["metadata"]["name"]): o for o in kubectl.items(kinds, sel, namespace)}
 
 
@@ -77,8 +80,9 @@ def play_deployment_controller(kubectl, dep: dict, ready: int | None = None) -> 
 def test_create_makes_owned_children_and_status(kubectl, name):
     kubectl.apply(isvc(name=name))
     obj = reconciled(kubectl, name)
-    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 7 and k, what="7 children")
-    assert {kind for kind, _ in kids} == {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"}
+    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 9 and k, what="9 children")
+    kinds = {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "PodDisruptionBudget"}
+    assert {kind for kind, _ in kids} == kinds
     for child in kids.values():
         (ref,) = child["metadata"]["ownerReferences"]
         assert (ref["kind"], ref["name"], ref["uid"]) == ("InferenceService", name, obj["metadata"]["uid"])
@@ -93,7 +97,7 @@ def test_create_makes_owned_children_and_status(kubectl, name):
 
 def test_ready_follows_the_deployments(kubectl, name):
     kubectl.apply(isvc(name=name))
-    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 7 and k, what="children")
+    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 9 and k, what="children")
     play_deployment_controller(kubectl, kids["Deployment", f"{name}-engine"])
     play_deployment_controller(kubectl, kids["Deployment", f"{name}-gateway"])
     kubectl("wait", "-n", NAMESPACE, f"isvc/{name}", "--for=condition=Ready", "--timeout=30s")
@@ -157,8 +161,26 @@ def test_disabling_the_gateway_removes_it(kubectl, name):
     kubectl("patch", "-n", NAMESPACE, f"isvc/{name}", "--type=merge", "-p", '{"spec": {"gateway": {"enabled": false}}}')
     wait_for(lambda: kubectl.get("deployment", f"{name}-gateway") is None, what="gateway removed")
     obj = reconciled(kubectl, name)
-    assert set(children(kubectl, name)) == {("Deployment", f"{name}-engine"), ("Service", f"{name}-engine")}
+    engine = {
+        ("Deployment", f"{name}-engine"),
+        ("Service", f"{name}-engine"),
+        ("PodDisruptionBudget", f"{name}-engine"),
+    }
+    assert set(children(kubectl, name)) == engine
     assert f"{name}-engine" in obj["status"]["url"]
+
+
+def test_autoscaling_adds_an_hpa_on_the_service_and_removing_it_deletes_it(kubectl, name):
+    kubectl.apply(isvc({"autoscaling": {"maxReplicas": 3}}, name=name))
+    hpa = wait_for(lambda: kubectl.get(HPA, f"{name}-engine"), what="the HPA")
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "serving.nanoserve.io/v1alpha1",
+        "kind": "InferenceService",
+        "name": name,
+    }
+    assert hpa["metadata"]["ownerReferences"][0]["name"] == name
+    kubectl("patch", "-n", NAMESPACE, f"isvc/{name}", "--type=merge", "-p", '{"spec": {"autoscaling": null}}')
+    wait_for(lambda: kubectl.get(HPA, f"{name}-engine") is None, what="the HPA removed")
 
 
 INVALID = {
@@ -199,7 +221,7 @@ def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
     op = Operator(cluster.env, ns, tmp_path / "kopf.log").start()
     try:
         kubectl.apply(isvc(name=name), namespace=ns)
-        before = wait_for(lambda: (k := children(kubectl, name, ns)) and len(k) == 7 and k, what="children")
+        before = wait_for(lambda: (k := children(kubectl, name, ns)) and len(k) == 9 and k, what="children")
     finally:
         op.stop()
     log_size = len((tmp_path / "kopf.log").read_text())

@@ -50,6 +50,7 @@ SPECS = {
         "engine": {"extraArgs": ["--scheduling-policy", "priority"]},
         "gateway": {"policy": "round-robin"},
     },
+    "autoscaling": {"autoscaling": {"minReplicas": 2, "maxReplicas": 8, "averageValue": "500m"}},
     "pod overrides": {
         "resources": {"gpuResourceName": "amd.com/gpu"},
         "engine": {"pod": ENGINE_POD},
@@ -227,8 +228,12 @@ def test_gateway_rbac_covers_endpointslice_discovery():
 def test_disabling_the_gateway_removes_exactly_its_objects():
     with_gw, without = children({}), children({"gateway": {"enabled": False}})
     stale = render_stale("demo", "ml", default_spec({"gateway": {"enabled": False}}))
-    assert {(o["kind"], o["metadata"]["name"]) for o in stale} == set(with_gw) - set(without)
-    assert stale and render_stale("demo", "ml", default_spec({})) == []
+    hpa = ("HorizontalPodAutoscaler", "demo-engine")  # stale too: never made, or autoscaling removed
+    assert {(o["kind"], o["metadata"]["name"]) for o in stale} == set(with_gw) - set(without) | {hpa}
+    no_hpa = [(o["kind"], o["metadata"]["name"]) for o in render_stale("demo", "ml", default_spec({}))]
+    assert no_hpa == [hpa]
+    auto = default_spec({"autoscaling": {"maxReplicas": 2}})
+    assert render_stale("demo", "ml", auto) == []
     assert "demo-engine" in service_url("demo", "ml", default_spec({"gateway": {"enabled": False}}))
     assert service_url("demo", "ml", default_spec({})).startswith("http://demo.ml.svc")
 
@@ -295,3 +300,22 @@ def test_a_disruption_budget_lets_one_pod_of_each_component_go_at_a_time(spec):
         budget = pdbs[f"demo-{c}"]["spec"]
         assert budget["maxUnavailable"] == 1 and budget["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
         assert budget["selector"]["matchLabels"].items() <= pods.items()
+
+
+def test_autoscaling_scales_the_inference_service_by_an_engine_metric_per_pod():
+    spec = {"autoscaling": {"maxReplicas": 8}}
+    hpa = children(spec)["HorizontalPodAutoscaler", "demo-engine"]["spec"]
+    # The HPA drives the InferenceService's scale subresource (spec.replicas), never the Deployment itself.
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "serving.nanoserve.io/v1alpha1",
+        "kind": "InferenceService",
+        "name": "demo",
+    }
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 8)
+    (metric,) = hpa["metrics"]
+    assert metric["pods"] == {
+        "metric": {"name": "vllm:num_requests_waiting"},
+        "target": {"type": "AverageValue", "averageValue": 4},
+    }
+    assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
+    assert ("HorizontalPodAutoscaler", "demo-engine") not in children({})

@@ -1,0 +1,22 @@
+"""spec.autoscaling -> a HorizontalPodAutoscaler on the InferenceService's own scale subresource: it sets
+spec.replicas, which the operator then rolls out like any edit (so `kubectl scale`, the HPA and the
+operator never fight over the engine Deployment's replicas)."""
+
+from nanoserve.operator.names import GROUP, VERSION, engine_name, labels
+
+
+def render_hpa(name: str, spec: dict) -> dict:
+    auto = spec["autoscaling"]
+    target = {"type": "AverageValue", "averageValue": auto["averageValue"]}
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": engine_name(name), "labels": labels(name, "engine")},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService", "name": name},
+            "minReplicas": auto["minReplicas"],
+            "maxReplicas": auto["maxReplicas"],
+            "metrics": [{"type": "Pods", "pods": {"metric": {"name": auto["metric"]}, "target": target}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": auto["scaleDownStabilizationSeconds"]}},
+        },
+    }
