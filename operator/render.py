@@ -4,6 +4,7 @@ from nanoserve.operator.autoscaling import render_hpa
 from nanoserve.operator.engine import render_engine_deployment, render_engine_service
 from nanoserve.operator.gateway import render_gateway_deployment, render_gateway_rbac, render_gateway_service
 from nanoserve.operator.names import ENGINE_PORT, engine_name, gateway_name, labels, selector, service_name
+from nanoserve.operator.network_policy import render_network_policy
 
 
 def render(name: str, namespace: str, spec: dict) -> list[dict]:
@@ -11,6 +12,8 @@ def render(name: str, namespace: str, spec: dict) -> list[dict]:
     objs = [render_engine_service(name), render_engine_deployment(name, spec), render_pdb(name, "engine")]
     if spec.get("autoscaling"):
         objs.append(render_hpa(name, spec))
+    if spec.get("networkPolicy", {}).get("enabled"):
+        objs.append(render_network_policy(name, spec))
     if spec["gateway"]["enabled"]:
         objs += render_gateway_rbac(name)
         objs += [render_gateway_service(name), render_gateway_deployment(name, namespace, spec)]
@@ -47,14 +50,16 @@ _EVERYTHING = {
         "averageValue": 1,
         "scaleDownStabilizationSeconds": 0,
     },
+    "networkPolicy": {"enabled": True},
 }
 
 
 def render_stale(name: str, namespace: str, spec: dict) -> list[dict]:
     """Children that a previous spec produced and this one does not (the gateway when disabled, the
-    autoscaler when autoscaling is removed)."""
+    autoscaler or the network policy when turned off)."""
     everything = {**spec, "gateway": {**spec["gateway"], **_EVERYTHING["gateway"]}}
     everything["autoscaling"] = spec.get("autoscaling") or _EVERYTHING["autoscaling"]
+    everything["networkPolicy"] = {**spec.get("networkPolicy", {}), **_EVERYTHING["networkPolicy"]}
     wanted = {(o["kind"], o["metadata"]["name"]) for o in render(name, namespace, spec)}
     return [o for o in render(name, namespace, everything) if (o["kind"], o["metadata"]["name"]) not in wanted]
 

@@ -176,7 +176,7 @@ def isvc(name: str, spec: dict) -> dict:
 EXTRA = [
     isvc("no-gateway", {"gateway": {"enabled": False}}),
     isvc("no-pvc", {"model": {"pvc": "absent", "path": "m"}}),
-    isvc("autoscaled", {"autoscaling": {"maxReplicas": 3}}),
+    isvc("autoscaled", {"autoscaling": {"maxReplicas": 3}, "networkPolicy": {"enabled": True}}),
 ]
 MODES = {
     "cluster-wide": ({"resyncSeconds": 1}, {"ml": EXTRA}, {}),

@@ -183,6 +183,17 @@ def test_autoscaling_adds_an_hpa_on_the_service_and_removing_it_deletes_it(kubec
     wait_for(lambda: kubectl.get(HPA, f"{name}-engine") is None, what="the HPA removed")
 
 
+def test_a_network_policy_comes_and_goes_with_its_switch(kubectl, name):
+    kubectl.apply(isvc({"networkPolicy": {"enabled": True}}, name=name))
+    policy = wait_for(lambda: kubectl.get("networkpolicy", f"{name}-engine"), what="the network policy")
+    assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
+        "gateway"
+    )
+    patch = '{"spec": {"networkPolicy": {"enabled": false}}}'
+    kubectl("patch", "-n", NAMESPACE, f"isvc/{name}", "--type=merge", "-p", patch)
+    wait_for(lambda: kubectl.get("networkpolicy", f"{name}-engine") is None, what="the network policy removed")
+
+
 INVALID = {
     "two model sources": ({"model": {"builtin": "smollm2-135m", "name": "Qwen/Qwen3-0.6B"}}, "exactly one"),
     "tp on cpu": ({"device": "cpu", "tensorParallelSize": 2}, "needs device gpu"),

@@ -35,6 +35,8 @@ ENGINE_POD = {
     "volumeMounts": [{"name": "certs", "mountPath": "/certs", "readOnly": True}],
 }
 
+PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+
 SPECS = {
     "defaults": {},
     "cpu builtin": {"device": "cpu"},
@@ -51,6 +53,8 @@ SPECS = {
         "gateway": {"policy": "round-robin"},
     },
     "autoscaling": {"autoscaling": {"minReplicas": 2, "maxReplicas": 8, "averageValue": "500m"}},
+    "network policy": {"networkPolicy": {"enabled": True, "allowFrom": [PROMETHEUS]}},
+    "network policy, no gateway": {"networkPolicy": {"enabled": True}, "gateway": {"enabled": False}},
     "pod overrides": {
         "resources": {"gpuResourceName": "amd.com/gpu"},
         "engine": {"pod": ENGINE_POD},
@@ -228,12 +232,12 @@ def test_gateway_rbac_covers_endpointslice_discovery():
 def test_disabling_the_gateway_removes_exactly_its_objects():
     with_gw, without = children({}), children({"gateway": {"enabled": False}})
     stale = render_stale("demo", "ml", default_spec({"gateway": {"enabled": False}}))
-    hpa = ("HorizontalPodAutoscaler", "demo-engine")  # stale too: never made, or autoscaling removed
-    assert {(o["kind"], o["metadata"]["name"]) for o in stale} == set(with_gw) - set(without) | {hpa}
-    no_hpa = [(o["kind"], o["metadata"]["name"]) for o in render_stale("demo", "ml", default_spec({}))]
-    assert no_hpa == [hpa]
-    auto = default_spec({"autoscaling": {"maxReplicas": 2}})
-    assert render_stale("demo", "ml", auto) == []
+    # Stale too, never made or turned off: the autoscaler and the network policy.
+    optional = {("HorizontalPodAutoscaler", "demo-engine"), ("NetworkPolicy", "demo-engine")}
+    assert {(o["kind"], o["metadata"]["name"]) for o in stale} == set(with_gw) - set(without) | optional
+    assert {(o["kind"], o["metadata"]["name"]) for o in render_stale("demo", "ml", default_spec({}))} == optional
+    everything = default_spec({"autoscaling": {"maxReplicas": 2}, "networkPolicy": {"enabled": True}})
+    assert render_stale("demo", "ml", everything) == []
     assert "demo-engine" in service_url("demo", "ml", default_spec({"gateway": {"enabled": False}}))
     assert service_url("demo", "ml", default_spec({})).startswith("http://demo.ml.svc")
 
@@ -319,3 +323,20 @@ def test_autoscaling_scales_the_inference_service_by_an_engine_metric_per_pod():
     }
     assert hpa["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 300
     assert ("HorizontalPodAutoscaler", "demo-engine") not in children({})
+
+
+def test_the_network_policy_lets_only_the_gateway_and_allow_from_reach_the_engines():
+    objs = children(SPECS["network policy"])
+    policy = objs["NetworkPolicy", "demo-engine"]["spec"]
+    engine_pods = objs["Deployment", "demo-engine"]["spec"]["template"]["metadata"]["labels"]
+    gateway_pods = objs["Deployment", "demo-gateway"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= engine_pods.items() and policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    gateway_peer, prometheus = rule["from"]
+    assert gateway_peer["podSelector"]["matchLabels"].items() <= gateway_pods.items()
+    assert not gateway_peer["podSelector"]["matchLabels"].items() <= engine_pods.items()  # not the engines' own
+    assert prometheus == PROMETHEUS and rule["ports"] == [{"protocol": "TCP", "port": 8000}]
+    # Without a gateway and without allowFrom nothing may reach the engines: an empty ingress list.
+    alone = children(SPECS["network policy, no gateway"])["NetworkPolicy", "demo-engine"]["spec"]
+    assert alone["ingress"] == []
+    assert ("NetworkPolicy", "demo-engine") not in children({})
