@@ -4,8 +4,10 @@ Run: kopf run -m nanoserve.operator.handlers --standalone (--all-namespaces | --
      [--liveness=http://0.0.0.0:8080/healthz]
 """
 
+import asyncio
 import logging
 import os
+from typing import cast
 
 import kopf
 
@@ -28,10 +30,6 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.posting.level = logging.WARNING  # Events for problems only
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300  # re-list now and then: a watch can stall silently
-    # A resync running when the object is deleted can't be cancelled (it is sync); kopf holds the finalizer
-    # until it ends and re-checks only every cancellation_polling seconds (60 by default) unless a watch event
-    # wakes it, and the resync's last status patch is usually a no-op, which makes none: deletions took ~60 s.
-    settings.background.cancellation_polling = 1
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
@@ -54,7 +52,43 @@ def on_change(body: kopf.Body, patch: kopf.Patch, **_) -> None:
     _reconcile(body, patch)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
-def resync(body: kopf.Body, patch: kopf.Patch, **_) -> None:
-    """Restores children deleted or edited by hand and follows their rollout into the status."""
-    _reconcile(body, patch)
+# The resync is one operator-wide loop, not a kopf timer per object: a timer makes kopf put a finalizer on
+# every InferenceService, and then nothing can be deleted while the operator is down. Without one, deleting
+# an InferenceService never waits for the operator; its children go by their owner references.
+@kopf.index(GROUP, VERSION, PLURAL)
+def served(namespace: str | None, name: str, **_) -> dict:
+    """The InferenceServices this operator serves (what it watches), by (namespace, name)."""
+    return {(namespace, name): None}
+
+
+@kopf.on.startup()
+async def start_resync(memo: kopf.Memo, served: kopf.Index, **_) -> None:
+    memo["resync"] = asyncio.create_task(_resync_loop(served))
+
+
+@kopf.on.cleanup()
+async def stop_resync(memo: kopf.Memo, **_) -> None:
+    memo["resync"].cancel()
+
+
+async def _resync_loop(served: kopf.Index) -> None:
+    """Every RESYNC_SECONDS, each InferenceService again: restores children deleted or edited by hand and
+    follows their rollout into the status. A failure of one is logged and retried at the next round."""
+    while True:
+        await asyncio.sleep(RESYNC_SECONDS)
+        for namespace, name in list(served):
+            try:
+                await asyncio.to_thread(resync, namespace, name)
+            except Exception:  # noqa: BLE001 - an API outage must not end the loop
+                logging.getLogger(__name__).exception("resync of %s/%s failed", namespace, name)
+
+
+def resync(namespace: str, name: str) -> None:
+    api_version = f"{GROUP}/{VERSION}"
+    body = kube.get(api_version, "InferenceService", namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return
+    meta = body["metadata"]
+    owner = kopf.Body(cast(kopf.RawBody, body))
+    status = reconcile(owner, name, namespace, body["spec"], meta.get("generation", 0), body.get("status", {}))
+    kube.patch_status(api_version, "InferenceService", namespace, name, status)

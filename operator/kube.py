@@ -21,6 +21,7 @@ PLURALS = {
     "PodDisruptionBudget": "poddisruptionbudgets",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "NetworkPolicy": "networkpolicies",
+    "InferenceService": "inferenceservices",
 }
 
 
@@ -81,6 +82,16 @@ def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         if e.status == 404:
             return None
         raise
+
+
+def patch_status(api_version: str, kind: str, namespace: str, name: str, status: dict) -> None:
+    """A merge patch of the status subresource (a 404: the object is gone, nothing to say)."""
+    try:
+        url = path(api_version, kind, namespace, name) + "/status"
+        _call("PATCH", url, {"status": status}, content_type="application/merge-patch+json")
+    except ApiError as e:
+        if e.status != 404:
+            raise
 
 
 def delete(api_version: str, kind: str, namespace: str, name: str) -> None:

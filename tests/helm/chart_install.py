@@ -129,6 +129,9 @@ def installed_chart(
                             60,
                             f"the operator to handle {ns}/{cr['metadata']['name']}",
                         )
+                # And one round of its resync loop over them (it reads each one afresh).
+                wanted = {_isvc_path(ns, cr["metadata"]["name"]) for ns, crs in isvcs.items() for cr in crs}
+                wait_for(lambda: wanted <= _operator_gets(em, token), 60, "a resync of every InferenceService")
             finally:
                 proc.terminate()
                 proc.wait(30)
@@ -145,6 +148,19 @@ def installed_chart(
         )["items"]
         # The operator has stopped (its calls are all in); the emulator serves on while the tests look.
         yield Installed(release, objects, deployment, kubectl, calls, log_path.read_text(), (RELEASE_NS, sa), roles)
+
+
+def _isvc_path(ns: str, name: str) -> str:
+    return f"/apis/serving.nanoserve.io/v1alpha1/namespaces/{ns}/inferenceservices/{name}"
+
+
+def _operator_gets(em, token: str) -> set[str]:
+    auth = f"Bearer {token}"
+    return {
+        r.url.path
+        for r in list(em.emulator._requests)
+        if r.headers.get("Authorization") == auth and r.method.value == "GET"
+    }
 
 
 def _body_name(data) -> str:

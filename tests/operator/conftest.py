@@ -23,7 +23,7 @@ def cluster(tmp_path_factory):
         kubectl = Kubectl(em.env)
         kubectl("apply", "--validate=false", "-f", str(REPO / "crds" / "inferenceservice.yaml"))
         kubectl("wait", "--for=condition=Established", "crd/inferenceservices.serving.nanoserve.io")
-        for ns in (NAMESPACE, "restart"):
+        for ns in (NAMESPACE, "restart", "downtime"):
             kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         yield em
 

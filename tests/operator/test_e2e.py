@@ -249,11 +249,24 @@ def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
     assert {k: v["metadata"]["uid"] for k, v in after.items()} == {k: v["metadata"]["uid"] for k, v in before.items()}
 
 
+def test_an_inference_service_deletes_while_the_operator_is_down(kubectl, cluster, tmp_path):
+    """No finalizer: deleting never waits for the operator (its children go by their owner references)."""
+    ns, name = "downtime", "orphan"
+    op = Operator(cluster.env, ns, tmp_path / "kopf.log").start()
+    try:
+        kubectl.apply(isvc(name=name), namespace=ns)
+        obj = reconciled(kubectl, name, ns)
+        wait_for(lambda: kubectl.get("deployment", f"{name}-engine", ns), what="children")
+    finally:
+        op.stop()
+    assert not obj["metadata"].get("finalizers")
+    kubectl("delete", "-n", ns, f"isvc/{name}", "--wait=false")
+    wait_for(lambda: kubectl.get("isvc", name, ns) is None, what=f"{name} deleted with no operator running")
+
+
 def test_deleting_the_service_stops_reconciling_it(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
-    # The deletion completes once the operator drops its finalizer (a resync running at that moment delays it
-    # by about a second: handlers.configure sets kopf's cancellation_polling).
     kubectl("delete", "-n", NAMESPACE, f"isvc/{name}", "--wait=false")
     wait_for(lambda: kubectl.get("isvc", name) is None, what=f"{name} deleted")
     # No garbage collector here; in a cluster the owner references (checked above) remove the children.

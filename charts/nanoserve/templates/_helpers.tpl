@@ -42,7 +42,7 @@ Children are written by server-side apply: `create` as well as `patch` for the f
 {{- define "nanoserve.namespacedRules" -}}
 - apiGroups: [serving.nanoserve.io]
   resources: [inferenceservices]
-  verbs: [list, watch, patch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [serving.nanoserve.io]
   resources: [inferenceservices/status]
   verbs: [patch]
