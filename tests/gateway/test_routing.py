@@ -9,6 +9,7 @@ import json
 
 import aiohttp
 from conversations import Conversation, cached_hashes, chat, run_conversations, total_hits
+from poll import until_async
 
 from nanoserve.gateway.endpoints import engine_id
 from nanoserve.gateway.prompt import Prompt
@@ -16,18 +17,22 @@ from nanoserve.gateway.prompt import Prompt
 BLOCK = 8  # engines' block size, unlike the gateway's default: the feed's snapshot must win
 
 
-def test_precise_index_follows_the_feed(backend, start_gateway, until):
+def test_precise_index_follows_the_feed(backend, start_gateway):
     engines = backend.spawn(2, block_size=BLOCK)
 
     async def main():
         async with start_gateway([e.url for e in engines], model=backend.tokenizer) as gw, aiohttp.ClientSession() as s:
             [conv] = await run_conversations(gw.url, 1, 3, model=backend.model)
-            await until(lambda: all(ep.cache.is_precise for ep in gw.pool.endpoints.values()))
+            await until_async(
+                lambda: all(ep.cache.is_precise for ep in gw.pool.endpoints.values()), "every feed's snapshot"
+            )
             for e in engines:  # quiet now: the gateway's index converges to exactly what the engine holds
                 ep = gw.pool.endpoints[e.url]
                 assert ep.cache.block_size == BLOCK
                 held = await cached_hashes(s, e.url)
-                await until(lambda ep=ep, held=held: ep.cache.precise == held)
+                await until_async(
+                    lambda ep=ep, held=held: ep.cache.precise == held, f"the index of {e.url} to converge"
+                )
             assert len(set(conv.engines)) == 1
             history = Prompt(token_ids=gw.tokenizer.chat_ids(conv.messages)).hashes(BLOCK)
             assert gw.pool.by_id(conv.engines[0]).cache.match(history) > 2
@@ -70,7 +75,7 @@ def test_approximate_mode_without_feed_still_sticks(fake_engines_shared, start_g
     asyncio.run(main())
 
 
-def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gateway, until):
+def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gateway):
     engines = backend.spawn(3, block_size=BLOCK, latency=0.03, tokens=8)
     victim = engines[0]
     results: list[tuple[bool, int, list[str]]] = []
@@ -91,7 +96,7 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gat
             convs = [Conversation(seed, backend.model) for seed in range(6)]
             run = asyncio.gather(*(converse(s, gw.url, c, 5) for c in convs))
             victim_ep = gw.pool.endpoints[victim.url]
-            await until(lambda: len(results) >= 6 and victim_ep.in_flight > 0)
+            await until_async(lambda: len(results) >= 6 and victim_ep.in_flight > 0, "requests open on the victim")
             victim.kill()  # with requests open on it
             await run
             for stream, status, data in results:
@@ -109,14 +114,14 @@ def test_killing_an_engine_mid_run_loses_no_unstarted_request(backend, start_gat
             assert victim.url not in [ep.url for ep in gw.pool.routable()]
 
             victim.restart()  # same URL, cold cache: new conversations go there first
-            await until(lambda: gw.pool.endpoints[victim.url].routable)
+            await until_async(lambda: gw.pool.endpoints[victim.url].routable, "the restarted engine to be routable")
             fresh = await run_conversations(gw.url, 2, 2, 100, backend.model)
             assert engine_id(victim.url) in {c.engines[0] for c in fresh}
 
     asyncio.run(main())
 
 
-def test_long_prompts_are_routed_by_cache_too(start_gateway, tiny_tokenizer, local_engines, until):
+def test_long_prompts_are_routed_by_cache_too(start_gateway, tiny_tokenizer, local_engines):
     """Prompts over the inline limit are tokenized in a worker thread; routing must not change."""
     prompt = " ".join(f"w{i % 500}" for i in range(4000))  # ~24 KB
 
@@ -127,7 +132,8 @@ def test_long_prompts_are_routed_by_cache_too(start_gateway, tiny_tokenizer, loc
             start_gateway(urls, model=tiny_tokenizer) as gw,
             aiohttp.ClientSession() as s,
         ):
-            await until(lambda: gw.routing_mode_now() == "tokens")  # engines without /v1/tokenizer: --model's
+            # Engines without /v1/tokenizer: the gateway's --model tokenizer.
+            await until_async(lambda: gw.routing_mode_now() == "tokens", "routing by the --model tokenizer")
             served = []
             for _ in range(3):
                 async with s.post(gw.url + "/v1/completions", json={"prompt": prompt}) as r:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from conversations import Conversation, chat, run_conversations, total_hits
-from op_harness import NAMESPACE, wait_for
+from op_harness import NAMESPACE
 from pods import Pod, endpoint_slice
+from poll import until, until_async
 
 from nanoserve.gateway.endpoints import engine_id
 
@@ -61,7 +62,7 @@ class Stack:
 
     def rendered(self, component: str, kubectl, where=lambda dep: True) -> dict:
         """The component's Deployment once the operator has rendered it as `where` wants it."""
-        return wait_for(
+        return until(
             lambda: (d := kubectl.get("deployment", f"{self.name}-{component}")) and where(d) and d,
             what=f"the {component} Deployment",
         )
@@ -185,12 +186,13 @@ async def gateway_metrics(session: aiohttp.ClientSession, gw: Pod) -> dict[str, 
     }
 
 
-async def wait_metric(session, gw: Pod, key: str, want: float | None, timeout: float = 30.0) -> None:
+async def wait_metric(session, gw: Pod, key: str, want: float | None) -> None:
     """Until the gateway's metric sample `key` has value `want` (None: until it is gone)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (await gateway_metrics(session, gw)).get(key) != want:
-        assert asyncio.get_running_loop().time() < deadline, f"{key} never became {want}"
-        await asyncio.sleep(0.1)
+
+    async def reached() -> bool:
+        return (await gateway_metrics(session, gw)).get(key) == want
+
+    await until_async(reached, f"{key} to be {want}")
 
 
 @pytest.mark.parametrize("stack", list(VARIANTS), indirect=True)

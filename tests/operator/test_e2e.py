@@ -8,7 +8,8 @@ import itertools
 import json
 
 import pytest
-from op_harness import NAMESPACE, Operator, wait_for
+from op_harness import NAMESPACE, Operator
+from poll import until
 
 _ids = itertools.count()
 
@@ -42,7 +43,7 @@ def reconciled(kubectl, name: str, namespace: str = NAMESPACE) -> dict:
         st = (obj or {}).get("status", {})
         return obj if st.get("observedGeneration") == obj["metadata"]["generation"] else None
 
-    return wait_for(check, what=f"status of {name}")
+    return until(check, what=f"status of {name}")
 
 
 def children(kubectl, name: str, namespace: str = NAMESPACE) -> dict[tuple[str, str], dict]:
@@ -77,7 +78,7 @@ def play_deployment_controller(kubectl, dep: dict, ready: int | None = None) -> 
 def test_create_makes_owned_children_and_status(kubectl, name):
     kubectl.apply(isvc(name=name))
     obj = reconciled(kubectl, name)
-    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 7 and k, what="7 children")
+    kids = until(lambda: (k := children(kubectl, name)) and len(k) == 7 and k, what="7 children")
     assert {kind for kind, _ in kids} == {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"}
     for child in kids.values():
         (ref,) = child["metadata"]["ownerReferences"]
@@ -93,7 +94,7 @@ def test_create_makes_owned_children_and_status(kubectl, name):
 
 def test_ready_follows_the_deployments(kubectl, name):
     kubectl.apply(isvc(name=name))
-    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 7 and k, what="children")
+    kids = until(lambda: (k := children(kubectl, name)) and len(k) == 7 and k, what="children")
     play_deployment_controller(kubectl, kids["Deployment", f"{name}-engine"])
     play_deployment_controller(kubectl, kids["Deployment", f"{name}-gateway"])
     kubectl("wait", "-n", NAMESPACE, f"isvc/{name}", "--for=condition=Ready", "--timeout=30s")
@@ -102,14 +103,14 @@ def test_ready_follows_the_deployments(kubectl, name):
     assert condition(obj, "Progressing")["status"] == "False"
 
     play_deployment_controller(kubectl, kubectl.get("deployment", f"{name}-engine"), ready=0)  # a pod died
-    wait_for(lambda: condition(kubectl.get("isvc", name), "Ready").get("status") == "False", what="not Ready")
+    until(lambda: condition(kubectl.get("isvc", name), "Ready").get("status") == "False", what="not Ready")
 
 
 def test_kubectl_scale_patches_the_engine_deployment(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
     kubectl("scale", "-n", NAMESPACE, f"isvc/{name}", "--replicas=3")
-    wait_for(
+    until(
         lambda: (kubectl.get("deployment", f"{name}-engine") or {}).get("spec", {}).get("replicas") == 3,
         what="engine replicas 3",
     )
@@ -126,7 +127,7 @@ def test_image_change_rolls_the_engine(kubectl, name):
         dep = kubectl.get("deployment", f"{name}-engine")
         return dep if dep["spec"]["template"]["spec"]["containers"][0]["image"] == "engine:v2" else None
 
-    after = wait_for(rolled, what="new engine image")
+    after = until(rolled, what="new engine image")
     assert int(after["metadata"]["generation"]) > int(before["metadata"]["generation"])  # a new rollout
     assert after["metadata"]["uid"] == before["metadata"]["uid"]  # patched, not recreated
 
@@ -134,15 +135,15 @@ def test_image_change_rolls_the_engine(kubectl, name):
 def test_children_deleted_or_edited_by_hand_are_restored(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
-    engine = wait_for(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine")
+    engine = until(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine")
     kubectl("delete", "-n", NAMESPACE, "deployment", f"{name}-engine")
     kubectl("delete", "-n", NAMESPACE, "service", name)
-    back = wait_for(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine recreated")
+    back = until(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine recreated")
     assert back["metadata"]["uid"] != engine["metadata"]["uid"]
-    wait_for(lambda: kubectl.get("service", name), what="gateway service recreated")
+    until(lambda: kubectl.get("service", name), what="gateway service recreated")
 
     kubectl("set", "image", "-n", NAMESPACE, f"deployment/{name}-engine", "engine=evil:latest")
-    wait_for(
+    until(
         lambda: (
             kubectl.get("deployment", f"{name}-engine")["spec"]["template"]["spec"]["containers"][0]["image"]
             == engine["spec"]["template"]["spec"]["containers"][0]["image"]
@@ -153,9 +154,9 @@ def test_children_deleted_or_edited_by_hand_are_restored(kubectl, name):
 
 def test_disabling_the_gateway_removes_it(kubectl, name):
     kubectl.apply(isvc(name=name))
-    wait_for(lambda: kubectl.get("deployment", f"{name}-gateway"), what="gateway")
+    until(lambda: kubectl.get("deployment", f"{name}-gateway"), what="gateway")
     kubectl("patch", "-n", NAMESPACE, f"isvc/{name}", "--type=merge", "-p", '{"spec": {"gateway": {"enabled": false}}}')
-    wait_for(lambda: kubectl.get("deployment", f"{name}-gateway") is None, what="gateway removed")
+    until(lambda: kubectl.get("deployment", f"{name}-gateway") is None, what="gateway removed")
     obj = reconciled(kubectl, name)
     assert set(children(kubectl, name)) == {("Deployment", f"{name}-engine"), ("Service", f"{name}-engine")}
     assert f"{name}-engine" in obj["status"]["url"]
@@ -178,7 +179,7 @@ def test_invalid_specs_are_rejected_by_the_api(kubectl, spec, needle):
 
 def test_missing_model_volume_is_degraded_until_it_appears(kubectl, name):
     kubectl.apply(isvc({"model": {"pvc": f"{name}-models", "path": "qwen3"}}, name=name))
-    wait_for(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "True", what="Degraded")
+    until(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "True", what="Degraded")
     obj = kubectl.get("isvc", name)
     assert condition(obj, "Degraded")["reason"] == "ModelVolumeMissing"
     assert f"{name}-models" in condition(obj, "Degraded")["message"]
@@ -191,7 +192,7 @@ def test_missing_model_volume_is_degraded_until_it_appears(kubectl, name):
             "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
         }
     )
-    wait_for(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "False", what="Degraded cleared")
+    until(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "False", what="Degraded cleared")
 
 
 def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
@@ -199,16 +200,14 @@ def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
     op = Operator(cluster.env, ns, tmp_path / "kopf.log").start()
     try:
         kubectl.apply(isvc(name=name), namespace=ns)
-        before = wait_for(lambda: (k := children(kubectl, name, ns)) and len(k) == 7 and k, what="children")
+        before = until(lambda: (k := children(kubectl, name, ns)) and len(k) == 7 and k, what="children")
     finally:
         op.stop()
     log_size = len((tmp_path / "kopf.log").read_text())
     op.start()
     try:
         # The new process resumes the object: its handler runs once more against the same children.
-        wait_for(
-            lambda: "'on_change' succeeded" in (tmp_path / "kopf.log").read_text()[log_size:], what="resume handler"
-        )
+        until(lambda: "'on_change' succeeded" in (tmp_path / "kopf.log").read_text()[log_size:], what="resume handler")
         after = children(kubectl, name, ns)
     finally:
         op.stop()
@@ -222,12 +221,12 @@ def test_deleting_the_service_stops_reconciling_it(kubectl, name):
     # The deletion completes once the operator drops its finalizer (a resync running at that moment delays it
     # by about a second: handlers.configure sets kopf's cancellation_polling).
     kubectl("delete", "-n", NAMESPACE, f"isvc/{name}", "--wait=false")
-    wait_for(lambda: kubectl.get("isvc", name) is None, what=f"{name} deleted")
+    until(lambda: kubectl.get("isvc", name) is None, what=f"{name} deleted")
     # No garbage collector here; in a cluster the owner references (checked above) remove the children.
     # What the operator must not do is fight that: a child deleted now stays deleted.
     kubectl("delete", "-n", NAMESPACE, "deployment", f"{name}-engine")
     kubectl.apply(isvc(name=f"{name}-probe"))  # a later reconcile proves the operator kept running
     reconciled(kubectl, f"{name}-probe")
-    wait_for(lambda: kubectl.get("deployment", f"{name}-probe-engine"), what="probe children")
+    until(lambda: kubectl.get("deployment", f"{name}-probe-engine"), what="probe children")
     assert kubectl.get("deployment", f"{name}-engine") is None
     kubectl("delete", "-n", NAMESPACE, f"isvc/{name}-probe", "--wait=false")

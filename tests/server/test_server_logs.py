@@ -4,9 +4,11 @@ periodic throughput line while there is work."""
 
 import asyncio
 import re
+from collections import Counter
 
 import openai
 import pytest
+from poll import until_async
 
 from nanoserve.engine_pod import server_logs
 
@@ -46,8 +48,19 @@ def test_stats_line_reports_throughput_while_there_is_work():
         running, kv_usage = 2, 0.25
 
     class Engine:
-        prompt_tokens_total = generation_tokens_total = 0
+        """Its totals: 0 when the stats loop starts, then 500 prompt and 200 generated tokens."""
+
         counts, num_waiting, prefix_queries, prefix_hits = Counts(), 1, 100, 40
+
+        def __init__(self) -> None:
+            self.reads: Counter[str] = Counter()
+
+        def _total(self, name: str, later: int) -> int:
+            self.reads[name] += 1
+            return 0 if self.reads[name] == 1 else later
+
+        prompt_tokens_total = property(lambda self: self._total("prompt", 500))
+        generation_tokens_total = property(lambda self: self._total("generation", 200))
 
     engine = Engine()
     lines = []
@@ -58,10 +71,7 @@ def test_stats_line_reports_throughput_while_there_is_work():
 
     async def go():
         task = asyncio.ensure_future(server_logs.log_stats(engine, interval=0.01))
-        await asyncio.sleep(0)  # it has read the totals so far
-        engine.prompt_tokens_total, engine.generation_tokens_total = 500, 200
-        while not lines:
-            await asyncio.sleep(0.005)
+        await until_async(lambda: lines, "a stats line")
         task.cancel()
 
     original, server_logs.stats = server_logs.stats, Catch()
