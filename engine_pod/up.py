@@ -89,16 +89,18 @@ def start_engine(
 
 
 def stop_engines(procs: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM (they drain), then wait for each and log how it exited: none is left behind, not even as a zombie."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in procs:
         try:
-            p.wait(timeout=timeout)
+            code = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             log.warning("engine pid %d did not stop in %.0fs: killing it", p.pid, timeout)
             p.kill()
-            p.wait()
+            code = p.wait()
+        log.info("engine pid %d stopped with %d", p.pid, code)
 
 
 async def run_up(engine_kwargs: dict, replicas: int, gateway: GatewayConfig, engine_args: list[str] = ()) -> int:

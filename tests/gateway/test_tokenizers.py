@@ -230,9 +230,10 @@ def test_an_engine_restarted_with_another_model_is_reverified(
                 await runner.cleanup()
                 runner = await serve(tiny_models["qwen3"], port)
                 await until_async(
-                    lambda: ep.tokenizer is not None and ep.tokenizer.fingerprint != first, "the new tokenizer verified"
+                    lambda: ep.tokenizer is not None and ep.tokenizer.fingerprint != first and ep.cache.is_precise,
+                    "the new tokenizer verified and the new engine's feed snapshot",
                 )
-                assert ep.cache.tokenizer in (None, ep.tokenizer.fingerprint)
+                assert ep.cache.tokenizer == ep.tokenizer.fingerprint  # the feed's hashes are the new tokenizer's
                 assert list(gw.tokenizers.loaded) == [ep.tokenizer.fingerprint]  # the old one is dropped
         finally:
             await runner.cleanup()

@@ -142,16 +142,27 @@ def test_up_serves_chat_survives_a_killed_engine_and_stops_cleanly(up):
         victim_url, victim_pid = re.search(r"engine (\S+) \(pid (\d+)\)", log.read_text()).groups()
         os.kill(int(victim_pid), signal.SIGKILL)
         complete(url)  # the other engine answers (on the dead one's refused connection, the gateway retries)
-        # Round-robin: once the restarted engine is ready, the gateway sends it every other request.
-        until(lambda: complete(url) == engine_id(victim_url), "the killed engine to be restarted and routed to", 120)
+        # Round-robin: once the restarted engine is ready, the gateway sends it every other request (only an
+        # answer from the restarted one can name the victim now). While one engine is routable, no request:
+        # the restarting engine needs the cores.
+        until(
+            lambda: routable_engines(url, proc) == 2 and complete(url) == engine_id(victim_url),
+            "the killed engine to be restarted and routed to",
+            120,
+        )
         assert re.search(rf"engine {re.escape(victim_url)} restarted \(pid \d+\)", log.read_text())
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
-        pids = {int(p) for p in re.findall(r"\(pid (\d+)\)", log.read_text())}
+        out = log.read_text()
+        pids = {int(p) for p in re.findall(r"\(pid (\d+)\)", out)}
         assert len(pids) == 3  # two engines and the restarted one
-        for pid in pids:  # the engines were stopped and reaped by `up`
-            assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        # `up` reaped each engine (it logs the exit code it got): the killed one before restarting it, the
+        # others once they had drained (exit 0). None is left behind, not even as a zombie.
+        assert re.search(rf"engine {re.escape(victim_url)} \(pid {victim_pid}\) exited with -9", out)
+        stopped = {int(pid): int(code) for pid, code in re.findall(r"engine pid (\d+) stopped with (-?\d+)", out)}
+        assert stopped == dict.fromkeys(pids - {int(victim_pid)}, 0)
+        assert [pid for pid in pids if os.path.exists(f"/proc/{pid}")] == []
     finally:
         kill_tree(proc)
         print(log.read_text()[-3000:])
