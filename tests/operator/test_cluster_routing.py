@@ -86,7 +86,8 @@ def seed_model(pod: Pod, variant: str, default_model_path: str, tiny_model: str)
 
 
 def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_path: str, tiny_models) -> Stack:
-    """`kubectl apply` the variant's InferenceService and start the engine pods it renders (not yet ready)."""
+    """`kubectl apply` the variant's InferenceService and start the engine pods and the gateway pod it renders
+    (not yet ready: the gateway finds the engines by their EndpointSlices once they are)."""
     v = VARIANTS[variant]
     name, net = f"routed-{variant}", next(_subnet)
     tmp = tmp_path_factory.mktemp(name)
@@ -116,6 +117,7 @@ def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_
             pod = Pod(engine_dep, f"127.0.{net}.{10 + i}", tmp / f"engine-{i}")
             seed_model(pod, variant, default_model_path, tiny_models["qwen3"])
             stack.engines.append(pod.start())
+        stack.gateway = stack.gateway_pod(stack.rendered("gateway", kubectl), f"127.0.{net}.2").start()
     except BaseException:
         end_stack(stack, kubectl)
         raise
@@ -123,12 +125,10 @@ def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_
 
 
 def finish_stack(stack: Stack, kubectl) -> None:
-    """Once its engines are ready: their EndpointSlices, then the gateway the operator rendered, ready."""
+    """Once its engines are ready: their EndpointSlices, then the gateway, ready (it routes to them)."""
     for pod in stack.engines:
         pod.wait_ready()
         kubectl.apply(endpoint_slice(f"{stack.name}-engine", pod))  # ready: the endpoints controller lists it
-    net = stack.engines[0].ip.rsplit(".", 1)[0]
-    stack.gateway = stack.gateway_pod(stack.rendered("gateway", kubectl), f"{net}.2").start()
     stack.gateway.wait_ready()
 
 

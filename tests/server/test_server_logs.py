@@ -7,8 +7,10 @@ import re
 from collections import Counter
 
 import openai
+import prelaunch
 import pytest
 from poll import until_async
+from procs import ServerProcess
 
 from nanoserve.engine_pod import server_logs
 
@@ -32,10 +34,17 @@ def test_banner_and_access_lines(tiny_server):
     assert not re.search(r"GET /ready \d+", out)  # probes log at DEBUG only
 
 
-def test_disable_log_requests(start_server, tiny_models):
-    server = start_server(
-        tiny_models["qwen3"], "--num-kvcache-blocks", "64", "--disable-log-requests", "--log-level", "WARNING"
-    )
+# Started ahead of its test (tests/prelaunch.py).
+quiet_server = prelaunch.server_fixture(
+    "quiet_server",
+    lambda get: ServerProcess(
+        get("tiny_models")["qwen3"], "--num-kvcache-blocks", "64", "--disable-log-requests", "--log-level", "WARNING"
+    ),
+)
+
+
+def test_disable_log_requests(quiet_server, tiny_models):
+    server = quiet_server
     openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0).completions.create(
         model=tiny_models["qwen3"], prompt="w5", max_tokens=2
     )
