@@ -20,7 +20,7 @@ _held: list[PortReservation] = []
 
 def reserve_port(host: str = "127.0.0.1") -> int:
     """A free port of `host` for a server this session starts (or restarts) on it, held until the session
-    ends (`release_ports`): no other process can be given it meanwhile (nanoserve/common/ports.py)."""
+    ends (`release_ports`): no other process can be given it meanwhile (common/ports.py)."""
     _held.append(PortReservation(host))
     return _held[-1].port
 
