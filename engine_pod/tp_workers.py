@@ -13,12 +13,12 @@ import logging
 import multiprocessing as mp
 import os
 import signal
-import socket
 import time
 import uuid
 from multiprocessing.connection import wait
 from multiprocessing.shared_memory import SharedMemory
 
+from nanoserve.common.ports import PortReservation
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.model_runner import worker_main
 from nanoserve.engine_pod.tp_commands import TPLink
@@ -36,12 +36,6 @@ START_HINT = (
 
 class WorkerDied(RuntimeError):
     """A tensor-parallel worker has exited: this engine cannot run another step."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def describe_exit(code: int) -> str:
@@ -64,9 +58,11 @@ class Workers:
         size = 2**20 + 16 * (4 * config.max_num_batched_tokens + config.max_num_seqs * (blocks_per_seq + 4))
         ctx = mp.get_context("spawn")
         ranks = range(1, config.tensor_parallel_size)
+        # The rendezvous port, held until the workers stop: no other process takes it before rank 0 binds it.
+        self.port = PortReservation()
         # A worker releases its `read` semaphore once it runs (see worker_main): the segment is free for a command.
         self.link = TPLink(
-            port=_free_port(),
+            port=self.port.port,
             shm_name=name,
             posted=[ctx.Semaphore(0) for _ in ranks],
             read=[ctx.Semaphore(0) for _ in ranks],
@@ -141,3 +137,4 @@ class Workers:
             self.shm.close()
             self.shm.unlink()
             self.shm = None
+        self.port.close()

@@ -1,6 +1,7 @@
 """`nanoserve up --replicas N`: N engine processes and the gateway in front of them, on one machine.
 
-The engines are `nanoserve serve` subprocesses on free local ports; the gateway runs in this process and
+The engines are `nanoserve serve` subprocesses on local ports held for them (common/ports.py: no other
+process can take one, even while its engine restarts); the gateway runs in this process and
 routes to them by prefix cache (it comes up at once and routes to each engine as soon as it is ready).
 An engine that exits (a crash, a failed engine's exit 1, the OOM killer) is restarted on the same port
 after a backoff that doubles with each crash in a row; meanwhile the gateway routes to the others, and to
@@ -16,7 +17,6 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from nanoserve.common import event_loop
 from nanoserve.common.flags import HelpFormatter, add_flags, settings_from_args
+from nanoserve.common.ports import PortReservation
 from nanoserve.engine_pod.cli import add_chat_args, add_engine_args, chat_argv, engine_kwargs
 from nanoserve.engine_pod.config import engine_argv
 from nanoserve.gateway.config import GatewayConfig
@@ -68,12 +69,6 @@ class Supervised:
             log.info("engine %s restarted (pid %d)", self.url, self.proc.pid)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def start_engine(
     engine_kwargs: dict, port: int, served_name: str, drain_timeout: float, engine_args: list[str] | tuple[()] = ()
 ) -> subprocess.Popen:
@@ -98,16 +93,18 @@ def start_engine(
 
 
 def stop_engines(procs: list[subprocess.Popen], timeout: float) -> None:
+    """SIGTERM (they drain), then wait for each and log how it exited: none is left behind, not even as a zombie."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
     for p in procs:
         try:
-            p.wait(timeout=timeout)
+            code = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             log.warning("engine pid %d did not stop in %.0fs: killing it", p.pid, timeout)
             p.kill()
-            p.wait()
+            code = p.wait()
+        log.info("engine pid %d stopped with %d", p.pid, code)
 
 
 async def run_up(
@@ -122,13 +119,14 @@ async def run_up(
     model = resolve_model(engine_kwargs["model"])
     name = gateway.served_model_name or engine_kwargs["model"]  # as the user gave it, like `serve`
     engine_kwargs = {**engine_kwargs, "model": model}
+    ports = [PortReservation() for _ in range(replicas)]  # held until the end: an engine restarts on its own
     engines = [
         Supervised(
-            free_port(),
+            port.port,
             lambda p: start_engine(engine_kwargs, p, name, gateway.drain_timeout, engine_args),
             time.monotonic(),
         )
-        for _ in range(replicas)
+        for port in ports
     ]
 
     stop = asyncio.Event()
@@ -155,6 +153,8 @@ async def run_up(
             log.info("stopping: gateway first, then the engines")
     finally:
         await asyncio.to_thread(stop_engines, [e.proc for e in engines], config.drain_timeout + 10)
+        for port in ports:
+            port.close()
     return 0
 
 

@@ -117,3 +117,4 @@ def _prelaunch_ahead(request):
 def pytest_sessionfinish(session):
     prelaunch.stop_all()
     procs.reap()
+    procs.release_ports()

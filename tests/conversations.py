@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 
 import aiohttp
 
@@ -45,9 +46,14 @@ class Conversation:
         self.messages.append({"role": "assistant", "content": text})
 
 
-async def chat(session, gw_url: str, conv: Conversation, stream: bool = False) -> tuple[int, list[str]]:
-    """One turn; returns (status, SSE data payloads or [json body])."""
+async def chat(
+    session, gw_url: str, conv: Conversation, stream: bool = False, answering: Callable[[str], None] | None = None
+) -> tuple[int, list[str]]:
+    """One turn; returns (status, SSE data payloads or [json body]). `answering(engine id)` is called once the
+    answer's headers are in (a stream's: its engine has sent its first bytes), before its body is read."""
     async with session.post(gw_url + "/v1/chat/completions", json=conv.next_request(stream)) as resp:
+        if answering is not None and resp.status == 200:
+            answering(resp.headers["X-Nanoserve-Engine"])
         raw = await resp.read()
         if resp.status != 200:
             return resp.status, [raw.decode()]

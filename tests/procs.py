@@ -1,46 +1,58 @@
-"""Helpers for tests that run real processes and servers: free ports, bounded waits for HTTP, `nanoserve serve`
-processes."""
+"""Helpers for tests that run real processes and servers: ports held for them, bounded waits for HTTP,
+`nanoserve serve` processes."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 
+from poll import until
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+from nanoserve.common.ports import PortReservation
+
+_held: list[PortReservation] = []
+
+
+def reserve_port(host: str = "127.0.0.1") -> int:
+    """A free port of `host` for a server this session starts (or restarts) on it, held until the session
+    ends (`release_ports`): no other process can be given it meanwhile (common/ports.py)."""
+    _held.append(PortReservation(host))
+    return _held[-1].port
+
+
+def release_ports() -> None:
+    while _held:
+        _held.pop().close()
+
+
+def answers(url: str, proc: subprocess.Popen | None = None) -> bool:
+    """Whether `url` answers 200 now; raises if `proc` has exited (it never will)."""
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError(f"process exited with {proc.returncode}")
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            return r.status == 200
+    except OSError:  # refused, not yet listening, or a non-200 answer (HTTPError)
+        return False
 
 
 def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
-    """Poll until `url` answers 200 (bounded); give up early if `proc` exits."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{url} did not answer within {timeout}s") from None
-            time.sleep(0.05)
+    """Until `url` answers 200 (bounded); give up early if `proc` exits."""
+    until(lambda: answers(url, proc), f"{url} to answer 200", timeout)
 
 
 class ServerProcess:
-    """`nanoserve serve` on 127.0.0.1 and a free port (`.url`, `.port`, `.proc`), started at construction;
+    """`nanoserve serve` on 127.0.0.1 and a port held for it (`.url`, `.port`, `.proc`), started at construction;
     `wait_ready()` waits until its /ready says 200."""
 
     def __init__(self, model: str | None, *args: str, env: dict | None = None):
         """`model` None: the command line names it itself (vLLM's positional form)."""
-        self.port = free_port()
+        self.port = reserve_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [
             sys.executable,
@@ -71,18 +83,11 @@ class ServerProcess:
         return self.log.read()
 
     def wait_ready(self, timeout: float = 180) -> ServerProcess:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.output()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError("server did not become ready")
+        try:
+            wait_http(f"{self.url}/ready", timeout, self.proc)
+        except RuntimeError:
+            raise RuntimeError(f"server exited early:\n{self.output()}") from None
+        return self
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -29,7 +29,7 @@ def test_shared_prefix_reuses_blocks_and_keeps_tokens(tiny_models, async_schedul
         # (The 4 cached blocks were free, so they leave the free list too: 5 taken in all, 4 of them hits.)
         assert seq.num_cached_tokens == 64
         assert free_before - bm.num_free_blocks == 5
-        assert bm.prefix_hits >= 64
+        assert bm.prefix_hits == 64
         while llm.has_unfinished():
             llm.step()
         assert [first, seq.completion_token_ids] == expected

@@ -8,13 +8,11 @@ processes (objects with `.url`, `.proc`, `.kill()`, `.restart()`), so routing te
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +20,8 @@ from pathlib import Path
 
 import prelaunch
 import pytest
-from procs import free_port, wait_http
+from poll import until_async
+from procs import reserve_port, wait_http
 
 FAKE_ENGINE = Path(__file__).with_name("fake_engine.py")
 CHAT_TEMPLATE = (
@@ -51,11 +50,11 @@ def tiny_tokenizer(tmp_path_factory) -> str:
 
 
 class EngineProcess:
-    """An engine in a subprocess on a fixed port (so a restart keeps its URL): `.url`, `.proc`, `.kill()`,
+    """An engine in a subprocess on a port held for it (so a restart keeps its URL): `.url`, `.proc`, `.kill()`,
     `.restart()`. `args` are the command after the port is known; `ready_path` answers 200 once it serves."""
 
     def __init__(self, args: list[str], ready_path: str = "/health", log: Path | None = None) -> None:
-        self.port = free_port()
+        self.port = reserve_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [a.format(port=self.port) for a in args]
         self.ready_path, self.log = ready_path, log
@@ -294,41 +293,25 @@ def start_gateway():
         cfg.update(overrides)
         async with serve(GatewayConfig(**cfg)) as gw:
             if wait_routable:
-                await wait_until(lambda: len(gw.pool.routable()) == len(urls))
+                await until_async(
+                    lambda: len(gw.pool.routable()) == len(urls),
+                    lambda: f"every engine routable (only {[ep.url for ep in gw.pool.routable()]} of {urls})",
+                )
             yield gw
 
     return start
 
 
-async def wait_until(predicate, timeout: float = 20.0) -> None:
-    """Poll `predicate` until it is true (bounded)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-def until():
-    return wait_until
-
-
 @pytest.fixture
 def dead_url() -> str:
-    """A URL nothing listens on."""
-    return f"http://127.0.0.1:{free_port()}"
+    """A URL nothing listens on (its port held: no other process can be given it)."""
+    return f"http://127.0.0.1:{reserve_port()}"
 
 
 @pytest.fixture
 def port() -> int:
-    return free_port()
-
-
-@pytest.fixture
-def http_ready():
-    """Wait (bounded) until a URL answers."""
-    return wait_http
+    """A port held for a server the test starts on it."""
+    return reserve_port()
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import json
 import aiohttp
 import pytest
 from aiohttp import web
+from poll import until_async
 
 from nanoserve.gateway.cache_feed import follow_feed, read_feed
 from nanoserve.gateway.cache_index import CacheIndex
@@ -108,10 +109,7 @@ def test_follow_feed_forgets_the_cache_when_the_stream_ends_and_reconnects():
         runner, url = await serving(feed_app([data({"type": "snapshot", "block_size": 16, "hashes": [7]})]))
         async with aiohttp.ClientSession() as s:
             task = asyncio.create_task(follow_feed(s, url, index, retry_interval=0.01, idle_timeout=10))
-            for _ in range(500):  # bounded wait for a few connect / end cycles
-                if index.log.count("lost") >= 3:
-                    break
-                await asyncio.sleep(0.01)
+            await until_async(lambda: index.log.count("lost") >= 3, lambda: f"three feed cycles (seen {index.log})")
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
@@ -155,10 +153,7 @@ def test_the_follower_survives_anything_and_resyncs(monkeypatch):
         )
         async with aiohttp.ClientSession() as s:
             task = asyncio.create_task(follow_feed(s, url, index, retry_interval=0.01, idle_timeout=10))
-            for _ in range(500):  # bounded wait for the next connection's snapshot
-                if "snapshot" in index.log:
-                    break
-                await asyncio.sleep(0.01)
+            await until_async(lambda: "snapshot" in index.log, "the next connection's snapshot")
             assert not task.done()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -168,7 +163,7 @@ def test_the_follower_survives_anything_and_resyncs(monkeypatch):
     assert "snapshot" in index.log
 
 
-def test_a_garbage_feed_through_the_gateway_keeps_routing(local_engines, start_gateway, tiny_tokenizer, until):
+def test_a_garbage_feed_through_the_gateway_keeps_routing(local_engines, start_gateway, tiny_tokenizer):
     """A fake engine whose feed sends every kind of garbage after its snapshot: requests still succeed and
     the index still learns what the engine stores."""
 
@@ -179,10 +174,13 @@ def test_a_garbage_feed_through_the_gateway_keeps_routing(local_engines, start_g
             aiohttp.ClientSession() as s,
         ):
             ep = gw.pool.endpoints[url]
-            await until(lambda: ep.cache.is_precise and ep.tokenizer is not None)
+            await until_async(
+                lambda: ep.cache.is_precise and ep.tokenizer is not None, "the feed's snapshot and the tokenizer"
+            )
             async with s.post(gw.url + "/v1/completions", json={"prompt": " ".join(["w1"] * 40)}) as resp:
                 assert resp.status == 200
-            await until(lambda: len(ep.cache) == 2)  # 40 words + BOS: two full blocks of 16, stored
+            # 40 words + BOS: two full blocks of 16, stored
+            await until_async(lambda: len(ep.cache) == 2, lambda: f"two blocks in the index (it holds {len(ep.cache)})")
             assert ep.cache.block_size == 16 and not ep.cache.pending
 
     asyncio.run(main())

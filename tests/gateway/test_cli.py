@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from procs import wait_http
 
 from nanoserve.gateway.cli import build_parser, config_from_args
 from nanoserve.gateway.config import GatewayConfig
@@ -55,7 +56,7 @@ def test_engines_or_service_required():
         parse([])
 
 
-def test_module_serves_and_exits_cleanly_on_sigterm(dead_url, port, http_ready):
+def test_module_serves_and_exits_cleanly_on_sigterm(dead_url, port):
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -73,7 +74,7 @@ def test_module_serves_and_exits_cleanly_on_sigterm(dead_url, port, http_ready):
         env={**os.environ, "PYTHONSAFEPATH": "1"},
     )
     try:
-        http_ready(f"http://127.0.0.1:{port}/health")
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
         with pytest.raises(urllib.error.HTTPError) as e:  # its only engine is down
             urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5)
         assert e.value.code == 503

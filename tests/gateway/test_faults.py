@@ -6,6 +6,7 @@ import asyncio
 import json
 
 import aiohttp
+from poll import until_async
 
 from nanoserve.gateway.endpoints import engine_id
 
@@ -112,7 +113,7 @@ def test_redirects_are_not_followed(local_engines, start_gateway):
     asyncio.run(main())
 
 
-def test_an_engine_that_keeps_failing_is_skipped_until_a_trial_succeeds(local_engines, start_gateway, until):
+def test_an_engine_that_keeps_failing_is_skipped_until_a_trial_succeeds(local_engines, start_gateway):
     async def main():
         async with (
             local_engines({"fail_next": 100}, {}) as (failing, good),
@@ -120,19 +121,28 @@ def test_an_engine_that_keeps_failing_is_skipped_until_a_trial_succeeds(local_en
             aiohttp.ClientSession() as s,
         ):
             ep = gw.pool.endpoints[failing]
+
+            async def trial_sent(requests: int, statuses: list[int]) -> bool:
+                """Another request through the gateway (its status kept), until the failing engine has seen
+                `requests`."""
+                if await requests_seen(s, failing) >= requests:
+                    return True
+                statuses.append((await post(s, gw.url, CHAT))[0])
+                return False
+
             statuses = [(await post(s, gw.url, CHAT))[0] for _ in range(4)]
             assert statuses == [500, 200, 500, 200]  # 500s are passed on, never retried elsewhere
             assert ep.breaker.trips == 1 and ep.healthy  # open (its probes still pass)
             # A failed trial reopens it, for longer.
-            await until(lambda: ep.breaker.available())
-            while await requests_seen(s, failing) < 3:
-                await post(s, gw.url, CHAT)
+            await until_async(ep.breaker.available, "the breaker's cooldown to end")
+            await until_async(lambda: trial_sent(3, []), "the breaker's trial request")
             assert ep.breaker.trips == 2
             # Mended: the next trial closes the breaker.
             await s.post(failing + "/fake/state", json={"fail_next": 0})
-            await until(lambda: ep.breaker.available())
-            while await requests_seen(s, failing) < 4:
-                assert (await post(s, gw.url, CHAT))[0] == 200
+            await until_async(ep.breaker.available, "the breaker's longer cooldown to end")
+            mended: list[int] = []
+            await until_async(lambda: trial_sent(4, mended), "the breaker's second trial request")
+            assert mended and set(mended) == {200}
             assert ep.breaker.state() == "closed"
 
     asyncio.run(main())

@@ -11,7 +11,7 @@ import sys
 import pytest
 from fuzz_requests import PATIENCE, check_answer, http_request, mutated, request_body, send_raw
 from hypothesis import HealthCheck, given, settings
-from procs import free_port, wait_http
+from procs import reserve_port, wait_http
 
 FUZZ = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 POISON = {"prompt": "hi", "max_tokens": 2, "top_k": 9223372036854775808}
@@ -20,7 +20,7 @@ POISON = {"prompt": "hi", "max_tokens": 2, "top_k": 9223372036854775808}
 @pytest.fixture(scope="module")
 def fuzz_gateway(real_engine_pool, tmp_path_factory):
     engines = real_engine_pool(2)
-    port = free_port()
+    port = reserve_port()
     log = open(tmp_path_factory.mktemp("gateway") / "gateway.log", "w")  # a file: a full pipe would block it
     proc = subprocess.Popen(
         [

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from poll import until_async
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "w1 w2 w3"}]}
 
@@ -17,7 +18,7 @@ async def served_by(session, gw) -> str:
         return gw.pool.by_id(resp.headers["X-Nanoserve-Engine"]).url
 
 
-def test_killed_engine_is_dropped_and_a_restarted_one_is_routed_to_again(spawn_engines, start_gateway, until):
+def test_killed_engine_is_dropped_and_a_restarted_one_is_routed_to_again(spawn_engines, start_gateway):
     engines = spawn_engines(2)
     victim, survivor = engines
 
@@ -28,17 +29,17 @@ def test_killed_engine_is_dropped_and_a_restarted_one_is_routed_to_again(spawn_e
         ):
             ep = gw.pool.endpoints[victim.url]
             victim.kill()
-            await until(lambda: not ep.healthy)  # probes notice without any traffic
+            await until_async(lambda: not ep.healthy, "the probes to mark the killed engine down (no traffic)")
             assert {await served_by(s, gw) for _ in range(4)} == {survivor.url}
             assert (await s.get(gw.url + "/ready")).status == 200
             victim.restart()
-            await until(lambda: ep.healthy)
+            await until_async(lambda: ep.healthy, "the restarted engine to be healthy")
             assert {await served_by(s, gw) for _ in range(4)} == {victim.url, survivor.url}
 
     asyncio.run(main())
 
 
-def test_not_ready_engine_gets_no_traffic(spawn_engines, start_gateway, until):
+def test_not_ready_engine_gets_no_traffic(spawn_engines, start_gateway):
     loading, ready = spawn_engines(1, ready=False) + spawn_engines(1)
 
     async def main():
@@ -46,10 +47,10 @@ def test_not_ready_engine_gets_no_traffic(spawn_engines, start_gateway, until):
             start_gateway([loading.url, ready.url], wait_routable=False, policy="round-robin") as gw,
             aiohttp.ClientSession() as s,
         ):
-            await until(lambda: gw.pool.endpoints[ready.url].healthy)
+            await until_async(lambda: gw.pool.endpoints[ready.url].healthy, "the ready engine to be healthy")
             assert {await served_by(s, gw) for _ in range(4)} == {ready.url}
             await s.post(loading.url + "/fake/state", json={"ready": True})
-            await until(lambda: gw.pool.endpoints[loading.url].healthy)
+            await until_async(lambda: gw.pool.endpoints[loading.url].healthy, "the loaded engine to be healthy")
             assert {await served_by(s, gw) for _ in range(4)} == {loading.url, ready.url}
 
     asyncio.run(main())

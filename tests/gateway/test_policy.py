@@ -115,8 +115,9 @@ def test_cache_aware_invariants(cands, threshold, abs_t, rel_t):
     min_load = min(c.load for c in cands)
     overloaded = lambda c: c.load > min_load + abs_t and c.load > min_load * rel_t  # noqa: E731
     assert not overloaded(chosen)
-    eligible = [c for c in cands if c.matched > 0 and c.matched >= threshold * c.total and not overloaded(c)]
+    hits = [c for c in cands if c.matched > 0 and c.matched >= threshold * c.total]
+    eligible = [c for c in hits if not overloaded(c)]
     if eligible:
         assert d.reason == "cache_hit" and chosen.matched == max(c.matched for c in eligible)
-    else:
-        assert chosen.load == min_load and d.reason in ("load", "fallback")
+    else:  # by load: "load" when every real match was overloaded, "fallback" when there was none
+        assert chosen.load == min_load and d.reason == ("load" if hits else "fallback")

@@ -7,6 +7,7 @@ import json
 
 import aiohttp
 import pytest
+from poll import until_async
 
 from nanoserve.gateway.endpoints import engine_id
 
@@ -161,7 +162,8 @@ def test_openai_client_sees_mid_stream_error(spawn_engines, start_gateway):
 def test_no_engine_gives_503(start_gateway, dead_url):
     async def main():
         async with start_gateway([dead_url], wait_routable=False) as gw, aiohttp.ClientSession() as s:
-            await asyncio.sleep(0.3)  # a few failed probes
+            ep = gw.pool.endpoints[dead_url]
+            await until_async(lambda: ep.failures >= 3, "a few failed probes")
             assert (await s.get(gw.url + "/ready")).status == 503
             assert (await s.get(gw.url + "/health")).status == 200
             for path in ("/v1/chat/completions", "/v1/completions"):
@@ -254,11 +256,8 @@ def test_engine_api_key_for_own_calls_and_client_keys_pass_through(start_gateway
                 aiohttp.ClientSession() as s,
             ):
                 assert (await s.get(gw.url + "/v1/models")).status == 200
-                for _ in range(100):  # the feed authenticates too (bounded wait for its snapshot)
-                    if gw.pool.endpoints[url].cache.is_precise:
-                        break
-                    await asyncio.sleep(0.02)
-                assert gw.pool.endpoints[url].cache.is_precise
+                # The feed authenticates too: its snapshot comes.
+                await until_async(lambda: gw.pool.endpoints[url].cache.is_precise, "the keyed feed's snapshot")
                 # Client requests carry the client's key, never the gateway's.
                 assert (await post(s, gw.url + "/v1/chat/completions", CHAT))[0] == 401
                 auth = {"Authorization": "Bearer sekret"}

@@ -9,6 +9,8 @@ import os
 import aiohttp
 import pytest
 from conversations import run_conversations
+from poll import until_async
+from procs import reserve_port
 
 from nanoserve.common.block_hash import block_hashes
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
@@ -110,13 +112,13 @@ def metric(gw, name: str) -> dict[str, float]:
     return out
 
 
-def test_engines_serve_the_tokenizer_the_gateway_routes_by(fake_engines_shared, start_gateway, until):
+def test_engines_serve_the_tokenizer_the_gateway_routes_by(fake_engines_shared, start_gateway):
     """No --model: the gateway fetches the engines' tokenizer, downloads it once, and routes by their hashes."""
     engines = fake_engines_shared(2, block_size=8)
 
     async def main():
         async with start_gateway([e.url for e in engines]) as gw:
-            await until(lambda: gw.routing_mode_now() == "tokens")
+            await until_async(lambda: gw.routing_mode_now() == "tokens", "routing by the engines' tokenizer")
             (fp,) = gw.tokenizers.loaded  # one download for both engines
             assert {ep.tokenizer.fingerprint for ep in gw.pool.endpoints.values()} == {fp}
             assert all(ep.cache.block_size == 8 for ep in gw.pool.endpoints.values())
@@ -133,7 +135,7 @@ def test_engines_serve_the_tokenizer_the_gateway_routes_by(fake_engines_shared, 
 
 @pytest.mark.parametrize("fault", ["error", "vocab", "file", "swap", "none served"])
 def test_a_broken_or_lying_engine_leaves_routing_by_text(
-    fault, local_engines, start_gateway, until, tiny_tokenizer, tiny_models
+    fault, local_engines, start_gateway, tiny_tokenizer, tiny_models
 ):
     # The good engine serves another tokenizer: the bad one's files must be downloaded from the bad one.
     bad = {"serve_tokenizer": False} if fault == "none served" else {"tokenizer_fault": fault}
@@ -146,9 +148,10 @@ def test_a_broken_or_lying_engine_leaves_routing_by_text(
             ) as (good, liar),
             start_gateway([good, liar]) as gw,
         ):
-            await until(lambda: gw.pool.endpoints[good].tokenizer is not None)
+            await until_async(lambda: gw.pool.endpoints[good].tokenizer is not None, "the good engine's tokenizer")
             reason = {"vocab": "mismatch", "file": "mismatch", "swap": "mismatch"}.get(fault, "unavailable")
-            await until(lambda: metric(gw, "nanoserve_gateway_tokenizer_errors_total").get(f"reason={reason}"))
+            errors = lambda: metric(gw, "nanoserve_gateway_tokenizer_errors_total")
+            await until_async(lambda: errors().get(f"reason={reason}"), lambda: f"a {reason} error (seen {errors()})")
             assert gw.pool.endpoints[liar].tokenizer is None and gw.routing_mode_now() == "text"
             convs = await run_conversations(gw.url, 4, 3)  # never by the lying engine's hashes: by text
             assert all(len(set(c.engines)) == 1 for c in convs)
@@ -171,7 +174,7 @@ def test_text_prefix_affinity_without_any_tokenizer(local_engines, start_gateway
     asyncio.run(main())
 
 
-def test_engines_with_other_models_each_get_their_own(local_engines, start_gateway, until, tiny_tokenizer, tiny_models):
+def test_engines_with_other_models_each_get_their_own(local_engines, start_gateway, tiny_tokenizer, tiny_models):
     """Mid rolling update to another model: each engine is matched in its own tokenizer's ids; the old
     tokenizer is dropped once no engine uses it."""
 
@@ -182,7 +185,7 @@ def test_engines_with_other_models_each_get_their_own(local_engines, start_gatew
             ) as (old, new),
             start_gateway([old, new]) as gw,
         ):
-            await until(lambda: gw.routing_mode_now() == "tokens")
+            await until_async(lambda: gw.routing_mode_now() == "tokens", "routing by each engine's own tokenizer")
             assert len(gw.tokenizers.loaded) == 2
             body = {"messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(10, 60))}]}
             ids = build_prompt("/v1/chat/completions", body, list(gw.tokenizers.loaded.values())).ids
@@ -201,7 +204,7 @@ def test_engines_with_other_models_each_get_their_own(local_engines, start_gatew
 
 
 def test_an_engine_restarted_with_another_model_is_reverified(
-    start_gateway, until, tiny_tokenizer, tiny_models, fake_engine_module
+    start_gateway, tiny_tokenizer, tiny_models, fake_engine_module
 ):
     """Same address, new model (a pod replaced in place): the gateway notices (its probes or the feed's
     snapshot fingerprint) and verifies the new tokenizer before routing by it again."""
@@ -209,25 +212,28 @@ def test_an_engine_restarted_with_another_model_is_reverified(
 
     fake = fake_engine_module
 
-    async def serve(tokenizer: str, port: int = 0) -> web.AppRunner:
+    async def serve(tokenizer: str, port: int) -> web.AppRunner:
         runner = web.AppRunner(fake.build_app(fake.FakeConfig(tokenizer=tokenizer, block_size=8)))
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port).start()
         return runner
 
     async def main():
-        runner = await serve(tiny_tokenizer)
-        port = runner.addresses[0][1]
+        port = reserve_port()  # held: nothing else takes it while the engine is replaced
+        runner = await serve(tiny_tokenizer, port)
         url = f"http://127.0.0.1:{port}"
         try:
             async with start_gateway([url]) as gw:
                 ep = gw.pool.endpoints[url]
-                await until(lambda: ep.tokenizer is not None)
+                await until_async(lambda: ep.tokenizer is not None, "the first tokenizer")
                 first = ep.tokenizer.fingerprint
                 await runner.cleanup()
                 runner = await serve(tiny_models["qwen3"], port)
-                await until(lambda: ep.tokenizer is not None and ep.tokenizer.fingerprint != first)
-                assert ep.cache.tokenizer in (None, ep.tokenizer.fingerprint)
+                await until_async(
+                    lambda: ep.tokenizer is not None and ep.tokenizer.fingerprint != first and ep.cache.is_precise,
+                    "the new tokenizer verified and the new engine's feed snapshot",
+                )
+                assert ep.cache.tokenizer == ep.tokenizer.fingerprint  # the feed's hashes are the new tokenizer's
                 assert list(gw.tokenizers.loaded) == [ep.tokenizer.fingerprint]  # the old one is dropped
         finally:
             await runner.cleanup()

@@ -17,8 +17,10 @@ from collections.abc import Iterator
 
 import yaml
 from helm_tool import CHART, REPO
-from op_harness import BIN, Kubectl, _free_port, wait_for
+from op_harness import BIN, Kubectl
 from openapi_stub import OpenAPIEmulatorThread
+from poll import until
+from procs import reserve_port
 from rbac_rules import Call, calls_of
 
 RELEASE, RELEASE_NS = "nanoserve", "nanoserve"
@@ -59,7 +61,7 @@ def sdk_install(kubeconfig: str, values: dict) -> dict:
 
 
 def operator_command(deployment: dict, port: int) -> tuple[list[str], dict]:
-    """The chart's container command and env, with the liveness endpoint moved to a free local port."""
+    """The chart's container command and env, with the liveness endpoint moved to a local port held for it."""
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     args = [
         re.sub(r"^--liveness=http://0\.0\.0\.0:\d+", f"--liveness=http://127.0.0.1:{port}", a)
@@ -104,7 +106,7 @@ def installed_chart(
         for ns, crs in [*isvcs.items(), *unserved.items()]:
             for cr in crs:
                 kubectl.apply(cr, ns)
-        port = _free_port()
+        port = reserve_port()
         cmd, env = operator_command(deployment, port)
         log_path = tmp / "operator.log"
         with open(log_path, "w") as log:
@@ -124,14 +126,14 @@ def installed_chart(
             try:
                 for ns, crs in isvcs.items():
                     for cr in crs:
-                        wait_for(
+                        until(
                             lambda cr=cr, ns=ns: _handled(kubectl, proc, log_path, cr["metadata"]["name"], ns),
-                            60,
                             f"the operator to handle {ns}/{cr['metadata']['name']}",
+                            60,
                         )
                 # And one round of its resync loop over them (it reads each one afresh).
                 wanted = {_isvc_path(ns, cr["metadata"]["name"]) for ns, crs in isvcs.items() for cr in crs}
-                wait_for(lambda: wanted <= _operator_gets(em, token), 60, "a resync of every InferenceService")
+                until(lambda: wanted <= _operator_gets(em, token), "a resync of every InferenceService", 60)
             finally:
                 proc.terminate()
                 proc.wait(30)

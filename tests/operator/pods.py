@@ -4,8 +4,9 @@ A `Pod` takes a rendered Deployment and starts its container: the image's ENV (f
 the container's env, the container's command and args, each volume mount as a folder of its own (paths in
 args and env follow the mount), the image's WORKDIR as the working directory, and a loopback address as
 the pod's IP. Only the listening port is changed: the pods share this machine's port space, so each takes
-a free port, and its EndpointSlice says which (`endpoint_slice`). As in the gateway image, a gateway pod
-finds no torch; pods get the tests' OpenMP thread count (they share this machine's cores).
+a port held for it (tests/procs.py), and its EndpointSlice says which (`endpoint_slice`). As in the gateway
+image, a gateway pod finds no torch; pods get the tests' OpenMP thread count (they share this machine's
+cores).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from dockerfile_parse import instructions
 from op_harness import REPO
-from procs import free_port, wait_http
+from procs import reserve_port, wait_http
 
 BIN = Path(sys.executable).parent  # the image's /opt/venv/bin: console scripts beside this python
 DOCKERFILES = {"engine": REPO / "docker" / "engine.Dockerfile", "gateway": REPO / "docker" / "gateway.Dockerfile"}
@@ -47,7 +48,7 @@ class Pod:
         spec = deployment["spec"]["template"]["spec"]
         (self.container,) = spec["containers"]
         self.component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
-        self.ip, self.port = ip, free_port(ip)
+        self.ip, self.port = ip, reserve_port(ip)
         self.url = f"http://{ip}:{self.port}"
         self.grace = spec.get("terminationGracePeriodSeconds", 30)
         self.root = root

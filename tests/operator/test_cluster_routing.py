@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from conversations import Conversation, chat, run_conversations, total_hits
-from op_harness import NAMESPACE, wait_for
+from op_harness import NAMESPACE
 from pods import Pod, endpoint_slice
+from poll import until, until_async
 
 from nanoserve.gateway.endpoints import engine_id
 
@@ -61,7 +62,7 @@ class Stack:
 
     def rendered(self, component: str, kubectl, where=lambda dep: True) -> dict:
         """The component's Deployment once the operator has rendered it as `where` wants it."""
-        return wait_for(
+        return until(
             lambda: (d := kubectl.get("deployment", f"{self.name}-{component}")) and where(d) and d,
             what=f"the {component} Deployment",
         )
@@ -85,7 +86,8 @@ def seed_model(pod: Pod, variant: str, default_model_path: str, tiny_model: str)
 
 
 def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_path: str, tiny_models) -> Stack:
-    """`kubectl apply` the variant's InferenceService and start the engine pods it renders (not yet ready)."""
+    """`kubectl apply` the variant's InferenceService and start the engine pods and the gateway pod it renders
+    (not yet ready: the gateway finds the engines by their EndpointSlices once they are)."""
     v = VARIANTS[variant]
     name, net = f"routed-{variant}", next(_subnet)
     tmp = tmp_path_factory.mktemp(name)
@@ -115,6 +117,7 @@ def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_
             pod = Pod(engine_dep, f"127.0.{net}.{10 + i}", tmp / f"engine-{i}")
             seed_model(pod, variant, default_model_path, tiny_models["qwen3"])
             stack.engines.append(pod.start())
+        stack.gateway = stack.gateway_pod(stack.rendered("gateway", kubectl), f"127.0.{net}.2").start()
     except BaseException:
         end_stack(stack, kubectl)
         raise
@@ -122,12 +125,10 @@ def begin_stack(variant: str, kubectl, cluster, tmp_path_factory, default_model_
 
 
 def finish_stack(stack: Stack, kubectl) -> None:
-    """Once its engines are ready: their EndpointSlices, then the gateway the operator rendered, ready."""
+    """Once its engines are ready: their EndpointSlices, then the gateway, ready (it routes to them)."""
     for pod in stack.engines:
         pod.wait_ready()
         kubectl.apply(endpoint_slice(f"{stack.name}-engine", pod))  # ready: the endpoints controller lists it
-    net = stack.engines[0].ip.rsplit(".", 1)[0]
-    stack.gateway = stack.gateway_pod(stack.rendered("gateway", kubectl), f"{net}.2").start()
     stack.gateway.wait_ready()
 
 
@@ -185,12 +186,13 @@ async def gateway_metrics(session: aiohttp.ClientSession, gw: Pod) -> dict[str, 
     }
 
 
-async def wait_metric(session, gw: Pod, key: str, want: float | None, timeout: float = 30.0) -> None:
+async def wait_metric(session, gw: Pod, key: str, want: float | None) -> None:
     """Until the gateway's metric sample `key` has value `want` (None: until it is gone)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while (await gateway_metrics(session, gw)).get(key) != want:
-        assert asyncio.get_running_loop().time() < deadline, f"{key} never became {want}"
-        await asyncio.sleep(0.1)
+
+    async def reached() -> bool:
+        return (await gateway_metrics(session, gw)).get(key) == want
+
+    await until_async(reached, f"{key} to be {want}")
 
 
 @pytest.mark.parametrize("stack", list(VARIANTS), indirect=True)

@@ -8,7 +8,8 @@ import itertools
 import json
 
 import pytest
-from op_harness import NAMESPACE, Operator, wait_for
+from op_harness import NAMESPACE, Operator
+from poll import until
 
 _ids = itertools.count()
 
@@ -42,7 +43,7 @@ def reconciled(kubectl, name: str, namespace: str = NAMESPACE) -> dict:
         st = (obj or {}).get("status", {})
         return obj if st.get("observedGeneration") == obj["metadata"]["generation"] else None
 
-    return wait_for(check, what=f"status of {name}")
+    return until(check, what=f"status of {name}")
 
 
 HPA = "horizontalpodautoscalers.v2.autoscaling"  # the version the operator writes (the emulator keeps each apart)
@@ -80,7 +81,7 @@ def play_deployment_controller(kubectl, dep: dict, ready: int | None = None) -> 
 def test_create_makes_owned_children_and_status(kubectl, name):
     kubectl.apply(isvc(name=name))
     obj = reconciled(kubectl, name)
-    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 9 and k, what="9 children")
+    kids = until(lambda: (k := children(kubectl, name)) and len(k) == 9 and k, what="9 children")
     kinds = {"Deployment", "Service", "ServiceAccount", "Role", "RoleBinding", "PodDisruptionBudget"}
     assert {kind for kind, _ in kids} == kinds
     for child in kids.values():
@@ -97,7 +98,7 @@ def test_create_makes_owned_children_and_status(kubectl, name):
 
 def test_ready_follows_the_deployments(kubectl, name):
     kubectl.apply(isvc(name=name))
-    kids = wait_for(lambda: (k := children(kubectl, name)) and len(k) == 9 and k, what="children")
+    kids = until(lambda: (k := children(kubectl, name)) and len(k) == 9 and k, what="children")
     play_deployment_controller(kubectl, kids["Deployment", f"{name}-engine"])
     play_deployment_controller(kubectl, kids["Deployment", f"{name}-gateway"])
     kubectl("wait", "-n", NAMESPACE, f"isvc/{name}", "--for=condition=Ready", "--timeout=30s")
@@ -106,14 +107,14 @@ def test_ready_follows_the_deployments(kubectl, name):
     assert condition(obj, "Progressing")["status"] == "False"
 
     play_deployment_controller(kubectl, kubectl.get("deployment", f"{name}-engine"), ready=0)  # a pod died
-    wait_for(lambda: condition(kubectl.get("isvc", name), "Ready").get("status") == "False", what="not Ready")
+    until(lambda: condition(kubectl.get("isvc", name), "Ready").get("status") == "False", what="not Ready")
 
 
 def test_kubectl_scale_patches_the_engine_deployment(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
     kubectl("scale", "-n", NAMESPACE, f"isvc/{name}", "--replicas=3")
-    wait_for(
+    until(
         lambda: (kubectl.get("deployment", f"{name}-engine") or {}).get("spec", {}).get("replicas") == 3,
         what="engine replicas 3",
     )
@@ -130,7 +131,7 @@ def test_image_change_rolls_the_engine(kubectl, name):
         dep = kubectl.get("deployment", f"{name}-engine")
         return dep if dep["spec"]["template"]["spec"]["containers"][0]["image"] == "engine:v2" else None
 
-    after = wait_for(rolled, what="new engine image")
+    after = until(rolled, what="new engine image")
     assert int(after["metadata"]["generation"]) > int(before["metadata"]["generation"])  # a new rollout
     assert after["metadata"]["uid"] == before["metadata"]["uid"]  # patched, not recreated
 
@@ -138,15 +139,15 @@ def test_image_change_rolls_the_engine(kubectl, name):
 def test_children_deleted_or_edited_by_hand_are_restored(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
-    engine = wait_for(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine")
+    engine = until(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine")
     kubectl("delete", "-n", NAMESPACE, "deployment", f"{name}-engine")
     kubectl("delete", "-n", NAMESPACE, "service", name)
-    back = wait_for(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine recreated")
+    back = until(lambda: kubectl.get("deployment", f"{name}-engine"), what="engine recreated")
     assert back["metadata"]["uid"] != engine["metadata"]["uid"]
-    wait_for(lambda: kubectl.get("service", name), what="gateway service recreated")
+    until(lambda: kubectl.get("service", name), what="gateway service recreated")
 
     kubectl("set", "image", "-n", NAMESPACE, f"deployment/{name}-engine", "engine=evil:latest")
-    wait_for(
+    until(
         lambda: (
             kubectl.get("deployment", f"{name}-engine")["spec"]["template"]["spec"]["containers"][0]["image"]
             == engine["spec"]["template"]["spec"]["containers"][0]["image"]
@@ -157,9 +158,9 @@ def test_children_deleted_or_edited_by_hand_are_restored(kubectl, name):
 
 def test_disabling_the_gateway_removes_it(kubectl, name):
     kubectl.apply(isvc(name=name))
-    wait_for(lambda: kubectl.get("deployment", f"{name}-gateway"), what="gateway")
+    until(lambda: kubectl.get("deployment", f"{name}-gateway"), what="gateway")
     kubectl("patch", "-n", NAMESPACE, f"isvc/{name}", "--type=merge", "-p", '{"spec": {"gateway": {"enabled": false}}}')
-    wait_for(lambda: kubectl.get("deployment", f"{name}-gateway") is None, what="gateway removed")
+    until(lambda: kubectl.get("deployment", f"{name}-gateway") is None, what="gateway removed")
     obj = reconciled(kubectl, name)
     engine = {
         ("Deployment", f"{name}-engine"),
@@ -172,7 +173,7 @@ def test_disabling_the_gateway_removes_it(kubectl, name):
 
 def test_autoscaling_adds_an_hpa_on_the_service_and_removing_it_deletes_it(kubectl, name):
     kubectl.apply(isvc({"autoscaling": {"maxReplicas": 3}}, name=name))
-    hpa = wait_for(lambda: kubectl.get(HPA, f"{name}-engine"), what="the HPA")
+    hpa = until(lambda: kubectl.get(HPA, f"{name}-engine"), what="the HPA")
     assert hpa["spec"]["scaleTargetRef"] == {
         "apiVersion": "serving.nanoserve.io/v1alpha1",
         "kind": "InferenceService",
@@ -180,18 +181,18 @@ def test_autoscaling_adds_an_hpa_on_the_service_and_removing_it_deletes_it(kubec
     }
     assert hpa["metadata"]["ownerReferences"][0]["name"] == name
     kubectl("patch", "-n", NAMESPACE, f"isvc/{name}", "--type=merge", "-p", '{"spec": {"autoscaling": null}}')
-    wait_for(lambda: kubectl.get(HPA, f"{name}-engine") is None, what="the HPA removed")
+    until(lambda: kubectl.get(HPA, f"{name}-engine") is None, what="the HPA removed")
 
 
 def test_a_network_policy_comes_and_goes_with_its_switch(kubectl, name):
     kubectl.apply(isvc({"networkPolicy": {"enabled": True}}, name=name))
-    policy = wait_for(lambda: kubectl.get("networkpolicy", f"{name}-engine"), what="the network policy")
+    policy = until(lambda: kubectl.get("networkpolicy", f"{name}-engine"), what="the network policy")
     assert policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == (
         "gateway"
     )
     patch = '{"spec": {"networkPolicy": {"enabled": false}}}'
     kubectl("patch", "-n", NAMESPACE, f"isvc/{name}", "--type=merge", "-p", patch)
-    wait_for(lambda: kubectl.get("networkpolicy", f"{name}-engine") is None, what="the network policy removed")
+    until(lambda: kubectl.get("networkpolicy", f"{name}-engine") is None, what="the network policy removed")
 
 
 INVALID = {
@@ -211,7 +212,7 @@ def test_invalid_specs_are_rejected_by_the_api(kubectl, spec, needle):
 
 def test_missing_model_volume_is_degraded_until_it_appears(kubectl, name):
     kubectl.apply(isvc({"model": {"pvc": f"{name}-models", "path": "qwen3"}}, name=name))
-    wait_for(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "True", what="Degraded")
+    until(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "True", what="Degraded")
     obj = kubectl.get("isvc", name)
     assert condition(obj, "Degraded")["reason"] == "ModelVolumeMissing"
     assert f"{name}-models" in condition(obj, "Degraded")["message"]
@@ -224,7 +225,7 @@ def test_missing_model_volume_is_degraded_until_it_appears(kubectl, name):
             "spec": {"accessModes": ["ReadOnlyMany"], "resources": {"requests": {"storage": "1Gi"}}},
         }
     )
-    wait_for(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "False", what="Degraded cleared")
+    until(lambda: condition(kubectl.get("isvc", name), "Degraded").get("status") == "False", what="Degraded cleared")
 
 
 def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
@@ -232,16 +233,14 @@ def test_operator_restart_creates_no_duplicates(kubectl, cluster, tmp_path):
     op = Operator(cluster.env, ns, tmp_path / "kopf.log").start()
     try:
         kubectl.apply(isvc(name=name), namespace=ns)
-        before = wait_for(lambda: (k := children(kubectl, name, ns)) and len(k) == 9 and k, what="children")
+        before = until(lambda: (k := children(kubectl, name, ns)) and len(k) == 9 and k, what="children")
     finally:
         op.stop()
     log_size = len((tmp_path / "kopf.log").read_text())
     op.start()
     try:
         # The new process resumes the object: its handler runs once more against the same children.
-        wait_for(
-            lambda: "'on_change' succeeded" in (tmp_path / "kopf.log").read_text()[log_size:], what="resume handler"
-        )
+        until(lambda: "'on_change' succeeded" in (tmp_path / "kopf.log").read_text()[log_size:], what="resume handler")
         after = children(kubectl, name, ns)
     finally:
         op.stop()
@@ -256,24 +255,24 @@ def test_an_inference_service_deletes_while_the_operator_is_down(kubectl, cluste
     try:
         kubectl.apply(isvc(name=name), namespace=ns)
         obj = reconciled(kubectl, name, ns)
-        wait_for(lambda: kubectl.get("deployment", f"{name}-engine", ns), what="children")
+        until(lambda: kubectl.get("deployment", f"{name}-engine", ns), what="children")
     finally:
         op.stop()
     assert not obj["metadata"].get("finalizers")
     kubectl("delete", "-n", ns, f"isvc/{name}", "--wait=false")
-    wait_for(lambda: kubectl.get("isvc", name, ns) is None, what=f"{name} deleted with no operator running")
+    until(lambda: kubectl.get("isvc", name, ns) is None, what=f"{name} deleted with no operator running")
 
 
 def test_deleting_the_service_stops_reconciling_it(kubectl, name):
     kubectl.apply(isvc(name=name))
     reconciled(kubectl, name)
     kubectl("delete", "-n", NAMESPACE, f"isvc/{name}", "--wait=false")
-    wait_for(lambda: kubectl.get("isvc", name) is None, what=f"{name} deleted")
+    until(lambda: kubectl.get("isvc", name) is None, what=f"{name} deleted")
     # No garbage collector here; in a cluster the owner references (checked above) remove the children.
     # What the operator must not do is fight that: a child deleted now stays deleted.
     kubectl("delete", "-n", NAMESPACE, "deployment", f"{name}-engine")
     kubectl.apply(isvc(name=f"{name}-probe"))  # a later reconcile proves the operator kept running
     reconciled(kubectl, f"{name}-probe")
-    wait_for(lambda: kubectl.get("deployment", f"{name}-probe-engine"), what="probe children")
+    until(lambda: kubectl.get("deployment", f"{name}-probe-engine"), what="probe children")
     assert kubectl.get("deployment", f"{name}-engine") is None
     kubectl("delete", "-n", NAMESPACE, f"isvc/{name}-probe", "--wait=false")

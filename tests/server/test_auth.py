@@ -9,6 +9,7 @@ import sys
 import aiohttp
 import prelaunch
 import pytest
+from poll import until_async
 from procs import ServerProcess
 
 from nanoserve.engine_pod.auth import KeyRing, load_api_keys
@@ -88,11 +89,10 @@ def check_gateway_own_calls_carry_its_key(keyed):
         )
         async with serve(config) as gw:
             ep = gw.pool.endpoints[keyed.url]
-            for _ in range(500):  # bounded wait for the feed's snapshot, the tokenizer and a scrape
-                if ep.cache.is_precise and ep.tokenizer is not None and ep.metrics_at > 0:
-                    break
-                await asyncio.sleep(0.02)
-            assert ep.cache.is_precise and ep.tokenizer is not None and ep.metrics_at > 0
+            await until_async(
+                lambda: ep.cache.is_precise and ep.tokenizer is not None and ep.metrics_at > 0,
+                "the keyed engine's feed snapshot, tokenizer and a /metrics scrape",
+            )
 
     asyncio.run(main())
 

@@ -22,15 +22,16 @@ def test_default_model_answers_chat(default_server):
     assert "Paris" in text
 
 
-def test_64_concurrent_streams_give_the_non_streaming_text(default_server):
+def test_32_concurrent_streams_give_the_non_streaming_text(default_server):
     """Each prompt is sent twice at once, streaming and not: the two run in the same engine steps, so the
-    greedy tokens are the same, and the streamed deltas must add up to exactly the whole text."""
+    greedy tokens are the same, and the streamed deltas must add up to exactly the whole text (also where
+    a character spans several tokens: the emoji, the dash, the guillemet, the accent)."""
     import asyncio
 
     client = openai.AsyncOpenAI(base_url=f"{default_server.url}/v1", api_key="unused", max_retries=0)
     topics = ["The sea", "In Paris,", "A cat", "def main():", "Trees", "The moon 🌙", "Bread is", "Café"]
-    prompts = [f"{t} {w}" for w in ("and", "so", "then", "but", "with", "—", "«", "1.") for t in topics]
-    params = dict(model="smollm2-135m", max_tokens=5, temperature=0)  # 128 rows a step: slow on a CPU
+    prompts = [f"{t} {w}" for w in ("and", "—", "«", "1.") for t in topics]
+    params = dict(model="smollm2-135m", max_tokens=5, temperature=0)  # 64 rows a step: slow on a CPU
 
     async def streamed(p: str) -> str:
         chunks = await client.completions.create(prompt=p, stream=True, **params)
@@ -43,4 +44,4 @@ def test_64_concurrent_streams_give_the_non_streaming_text(default_server):
         return await asyncio.gather(asyncio.gather(*map(streamed, prompts)), asyncio.gather(*map(whole, prompts)))
 
     got, want = asyncio.run(main())
-    assert len(prompts) == 64 and got == want and len(set(want)) > 24
+    assert len(prompts) == 32 and got == want and len(set(want)) > 24

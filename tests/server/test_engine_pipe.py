@@ -9,6 +9,7 @@ import threading
 import time
 
 import uvloop
+from poll import until_async
 
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.engine_core import EngineCounts, StepOutput
@@ -35,8 +36,7 @@ def test_a_step_message_written_in_pieces_arrives_whole_on_uvloop():
 
         writer = threading.Thread(target=write_slowly)
         writer.start()
-        while engine.counts.running != 5 and engine.error is None:
-            await asyncio.sleep(0.01)
+        await until_async(lambda: engine.counts.running == 5 or engine.error is not None, "the step message, whole")
         writer.join()
         return engine.error, engine.counts
 

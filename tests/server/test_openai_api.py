@@ -1,10 +1,11 @@
 """The official openai client against a real server: completions and chat, streamed and not."""
 
 import asyncio
+import urllib.request
 
-import aiohttp
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @pytest.fixture(scope="module")
@@ -100,25 +101,25 @@ def test_32_concurrent_streams_are_batched(tiny_server):
             tokens = c.usage.completion_tokens if c.usage else tokens
         return text, tokens
 
-    async def max_running(done):
-        seen = 0
-        async with aiohttp.ClientSession() as http:
-            while not done.is_set():
-                async with http.get(f"{tiny_server.url}/metrics") as r:
-                    body = await r.text()
-                for line in body.splitlines():
-                    if line.startswith("vllm:num_requests_running{"):
-                        seen = max(seen, float(line.split()[-1]))
-                await asyncio.sleep(0.005)
-        return seen
-
     async def main():
-        done = asyncio.Event()
-        watcher = asyncio.create_task(max_running(done))
-        texts = await asyncio.gather(*(stream(i) for i in range(32)))
-        done.set()
-        return texts, await watcher
+        return await asyncio.gather(*(stream(i) for i in range(32)))
 
-    results, running = asyncio.run(main())
+    before = engine_steps(tiny_server.url)  # the server is shared: earlier tests' steps are counted too
+    results = asyncio.run(main())
+    steps = engine_steps(tiny_server.url) - before
     assert len(results) == 32 and all(tokens == 48 and text for text, tokens in results)
-    assert running > 1
+    # One request a step would take 32 * 48 steps (each makes one token of one request, each counted
+    # before its token is sent): fewer means steps that served several requests at once.
+    assert steps < 32 * 48, steps
+
+
+def engine_steps(url: str) -> float:
+    """Engine steps so far (the count of vllm:iteration_tokens_total, one observation a step)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "vllm:iteration_tokens_total_count"
+    )

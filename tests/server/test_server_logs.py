@@ -4,9 +4,13 @@ periodic throughput line while there is work."""
 
 import asyncio
 import re
+from collections import Counter
 
 import openai
+import prelaunch
 import pytest
+from poll import until_async
+from procs import ServerProcess
 
 from nanoserve.engine_pod import server_logs
 
@@ -30,10 +34,17 @@ def test_banner_and_access_lines(tiny_server):
     assert not re.search(r"GET /ready \d+", out)  # probes log at DEBUG only
 
 
-def test_disable_log_requests(start_server, tiny_models):
-    server = start_server(
-        tiny_models["qwen3"], "--num-kvcache-blocks", "64", "--disable-log-requests", "--log-level", "WARNING"
-    )
+# Started ahead of its test (tests/prelaunch.py).
+quiet_server = prelaunch.server_fixture(
+    "quiet_server",
+    lambda get: ServerProcess(
+        get("tiny_models")["qwen3"], "--num-kvcache-blocks", "64", "--disable-log-requests", "--log-level", "WARNING"
+    ),
+)
+
+
+def test_disable_log_requests(quiet_server, tiny_models):
+    server = quiet_server
     openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0).completions.create(
         model=tiny_models["qwen3"], prompt="w5", max_tokens=2
     )
@@ -46,8 +57,19 @@ def test_stats_line_reports_throughput_while_there_is_work():
         running, kv_usage = 2, 0.25
 
     class Engine:
-        prompt_tokens_total = generation_tokens_total = 0
+        """Its totals: 0 when the stats loop starts, then 500 prompt and 200 generated tokens."""
+
         counts, num_waiting, prefix_queries, prefix_hits = Counts(), 1, 100, 40
+
+        def __init__(self) -> None:
+            self.reads: Counter[str] = Counter()
+
+        def _total(self, name: str, later: int) -> int:
+            self.reads[name] += 1
+            return 0 if self.reads[name] == 1 else later
+
+        prompt_tokens_total = property(lambda self: self._total("prompt", 500))
+        generation_tokens_total = property(lambda self: self._total("generation", 200))
 
     engine = Engine()
     lines = []
@@ -58,10 +80,7 @@ def test_stats_line_reports_throughput_while_there_is_work():
 
     async def go():
         task = asyncio.ensure_future(server_logs.log_stats(engine, interval=0.01))
-        await asyncio.sleep(0)  # it has read the totals so far
-        engine.prompt_tokens_total, engine.generation_tokens_total = 500, 200
-        while not lines:
-            await asyncio.sleep(0.005)
+        await until_async(lambda: lines, "a stats line")
         task.cancel()
 
     original, server_logs.stats = server_logs.stats, Catch()

@@ -12,7 +12,7 @@ import sys
 import aiohttp
 import prelaunch
 import pytest
-from procs import free_port, wait_http
+from procs import reserve_port, wait_http
 
 
 def spawned_children(pid: int) -> list[int]:
@@ -39,16 +39,26 @@ async def _probe(url: str) -> dict[str, list[int]]:
             await asyncio.sleep(0.01)
 
 
+EARLY, LATE = 8, 10  # requests sent while the engine steps (max-num-seqs 4: half run, half wait), and after
+
+
+def streamed(i: int) -> bool:
+    """Early requests alternate; late ones stream: their headers say the server has submitted them."""
+    return i % 2 == 0 or i >= EARLY
+
+
 async def _kill_mid_generation(url: str, worker: int):
     """Requests running, waiting in the scheduler and waiting in the engine's inbox when the worker dies."""
     async with aiohttp.ClientSession() as s:
         streaming = asyncio.Event()  # a stream has its first token: the engine is stepping
+        submitted = [asyncio.Event() for _ in range(EARLY + LATE)]  # a stream's headers are in
 
         async def one(i: int):
-            body = {"prompt": [i + 3] * 20, "max_tokens": 400, "ignore_eos": True, "stream": i % 2 == 0}
+            body = {"prompt": [i + 3] * 20, "max_tokens": 400, "ignore_eos": True, "stream": streamed(i)}
             async with s.post(url + "/v1/completions", json=body) as r:
                 if not body["stream"]:
                     return r.status, await r.json()
+                submitted[i].set()  # the server sends a stream's headers once the engine has the request
                 events = []
                 async for line in r.content:
                     if line.startswith(b"data: "):
@@ -56,16 +66,12 @@ async def _kill_mid_generation(url: str, worker: int):
                         streaming.set()
                 return r.status, events
 
-        tasks = [asyncio.create_task(one(i)) for i in range(8)]  # max-num-seqs 4: half run, half wait
+        tasks = [asyncio.create_task(one(i)) for i in range(EARLY)]
         await asyncio.wait_for(streaming.wait(), 60)
-        # Stopped, the worker holds rank 0 in a collective: what comes now stays in the inbox. Spread over a
-        # second, these requests notice the dead engine at different times (they check each second), so the
-        # failed server is still up for a while to answer /ready.
+        # Stopped, the worker holds rank 0 in a collective: what comes now stays in the inbox.
         os.kill(worker, signal.SIGSTOP)
-        for i in range(8, 18):
-            await asyncio.sleep(0.1)
-            tasks.append(asyncio.create_task(one(i)))
-        await asyncio.sleep(0.1)
+        tasks += [asyncio.create_task(one(i)) for i in range(EARLY, EARLY + LATE)]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in submitted[EARLY:])), 60)
         os.kill(worker, signal.SIGKILL)
         probe = asyncio.create_task(_probe(url))
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)  # the bound of issue 16
@@ -77,7 +83,7 @@ VICTIMS = ["tp worker", "engine core"]
 
 def launch_server(victim: str, get) -> tuple[subprocess.Popen, str, pathlib.Path]:
     """The server whose `victim` the test kills: (process, url, log)."""
-    port = free_port()
+    port = reserve_port()
     log = get("tmp_path_factory").mktemp("tp-faults") / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -135,7 +141,7 @@ def test_a_killed_engine_process_ends_every_request_with_an_error_and_the_server
             died = f"the engine core process (pid {pid}) closed its pipe and exited (signal SIGKILL)"
         results, probed = asyncio.run(_kill_mid_generation(url, pid))
         for i, (status, answer) in enumerate(results):
-            if i % 2 == 0:  # streamed: it had started, and it ends with an error event instead of [DONE]
+            if streamed(i):  # it had started, and it ends with an error event instead of [DONE]
                 error = json.loads(answer[-1])["error"]
                 assert status == 200 and error["code"] == "engine_failed" and died in error["message"], answer[-1]
             else:
