@@ -26,7 +26,7 @@ python -c "import xgrammar" || echo "xgrammar did not install: see $OUT/pip.log"
 # The repo's folders as the nanoserve package, without installing it (the image has no network).
 PKG=/tmp/nanoserve-pkg
 mkdir -p $PKG/nanoserve
-cp nanoserve_pkg/__init__.py $PKG/nanoserve/
+for f in nanoserve_pkg/*.py; do ln -sfn "$PWD/$f" "$PKG/nanoserve/$(basename "$f")"; done  # cli.py, up.py
 for d in engine_pod kernels common gateway operator; do ln -sfn "$PWD/$d" "$PKG/nanoserve/$d"; done
 export PYTHONSAFEPATH=1 PYTHONPATH=$PKG${PYTHONPATH:+:$PYTHONPATH} PYTHONFAULTHANDLER=1 NCCL_DEBUG=WARN
 python - <<'PY' > "$OUT/env.txt" 2>&1
@@ -79,7 +79,7 @@ want routing && run 420 python bench/routing.py --gpu --model qwen3-0.6b --syste
 MODEL=$(python -c 'import sys; sys.path.insert(0, "bench"); from common import qwen3_0_6b_path; print(qwen3_0_6b_path())')
 serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the gateway, the serving runs
   local label=$1; shift
-  env "$@" python -m nanoserve.engine_pod.cli serve --model "$MODEL" --host 127.0.0.1 --port 8700 \
+  env "$@" python -m nanoserve.cli serve --model "$MODEL" --host 127.0.0.1 --port 8700 \
     --served-model-name bench --max-num-batched-tokens 16384 >>"$OUT/serve.log" 2>&1 & local srv=$!
   python -m nanoserve.gateway --host 127.0.0.1 --port 8701 --engine http://127.0.0.1:8700 --log-level WARNING \
     >>"$OUT/gateway.log" 2>&1 & local gw=$!

@@ -201,7 +201,7 @@ def start_servers(args) -> tuple[str, str, list[subprocess.Popen]]:
             [
                 sys.executable,
                 "-m",
-                "nanoserve.engine_pod.cli",
+                "nanoserve.cli",
                 "serve",
                 "--model",
                 args.model,

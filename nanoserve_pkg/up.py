@@ -76,7 +76,7 @@ def start_engine(
     cmd = [
         sys.executable,
         "-m",
-        "nanoserve.engine_pod.cli",
+        "nanoserve.cli",
         "serve",
         *engine_argv(engine_kwargs),
         "--host",

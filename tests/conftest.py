@@ -22,8 +22,8 @@ def _relink_if_stale() -> None:
     import nanoserve
 
     tree = pathlib.Path(nanoserve.__file__).parent
-    if tree.resolve() == (REPO / "nanoserve_pkg").resolve():
-        return  # not a link tree (a plain path install, as on the GPU machine)
+    if REPO / "build" not in tree.parents:
+        return  # not this checkout's link tree (the GPU machine links the folders itself, bench/gpu_all.sh)
     linked = {q.relative_to(tree).as_posix() for q in tree.rglob("*.py")}
     present = {
         (f"{key}/" if key else "") + q.relative_to(REPO / folder).as_posix()

@@ -57,7 +57,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "nanoserve.engine_pod.cli",
+            "nanoserve.cli",
             "serve",
             *(["--model", model] if model else []),
             "--host",

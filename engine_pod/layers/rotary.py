@@ -12,7 +12,7 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> tuple[tor
     """The rotary frequencies of each pair of dimensions, and the factor on cos and sin (YaRN's attention
     factor; 1 for the others). `scaling` as rope_params.rope_parameters gives it."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = scaling["rope_type"]
+    kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / scaling["factor"], 1.0
     if kind == "llama3":

@@ -156,7 +156,7 @@ def test_every_flag_has_help_with_its_default(capsys, command):
     for flag, entry in entries.items():
         if flag != "-h":
             assert "(default: " in entry, entry
-    assert "(default: the model's max_position_embeddings" in entries["--max-model-len"]
+    assert "(default: the model's length: max_position_embeddings" in entries["--max-model-len"]
     if command == "serve":
         assert {"MODEL", "--host", "--api-key", "--chat-template"} <= entries.keys()
         assert "(default: cuda when available)" in entries["--device"]

@@ -103,7 +103,7 @@ def real_engine(model: str, log: Path, *engine_args: str) -> EngineProcess:
     args = [
         sys.executable,
         "-m",
-        "nanoserve.engine_pod.cli",
+        "nanoserve.cli",
         "serve",
         "--model",
         model,

@@ -26,7 +26,7 @@ def fuzz_gateway(real_engine_pool, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "nanoserve.engine_pod.cli",
+            "nanoserve.cli",
             "gateway",
             "--host",
             "127.0.0.1",

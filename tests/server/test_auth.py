@@ -148,7 +148,7 @@ def launch_serve_without_keys(get) -> subprocess.Popen:
     cmd = [
         sys.executable,
         "-m",
-        "nanoserve.engine_pod.cli",
+        "nanoserve.cli",
         "serve",
         "--model",
         get("tiny_models")["qwen3"],

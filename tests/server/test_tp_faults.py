@@ -90,7 +90,7 @@ def launch_server(victim: str, get) -> tuple[subprocess.Popen, str, pathlib.Path
             [
                 sys.executable,
                 "-m",
-                "nanoserve.engine_pod.cli",
+                "nanoserve.cli",
                 "serve",
                 "--model",
                 get("tiny_models")["qwen3"],
