@@ -10,9 +10,9 @@ stores every token's KV before any attention reads it): the prompt is computed o
 from nanoserve.engine_pod.chat_output import ChatOutput
 from nanoserve.engine_pod.engine_request import TokenDelta
 from nanoserve.engine_pod.openai_protocol import ParsedRequest
-from nanoserve.engine_pod.sampler import TokenLogprobs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.text_stream import TextStream
+from nanoserve.engine_pod.token_logprobs import TokenLogprobs
 
 _UNSCORED = TokenLogprobs(0.0, 0, [])  # the prompt's first token: nothing before it to score it
 

@@ -50,7 +50,7 @@ class StepOutput:
     preemptions: int
     num_tokens: int  # tokens computed in the step (prefill chunks and decodes)
     cache_events: list[tuple[str, list[int]]] = field(default_factory=list)  # ("stored"|"removed", hashes)
-    logprobs: dict[int, object] = field(default_factory=dict)  # seq_id -> its row's sampler.TokenLogprobs
+    logprobs: dict[int, object] = field(default_factory=dict)  # seq_id -> its row's token_logprobs.TokenLogprobs
     prompt_logprobs: dict[int, list] = field(default_factory=dict)  # seq_id -> its prompt's, with its first token
 
 

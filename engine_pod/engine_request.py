@@ -10,7 +10,7 @@ class TokenDelta:
     token_ids: list[int]
     finish_reason: str | None  # None while the request runs
     num_cached_tokens: int = 0
-    logprobs: list | None = None  # with params.logprobs: a sampler.TokenLogprobs per token
+    logprobs: list | None = None  # with params.logprobs: a token_logprobs.TokenLogprobs per token
     prompt_logprobs: list | None = None  # with params.prompt_logprobs, in the first delta: one per prompt token
     # from the second
 

@@ -17,7 +17,7 @@ class LLM(LLMEngine):
     ) -> list[dict]:
         """Complete every prompt (a string or a token-id list is one prompt); results come back in input order
         as dicts with "text", "token_ids" (completion only), "finish_reason" and, when asked, "logprobs" (a
-        sampler.TokenLogprobs per token). With n > 1 (or best_of), "outputs" holds the n completions (best
+        token_logprobs.TokenLogprobs per token). With n > 1 (or best_of), "outputs" holds the n completions (best
         first under best_of) and the keys above are the first one's."""
         one = isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
         batch: list = [prompts] if one else list(prompts)

@@ -20,13 +20,14 @@ from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
 from nanoserve.engine_pod.logits_processing import bad_words_ids
 from nanoserve.engine_pod.model_runner import ModelRunner
-from nanoserve.engine_pod.sampler import sampling_inputs, unpack_logprobs
+from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
 from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
 from nanoserve.engine_pod.stop import StopChecker
 from nanoserve.engine_pod.structured_output import Grammars, grammar_mask
+from nanoserve.engine_pod.token_logprobs import unpack_logprobs
 from nanoserve.engine_pod.tp_workers import Workers
 
 

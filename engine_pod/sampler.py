@@ -10,7 +10,6 @@ so its tokens do not depend on the batch around it; other rows take fresh random
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,15 +38,6 @@ class SamplingInputs:
         if self.min_p is not None:
             out["min_p"] = self.min_p
         return out | (self.processing or {})
-
-
-class TokenLogprobs(NamedTuple):
-    """A sampled token's logprob (from the raw logits, as vLLM's default logprobs mode), its rank among the
-    vocabulary (1 = the most likely) and the top tokens as (token id, logprob), most likely first."""
-
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
 
 
 def row_seed(seed: int, position: int) -> int:
@@ -138,10 +128,3 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> torch.
     top = logprobs.topk(k, -1) if k else None
     parts = [chosen, rank] + ([top.indices.float(), top.values] if top is not None else [])
     return torch.cat(parts, 1)
-
-
-def unpack_logprobs(row: np.ndarray, k: int) -> TokenLogprobs:
-    """One row of `token_logprobs`' result, with the request's own k."""
-    width = (len(row) - 2) // 2
-    ids, values = row[2 : 2 + width], row[2 + width :]
-    return TokenLogprobs(float(row[0]), int(row[1]), [(int(ids[i]), float(values[i])) for i in range(k)])

@@ -46,7 +46,7 @@ class Sequence:
         self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
         self.grammar: xgrammar.GrammarMatcher | None = None  # structured output: accepted every completion token
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine tokenizes them)
-        self.logprobs: list = []  # with params.logprobs: one sampler.TokenLogprobs per completion token
+        self.logprobs: list = []  # with params.logprobs: one token_logprobs.TokenLogprobs per completion token
         self.prompt_logprobs: list = []  # with params.prompt_logprobs: one per prompt token from the second on
         self._prompt_unique: np.ndarray | None = None
         self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)

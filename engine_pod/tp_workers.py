@@ -20,7 +20,6 @@ from multiprocessing.shared_memory import SharedMemory
 
 from nanoserve.common.ports import PortReservation
 from nanoserve.engine_pod.config import Config
-from nanoserve.engine_pod.model_runner import worker_main
 from nanoserve.engine_pod.tp_commands import TPLink
 
 log = logging.getLogger("nanoserve.engine")
@@ -71,6 +70,8 @@ class Workers:
         self.shm: SharedMemory | None = SharedMemory(name=name, create=True, size=size)
         # Workers must not put the current directory on sys.path: our operator/ folder shadows the stdlib's.
         os.environ.setdefault("PYTHONSAFEPATH", "1")
+        from nanoserve.engine_pod.model_runner import worker_main  # torch: not in the server, which only reads exits
+
         try:
             for rank in ranks:
                 proc = ctx.Process(
