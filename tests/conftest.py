@@ -10,6 +10,7 @@ import pytest
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # helper modules beside the suites (procs.py)
 import prelaunch  # noqa: E402
 import procs  # noqa: E402
+from tiny_models import build_tiny_model  # noqa: E402
 
 REPO = pathlib.Path(__file__).parent.parent
 PACKAGE_DIRS = {"": "nanoserve_pkg", "engine_pod": "engine_pod", "kernels": "kernels", "common": "common"}
@@ -44,31 +45,6 @@ _relink_if_stale()
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules:  # imported before this file (by a plugin): too late for the variable
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    initializer_range=0.25,
-    eos_token_id=None,
-    bos_token_id=None,
-    pad_token_id=None,
-)
-
-
-def build_tiny_model(folder: str, arch: str, seed: int = 0, **overrides) -> str:
-    """Save a small random model of `arch` ("llama", "qwen2", "qwen3") with its tokenizer into `folder`."""
-    from nanoserve.engine_pod.random_model import save_random_model
-
-    params = {**TINY, **overrides, "model_type": arch}
-    if arch == "qwen3":
-        params.setdefault("head_dim", 32)
-    return save_random_model(folder, params, seed=seed)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ model length each implies (YaRN extends it, a sliding window bounds it)."""
 
 import pytest
 import torch
-from conftest import build_tiny_model
 from parity import engine_greedy, hf_greedy, random_prompts
+from tiny_models import build_tiny_model
 
 from nanoserve.engine_pod.errors import ModelLoadError
 from nanoserve.engine_pod.layers.rotary import RotaryEmbedding

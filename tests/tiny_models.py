@@ -1,0 +1,25 @@
+"""Tiny random Hugging Face models with fixed seeds, built on the spot (no hub): the suites' models."""
+
+TINY = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    initializer_range=0.25,
+    eos_token_id=None,
+    bos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def build_tiny_model(folder: str, arch: str, seed: int = 0, **overrides) -> str:
+    """Save a small random model of `arch` ("llama", "qwen2", "qwen3") with its tokenizer into `folder`."""
+    from nanoserve.engine_pod.random_model import save_random_model
+
+    params = {**TINY, **overrides, "model_type": arch}
+    if arch == "qwen3":
+        params.setdefault("head_dim", 32)
+    return save_random_model(folder, params, seed=seed)
