@@ -41,7 +41,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 typecheck: setup
-	$(VENV)/bin/pyright
+	$(VENV)/bin/pyright --project pyproject.toml  # this project's settings, whatever lies in parent folders
 
 test: lint typecheck   # CI's command: the static checks, then the suite
 	$(VENV)/bin/pytest -q tests
