@@ -32,6 +32,7 @@ CUSTOM = {
     },
     "example": {"enabled": True},
     "grafanaDashboard": {"enabled": True},
+    "podMonitor": {"enabled": True, "labels": {"release": "prom"}},
 }
 VALUES = {"default": {}, "custom": CUSTOM}
 BAD = {
@@ -46,6 +47,7 @@ BAD = {
     "pull secret": {"imagePullSecrets": ["regcred"]},
     "toleration": {"tolerations": [{"operator": "Maybe"}]},
     "node selector": {"nodeSelector": {"disk": 1}},
+    "scrape interval": {"podMonitor": {"interval": "often"}},
 }
 
 
@@ -74,7 +76,7 @@ def test_every_rendered_object_is_valid_for_kubernetes_1_37(helm, values):
     objs = helm.template(values, namespace="ml")
     crs = [o for o in objs if o["kind"] == "InferenceService"]
     for obj in objs:
-        if obj not in crs:
+        if obj not in crs and obj["kind"] != "PodMonitor":  # (Prometheus Operator's kind: tested below)
             kubernetes_validate.validate(obj, "1.37", strict=True)
     schema = version_schema(yaml.safe_load(CRD_PATH.read_text()))
     for cr in crs:  # custom resources: against the CRD itself
@@ -183,3 +185,25 @@ def test_grafana_dashboard_is_a_configmap_the_sidecar_finds(helm):
     ]
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1" and cm["metadata"]["namespace"] == "mon"
     assert json.loads(cm["data"]["nanoserve.json"]) == json.loads((CHART / "dashboards" / "nanoserve.json").read_text())
+
+
+@pytest.mark.parametrize("watch", [[], ["ml", "team-b"]], ids=["cluster-wide", "namespaced"])
+def test_the_pod_monitor_selects_every_pod_the_operator_renders(helm, watch):
+    from crd_schema import default_spec
+
+    from nanoserve.operator.render import render
+
+    values = {"podMonitor": {"enabled": True, "labels": {"release": "prom"}}, "watchNamespaces": watch}
+    (monitor,) = [o for o in helm.template(values, namespace="mon") if o["kind"] == "PodMonitor"]
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["metadata"]["labels"]["release"] == "prom"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == ({"matchNames": watch} if watch else {"any": True})
+    wanted = spec["selector"]["matchLabels"].items()
+    pods = [o for o in render("demo", "ml", default_spec({})) if o["kind"] == "Deployment"]
+    assert len(pods) == 2
+    for deployment in pods:
+        template = deployment["spec"]["template"]
+        assert wanted <= template["metadata"]["labels"].items()
+        ports = {p["name"] for c in template["spec"]["containers"] for p in c["ports"]}
+        assert [e["port"] for e in spec["podMetricsEndpoints"]] == ["http"] and "http" in ports
+    assert not [o for o in helm.template({}, namespace="mon") if o["kind"] == "PodMonitor"]
