@@ -32,9 +32,9 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.watching.server_timeout = 300  # re-list now and then: a watch can stall silently
 
 
-def _reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
+def _new_status(body: kopf.Body) -> dict:
     meta = body["metadata"]
-    new = reconcile(
+    return reconcile(
         body,
         meta["name"],
         meta["namespace"],
@@ -42,7 +42,10 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
         meta.get("generation", 0),
         dict(body.get("status", {})),
     )
-    patch.status.update(new)
+
+
+def _reconcile(body: kopf.Body, patch: kopf.Patch) -> None:
+    patch.status.update(_new_status(body))
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -88,7 +91,5 @@ def resync(namespace: str, name: str) -> None:
     body = kube.get(api_version, "InferenceService", namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return
-    meta = body["metadata"]
-    owner = kopf.Body(cast(kopf.RawBody, body))
-    status = reconcile(owner, name, namespace, body["spec"], meta.get("generation", 0), body.get("status", {}))
+    status = _new_status(kopf.Body(cast(kopf.RawBody, body)))
     kube.patch_status(api_version, "InferenceService", namespace, name, status)
