@@ -144,10 +144,12 @@ def profiled(llm: LLM, batch: int) -> dict:
     from throughput import profile_phases
 
     import nanoserve.engine_pod.llm_engine as engine_module
+    import nanoserve.engine_pod.structured_output as so
 
     totals = profile_phases(llm)
     timed = functools.partial(timed_into, totals)
-    engine_module.grammar_mask = timed("grammar_mask", engine_module.grammar_mask)
+    so._fill = timed("mask_fill (its own thread)", so._fill)
+    engine_module.grammar_mask = timed("grammar_mask (rows, submit)", engine_module.grammar_mask)
     engine_module._accepts = timed("accept", engine_module._accepts)
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
     llm.step = timed("step", llm.step)

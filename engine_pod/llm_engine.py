@@ -9,6 +9,7 @@ import atexit
 import random
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,10 +24,10 @@ from nanoserve.engine_pod.model_runner import ModelRunner
 from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
-from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.sequence import Sequence, SequenceStatus
 from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
 from nanoserve.engine_pod.stop import StopChecker
-from nanoserve.engine_pod.structured_output import Grammars, grammar_mask
+from nanoserve.engine_pod.structured_output import Grammars, GrammarStep, grammar_mask
 from nanoserve.engine_pod.token_logprobs import unpack_logprobs
 from nanoserve.engine_pod.tp_workers import Workers
 
@@ -43,6 +44,15 @@ class InFlight:
     seqs: list[Sequence]
     positions: list[int]
     tokens: SampledTokens
+    blocked: frozenset[int] = frozenset()  # rows whose grammar allowed no token: what they sampled is invalid
+
+
+@dataclass
+class Unsampled:
+    """A launched step whose sampling waits for its mask: its sampling rows and their placeholders' positions."""
+
+    seqs: list[Sequence]
+    positions: list[int]
 
 
 class LLMEngine:
@@ -71,6 +81,7 @@ class LLMEngine:
         self.rng = random.Random(config.seed)  # seeds of the rows that sample without a request seed
         self.download = Downloader(self.model_runner.device, config.max_num_seqs)
         self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
+        self.unsampled: Unsampled | None = None  # ... with structured output: the step whose forward runs unsampled
         self.stop_checker = StopChecker(self.tokenizer)
         self.requests: dict[int, Sequence] = {}
         self.grammars: Grammars | None = None  # built by the first constrained request (xgrammar is optional)
@@ -165,7 +176,7 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def has_unfinished(self) -> bool:
-        return not self.scheduler.is_finished() or self.in_flight is not None
+        return not self.scheduler.is_finished() or self.in_flight is not None or self.unsampled is not None
 
     # ---- one step -----------------------------------------------------------------------------
     def step(self) -> list[tuple[Sequence, int | None]]:
@@ -176,33 +187,27 @@ class LLMEngine:
         """Run one batch. Returns the batch it scheduled, (sequence, tokens computed), and its outputs,
         `(sequence, new token)` for each sequence that got a token (finished ones have `finish_reason`).
         With async scheduling these are the previous step's tokens: this step is launched first, so the GPU
-        works on it while the host applies them and schedules the next one.
-        A constrained row's mask needs its previous token: its step launches the forward, applies the
-        previous step's tokens, makes the mask while the forward runs, then samples. (Scheduling the next
-        step before sampling too, a pipeline, measured no faster on an H200: the host's mask fill bounds it.)"""
+        works on it while the host applies them and schedules the next one."""
         overlap = self.config.async_scheduling
+        if overlap and (self.constrained or self.unsampled is not None):
+            return self._constrained_step()
         batch = self.scheduler.schedule()
-        sampling, positions, tokens, deferred = [], [], None, False
+        sampling, positions, tokens, logprobs = [], [], None, None
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
             if inputs.prev_rows is not None and self.in_flight is not None:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
-                if self.constrained and any(s.grammar is not None for s in sampling):
-                    deferred = inputs.defer_sampling = overlap
-                    if not overlap:
-                        inputs.grammar = self._mask(sampling)
+                if self.constrained:  # synchronous steps: the mask of the tokens applied last step
+                    inputs.grammar = self._mask(sampling).result().mask
             tokens, logprobs, prompt = self._run("run", inputs)
-            if prompt is not None and inputs.prompt_slices is not None:
-                self._score_prompts(inputs.prompt_slices, prompt)
+            self._score(inputs, prompt)
             positions = self.scheduler.advance(batch, sampling)
         elif self.in_flight is None and self.has_unfinished():
             raise RuntimeError("scheduler made no progress although requests are pending")
         done, self.in_flight = (self.in_flight, None) if overlap else (None, None)
         out = self._apply(done) if done is not None else []
-        if deferred:  # the previous tokens are in the matchers now
-            tokens, logprobs = self._run("sample_deferred", self._mask(sampling), local=True)
         if sampling:
             assert tokens is not None  # a batch that samples ran the model
             launched = InFlight(sampling, positions, self.download(tokens, logprobs))
@@ -211,6 +216,68 @@ class LLMEngine:
             else:
                 out = self._apply(launched)
         return StepResult(batch, out)
+
+    def _constrained_step(self) -> StepResult:
+        """Async scheduling with structured output, as a pipeline. A row's mask needs its previous token, so
+        sampling waits for the mask, but nothing else does: each call hands step N's tokens to the mask
+        thread, which has the matchers accept them and then fills step N+1's mask (xgrammar, without the
+        GIL), while this thread applies the same tokens and schedules step N+2, all while N+1's forward runs
+        on the GPU; then it launches N+1's sampling and N+2's forward right behind it."""
+        pending, self.unsampled = self.unsampled, None
+        done, self.in_flight = self.in_flight, None
+        accept: list[tuple[Sequence, int, int]] = []  # (sequence, its placeholder's position, token)
+        if done is not None:
+            tokens = done.tokens.wait()
+            accept = [
+                (seq, position, token)
+                for row, (seq, position, token) in enumerate(zip(done.seqs, done.positions, tokens))
+                if seq.grammar is not None and not seq.is_finished and row not in done.blocked
+            ]
+        job = self._mask(pending.seqs if pending is not None else [], [(s.grammar, t) for s, _, t in accept])
+        out = self._apply(done, grammar_accepted=True) if done is not None else []
+        batch = self.scheduler.schedule() if self.constrained or pending is None else []
+        if batch:
+            inputs, sampling = prepare(batch, self.config.kvcache_block_size)
+            if inputs.prev_rows is not None and pending is not None:  # the tokens `pending` is about to sample
+                inputs.prev_count = len(pending.seqs)
+            if sampling:
+                inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
+                inputs.defer_sampling = True
+            positions = self.scheduler.advance(batch, sampling)
+        elif pending is None and done is None and self.has_unfinished():
+            raise RuntimeError("scheduler made no progress although requests are pending")
+        grammar = job.result()
+        out = self._end_grammars(out, accept, grammar.refused, grammar.terminated)
+        if pending is not None:
+            tokens, logprobs = self._run("sample_deferred", grammar.mask, local=True)
+            blocked = grammar.mask.blocked if grammar.mask is not None else frozenset()
+            self.in_flight = InFlight(pending.seqs, pending.positions, self.download(tokens, logprobs), blocked)
+        if batch:
+            _, _, prompt = self._run("run", inputs)
+            self._score(inputs, prompt)
+            if sampling:
+                self.unsampled = Unsampled(sampling, positions)
+        return StepResult(batch, out)
+
+    def _end_grammars(self, out, accept, refused: list[int], terminated: list[int]):
+        """After the mask thread's accepts: a grammar complete ends its request; a refused token (only if
+        the sampler left the mask, which it never should) ends it too, the token unseen."""
+        for i in terminated:
+            seq = accept[i][0]
+            if not seq.is_finished:
+                seq.finish_reason = "stop"
+                self._retire(seq)
+        for i in refused:
+            seq, position, _ = accept[i]
+            seq.finish_reason = "abort"
+            self._retire(seq)
+            del seq.token_ids[position:]
+            out = [(s, None if s is seq else t) for s, t in out]
+        return out
+
+    def _score(self, inputs, prompt) -> None:
+        if prompt is not None and inputs.prompt_slices is not None:
+            self._score_prompts(inputs.prompt_slices, prompt)
 
     def _score_prompts(self, slices: list[tuple[int, int]], rows) -> None:
         """prompt_logprobs: append each sequence's newly scored prompt tokens."""
@@ -222,8 +289,8 @@ class LLMEngine:
                 seq.prompt_logprobs += [unpack_logprobs(rows[i], k) for i in range(start, start + n)]
             start += n
 
-    def _mask(self, sampling: list[Sequence]):
-        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks)
+    def _mask(self, sampling: list[Sequence], accept: tuple | list = ()) -> "Future[GrammarStep]":
+        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept)
 
     def _run(self, method: str, *args, local: bool = False):
         """The model runner's `method`, on every rank (or on rank 0 alone: `local`)."""
@@ -233,16 +300,19 @@ class LLMEngine:
             self._broken = self.config.tensor_parallel_size > 1
             raise
 
-    def _apply(self, flight: "InFlight") -> list[tuple[Sequence, int | None]]:
+    def _apply(self, flight: "InFlight", grammar_accepted: bool = False) -> list[tuple[Sequence, int | None]]:
         """Put a step's sampled tokens in place of their placeholders; retire what they finish. A token is
-        None for a constrained request that ended because its grammar allowed no token."""
+        None for a constrained request that ended because its grammar allowed no token. `grammar_accepted`:
+        the mask thread has the matchers accept the tokens (and says which grammars they complete)."""
         out = []
         tokens = flight.tokens.wait()
         logprob_rows = flight.tokens.logprob_rows()
         for row, (seq, position, token) in enumerate(zip(flight.seqs, flight.positions, tokens)):
             if seq.is_finished:  # aborted, or stopped by the step before, while this one ran
                 continue
-            if seq.grammar is not None and not _accepts(seq.grammar, token):
+            if seq.grammar is not None and (
+                row in flight.blocked or not grammar_accepted and not _accepts(seq.grammar, token)
+            ):
                 # Only when the mask allowed no token at all (the vocabulary cannot spell what the grammar
                 # needs next): the request ends without the token, which is never shown.
                 seq.finish_reason = "abort"
@@ -252,17 +322,23 @@ class LLMEngine:
                 if seq.params.logprobs is not None and logprob_rows is not None:
                     seq.logprobs.append(unpack_logprobs(logprob_rows[row], seq.params.logprobs))
                 self.scheduler.resolve(seq, position, token)
-            if not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated():
+            if not grammar_accepted and not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated():
                 seq.finish_reason = "stop"  # the grammar is complete (it accepted a stop token)
                 self.scheduler.finish(seq)
             if not seq.is_finished and self.stop_checker.hit(seq, position + 1):
                 seq.finish_reason = "stop"
                 self.scheduler.finish(seq)
             if seq.is_finished:
-                self.requests.pop(seq.seq_id, None)
-                self.constrained.discard(seq.seq_id)
+                self._retire(seq)
             out.append((seq, token))
         return out
+
+    def _retire(self, seq: Sequence) -> None:
+        """`seq` is finished: out of the scheduler and the engine's books."""
+        if seq.status != SequenceStatus.FINISHED:
+            self.scheduler.finish(seq)
+        self.requests.pop(seq.seq_id, None)
+        self.constrained.discard(seq.seq_id)
 
     def decode(self, seq: Sequence) -> str:
         """The completion text, cut before a matched stop string."""

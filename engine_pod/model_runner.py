@@ -103,6 +103,7 @@ class ModelRunner:
         """Forward one batch and sample its sampling rows. Rank 0 gets (token ids or None, their
         sampler.token_logprobs rows or None: on the device, not waited for; prompt logprobs rows or None: on
         the host), other ranks None. A deferred sampling's tokens come from `sample_deferred`."""
+        set_tensor_parallel(self.rank, self.world)  # engines may share a process: the layers read this one's
         hidden, t = self._forward(inputs)
         prompt = self._prompt_logprobs(hidden, inputs, t) if inputs.prompt_rows is not None else None
         if inputs.sampling is None:

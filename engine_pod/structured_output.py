@@ -2,18 +2,22 @@
 
 `Grammars` compiles a request's StructuredOutputsParams into a matcher (a grammar's state) when the request
 is made: on a worker thread of the engine core process, never on its step loop, with a cache keyed by the constraint.
-Each step, `grammar_mask` asks the matchers of the constrained sampling rows which tokens may come next
-(a bitmask on the host); rank 0's model runner applies it to those rows' logits with `apply_grammar_mask`
-before temperature, top-k and top-p; after sampling each matcher accepts its row's token (llm_engine.py).
+Each step, `grammar_mask` has the matchers of the constrained rows accept the tokens just sampled, then asks
+them which tokens may come next (a bitmask on the host), on a thread while the engine thread applies the same
+tokens and schedules the next step; rank 0's model runner applies the mask to those rows' logits with
+`apply_grammar_mask` before temperature, top-k and top-p (llm_engine.py).
 The mask allows EOS only where the grammar may end; a matcher that accepted EOS is terminated.
 """
 
+import concurrent.futures
 import json
 import os
 import re
 import threading
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,43 +115,88 @@ def _stays_on_rank0():
 @dataclass
 class GrammarMask:
     """Which tokens each constrained sampling row may sample next: `bitmask` row j (xgrammar's packed bits,
-    int32 [n, ceil(vocab / 32)], 1 = allowed) is for sampling row `rows[j]`."""
+    int32 [n, ceil(vocab / 32)], 1 = allowed) is for sampling row `rows[j]`. `blocked`: the sampling rows
+    whose grammar allows no token at all (the vocabulary cannot spell what it needs next)."""
 
     rows: np.ndarray
     bitmask: torch.Tensor
+    blocked: frozenset[int] = frozenset()
 
     def __reduce__(self):  # pickled to tensor-parallel workers as None: only rank 0 samples
         return _stays_on_rank0, ()
 
 
+@dataclass
+class GrammarStep:
+    """What the mask thread did: the mask it filled (None: no constrained row), and of the tokens it was
+    given to accept first, the indices of those refused and of those that completed their grammar."""
+
+    mask: GrammarMask | None
+    refused: list[int]
+    terminated: list[int]
+
+
 _POOL_ROWS = 16  # fewer rows fill faster in one loop than through the pool
-_pool = None  # xgrammar's BatchGrammarMatcher (only the engine thread fills masks)
+_pool = None  # xgrammar's BatchGrammarMatcher (only the mask thread fills masks)
+_mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
 
 
-def grammar_mask(seqs: list[Sequence], vocab_size: int, pool: bool = False) -> GrammarMask | None:
-    """The step's mask for the constrained ones among its sampling rows `seqs`, or None if there are none.
-    Called only when some running request is constrained: an unconstrained engine never loops here.
-    `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU
-    engine they would fight the model's own threads)."""
+def grammar_mask(
+    seqs: list[Sequence], vocab_size: int, pool: bool = False, accept: tuple | list[tuple[Any, int]] = ()
+) -> Future[GrammarStep]:
+    """On the mask thread: let each (matcher, token) of `accept` accept its token, then fill the mask of the
+    constrained ones among the sampling rows `seqs`. xgrammar does both without the GIL, so the engine
+    thread applies tokens and schedules the next step meanwhile; until the future is done nothing else may
+    touch those matchers. `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core
+    GPU host; on a CPU engine they would fight the model's own threads)."""
+    # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
+    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None and not seq.is_finished]
+    if not rows and not accept:
+        done: Future[GrammarStep] = Future()
+        done.set_result(GrammarStep(None, [], []))
+        return done
+    matchers = [seqs[i].grammar for i in rows]
+    started = threading.Event()
+    rows_array = np.asarray(rows, np.int64)
+    job = _mask_thread.submit(_accept_and_fill, list(accept), rows_array, matchers, vocab_size, pool, started)
+    # Python threads hand the GIL over only every switch interval (5 ms) unless one waits: wait here until
+    # the mask thread is about to enter xgrammar, or its fill would start only when this thread next blocks.
+    started.wait()
+    return job
+
+
+def _accept_and_fill(
+    accept: list, rows: np.ndarray, matchers: list, vocab_size: int, pool: bool, started: threading.Event
+) -> GrammarStep:
     import xgrammar as xgr
 
-    # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
-    rows, matchers = [], []
-    for i, seq in enumerate(seqs):
-        if seq.grammar is not None and not seq.is_finished:
-            rows.append(i)
-            matchers.append(seq.grammar)
-    if not rows:
-        return None
-    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)
-    if pool and len(rows) >= _POOL_ROWS:
-        global _pool
-        _pool = _pool or xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
-        _pool.batch_fill_next_token_bitmask(matchers, bitmask)
+    global _pool
+    try:
+        if pool and _pool is None:
+            _pool = xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
+        bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)
+    finally:
+        started.set()  # (an error too: it reaches the engine thread through the future)
+    refused, terminated = [], []
+    if accept:
+        ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accept], [t for _, t in accept])
+        for i, (matcher, _) in enumerate(accept):
+            if not ok[i]:
+                refused.append(i)
+            elif matcher.is_terminated():
+                terminated.append(i)
+    if not len(rows):
+        return GrammarStep(None, refused, terminated)
+    # A grammar the tokens just completed has no next mask (xgrammar raises): its row samples a token
+    # nobody reads (its request ends with this step's outputs), under an all-refusing mask.
+    live = [j for j, matcher in enumerate(matchers) if not matcher.is_terminated()]
+    if _pool is not None and pool and len(live) >= _POOL_ROWS:
+        _pool.batch_fill_next_token_bitmask([matchers[j] for j in live], bitmask, live)
     else:
-        for j, matcher in enumerate(matchers):
-            matcher.fill_next_token_bitmask(bitmask, j)
-    return GrammarMask(np.asarray(rows, np.int64), bitmask)
+        for j in live:
+            matchers[j].fill_next_token_bitmask(bitmask, j)
+    blocked = frozenset(rows[~(bitmask != 0).any(1).numpy()].tolist())
+    return GrammarStep(GrammarMask(rows, bitmask, blocked), refused, terminated)
 
 
 _BIT_TABLE: dict[torch.device, torch.Tensor] = {}  # [256, 8]: the bits of each byte value

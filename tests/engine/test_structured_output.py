@@ -27,9 +27,11 @@ def constrained(spec: SO, seeds=(None, 1, 2), max_tokens=300) -> list[SamplingPa
     ]
 
 
-@pytest.fixture(scope="module")
-def llm(bpe_model):
-    engine = LLM(bpe_model, num_kvcache_blocks=256, max_model_len=512, async_scheduling=False)
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "pipelined"])
+def llm(bpe_model, request):
+    """Both step shapes: synchronous (mask before the forward), and async scheduling's pipeline (the mask
+    thread accepts and fills while the engine thread schedules the next step)."""
+    engine = LLM(bpe_model, num_kvcache_blocks=256, max_model_len=512, async_scheduling=request.param)
     yield engine
     engine.exit()
 
@@ -253,19 +255,23 @@ def test_aborted_constrained_requests_leave_no_grammar_or_block(llm):
     assert llm.constrained == {s.seq_id for s in seqs}
     for s in seqs:
         llm.abort(s.seq_id)
-    assert not llm.constrained and not llm.has_unfinished()
+    assert not llm.constrained
+    for _ in range(2):  # the pipeline's launched steps drain, yielding nothing for the aborted requests
+        if llm.has_unfinished():
+            assert llm.step() == []
+    assert not llm.has_unfinished()
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
 def test_constrained_steps_overlap_under_async_scheduling(bpe_model):
-    """The next step's forward is launched before the previous token reaches the matcher: the mask is made
-    while it runs, and tokens still arrive one step later, as for unconstrained requests."""
+    """A mask needs the previous token, but the next forward does not: each step's forward is launched
+    before the previous step is sampled (its mask is filled while the next step is scheduled)."""
     llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=64, async_scheduling=True)
     try:
         seq = llm.add_request("a person:", constrained(SO(json=SCHEMA))[0])
-        assert llm.step() == [] and llm.in_flight is not None  # the prefill's token is on its way
-        out = llm.step()
-        assert [s for s, _ in out] == [seq] and llm.in_flight is not None and seq.grammar is not None
+        assert llm.step() == [] and llm.unsampled is not None  # the prefill ran; its sampling waits
+        assert llm.step() == [] and llm.in_flight is not None and llm.unsampled is not None  # sampled; next runs
+        assert [s for s, _ in llm.step()] == [seq] and llm.unsampled is not None
         while llm.has_unfinished():
             llm.step()
         check_json([{"text": llm.decode(seq), "finish_reason": seq.finish_reason}])
