@@ -136,7 +136,8 @@ class GrammarStep:
     terminated: list[int]
 
 
-_POOL_ROWS = 16  # fewer rows fill faster in one loop than through the pool
+_POOL_ROWS = 16  # fewer rows fill faster in one loop on the engine thread than through the thread and pool
+_POOL_THREADS = min(8, os.cpu_count() or 1)
 _pool = None  # xgrammar's BatchGrammarMatcher (only the mask thread fills masks)
 _mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
 
@@ -152,17 +153,23 @@ def grammar_mask(
     # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
     rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None and not seq.is_finished]
     if not rows and not accept:
-        done: Future[GrammarStep] = Future()
-        done.set_result(GrammarStep(None, [], []))
-        return done
+        return _ready(GrammarStep(None, [], []))
     matchers = [seqs[i].grammar for i in rows]
     started = threading.Event()
     rows_array = np.asarray(rows, np.int64)
+    if len(rows) < _POOL_ROWS and len(accept) < _POOL_ROWS:  # a few rows: quicker here than a thread handoff
+        return _ready(_accept_and_fill(list(accept), rows_array, matchers, vocab_size, False, started))
     job = _mask_thread.submit(_accept_and_fill, list(accept), rows_array, matchers, vocab_size, pool, started)
     # Python threads hand the GIL over only every switch interval (5 ms) unless one waits: wait here until
     # the mask thread is about to enter xgrammar, or its fill would start only when this thread next blocks.
     started.wait()
     return job
+
+
+def _ready(step: GrammarStep) -> Future[GrammarStep]:
+    done: Future[GrammarStep] = Future()
+    done.set_result(step)
+    return done
 
 
 def _accept_and_fill(
@@ -173,7 +180,7 @@ def _accept_and_fill(
     global _pool
     try:
         if pool and _pool is None:
-            _pool = xgr.BatchGrammarMatcher(max_threads=min(8, os.cpu_count() or 1))
+            _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
         bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)
     finally:
         started.set()  # (an error too: it reaches the engine thread through the future)
