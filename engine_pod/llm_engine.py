@@ -24,7 +24,7 @@ from nanoserve.engine_pod.model_runner import ModelRunner
 from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
-from nanoserve.engine_pod.sequence import Sequence, SequenceStatus
+from nanoserve.engine_pod.sequence import Sequence
 from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
 from nanoserve.engine_pod.stop import StopChecker
 from nanoserve.engine_pod.structured_output import Grammars, GrammarStep, grammar_mask
@@ -233,7 +233,8 @@ class LLMEngine:
                 for row, (seq, position, token) in enumerate(zip(done.seqs, done.positions, tokens))
                 if seq.grammar is not None and not seq.is_finished and row not in done.blocked
             ]
-        job = self._mask(pending.seqs if pending is not None else [], [(s.grammar, t) for s, _, t in accept])
+        to_accept = [(s.grammar, t) for s, _, t in accept]
+        job = self._mask(pending.seqs if pending is not None else [], to_accept, background=True)
         out = self._apply(done, grammar_accepted=True) if done is not None else []
         batch = self.scheduler.schedule() if self.constrained or pending is None else []
         if batch:
@@ -289,8 +290,10 @@ class LLMEngine:
                 seq.prompt_logprobs += [unpack_logprobs(rows[i], k) for i in range(start, start + n)]
             start += n
 
-    def _mask(self, sampling: list[Sequence], accept: tuple | list = ()) -> "Future[GrammarStep]":
-        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept)
+    def _mask(
+        self, sampling: list[Sequence], accept: tuple | list = (), background: bool = False
+    ) -> "Future[GrammarStep]":
+        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept, background)
 
     def _run(self, method: str, *args, local: bool = False):
         """The model runner's `method`, on every rank (or on rank 0 alone: `local`)."""
@@ -335,7 +338,7 @@ class LLMEngine:
 
     def _retire(self, seq: Sequence) -> None:
         """`seq` is finished: out of the scheduler and the engine's books."""
-        if seq.status != SequenceStatus.FINISHED:
+        if not seq.is_finished:
             self.scheduler.finish(seq)
         self.requests.pop(seq.seq_id, None)
         self.constrained.discard(seq.seq_id)

@@ -143,23 +143,26 @@ _mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gram
 
 
 def grammar_mask(
-    seqs: list[Sequence], vocab_size: int, pool: bool = False, accept: tuple | list[tuple[Any, int]] = ()
+    seqs: list[Sequence],
+    vocab_size: int,
+    pool: bool = False,
+    accept: tuple | list[tuple[Any, int]] = (),
+    background: bool = False,
 ) -> Future[GrammarStep]:
-    """On the mask thread: let each (matcher, token) of `accept` accept its token, then fill the mask of the
-    constrained ones among the sampling rows `seqs`. xgrammar does both without the GIL, so the engine
-    thread applies tokens and schedules the next step meanwhile; until the future is done nothing else may
-    touch those matchers. `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core
-    GPU host; on a CPU engine they would fight the model's own threads)."""
+    """Let each (matcher, token) of `accept` accept its token, then fill the mask of the constrained ones among
+    the sampling rows `seqs`. `background`: on the mask thread, where xgrammar does both without the GIL, so
+    the engine thread applies tokens and schedules the next step meanwhile; until the future is done nothing
+    else may touch those matchers. `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a
+    16-core GPU host; on a CPU engine they would fight the model's own threads)."""
     # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
     rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None and not seq.is_finished]
     if not rows and not accept:
         return _ready(GrammarStep(None, [], []))
-    matchers = [seqs[i].grammar for i in rows]
+    args = (list(accept), np.asarray(rows, np.int64), [seqs[i].grammar for i in rows], vocab_size, pool)
+    if not background or len(rows) < _POOL_ROWS and len(accept) < _POOL_ROWS:  # a few rows: no thread handoff
+        return _ready(_accept_and_fill(*args))
     started = threading.Event()
-    rows_array = np.asarray(rows, np.int64)
-    if len(rows) < _POOL_ROWS and len(accept) < _POOL_ROWS:  # a few rows: quicker here than a thread handoff
-        return _ready(_accept_and_fill(list(accept), rows_array, matchers, vocab_size, False, started))
-    job = _mask_thread.submit(_accept_and_fill, list(accept), rows_array, matchers, vocab_size, pool, started)
+    job = _mask_thread.submit(_accept_and_fill, *args, started)
     # Python threads hand the GIL over only every switch interval (5 ms) unless one waits: wait here until
     # the mask thread is about to enter xgrammar, or its fill would start only when this thread next blocks.
     started.wait()
@@ -173,7 +176,7 @@ def _ready(step: GrammarStep) -> Future[GrammarStep]:
 
 
 def _accept_and_fill(
-    accept: list, rows: np.ndarray, matchers: list, vocab_size: int, pool: bool, started: threading.Event
+    accept: list, rows: np.ndarray, matchers: list, vocab_size: int, pool: bool, started: threading.Event | None = None
 ) -> GrammarStep:
     import xgrammar as xgr
 
@@ -183,7 +186,8 @@ def _accept_and_fill(
             _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
         bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)
     finally:
-        started.set()  # (an error too: it reaches the engine thread through the future)
+        if started is not None:
+            started.set()  # (an error too: it reaches the engine thread through the future)
     refused, terminated = [], []
     if accept:
         ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accept], [t for _, t in accept])
