@@ -137,7 +137,7 @@ def installed_chart(
             finally:
                 proc.terminate()
                 proc.wait(30)
-        requests = list(em.emulator._requests)
+        requests = list(em.emulator.served)
         calls = calls_of(
             [
                 (str(r.method.value), r.url.path, dict(r.params), r.headers.get("Content-Type", ""), _body_name(r.data))
@@ -160,7 +160,7 @@ def _operator_gets(em, token: str) -> set[str]:
     auth = f"Bearer {token}"
     return {
         r.url.path
-        for r in list(em.emulator._requests)
+        for r in list(em.emulator.served)
         if r.headers.get("Authorization") == auth and r.method.value == "GET"
     }
 

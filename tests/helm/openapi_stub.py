@@ -34,7 +34,7 @@ def gv_document(emulator: Emulator, group: str, version: str) -> dict:
 
 
 class OpenAPIEmulator(Emulator):
-    async def _handle(self, request):
+    async def _serve(self, request):
         path = request.url.path.strip("/")
         if path == "openapi/v3":
             gvs = {(r.group, r.version) for r in self.resources}
@@ -45,7 +45,7 @@ class OpenAPIEmulator(Emulator):
             parts = path.removeprefix("openapi/v3/").split("/")
             group, version = ("", parts[1]) if parts[0] == "api" else (parts[1], parts[2])
             return aiohttp.web.json_response(gv_document(self, group, version))
-        return await super()._handle(request)
+        return await super()._serve(request)
 
 
 class OpenAPIEmulatorThread(EmulatorThread):

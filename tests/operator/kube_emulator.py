@@ -90,6 +90,7 @@ class Emulator(kmock.KubernetesEmulator):
     _log: list = attrs.field(factory=list, init=False)  # (resourceVersion, resource, event), for watches
     _schemas: dict = attrs.field(factory=dict, init=False)  # resource -> openAPIV3Schema
     _scale: dict = attrs.field(factory=dict, init=False)  # resource -> CRD's scale subresource
+    served: list = attrs.field(factory=list, init=False)  # every request, in arrival order (for tests to read)
 
     def __attrs_post_init__(self) -> None:
         # Watch streams are JSON lines; kmock's default octet-stream makes client-go refuse them.
@@ -186,8 +187,18 @@ class Emulator(kmock.KubernetesEmulator):
             return self._as_scale(obj)
         return obj
 
-    # ---- writes ---------------------------------------------------------------------------
     async def _handle(self, request):
+        # kmock finds each request's reaction by scanning its whole request log for it: the cost of a request
+        # grew with every request before it (most of the operator tests' CPU). Its log keeps only requests
+        # in flight; `served` keeps them all.
+        self.served.append(request)
+        try:
+            return await self._serve(request)
+        finally:
+            self._requests[:] = [r for r in self._requests if r is not request]
+
+    # ---- writes ---------------------------------------------------------------------------
+    async def _serve(self, request):
         is_write = request.method in (enums.method.POST, enums.method.PATCH, enums.method.PUT)
         is_delete = request.method == enums.method.DELETE and request.name
         if request.resource is None or not (is_write or is_delete):
