@@ -148,9 +148,9 @@ def profiled(llm: LLM, batch: int) -> dict:
 
     totals = profile_phases(llm)
     timed = functools.partial(timed_into, totals)
-    so._fill = timed("mask_fill (its own thread)", so._fill)
+    # accept + fill: on the mask thread in the pipeline (overlapping the engine thread), inline below 16 rows
+    so._accept_and_fill = timed("accept_and_fill (mask thread)", so._accept_and_fill)
     engine_module.grammar_mask = timed("grammar_mask (rows, submit)", engine_module.grammar_mask)
-    engine_module._accepts = timed("accept", engine_module._accepts)
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
     llm.step = timed("step", llm.step)
     tok_s = throughput(llm, batch, True, 1)

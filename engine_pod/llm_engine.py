@@ -10,8 +10,6 @@ import random
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import NamedTuple
 
 from transformers import AutoTokenizer
 
@@ -19,40 +17,18 @@ from nanoserve.engine_pod.admission import check_request
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.in_flight import InFlight, StepResult, Unsampled
 from nanoserve.engine_pod.logits_processing import bad_words_ids
 from nanoserve.engine_pod.model_runner import ModelRunner
 from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
-from nanoserve.engine_pod.step_inputs import Downloader, SampledTokens, prepare
+from nanoserve.engine_pod.step_inputs import Downloader, prepare
 from nanoserve.engine_pod.stop import StopChecker
 from nanoserve.engine_pod.structured_output import Grammars, GrammarStep, grammar_mask
 from nanoserve.engine_pod.token_logprobs import unpack_logprobs
 from nanoserve.engine_pod.tp_workers import Workers
-
-
-class StepResult(NamedTuple):
-    batch: list[tuple[Sequence, int]]  # what the step scheduled: (sequence, tokens it computes)
-    outputs: list[tuple[Sequence, int | None]]  # (sequence, new token): this step's, or the previous one's
-
-
-@dataclass
-class InFlight:
-    """A launched step's sampling rows: the sequences, their placeholders' positions, the tokens coming."""
-
-    seqs: list[Sequence]
-    positions: list[int]
-    tokens: SampledTokens
-    blocked: frozenset[int] = frozenset()  # rows whose grammar allowed no token: what they sampled is invalid
-
-
-@dataclass
-class Unsampled:
-    """A launched step whose sampling waits for its mask: its sampling rows and their placeholders' positions."""
-
-    seqs: list[Sequence]
-    positions: list[int]
 
 
 class LLMEngine:
@@ -190,7 +166,10 @@ class LLMEngine:
         works on it while the host applies them and schedules the next one."""
         overlap = self.config.async_scheduling
         if overlap and (self.constrained or self.unsampled is not None):
-            return self._constrained_step()
+            from nanoserve.engine_pod.constrained_step import constrained_step  # (it imports this module)
+
+            # (pyright sees this file and nanoserve.engine_pod.llm_engine, its link, as two classes)
+            return constrained_step(self)  # pyright: ignore[reportArgumentType]
         batch = self.scheduler.schedule()
         sampling, positions, tokens, logprobs = [], [], None, None
         if batch:
@@ -216,65 +195,6 @@ class LLMEngine:
             else:
                 out = self._apply(launched)
         return StepResult(batch, out)
-
-    def _constrained_step(self) -> StepResult:
-        """Async scheduling with structured output, as a pipeline. A row's mask needs its previous token, so
-        sampling waits for the mask, but nothing else does: each call hands step N's tokens to the mask
-        thread, which has the matchers accept them and then fills step N+1's mask (xgrammar, without the
-        GIL), while this thread applies the same tokens and schedules step N+2, all while N+1's forward runs
-        on the GPU; then it launches N+1's sampling and N+2's forward right behind it."""
-        pending, self.unsampled = self.unsampled, None
-        done, self.in_flight = self.in_flight, None
-        accept: list[tuple[Sequence, int, int]] = []  # (sequence, its placeholder's position, token)
-        if done is not None:
-            tokens = done.tokens.wait()
-            accept = [
-                (seq, position, token)
-                for row, (seq, position, token) in enumerate(zip(done.seqs, done.positions, tokens))
-                if seq.grammar is not None and not seq.is_finished and row not in done.blocked
-            ]
-        to_accept = [(s.grammar, t) for s, _, t in accept]
-        job = self._mask(pending.seqs if pending is not None else [], to_accept, background=True)
-        out = self._apply(done, grammar_accepted=True) if done is not None else []
-        batch = self.scheduler.schedule() if self.constrained or pending is None else []
-        if batch:
-            inputs, sampling = prepare(batch, self.config.kvcache_block_size)
-            if inputs.prev_rows is not None and pending is not None:  # the tokens `pending` is about to sample
-                inputs.prev_count = len(pending.seqs)
-            if sampling:
-                inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
-                inputs.defer_sampling = True
-            positions = self.scheduler.advance(batch, sampling)
-        elif pending is None and done is None and self.has_unfinished():
-            raise RuntimeError("scheduler made no progress although requests are pending")
-        grammar = job.result()
-        out = self._end_grammars(out, accept, grammar.refused, grammar.terminated)
-        if pending is not None:
-            tokens, logprobs = self._run("sample_deferred", grammar.mask, local=True)
-            blocked = grammar.mask.blocked if grammar.mask is not None else frozenset()
-            self.in_flight = InFlight(pending.seqs, pending.positions, self.download(tokens, logprobs), blocked)
-        if batch:
-            _, _, prompt = self._run("run", inputs)
-            self._score(inputs, prompt)
-            if sampling:
-                self.unsampled = Unsampled(sampling, positions)
-        return StepResult(batch, out)
-
-    def _end_grammars(self, out, accept, refused: list[int], terminated: list[int]):
-        """After the mask thread's accepts: a grammar complete ends its request; a refused token (only if
-        the sampler left the mask, which it never should) ends it too, the token unseen."""
-        for i in terminated:
-            seq = accept[i][0]
-            if not seq.is_finished:
-                seq.finish_reason = "stop"
-                self._retire(seq)
-        for i in refused:
-            seq, position, _ = accept[i]
-            seq.finish_reason = "abort"
-            self._retire(seq)
-            del seq.token_ids[position:]
-            out = [(s, None if s is seq else t) for s, t in out]
-        return out
 
     def _score(self, inputs, prompt) -> None:
         if prompt is not None and inputs.prompt_slices is not None:

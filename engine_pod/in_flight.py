@@ -1,0 +1,31 @@
+"""What a step leaves behind for the next one: its result, and (async scheduling) the launched work whose tokens
+are still on the device."""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.step_inputs import SampledTokens
+
+
+class StepResult(NamedTuple):
+    batch: list[tuple[Sequence, int]]  # what the step scheduled: (sequence, tokens it computes)
+    outputs: list[tuple[Sequence, int | None]]  # (sequence, new token): this step's, or the previous one's
+
+
+@dataclass
+class InFlight:
+    """A launched step's sampling rows: the sequences, their placeholders' positions, the tokens coming."""
+
+    seqs: list[Sequence]
+    positions: list[int]
+    tokens: SampledTokens
+    blocked: frozenset[int] = frozenset()  # rows whose grammar allowed no token: what they sampled is invalid
+
+
+@dataclass
+class Unsampled:
+    """A launched step whose sampling waits for its mask: its sampling rows and their placeholders' positions."""
+
+    seqs: list[Sequence]
+    positions: list[int]
