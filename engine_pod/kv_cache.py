@@ -17,6 +17,9 @@ def activation_estimate(config: Config, world: int) -> int:
     """Bytes a full step's activations may take: a generous multiple of the widest hidden state."""
     hf = config.hf_config
     width = max(hf["hidden_size"] * 4, hf["intermediate_size"] * 2 // world)
+    if top_k := hf.get("num_experts_per_tok"):  # MoE: each token's k expert rows (gate_up, SiLU*up, down)
+        inter = hf.get("moe_intermediate_size") or hf["intermediate_size"]
+        width = max(width, top_k * (3 * inter // world + hf["hidden_size"]))
     dtype_size = torch.empty((), dtype=config.torch_dtype).element_size()
     return config.max_num_batched_tokens * width * dtype_size * 4
 

@@ -15,11 +15,12 @@ def load_model(model: nn.Module, path: str) -> None:
         raise ModelLoadError(f"no *.safetensors weights in model folder {path!r}")
     params = dict(model.named_parameters(remove_duplicate=False))
     packed = getattr(model, "packed_modules_mapping", {})
+    special = getattr(model, "weight_target", lambda name: None)  # e.g. MoE experts: checked first
     loaded: set[str] = set()
     for file in files:
         with safe_open(file, "pt", "cpu") as f:
             for name in f.keys():
-                target, shard = _target(name, packed)
+                target, shard = special(name) or _target(name, packed)
                 if target not in params:
                     continue  # e.g. rotary inv_freq buffers, or lm_head.weight of a tied model
                 param = params[target]

@@ -30,7 +30,8 @@ def save_tokenizer(folder: str, vocab_size: int) -> None:
 def save_random_model(
     folder: str, config: dict, seed: int = 0, dtype: torch.dtype = torch.float32, device: str = "cpu"
 ) -> str:
-    """`config` is a config.json dict with "model_type" (llama, qwen2, qwen3) and its sizes."""
+    """`config` is a config.json dict with "model_type" (llama, qwen2, qwen3, qwen3_moe, mixtral, ...) and its
+    sizes."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     params = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "torch_dtype")}

@@ -15,11 +15,19 @@ TINY = dict(
 )
 
 
+# Mixture-of-experts sizes: 8 or 4 small experts, top-2.
+TINY_MOE = {
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+}
+
+
 def build_tiny_model(folder: str, arch: str, seed: int = 0, **overrides) -> str:
-    """Save a small random model of `arch` ("llama", "qwen2", "qwen3") with its tokenizer into `folder`."""
+    """Save a small random model of `arch` ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", ...) with its
+    tokenizer into `folder`."""
     from nanoserve.engine_pod.random_model import save_random_model
 
-    params = {**TINY, **overrides, "model_type": arch}
+    params = {**TINY, **TINY_MOE.get(arch, {}), **overrides, "model_type": arch}
     if arch == "qwen3":
         params.setdefault("head_dim", 32)
     return save_random_model(folder, params, seed=seed)

@@ -2,24 +2,34 @@
 
 from nanoserve.engine_pod.errors import ModelLoadError
 from nanoserve.engine_pod.models.decoder import DecoderForCausalLM
+from nanoserve.engine_pod.models.moe import moe_spec
 
 
 def _switches(arch: str, cfg: dict) -> dict:
     bias = bool(cfg.get("attention_bias", False))
-    if arch == "Qwen3ForCausalLM":
+    if arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
     if arch == "Qwen2ForCausalLM":
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
-    return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)  # Llama, and Mistral (Llama's layers; its sliding
-    # window bounds max_model_len instead, rope_params.model_max_len)
+    return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)  # Llama, and Mistral and Mixtral (Llama's layers;
+    # a sliding window bounds max_model_len instead, rope_params.model_max_len)
 
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+)
 _BY_MODEL_TYPE = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 
 
@@ -32,4 +42,4 @@ def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:
             f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return DecoderForCausalLM(cfg, max_position, **_switches(arch, cfg))
+    return DecoderForCausalLM(cfg, max_position, moe=moe_spec(arch, cfg), **_switches(arch, cfg))

@@ -1,8 +1,10 @@
-"""The decoder-only transformer shared by Llama, Qwen2 and Qwen3; they differ only in small switches.
+"""The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3 and their MoE kin (Mixtral,
+Qwen3-MoE); they differ only in small switches.
 
 Switches: `qkv_bias` (Qwen2), `qk_norm` (Qwen3: RMSNorm on each head of q and k before rotary),
-`o_bias` (Llama with attention_bias). Weights load from Hugging Face names through
-`packed_modules_mapping` (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+`o_bias` (Llama with attention_bias), `moe` (which layers have a sparse MoE block instead of the MLP).
+Weights load from Hugging Face names through `packed_modules_mapping` (q/k/v -> qkv_proj, gate/up ->
+gate_up_proj) and, for MoE checkpoints, `weight_target` (each expert's tensors -> the stacked experts).
 """
 
 import torch
@@ -14,6 +16,7 @@ from nanoserve.engine_pod.layers.embed_head import ParallelLMHead, VocabParallel
 from nanoserve.engine_pod.layers.layernorm import RMSNorm
 from nanoserve.engine_pod.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
+from nanoserve.engine_pod.models.moe import MoeSpec, SparseMoeBlock, moe_weight_target
 from nanoserve.engine_pod.rope_params import rope_parameters
 
 
@@ -53,11 +56,15 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, max_position: int, **switches):
+    def __init__(self, cfg: dict, max_position: int, sparse: MoeSpec | None, **switches):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.self_attn = DecoderAttention(cfg, max_position, **switches)
-        self.mlp = DecoderMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("mlp_bias", False))
+        self.mlp = (
+            SparseMoeBlock(cfg["hidden_size"], sparse)
+            if sparse is not None
+            else DecoderMLP(cfg["hidden_size"], cfg["intermediate_size"], cfg.get("mlp_bias", False))
+        )
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
 
@@ -72,11 +79,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: dict, max_position: int, **switches):
+    def __init__(self, cfg: dict, max_position: int, moe: MoeSpec | None, **switches):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, max_position, **switches) for _ in range(cfg["num_hidden_layers"])
+            DecoderLayer(cfg, max_position, moe if moe is not None and i in moe.sparse_layers else None, **switches)
+            for i in range(cfg["num_hidden_layers"])
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 
@@ -97,13 +105,20 @@ class DecoderForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: dict, max_position: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(
+        self, cfg: dict, max_position: int, qkv_bias: bool, o_bias: bool, qk_norm: bool, moe: MoeSpec | None = None
+    ):
         super().__init__()
-        self.model = DecoderModel(cfg, max_position, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm)
+        self.moe = moe
+        self.model = DecoderModel(cfg, max_position, moe, qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm)
         self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"])
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def weight_target(self, name: str) -> tuple[str, object] | None:
+        """Our parameter and shard for a checkpoint tensor that `packed_modules_mapping` does not cover."""
+        return moe_weight_target(name) if self.moe is not None else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

@@ -1,0 +1,77 @@
+"""The sparse MoE block of Qwen3-MoE and Mixtral, which layers have one, and its checkpoint names.
+
+Both route with a replicated linear `gate` (softmax, top-k); Mixtral always renormalises the top-k
+weights, Qwen3-MoE when `norm_topk_prob`. Qwen3-MoE makes layer i sparse unless it is in `mlp_only_layers`
+or (i + 1) is not a multiple of `decoder_sparse_step`; the others keep a dense MLP of `intermediate_size`.
+"""
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nanoserve.engine_pod.layers.fused_moe import FusedMoE
+from nanoserve.engine_pod.layers.linear import LinearBase
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    num_experts: int
+    top_k: int
+    intermediate_size: int  # of each expert
+    renormalize: bool
+    sparse_layers: frozenset[int]
+
+
+def moe_spec(arch: str, cfg: dict) -> MoeSpec | None:
+    """The MoE shape of `arch` from its config.json (transformers' defaults where a key is absent), or None
+    for a dense model."""
+    layers = range(cfg["num_hidden_layers"])
+    if arch == "MixtralForCausalLM":
+        experts = cfg.get("num_local_experts", 8)
+        return MoeSpec(experts, cfg.get("num_experts_per_tok", 2), cfg["intermediate_size"], True, frozenset(layers))
+    if arch == "Qwen3MoeForCausalLM":
+        # Published checkpoints say num_experts; transformers 5 saves its alias num_local_experts.
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 128
+        dense, step = set(cfg.get("mlp_only_layers") or []), cfg.get("decoder_sparse_step", 1)
+        sparse = frozenset(i for i in layers if i not in dense and experts > 0 and (i + 1) % step == 0)
+        return MoeSpec(
+            experts,
+            cfg.get("num_experts_per_tok", 8),
+            cfg.get("moe_intermediate_size", 768),
+            bool(cfg.get("norm_topk_prob", False)),
+            sparse,
+        )
+    return None
+
+
+class SparseMoeBlock(nn.Module):
+    def __init__(self, hidden_size: int, spec: MoeSpec):
+        super().__init__()
+        self.gate = LinearBase(hidden_size, spec.num_experts, bias=False)  # the router: the same on every rank
+        self.experts = FusedMoE(spec.num_experts, spec.top_k, hidden_size, spec.intermediate_size, spec.renormalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.experts(x, self.gate(x))
+
+
+# One expert's weight as published checkpoints name it (Qwen: gate/up/down_proj; Mixtral: w1/w3/w2 under
+# block_sparse_moe), or all experts' stacked tensors as transformers' fused experts hold them.
+_PER_EXPERT = re.compile(r"(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_STACKED = re.compile(r"(.*)\.experts\.(gate_up_proj|down_proj)$")
+_WHICH = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+
+
+def moe_weight_target(name: str) -> tuple[str, object] | None:
+    """Our parameter and shard for an MoE checkpoint tensor (experts, or Mixtral's router), else None."""
+    name = name.replace(".block_sparse_moe.", ".mlp.")
+    if m := _PER_EXPERT.match(name):
+        which = _WHICH[m[3]]
+        return f"{m[1]}.experts.{'w2' if which == 'down' else 'w13'}_weight", (int(m[2]), which)
+    if m := _STACKED.match(name):
+        which = "gate_up" if m[2] == "gate_up_proj" else "down"
+        return f"{m[1]}.experts.{'w2' if which == 'down' else 'w13'}_weight", (None, which)
+    if name.endswith(".mlp.gate.weight"):
+        return name, None
+    return None
