@@ -77,3 +77,33 @@ def test_tp2_equals_tp1(cases):
     # all-reduce after the block. Mixtral's experts shard by the same code.
     path, prompts, expected = cases["qwen3_moe"]
     assert engine_greedy(path, prompts, tensor_parallel_size=2, max_num_batched_tokens=32) == expected
+
+
+def test_experts_load_their_tp_slice_from_either_layout():
+    # Rank 1 of 2 holds the second half of each expert's intermediate width, whether the checkpoint has
+    # the stacked tensors or Mixtral's per-expert w1 (gate), w3 (up), w2 (down).
+    from nanoserve.engine_pod.layers.fused_moe import FusedMoE
+    from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
+    from nanoserve.engine_pod.models.moe import moe_weight_target
+
+    experts, hidden, inter = 3, 4, 6
+    gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
+    stacked = {"model.layers.0.mlp.experts.gate_up_proj": gate_up, "model.layers.0.mlp.experts.down_proj": down}
+    split = {
+        f"model.layers.0.block_sparse_moe.experts.{e}.w{i}.weight": t
+        for e in range(experts)
+        for i, t in ((1, gate_up[e, :inter]), (3, gate_up[e, inter:]), (2, down[e]))
+    }
+    set_tensor_parallel(1, 2)
+    try:
+        for tensors in (stacked, split):
+            moe = FusedMoE(experts, 2, hidden, inter, renormalize=True)
+            params = dict(moe.named_parameters(prefix="model.layers.0.mlp.experts"))
+            for name, tensor in tensors.items():
+                target, shard = moe_weight_target(name) or ("", None)
+                params[target].weight_loader(params[target], tensor, shard)
+            half = slice(inter // 2, inter)
+            assert torch.equal(moe.w13_weight, torch.cat([gate_up[:, half], gate_up[:, inter:][:, half]], 1))
+            assert torch.equal(moe.w2_weight, down[:, :, half])
+    finally:
+        set_tensor_parallel(0, 1)
