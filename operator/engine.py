@@ -4,6 +4,7 @@ import re
 
 from nanoserve.engine_pod.config import engine_argv
 from nanoserve.operator.model import model_source, served_model_name
+from nanoserve.operator.model_cache import cache_claim
 from nanoserve.operator.names import ENGINE_PORT, engine_name, labels, selector
 from nanoserve.operator.pod_overrides import apply_pod_overrides
 from nanoserve.operator.security import container_security, pod_security
@@ -48,7 +49,8 @@ def gpu_resource(spec: dict) -> str:
 
 
 def render_engine_deployment(name: str, spec: dict) -> dict:
-    model_arg, volumes, mounts, init_containers = model_source(spec["model"], spec["image"])
+    claim = cache_claim(name, spec)
+    model_arg, volumes, mounts, init_containers = model_source(spec["model"], spec["image"], claim)
     tp = spec["tensorParallelSize"]
     env: list[dict] = [
         {"name": "HOME", "value": "/cache"},  # read-only root: every cache goes to the cache volume
@@ -96,8 +98,11 @@ def render_engine_deployment(name: str, spec: dict) -> dict:
     # GPUs are scarce: replace pods one at a time instead of surging onto GPUs that may not exist.
     gpu = spec["device"] == "gpu"
     strategy = {"maxSurge": 0 if gpu else 1, "maxUnavailable": 1 if gpu else 0}
+    security = pod_security()
+    if claim:  # a big cache volume: the kubelet re-owns it to fsGroup only when its root does not match yet
+        security["fsGroupChangePolicy"] = "OnRootMismatch"
     pod_spec = {
-        "securityContext": pod_security(),
+        "securityContext": security,
         "terminationGracePeriodSeconds": DRAIN_SECONDS + GRACE_SECONDS,
         "enableServiceLinks": False,
         "containers": [container],

@@ -3,13 +3,16 @@
 from nanoserve.operator.autoscaling import render_hpa
 from nanoserve.operator.engine import render_engine_deployment, render_engine_service
 from nanoserve.operator.gateway import render_gateway_deployment, render_gateway_rbac, render_gateway_service
+from nanoserve.operator.model_cache import render_cache_pvc
 from nanoserve.operator.names import ENGINE_PORT, engine_name, gateway_name, labels, selector, service_name
 from nanoserve.operator.network_policy import render_network_policy
 
 
 def render(name: str, namespace: str, spec: dict) -> list[dict]:
     """All children, in apply order (RBAC before the pods that use it). Owners are added by the caller."""
-    objs = [render_engine_service(name), render_engine_deployment(name, spec), render_pdb(name, "engine")]
+    cache = render_cache_pvc(name, spec)  # before the pods that mount it
+    objs = [cache] if cache else []
+    objs += [render_engine_service(name), render_engine_deployment(name, spec), render_pdb(name, "engine")]
     if spec.get("autoscaling"):
         objs.append(render_hpa(name, spec))
     if spec.get("networkPolicy", {}).get("enabled"):

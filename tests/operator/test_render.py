@@ -168,7 +168,7 @@ def test_model_sources():
     c, pod = engine_container(objs), objs["Deployment", "demo-engine"]["spec"]["template"]["spec"]
     (init,) = pod["initContainers"]
     model_dir = flags(c["args"])["--model"]
-    assert "Qwen/Qwen3-0.6B" in init["command"] and model_dir in init["command"]
+    assert "hf://Qwen/Qwen3-0.6B" in init["command"] and model_dir in init["command"]
     shared = {m["name"] for m in init["volumeMounts"]} & {m["name"] for m in c["volumeMounts"]}
     assert any(model_dir.startswith(m["mountPath"]) for m in c["volumeMounts"] if m["name"] in shared)
 
