@@ -12,6 +12,7 @@ from nanoserve.operator.names import MANAGER
 
 # Plural of each kind the operator touches; the API paths are built from them.
 PLURALS = {
+    "Pod": "pods",
     "Deployment": "deployments",
     "Service": "services",
     "ServiceAccount": "serviceaccounts",
@@ -82,6 +83,10 @@ def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         if e.status == 404:
             return None
         raise
+
+
+def list_(api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
+    return _call("GET", path(api_version, kind, namespace), query=[("labelSelector", label_selector)])["items"]
 
 
 def patch_status(api_version: str, kind: str, namespace: str, name: str, status: dict) -> None:

@@ -5,7 +5,8 @@ import logging
 import kopf
 
 from nanoserve.operator import kube
-from nanoserve.operator.names import engine_name, gateway_name
+from nanoserve.operator.model_status import model_load
+from nanoserve.operator.names import engine_name, gateway_name, selector_string
 from nanoserve.operator.render import render, render_stale
 from nanoserve.operator.status import compute_status, invalid_status
 
@@ -14,10 +15,17 @@ log = logging.getLogger(__name__)
 
 def preflight(namespace: str, spec: dict) -> list[tuple[str, str]]:
     """What the CRD schema cannot check: references to objects that must already exist."""
-    pvc = spec["model"].get("pvc")
-    if pvc and kube.get("v1", "PersistentVolumeClaim", namespace, pvc) is None:
-        return [("ModelVolumeMissing", f"PersistentVolumeClaim {pvc!r} not found in {namespace}")]
-    return []
+    problems = []
+    claims = [("ModelVolumeMissing", spec["model"].get("pvc")), ("ModelCacheMissing", cache_claim_given(spec))]
+    for reason, pvc in claims:
+        if pvc and kube.get("v1", "PersistentVolumeClaim", namespace, pvc) is None:
+            problems.append((reason, f"PersistentVolumeClaim {pvc!r} not found in {namespace}"))
+    return problems
+
+
+def cache_claim_given(spec: dict) -> str | None:
+    """modelCache.claimName: a claim the user made (one the operator creates is applied, not looked up)."""
+    return (spec.get("modelCache") or {}).get("claimName")
 
 
 def apply_all(objs: list[dict], namespace: str) -> list[tuple[str, str]]:
@@ -48,4 +56,8 @@ def reconcile(owner: kopf.Body, name: str, namespace: str, spec: dict, generatio
         kube.delete(obj["apiVersion"], obj["kind"], namespace, obj["metadata"]["name"])
     engine = kube.get("apps/v1", "Deployment", namespace, engine_name(name))
     gateway = kube.get("apps/v1", "Deployment", namespace, gateway_name(name)) if spec["gateway"]["enabled"] else None
-    return compute_status(name, namespace, spec, generation, old_status, engine, gateway, problems)
+    load, failed = model_load(spec["model"], kube.list_("v1", "Pod", namespace, selector_string(name, "engine")))
+    status = compute_status(
+        name, namespace, spec, generation, old_status, engine, gateway, problems, pod_failures=failed
+    )
+    return status | ({"modelLoad": load} if load else {})

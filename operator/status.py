@@ -81,15 +81,17 @@ def compute_status(
     gateway: dict | None,
     problems: list[tuple[str, str]],
     now: datetime.datetime | None = None,
+    pod_failures: list[tuple[str, str]] | None = None,
 ) -> dict:
-    """problems: (reason, message) pairs the operator itself found (missing PVC, rejected manifests)."""
+    """problems: (reason, message) pairs the operator itself found (missing PVC, rejected manifests).
+    pod_failures: what failed in some pods (a model download): Degraded, while the Deployments say Ready."""
     now_s = _now(now)
     old = old_status.get("conditions", [])
     e_ready, e_prog, e_why = _rollout(engine, spec["replicas"])
     g_ready, g_prog, g_why = (
         (True, False, "") if not spec["gateway"]["enabled"] else _rollout(gateway, spec["gateway"]["replicas"])
     )
-    failures = problems + _failures(engine) + _failures(gateway)
+    failures = problems + (pod_failures or []) + _failures(engine) + _failures(gateway)
     ready = e_ready and g_ready and not problems
     progressing = (e_prog or g_prog) and not failures
     why = "; ".join(w for w in (e_why, g_why) if w)

@@ -189,11 +189,13 @@ def isvc(name: str, spec: dict) -> dict:
     }
 
 
-# Beyond the example: a gateway-less one (the operator deletes gateway children) and one whose model
-# PVC is missing (the operator looks it up): between them, every call the operator can make.
+# Beyond the example: a gateway-less one (the operator deletes gateway children), one whose model
+# PVC is missing (the operator looks it up) and one with a model cache to create: between them, every call
+# the operator can make.
 EXTRA = [
     isvc("no-gateway", {"gateway": {"enabled": False}}),
     isvc("no-pvc", {"model": {"pvc": "absent", "path": "m"}}),
+    isvc("cached", {"model": {"s3": {"bucket": "models", "path": "m"}}, "modelCache": {"create": True, "size": "1Gi"}}),
     isvc("autoscaled", {"autoscaling": {"maxReplicas": 3}, "networkPolicy": {"enabled": True}}),
 ]
 MODES = {

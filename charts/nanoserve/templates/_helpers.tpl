@@ -64,9 +64,15 @@ Children are written by server-side apply: `create` as well as `patch` for the f
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [create, patch, delete]
+# Model volumes the user names are looked up; a model cache the spec asks for is created (never deleted:
+# it goes with its InferenceService, by owner reference). No delete, no pod writes.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get]
+  verbs: [get, create, patch]
+# The engine pods' status: the model download's report (its termination message) and their start to Ready.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 # Granted to each gateway's Role: Kubernetes lets the operator grant only what it holds itself.
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
