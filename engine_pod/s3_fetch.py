@@ -28,7 +28,7 @@ def fetch_prefix(bucket: str, prefix: str, dest: Path) -> int:
     try:
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
-                rel = PurePosixPath(obj["Key"][len(prefix) :])
+                rel = PurePosixPath(obj["Key"][len(prefix) :].lstrip("/"))  # "a//b" must not reach /b
                 if obj["Key"].endswith("/") or ".." in rel.parts:  # folder placeholders; keys escaping dest
                     continue
                 target = dest.joinpath(*rel.parts)
