@@ -12,6 +12,7 @@ import json
 from nanoserve.operator.model import model_summary
 
 DOWNLOAD = "download-model"  # the init container's name (operator/model.py)
+FIELDS = ("pod", "source", "downloaded", "bytes", "downloadSeconds", "readySeconds")
 
 
 def _time(stamp: str | None) -> datetime.datetime | None:
@@ -65,3 +66,8 @@ def model_load(model: dict, pods: list[dict]) -> tuple[dict | None, list[tuple[s
         loads.append((pod["metadata"].get("creationTimestamp", ""), name, load))
     newest = max(loads, key=lambda x: (x[0], x[1]))[2] if loads else None
     return newest, problems
+
+
+def status_patch(load: dict | None) -> dict:
+    """status.modelLoad for a merge patch: what is not measured now is null, so no older value stays behind."""
+    return {"modelLoad": {f: load.get(f) for f in FIELDS} if load else None}

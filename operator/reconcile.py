@@ -5,7 +5,7 @@ import logging
 import kopf
 
 from nanoserve.operator import kube
-from nanoserve.operator.model_status import model_load
+from nanoserve.operator.model_status import model_load, status_patch
 from nanoserve.operator.names import engine_name, gateway_name, selector_string
 from nanoserve.operator.render import render, render_stale
 from nanoserve.operator.status import compute_status, invalid_status
@@ -60,4 +60,4 @@ def reconcile(owner: kopf.Body, name: str, namespace: str, spec: dict, generatio
     status = compute_status(
         name, namespace, spec, generation, old_status, engine, gateway, problems, pod_failures=failed
     )
-    return status | ({"modelLoad": load} if load else {})
+    return status | status_patch(load)

@@ -2,7 +2,7 @@
 
 import json
 
-from nanoserve.operator.model_status import model_load
+from nanoserve.operator.model_status import model_load, status_patch
 
 S3 = {"s3": {"bucket": "models", "path": "qwen3/tiny"}}
 REPORT = {"source": "s3://models/qwen3/tiny", "downloaded": False, "bytes": 4137, "seconds": 0.25}
@@ -57,3 +57,11 @@ def test_a_builtin_model_reports_its_start_to_ready_only():
     ready = pod("e-1", "2026-12-02T10:00:00Z", ready_at="2026-12-02T10:00:35Z")
     load, _ = model_load({"builtin": "smollm2-135m"}, [ready])
     assert load == {"pod": "e-1", "source": "smollm2-135m", "readySeconds": 30}
+
+
+def test_the_status_patch_clears_what_is_no_longer_measured():
+    # A merge patch: null removes an older pod's download fields, or the whole record when no pod has one.
+    load, _ = model_load({"builtin": "smollm2-135m"}, [pod("e-1", "t", ready_at="2026-12-02T10:00:35Z")])
+    patch = status_patch(load)["modelLoad"]
+    assert patch["downloaded"] is None and patch["bytes"] is None and patch["readySeconds"] == 30
+    assert status_patch(None) == {"modelLoad": None}
