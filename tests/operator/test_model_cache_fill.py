@@ -43,6 +43,8 @@ def test_a_half_download_left_by_a_crashed_pod_is_done_again(s3, tmp_path):
     (parent / ".tiny.partial" / "weights").mkdir(parents=True)
     (parent / ".tiny.partial" / "weights" / "model.safetensors").write_bytes(b"\x00" * 10)
     (parent / ".tiny.lock").touch()
+    (parent / "tiny").mkdir()  # and a folder in the model's place with no marker: not trusted either
+    (parent / "tiny" / "config.json").write_bytes(b"{")
     p = cache_pod(s3, tmp_path, "pod", pvc)
     before = len(s3.object_gets("models"))
     code, err = p.run(secrets(*s3.keys), env(p))
