@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune gemm throughput profile variants tp2 structured routing serving anchor (tune, gemm and
+# Stages: tests tp kernel tune gemm throughput profile variants tp2 structured moe routing serving anchor (tune, gemm and
 # offline, the default throughput run alone: only when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
-STAGES=" ${*:-tests tp kernel throughput profile variants tp2 structured routing serving anchor} "
+STAGES=" ${*:-tests tp kernel throughput profile variants tp2 structured moe routing serving anchor} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
@@ -53,7 +53,7 @@ run() {
   grep -E "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" | tail -n +$(( $(cat "$OUT/.seen" 2>/dev/null || echo 0) + 1 ))
   grep -cE "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" > "$OUT/.seen"
 }
-want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py -k "not tp2"
+want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py tests/engine/test_gpu_moe.py -k "not tp2"
 want tp && [ "$NGPU" -ge 2 ] && run 150 python -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py -k tp2
 want kernel && run 200 python bench/attention_kernel.py
 want kernel && run 100 python bench/sampling_kernel.py
@@ -72,6 +72,7 @@ if want tp2 && [ "$NGPU" -ge 2 ]; then
 fi
 # Structured output: constrained vs unconstrained at batch 1/64/256, and the mask's host and device cost.
 want structured && run 300 python bench/structured.py
+want moe && run 400 python bench/moe.py
 # Routing: 3 engines share the GPU; 6 system prompts of ~2,000 tokens, one engine's 320 blocks hold 2 of them.
 want routing && run 420 python bench/routing.py --gpu --model qwen3-0.6b --system-words 2000 --kv-blocks 320 \
   --users 60 --turns 3 --rate 3 --think 0.3 --max-tokens 16

@@ -206,7 +206,7 @@ def _accept_and_fill(
     else:
         for j in live:
             matchers[j].fill_next_token_bitmask(bitmask, j)
-    blocked = frozenset(rows[~(bitmask != 0).any(1).numpy()].tolist())
+    blocked = frozenset(rows[~bitmask.numpy().any(1)].tolist())  # (numpy: torch's took 0.5-15 ms on CPU)
     return GrammarStep(GrammarMask(rows, bitmask, blocked), refused, terminated)
 
 

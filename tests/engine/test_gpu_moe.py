@@ -61,7 +61,19 @@ CONFIG = dict(
 
 @pytest.fixture(scope="module")
 def moe_path(tmp_path_factory):
-    return save_random_model(str(tmp_path_factory.mktemp("gpu") / "qwen3_moe"), CONFIG, seed=4, dtype=torch.bfloat16)
+    """Random weights, with router logits scaled up: a random router's top-k ties so closely that bf16 rounding
+    alone flips experts (seen on an H200: transformers' own bf16 forward then 0.6 off its float32 one), which
+    would test the rounding, not the kernels."""
+    import glob
+
+    from safetensors.torch import load_file, save_file
+
+    path = save_random_model(str(tmp_path_factory.mktemp("gpu") / "qwen3_moe"), CONFIG, seed=4, dtype=torch.bfloat16)
+    for file in glob.glob(f"{path}/*.safetensors"):
+        weights = load_file(file)
+        weights = {k: v * 16 if k.endswith("mlp.gate.weight") else v for k, v in weights.items()}
+        save_file(weights, file, metadata={"format": "pt"})
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -70,28 +82,30 @@ def prompts():
     return [[rng.randrange(1000) for _ in range(n)] for n in (1, 9, 16, 100, 300)]
 
 
-def test_moe_engine_first_tokens_match_transformers_and_graphs_match_eager(moe_path, prompts):
+def test_moe_engine_first_tokens_match_transformers_with_graphs_and_eager(moe_path, prompts):
+    """Prefill and two decode steps, with CUDA graphs and eager: each token's top-20 logprobs against
+    transformers in float32 on the same context, within what transformers' own bf16 forward is off it there
+    (measured on an H200: 0.04-0.26 on this model's contexts), and the token its argmax within that noise."""
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(moe_path, dtype=torch.bfloat16).cuda().eval()
-    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    tokens, first = {}, []
+    hf32 = AutoModelForCausalLM.from_pretrained(moe_path, dtype=torch.float32).cuda().eval()
+    hf16 = AutoModelForCausalLM.from_pretrained(moe_path, dtype=torch.bfloat16).cuda().eval()
+    three = SamplingParams(temperature=0, max_tokens=3, logprobs=20, ignore_eos=True)
     for eager in (False, True):
         llm = LLM(moe_path, max_model_len=1024, num_kvcache_blocks=512, enforce_eager=eager)
         try:
             assert llm.config.device == "cuda" and llm.config.dtype == "bfloat16"
-            if not eager:
-                first = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, logprobs=20))
-            tokens[eager] = [o["token_ids"] for o in llm.generate(prompts, greedy)]
+            outs = llm.generate(prompts, three)
         finally:
             llm.exit()
-    for p, out in zip(prompts, first):
-        with torch.inference_mode():
-            ref = hf(torch.tensor([p], device="cuda")).logits[0, -1].float().log_softmax(-1)
-        top = out["logprobs"][0].top
-        ours = torch.tensor([lp for _, lp in top])
-        # HF's argmax, or a token within bf16 noise of it (a near-tie in a router may pick another expert).
-        assert ref[out["token_ids"][0]].item() >= ref.max().item() - 0.05
-        assert (ours - ref[[t for t, _ in top]].cpu()).abs().max().item() < 0.1
-    # bf16 rounding differs between graph and eager batches: the first tokens must agree.
-    assert [t[:2] for t in tokens[False]] == [t[:2] for t in tokens[True]]
+        for p, out in zip(prompts, outs):
+            for i in range(3):  # the prefill's token, then the decode steps' (graph replays unless eager)
+                context = torch.tensor([p + out["token_ids"][:i]], device="cuda")
+                with torch.inference_mode():
+                    ref = hf32(context).logits[0, -1].float().log_softmax(-1)
+                    bf16 = hf16(context).logits[0, -1].float().log_softmax(-1)
+                ids = [t for t, _ in out["logprobs"][i].top]
+                ours = torch.tensor([lp for _, lp in out["logprobs"][i].top], device="cuda")
+                noise = (bf16 - ref)[ids].abs().max().item()
+                assert (ours - ref[ids]).abs().max().item() <= max(0.15, 2 * noise)
+                assert ref[out["token_ids"][i]].item() >= ref.max().item() - max(0.05, 2 * noise)
