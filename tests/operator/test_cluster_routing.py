@@ -27,11 +27,12 @@ from nanoserve.gateway.endpoints import engine_id
 
 ENGINE = {"maxModelLen": 1024, "maxNumSeqs": 16, "maxNumBatchedTokens": 1024, "enforceEager": True}
 # Conversations coprime with replicas: round-robin moves every conversation every turn. Each engine is a
-# process that imports torch and loads its model: two replicas. The builtin model is real (and slow on CPU):
-# fewer turns, of 6-9 words (~30 of its tokens: "w123" is 4); the tiny model's words are one token each.
+# process that imports torch and loads its model: two replicas of the tiny model, where routing is compared
+# with round-robin. The builtin model is real (and slow on CPU): one replica, where the gateway's block hashes
+# from the engine's own tokenizer must find what the engine cached; turns of 6-9 words ("w123" is 4 tokens).
 VARIANTS = {
     "builtin": dict(
-        model={"builtin": "smollm2-135m"}, replicas=2, conversations=3, turns=2, words=(6, 10), served="smollm2-135m"
+        model={"builtin": "smollm2-135m"}, replicas=1, conversations=2, turns=2, words=(6, 10), served="smollm2-135m"
     ),
     "pvc": dict(
         model={"pvc": "models", "path": "qwen3/tiny"},
@@ -195,7 +196,30 @@ async def wait_metric(session, gw: Pod, key: str, want: float | None) -> None:
     await until_async(reached, f"{key} to be {want}")
 
 
-@pytest.mark.parametrize("stack", list(VARIANTS), indirect=True)
+@pytest.mark.parametrize("stack", ["builtin"], indirect=True)
+def test_the_builtin_models_gateway_matches_prompts_by_the_engines_own_tokenizer(stack):
+    """The gateway got no tokenizer: it fetched the engine's (SmolLM2's), and the blocks it hashes from a
+    conversation's next turn are the blocks the engine cached from the turn before."""
+
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            gw = stack.gateway
+            await wait_metric(s, gw, 'nanoserve_gateway_routing_mode{"mode": "tokens"}', 1.0)
+            models = await (await s.get(gw.url + "/v1/models")).json()
+            assert [m["id"] for m in models["data"]] == [stack.served]  # the model as the user gave it
+            convs = await run_conversations(
+                gw.url, stack.conversations, stack.turns, 0, stack.served, words=stack.words, **TALK
+            )
+            assert all(c.engines == [engine_id(stack.engines[0].url)] * stack.turns for c in convs)
+            m = await gateway_metrics(s, gw)
+            assert m['nanoserve_gateway_prompt_match_mode_total{"mode": "tokens"}'] == stack.turns * stack.conversations
+            # Second turns start with the first turn's ~80 tokens: at least 2 of its blocks of 16 were matched.
+            assert m["nanoserve_gateway_matched_blocks_sum{}"] >= 2 * stack.conversations
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("stack", ["pvc"], indirect=True)
 def test_the_rendered_gateway_routes_by_the_engines_prefix_caches(stack, kubectl):
     async def main():
         async with aiohttp.ClientSession() as s:
