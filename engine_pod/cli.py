@@ -137,6 +137,11 @@ def chat_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if "torch" not in sys.modules:
+        # This process only tokenizes and serves HTTP; torch is its engine core's (a process of its own).
+        # transformers would import it for the tokenizer: ~1 s of CPU and ~250 MB for nothing.
+        sys.modules["torch"] = None  # type: ignore[assignment]  (an import of it now fails)
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # (its "PyTorch was not found")
     from nanoserve.engine_pod.serve import run_server
 
     return event_loop.run(

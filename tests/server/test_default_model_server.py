@@ -45,3 +45,16 @@ def test_32_concurrent_streams_give_the_non_streaming_text(default_server):
 
     got, want = asyncio.run(main())
     assert len(prompts) == 32 and got == want and len(set(want)) > 24
+
+
+def test_the_server_process_leaves_torch_to_its_engine_core(default_server):
+    """The HTTP process only tokenizes: torch (a second or two and ~250 MB) is loaded by its engine core alone."""
+    import pathlib
+
+    def maps_torch(pid: int) -> bool:
+        return "libtorch" in pathlib.Path(f"/proc/{pid}/maps").read_text()
+
+    pid = default_server.proc.pid
+    children = [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert not maps_torch(pid)
+    assert any(maps_torch(child) for child in children)  # the engine core
