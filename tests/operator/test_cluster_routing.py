@@ -196,6 +196,15 @@ async def wait_metric(session, gw: Pod, key: str, want: float | None) -> None:
     await until_async(reached, f"{key} to be {want}")
 
 
+async def gateway_ready_by_tokens(session: aiohttp.ClientSession, stack: Stack) -> None:
+    """Until the gateway matches prompts by tokens (it has the engines' tokenizer); it serves the model by the
+    name the user gave."""
+    gw = stack.gateway
+    await wait_metric(session, gw, 'nanoserve_gateway_routing_mode{"mode": "tokens"}', 1.0)
+    models = await (await session.get(gw.url + "/v1/models")).json()
+    assert [m["id"] for m in models["data"]] == [stack.served]
+
+
 @pytest.mark.parametrize("stack", ["builtin"], indirect=True)
 def test_the_builtin_models_gateway_matches_prompts_by_the_engines_own_tokenizer(stack):
     """The gateway got no tokenizer: it fetched the engine's (SmolLM2's), and the blocks it hashes from a
@@ -204,9 +213,7 @@ def test_the_builtin_models_gateway_matches_prompts_by_the_engines_own_tokenizer
     async def main():
         async with aiohttp.ClientSession() as s:
             gw = stack.gateway
-            await wait_metric(s, gw, 'nanoserve_gateway_routing_mode{"mode": "tokens"}', 1.0)
-            models = await (await s.get(gw.url + "/v1/models")).json()
-            assert [m["id"] for m in models["data"]] == [stack.served]  # the model as the user gave it
+            await gateway_ready_by_tokens(s, stack)
             convs = await run_conversations(
                 gw.url, stack.conversations, stack.turns, 0, stack.served, words=stack.words, **TALK
             )
@@ -224,9 +231,7 @@ def test_the_rendered_gateway_routes_by_the_engines_prefix_caches(stack, kubectl
     async def main():
         async with aiohttp.ClientSession() as s:
             gw = stack.gateway
-            await wait_metric(s, gw, 'nanoserve_gateway_routing_mode{"mode": "tokens"}', 1.0)
-            models = await (await s.get(gw.url + "/v1/models")).json()
-            assert [m["id"] for m in models["data"]] == [stack.served]  # the model as the user gave it
+            await gateway_ready_by_tokens(s, stack)
             before = await total_hits(s, stack.engines)
             convs = await run_conversations(
                 gw.url, stack.conversations, stack.turns, 0, stack.served, words=stack.words, **TALK
