@@ -5,7 +5,8 @@ is made: on a worker thread of the engine core process, never on its step loop, 
 Each step, `grammar_mask` has the matchers of the constrained rows accept the tokens just sampled, then asks
 them which tokens may come next (a bitmask on the host), on a thread while the engine thread applies the same
 tokens and schedules the next step; rank 0's model runner applies the mask to those rows' logits with
-`apply_grammar_mask` before temperature, top-k and top-p (llm_engine.py).
+`apply_grammar_mask` before temperature, top-k and top-p (llm_engine.py; under async scheduling
+constrained_step.py).
 The mask allows EOS only where the grammar may end; a matcher that accepted EOS is terminated.
 """
 

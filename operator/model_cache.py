@@ -6,10 +6,14 @@ from nanoserve.operator.names import labels
 
 def cache_claim(name: str, spec: dict) -> str | None:
     """The cache's claim name, or None without a cache (each pod downloads into its own emptyDir)."""
-    cache = spec.get("modelCache")
-    if not cache:
+    if not spec.get("modelCache"):
         return None
-    return cache.get("claimName") or cache_pvc_name(name)
+    return given_claim(spec) or cache_pvc_name(name)
+
+
+def given_claim(spec: dict) -> str | None:
+    """modelCache.claimName: a claim the user made (one the operator creates is applied, not looked up)."""
+    return (spec.get("modelCache") or {}).get("claimName")
 
 
 def cache_pvc_name(name: str) -> str:

@@ -5,6 +5,7 @@ import logging
 import kopf
 
 from nanoserve.operator import kube
+from nanoserve.operator.model_cache import given_claim
 from nanoserve.operator.model_status import model_load, status_patch
 from nanoserve.operator.names import engine_name, gateway_name, selector_string
 from nanoserve.operator.render import render, render_stale
@@ -16,16 +17,11 @@ log = logging.getLogger(__name__)
 def preflight(namespace: str, spec: dict) -> list[tuple[str, str]]:
     """What the CRD schema cannot check: references to objects that must already exist."""
     problems = []
-    claims = [("ModelVolumeMissing", spec["model"].get("pvc")), ("ModelCacheMissing", cache_claim_given(spec))]
+    claims = [("ModelVolumeMissing", spec["model"].get("pvc")), ("ModelCacheMissing", given_claim(spec))]
     for reason, pvc in claims:
         if pvc and kube.get("v1", "PersistentVolumeClaim", namespace, pvc) is None:
             problems.append((reason, f"PersistentVolumeClaim {pvc!r} not found in {namespace}"))
     return problems
-
-
-def cache_claim_given(spec: dict) -> str | None:
-    """modelCache.claimName: a claim the user made (one the operator creates is applied, not looked up)."""
-    return (spec.get("modelCache") or {}).get("claimName")
 
 
 def apply_all(objs: list[dict], namespace: str) -> list[tuple[str, str]]:
