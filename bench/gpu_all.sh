@@ -89,7 +89,11 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
   local direct="--url http://127.0.0.1:8700" via="--url http://127.0.0.1:8701 --metrics-url http://127.0.0.1:8700"
   # Each run other prompt ids (--salt): none finds the previous one's prompts in the prefix cache.
   run 150 python bench/serving.py $direct --both --salt 1 --label "$label-direct"
-  run 150 python bench/serving.py $via --stream --salt 3 --label "$label-gateway"
+  # The burst's TTFT varies by ~100 ms from run to run: gateway and direct alternate, three runs each.
+  for i in 1 2 3; do
+    run 150 python bench/serving.py $via --stream --salt $((10 + 2 * i)) --label "$label-gateway"
+    run 150 python bench/serving.py $direct --stream --salt $((11 + 2 * i)) --label "$label-direct-stream"
+  done
   run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 4 \
     --label "$label-poisson32"
   run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 5 \

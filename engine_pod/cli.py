@@ -9,6 +9,7 @@ import sys
 
 from nanoserve.common import event_loop
 from nanoserve.common.flags import HelpFormatter, add_flags, settings_from_args
+from nanoserve.common.torch_free import keep_torch_out
 from nanoserve.common.version import package_version
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.tool_choice import REASONING_PARSERS, TOOL_CALL_PARSERS, ChatConfig
@@ -137,11 +138,7 @@ def chat_argv(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if "torch" not in sys.modules:
-        # This process only tokenizes and serves HTTP; torch is its engine core's (a process of its own).
-        # transformers would import it for the tokenizer: ~1 s of CPU and ~250 MB for nothing.
-        sys.modules["torch"] = None  # type: ignore[assignment]  (an import of it now fails)
-        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # (its "PyTorch was not found")
+    keep_torch_out()  # this process tokenizes and serves HTTP; torch is its engine core's (a process of its own)
     from nanoserve.engine_pod.serve import run_server
 
     return event_loop.run(

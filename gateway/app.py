@@ -183,9 +183,18 @@ class Gateway:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
+    def tokenizers_pending(self, endpoints: list[Endpoint]) -> int:
+        """Engines whose tokenizer is still being fetched for the first time (none if routing ignores caches)."""
+        return sum(not ep.tokenizer_settled for ep in endpoints) if self.policy.uses_cache else 0
+
     async def ready(self, request: web.Request) -> web.Response:
-        n = len(self.pool.routable())
-        return web.json_response({"ready": n > 0, "engines": n}, status=200 if n else 503)
+        """Ready once some engine is routable and its tokenizer settled: loading a tokenizer (transformers'
+        import, the files) holds the GIL for seconds, which requests arriving meanwhile would wait out."""
+        endpoints = self.pool.routable()
+        pending = self.tokenizers_pending(endpoints)
+        ok = len(endpoints) > pending
+        body = {"ready": ok, "engines": len(endpoints), "tokenizers_pending": pending}
+        return web.json_response(body, status=200 if ok else 503)
 
     def metrics_text(self) -> bytes:
         return self.metrics.render(self.pool, self.routing_mode_now())

@@ -9,6 +9,7 @@ import os
 
 from nanoserve.common import event_loop
 from nanoserve.common.flags import HelpFormatter, add_flags, settings_from_args
+from nanoserve.common.torch_free import keep_torch_out
 from nanoserve.gateway.config import GatewayConfig
 
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    keep_torch_out()  # (the gateway image has none; where a venv has one, loading an engine's tokenizer must not)
     from nanoserve.gateway.app import run_gateway
 
     try:

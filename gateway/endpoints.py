@@ -33,6 +33,7 @@ class Endpoint:
     engine_busy: int = 0  # running + waiting, from the engine's /metrics
     metrics_at: float = -1e9  # time.monotonic() of that scrape
     tokenizer: PromptTokenizer | None = None  # the engine's own, verified (gateway/tokenizers.py)
+    tokenizer_settled: bool = False  # its first fetch has ended (verified or refused): see Gateway.ready
     breaker: Breaker = field(default_factory=Breaker)  # requests' view: consecutive failures
 
     @property

@@ -182,10 +182,13 @@ async def follow_tokenizer(
                 tok, block_size = await tokenizers.for_engine(session, ep.url)
             except TokenizerError as e:
                 retry_at = time.monotonic() + retry_interval
+                ep.tokenizer_settled = True
                 on_change(ep, e)
             else:
                 if block_size is not None and not ep.cache.is_precise:
                     ep.cache.block_size = block_size  # the feed's snapshot, once live, says the same
                 ep.tokenizer = tok
+                ep.tokenizer_settled = True
                 on_change(ep, None)
-        await asyncio.sleep(interval)
+        # Until the first fetch, look often: the gateway's readiness waits for it.
+        await asyncio.sleep(interval if ep.tokenizer_settled else min(interval, 0.1))

@@ -274,11 +274,12 @@ def backend(request, tiny_tokenizer) -> Backend:
 @pytest.fixture
 def start_gateway():
     """`async with start_gateway(urls, **config) as gw:` serves a gateway on a free port (gw.url), with
-    fast health checks, and waits until every engine is routable."""
+    fast health checks, and waits until every engine is routable and (wait_tokenizers) has its tokenizer
+    settled, as the gateway's /ready does."""
     from nanoserve.gateway import GatewayConfig, serve
 
     @contextlib.asynccontextmanager
-    async def start(urls: list[str], wait_routable: bool = True, **overrides):
+    async def start(urls: list[str], wait_routable: bool = True, wait_tokenizers: bool = True, **overrides):
         cfg = dict(
             host="127.0.0.1",
             port=0,
@@ -297,6 +298,8 @@ def start_gateway():
                     lambda: len(gw.pool.routable()) == len(urls),
                     lambda: f"every engine routable (only {[ep.url for ep in gw.pool.routable()]} of {urls})",
                 )
+            if wait_routable and wait_tokenizers:
+                await until_async(lambda: not gw.tokenizers_pending(gw.pool.routable()), "the tokenizers' fetches")
             yield gw
 
     return start

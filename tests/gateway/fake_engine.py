@@ -16,13 +16,13 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 
+from nanoserve.common.torch_free import keep_torch_out
+
 if __name__ == "__main__":  # a process of its own needs no torch (transformers imports it if it can: ~2 s a start)
-    sys.modules["torch"] = None
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found"
+    keep_torch_out()
 
 from aiohttp import web  # noqa: E402
 
@@ -50,7 +50,7 @@ class FakeConfig:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>" (as the engine server)
     serve_tokenizer: bool = True  # GET /v1/tokenizer (with a tokenizer): as the engine server
     tokenizer_fault: str = ""  # error: 500 | vocab: reports a wrong vocabulary size | file: serves other bytes
-    # | swap: serves another tokenizer's files under its own description
+    # | swap: serves another tokenizer's files under its own description | hold: answers once the fault changes
     fault: str = ""  # every generation request: hang (accepted, never answered) | garbage (bytes
     # that are not HTTP) | redirect (307 to redirect_to)
     redirect_to: str = ""
@@ -261,6 +261,8 @@ class FakeEngine:
             raise web.HTTPNotFound()
         if fault == "error":
             return web.json_response({"error": {"message": "injected failure"}}, status=500)
+        while self.cfg.tokenizer_fault == "hold":  # until /fake/state lifts it
+            await asyncio.sleep(0.01)
         info = {**self.tokenizer_info, "block_size": self.cfg.block_size}  # as /fake/state last set it
         if fault == "vocab":
             info["vocab_size"] += 1

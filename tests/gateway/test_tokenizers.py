@@ -253,3 +253,36 @@ def test_descriptions_are_checked_under_python_O_too():
         "try:\n    check_info(info)\nexcept TokenizerError:\n    raise SystemExit(0)\nraise SystemExit(1)\n"
     )
     assert subprocess.run([sys.executable, "-O", "-c", code], env={**os.environ, "PYTHONSAFEPATH": "1"}).returncode == 0
+
+
+def test_the_gateway_is_ready_once_an_engines_tokenizer_is_settled(local_engines, start_gateway, tiny_tokenizer):
+    """Loading a tokenizer holds the GIL for seconds (transformers' import, the files): /ready waits for the
+    first fetch to end, so that no burst lands on a gateway busy loading one. A policy that ignores caches
+    needs no tokenizer; an engine that serves none settles at once."""
+
+    async def ready(s: aiohttp.ClientSession, url: str) -> tuple[int, dict]:
+        async with s.get(url + "/ready") as r:
+            return r.status, await r.json()
+
+    async def main():
+        async with (
+            local_engines({"tokenizer": tiny_tokenizer, "tokenizer_fault": "hold"}, {"serve_tokenizer": False}) as (
+                held,
+                without,
+            ),
+            aiohttp.ClientSession() as s,
+        ):
+            async with start_gateway([held], wait_tokenizers=False) as gw:  # (once the engine is routable)
+                assert await ready(s, gw.url) == (503, {"ready": False, "engines": 1, "tokenizers_pending": 1})
+                async with start_gateway([held], wait_tokenizers=False, policy="round-robin") as rr:
+                    assert await ready(s, rr.url) == (200, {"ready": True, "engines": 1, "tokenizers_pending": 0})
+                await s.post(held + "/fake/state", json={"tokenizer_fault": ""})
+                await until_async(lambda: gw.pool.endpoints[held].tokenizer_settled, "the tokenizer's fetch to end")
+                assert await ready(s, gw.url) == (200, {"ready": True, "engines": 1, "tokenizers_pending": 0})
+                assert gw.routing_mode_now() == "tokens"
+            async with start_gateway([without]) as gw:
+                await until_async(lambda: gw.pool.endpoints[without].tokenizer_settled, "the refusal to settle it")
+                assert await ready(s, gw.url) == (200, {"ready": True, "engines": 1, "tokenizers_pending": 0})
+                assert gw.routing_mode_now() == "text"
+
+    asyncio.run(main())
