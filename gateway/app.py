@@ -46,6 +46,7 @@ class Gateway:
         self._sessions: list[aiohttp.ClientSession] = []
         self._engine_tasks: dict[str, list[asyncio.Task]] = {}
         self._discovery: asyncio.Task | None = None
+        self._background: list[asyncio.Task] = []
 
     async def start(self) -> None:
         if self.tokenizers.local is None and self.config.model:
@@ -66,11 +67,19 @@ class Gateway:
             self._discovery = asyncio.create_task(watcher.run())
         else:
             self.set_targets(static_targets(self.config.engines))
+        if self.metrics.multiprocess_dir:  # a worker of several: keep its share of the shared gauges current
+            self._background.append(asyncio.create_task(self._refresh_metrics()))
+
+    async def _refresh_metrics(self) -> None:
+        while True:
+            self.metrics.refresh(self.pool, self.routing_mode_now())
+            await asyncio.sleep(1.0)
 
     async def stop(self) -> None:
         tasks = [t for ts in self._engine_tasks.values() for t in ts]
         if self._discovery is not None:
             tasks.append(self._discovery)
+        tasks += self._background
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -187,13 +196,17 @@ class Gateway:
         """Engines whose tokenizer is still being fetched for the first time (none if routing ignores caches)."""
         return sum(not ep.tokenizer_settled for ep in endpoints) if self.policy.uses_cache else 0
 
-    async def ready(self, request: web.Request) -> web.Response:
-        """Ready once some engine is routable and its tokenizer settled: loading a tokenizer (transformers'
-        import, the files) holds the GIL for seconds, which requests arriving meanwhile would wait out."""
+    def ready_now(self) -> tuple[bool, int, int]:
+        """(ready, routable engines, tokenizers pending). Ready once some engine is routable and its tokenizer
+        settled: loading a tokenizer (transformers' import, the files) holds the GIL for seconds, which
+        requests arriving meanwhile would wait out."""
         endpoints = self.pool.routable()
         pending = self.tokenizers_pending(endpoints)
-        ok = len(endpoints) > pending
-        body = {"ready": ok, "engines": len(endpoints), "tokenizers_pending": pending}
+        return len(endpoints) > pending, len(endpoints), pending
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ok, engines, pending = self.ready_now()
+        body = {"ready": ok, "engines": engines, "tokenizers_pending": pending}
         return web.json_response(body, status=200 if ok else 503)
 
     def metrics_text(self) -> bytes:
@@ -206,6 +219,7 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+WORKER_READY_TIMEOUT = 10.0  # seconds a worker of several waits to be ready before it listens anyway
 
 
 def build_app(config: GatewayConfig, tokenizer: PromptTokenizer | None = None) -> web.Application:
@@ -238,8 +252,15 @@ async def serve(config: GatewayConfig, tokenizer: PromptTokenizer | None = None)
     app = build_app(config, tokenizer)
     quiet_client_faults()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.drain_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    await runner.setup()  # (starts the Gateway: discovery, probes, feeds, tokenizers)
+    if config.workers > 1:
+        # A worker shares its port with the others, and the kernel sends it connections from its first
+        # listen: it joins once it can route (bounded, so that /health answers for the liveness probe).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WORKER_READY_TIMEOUT):
+                while not app[GATEWAY].ready_now()[0]:
+                    await asyncio.sleep(0.05)
+    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.workers > 1 or None)
     await site.start()
     port = runner.addresses[0][1]
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host

@@ -60,6 +60,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     if not args.engines and not args.service:
         raise SystemExit("give --engine URL (repeatable) or --service NAME")
     settings = settings_from_args(GatewayConfig, args)
+    if settings.get("workers", 1) < 1:
+        raise SystemExit(f"--workers must be at least 1 (got {settings['workers']})")
     return GatewayConfig(**{**settings, "engine_api_key": engine_key(args), "api_keys": client_keys(args)})
 
 
@@ -67,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.workers > 1:
+        from nanoserve.gateway.workers import run_workers
+
+        return run_workers(config, args.log_level)
     keep_torch_out()  # (the gateway image has none; where a venv has one, loading an engine's tokenizer must not)
     from nanoserve.gateway.app import run_gateway
 

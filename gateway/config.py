@@ -123,6 +123,11 @@ class GatewayConfig:
     breaker_cooldown: float = setting(2.0, "seconds an open breaker keeps traffic away, doubled per failed trial")
     breaker_max_cooldown: float = setting(60.0, "most seconds of a breaker's cooldown")
     drain_timeout: float = setting(30.0, "on SIGTERM, seconds open requests may still run")
+    workers: int = setting(
+        1,
+        "gateway processes sharing the port (SO_REUSEPORT), each a whole gateway: more cores for bursts of "
+        "streams; /metrics adds them up (gateway/workers.py)",
+    )
 
 
 def gateway_argv(settings: dict) -> list[str]:

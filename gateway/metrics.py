@@ -1,8 +1,15 @@
-"""The gateway's own Prometheus metrics, in a registry per gateway (several can run in one process)."""
+"""The gateway's own Prometheus metrics, in a registry per gateway (several can run in one process).
+
+Under `--workers N` (gateway/workers.py) each worker process writes its values to prometheus_client's
+multiprocess files and /metrics renders all of them: counters and histograms add up, a gauge says how
+(`multiprocess_mode`, ignored in a single process).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from nanoserve.gateway.endpoints import EndpointPool
 
@@ -55,28 +62,52 @@ class GatewayMetrics:
             "1 for the mode the gateway routes in now: tokens, text or load",
             ["mode"],
             registry=r,
+            multiprocess_mode="livemostrecent",
         )
         self.engine_tokenizer = Gauge(
             "nanoserve_gateway_engine_tokenizer_verified",
             "1 when the engine's tokenizer is verified (its fingerprint as a label)",
             ["engine", "fingerprint"],
             registry=r,
+            multiprocess_mode="livemax",
         )
-        self.up = Gauge("nanoserve_gateway_engine_up", "1 when the engine is routed to", ["engine"], registry=r)
+        self.up = Gauge(
+            "nanoserve_gateway_engine_up",
+            "1 when the engine is routed to",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.in_flight = Gauge(
-            "nanoserve_gateway_engine_in_flight", "Requests open on the engine", ["engine"], registry=r
+            "nanoserve_gateway_engine_in_flight",
+            "Requests open on the engine",
+            ["engine"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.cached_blocks = Gauge(
             "nanoserve_gateway_engine_cached_blocks",
             "Blocks in the gateway's index of the engine's cache",
             ["engine"],
             registry=r,
+            multiprocess_mode="livemax",
         )
 
-    def render(self, pool: EndpointPool, mode: str) -> bytes:
-        """Exposition text, with per-engine gauges and the routing mode refreshed."""
-        for gauge in (self.up, self.in_flight, self.cached_blocks, self.engine_tokenizer, self.routing_mode):
-            gauge.clear()  # forget removed engines
+    @property
+    def multiprocess_dir(self) -> str | None:
+        return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+    def refresh(self, pool: EndpointPool, mode: str) -> None:
+        """Set the per-engine gauges and the routing mode from this gateway's view. Workers also do so every
+        second (Gateway.start), since /metrics may be answered by another."""
+        multiprocess_dir = self.multiprocess_dir
+        gauges = (self.up, self.in_flight, self.cached_blocks, self.engine_tokenizer)
+        for gauge in gauges:
+            if multiprocess_dir:  # a series in the shared files cannot be deleted: a removed engine's reads 0
+                for labels in list(gauge._metrics):  # (prometheus_client has no public list of a metric's labels)
+                    gauge.labels(*labels).set(0)
+            else:
+                gauge.clear()  # forget removed engines
         for m in ("tokens", "text", "load"):
             self.routing_mode.labels(m).set(1 if m == mode else 0)
         for ep in pool.endpoints.values():
@@ -85,4 +116,12 @@ class GatewayMetrics:
             self.up.labels(ep.url).set(1 if ep.routable else 0)
             self.in_flight.labels(ep.url).set(ep.in_flight)
             self.cached_blocks.labels(ep.url).set(len(ep.cache))
-        return generate_latest(self.registry)
+
+    def render(self, pool: EndpointPool, mode: str) -> bytes:
+        """Exposition text, with per-engine gauges and the routing mode refreshed (of every worker)."""
+        self.refresh(pool, mode)
+        if not self.multiprocess_dir:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker, self.multiprocess_dir)
+        return generate_latest(every_worker)
