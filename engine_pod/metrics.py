@@ -213,6 +213,9 @@ class EngineMetrics:
             cache_dtype="auto",
             enable_prefix_caching=str(prefix_caching),
         ).set(1)
+        # Present from the start, as vLLM's: an endpoint picker (GAIE's) scrapes a fresh engine before its first step.
+        for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "gpu_cache_usage_perc"):
+            self.labeled(name).set(0)
 
     def labeled(self, name: str, **labels) -> Any:
         """The metric `name`'s series for this model (and `labels`), looked up once: the server updates

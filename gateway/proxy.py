@@ -8,8 +8,6 @@ followed: the engine is misconfigured, and the prompt must not go where it point
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -18,10 +16,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 from aiohttp import web
 
-from nanoserve.gateway.endpoints import Endpoint, routing_mode
+from nanoserve.gateway.endpoints import Endpoint
 from nanoserve.gateway.errors import error_response, sse_error
-from nanoserve.gateway.policy import Decision
-from nanoserve.gateway.prompt import Prompt, build_prompt
+from nanoserve.gateway.routing import Refusal, decide
 
 if TYPE_CHECKING:
     from nanoserve.gateway.app import Gateway
@@ -70,58 +67,13 @@ def upstream_headers(headers) -> dict[str, str]:
     return {k: v for k, v in _forward_headers(headers).items() if k.lower() != "content-encoding"}
 
 
-def _client_key(request: web.Request) -> str | None:
-    """The key of the client's `Authorization: Bearer <key>`, which such engines salt its blocks by."""
-    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
-    return key.strip() or None if scheme.lower() == "bearer" else None
-
-
-def _parse_body(raw: bytes) -> dict | None:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # bad JSON or UTF-8, a 5,000-digit number, deep nesting
-        return None
-    return body if isinstance(body, dict) else None
-
-
-def _route(gw: Gateway, endpoints: list[Endpoint], prompt: Prompt | None) -> tuple[Decision, str]:
-    mode = routing_mode(endpoints, prompt)
-    decision = gw.policy.rank(gw.pool.candidates(endpoints, prompt, mode))
-    gw.metrics.decisions.labels(decision.reason).inc()
-    gw.metrics.prompt_modes.labels(mode).inc()
-    gw.metrics.matched_blocks.observe(decision.matched)
-    return decision, mode
-
-
 async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamResponse:
     """POST /v1/completions and /v1/chat/completions."""
     raw = await request.read()
-    body = _parse_body(raw)
-    if body is None:
-        return error_response(400, "request body must be a JSON object", "invalid_request_error")
-    served = gw.config.served_model_name
-    if served and body.get("model") not in (None, served):
-        return error_response(
-            404, f"model {body.get('model')!r} does not exist", "invalid_request_error", "model_not_found"
-        )
-    endpoints = gw.pool.routable()
-    if not endpoints:
-        return error_response(503, "no healthy engine", "server_error", "no_healthy_engine")
-    prompt = None
-    try:
-        if gw.policy.uses_cache:
-            tokenizers = list({ep.tokenizer.fingerprint: ep.tokenizer for ep in endpoints if ep.tokenizer}.values())
-            salt_key = _client_key(request) if gw.config.cache_salt_by_api_key else None
-            build = functools.partial(build_prompt, request.path, body, tokenizers, salt_key)
-            # Long prompts are tokenized off the event loop (the Rust tokenizer releases the GIL).
-            prompt = await asyncio.to_thread(build) if len(raw) > 16384 else build()
-        decision, mode = _route(gw, endpoints, prompt)
-    except Exception as e:  # noqa: BLE001 - a body the prompt code did not foresee: route by load, the engine judges
-        # Not a warning with a traceback: any client can send these, and the log must not be theirs to flood.
-        log.debug("routing by load: the prompt could not be matched (%r)", e)
-        prompt = None
-        decision, mode = _route(gw, endpoints, None)
-
+    routed = await decide(gw, request.path, raw, request.headers.get("Authorization", ""))
+    if isinstance(routed, Refusal):
+        return error_response(routed.status, routed.message, routed.type, routed.code)
+    decision, mode, prompt, body = routed.decision, routed.mode, routed.prompt, routed.body
     headers = upstream_headers(request.headers)
     stream = body.get("stream") is True
     failure = Failure("none")

@@ -1,8 +1,9 @@
 """The `nanoserve` command: `serve` and `generate` (the engine, engine_pod/cli.py), `gateway` (the router,
-gateway/cli.py) and `up` (a local stack of both, nanoserve_pkg/up.py).
+gateway/cli.py), `epp` (the router as an InferencePool's endpoint picker, gateway/epp.py) and `up` (a local
+stack of engines and gateway, nanoserve_pkg/up.py).
 
-`nanoserve gateway ...` goes straight to the gateway's own parser: the gateway's image runs it without
-importing any of the engine.
+`nanoserve gateway ...` and `nanoserve epp ...` go straight to the gateway's own parser: the gateway's image
+runs them without importing any of the engine.
 """
 
 import argparse
@@ -10,7 +11,7 @@ import sys
 
 from nanoserve.common.version import package_version
 
-DESCRIPTION = "nanoserve: serve an LLM (serve, generate), route to engines (gateway), or both locally (up)."
+DESCRIPTION = "nanoserve: serve an LLM (serve, generate), route to engines (gateway, epp), or both locally (up)."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine_cli.add_commands(sub)
     up.add_command(sub)
     sub.add_parser("gateway", help="the prefix-cache-aware router (nanoserve gateway --help)", add_help=False)
+    sub.add_parser(
+        "epp", help="the router as an InferencePool's endpoint picker (nanoserve epp --help)", add_help=False
+    )
     return parser
 
 
@@ -32,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         from nanoserve.gateway.cli import main as gateway_main
 
         return gateway_main(argv[1:])
+    if argv[:1] == ["epp"]:  # the gateway's image runs it too: no engine imports
+        from nanoserve.gateway.epp import main as epp_main
+
+        return epp_main(argv[1:])
     from nanoserve.engine_pod.cli import run_command
 
     return run_command(build_parser().parse_args(argv))

@@ -1,0 +1,205 @@
+"""Envoy's external processing protocol (envoy.service.ext_proc.v3) as an endpoint picker (EPP) speaks it.
+
+One gRPC stream per HTTP request. Envoy sends the request headers, then the body: in FULL_DUPLEX_STREAMED
+mode as chunks it does not wait on (the picker holds them, answers the headers once the last chunk is in,
+and streams the body back unchanged), in BUFFERED mode as one message after the headers' answer. The pick
+goes back as Gateway API Inference Extension's endpoint picker protocol (docs/proposals/004) says: the
+`x-gateway-destination-endpoint` header (the chosen engine's ip:port, which an ORIGINAL_DST cluster dials)
+and `envoy.lb` dynamic metadata with the whole ranking, comma-separated, for data planes that fall back down
+the list. No engine: a 503 immediate response; a body that is not a JSON object: 400 (gateway/routing.py).
+"""
+
+# The generated protobuf modules ship no type stubs: pyright cannot see their message classes.
+# pyright: reportAttributeAccessIssue=false
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import json_format, struct_pb2
+
+from nanoserve.common.api_errors import error_body
+from nanoserve.gateway.endpoints import Endpoint
+from nanoserve.gateway.routing import Refusal, Routing, decide, route_by_load
+
+if TYPE_CHECKING:
+    from nanoserve.gateway.app import Gateway
+
+log = logging.getLogger(__name__)
+
+DESTINATION = "x-gateway-destination-endpoint"
+LB_NAMESPACE = "envoy.lb"
+SUBSET_NAMESPACE, SUBSET_KEY = "envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset"
+GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+BODY_CHUNK = 62_000  # bytes per streamed body message back to Envoy (GAIE's EPP chunks alike)
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+
+
+def address(url: str) -> str:
+    """An engine's base URL as the ip:port Envoy dials."""
+    return urlsplit(url).netloc
+
+
+@dataclass
+class Exchange:
+    """One HTTP request's state on its stream."""
+
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytearray = field(default_factory=bytearray)
+    request_duplex: bool = False  # FULL_DUPLEX_STREAMED: body chunks come without waiting for our answers
+    response_duplex: bool = False
+    subset: set[str] | None = None  # ip:port the data plane allows (envoy.lb.subset_hint), None: all
+    engine: Endpoint | None = None  # the chosen engine, counted in flight until the stream ends
+    finished: bool = False  # an immediate response went back: Envoy ends the stream
+
+
+def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
+    return {
+        h.key.lower(): h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value for h in msg.headers.headers
+    }
+
+
+def _subset(req: pb.ProcessingRequest) -> set[str] | None:
+    meta = req.metadata_context.filter_metadata
+    if SUBSET_NAMESPACE not in meta:
+        return None
+    hint = json_format.MessageToDict(meta[SUBSET_NAMESPACE])
+    value = hint.get(SUBSET_KEY) if isinstance(hint, dict) else None
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    return {a.strip() for item in items if isinstance(item, str) for a in item.split(",") if a.strip()}
+
+
+def immediate(refusal: Refusal) -> pb.ProcessingResponse:
+    body = json.dumps(error_body(refusal.message, refusal.type, code=refusal.code)).encode()
+    content_type = base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")
+    return pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=refusal.status),
+            headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(header=content_type)]),
+            body=body,
+            details=refusal.code or refusal.type,
+        )
+    )
+
+
+def _pick(addresses: list[str]) -> tuple[pb.CommonResponse, struct_pb2.Struct]:
+    """The header mutation naming the chosen engine, and the metadata with the ranking."""
+    header = base_pb2.HeaderValue(key=DESTINATION, raw_value=addresses[0].encode())
+    common = pb.CommonResponse(
+        header_mutation=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(header=header)]),
+        clear_route_cache=True,
+    )
+    metadata = struct_pb2.Struct()
+    metadata.update({LB_NAMESPACE: {DESTINATION: ",".join(addresses)}})
+    return common, metadata
+
+
+def _streamed(body: bytes, end: bool, response: bool = False) -> list[pb.ProcessingResponse]:
+    """`body` sent on as FULL_DUPLEX_STREAMED body messages, the last one ending the stream if `end`."""
+    chunks = [body[i : i + BODY_CHUNK] for i in range(0, len(body), BODY_CHUNK)] or [b""]
+    out = []
+    for i, chunk in enumerate(chunks):
+        streamed = pb.StreamedBodyResponse(body=chunk, end_of_stream=end and i == len(chunks) - 1)
+        reply = pb.BodyResponse(response=pb.CommonResponse(body_mutation=pb.BodyMutation(streamed_response=streamed)))
+        out.append(
+            pb.ProcessingResponse(response_body=reply) if response else pb.ProcessingResponse(request_body=reply)
+        )
+    return out
+
+
+class EndpointPicker(pb_grpc.ExternalProcessorServicer):
+    """The ExternalProcessor service over a started Gateway (its pool, probes, cache feeds, tokenizers)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest], context) -> AsyncIterator:  # noqa: N802 - the gRPC method's name
+        ex = Exchange()
+        try:
+            async for req in request_iterator:
+                for resp in await self.handle(ex, req):
+                    yield resp
+                if ex.finished:
+                    return
+        finally:
+            if ex.engine is not None:
+                ex.engine.in_flight -= 1
+
+    async def handle(self, ex: Exchange, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        """The answers to one message of Envoy's (none while a duplex body is still coming in)."""
+        if req.HasField("protocol_config"):  # sent with the stream's first message
+            ex.request_duplex = req.protocol_config.request_body_mode == FULL_DUPLEX
+            ex.response_duplex = req.protocol_config.response_body_mode == FULL_DUPLEX
+        kind = req.WhichOneof("request")
+        if kind == "request_headers":
+            ex.headers, ex.subset = _headers(req.request_headers), _subset(req)
+            if req.request_headers.end_of_stream:  # no body (a GET): by load
+                return self.answer_headers(ex, await self.route(ex))
+            return [] if ex.request_duplex else [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]
+        if kind == "request_body":
+            ex.body += req.request_body.body
+            if len(ex.body) > self.gw.config.max_body_bytes:
+                ex.finished = True
+                return [immediate(Refusal(413, "request body too large", "invalid_request_error"))]
+            if not req.request_body.end_of_stream:
+                return [] if ex.request_duplex else [pb.ProcessingResponse(request_body=pb.BodyResponse())]
+            return self.answer_body(ex, await self.route(ex), end=True)
+        if kind == "request_trailers":  # a body that ended with trailers, not end_of_stream
+            out = self.answer_body(ex, await self.route(ex), end=False) if ex.request_duplex else []
+            return out if ex.finished else out + [pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
+        if kind == "response_headers":
+            return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
+        if kind == "response_body":
+            if ex.response_duplex:
+                return _streamed(req.response_body.body, req.response_body.end_of_stream, response=True)
+            return [pb.ProcessingResponse(response_body=pb.BodyResponse())]
+        if kind == "response_trailers":
+            return [pb.ProcessingResponse(response_trailers=pb.TrailersResponse())]
+        return []
+
+    async def route(self, ex: Exchange) -> Routing | Refusal:
+        gw = self.gw
+        endpoints = gw.pool.routable()
+        if ex.subset is not None:
+            endpoints = [ep for ep in endpoints if address(ep.url) in ex.subset]
+        path = ex.headers.get(":path", "").partition("?")[0]
+        if ex.headers.get(":method") == "POST" and path.endswith(GENERATE_PATHS):
+            routed = await decide(gw, path, bytes(ex.body), ex.headers.get("authorization", ""), endpoints)
+        else:
+            routed = route_by_load(gw, endpoints)
+        if isinstance(routed, Routing):
+            ep = gw.pool.endpoints[routed.decision.ranked[0]]
+            if routed.prompt is not None:
+                ep.record(routed.prompt, routed.mode)  # the next turn finds it here before the feed says so
+            ep.in_flight += 1
+            ex.engine = ep
+        return routed
+
+    def answer_headers(self, ex: Exchange, routed: Routing | Refusal) -> list[pb.ProcessingResponse]:
+        if isinstance(routed, Refusal):
+            ex.finished = True
+            return [immediate(routed)]
+        common, metadata = _pick([address(url) for url in routed.decision.ranked])
+        return [pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata)]
+
+    def answer_body(self, ex: Exchange, routed: Routing | Refusal, end: bool) -> list[pb.ProcessingResponse]:
+        if isinstance(routed, Refusal):
+            ex.finished = True
+            return [immediate(routed)]
+        if ex.request_duplex:  # the headers were held back: they go first, with the pick, then the body
+            return self.answer_headers(ex, routed) + _streamed(bytes(ex.body), end)
+        # BUFFERED: the headers went on already, unchanged; the pick rides on the body's answer.
+        common, metadata = _pick([address(url) for url in routed.decision.ranked])
+        return [pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=metadata)]
