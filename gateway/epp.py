@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     add_flags(parser, EppConfig)
     args = parser.parse_args(argv)
     gateway, epp = cli.config_from_args(args), EppConfig(**settings_from_args(EppConfig, args))
+    if gateway.workers > 1:  # one ext-proc server per process would need its own port: scale with replicas
+        raise SystemExit("nanoserve epp runs one gateway process: --workers 1 (more pods: more replicas)")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_torch_out()
     try:
