@@ -1,0 +1,97 @@
+"""N-gram (prompt lookup) speculative decoding: the proposer, which requests may speculate, and the counts.
+
+Each decode step a running sequence's last N..M tokens are looked up earlier in its own prompt and output;
+the tokens that followed the longest match (the most recent one among equally long matches) are its draft.
+The step verifies the drafts (spec_verify.py) and the scheduler rolls back the KV of rejected ones.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nanoserve.engine_pod.sequence import Sequence
+
+
+def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to `k` tokens following the most recent earlier occurrence of the longest suffix of `tokens` of
+    length `max_n` down to `min_n`; [] when none occurs. An occurrence may overlap the suffix itself (a run
+    of one repeated token proposes more of it)."""
+    size = len(tokens)
+    if k < 1 or size < min_n + 1:
+        return []
+    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where an earlier occurrence could end
+    if not len(ends):
+        return []
+    length = np.ones(len(ends), np.int64)  # each candidate's match length, up to max_n
+    alive = np.ones(len(ends), bool)
+    for j in range(1, min(max_n, size - 1)):
+        alive &= ends >= j
+        alive &= tokens[np.maximum(ends - j, 0)] == tokens[size - 1 - j]
+        if not alive.any():
+            break
+        length += alive
+    best = int(length.max())
+    if best < min_n:
+        return []
+    end = int(ends[np.flatnonzero(length == best)[-1]])
+    return tokens[end + 1 : end + 1 + k].tolist()
+
+
+def can_speculate(seq: Sequence) -> bool:
+    """Whether `seq`'s sampling allows drafts. Requests whose logits processing reads their own history
+    (penalties, bad words, min_tokens, logit bias, allowed ids), min_p, logprobs and structured output decode
+    one token a step: the verify step applies only temperature, top-k and top-p to its draft rows."""
+    return not seq.params.extras and seq.grammar is None
+
+
+class TokenMirror:
+    """A sequence's token ids as a growing numpy array, extended by what was appended since the last look
+    (the proposer runs every step: converting the whole list each time would cost O(length))."""
+
+    __slots__ = ("array", "size")
+
+    def __init__(self) -> None:
+        self.array = np.zeros(64, np.int64)
+        self.size = 0
+
+    def view(self, token_ids: list[int]) -> np.ndarray:
+        n = len(token_ids)
+        if n < self.size:  # tokens were dropped (never while a sequence speculates; cheap to redo anyway)
+            self.size = 0
+        if n > len(self.array):
+            grown = np.zeros(max(n, 2 * len(self.array)), np.int64)
+            grown[: self.size] = self.array[: self.size]
+            self.array = grown
+        if n > self.size:
+            self.array[self.size : n] = token_ids[self.size :]
+            self.size = n
+        return self.array[:n]
+
+
+@dataclass
+class SpecStats:
+    """Acceptance so far (vLLM's spec_decode counters): drafts proposed, their tokens, and those accepted,
+    also by draft position."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    def add(self, num_drafted: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_drafted
+        self.num_accepted_tokens += num_accepted
+        if len(self.accepted_per_pos) < num_drafted:
+            self.accepted_per_pos += [0] * (num_drafted - len(self.accepted_per_pos))
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        """Tokens emitted per verified draft: accepted ones plus the bonus token (vLLM's definition)."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 0.0
