@@ -305,6 +305,10 @@ class AsyncEngine:
             self.prefix_hits += out.prefix_hits
             m("gpu_prefix_cache_hit_rate").set(self.prefix_hits / self.prefix_queries)
         m("num_preemptions").inc(out.preemptions)
+        if out.spec[0]:
+            m("spec_decode_num_drafts").inc(out.spec[0])
+            m("spec_decode_num_draft_tokens").inc(out.spec[1])
+            m("spec_decode_num_accepted_tokens").inc(out.spec[2])
         self._on_counts(out.counts)
         for kind, hashes in out.cache_events:
             for q in self.subscribers.values():

@@ -143,6 +143,20 @@ class BlockManager:
         """Hash the full blocks of `seq`'s computed tokens whose ids are known."""
         self._register_full_blocks(seq, min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending))
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back the tail blocks beyond `seq`'s tokens (those only rejected draft tokens used: speculative
+        decoding). Unhashed, they go to the free list. The list is replaced, not shortened in place
+        (`Sequence.block_table_array` relies on that)."""
+        keep = self.blocks_for(seq.num_tokens)
+        if len(seq.block_table) <= keep:
+            return
+        for block_id in reversed(seq.block_table[keep:]):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free_block_ids[block_id] = None
+        seq.block_table = seq.block_table[:keep]
+
     def free(self, seq: Sequence) -> None:
         """Release `seq`'s blocks. Tail blocks are freed first so they are evicted before the shared head."""
         for block_id in reversed(seq.block_table):

@@ -10,6 +10,7 @@ from nanoserve.common.flags import setting, settings_argv
 from nanoserve.engine_pod.default_model import DEFAULT_MODEL
 from nanoserve.engine_pod.errors import ConfigError, ModelLoadError
 from nanoserve.engine_pod.rope_params import model_max_len
+from nanoserve.engine_pod.spec_config import SpeculativeConfig, parse_speculative_config
 
 if TYPE_CHECKING:  # torch is imported when a Config is made: the CLI and the operator import this without it
     import torch
@@ -80,7 +81,16 @@ class Config:
         "vLLM's own defaults",
         choices=("auto", "vllm"),
     )
+    speculative_config: str | None = setting(
+        None,
+        'speculative decoding as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": K, '
+        '"prompt_lookup_max": N, "prompt_lookup_min": M} proposes up to K tokens from the longest earlier '
+        "match of the last N..M tokens and verifies them in one step (its steps are synchronous)",
+        unset="off",
+        metavar="JSON",
+    )
     hf_config: dict = field(default_factory=dict, repr=False, init=False)  # read from the model folder
+    speculative: SpeculativeConfig | None = field(default=None, init=False)  # speculative_config, parsed
     sampling_defaults: dict = field(default_factory=dict, init=False)  # generation_config "auto"
     eos_token_ids: list[int] = field(default_factory=list, init=False)
 
@@ -104,8 +114,17 @@ class Config:
             self.dtype = "bfloat16" if self.device.startswith("cuda") else "float32"
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = GPU_BATCHED_TOKENS if self.device.startswith("cuda") else CPU_BATCHED_TOKENS
+        if isinstance(self.speculative_config, dict):  # LLM(..., speculative_config={...}), as vLLM takes it
+            self.speculative_config = json.dumps(self.speculative_config)
+        self.speculative = parse_speculative_config(self.speculative_config)
         if self.async_scheduling is None:
-            self.async_scheduling = self.device.startswith("cuda")
+            self.async_scheduling = self.device.startswith("cuda") and self.speculative is None
+        elif self.async_scheduling and self.speculative is not None:
+            # Drafts are looked up in the newest tokens, which an overlapped step has not copied back yet.
+            logging.getLogger("nanoserve.config").warning(
+                "speculative decoding steps synchronously: async_scheduling is off with a speculative_config"
+            )
+            self.async_scheduling = False
         if self.kvcache_block_size < 1:
             raise ConfigError(f"kvcache_block_size must be >= 1, got {self.kvcache_block_size}")
         if not 1 <= self.tensor_parallel_size <= 8:

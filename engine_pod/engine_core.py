@@ -52,6 +52,7 @@ class StepOutput:
     cache_events: list[tuple[str, list[int]]] = field(default_factory=list)  # ("stored"|"removed", hashes)
     logprobs: dict[int, object] = field(default_factory=dict)  # seq_id -> its row's token_logprobs.TokenLogprobs
     prompt_logprobs: dict[int, list] = field(default_factory=dict)  # seq_id -> its prompt's, with its first token
+    spec: tuple[int, int, int] = (0, 0, 0)  # speculative decoding in the step: drafts, draft tokens, accepted ones
 
 
 def portable(e: BaseException) -> BaseException:
@@ -199,6 +200,8 @@ class EngineCore:
     def _step(self) -> None:
         engine, bm = self.engine, self.engine.block_manager
         queries, hits, preemptions = bm.prefix_queries, bm.prefix_hits, engine.scheduler.num_preemptions
+        spec = engine.spec_stats
+        drafts, draft_tokens, accepted = spec.num_drafts, spec.num_draft_tokens, spec.num_accepted_tokens
         started = time.monotonic()
         batch, sampled = engine.run_step()
         now = time.monotonic()
@@ -206,7 +209,12 @@ class EngineCore:
         if self.unscheduled:
             scheduled = [seq.seq_id for seq, _ in batch if seq.seq_id in self.unscheduled]
             self.unscheduled.difference_update(scheduled)
-        rows = [(seq.seq_id, token, seq.finish_reason, seq.num_cached_tokens) for seq, token in sampled]
+        # A verify step gives a sequence several tokens in order: only its last row carries its finish.
+        last = {seq.seq_id: i for i, (seq, _) in enumerate(sampled)}
+        rows = [
+            (seq.seq_id, token, seq.finish_reason if last[seq.seq_id] == i else None, seq.num_cached_tokens)
+            for i, (seq, token) in enumerate(sampled)
+        ]
         logprobs, prompt_logprobs = self._logprobs(sampled) if self.scoring else ({}, {})
         events = _runs(bm.events) if self.subscribers else []  # in order: a hash can be evicted and stored again
         bm.events.clear()
@@ -227,6 +235,11 @@ class EngineCore:
                     events,
                     logprobs,
                     prompt_logprobs,
+                    (
+                        spec.num_drafts - drafts,
+                        spec.num_draft_tokens - draft_tokens,
+                        spec.num_accepted_tokens - accepted,
+                    ),
                 ),
             )
         )

@@ -21,6 +21,16 @@ class InFlight:
     positions: list[int]
     tokens: SampledTokens
     blocked: frozenset[int] = frozenset()  # rows whose grammar allowed no token: what they sampled is invalid
+    spec_drafts: list[int] | None = None  # a verify step: each row's number of draft tokens
+
+    def wait(self) -> tuple[list[int], list[list[int]] | None]:
+        """Each row's (first) token; for a verify step also the accepted tokens after it, per row."""
+        flat = self.tokens.wait()
+        if self.spec_drafts is None:
+            return flat, None
+        width = len(flat) // len(self.seqs)  # spec_verify.verify's rows: count, then the emitted tokens
+        rows = [flat[i * width : (i + 1) * width] for i in range(len(self.seqs))]
+        return [r[1] for r in rows], [r[2 : 1 + r[0]] for r in rows]
 
 
 @dataclass

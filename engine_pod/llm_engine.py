@@ -24,6 +24,8 @@ from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
+from nanoserve.engine_pod.spec_decode import SpecStats
+from nanoserve.engine_pod.spec_verify import spec_inputs
 from nanoserve.engine_pod.step_inputs import Downloader, prepare
 from nanoserve.engine_pod.stop import StopChecker
 from nanoserve.engine_pod.structured_output import Grammars, GrammarStep, grammar_mask
@@ -55,7 +57,10 @@ class LLMEngine:
         )
         self.scheduler = Scheduler(config, self.block_manager)
         self.rng = random.Random(config.seed)  # seeds of the rows that sample without a request seed
-        self.download = Downloader(self.model_runner.device, config.max_num_seqs)
+        spec = config.speculative
+        width = spec.num_speculative_tokens + 2 if spec is not None else 1  # a verify step's row per sequence
+        self.download = Downloader(self.model_runner.device, config.max_num_seqs * width)
+        self.spec_stats = SpecStats()  # speculative decoding's acceptance so far
         self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
         self.unsampled: Unsampled | None = None  # ... with structured output: the step whose forward runs unsampled
         self.stop_checker = StopChecker(self.tokenizer)
@@ -178,6 +183,8 @@ class LLMEngine:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
+                if self.config.speculative is not None:  # (its steps are synchronous: Config turns overlap off)
+                    inputs.spec = spec_inputs(sampling, inputs.sampling, self.rng)
                 if self.constrained:  # synchronous steps: the mask of the tokens applied last step
                     inputs.grammar = self._mask(sampling).result().mask
             tokens, logprobs, prompt = self._run("run", inputs)
@@ -190,6 +197,8 @@ class LLMEngine:
         if sampling:
             assert tokens is not None  # a batch that samples ran the model
             launched = InFlight(sampling, positions, self.download(tokens, logprobs))
+            if inputs.spec is not None:
+                launched.spec_drafts = inputs.spec.num_drafts.tolist()
             if overlap:
                 self.in_flight = launched
             else:
@@ -228,7 +237,7 @@ class LLMEngine:
         None for a constrained request that ended because its grammar allowed no token. `grammar_accepted`:
         the mask thread has the matchers accept the tokens (and says which grammars they complete)."""
         out = []
-        tokens = flight.tokens.wait()
+        tokens, accepted = flight.wait()
         logprob_rows = flight.tokens.logprob_rows()
         for row, (seq, position, token) in enumerate(zip(flight.seqs, flight.positions, tokens)):
             if seq.is_finished:  # aborted, or stopped by the step before, while this one ran
@@ -254,6 +263,28 @@ class LLMEngine:
             if seq.is_finished:
                 self._retire(seq)
             out.append((seq, token))
+            if accepted is not None and flight.spec_drafts is not None:
+                out += self._apply_accepted(seq, accepted[row], flight.spec_drafts[row])
+        return out
+
+    def _apply_accepted(self, seq: Sequence, tokens: list[int], num_drafted: int) -> list[tuple[Sequence, int | None]]:
+        """A verify step's tokens after its first: each is checked for a stop as if it had been decoded alone,
+        and none is kept past one. Then the rejected drafts' KV goes."""
+        if num_drafted:
+            self.spec_stats.add(num_drafted, len(tokens))
+        out: list[tuple[Sequence, int | None]] = []
+        for token in tokens:
+            if seq.is_finished:
+                break
+            position = self.scheduler.extend(seq)
+            self.scheduler.resolve(seq, position, token)
+            if not seq.is_finished and self.stop_checker.hit(seq, position + 1):
+                seq.finish_reason = "stop"
+                self.scheduler.finish(seq)
+            if seq.is_finished:
+                self._retire(seq)
+            out.append((seq, token))
+        self.scheduler.settle(seq)
         return out
 
     def _retire(self, seq: Sequence) -> None:

@@ -129,6 +129,15 @@ class EngineMetrics:
             "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache", labels, registry=r
         )
         self.num_preemptions = Counter("vllm:num_preemptions", "Preemptions (recompute) so far", labels, registry=r)
+        self.spec_decode_num_drafts = Counter(
+            "vllm:spec_decode_num_drafts", "Speculative drafts verified (one per sequence and step)", labels, registry=r
+        )
+        self.spec_decode_num_draft_tokens = Counter(
+            "vllm:spec_decode_num_draft_tokens", "Draft tokens verified", labels, registry=r
+        )
+        self.spec_decode_num_accepted_tokens = Counter(
+            "vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted", labels, registry=r
+        )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prompt tokens of admitted requests", labels, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Tokens generated", labels, registry=r)
         self.request_success = Counter(

@@ -22,6 +22,7 @@ from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
 from nanoserve.engine_pod.sampler import SamplingInputs, sample, token_logprobs
+from nanoserve.engine_pod.spec_verify import verify
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
 from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
 from nanoserve.engine_pod.tp_commands import CommandChannel, TPLink
@@ -111,6 +112,8 @@ class ModelRunner:
         logits = self.model.compute_logits(_logits_rows(hidden, inputs, t))
         if logits is None:  # workers: rank 0 gathered their share
             return None
+        if inputs.spec is not None:
+            return self._verify(logits, inputs, t) + (prompt,)
         if inputs.defer_sampling:  # the mask is being made on the host while this forward runs
             self.deferred = (logits, inputs.sampling, t)
             return None, None, prompt
@@ -141,6 +144,22 @@ class ModelRunner:
         if sampling.num_logprobs >= 0:
             logprobs = token_logprobs(logits, tokens, sampling.num_logprobs)
         return tokens, logprobs
+
+    def _verify(self, logits: torch.Tensor, inputs: StepInputs, t: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A verify step (speculative decoding; synchronous steps only): spec_verify.verify's [seqs, width + 2]
+        rows, flattened, and the logprobs of each row's first token (rows without a draft ask for them)."""
+        assert inputs.sampling is not None and inputs.spec is not None
+        first = torch.cumsum(t["spec_num_drafts"] + 1, 0) - t["spec_num_drafts"] - 1
+        if inputs.grammar is not None:  # constrained rows have no draft: their one row is their first
+            rows = logits[first]
+            apply_grammar_mask(rows, inputs.grammar)
+            logits = logits.index_copy(0, first, rows)
+        out = verify(logits, inputs.sampling, inputs.spec, t, self.prev_tokens)
+        self.prev_tokens = out[:, 1]
+        logprobs = None
+        if inputs.sampling.num_logprobs >= 0:
+            logprobs = token_logprobs(logits[first], out[:, 1], inputs.sampling.num_logprobs)
+        return out.reshape(-1), logprobs
 
     def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The last hidden states of every token, and the step's arrays as uploaded to the device."""

@@ -6,6 +6,11 @@ share a step with decodes under `max_num_batched_tokens`. Running sequences go f
 flowing), then waiting ones are admitted while blocks, seats and budget last. When a running sequence
 needs a block and none is free, the least important running sequence is preempted (its blocks freed, its
 tokens recomputed later, cheaply when its prefix is still cached).
+
+Speculative decoding (n-gram): a decoding sequence with a draft computes its last token and the draft's tokens
+in one step (1 + k tokens); their KV counts as computed only as the verify step accepts them (`extend`), and
+`settle` frees the blocks that only rejected tokens used. A draft never preempts: when its blocks are not
+free the sequence decodes one token instead.
 """
 
 import bisect
@@ -14,6 +19,7 @@ from collections.abc import Callable
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence, SequenceStatus
+from nanoserve.engine_pod.spec_decode import TokenMirror, can_speculate, propose_ngram
 
 
 # Ordering policies: a sort key, smaller runs first and is preempted last.
@@ -39,6 +45,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by self.key
         self.running: list[Sequence] = []  # sorted by self.key
         self.num_preemptions = 0
+        self.spec = config.speculative
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -60,13 +67,19 @@ class Scheduler:
                 i += 1  # its last token is on the way and ends it: nothing more to compute
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = self._propose(seq, budget) if self.spec is not None and n == 1 else []
+            n += len(drafts)
             while not self.block_manager.try_allocate(seq, n):
+                if drafts:  # speculation takes only free blocks
+                    drafts, n = [], 1
+                    continue
                 victim = self.running[-1]  # the least important running sequence
                 self._preempt(victim)
                 preempted = True
                 if victim is seq:
                     break
             else:
+                seq.draft_ids = drafts
                 batch.append((seq, n))
                 budget -= n
                 i += 1
@@ -87,7 +100,28 @@ class Scheduler:
             budget -= n
         return batch
 
+    def _propose(self, seq: Sequence, budget: int) -> list[int]:
+        """A draft for decoding `seq`, at most as long as the budget, its max_tokens and the model length allow
+        after the token the step adds anyway."""
+        spec = self.spec
+        assert spec is not None
+        if seq.num_pending or not can_speculate(seq):
+            return []
+        room = min(
+            spec.num_speculative_tokens,
+            budget - 1,
+            seq.params.max_tokens - seq.num_completion_tokens - 1,
+            self.max_model_len - seq.num_tokens - 1,
+        )
+        if room < 1:
+            return []
+        if seq.token_mirror is None:
+            seq.token_mirror = TokenMirror()
+        tokens = seq.token_mirror.view(seq.token_ids)
+        return propose_ngram(tokens, spec.prompt_lookup_min, spec.prompt_lookup_max, room)
+
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft_ids = []
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.num_preemptions += 1
@@ -98,7 +132,7 @@ class Scheduler:
         """The step is launched: count its tokens as computed and give each sampling sequence a
         placeholder for its token. Returns the placeholders' positions."""
         for seq, n in batch:
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += 1 if seq.draft_ids else n  # a draft's KV counts once accepted (extend)
         positions = []
         for row, seq in enumerate(sampling):
             positions.append(seq.num_tokens)
@@ -116,6 +150,21 @@ class Scheduler:
             seq.finish_reason = reason
             self.finish(seq)
 
+    def extend(self, seq: Sequence) -> int:
+        """A verify step accepted the token before `seq`'s placeholder (a draft token, whose KV the step
+        wrote): count it as computed and give `seq` a placeholder for the next accepted token. Returns its
+        position."""
+        seq.num_computed_tokens += 1
+        seq.append_token(PLACEHOLDER)
+        seq.num_pending += 1
+        return seq.num_tokens - 1
+
+    def settle(self, seq: Sequence) -> None:
+        """After a verify step's tokens: the rejected drafts' KV is dropped, with the blocks only they used."""
+        seq.draft_ids = []
+        if not seq.is_finished:
+            self.block_manager.trim(seq)
+
     def _stop_reason(self, seq: Sequence, position: int, token: int) -> str | None:
         p = seq.params
         if not p.ignore_eos and token in self.eos_token_ids or token in p.stop_token_ids:
@@ -132,6 +181,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        seq.draft_ids = []
         if seq.num_pending:  # tokens still in flight are dropped with the request
             del seq.token_ids[-seq.num_pending :]
             seq.num_pending = 0

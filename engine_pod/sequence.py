@@ -10,6 +10,8 @@ from nanoserve.engine_pod.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import xgrammar
 
+    from nanoserve.engine_pod.spec_decode import TokenMirror
+
 PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped scheduling): its id is not known yet
 
 
@@ -48,6 +50,8 @@ class Sequence:
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine tokenizes them)
         self.logprobs: list = []  # with params.logprobs: one token_logprobs.TokenLogprobs per completion token
         self.prompt_logprobs: list = []  # with params.prompt_logprobs: one per prompt token from the second on
+        self.draft_ids: list[int] = []  # speculative decoding: this step's draft tokens, verified after the last one
+        self.token_mirror: TokenMirror | None = None  # spec_decode.TokenMirror of token_ids, made by the first lookup
         self._prompt_unique: np.ndarray | None = None
         self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)
 

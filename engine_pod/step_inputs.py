@@ -16,6 +16,7 @@ import torch
 
 from nanoserve.engine_pod.sampler import SamplingInputs
 from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence
+from nanoserve.engine_pod.spec_verify import SpecInputs
 from nanoserve.engine_pod.structured_output import GrammarMask
 
 
@@ -41,6 +42,7 @@ class StepInputs:
     prompt_targets: np.ndarray | None = None
     prompt_k: int = 0
     prompt_slices: list[tuple[int, int]] | None = None
+    spec: SpecInputs | None = None  # speculative decoding: the sampling rows' drafts (a verify step)
 
 
 def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInputs, list[Sequence]]:
@@ -66,8 +68,8 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
             input_ids.append(token)
             positions.append(start)
             slots.append(table[start // B] * B + start % B)
-        else:
-            input_ids += seq.token_ids[start:end]
+        else:  # a prefill chunk, or a verify step: the last token and its draft, each row giving logits
+            input_ids += [seq.token_ids[start], *seq.draft_ids] if seq.draft_ids else seq.token_ids[start:end]
             positions += range(start, end)
             slots += [table[p // B] * B + p % B for p in range(start, end)]
         if seq.params.prompt_logprobs is not None:
@@ -75,7 +77,10 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
         max_q = max(max_q, n)
         cu.append(cu[-1] + n)
         ctx.append(end)
-        if end == seq.num_tokens:  # the prompt is done: this step yields a token
+        if seq.draft_ids:  # every row of a verify step has logits: the target's token after each
+            logits_idx += range(cu[-1] - n, cu[-1])
+            sampling.append(seq)
+        elif end == seq.num_tokens:  # the prompt is done: this step yields a token
             logits_idx.append(cu[-1] - 1)
             sampling.append(seq)
     arrays = [s.block_table_array() for s, _ in batch]
@@ -152,6 +157,8 @@ class Uploader:
         arrays["block_tables"] = x.block_tables.reshape(-1)
         if x.sampling is not None:
             arrays.update(x.sampling.arrays())
+        if x.spec is not None:
+            arrays.update(x.spec.arrays())
         floats = {k for k, v in arrays.items() if v is not None and v.dtype == np.float64}  # travel as their bits
         arrays = {k: (v.view(np.int64) if k in floats else v) for k, v in arrays.items() if v is not None}
         sizes = {k: v.size + v.size % 2 for k, v in arrays.items()}  # even: 16-byte aligned starts

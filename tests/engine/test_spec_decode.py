@@ -1,0 +1,203 @@
+"""N-gram speculative decoding in the engine: greedy tokens equal transformers' and plain decoding's (prompts with
+repeated spans and without, chunked prefill, no prefix caching, preemption), stops hold at every accepted token,
+sampling features that cannot speculate still decode right beside speculating rows, and rejected tokens' KV
+leaves no block behind (aborts and preemption too) and no wrong prefix-cache entry."""
+
+import multiprocessing
+
+import pytest
+from parity import engine_greedy, hf_greedy, random_prompts
+
+from nanoserve.engine_pod import LLM, SamplingParams
+from nanoserve.engine_pod.errors import ConfigError
+
+SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
+MAX_TOKENS = 16
+
+
+def repetitive_prompts(seed: int) -> list[list[int]]:
+    """Spans repeated (an n-gram match in the prompt from the start) and plain random prompts."""
+    spans = random_prompts(240, [6, 11, 3], seed=seed)
+    return [spans[0] * 3, spans[1] * 2 + spans[0], spans[2] * 5] + random_prompts(240, [9, 20], seed=seed + 1)
+
+
+@pytest.fixture(scope="module")
+def case(tiny_models):
+    path = tiny_models["qwen3"]
+    prompts = repetitive_prompts(3)
+    return path, prompts, hf_greedy(path, prompts, MAX_TOKENS)
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        {},
+        {"max_num_batched_tokens": 24, "kvcache_block_size": 8},  # chunked prefill beside verify steps
+        {"enable_prefix_caching": False, "kvcache_block_size": 4},
+        {"num_kvcache_blocks": 14, "kvcache_block_size": 8},  # preemption
+    ],
+    ids=["plain", "chunked", "no-prefix-cache", "preemption"],
+)
+def test_greedy_equals_transformers(case, setup):
+    path, prompts, expected = case
+    llm = LLM(path, **{"num_kvcache_blocks": 256, **setup, "speculative_config": SPEC})
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert [o["token_ids"] for o in outs] == expected
+        stats = llm.spec_stats
+        assert stats.num_accepted_tokens > 0 and stats.num_draft_tokens > stats.num_accepted_tokens  # both ways
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        if "num_kvcache_blocks" in setup:
+            assert llm.scheduler.num_preemptions > 0
+    finally:
+        llm.exit()
+
+
+def test_stops_hold_at_every_accepted_token(case):
+    """Stop tokens, stop strings and max_tokens picked at each position of the plain outputs: speculation ends
+    each request on the same token with the same reason and text (never a token past the stop)."""
+    path, prompts, expected = case
+    params, batch = [], []
+    for i, (prompt, out) in enumerate(zip(prompts, expected)):
+        for m in range(1, MAX_TOKENS, 2):
+            stop = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, stop_token_ids=[out[m]])
+            length = SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+            text = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, stop=[f"w{out[m]}"])
+            params += [stop, length, text] if i < 3 else [stop]
+            batch += [prompt] * (3 if i < 3 else 1)
+    plain = engine_greedy_outputs(path, batch, params, {})
+    spec = engine_greedy_outputs(path, batch, params, {"speculative_config": SPEC, "max_num_seqs": 16})
+    assert spec == plain
+
+
+def engine_greedy_outputs(path, prompts, params, kwargs):
+    llm = LLM(path, num_kvcache_blocks=256, **kwargs)
+    try:
+        outs = llm.generate(prompts, params)
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        return [(o["token_ids"], o["finish_reason"], o["text"]) for o in outs]
+    finally:
+        llm.exit()
+
+
+def test_features_that_do_not_speculate_decode_right_beside_drafts(case):
+    """Logprobs, penalties, min_tokens and n > 1 next to speculating rows in the same verify steps: the same
+    tokens (and logprobs) as without speculation; seeded sampling with drafts repeats itself."""
+    path, prompts, _ = case
+    greedy = dict(temperature=0, max_tokens=10, ignore_eos=True)
+    params = [
+        SamplingParams(**greedy),
+        SamplingParams(**greedy, logprobs=2),
+        SamplingParams(**greedy, repetition_penalty=1.3, frequency_penalty=0.5),
+        SamplingParams(**greedy, n=2),
+        SamplingParams(temperature=0.9, top_k=8, max_tokens=10, ignore_eos=True, seed=5),
+    ]
+
+    def run(**kwargs):
+        llm = LLM(path, num_kvcache_blocks=128, **kwargs)
+        try:
+            outs = llm.generate(prompts[: len(params)], params)
+            assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+            return outs, llm.spec_stats.num_drafts
+        finally:
+            llm.exit()
+
+    plain, _ = run()
+    spec, drafts = run(speculative_config=SPEC)
+    again, _ = run(speculative_config=SPEC)
+    assert drafts > 0
+    for i in range(4):
+        assert spec[i]["token_ids"] == plain[i]["token_ids"], i
+    assert [o["token_ids"] for o in spec[3]["outputs"]] == [o["token_ids"] for o in plain[3]["outputs"]]
+    for a, b in zip(spec[1]["logprobs"], plain[1]["logprobs"]):
+        assert a.rank == b.rank and abs(a.logprob - b.logprob) < 1e-4
+    assert spec[4]["token_ids"] == again[4]["token_ids"] and len(spec[4]["token_ids"]) == 10
+
+
+def test_rollback_frees_blocks_through_aborts_and_preemption(case):
+    """A tiny cache, step by step: no sequence holds a block past its tokens after a step, aborts and
+    preemptions give every block back, and blocks hashed from speculated output hold the right KV (a prompt
+    that extends a finished request's output by prefix-cache hits continues it the same way)."""
+    path, prompts, expected = case
+    llm = LLM(path, num_kvcache_blocks=20, kvcache_block_size=4, speculative_config=SPEC, max_num_batched_tokens=32)
+    try:
+        bm = llm.block_manager
+        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        seqs = [llm.add_request(p, greedy) for p in prompts]
+        steps = 0
+        while llm.has_unfinished():
+            llm.step()
+            steps += 1
+            if steps == 4:
+                llm.abort(seqs[1].seq_id)
+            for seq in llm.scheduler.running:
+                assert len(seq.block_table) <= bm.blocks_for(seq.num_tokens) and not seq.draft_ids
+        assert llm.scheduler.num_preemptions > 0 and llm.spec_stats.num_accepted_tokens > 0
+        assert bm.num_free_blocks == bm.num_blocks
+        done = [s for s in seqs if s.finish_reason == "length"]
+        assert [s.completion_token_ids for s in done] == [e for s, e in zip(seqs, expected) if s in done]
+    finally:
+        llm.exit()
+    # Blocks hashed from speculated output hold the right KV: a prompt that extends a finished request's output
+    # hits them in the prefix cache and continues it the same way.
+    llm = LLM(path, num_kvcache_blocks=64, kvcache_block_size=4, speculative_config=SPEC)
+    try:
+        llm.generate(prompts[0], greedy)
+        extended = prompts[0] + expected[0][:12]
+        seq = llm.add_request(extended, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        while llm.has_unfinished():
+            llm.step()
+        assert seq.num_cached_tokens >= len(prompts[0]) + 8 and seq.completion_token_ids == expected[0][12:16]
+    finally:
+        llm.exit()
+
+
+def test_engine_core_reports_counts_and_one_finish_per_request(case):
+    """A verify step's several tokens reach the server as rows in order with the finish on the last one only,
+    and the step's spec counts (vllm:spec_decode_* counters) travel with it."""
+    from nanoserve.engine_pod.engine_core import EngineCore
+    from nanoserve.engine_pod.metrics import EngineMetrics
+
+    path, prompts, _ = case
+    llm = LLM(path, num_kvcache_blocks=64, speculative_config=SPEC)
+    theirs, ours = multiprocessing.Pipe(duplex=False)
+    try:
+        core = EngineCore(llm, ours)
+        llm.add_request(prompts[2], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        rows, spec = [], [0, 0, 0]
+        while llm.has_unfinished():
+            core._step()
+            while theirs.poll():
+                kind, *payload = theirs.recv()
+                if kind == "step":
+                    rows += payload[0].rows
+                    spec = [a + b for a, b in zip(spec, payload[0].spec)]
+        assert len(rows) == MAX_TOKENS and [r[2] for r in rows] == [None] * (MAX_TOKENS - 1) + ["length"]
+        stats = llm.spec_stats
+        assert spec == [stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens] and spec[2] > 0
+    finally:
+        llm.exit()
+    metrics = EngineMetrics("m")
+    metrics.labeled("spec_decode_num_accepted_tokens").inc(spec[2])
+    text = __import__("prometheus_client").generate_latest(metrics.registry).decode()
+    assert f'vllm:spec_decode_num_accepted_tokens_total{{engine="0",model_name="m"}} {float(spec[2])}' in text
+
+
+def test_bad_speculative_config_names_the_field(tiny_models):
+    with pytest.raises(ConfigError, match="speculative_config.num_speculative_tokens"):
+        LLM(tiny_models["qwen3"], speculative_config={"method": "ngram", "num_speculative_tokens": 0})
+
+
+def test_flag_reaches_the_engine_config():
+    from nanoserve.cli import build_parser
+    from nanoserve.engine_pod.cli import engine_kwargs
+
+    text = '{"method": "ngram", "num_speculative_tokens": 2}'
+    for command in ("serve", "generate"):
+        args = build_parser().parse_args([command, "--speculative-config", text])
+        assert engine_kwargs(args)["speculative_config"] == text
+
+
+def test_plain_engine_unchanged_without_config(case):
+    path, prompts, expected = case
+    assert engine_greedy(path, prompts[:2], MAX_TOKENS) == expected[:2]
