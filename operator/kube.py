@@ -22,6 +22,7 @@ PLURALS = {
     "PodDisruptionBudget": "poddisruptionbudgets",
     "HorizontalPodAutoscaler": "horizontalpodautoscalers",
     "NetworkPolicy": "networkpolicies",
+    "InferencePool": "inferencepools",
     "InferenceService": "inferenceservices",
 }
 

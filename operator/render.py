@@ -3,6 +3,7 @@
 from nanoserve.operator.autoscaling import render_hpa
 from nanoserve.operator.engine import render_engine_deployment, render_engine_service
 from nanoserve.operator.gateway import render_gateway_deployment, render_gateway_rbac, render_gateway_service
+from nanoserve.operator.inference_pool import as_endpoint_picker, render_epp_service, render_inference_pool
 from nanoserve.operator.model_cache import render_cache_pvc
 from nanoserve.operator.names import ENGINE_PORT, engine_name, gateway_name, labels, selector, service_name
 from nanoserve.operator.network_policy import render_network_policy
@@ -19,7 +20,11 @@ def render(name: str, namespace: str, spec: dict) -> list[dict]:
         objs.append(render_network_policy(name, spec))
     if spec["gateway"]["enabled"]:
         objs += render_gateway_rbac(name)
-        objs += [render_gateway_service(name), render_gateway_deployment(name, namespace, spec)]
+        gateway = render_gateway_deployment(name, namespace, spec)
+        if spec.get("router") == "inferencePool":  # the gateway is the pool's endpoint picker too
+            objs += [render_epp_service(name), render_inference_pool(name)]
+            gateway = as_endpoint_picker(gateway)
+        objs += [render_gateway_service(name), gateway]
         objs.append(render_pdb(name, "gateway"))
     return objs
 
@@ -54,15 +59,18 @@ _EVERYTHING = {
         "scaleDownStabilizationSeconds": 0,
     },
     "networkPolicy": {"enabled": True},
+    "router": "inferencePool",
 }
 
 
 def render_stale(name: str, namespace: str, spec: dict) -> list[dict]:
     """Children that a previous spec produced and this one does not (the gateway when disabled, the
-    autoscaler or the network policy when turned off)."""
+    autoscaler or the network policy when turned off, the InferencePool and its picker's Service when the
+    router goes back to the gateway alone)."""
     everything = {**spec, "gateway": {**spec["gateway"], **_EVERYTHING["gateway"]}}
     everything["autoscaling"] = spec.get("autoscaling") or _EVERYTHING["autoscaling"]
     everything["networkPolicy"] = {**spec.get("networkPolicy", {}), **_EVERYTHING["networkPolicy"]}
+    everything["router"] = _EVERYTHING["router"]
     wanted = {(o["kind"], o["metadata"]["name"]) for o in render(name, namespace, spec)}
     return [o for o in render(name, namespace, everything) if (o["kind"], o["metadata"]["name"]) not in wanted]
 
