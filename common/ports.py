@@ -14,6 +14,11 @@ from __future__ import annotations
 
 import socket
 
+# Connections a listening socket's kernel queue holds until the server's loop accepts them. A burst of
+# clients (or a gateway opening one connection per request of a burst) overflows a smaller queue, and a
+# connection refused there waits a SYN retransmission: a second or more. uvicorn's default.
+LISTEN_BACKLOG = 2048
+
 
 class PortReservation:
     """A free TCP port of `host` (`.port`), held until `close()` (or the end of a `with` block)."""

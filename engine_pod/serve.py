@@ -8,6 +8,7 @@ import signal
 from aiohttp import web
 
 from nanoserve.common.http_logs import quiet_client_faults
+from nanoserve.common.ports import LISTEN_BACKLOG
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import load_api_keys
@@ -59,7 +60,7 @@ async def run_server(
     # auto_decompress off: the server undoes Content-Encoding itself, with a bound, and answers errors in JSON.
     runner = web.AppRunner(create_app(state), access_log=None, shutdown_timeout=5, auto_decompress=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()
     log.info("listening on %s:%d; loading %s", host, port, model)
 
     stop = asyncio.Event()

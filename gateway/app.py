@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from nanoserve.common.http_logs import quiet_client_faults
+from nanoserve.common.ports import LISTEN_BACKLOG
 from nanoserve.gateway.cache_feed import follow_feed
 from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.discovery import EndpointSliceWatcher, Targets, static_targets
@@ -27,6 +28,8 @@ from nanoserve.gateway.proxy import handle_generate
 from nanoserve.gateway.tokenizers import TokenizerError, Tokenizers, follow_tokenizer
 
 log = logging.getLogger(__name__)
+
+UPSTREAM_KEEPALIVE = 60.0  # seconds an idle connection to an engine is kept
 
 
 class Gateway:
@@ -52,8 +55,12 @@ class Gateway:
         if self.tokenizers.local is None and self.config.model:
             self.tokenizers = Tokenizers(await asyncio.to_thread(load_tokenizer, self.config.model))
         self.log_mode()
-        # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding.
-        self.session = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
+        # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding. Idle connections
+        # to the engines are kept a minute (aiohttp's default: 15 s; engine servers keep theirs 75 s or more):
+        # traffic in bursts then finds them open instead of connecting once per request of the next burst.
+        self.session = aiohttp.ClientSession(
+            auto_decompress=False, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
+        )
         key = self.config.engine_api_key
         self.control = aiohttp.ClientSession(
             headers={"Authorization": f"Bearer {key}"} if key else None, connector=aiohttp.TCPConnector(limit=0)
@@ -260,7 +267,7 @@ async def serve(config: GatewayConfig, tokenizer: PromptTokenizer | None = None)
             async with asyncio.timeout(WORKER_READY_TIMEOUT):
                 while not app[GATEWAY].ready_now()[0]:
                     await asyncio.sleep(0.05)
-    site = web.TCPSite(runner, config.host, config.port, reuse_port=config.workers > 1 or None)
+    site = web.TCPSite(runner, config.host, config.port, backlog=LISTEN_BACKLOG, reuse_port=config.workers > 1 or None)
     await site.start()
     port = runner.addresses[0][1]
     host = "127.0.0.1" if config.host in ("0.0.0.0", "") else config.host
