@@ -3,6 +3,13 @@
 256 sequences, prompts of randint(100, 1024) ids from randint(0, 10000), max_tokens randint(100, 1024),
 temperature 0.6, ignore_eos, Qwen3-0.6B shape with random bf16 weights. Throughput = output tokens / time
 of one generate after a warm-up. `--prefix-sharing` runs the prefix-sharing variant instead.
+
+`--repetitive` is the speculative decoding workload: edit-style prompts (a passage of ids, an edited copy of it,
+then its first half again: a model that copies continues with the rest) whose n-gram matches drafts can come
+from; run it with and without `--speculative-config '{"method": "ngram", ...}'` for the speed-up (the result has
+the acceptance counts). `--model smollm2-135m` (real weights: its induction heads copy repeated spans) gives a
+meaningful acceptance rate; the random Qwen3-0.6B weights copy nothing. With a speculative config the engine's
+steps are synchronous.
 """
 
 import argparse
@@ -19,6 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import qwen3_0_6b_path  # noqa: E402
 from common import timed as timed_into
 from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
+from nanoserve.engine_pod.spec_decode import SpecStats  # noqa: E402
 
 
 def nano_vllm_workload():
@@ -37,6 +45,19 @@ def prefix_sharing_workload():
     prefix = [randint(0, 10000) for _ in range(1024)]
     prompts = [prefix + [randint(0, 10000) for _ in range(randint(100, 400))] for _ in range(256)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=randint(100, 300)) for _ in range(256)]
+    return prompts, params
+
+
+def repetitive_workload(temperature: float):
+    seed(2)
+    prompts, params = [], []
+    for _ in range(256):
+        passage = [randint(0, 10000) for _ in range(randint(100, 400))]
+        edited = list(passage)
+        for _ in range(len(passage) // 50):  # a few ids changed: matches break and resume
+            edited[randint(0, len(edited) - 1)] = randint(0, 10000)
+        prompts.append(passage + edited + passage[: len(passage) // 2])
+        params.append(SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=randint(100, 400)))
     return prompts, params
 
 
@@ -110,13 +131,17 @@ def main() -> None:
     ap.add_argument("--sync", action="store_true", help="synchronous scheduling (no overlap of host and GPU)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--prefix-sharing", action="store_true")
+    ap.add_argument("--repetitive", action="store_true", help="edit-style prompts with repeated spans (spec decoding)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="the --repetitive workload's temperature")
+    ap.add_argument("--speculative-config", default=None, help="vLLM's JSON, e.g. the ngram method's")
+    ap.add_argument("--model", default=None, help="a model folder or smollm2-135m (default: random Qwen3-0.6B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--label", default="")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch's preferred BLAS library for the GEMMs")
     ap.add_argument("--profile", action="store_true", help="split the wall time into host phases and GPU waits")
     args = ap.parse_args()
-    path = qwen3_0_6b_path()
+    path = args.model or qwen3_0_6b_path()
     if args.blas:
         torch.backends.cuda.preferred_blas_library(args.blas)
     t0 = time.perf_counter()
@@ -127,16 +152,21 @@ def main() -> None:
         kvcache_block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tp,
-        async_scheduling=not args.sync,
+        async_scheduling=not args.sync and args.speculative_config is None,
+        speculative_config=args.speculative_config,
     )
     load_s = time.perf_counter() - t0
-    prompts, params = prefix_sharing_workload() if args.prefix_sharing else nano_vllm_workload()
+    if args.repetitive:
+        prompts, params = repetitive_workload(args.temperature)
+    else:
+        prompts, params = prefix_sharing_workload() if args.prefix_sharing else nano_vllm_workload()
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(p.max_tokens for p in params)
-    if not args.prefix_sharing:
+    if not args.prefix_sharing and not args.repetitive:
         assert (prompt_tokens, output_tokens) == (142_827, 133_966), (prompt_tokens, output_tokens)
     llm.generate(["Benchmark: "], SamplingParams())
     bm = llm.block_manager
     hits0, queries0 = bm.prefix_hits, bm.prefix_queries
+    llm.spec_stats = SpecStats()  # the measured run's alone
     phases = profile_phases(llm) if args.profile else None
     steps = record_steps(llm) if args.profile else None
     torch.cuda.synchronize()
@@ -150,8 +180,10 @@ def main() -> None:
         "block_size": args.block_size,
         "tp": args.tp,
         "blas": args.blas or "default",
-        "async_scheduling": not args.sync,
+        "async_scheduling": llm.config.async_scheduling,
         "prefix_sharing": args.prefix_sharing,
+        "workload": "repetitive" if args.repetitive else "prefix_sharing" if args.prefix_sharing else "nano_vllm",
+        "speculative_config": args.speculative_config,
         "seconds": round(t, 3),
         "output_tok_per_s": round(output_tokens / t),
         "prompt_tokens": prompt_tokens,
@@ -164,6 +196,16 @@ def main() -> None:
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "card": torch.cuda.get_device_name(),
     }
+    if llm.config.speculative is not None:
+        spec = llm.spec_stats
+        result["spec_decode"] = {
+            "num_drafts": spec.num_drafts,
+            "num_draft_tokens": spec.num_draft_tokens,
+            "num_accepted_tokens": spec.num_accepted_tokens,
+            "acceptance_rate": round(spec.acceptance_rate, 4),
+            "mean_acceptance_length": round(spec.mean_acceptance_length, 3),
+            "accepted_per_pos": spec.accepted_per_pos,
+        }
     if phases is not None:
         result["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
         a = llm.model_runner.attention_layers[0]

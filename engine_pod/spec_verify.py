@@ -82,11 +82,10 @@ def verify(
     drafts = dev["spec_drafts"].view(num_seqs, width)
     first = torch.cumsum(counts + 1, 0) - counts - 1  # each sequence's first row
     seq_of_row = torch.repeat_interleave(torch.arange(num_seqs, device=device), counts + 1, output_size=rows)
-    logits = logits.float()
     if host.processing is not None:  # only rows without a draft have any (spec_decode.can_speculate)
-        logits = logits.clone()
+        logits = logits.float().clone()
         logits[first] = apply_processing(logits[first], dev, prev)
-    greedy_tokens = logits.argmax(-1)
+    greedy_tokens = logits.argmax(-1)  # in the logits' dtype, as plain greedy decoding takes it
     j = torch.arange(width, device=device)
     at = (first.unsqueeze(1) + j).clamp(max=rows - 1)  # [seqs, width]: the row that verifies draft j
     ok = greedy_tokens[at] == drafts
@@ -94,12 +93,13 @@ def verify(
     if not host.all_greedy:
         temps = dev["temperatures"][seq_of_row]
         sampled = temps > 0
-        scaled = logits / torch.where(sampled, temps, 1.0).float().unsqueeze(1)
+        scaled = logits.float() / torch.where(sampled, temps, 1.0).float().unsqueeze(1)
         if host.min_p is not None:
             scaled = apply_min_p(scaled, dev["min_p"][seq_of_row])
         if host.needs_top:
             scaled = apply_top_k_top_p(scaled, dev["top_k"][seq_of_row], dev["top_p"][seq_of_row].float())
-        p_draft = scaled.softmax(-1)[at, drafts.clamp(min=0)]
+        # p(draft) without a softmax over every row: a [rows, vocab] copy fewer on big vocabularies
+        p_draft = (scaled[at, drafts.clamp(min=0)] - torch.logsumexp(scaled, -1)[at]).exp()
         ok = torch.where(sampled[at], dev["spec_uniforms"][at] < p_draft, ok)
     ok &= j < counts.unsqueeze(1)
     accepted = ok.long().cumprod(1).sum(1)  # [seqs]

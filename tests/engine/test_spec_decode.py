@@ -201,3 +201,14 @@ def test_flag_reaches_the_engine_config():
 def test_plain_engine_unchanged_without_config(case):
     path, prompts, expected = case
     assert engine_greedy(path, prompts[:2], MAX_TOKENS) == expected[:2]
+
+
+def test_tensor_parallel_verify_steps(case):
+    """TP=2 (a spawned gloo worker): verify steps' (1 + k)-token chunks run on both ranks, rank 0 accepts."""
+    path, prompts, expected = case
+    llm = LLM(path, tensor_parallel_size=2, num_kvcache_blocks=64, speculative_config=SPEC)
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert [o["token_ids"] for o in outs] == expected and llm.spec_stats.num_accepted_tokens > 0
+    finally:
+        llm.exit()
