@@ -25,6 +25,7 @@ from rbac_rules import Call, calls_of
 
 RELEASE, RELEASE_NS = "nanoserve", "nanoserve"
 EXAMPLE = REPO / "examples" / "inferenceservice.yaml"
+INFERENCE_POOL_CRD = REPO / "tests" / "operator" / "vendored" / "inference.networking.k8s.io_inferencepools.yaml"
 CHART_KINDS = "deployments,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings"
 
 
@@ -94,6 +95,9 @@ def installed_chart(
         for ns in namespaces:
             kubectl.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
         release = sdk_install(str(admin), values)
+        kubectl(
+            "apply", "--validate=false", "-f", str(INFERENCE_POOL_CRD)
+        )  # GAIE's, as a Gateway installation brings it
         objects = json.loads(
             kubectl("get", CHART_KINDS, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "json").stdout
         )["items"]
@@ -190,13 +194,14 @@ def isvc(name: str, spec: dict) -> dict:
 
 
 # Beyond the example: a gateway-less one (the operator deletes gateway children), one whose model
-# PVC is missing (the operator looks it up) and one with a model cache to create: between them, every call
-# the operator can make.
+# PVC is missing (the operator looks it up), one with a model cache to create and one with an InferencePool:
+# between them, every call the operator can make.
 EXTRA = [
     isvc("no-gateway", {"gateway": {"enabled": False}}),
     isvc("no-pvc", {"model": {"pvc": "absent", "path": "m"}}),
     isvc("cached", {"model": {"s3": {"bucket": "models", "path": "m"}}, "modelCache": {"create": True, "size": "1Gi"}}),
     isvc("autoscaled", {"autoscaling": {"maxReplicas": 3}, "networkPolicy": {"enabled": True}}),
+    isvc("pooled", {"router": "inferencePool"}),
 ]
 MODES = {
     "cluster-wide": ({"resyncSeconds": 1}, {"ml": EXTRA}, {}),

@@ -64,6 +64,10 @@ Children are written by server-side apply: `create` as well as `patch` for the f
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [create, patch, delete]
+# spec.router inferencePool: Gateway API Inference Extension's InferencePool (its CRD installed with the Gateway).
+- apiGroups: [inference.networking.k8s.io]
+  resources: [inferencepools]
+  verbs: [create, patch, delete]
 # Model volumes the user names are looked up; a model cache the spec asks for is created (never deleted:
 # it goes with its InferenceService, by owner reference). No delete, no pod writes.
 - apiGroups: [""]
