@@ -37,6 +37,7 @@ def render_gateway_rbac(name: str) -> list[dict]:
 
 def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
     gw = spec["gateway"]
+    workers = gw.get("workers", 1)
     env: list[dict] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
     if spec.get("apiKeySecret"):  # the gateway's own calls to the engines (health, metrics) need the key
         env.append(
@@ -57,11 +58,16 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
                 "namespace": namespace,
                 "policy": gw["policy"],
                 "drain_timeout": GATEWAY_GRACE_SECONDS,
+                **({"workers": workers} if workers > 1 else {}),
             }
         ),
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
         "env": env,
-        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"memory": "1Gi"}},
+        # Each worker a core's half and its own tokenizers, feeds and indexes.
+        "resources": {
+            "requests": {"cpu": f"{500 * workers}m", "memory": f"{512 * workers}Mi"},
+            "limits": {"memory": f"{workers}Gi"},
+        },
         "readinessProbe": {**http("/ready"), "periodSeconds": 5},
         "livenessProbe": {**http("/health"), "periodSeconds": 10, "failureThreshold": 3},
         "lifecycle": {"preStop": {"sleep": {"seconds": GATEWAY_DRAIN_SECONDS}}},

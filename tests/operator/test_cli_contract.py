@@ -28,6 +28,8 @@ def test_gateway_args_parse(spec):
     assert args.port == c["ports"][0]["containerPort"]
     assert args.model is None  # no tokenizer flag: the gateway fetches the engines' own
     config = cli.config_from_args(args)
+    workers = default_spec(spec)["gateway"]["workers"]
+    assert config.workers == workers and c["resources"]["requests"]["cpu"] == f"{500 * workers}m"
     assert (
         c["lifecycle"]["preStop"]["sleep"]["seconds"] + config.drain_timeout
         <= container(spec, "demo-gateway")[1]["terminationGracePeriodSeconds"]

@@ -110,4 +110,6 @@ def test_the_crd_defaults_the_router_and_refuses_a_pool_without_its_picker():
 
     assert errors({"router": "inferencePool"}) == []
     assert any("gateway.enabled" in e for e in errors({"router": "inferencePool", "gateway": {"enabled": False}}))
+    assert any("gateway.workers" in e for e in errors({"router": "inferencePool", "gateway": {"workers": 2}}))
+    assert errors({"gateway": {"workers": 2}}) == []
     assert any("router" in e for e in errors({"router": "envoy"}))

@@ -60,6 +60,7 @@ SPECS = {
         "engine": {"pod": ENGINE_POD},
         "gateway": {"pod": {"nodeSelector": {"pool": "cpu"}, "priorityClassName": "gateway-critical"}},
     },
+    "gateway workers": {"gateway": {"workers": 3, "replicas": 2}},
     **{p.name: yaml.safe_load(p.read_text())["spec"] for p in EXAMPLES},
 }
 
