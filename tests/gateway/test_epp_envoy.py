@@ -28,21 +28,28 @@ ENVOY = Path(sys.executable).with_name("envoy")
 PICKED, UPSTREAM = "x-test-picked", "x-test-upstream"  # what the EPP set and whom Envoy dialed, echoed back
 
 
-def envoy_config(listeners: dict[int, int], admin: int) -> dict:
-    """One listener per picker (listen port -> the picker's gRPC port), each routing to an ORIGINAL_DST cluster."""
+# As GAIE's data planes call their picker: every part of the request and of the response, bodies streamed.
+DUPLEX = {
+    "request_header_mode": "SEND",
+    "request_body_mode": "FULL_DUPLEX_STREAMED",
+    "request_trailer_mode": "SEND",
+    "response_header_mode": "SEND",
+    "response_body_mode": "FULL_DUPLEX_STREAMED",
+    "response_trailer_mode": "SEND",
+}
+# The older way: the request body buffered, the response left alone.
+BUFFERED = {"request_body_mode": "BUFFERED", "response_header_mode": "SKIP", "response_body_mode": "NONE"}
 
-    def listener(port: int, grpc_cluster: str) -> dict:
+
+def envoy_config(listeners: dict[int, tuple[int, dict]], admin: int) -> dict:
+    """Listeners (listen port -> (its picker's gRPC port, the ext_proc processing mode)), each routing to an
+    ORIGINAL_DST cluster that dials what the picker set."""
+
+    def listener(port: int, grpc_cluster: str, mode: dict) -> dict:
         ext_proc = {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": grpc_cluster}, "timeout": "10s"},
-            "processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "FULL_DUPLEX_STREAMED",
-                "request_trailer_mode": "SEND",
-                "response_header_mode": "SEND",
-                "response_body_mode": "FULL_DUPLEX_STREAMED",
-                "response_trailer_mode": "SEND",
-            },
+            "processing_mode": mode,
             "message_timeout": "10s",
         }
         echo = [
@@ -107,8 +114,8 @@ def envoy_config(listeners: dict[int, int], admin: int) -> dict:
     return {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
-            "listeners": [listener(port, f"epp{port}") for port in listeners],
-            "clusters": [engines] + [grpc_cluster(f"epp{port}", grpc) for port, grpc in listeners.items()],
+            "listeners": [listener(port, f"epp{port}", mode) for port, (_, mode) in listeners.items()],
+            "clusters": [engines] + [grpc_cluster(f"epp{port}", grpc) for port, (grpc, _) in listeners.items()],
         },
     }
 
@@ -156,12 +163,15 @@ class Pickers:
 
 @pytest.fixture(scope="module")
 def envoy(fake_engines_shared, tmp_path_factory):
-    """(URL of the listener whose picker has both engines, URL of one whose picker has none, the engines)."""
+    """URLs of listeners: "pool" (a picker of both engines), "buffered" (the same picker, BUFFERED bodies), "empty"
+    (a picker of none); and "engines"."""
     engines = fake_engines_shared(2)
     pickers = Pickers([[e.url for e in engines], []])
-    pool_port, empty_port, admin = reserve_port(), reserve_port(), reserve_port()
+    ports = {name: reserve_port() for name in ("pool", "buffered", "empty")}
+    (pool, empty), admin = pickers.ports, reserve_port()
+    listeners = {ports["pool"]: (pool, DUPLEX), ports["buffered"]: (pool, BUFFERED), ports["empty"]: (empty, DUPLEX)}
     config = tmp_path_factory.mktemp("envoy") / "envoy.json"
-    config.write_text(json.dumps(envoy_config(dict(zip((pool_port, empty_port), pickers.ports)), admin)))
+    config.write_text(json.dumps(envoy_config(listeners, admin)))
     log = config.with_name("envoy.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -180,7 +190,7 @@ def envoy(fake_engines_shared, tmp_path_factory):
 
     try:
         until(live, "Envoy's listeners", 60)
-        yield f"http://127.0.0.1:{pool_port}", f"http://127.0.0.1:{empty_port}", engines
+        yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()} | {"engines": engines}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -204,7 +214,7 @@ async def turn(s: aiohttp.ClientSession, url: str, conv: Conversation, stream: b
 
 
 def test_conversations_stick_to_the_engine_holding_their_prefix_through_envoy(envoy):
-    url, _, engines = envoy
+    url, engines = envoy["pool"], envoy["engines"]
     by_name = {f"s{i}": address(e.url) for i, e in enumerate(engines)}
 
     async def main():
@@ -220,8 +230,27 @@ def test_conversations_stick_to_the_engine_holding_their_prefix_through_envoy(en
     asyncio.run(main())
 
 
+def test_a_long_prompt_in_many_chunks_and_a_buffered_body_are_routed_alike(envoy):
+    by_address = {address(e.url): f"s{i}" for i, e in enumerate(envoy["engines"])}
+    long = " ".join(f"w{i % 400 + 10}" for i in range(30_000))  # ~170 KB: Envoy streams it in pieces
+
+    async def main():
+        async with aiohttp.ClientSession() as s:
+            answered = []
+            for url in (envoy["pool"], envoy["pool"], envoy["buffered"]):
+                body = {"model": "fake-model", "prompt": long, "max_tokens": 2}
+                async with s.post(url + "/v1/completions", json=body) as resp:
+                    assert resp.status == 200, await resp.text()  # the engine got the body whole
+                    assert resp.headers[PICKED] == resp.headers[UPSTREAM]
+                    answered.append((await resp.json())["engine"])
+                    assert by_address[resp.headers[PICKED]] == answered[-1]
+            assert len(set(answered)) == 1  # the engine holding the prompt, whichever way the body came
+
+    asyncio.run(main())
+
+
 def test_no_engine_is_503_garbage_is_400_and_a_get_goes_through(envoy):
-    url, empty, _ = envoy
+    url, empty = envoy["pool"], envoy["empty"]
 
     async def main():
         async with aiohttp.ClientSession() as s:
