@@ -85,7 +85,7 @@ class Config:
         None,
         'speculative decoding as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": K, '
         '"prompt_lookup_max": N, "prompt_lookup_min": M} proposes up to K tokens from the longest earlier '
-        "match of the last N..M tokens and verifies them in one step (its steps are synchronous)",
+        "match of the last N..M tokens and verifies them in one step (steps with drafts are not overlapped)",
         unset="off",
         metavar="JSON",
     )
@@ -118,13 +118,7 @@ class Config:
             self.speculative_config = json.dumps(self.speculative_config)
         self.speculative = parse_speculative_config(self.speculative_config)
         if self.async_scheduling is None:
-            self.async_scheduling = self.device.startswith("cuda") and self.speculative is None
-        elif self.async_scheduling and self.speculative is not None:
-            # Drafts are looked up in the newest tokens, which an overlapped step has not copied back yet.
-            logging.getLogger("nanoserve.config").warning(
-                "speculative decoding steps synchronously: async_scheduling is off with a speculative_config"
-            )
-            self.async_scheduling = False
+            self.async_scheduling = self.device.startswith("cuda")
         if self.kvcache_block_size < 1:
             raise ConfigError(f"kvcache_block_size must be >= 1, got {self.kvcache_block_size}")
         if not 1 <= self.tensor_parallel_size <= 8:

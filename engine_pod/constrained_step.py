@@ -33,7 +33,7 @@ def constrained_step(engine: LLMEngine) -> StepResult:
     to_accept = [(s.grammar, t) for s, _, t in accept]
     job = engine._mask(pending.seqs if pending is not None else [], to_accept, background=True)
     out = engine._apply(done, grammar_accepted=True) if done is not None else []
-    batch = engine.scheduler.schedule() if engine.constrained or pending is None else []
+    batch = engine.scheduler.schedule(drafts=False) if engine.constrained or pending is None else []
     if batch:
         inputs, sampling = prepare(batch, engine.config.kvcache_block_size)
         if inputs.prev_rows is not None and pending is not None:  # the tokens `pending` is about to sample

@@ -24,7 +24,7 @@ from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
-from nanoserve.engine_pod.spec_decode import SpecStats
+from nanoserve.engine_pod.spec_decode import DrainPacing, SpecStats
 from nanoserve.engine_pod.spec_verify import spec_inputs
 from nanoserve.engine_pod.step_inputs import Downloader, prepare
 from nanoserve.engine_pod.stop import StopChecker
@@ -61,6 +61,7 @@ class LLMEngine:
         width = spec.num_speculative_tokens + 2 if spec is not None else 1  # a verify step's row per sequence
         self.download = Downloader(self.model_runner.device, config.max_num_seqs * width)
         self.spec_stats = SpecStats()  # speculative decoding's acceptance so far
+        self.spec_pacing = DrainPacing() if spec is not None else None  # with async scheduling: when to drain
         self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
         self.unsampled: Unsampled | None = None  # ... with structured output: the step whose forward runs unsampled
         self.stop_checker = StopChecker(self.tokenizer)
@@ -175,34 +176,42 @@ class LLMEngine:
 
             # (pyright sees this file and nanoserve.engine_pod.llm_engine, its link, as two classes)
             return constrained_step(self)  # pyright: ignore[reportArgumentType]
+        early: list[tuple[Sequence, int | None]] = []
+        pacing = self.spec_pacing if overlap else None
+        if pacing is not None and self.in_flight is not None and pacing.due():  # drafts need its tokens
+            early, self.in_flight = self._apply(self.in_flight), None
+        drained = self.in_flight is None  # every token known: every decoding sequence may draft
         batch = self.scheduler.schedule()
-        sampling, positions, tokens, logprobs = [], [], None, None
+        sampling, positions, tokens, logprobs, spec = [], [], None, None, None
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
             if inputs.prev_rows is not None and self.in_flight is not None:
                 inputs.prev_count = len(self.in_flight.seqs)
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
-                if self.config.speculative is not None:  # (its steps are synchronous: Config turns overlap off)
-                    inputs.spec = spec_inputs(sampling, inputs.sampling, self.rng)
+                if self.config.speculative is not None:
+                    inputs.spec = spec = spec_inputs(sampling, inputs.sampling, self.rng)
                 if self.constrained:  # synchronous steps: the mask of the tokens applied last step
                     inputs.grammar = self._mask(sampling).result().mask
             tokens, logprobs, prompt = self._run("run", inputs)
             self._score(inputs, prompt)
             positions = self.scheduler.advance(batch, sampling)
-        elif self.in_flight is None and self.has_unfinished():
+        elif self.in_flight is None and self.has_unfinished() and not early:
             raise RuntimeError("scheduler made no progress although requests are pending")
         done, self.in_flight = (self.in_flight, None) if overlap else (None, None)
-        out = self._apply(done) if done is not None else []
+        out = early + (self._apply(done) if done is not None else [])
         if sampling:
             assert tokens is not None  # a batch that samples ran the model
             launched = InFlight(sampling, positions, self.download(tokens, logprobs))
-            if inputs.spec is not None:
-                launched.spec_drafts = inputs.spec.num_drafts.tolist()
-            if overlap:
+            if spec is not None:  # applied now: the next step's positions depend on what it accepts
+                launched.spec_drafts = spec.num_drafts.tolist()
+                out += self._apply(launched)
+            elif overlap:
                 self.in_flight = launched
             else:
-                out = self._apply(launched)
+                out += self._apply(launched)
+        if pacing is not None:
+            pacing.observe(drained and self.scheduler.lookups > 0, spec is not None)
         return StepResult(batch, out)
 
     def _score(self, inputs, prompt) -> None:

@@ -46,6 +46,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by self.key
         self.num_preemptions = 0
         self.spec = config.speculative
+        self.lookups = 0  # sequences whose draft the last schedule() looked up
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -54,10 +55,12 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         bisect.insort(self.waiting, seq, key=self.key)
 
-    def schedule(self) -> list[tuple[Sequence, int]]:
-        """Pick this step's batch: (sequence, number of tokens to compute now) pairs."""
+    def schedule(self, drafts: bool = True) -> list[tuple[Sequence, int]]:
+        """Pick this step's batch: (sequence, number of tokens to compute now) pairs. `drafts`: speculative
+        decoding may propose (off in the constrained pipeline, whose sampling is one token a row)."""
         budget = self.max_num_batched_tokens
         batch: list[tuple[Sequence, int]] = []
+        self.lookups = 0
         preempted = False
 
         i = 0
@@ -67,11 +70,11 @@ class Scheduler:
                 i += 1  # its last token is on the way and ends it: nothing more to compute
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            drafts = self._propose(seq, budget) if self.spec is not None and n == 1 else []
-            n += len(drafts)
+            draft = self._propose(seq, budget) if drafts and self.spec is not None and n == 1 else []
+            n += len(draft)
             while not self.block_manager.try_allocate(seq, n):
-                if drafts:  # speculation takes only free blocks
-                    drafts, n = [], 1
+                if draft:  # speculation takes only free blocks
+                    draft, n = [], 1
                     continue
                 victim = self.running[-1]  # the least important running sequence
                 self._preempt(victim)
@@ -79,7 +82,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                seq.draft_ids = drafts
+                seq.draft_ids = draft
                 batch.append((seq, n))
                 budget -= n
                 i += 1
@@ -118,6 +121,7 @@ class Scheduler:
         if seq.token_mirror is None:
             seq.token_mirror = TokenMirror()
         tokens = seq.token_mirror.view(seq.token_ids)
+        self.lookups += 1
         return propose_ngram(tokens, spec.prompt_lookup_min, spec.prompt_lookup_max, room)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from nanoserve.engine_pod.errors import ConfigError
 from nanoserve.engine_pod.sampler import SamplingInputs
 from nanoserve.engine_pod.spec_config import SpeculativeConfig, parse_speculative_config
-from nanoserve.engine_pod.spec_decode import SpecStats, TokenMirror, propose_ngram
+from nanoserve.engine_pod.spec_decode import DrainPacing, SpecStats, TokenMirror, propose_ngram
 from nanoserve.engine_pod.spec_verify import SpecInputs, verify
 
 
@@ -156,3 +156,18 @@ def test_spec_stats():
     assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (2, 5, 2)
     assert stats.accepted_per_pos == [1, 1, 0] and stats.acceptance_rate == 0.4
     assert stats.mean_acceptance_length == 2.0
+
+
+def test_drain_pacing_backs_off_while_nothing_matches_and_resets_on_a_draft():
+    pace = DrainPacing(most=4)
+    assert pace.due()  # at once
+    pace.observe(probed=True, drafted=False)  # looked, found nothing: 2 overlapped steps first
+    assert [pace.due() for _ in range(3)] == [False, False, True]
+    pace.observe(probed=True, drafted=False)
+    assert [pace.due() for _ in range(5)] == [False] * 4 + [True]
+    pace.observe(probed=True, drafted=False)  # capped at `most`
+    assert [pace.due() for _ in range(5)] == [False] * 4 + [True]
+    pace.observe(probed=False, drafted=False)  # an overlapped step: nothing learnt
+    assert pace.due()
+    pace.observe(probed=True, drafted=True)
+    assert pace.due() and pace.interval == 1
