@@ -58,12 +58,17 @@ class Gateway:
         # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding. Idle connections
         # to the engines are kept a minute (aiohttp's default: 15 s; engine servers keep theirs 75 s or more):
         # traffic in bursts then finds them open instead of connecting once per request of the next burst.
+        # No cookie jar: an engine's Set-Cookie is the client's, never sent on with other clients' requests.
         self.session = aiohttp.ClientSession(
-            auto_decompress=False, connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE)
+            auto_decompress=False,
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         key = self.config.engine_api_key
         self.control = aiohttp.ClientSession(
-            headers={"Authorization": f"Bearer {key}"} if key else None, connector=aiohttp.TCPConnector(limit=0)
+            headers={"Authorization": f"Bearer {key}"} if key else None,
+            connector=aiohttp.TCPConnector(limit=0),
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._sessions = [self.session, self.control]
         if self.config.service:

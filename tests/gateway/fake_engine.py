@@ -54,6 +54,7 @@ class FakeConfig:
     fault: str = ""  # every generation request: hang (accepted, never answered) | garbage (bytes
     # that are not HTTP) | redirect (307 to redirect_to)
     redirect_to: str = ""
+    set_cookie: str = ""  # a Set-Cookie header on every non-streaming reply (a proxy must keep none)
     feed_garbage: bool = False  # the feed sends FEED_GARBAGE after its snapshot, then carries on
 
 
@@ -95,6 +96,7 @@ class FakeEngine:
             self.tokenizer_files = export_files(self.tok)
             self.tokenizer_info = tokenizer_info(self.tok, self.tokenizer_files, cfg.model, cfg.block_size)
         self.requests = 0  # generation requests received
+        self.cookies = 0  # of which came with a Cookie header
         self.running = 0
         self.queries = 0  # prompt tokens looked up in the prefix cache
         self.hits = 0  # of which cached
@@ -137,6 +139,7 @@ class FakeEngine:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests += 1
+        self.cookies += "Cookie" in request.headers
         cfg = self.cfg
         if cfg.fault:
             return await self.misbehave(request)
@@ -180,7 +183,8 @@ class FakeEngine:
                     "model": self.cfg.model,
                     "engine": cfg.name,
                     "choices": [choice],
-                }
+                },
+                headers={"Set-Cookie": cfg.set_cookie} if cfg.set_cookie else None,
             )
         finally:
             self.running -= 1
@@ -315,12 +319,13 @@ class FakeEngine:
             for k, v in (await request.json()).items():
                 if k == "reset":
                     self.cache.clear()
-                    self.requests = self.queries = self.hits = 0
+                    self.requests = self.queries = self.hits = self.cookies = 0
                 else:
                     setattr(self.cfg, k, v)
         return web.json_response(
             {
                 "requests": self.requests,
+                "cookies": self.cookies,
                 "queries": self.queries,
                 "hits": self.hits,
                 "cached_blocks": len(self.cache),

@@ -266,3 +266,20 @@ def test_engine_api_key_for_own_calls_and_client_keys_pass_through(start_gateway
             await runner.cleanup()
 
     asyncio.run(main())
+
+
+def test_an_engines_cookie_goes_to_its_client_and_never_on_with_other_requests(local_engines, start_gateway):
+    """A shared client session would keep the engine's Set-Cookie and send it with every later request (other
+    clients' too): the gateway keeps no cookies. (By host name: aiohttp's jar ignores cookies of IP hosts.)"""
+
+    async def main():
+        async with local_engines({"set_cookie": "session=tenant-a"}) as [url]:
+            by_name = url.replace("127.0.0.1", "localhost")
+            async with start_gateway([by_name]) as gw, aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s:
+                for _ in range(3):
+                    async with s.post(gw.url + "/v1/completions", json={"prompt": "w1"}) as resp:
+                        assert resp.status == 200 and resp.headers["Set-Cookie"] == "session=tenant-a"
+                state = await engine_state(s, url)
+                assert state["requests"] == 3 and state["cookies"] == 0
+
+    asyncio.run(main())
