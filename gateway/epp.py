@@ -1,9 +1,9 @@
 """The endpoint picker (EPP) of a Gateway API InferencePool: `nanoserve epp` / `python -m nanoserve.gateway.epp`.
 
 The gateway itself (its HTTP proxy, /ready, /metrics and the state they share: endpoint discovery, probes,
-cache feeds, tokenizers) plus Envoy's ext-proc gRPC service on `grpc_port` (gateway/ext_proc.py): requests
-through a Gateway API implementation (Envoy Gateway, Istio, kgateway) and through the gateway's own HTTP port
-are routed by the same code on the same state. Flags: every `nanoserve gateway` flag, and EppConfig's.
+cache feeds, tokenizers) plus Envoy's ext-proc gRPC service on `grpc_port` (gateway/ext_proc.py) and gRPC
+health checks beside it (gateway/picker_health.py): requests through a Gateway API implementation (Envoy
+Gateway, Istio, kgateway) and through the gateway's own HTTP port are routed by the same code on the same state. Flags: every `nanoserve gateway` flag, and EppConfig's.
 """
 
 from __future__ import annotations
@@ -39,13 +39,16 @@ async def serve_epp(gateway: GatewayConfig, epp: EppConfig) -> AsyncIterator[tup
     picking a free one."""
     import grpc  # lazy: `nanoserve epp --help` needs neither grpc nor the app
     from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+    from grpc_health.v1 import health_pb2_grpc
 
     from nanoserve.gateway.app import serve
     from nanoserve.gateway.ext_proc import EndpointPicker
+    from nanoserve.gateway.picker_health import PickerHealth
 
     async with serve(gateway) as gw:
         server = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(gw), server)
+        health_pb2_grpc.add_HealthServicer_to_server(PickerHealth(gw), server)
         port = server.add_insecure_port(f"{epp.grpc_host}:{epp.grpc_port}")
         await server.start()
         try:

@@ -85,8 +85,9 @@ async def picker(overrides: dict, urls: list[str]):
     async with serve_epp(GatewayConfig(**{**cfg, **overrides}), EppConfig("127.0.0.1", 0, 0.1)) as (gw, p):
         if urls:
             await until_async(lambda: len(gw.pool.routable()) == len(urls), "every engine routable")
+            await until_async(lambda: not gw.tokenizers_pending(gw.pool.routable()), "the tokenizers' fetches")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{p}") as channel:
-            yield gw, pb_grpc.ExternalProcessorStub(channel)
+            yield gw, pb_grpc.ExternalProcessorStub(channel), channel
 
 
 def picked(resp: pb.ProcessingResponse, part: str) -> tuple[str, list[str]]:
@@ -106,7 +107,7 @@ def test_full_duplex_holds_the_headers_until_the_body_is_in_then_streams_it_back
     body = completion(" ".join(f"w{i}" for i in range(40)))
 
     async def main():
-        async with local_engines({}, {}) as urls, picker({}, urls) as (gw, stub):
+        async with local_engines({}, {}) as urls, picker({}, urls) as (gw, stub, _):
             # The pick needs the whole prompt: nothing goes back for the headers and the first chunk.
             held, ex = EndpointPicker(gw), Exchange()
             assert (
@@ -140,7 +141,7 @@ def test_full_duplex_holds_the_headers_until_the_body_is_in_then_streams_it_back
 
 def test_buffered_answers_the_headers_at_once_and_picks_on_the_body(local_engines):
     async def main():
-        async with local_engines({}, {}) as urls, picker({}, urls) as (_, stub):
+        async with local_engines({}, {}) as urls, picker({}, urls) as (_, stub, _):
             s = Stream(stub)
             s.send(request_headers=headers("/v1/completions"))  # no protocol_config: Envoy's BUFFERED
             assert not (await s.recv()).request_headers.response.HasField("header_mutation")
@@ -154,7 +155,7 @@ def test_buffered_answers_the_headers_at_once_and_picks_on_the_body(local_engine
 
 def test_a_request_without_a_body_goes_by_load(local_engines):
     async def main():
-        async with local_engines({}) as urls, picker({}, urls) as (_, stub):
+        async with local_engines({}) as urls, picker({}, urls) as (_, stub, _):
             s = Stream(stub)
             s.send(request_headers=headers("/v1/models", "GET", eos=True), protocol_config=DUPLEX)
             assert picked(await s.recv(), "request_headers") == (address(urls[0]), [address(urls[0])])
@@ -174,10 +175,10 @@ async def refused(stub, body: bytes | None = None, **fields) -> tuple[int, dict]
 
 def test_garbage_is_400_and_no_routable_engine_is_503(local_engines, dead_url):
     async def main():
-        async with local_engines({}) as urls, picker({}, urls) as (_, stub):
+        async with local_engines({}) as urls, picker({}, urls) as (_, stub, _):
             status, body = await refused(stub, b"\xff{not json")
             assert status == 400 and body["error"]["type"] == "invalid_request_error"
-        async with picker({}, []) as (_, stub):
+        async with picker({}, []) as (_, stub, _):
             status, body = await refused(stub)
             assert status == 503 and body["error"]["code"] == "no_healthy_engine"
 
@@ -186,7 +187,7 @@ def test_garbage_is_400_and_no_routable_engine_is_503(local_engines, dead_url):
 
 def test_the_data_planes_subset_hint_limits_the_pick(local_engines):
     async def main():
-        async with local_engines({}, {}) as urls, picker({}, urls) as (_, stub):
+        async with local_engines({}, {}) as urls, picker({}, urls) as (_, stub, _):
             only = address(urls[1])
             for _ in range(3):
                 s = Stream(stub)
@@ -202,6 +203,31 @@ def test_the_data_planes_subset_hint_limits_the_pick(local_engines):
             # None of the allowed endpoints is eligible: 503, as the protocol says.
             status, _ = await refused(stub, metadata_context=subset_hint(["10.9.9.9:8000"]))
             assert status == 503
+
+    asyncio.run(main())
+
+
+def test_grpc_health_says_live_always_and_ready_with_a_routable_engine(local_engines):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+
+    async def check(channel, service: str) -> int:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return (await stub.Check(health_pb2.HealthCheckRequest(service=service))).status
+
+    async def main():
+        for engines in ([{}], []):
+            async with local_engines(*engines) as urls, picker({}, urls) as (_, _, channel):
+                assert await check(channel, "liveness") == serving
+                for service in ("readiness", "envoy.service.ext_proc.v3.ExternalProcessor", ""):
+                    assert (await check(channel, service) == serving) == bool(urls), service
+                try:
+                    await check(channel, "nope")
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() == grpc.StatusCode.NOT_FOUND
+                else:
+                    raise AssertionError("an unknown service must be NOT_FOUND")
 
     asyncio.run(main())
 
