@@ -3,7 +3,8 @@
 The gateway itself (its HTTP proxy, /ready, /metrics and the state they share: endpoint discovery, probes,
 cache feeds, tokenizers) plus Envoy's ext-proc gRPC service on `grpc_port` (gateway/ext_proc.py) and gRPC
 health checks beside it (gateway/picker_health.py): requests through a Gateway API implementation (Envoy
-Gateway, Istio, kgateway) and through the gateway's own HTTP port are routed by the same code on the same state. Flags: every `nanoserve gateway` flag, and EppConfig's.
+Gateway, Istio, kgateway) and through the gateway's own HTTP port are routed by the same code on the same
+state. Flags: every `nanoserve gateway` flag, and EppConfig's.
 """
 
 from __future__ import annotations
