@@ -8,8 +8,8 @@ of one generate after a warm-up. `--prefix-sharing` runs the prefix-sharing vari
 then its first half again: a model that copies continues with the rest) whose n-gram matches drafts can come
 from; run it with and without `--speculative-config '{"method": "ngram", ...}'` for the speed-up (the result has
 the acceptance counts). `--model smollm2-135m` (real weights: its induction heads copy repeated spans) gives a
-meaningful acceptance rate; the random Qwen3-0.6B weights copy nothing. With a speculative config the engine's
-steps are synchronous.
+meaningful acceptance rate; the random Qwen3-0.6B weights copy nothing. Steps with drafts are not overlapped
+(async scheduling drains the step in flight to look for drafts: engine_pod/spec_decode.py DrainPacing).
 """
 
 import argparse
@@ -152,7 +152,7 @@ def main() -> None:
         kvcache_block_size=args.block_size,
         max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tp,
-        async_scheduling=not args.sync and args.speculative_config is None,
+        async_scheduling=not args.sync,
         speculative_config=args.speculative_config,
     )
     load_s = time.perf_counter() - t0

@@ -4,6 +4,7 @@ sampling features that cannot speculate still decode right beside speculating ro
 leaves no block behind (aborts and preemption too) and no wrong prefix-cache entry."""
 
 import multiprocessing
+from collections import Counter
 
 import pytest
 from parity import engine_greedy, hf_greedy, random_prompts
@@ -247,3 +248,58 @@ def test_constrained_requests_beside_drafts(bpe_model, async_scheduling):
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     finally:
         llm.exit()
+
+
+def _two_sample_chi2(a: list[int], b: list[int]) -> tuple[float, int]:
+    """Equal-size samples of a token: sum over tokens seen 10+ times of (a - b)^2 / (a + b), and its df."""
+    ca, cb = Counter(a), Counter(b)
+    cells = [t for t in ca.keys() | cb.keys() if ca[t] + cb[t] >= 10]
+    return sum((ca[t] - cb[t]) ** 2 / (ca[t] + cb[t]) for t in cells), len(cells) - 1
+
+
+def test_sampling_with_drafts_keeps_the_distribution(tiny_models, monkeypatch):
+    """Rejection sampling is lossless in the engine: over 400 seeded samples the tokens after the first (where
+    drafts are verified, about half accepted) have the same distribution with and without speculation, by a
+    two-sample chi-square; an engine that accepts every draft fails the same check by far."""
+    import nanoserve.engine_pod.llm_engine as engine_module
+
+    path = tiny_models["qwen3"]
+    spec = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2, "prompt_lookup_min": 1}
+    n, kwargs = 400, dict(num_kvcache_blocks=256, max_num_batched_tokens=4096)
+
+    def samples(speculative_config, offset):
+        llm = LLM(path, speculative_config=speculative_config, **kwargs)
+        try:
+            span = random_prompts(240, [12], seed=5)[0]
+            loop = llm.generate([span], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+            prompt = span + loop["token_ids"]  # the model's own greedy output: its tokens recur
+            params = [
+                SamplingParams(temperature=1.5, top_k=4, max_tokens=4, ignore_eos=True, seed=offset + i)
+                for i in range(n)
+            ]
+            outs = [o["token_ids"] for o in llm.generate([prompt] * n, params)]
+            return outs, llm.spec_stats
+        finally:
+            llm.exit()
+
+    def statistic(a, b):
+        stats = [_two_sample_chi2([x[j] for x in a], [x[j] for x in b]) for j in (1, 2, 3)]
+        return sum(s for s, _ in stats), sum(df for _, df in stats)
+
+    plain, _ = samples(None, 0)
+    spec_out, stats = samples(spec, 10**6)
+    assert stats.num_drafts > n / 2 and 0.2 < stats.acceptance_rate < 0.8  # the check has drafts to judge
+    chi2, df = statistic(plain, spec_out)
+    bound = df + 5 * (2 * df) ** 0.5  # about p < 1e-4 here (seeded: the same every run)
+    assert chi2 < bound, (chi2, df)
+    real = engine_module.spec_inputs
+
+    def accept_everything(*args):
+        out = real(*args)
+        if out is not None:
+            out.uniforms[:] = 0.0
+        return out
+
+    monkeypatch.setattr(engine_module, "spec_inputs", accept_everything)
+    broken, _ = samples(spec, 2 * 10**6)
+    assert statistic(plain, broken)[0] > 2 * bound
