@@ -82,28 +82,29 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
   local label=$1; shift
   env "$@" python -m nanoserve.cli serve --model "$MODEL" --host 127.0.0.1 --port 8700 \
     --served-model-name bench --max-num-batched-tokens 16384 >>"$OUT/serve.log" 2>&1 & local srv=$!
-  # Two gateways in front of it: one process, and GATEWAY_WORKERS (default 4) processes on one port.
-  python -m nanoserve.gateway --host 127.0.0.1 --port 8701 --engine http://127.0.0.1:8700 --log-level WARNING \
-    >>"$OUT/gateway.log" 2>&1 & local gw=$!
-  python -m nanoserve.gateway --host 127.0.0.1 --port 8702 --engine http://127.0.0.1:8700 --log-level WARNING \
-    --workers "${GATEWAY_WORKERS:-4}" >>"$OUT/gateway.log" 2>&1 & local gws=$!
-  for _ in $(seq 240); do python -c "import urllib.request as u; [u.urlopen(f'http://127.0.0.1:{p}/ready') \
-    for p in (8700, 8701, 8702)]" 2>/dev/null && break; sleep 1; done
   local direct="--url http://127.0.0.1:8700" via="--url http://127.0.0.1:8701 --metrics-url http://127.0.0.1:8700"
-  local via_workers="--url http://127.0.0.1:8702 --metrics-url http://127.0.0.1:8700"
+  ready() { for _ in $(seq 240); do python -c "import urllib.request as u; u.urlopen('$1/ready')" 2>/dev/null && return; sleep 0.5; done; }
+  ready http://127.0.0.1:8700
   # Each run other prompt ids (--salt): none finds the previous one's prompts in the prefix cache.
   run 150 python bench/serving.py $direct --both --salt 1 --label "$label-direct"
-  # The burst's TTFT varies by ~100 ms from run to run: direct and the gateways alternate, three runs each.
-  for i in 1 2 3; do
-    run 150 python bench/serving.py $via_workers --stream --salt $((20 + 3 * i)) --label "$label-gateway-workers"
-    run 150 python bench/serving.py $direct --stream --salt $((21 + 3 * i)) --label "$label-direct-stream"
-    run 150 python bench/serving.py $via --stream --salt $((22 + 3 * i)) --label "$label-gateway"
+  # A gateway of one process, then one of GATEWAY_WORKERS (default 4) on the same port, one at a time; the
+  # burst's TTFT varies by ~100 ms from run to run, so direct runs alternate with the gateway's.
+  local w
+  for w in 1 "${GATEWAY_WORKERS:-4}"; do
+    python -m nanoserve.gateway --host 127.0.0.1 --port 8701 --engine http://127.0.0.1:8700 --log-level WARNING \
+      --workers $w >>"$OUT/gateway.log" 2>&1 & local gw=$!
+    ready http://127.0.0.1:8701
+    for i in 1 2 3; do
+      run 150 python bench/serving.py $via --stream --salt $((10 * w + 2 * i)) --label "$label-gateway-w$w"
+      run 150 python bench/serving.py $direct --stream --salt $((10 * w + 2 * i + 1)) --label "$label-direct-stream"
+    done
+    [ $w = 1 ] && { kill $gw; wait $gw 2>/dev/null; }
   done
   run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 4 \
     --label "$label-poisson32"
-  run 150 python bench/serving.py $via_workers --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 5 \
-    --label "$label-gateway-workers-poisson32"
-  kill $gw $gws; kill $srv; wait $srv $gw $gws 2>/dev/null
+  run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 5 \
+    --label "$label-gateway-w${GATEWAY_WORKERS:-4}-poisson32"
+  kill $gw; kill $srv; wait $srv $gw 2>/dev/null
 }
 want serving && serve_and_bench default
 want anchor && [ -d .anchor ] && run 400 bash .anchor/run.sh "$MODEL" bench
