@@ -7,6 +7,7 @@ goes back as Gateway API Inference Extension's endpoint picker protocol (docs/pr
 `x-gateway-destination-endpoint` header (the chosen engine's ip:port, which an ORIGINAL_DST cluster dials)
 and `envoy.lb` dynamic metadata with the whole ranking, comma-separated, for data planes that fall back down
 the list. No engine: a 503 immediate response; a body that is not a JSON object: 400 (gateway/routing.py).
+The response's status is the answering engine's verdict for its circuit breaker, as in the proxy.
 """
 
 # The generated protobuf modules ship no type stubs: pyright cannot see their message classes.
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 DESTINATION = "x-gateway-destination-endpoint"
 LB_NAMESPACE = "envoy.lb"
+SERVED = "x-gateway-destination-endpoint-served"  # in envoy.lb: the endpoint that answered, as the data plane says
 SUBSET_NAMESPACE, SUBSET_KEY = "envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset"
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
 BODY_CHUNK = 62_000  # bytes per streamed body message back to Envoy (GAIE's EPP chunks alike)
@@ -60,6 +62,8 @@ class Exchange:
     response_duplex: bool = False
     subset: set[str] | None = None  # ip:port the data plane allows (envoy.lb.subset_hint), None: all
     engine: Endpoint | None = None  # the chosen engine, counted in flight until the stream ends
+    trial: bool = False  # the request is its breaker's half-open trial
+    judged: bool = False  # its breaker has learnt the outcome (from the response's status)
     finished: bool = False  # an immediate response went back: Envoy ends the stream
 
 
@@ -69,12 +73,17 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     }
 
 
-def _subset(req: pb.ProcessingRequest) -> set[str] | None:
+def _metadata(req: pb.ProcessingRequest, namespace: str, key: str):
+    """A value of the request's metadata from the data plane (filter_metadata[namespace][key]), or None."""
     meta = req.metadata_context.filter_metadata
-    if SUBSET_NAMESPACE not in meta:
+    if namespace not in meta:
         return None
-    hint = json_format.MessageToDict(meta[SUBSET_NAMESPACE])
-    value = hint.get(SUBSET_KEY) if isinstance(hint, dict) else None
+    values = json_format.MessageToDict(meta[namespace])
+    return values.get(key) if isinstance(values, dict) else None
+
+
+def _subset(req: pb.ProcessingRequest) -> set[str] | None:
+    value = _metadata(req, SUBSET_NAMESPACE, SUBSET_KEY)
     if value is None:
         return None
     items = value if isinstance(value, list) else [value]
@@ -134,8 +143,7 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
                 if ex.finished:
                     return
         finally:
-            if ex.engine is not None:
-                ex.engine.in_flight -= 1
+            self.release(ex)
 
     async def handle(self, ex: Exchange, req: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         """The answers to one message of Envoy's (none while a duplex body is still coming in)."""
@@ -160,6 +168,8 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             out = self.answer_body(ex, await self.route(ex), end=False) if ex.request_duplex else []
             return out if ex.finished else out + [pb.ProcessingResponse(request_trailers=pb.TrailersResponse())]
         if kind == "response_headers":
+            served = _metadata(req, LB_NAMESPACE, SERVED)
+            self.judge(ex, served if isinstance(served, str) else None, _headers(req.response_headers).get(":status"))
             return [pb.ProcessingResponse(response_headers=pb.HeadersResponse())]
         if kind == "response_body":
             if ex.response_duplex:
@@ -184,8 +194,34 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
             if routed.prompt is not None:
                 ep.record(routed.prompt, routed.mode)  # the next turn finds it here before the feed says so
             ep.in_flight += 1
-            ex.engine = ep
+            ex.engine, ex.trial = ep, ep.breaker.begin()
         return routed
+
+    def judge(self, ex: Exchange, served: str | None, status: str | None) -> None:
+        """The response's headers: the engine that answered (another one than picked if the data plane fell back
+        down the ranking) learns the outcome, as the proxy's breaker does: a 5xx failed, anything else served."""
+        if served and (ex.engine is None or address(ex.engine.url) != served.strip()):
+            other = next((ep for ep in self.gw.pool.endpoints.values() if address(ep.url) == served.strip()), None)
+            if other is not None:
+                self.release(ex)
+                other.in_flight += 1
+                ex.engine, ex.trial, ex.judged = other, False, False
+        if ex.engine is None or ex.judged or not (status or "").isdigit():
+            return
+        ex.judged = True
+        if int(status or 0) >= 500:
+            ex.engine.breaker.failure()
+        else:
+            ex.engine.breaker.success()
+
+    @staticmethod
+    def release(ex: Exchange) -> None:
+        """The request no longer counts on its engine; a trial without a verdict lets another request try."""
+        if ex.engine is not None:
+            ex.engine.in_flight -= 1
+            if ex.trial and not ex.judged:
+                ex.engine.breaker.release()
+            ex.engine = None
 
     def answer_headers(self, ex: Exchange, routed: Routing | Refusal) -> list[pb.ProcessingResponse]:
         if isinstance(routed, Refusal):

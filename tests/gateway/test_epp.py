@@ -19,6 +19,7 @@ from nanoserve.gateway.epp import EppConfig, serve_epp
 from nanoserve.gateway.ext_proc import (
     DESTINATION,
     LB_NAMESPACE,
+    SERVED,
     SUBSET_KEY,
     SUBSET_NAMESPACE,
     EndpointPicker,
@@ -203,6 +204,54 @@ def test_the_data_planes_subset_hint_limits_the_pick(local_engines):
             # None of the allowed endpoints is eligible: 503, as the protocol says.
             status, _ = await refused(stub, metadata_context=subset_hint(["10.9.9.9:8000"]))
             assert status == 503
+
+    asyncio.run(main())
+
+
+async def answered(stub, status: int, subset: list[str] | None = None, served: str | None = None) -> str:
+    """One request through the picker whose engine answers `status`; returns the picked endpoint."""
+    s = Stream(stub)
+    meta = {"metadata_context": subset_hint(subset)} if subset else {}
+    s.send(request_headers=headers("/v1/completions"), protocol_config=DUPLEX, **meta)
+    s.send(request_body=pb.HttpBody(body=completion("w1 w2"), end_of_stream=True))
+    destination, _ = picked(await s.recv(), "request_headers")
+    await s.body()
+    lb = struct_pb2.Struct()
+    lb.update({SERVED: served or destination})
+    status_header = base_pb2.HeaderValue(key=":status", raw_value=str(status).encode())
+    s.send(
+        response_headers=pb.HttpHeaders(headers=base_pb2.HeaderMap(headers=[status_header])),
+        metadata_context=base_pb2.Metadata(filter_metadata={LB_NAMESPACE: lb}),
+    )
+    assert (await s.recv()).HasField("response_headers")
+    await s.close()
+    return destination
+
+
+def test_the_engines_breaker_learns_from_the_response_status_as_the_proxys_does(local_engines):
+    async def main():
+        async with local_engines({}) as urls, picker({"breaker_threshold": 2}, urls) as (gw, stub, _):
+            (ep,) = gw.pool.endpoints.values()
+            for status in (500, 200, 500):  # a served answer resets the count of consecutive failures
+                await answered(stub, status)
+            assert ep.routable
+            await answered(stub, 503)  # two in a row: the breaker opens, nothing is left to route to
+            assert not ep.routable
+            assert (await refused(stub))[0] == 503
+
+    asyncio.run(main())
+
+
+def test_the_endpoint_the_data_plane_says_served_carries_the_request(local_engines):
+    async def main():
+        async with local_engines({}, {}) as urls, picker({}, urls) as (gw, stub, _):
+            first, second = (gw.pool.endpoints[u] for u in urls)
+            # Picked: the first; served (the data plane fell back down the list): the second, whose 500 counts.
+            assert await answered(stub, 500, subset=[address(first.url)], served=address(second.url)) == address(
+                first.url
+            )
+            assert (first.breaker.failures, second.breaker.failures) == (0, 1)
+            assert first.in_flight == second.in_flight == 0
 
     asyncio.run(main())
 
