@@ -87,11 +87,12 @@ def test_every_config_field_is_a_flag_or_derived():
 
     args = parse_serve([])
     for f in dataclasses.fields(Config):
-        assert hasattr(args, f.name) == f.init, f.name  # init=False: read from the model folder
+        assert hasattr(args, f.name) == f.init, f.name  # init=False: read from the model folder, or parsed
     assert {f.name for f in dataclasses.fields(Config) if not f.init} == {
         "hf_config",
         "eos_token_ids",
         "sampling_defaults",
+        "speculative",  # speculative_config's JSON, parsed
     }
 
 
