@@ -21,11 +21,11 @@ def render(name: str, namespace: str, spec: dict) -> list[dict]:
     if spec["gateway"]["enabled"]:
         objs += render_gateway_rbac(name)
         gateway = render_gateway_deployment(name, namespace, spec)
-        if spec.get("router") == "inferencePool":  # the gateway is the pool's endpoint picker too
-            objs += [render_epp_service(name), render_inference_pool(name)]
-            gateway = as_endpoint_picker(gateway)
-        objs += [render_gateway_service(name), gateway]
+        pooled = spec.get("router") == "inferencePool"  # the gateway is the pool's endpoint picker too
+        objs += [render_gateway_service(name), as_endpoint_picker(gateway) if pooled else gateway]
         objs.append(render_pdb(name, "gateway"))
+        if pooled:  # last: where GAIE's CRD is missing the pool is refused, and everything else is in place
+            objs += [render_epp_service(name), render_inference_pool(name)]
     return objs
 
 

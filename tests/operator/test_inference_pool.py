@@ -89,6 +89,13 @@ def test_the_pool_selects_the_engines_and_its_picker_is_the_gateway(spec):
     assert objs["Service", "demo"]["spec"]["selector"].items() <= gateway["metadata"]["labels"].items()
 
 
+def test_the_pool_is_applied_last():
+    """A cluster without GAIE's CRD refuses the InferencePool: the engines and the gateway are in place by then."""
+    objs = render("demo", "ml", default_spec(SPECS["defaults"]))
+    assert objs[-1]["kind"] == "InferencePool"
+    assert [o["kind"] for o in objs].index("Deployment") < len(objs) - 1
+
+
 def test_router_gateway_renders_no_pool_and_switching_back_removes_it():
     plain = children({})
     assert ("InferencePool", "demo") not in plain and ("Service", "demo-epp") not in plain
