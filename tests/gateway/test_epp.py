@@ -140,6 +140,24 @@ def test_full_duplex_holds_the_headers_until_the_body_is_in_then_streams_it_back
     asyncio.run(main())
 
 
+def test_a_body_ended_by_trailers_is_picked_on_them(local_engines):
+    body = completion("w1 w2 w3")
+
+    async def main():
+        async with local_engines({}) as urls, picker({}, urls) as (_, stub, _):
+            s = Stream(stub)
+            s.send(request_headers=headers("/v1/completions"), protocol_config=DUPLEX)
+            s.send(request_body=pb.HttpBody(body=body))
+            s.send(request_trailers=pb.HttpTrailers(trailers=base_pb2.HeaderMap()))
+            assert picked(await s.recv(), "request_headers")[0] == address(urls[0])
+            streamed = (await s.recv()).request_body.response.body_mutation.streamed_response
+            assert (streamed.body, streamed.end_of_stream) == (body, False)  # the trailers end the request
+            assert (await s.recv()).HasField("request_trailers")
+            await s.close()
+
+    asyncio.run(main())
+
+
 def test_buffered_answers_the_headers_at_once_and_picks_on_the_body(local_engines):
     async def main():
         async with local_engines({}, {}) as urls, picker({}, urls) as (_, stub, _):
