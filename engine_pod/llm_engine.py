@@ -178,10 +178,11 @@ class LLMEngine:
             return constrained_step(self)  # pyright: ignore[reportArgumentType]
         early: list[tuple[Sequence, int | None]] = []
         pacing = self.spec_pacing if overlap else None
-        if pacing is not None and self.in_flight is not None and pacing.due():  # drafts need its tokens
+        look = pacing.due() if pacing is not None else True  # for drafts, this step
+        if look and pacing is not None and self.in_flight is not None:  # drafts need its tokens
             early, self.in_flight = self._apply(self.in_flight), None
-        drained = self.in_flight is None  # every token known: every decoding sequence may draft
-        batch = self.scheduler.schedule()
+        accepted = self.spec_stats.num_accepted_tokens
+        batch = self.scheduler.schedule(drafts=look)
         sampling, positions, tokens, logprobs, spec = [], [], None, None, None
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
@@ -211,7 +212,8 @@ class LLMEngine:
             else:
                 out += self._apply(launched)
         if pacing is not None:
-            pacing.observe(drained and self.scheduler.lookups > 0, spec is not None)
+            # Drafts that all failed are worth no more than none: a synchronous step bought nothing.
+            pacing.observe(look and self.scheduler.lookups > 0, self.spec_stats.num_accepted_tokens > accepted)
         return StepResult(batch, out)
 
     def _score(self, inputs, prompt) -> None:

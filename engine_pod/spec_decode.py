@@ -69,12 +69,12 @@ class TokenMirror:
 
 
 class DrainPacing:
-    """Async scheduling with speculative decoding. A draft needs its sequence's newest token on the host, which
-    an overlapped step has not copied back yet, and a step with drafts is applied before the next is scheduled
-    (the next one's positions depend on what it accepts). So the engine now and then drains the step in flight
-    before scheduling, to look for drafts: at once after a step that had drafts, and otherwise after waits that
-    double (up to `most` steps) while drains find none. When nothing matches, 1 step in `most` loses its
-    overlap."""
+    """Async scheduling with speculative decoding: which steps look for drafts. A draft needs its sequence's
+    newest token on the host, which an overlapped step has not copied back yet, and a step with drafts is
+    applied before the next is scheduled (the next one's positions depend on what it accepts): a step that
+    looks drains the step in flight first and gives up its overlap. So steps look at once after a step whose
+    drafts were (partly) accepted, and otherwise after waits that double (up to `most` steps) while looking
+    finds nothing worth it. When nothing matches, 1 step in `most` loses its overlap."""
 
     def __init__(self, most: int = 32):
         self.most = most
@@ -82,14 +82,14 @@ class DrainPacing:
         self.wait = 0  # overlapped steps left before the next drain
 
     def due(self) -> bool:
-        """Called before scheduling while a step is in flight: drain it now?"""
+        """Called once before each step is scheduled: does it look for drafts?"""
         if self.wait > 0:
             self.wait -= 1
             return False
         return True
 
     def observe(self, probed: bool, drafted: bool) -> None:
-        """After a step that looked for drafts with every token known (`probed`), or had drafts (`drafted`)."""
+        """After a step that looked for drafts (`probed`), or accepted some (`drafted`)."""
         if drafted:
             self.interval, self.wait = 1, 0
         elif probed:
