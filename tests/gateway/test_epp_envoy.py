@@ -15,8 +15,10 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+import grpc
 import pytest
 from conversations import Conversation
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from poll import until, until_async
 from procs import reserve_port
 
@@ -161,14 +163,35 @@ class Pickers:
         self.thread.join(10)
 
 
+def grpc_live(proc: subprocess.Popen, port: int) -> bool:
+    assert proc.poll() is None, f"nanoserve epp exited with {proc.returncode}"
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="liveness"), timeout=5
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def epp_process(engine: str) -> tuple[subprocess.Popen, int]:
+    """`nanoserve epp` as the operator's pods run it (its own process and command line): (process, gRPC port)."""
+    grpc_port, http_port = reserve_port(), reserve_port()
+    args = ["--engine", engine, "--host", "127.0.0.1", "--port", str(http_port), "--grpc-port", str(grpc_port)]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoserve.cli", "epp", *args, "--health-interval", "0.1"])
+    return proc, grpc_port
+
+
 @pytest.fixture(scope="module")
 def envoy(fake_engines_shared, tmp_path_factory):
     """URLs of listeners: "pool" (a picker of both engines), "buffered" (the same picker, BUFFERED bodies), "empty"
-    (a picker of none); and "engines"."""
+    (a `nanoserve epp` process whose one engine never answers); and "engines"."""
     engines = fake_engines_shared(2)
-    pickers = Pickers([[e.url for e in engines], []])
+    lone, empty = epp_process(f"http://127.0.0.1:{reserve_port()}")  # (nothing listens there)
+    pickers = Pickers([[e.url for e in engines]])
     ports = {name: reserve_port() for name in ("pool", "buffered", "empty")}
-    (pool, empty), admin = pickers.ports, reserve_port()
+    (pool,), admin = pickers.ports, reserve_port()
     listeners = {ports["pool"]: (pool, DUPLEX), ports["buffered"]: (pool, BUFFERED), ports["empty"]: (empty, DUPLEX)}
     config = tmp_path_factory.mktemp("envoy") / "envoy.json"
     config.write_text(json.dumps(envoy_config(listeners, admin)))
@@ -190,10 +213,12 @@ def envoy(fake_engines_shared, tmp_path_factory):
 
     try:
         until(live, "Envoy's listeners", 60)
+        until(lambda: grpc_live(lone, empty), "the nanoserve epp process's gRPC health: liveness", 60)
         yield {name: f"http://127.0.0.1:{port}" for name, port in ports.items()} | {"engines": engines}
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for p in (proc, lone):
+            p.terminate()
+            p.wait(10)
         pickers.close()
 
 
