@@ -106,10 +106,11 @@ def immediate(refusal: Refusal) -> pb.ProcessingResponse:
 def _pick(addresses: list[str]) -> tuple[pb.CommonResponse, struct_pb2.Struct]:
     """The header mutation naming the chosen engine, and the metadata with the ranking."""
     header = base_pb2.HeaderValue(key=DESTINATION, raw_value=addresses[0].encode())
-    common = pb.CommonResponse(
-        header_mutation=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(header=header)]),
-        clear_route_cache=True,
+    # Replaced, never appended to: a client's own header must not steer the data plane anywhere.
+    option = base_pb2.HeaderValueOption(
+        header=header, append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
     )
+    common = pb.CommonResponse(header_mutation=pb.HeaderMutation(set_headers=[option]), clear_route_cache=True)
     metadata = struct_pb2.Struct()
     metadata.update({LB_NAMESPACE: {DESTINATION: ",".join(addresses)}})
     return common, metadata

@@ -96,6 +96,7 @@ def picked(resp: pb.ProcessingResponse, part: str) -> tuple[str, list[str]]:
     common = getattr(resp, part).response
     (h,) = common.header_mutation.set_headers
     assert h.header.key == DESTINATION and common.clear_route_cache
+    assert h.append_action == base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD  # never the client's own
     ranking = json_format.MessageToDict(resp.dynamic_metadata)[LB_NAMESPACE][DESTINATION]
     return h.header.raw_value.decode(), ranking.split(",")
 

@@ -224,7 +224,9 @@ def envoy(fake_engines_shared, tmp_path_factory):
 
 async def turn(s: aiohttp.ClientSession, url: str, conv: Conversation, stream: bool) -> tuple[str, str, str]:
     """One chat turn through Envoy: (the engine that answered, the picked endpoint, the one Envoy dialed)."""
-    async with s.post(url + "/v1/chat/completions", json=conv.next_request(stream)) as resp:
+    # A client's own destination header (somewhere nothing listens) is replaced by the picker's.
+    spoofed = {DESTINATION: f"127.0.0.1:{reserve_port()}"}
+    async with s.post(url + "/v1/chat/completions", json=conv.next_request(stream), headers=spoofed) as resp:
         assert resp.status == 200, await resp.text()
         if stream:
             events = [line[6:] for line in (await resp.text()).splitlines() if line.startswith("data: ")]
