@@ -47,7 +47,9 @@ async def serve_epp(gateway: GatewayConfig, epp: EppConfig) -> AsyncIterator[tup
     from nanoserve.gateway.picker_health import PickerHealth
 
     async with serve(gateway) as gw:
-        server = grpc.aio.server()
+        # A BUFFERED body comes as one message: gRPC's 4 MiB default must not refuse what the gateway takes.
+        limit = gateway.max_body_bytes + (1 << 16)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit)])
         pb_grpc.add_ExternalProcessorServicer_to_server(EndpointPicker(gw), server)
         health_pb2_grpc.add_HealthServicer_to_server(PickerHealth(gw), server)
         port = server.add_insecure_port(f"{epp.grpc_host}:{epp.grpc_port}")

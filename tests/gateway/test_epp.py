@@ -169,6 +169,13 @@ def test_buffered_answers_the_headers_at_once_and_picks_on_the_body(local_engine
             destination, ranking = picked(await s.recv(), "request_body")
             assert destination in {address(u) for u in urls} and destination == ranking[0]
             await s.close()
+            # One message of the whole body, past gRPC's 4 MiB default.
+            s = Stream(stub)
+            s.send(request_headers=headers("/v1/completions"))
+            await s.recv()
+            s.send(request_body=pb.HttpBody(body=completion("w1 " * 2_000_000), end_of_stream=True))
+            assert picked(await s.recv(), "request_body")[0] in {address(u) for u in urls}
+            await s.close()
 
     asyncio.run(main())
 
