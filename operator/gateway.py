@@ -37,7 +37,7 @@ def render_gateway_rbac(name: str) -> list[dict]:
 
 def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
     gw = spec["gateway"]
-    workers = gw.get("workers", 1)
+    workers = gw["workers"]  # (the CRD defaults it)
     env: list[dict] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
     if spec.get("apiKeySecret"):  # the gateway's own calls to the engines (health, metrics) need the key
         env.append(

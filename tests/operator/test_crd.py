@@ -64,7 +64,7 @@ def test_defaults_cover_everything_the_renderer_reads():
     # device, or the model's); no pod overrides
     assert {k for k, v in engine_props.items() if "default" in v} == set(engine_props) - optional
     assert set(spec["engine"]) == set(engine_props) - optional
-    assert set(spec["gateway"]) == {"enabled", "replicas", "policy", "image"}
+    assert set(spec["gateway"]) == {"enabled", "replicas", "workers", "policy", "image"}
     assert spec["resources"] == {"gpuResourceName": "nvidia.com/gpu"}
 
 
