@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune gemm throughput profile variants tp2 structured moe routing serving anchor (tune, gemm and
+# Stages: tests tp kernel tune gemm throughput profile variants tp2 structured moe spec routing serving anchor (tune, gemm and
 # offline, the default throughput run alone: only when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
-STAGES=" ${*:-tests tp kernel throughput profile variants tp2 structured moe routing serving anchor} "
+STAGES=" ${*:-tests tp kernel throughput profile variants tp2 structured moe spec routing serving anchor} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
@@ -73,6 +73,12 @@ fi
 # Structured output: constrained vs unconstrained at batch 1/64/256, and the mask's host and device cost.
 want structured && run 300 python bench/structured.py
 want moe && run 400 python bench/moe.py
+# n-gram speculative decoding: the edit-style workload with and without it, and Nano-vLLM's workload with it
+# (nothing there to match: the cost of looking).
+NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'
+want spec && run 200 python bench/throughput.py --repetitive --label repetitive
+want spec && run 200 python bench/throughput.py --repetitive --speculative-config "$NGRAM" --label repetitive-ngram
+want spec && run 200 python bench/throughput.py --speculative-config "$NGRAM" --label ngram
 # Routing: 3 engines share the GPU; 6 system prompts of ~2,000 tokens, one engine's 320 blocks hold 2 of them.
 want routing && run 420 python bench/routing.py --gpu --model qwen3-0.6b --system-words 2000 --kv-blocks 320 \
   --users 60 --turns 3 --rate 3 --think 0.3 --max-tokens 16
