@@ -7,6 +7,9 @@ import kubernetes_validate
 import pytest
 from crd_schema import apply_defaults, default_spec, load_crd, validation_errors, version_schema
 
+from nanoserve.common.flags import add_flags
+from nanoserve.gateway import cli
+from nanoserve.gateway.epp import EppConfig
 from nanoserve.operator.render import render, render_stale
 
 POOL_CRD = pathlib.Path(__file__).with_name("vendored") / "inference.networking.k8s.io_inferencepools.yaml"
@@ -75,10 +78,6 @@ def test_the_pool_selects_the_engines_and_its_picker_is_the_gateway(spec):
     (c,) = gateway["spec"]["containers"]
     (grpc,) = [p for p in c["ports"] if p["name"] == port["targetPort"]]
     # The container runs the picker, listening where the Service sends: its real parser reads the args.
-    from nanoserve.common.flags import add_flags
-    from nanoserve.gateway import cli
-    from nanoserve.gateway.epp import EppConfig
-
     assert c["command"] == ["nanoserve", "epp"]
     parser = cli.build_parser()
     add_flags(parser, EppConfig)
