@@ -31,6 +31,7 @@ from google.protobuf import json_format, struct_pb2
 
 from nanoserve.common.api_errors import error_body
 from nanoserve.gateway.endpoints import Endpoint
+from nanoserve.gateway.middleware import bearer_ok, needs_key
 from nanoserve.gateway.routing import Refusal, Routing, decide, route_by_load
 
 if TYPE_CHECKING:
@@ -43,6 +44,9 @@ LB_NAMESPACE = "envoy.lb"
 SERVED = "x-gateway-destination-endpoint-served"  # in envoy.lb: the endpoint that answered, as the data plane says
 SUBSET_NAMESPACE, SUBSET_KEY = "envoy.lb.subset_hint", "x-gateway-destination-endpoint-subset"
 GENERATE_PATHS = ("/v1/completions", "/v1/chat/completions")
+NO_KEY = Refusal(
+    401, "missing or invalid API key (send 'Authorization: Bearer <key>')", "invalid_request_error", "invalid_api_key"
+)
 BODY_CHUNK = 62_000  # bytes per streamed body message back to Envoy (GAIE's EPP chunks alike)
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 
@@ -92,11 +96,14 @@ def _subset(req: pb.ProcessingRequest) -> set[str] | None:
 
 def immediate(refusal: Refusal) -> pb.ProcessingResponse:
     body = json.dumps(error_body(refusal.message, refusal.type, code=refusal.code)).encode()
-    content_type = base_pb2.HeaderValue(key="content-type", raw_value=b"application/json")
+    pairs = {"content-type": "application/json", **({"www-authenticate": "Bearer"} if refusal.status == 401 else {})}
+    options = [
+        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode())) for k, v in pairs.items()
+    ]
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
             status=http_status_pb2.HttpStatus(code=refusal.status),
-            headers=pb.HeaderMutation(set_headers=[base_pb2.HeaderValueOption(header=content_type)]),
+            headers=pb.HeaderMutation(set_headers=options),
             body=body,
             details=refusal.code or refusal.type,
         )
@@ -154,6 +161,10 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
         kind = req.WhichOneof("request")
         if kind == "request_headers":
             ex.headers, ex.subset = _headers(req.request_headers), _subset(req)
+            keys, path = self.gw.config.api_keys, ex.headers.get(":path", "").partition("?")[0]
+            if keys and needs_key(path, self.gw.config) and not bearer_ok(ex.headers.get("authorization", ""), keys):
+                ex.finished = True  # as the gateway's own port: neither routed nor recorded
+                return [immediate(NO_KEY)]
             if req.request_headers.end_of_stream:  # no body (a GET): by load
                 return self.answer_headers(ex, await self.route(ex))
             return [] if ex.request_duplex else [pb.ProcessingResponse(request_headers=pb.HeadersResponse())]

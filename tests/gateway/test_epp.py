@@ -4,6 +4,7 @@ body in chunks, end of stream; FULL_DUPLEX_STREAMED and BUFFERED; the immediate 
 from __future__ import annotations
 
 import asyncio
+import json
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -125,5 +126,23 @@ def test_the_data_planes_subset_hint_limits_the_pick(local_engines):
             # None of the allowed endpoints is eligible: 503, as the protocol says.
             status, _ = await refused(stub, metadata_context=subset_hint(["10.9.9.9:8000"]))
             assert status == 503
+
+    asyncio.run(main())
+
+
+def test_the_gateways_client_keys_hold_through_the_picker_too(local_engines):
+    async def main():
+        async with local_engines({}) as urls, picker({"api_keys": ["k1"]}, urls) as (_, stub, _):
+            s = Stream(stub)
+            s.send(request_headers=headers("/v1/completions", authorization="Bearer k2"), protocol_config=DUPLEX)
+            refusal = (await s.recv()).immediate_response  # on the headers: the body is never read
+            assert refusal.status.code == 401 and json.loads(refusal.body)["error"]["code"] == "invalid_api_key"
+            await s.close()
+            s = Stream(stub)
+            s.send(request_headers=headers("/v1/completions", authorization="Bearer k1"), protocol_config=DUPLEX)
+            s.send(request_body=pb.HttpBody(body=completion("w1"), end_of_stream=True))
+            assert picked(await s.recv(), "request_headers")[0] == address(urls[0])
+            await s.body()
+            await s.close()
 
     asyncio.run(main())
