@@ -94,13 +94,13 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
   # Each run other prompt ids (--salt): none finds the previous one's prompts in the prefix cache.
   run 150 python bench/serving.py $direct --both --salt 1 --label "$label-direct"
   # A gateway of one process, then one of GATEWAY_WORKERS (default 4) on the same port, one at a time; the
-  # burst's TTFT varies by ~100 ms from run to run, so direct runs alternate with the gateway's.
+  # burst's TTFT varies by ~100 ms from run to run, so direct runs alternate with the gateway's (SERVING_BURSTS each).
   local w
   for w in 1 "${GATEWAY_WORKERS:-4}"; do
     python -m nanoserve.gateway --host 127.0.0.1 --port 8701 --engine http://127.0.0.1:8700 --log-level WARNING \
       --workers $w >>"$OUT/gateway.log" 2>&1 & local gw=$!
     ready http://127.0.0.1:8701
-    for i in 1 2 3; do
+    for i in $(seq "${SERVING_BURSTS:-3}"); do
       run 150 python bench/serving.py $via --stream --salt $((10 * w + 2 * i)) --label "$label-gateway-w$w"
       run 150 python bench/serving.py $direct --stream --salt $((10 * w + 2 * i + 1)) --label "$label-direct-stream"
     done
