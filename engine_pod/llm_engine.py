@@ -177,8 +177,12 @@ class LLMEngine:
             # (pyright sees this file and nanoserve.engine_pod.llm_engine, its link, as two classes)
             return constrained_step(self)  # pyright: ignore[reportArgumentType]
         early: list[tuple[Sequence, int | None]] = []
-        pacing = self.spec_pacing if overlap else None
-        look = pacing.due() if pacing is not None else True  # for drafts, this step
+        spec_config = self.config.speculative
+        # A big batch decodes plainly (CUDA graphs, overlap kept): its verify steps would cost more than they save.
+        crowded = spec_config is not None and not spec_config.drafts_at(len(self.scheduler.running))
+        self.spec_stats.num_steps_over_batch_size += int(crowded)
+        pacing = self.spec_pacing if overlap and not crowded else None
+        look = not crowded and (pacing.due() if pacing is not None else True)  # for drafts, this step
         if look and pacing is not None and self.in_flight is not None:  # drafts need its tokens
             early, self.in_flight = self._apply(self.in_flight), None
         accepted = self.spec_stats.num_accepted_tokens

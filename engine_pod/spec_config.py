@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from nanoserve.engine_pod.errors import ConfigError
 
-_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+_KEYS = ("method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "disable_by_batch_size")
 _DEFAULT_LOOKUP = 5  # vLLM's, when neither prompt_lookup_max nor prompt_lookup_min is given
 
 
@@ -17,6 +17,13 @@ class SpeculativeConfig:
     num_speculative_tokens: int  # K: the most draft tokens a sequence verifies in one step
     prompt_lookup_max: int  # the longest suffix n-gram looked up
     prompt_lookup_min: int  # the shortest one
+    # A step with more running sequences than this proposes no drafts (None: always may): at large batches
+    # a verify step (eager, not overlapped) costs more than the tokens it saves.
+    disable_by_batch_size: int | None = None
+
+    def drafts_at(self, num_running: int) -> bool:
+        """Whether a step that starts with `num_running` running sequences may propose drafts."""
+        return self.disable_by_batch_size is None or num_running <= self.disable_by_batch_size
 
 
 def parse_speculative_config(value: str | dict | None) -> SpeculativeConfig | None:
@@ -48,7 +55,7 @@ def parse_speculative_config(value: str | dict | None) -> SpeculativeConfig | No
     assert k is not None and hi is not None and lo is not None
     if lo > hi:
         raise ConfigError(f"speculative_config.prompt_lookup_min ({lo}) must be <= prompt_lookup_max ({hi})")
-    return SpeculativeConfig("ngram", k, hi, lo)
+    return SpeculativeConfig("ngram", k, hi, lo, _int(value, "disable_by_batch_size"))
 
 
 def _int(value: dict, key: str, required: bool = False) -> int | None:

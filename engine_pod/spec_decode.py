@@ -100,12 +100,13 @@ class DrainPacing:
 @dataclass
 class SpecStats:
     """Acceptance so far (vLLM's spec_decode counters): drafts proposed, their tokens, and those accepted,
-    also by draft position."""
+    also by draft position; and the steps that looked for none, their batch over disable_by_batch_size."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    num_steps_over_batch_size: int = 0
 
     def add(self, num_drafted: int, num_accepted: int) -> None:
         self.num_drafts += 1

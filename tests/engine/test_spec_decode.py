@@ -188,6 +188,89 @@ def test_engine_core_reports_counts_and_one_finish_per_request(case):
     assert f'vllm:spec_decode_num_accepted_tokens_total{{engine="0",model_name="m"}} {float(spec[2])}' in text
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_disable_by_batch_size_around_the_batch(case, async_scheduling):
+    """Five requests at once: a threshold below them proposes no draft in any step (plain decoding's tokens, the
+    overlap kept); one equal to them speculates as without it."""
+    path, prompts, expected = case
+    below = _steps_with_limit(path, prompts, len(prompts) - 1, async_scheduling)
+    assert below["tokens"] == expected and below["lookups"] == below["drafts"] == 0
+    assert below["over"] == below["crowded"] >= MAX_TOKENS - 1
+    assert below["overlapped"] == (below["crowded"] if async_scheduling else 0)  # no crowded step drained
+    at = _steps_with_limit(path, prompts, len(prompts), async_scheduling)
+    assert at["tokens"] == expected and at["drafts"] > 0 and at["over"] == 0
+
+
+def _steps_with_limit(path, prompts, limit, async_scheduling) -> dict:
+    """Greedy requests at once under disable_by_batch_size `limit`, step by step: their tokens, the steps that
+    started with all of them running, those counted over the limit, those scheduled while the step before's
+    tokens were on the way (overlapped, not drained), and the lookups and drafts in all steps."""
+    spec = {**SPEC, "disable_by_batch_size": limit}
+    llm = LLM(path, num_kvcache_blocks=256, speculative_config=spec, async_scheduling=async_scheduling)
+    try:
+        greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        seqs = [llm.add_request(p, greedy) for p in prompts]
+        schedule, overlapped = llm.scheduler.schedule, []
+
+        def spy(drafts: bool = True):  # a drained step is scheduled with no token of the step before pending
+            overlapped.append(any(seq.num_pending for seq in llm.scheduler.running))
+            return schedule(drafts)
+
+        llm.scheduler.schedule = spy
+        crowded = lookups = 0
+        while llm.has_unfinished():
+            crowded += len(llm.scheduler.running) == len(prompts)
+            llm.step()
+            lookups += llm.scheduler.lookups
+        stats = llm.spec_stats
+        return {
+            "tokens": [s.completion_token_ids for s in seqs],
+            "crowded": crowded,
+            "over": stats.num_steps_over_batch_size,
+            "overlapped": sum(overlapped),
+            "lookups": lookups,
+            "drafts": stats.num_drafts,
+        }
+    finally:
+        llm.exit()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_drafting_resumes_as_the_batch_shrinks(case, async_scheduling):
+    """disable_by_batch_size 1: while the short requests run, no step looks for drafts; once they finish, the
+    long one (a prompt the model continues with a run of one token) drafts again and has them accepted, and
+    every request's tokens are plain decoding's."""
+    path, prompts, _ = case
+    short = 4
+    greedy = dict(temperature=0, ignore_eos=True)
+    params = [SamplingParams(**greedy, max_tokens=MAX_TOKENS)]
+    params += [SamplingParams(**greedy, max_tokens=short)] * (len(prompts) - 1)
+    llm = LLM(path, num_kvcache_blocks=256)
+    try:
+        span = random_prompts(240, [12], seed=5)[0]
+        batch = [span + llm.generate([span], SamplingParams(**greedy, max_tokens=20))[0]["token_ids"]] + prompts[1:]
+        plain = [o["token_ids"] for o in llm.generate(batch, params)]
+    finally:
+        llm.exit()
+    spec = {**SPEC, "disable_by_batch_size": 1}
+    llm = LLM(path, num_kvcache_blocks=256, speculative_config=spec, async_scheduling=async_scheduling)
+    try:
+        seqs = [llm.add_request(p, sp) for p, sp in zip(batch, params)]
+        crowded_steps = 0
+        while llm.has_unfinished():
+            running, drafts = len(llm.scheduler.running), llm.spec_stats.num_drafts
+            llm.step()
+            if running > 1:  # (a step with drafts is applied within it: its count is this step's)
+                assert llm.scheduler.lookups == 0 and llm.spec_stats.num_drafts == drafts
+                crowded_steps += 1
+        stats = llm.spec_stats
+        assert stats.num_steps_over_batch_size == crowded_steps >= short - 1 and stats.num_accepted_tokens > 0
+        assert [s.completion_token_ids for s in seqs] == plain
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    finally:
+        llm.exit()
+
+
 def test_bad_speculative_config_names_the_field(tiny_models):
     with pytest.raises(ConfigError, match="speculative_config.num_speculative_tokens"):
         LLM(tiny_models["qwen3"], speculative_config={"method": "ngram", "num_speculative_tokens": 0})

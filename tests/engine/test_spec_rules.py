@@ -63,6 +63,10 @@ def test_speculative_config_parsing():
         SpeculativeConfig("ngram", 2, 4, 4)
     )
     assert parse_speculative_config(None) is None and parse_speculative_config("") is None
+    capped = parse_speculative_config({"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": 8})
+    assert capped == SpeculativeConfig("ngram", 2, 5, 5, 8) and capped.drafts_at(8) and not capped.drafts_at(9)
+    unset = parse_speculative_config(full)
+    assert unset is not None and unset.disable_by_batch_size is None and unset.drafts_at(10**6)  # always drafts
     bad = {
         '{"method": "eagle", "num_speculative_tokens": 2}': "speculative_config.method",
         '{"method": "ngram"}': "speculative_config.num_speculative_tokens is required",
@@ -73,6 +77,12 @@ def test_speculative_config_parsing():
         '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 0}': "prompt_lookup_min",
         '{"method": "ngram", "num_speculative_tokens": 2, "model": "x"}': "unknown field(s) model",
         "{not json": "not valid JSON",
+        **{
+            f'{{"method": "ngram", "num_speculative_tokens": 2, "disable_by_batch_size": {v}}}': (
+                f"speculative_config.disable_by_batch_size must be an integer >= 1, got {r}"
+            )
+            for v, r in (("0", "0"), ("-3", "-3"), ('"4"', "'4'"), ("true", "True"), ("2.5", "2.5"))
+        },
         "[1]": "must be a JSON object",
     }
     for text, message in bad.items():
