@@ -85,7 +85,9 @@ class Config:
         None,
         'speculative decoding as vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": K, '
         '"prompt_lookup_max": N, "prompt_lookup_min": M} proposes up to K tokens from the longest earlier '
-        "match of the last N..M tokens and verifies them in one step (steps with drafts are not overlapped)",
+        "match of the last N..M tokens and verifies them in one step (steps that look for drafts are not "
+        'overlapped); "disable_by_batch_size": B drafts only in steps of at most B running sequences (big '
+        "batches decode faster without)",
         unset="off",
         metavar="JSON",
     )

@@ -272,11 +272,7 @@ class LLMEngine:
             if not grammar_accepted and not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated():
                 seq.finish_reason = "stop"  # the grammar is complete (it accepted a stop token)
                 self.scheduler.finish(seq)
-            if not seq.is_finished and self.stop_checker.hit(seq, position + 1):
-                seq.finish_reason = "stop"
-                self.scheduler.finish(seq)
-            if seq.is_finished:
-                self._retire(seq)
+            self._stop_or_retire(seq, position)
             out.append((seq, token))
             if accepted is not None and flight.spec_drafts is not None:
                 out += self._apply_accepted(seq, accepted[row], flight.spec_drafts[row])
@@ -293,14 +289,18 @@ class LLMEngine:
                 break
             position = self.scheduler.extend(seq)
             self.scheduler.resolve(seq, position, token)
-            if not seq.is_finished and self.stop_checker.hit(seq, position + 1):
-                seq.finish_reason = "stop"
-                self.scheduler.finish(seq)
-            if seq.is_finished:
-                self._retire(seq)
+            self._stop_or_retire(seq, position)
             out.append((seq, token))
         self.scheduler.settle(seq)
         return out
+
+    def _stop_or_retire(self, seq: Sequence, position: int) -> None:
+        """After the token at `position`: a stop it completes ends the sequence, and a finished one retires."""
+        if not seq.is_finished and self.stop_checker.hit(seq, position + 1):
+            seq.finish_reason = "stop"
+            self.scheduler.finish(seq)
+        if seq.is_finished:
+            self._retire(seq)
 
     def _retire(self, seq: Sequence) -> None:
         """`seq` is finished: out of the scheduler and the engine's books."""
