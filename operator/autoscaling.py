@@ -2,7 +2,15 @@
 spec.replicas, which the operator then rolls out like any edit (so `kubectl scale`, the HPA and the
 operator never fight over the engine Deployment's replicas)."""
 
+from nanoserve.operator.keda import render_scaled_object
 from nanoserve.operator.names import GROUP, VERSION, engine_name, labels
+
+
+def render_autoscaler(name: str, namespace: str, spec: dict, keda: bool) -> dict:
+    """KEDA's ScaledObject where the cluster serves it and the spec names a Prometheus; the HPA otherwise."""
+    if keda and spec["autoscaling"].get("prometheusAddress"):
+        return render_scaled_object(name, namespace, spec)
+    return render_hpa(name, spec)
 
 
 def render_hpa(name: str, spec: dict) -> dict:

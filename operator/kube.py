@@ -24,6 +24,7 @@ PLURALS = {
     "NetworkPolicy": "networkpolicies",
     "InferencePool": "inferencepools",
     "InferenceService": "inferenceservices",
+    "ScaledObject": "scaledobjects",
 }
 
 
@@ -106,3 +107,14 @@ def delete(api_version: str, kind: str, namespace: str, name: str) -> None:
     except ApiError as e:
         if e.status != 404:
             raise
+
+
+def serves(api_version: str, kind: str) -> bool:
+    """Whether API discovery lists the kind in that group-version (a CRD that is installed)."""
+    try:
+        resources = _call("GET", f"/apis/{api_version}")["resources"]
+    except ApiError as e:
+        if e.status in (404, 503):  # no such group-version (503: an aggregated API that is down)
+            return False
+        raise
+    return any(r["kind"] == kind for r in resources)

@@ -4,6 +4,7 @@ import logging
 
 import kopf
 
+from nanoserve.operator import keda as keda_api
 from nanoserve.operator import kube
 from nanoserve.operator.model_cache import given_claim
 from nanoserve.operator.model_status import model_load, status_patch
@@ -40,8 +41,10 @@ def apply_all(objs: list[dict], namespace: str) -> list[tuple[str, str]]:
 
 def reconcile(owner: kopf.Body, name: str, namespace: str, spec: dict, generation: int, old_status: dict) -> dict:
     """Returns the new status; raises only on transient API failures (kopf retries those)."""
+    # Discovery only when it matters: whether the autoscaler is KEDA's or an HPA.
+    keda = bool(spec.get("autoscaling")) and kube.serves(keda_api.API_VERSION, "ScaledObject")
     try:
-        objs, stale = render(name, namespace, spec), render_stale(name, namespace, spec)
+        objs, stale = render(name, namespace, spec, keda), render_stale(name, namespace, spec, keda)
     except (KeyError, TypeError, ValueError) as e:  # a spec the schema let through but we can't serve
         log.warning("cannot render %s/%s: %r", namespace, name, e)
         return invalid_status(generation, old_status, f"cannot render children: {e!r}")

@@ -1,6 +1,6 @@
 """spec -> manifests: every child of one InferenceService, and the ones to remove."""
 
-from nanoserve.operator.autoscaling import render_hpa
+from nanoserve.operator.autoscaling import render_autoscaler
 from nanoserve.operator.engine import render_engine_deployment, render_engine_service
 from nanoserve.operator.gateway import render_gateway_deployment, render_gateway_rbac, render_gateway_service
 from nanoserve.operator.inference_pool import as_endpoint_picker, render_epp_service, render_inference_pool
@@ -9,13 +9,14 @@ from nanoserve.operator.names import ENGINE_PORT, engine_name, gateway_name, lab
 from nanoserve.operator.network_policy import render_network_policy
 
 
-def render(name: str, namespace: str, spec: dict) -> list[dict]:
-    """All children, in apply order (RBAC before the pods that use it). Owners are added by the caller."""
+def render(name: str, namespace: str, spec: dict, keda: bool = False) -> list[dict]:
+    """All children, in apply order (RBAC before the pods that use it). Owners are added by the caller.
+    keda: the cluster serves KEDA's ScaledObject (found by the caller)."""
     cache = render_cache_pvc(name, spec)  # before the pods that mount it
     objs = [cache] if cache else []
     objs += [render_engine_service(name), render_engine_deployment(name, spec), render_pdb(name, "engine")]
     if spec.get("autoscaling"):
-        objs.append(render_hpa(name, spec))
+        objs.append(render_autoscaler(name, namespace, spec, keda))
     if spec.get("networkPolicy", {}).get("enabled"):
         objs.append(render_network_policy(name, spec))
     if spec["gateway"]["enabled"]:
@@ -57,22 +58,28 @@ _EVERYTHING = {
         "metric": "m",
         "averageValue": 1,
         "scaleDownStabilizationSeconds": 0,
+        "prometheusAddress": "http://p",
     },
     "networkPolicy": {"enabled": True},
     "router": "inferencePool",
 }
 
 
-def render_stale(name: str, namespace: str, spec: dict) -> list[dict]:
+def render_stale(name: str, namespace: str, spec: dict, keda: bool = False) -> list[dict]:
     """Children that a previous spec produced and this one does not (the gateway when disabled, the
     autoscaler or the network policy when turned off, the InferencePool and its picker's Service when the
-    router goes back to the gateway alone)."""
+    router goes back to the gateway alone, the HPA or the ScaledObject when KEDA comes or goes)."""
     everything = {**spec, "gateway": {**spec["gateway"], **_EVERYTHING["gateway"]}}
-    everything["autoscaling"] = spec.get("autoscaling") or _EVERYTHING["autoscaling"]
+    everything["autoscaling"] = {**_EVERYTHING["autoscaling"], **spec.get("autoscaling", {})}
+    everything["autoscaling"].setdefault("prometheusAddress", "http://p")
     everything["networkPolicy"] = {**spec.get("networkPolicy", {}), **_EVERYTHING["networkPolicy"]}
     everything["router"] = _EVERYTHING["router"]
-    wanted = {(o["kind"], o["metadata"]["name"]) for o in render(name, namespace, spec)}
-    return [o for o in render(name, namespace, everything) if (o["kind"], o["metadata"]["name"]) not in wanted]
+    wanted = {(o["kind"], o["metadata"]["name"]) for o in render(name, namespace, spec, keda)}
+    # Both autoscalers could have been made (KEDA installed or removed since); each once.
+    maybe = {
+        (o["kind"], o["metadata"]["name"]): o for k in (False, True) for o in render(name, namespace, everything, k)
+    }
+    return [o for key, o in maybe.items() if key not in wanted]
 
 
 def service_url(name: str, namespace: str, spec: dict) -> str:

@@ -26,6 +26,7 @@ from rbac_rules import Call, calls_of
 RELEASE, RELEASE_NS = "nanoserve", "nanoserve"
 EXAMPLE = REPO / "examples" / "inferenceservice.yaml"
 INFERENCE_POOL_CRD = REPO / "tests" / "operator" / "vendored" / "inference.networking.k8s.io_inferencepools.yaml"
+KEDA_CRD = REPO / "tests" / "operator" / "vendored" / "keda.sh_scaledobjects.yaml"
 CHART_KINDS = "deployments,serviceaccounts,roles,rolebindings,clusterroles,clusterrolebindings"
 
 
@@ -98,6 +99,7 @@ def installed_chart(
         kubectl(
             "apply", "--validate=false", "-f", str(INFERENCE_POOL_CRD)
         )  # GAIE's, as a Gateway installation brings it
+        kubectl("apply", "--validate=false", "-f", str(KEDA_CRD))  # KEDA's: "kedaed" gets a ScaledObject
         objects = json.loads(
             kubectl("get", CHART_KINDS, "-A", "-l", f"app.kubernetes.io/instance={RELEASE}", "-o", "json").stdout
         )["items"]
@@ -194,7 +196,8 @@ def isvc(name: str, spec: dict) -> dict:
 
 
 # Beyond the example: a gateway-less one (the operator deletes gateway children), one whose model
-# PVC is missing (the operator looks it up), one with a model cache to create and one with an InferencePool:
+# PVC is missing (the operator looks it up), one with a model cache to create, one with an InferencePool and one
+# with a KEDA ScaledObject:
 # between them, every call the operator can make.
 EXTRA = [
     isvc("no-gateway", {"gateway": {"enabled": False}}),
@@ -202,6 +205,7 @@ EXTRA = [
     isvc("cached", {"model": {"s3": {"bucket": "models", "path": "m"}}, "modelCache": {"create": True, "size": "1Gi"}}),
     isvc("autoscaled", {"autoscaling": {"maxReplicas": 3}, "networkPolicy": {"enabled": True}}),
     isvc("pooled", {"router": "inferencePool"}),
+    isvc("kedaed", {"autoscaling": {"maxReplicas": 3, "prometheusAddress": "http://prometheus.monitoring.svc:9090"}}),
 ]
 MODES = {
     "cluster-wide": ({"resyncSeconds": 1}, {"ml": EXTRA}, {}),

@@ -108,6 +108,10 @@ BAD = {
     "an env entry without a name": ({"engine": {"pod": {"env": [{"value": "1"}]}}}, "name"),
     "autoscaling without a maximum": ({"autoscaling": {"minReplicas": 2}}, "maxReplicas"),
     "autoscaling min above max": ({"autoscaling": {"minReplicas": 5, "maxReplicas": 2}}, "must not exceed"),
+    "a Prometheus address without a scheme": (
+        {"autoscaling": {"maxReplicas": 2, "prometheusAddress": "prometheus:9090"}},
+        "prometheusAddress",
+    ),
     "a token for a model on a PVC": ({"model": {"pvc": "m", "path": "x", "tokenSecret": "hf"}}, "tokenSecret"),
 }
 

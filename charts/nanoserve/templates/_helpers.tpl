@@ -68,6 +68,11 @@ Children are written by server-side apply: `create` as well as `patch` for the f
 - apiGroups: [inference.networking.k8s.io]
   resources: [inferencepools]
   verbs: [create, patch, delete]
+# spec.autoscaling where KEDA is installed: its ScaledObject instead of the HPA (whether KEDA is there is
+# API discovery, which every authenticated user may read).
+- apiGroups: [keda.sh]
+  resources: [scaledobjects]
+  verbs: [create, patch, delete]
 # Model volumes the user names are looked up; a model cache the spec asks for is created (never deleted:
 # it goes with its InferenceService, by owner reference). No delete, no pod writes.
 - apiGroups: [""]
