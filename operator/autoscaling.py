@@ -3,7 +3,7 @@ spec.replicas, which the operator then rolls out like any edit (so `kubectl scal
 operator never fight over the engine Deployment's replicas)."""
 
 from nanoserve.operator.keda import render_scaled_object
-from nanoserve.operator.names import GROUP, VERSION, engine_name, labels
+from nanoserve.operator.names import engine_name, labels, scale_target_ref
 
 
 def render_autoscaler(name: str, namespace: str, spec: dict, keda: bool) -> dict:
@@ -21,7 +21,7 @@ def render_hpa(name: str, spec: dict) -> dict:
         "kind": "HorizontalPodAutoscaler",
         "metadata": {"name": engine_name(name), "labels": labels(name, "engine")},
         "spec": {
-            "scaleTargetRef": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService", "name": name},
+            "scaleTargetRef": scale_target_ref(name),
             "minReplicas": auto["minReplicas"],
             "maxReplicas": auto["maxReplicas"],
             "metrics": [{"type": "Pods", "pods": {"metric": {"name": auto["metric"]}, "target": target}}],

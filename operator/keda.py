@@ -3,7 +3,7 @@ scale subresource, fed by a Prometheus query, instead of an HPA that needs a cus
 
 KEDA makes and owns the HPA itself; the operator only writes the ScaledObject."""
 
-from nanoserve.operator.names import GROUP, VERSION, engine_name, labels
+from nanoserve.operator.names import engine_name, labels, scale_target_ref
 
 API_VERSION = "keda.sh/v1alpha1"
 _SUFFIXES = {"m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9}
@@ -40,7 +40,7 @@ def render_scaled_object(name: str, namespace: str, spec: dict) -> dict:
         "kind": "ScaledObject",
         "metadata": {"name": engine_name(name), "labels": labels(name, "engine")},
         "spec": {
-            "scaleTargetRef": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService", "name": name},
+            "scaleTargetRef": scale_target_ref(name),
             "minReplicaCount": auto["minReplicas"],
             "maxReplicaCount": auto["maxReplicas"],
             # cooldownPeriod only governs scaling to zero; scale-down between replicas is the HPA's window.

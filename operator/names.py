@@ -33,3 +33,8 @@ def labels(isvc: str, component: str) -> dict[str, str]:
 
 def selector_string(isvc: str, component: str) -> str:
     return ",".join(f"{k}={v}" for k, v in selector(isvc, component).items())
+
+
+def scale_target_ref(isvc: str) -> dict[str, str]:
+    """An autoscaler's target: the InferenceService's own scale subresource (it sets spec.replicas)."""
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "InferenceService", "name": isvc}
