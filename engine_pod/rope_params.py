@@ -30,13 +30,9 @@ def rope_parameters(hf_config: dict) -> tuple[float, dict]:
 
 def model_max_len(hf_config: dict) -> int | None:
     """The longest sequence the model was made for: max_position_embeddings, or under YaRN the pretrained
-    length times its factor (vLLM's rule); at most the sliding window, where the model has one (attention
-    over a sequence no longer than the window is the same with or without it)."""
+    length times its factor (vLLM's rule). A sliding window does not bound it: attention applies it."""
     length = hf_config.get("max_position_embeddings")
     _, scaling = rope_parameters(hf_config)
     if scaling["rope_type"] == "yarn" and scaling.get("factor"):
         length = int(scaling["original_max_position_embeddings"] * scaling["factor"])
-    window = hf_config.get("sliding_window")
-    if window and hf_config.get("use_sliding_window", True) is not False:
-        length = min(length, window) if length else window
     return length

@@ -25,12 +25,17 @@ def paged_attention_ref(
     context_lens: list[int],
     block_tables: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
     q: [total_query_tokens, heads, head_dim]; sequence i owns `query_lens[i]` consecutive rows, which are
     the last tokens of its `context_lens[i]`-token context (so prefill, chunked prefill with a cached
-    prefix, and decode are one case).
+    prefix, and decode are one case). `sliding_window` W: a query at position p sees keys p-W+1..p.
+    `sinks` [heads]: a logit per head that joins each softmax's denominator and adds nothing to the output
+    (gpt-oss). `softcap`: scores become softcap * tanh(score / softcap) (Gemma 2).
     """
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -40,18 +45,39 @@ def paged_attention_ref(
         k = k_cache[blocks].flatten(0, 1)[:length]  # [length, kv_heads, head_dim]
         v = v_cache[blocks].flatten(0, 1)[:length]
         qi = q[start : start + n]
-        # Query j sits at position length - n + j and sees keys 0..that position.
-        mask = (
-            torch.arange(length, device=q.device)[None, :] <= torch.arange(length - n, length, device=q.device)[:, None]
-        )
-        o = F.scaled_dot_product_attention(
-            qi.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=q.shape[1] != num_kv_heads,
-        )
+        # Query j sits at position length - n + j and sees keys 0..that position (the last W of them).
+        key_pos = torch.arange(length, device=q.device)[None, :]
+        query_pos = torch.arange(length - n, length, device=q.device)[:, None]
+        mask = key_pos <= query_pos
+        if sliding_window:
+            mask &= key_pos > query_pos - sliding_window
+        if sinks is None and softcap is None:
+            o = F.scaled_dot_product_attention(
+                qi.transpose(0, 1),
+                k.transpose(0, 1),
+                v.transpose(0, 1),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=q.shape[1] != num_kv_heads,
+            )
+        else:
+            o = _attention_with_sinks_softcap(qi, k, v, mask, scale, sinks, softcap)
         out[start : start + n] = o.transpose(0, 1)
         start += n
     return out
+
+
+def _attention_with_sinks_softcap(q, k, v, mask, scale, sinks, softcap):
+    """[n, heads, d] x [len, kv_heads, d] -> [heads, n, d], scores in float32 (as transformers' eager path)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("nhd,lhd->hnl", q.float(), k.float()) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float()[:, None, None].expand(-1, scores.shape[1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, -1)
+    return torch.einsum("hnl,lhd->hnd", probs, v.float()).to(q.dtype)

@@ -7,6 +7,9 @@ Each program takes one sequence, one KV head, a tile of its query tokens and one
 The query rows of a tile are (token, head-of-this-KV-group) pairs, so the KV tile read from memory is
 used by every query head that shares it (GQA). When the batch is too small to fill the GPU, the context
 is split across programs and the partial results are merged through their log-sum-exp.
+Per layer (constexpr, one variant each): a sliding window (a query sees its last WINDOW keys: the loop
+starts at the tile's first visible key), a logit soft-cap, and attention sinks (a per-head logit in the
+softmax denominator; added after the loop, or in the merge when the context is split).
 """
 
 import torch
@@ -26,6 +29,7 @@ def _paged_attention_kernel(
     cu_q_ptr,
     ctx_ptr,
     block_table_ptr,
+    sinks_ptr,
     stride_qt,
     stride_qh,
     stride_kb,
@@ -47,6 +51,9 @@ def _paged_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -74,11 +81,14 @@ def _paged_attention_kernel(
         other=0.0,
     )
 
-    # Keys this tile may see (causal), then this split's share of them, in whole BLOCK_N steps.
+    # Keys this tile may see (causal, within the window), then this split's share, in whole BLOCK_N steps.
     last_t = tl.minimum(q_len, (tile + 1) * BLOCK_T) - 1
     kv_end = ctx - q_len + last_t + 1
-    per_split = tl.cdiv(tl.cdiv(kv_end, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * per_split
+    kv_start = 0
+    if WINDOW > 0:
+        kv_start = tl.maximum(ctx - q_len + tile * BLOCK_T - WINDOW + 1, 0)
+    per_split = tl.cdiv(tl.cdiv(kv_end - kv_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = kv_start + split * per_split
     hi = tl.minimum(kv_end, lo + per_split)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -91,8 +101,14 @@ def _paged_attention_kernel(
         page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        if SOFTCAP > 0:  # cap * tanh(score / cap), scores in log2 units after
+            s = tl.dot(q, tl.trans(k)) * (scale_log2 / 1.4426950408889634 / SOFTCAP)
+            s = (2.0 * tl.sigmoid(2.0 * s) - 1.0) * (SOFTCAP * 1.4426950408889634)
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale_log2
         visible = n_ok[None, :] & (n[None, :] <= pos[:, None])
+        if WINDOW > 0:
+            visible = visible & (n[None, :] > pos[:, None] - WINDOW)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -103,6 +119,12 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
 
+    if HAS_SINKS and NUM_SPLITS == 1:  # the sink joins the denominator (split contexts: in the merge)
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_all = tl.maximum(m_i, sink)
+        shrink = tl.math.exp2(m_i - m_all)
+        acc = acc * shrink[:, None]
+        l_i = l_i * shrink + tl.math.exp2(sink - m_all)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     token = q_start + t_local
     o_off = split * stride_split_o + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
@@ -117,6 +139,7 @@ def _merge_splits_kernel(
     part_ptr,
     lse_ptr,
     out_ptr,
+    sinks_ptr,
     stride_split_o,
     stride_split_l,
     stride_pt,
@@ -127,15 +150,23 @@ def _merge_splits_kernel(
     NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_P: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     token = tl.program_id(0)
     head = tl.program_id(1)
     s = tl.arange(0, NUM_SPLITS)
     lse = tl.load(lse_ptr + s * stride_split_l + token * num_heads + head)
     m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)
-    w = w / tl.maximum(tl.sum(w, 0), 1e-30)
+    if HAS_SINKS:  # the sink: one more term of the denominator, with no value
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        m = tl.maximum(m, sink)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.math.exp2(lse - m)
+        w = w / tl.maximum(tl.sum(w, 0) + tl.math.exp2(sink - m), 1e-30)
+    else:
+        m = tl.where(m == float("-inf"), 0.0, m)
+        w = tl.math.exp2(lse - m)
+        w = w / tl.maximum(tl.sum(w, 0), 1e-30)
     d = tl.arange(0, HEAD_DIM_P)
     part = tl.load(
         part_ptr + s[:, None] * stride_split_o + token * stride_pt + head * stride_ph + d[None, :],
@@ -177,11 +208,14 @@ def paged_attention(
     num_splits: int = 1,
     out: torch.Tensor | None = None,
     tiles: tuple[int, int, int, int] | None = None,
+    sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """q: [tokens, heads, head_dim]; caches [num_blocks, block_size, kv_heads, head_dim]; block_tables int32
     [seqs, max_blocks]; cu_seqlens_q int32 [seqs + 1]; context_lens int32 [seqs]. `max_seqlen_q` bounds the
     grid (it is 1 for decode, so a CUDA graph can capture this call). `tiles` overrides `tile_config`
-    (benchmarks tune with it)."""
+    (benchmarks tune with it). `sliding_window`, `sinks` [heads], `softcap`: as `paged_attention_ref`."""
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -209,6 +243,7 @@ def paged_attention(
         cu_seqlens_q,
         context_lens,
         block_tables,
+        q if sinks is None else sinks,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -230,6 +265,9 @@ def paged_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
+        WINDOW=sliding_window or 0,
+        SOFTCAP=float(softcap or 0.0),
+        HAS_SINKS=sinks is not None,
         num_warps=warps,
         num_stages=stages,
     )
@@ -238,6 +276,7 @@ def paged_attention(
             part,
             lse,
             out,
+            q if sinks is None else sinks,
             part.stride(0),
             lse.stride(0),
             part.stride(1),
@@ -248,5 +287,6 @@ def paged_attention(
             NUM_SPLITS=num_splits,
             HEAD_DIM=dim,
             HEAD_DIM_P=dim_p,
+            HAS_SINKS=sinks is not None,
         )
     return out

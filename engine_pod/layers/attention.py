@@ -3,7 +3,8 @@ installed and asked for), "torch" (the plain reference: CPU, tests).
 
 Every backend does the same three things per layer: rotate the new tokens' q and k, store their k/v into
 the paged cache, then attend each sequence's new queries over its cached context (Triton: the first two
-in one kernel).
+in one kernel). Per layer: a sliding window (Mistral, Gemma 3, gpt-oss), a logit soft-cap (Gemma 2) and
+attention sinks (gpt-oss; not in flash_attn, so the model runner refuses that pairing).
 """
 
 import torch
@@ -39,9 +40,19 @@ def pick_backend(requested: str | None, device: str, block_size: int) -> str:
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        num_kv_heads: int,
+        sliding_window: int | None = None,
+        logit_softcap: float | None = None,
+    ):
+        """`sliding_window` W: a query at position p sees keys p-W+1..p (transformers' kv > q - W)."""
         super().__init__()
         self.num_heads, self.head_dim, self.scale, self.num_kv_heads = num_heads, head_dim, scale, num_kv_heads
+        self.sliding_window, self.logit_softcap = sliding_window or None, logit_softcap or None
         self.backend = "torch"
         self.k_cache = self.v_cache = torch.tensor([])  # bound to the runner's cache after allocation
 
@@ -54,10 +65,12 @@ class Attention(nn.Module):
         rotary: RotaryEmbedding,
         q_norm: RMSNorm | None = None,
         k_norm: RMSNorm | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q: [tokens, heads, head_dim], k/v: [tokens, kv_heads, head_dim] -> [tokens, heads, head_dim].
         q and k come before the rotary embedding (and Qwen3's per-head norms): on the Triton backend the
-        kernel that applies them also writes k and v into the cache."""
+        kernel that applies them also writes k and v into the cache. `sinks`: this rank's heads' sink
+        logits [heads]."""
         ctx = get_context()
         if self.backend == "triton":
             from nanoserve.kernels.paged_attention import paged_attention
@@ -75,20 +88,39 @@ class Attention(nn.Module):
                 self.scale,
                 ctx.max_seqlen_q,
                 ctx.num_splits,
+                sliding_window=self.sliding_window,
+                sinks=sinks,
+                softcap=self.logit_softcap,
             )
         q, k = rotary(positions, q, k, q_norm, k_norm)
         if self.backend == "flash_attn":
-            return self._flash_attn(q, k, v, ctx)
+            return self._flash_attn(q, k, v, ctx, sinks)
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         return paged_attention_ref(
-            q, self.k_cache, self.v_cache, ctx.query_lens_list, ctx.context_lens_list, ctx.block_tables, self.scale
+            q,
+            self.k_cache,
+            self.v_cache,
+            ctx.query_lens_list,
+            ctx.context_lens_list,
+            ctx.block_tables,
+            self.scale,
+            self.sliding_window,
+            sinks,
+            self.logit_softcap,
         )
 
-    def _flash_attn(self, q, k, v, ctx):
+    def _flash_attn(self, q, k, v, ctx, sinks):
+        if sinks is not None:  # raised by the runner's warm-up step, at start
+            from nanoserve.engine_pod.errors import ConfigError
+
+            raise ConfigError("attention_backend='flash_attn' has no attention sinks (gpt-oss): use 'triton'")
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache  # pyright: ignore[reportMissingImports]  (optional)
 
         store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
         tables, lens = ctx.block_tables.to(torch.int32), ctx.context_lens.to(torch.int32)
+        extra: dict[str, object] = dict(window_size=(self.sliding_window - 1 if self.sliding_window else -1, 0))
+        if self.logit_softcap:
+            extra["softcap"] = self.logit_softcap
         if ctx.is_decode:
             return flash_attn_with_kvcache(
                 q.unsqueeze(1),
@@ -98,6 +130,7 @@ class Attention(nn.Module):
                 block_table=tables,
                 softmax_scale=self.scale,
                 causal=True,
+                **extra,
             ).squeeze(1)
         cu_k = torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
         return flash_attn_varlen_func(
@@ -111,4 +144,5 @@ class Attention(nn.Module):
             softmax_scale=self.scale,
             causal=True,
             block_table=tables,
+            **extra,
         )

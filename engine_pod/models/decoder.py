@@ -2,7 +2,8 @@
 Qwen3-MoE); they differ only in small switches.
 
 Switches: `qkv_bias` (Qwen2), `qk_norm` (Qwen3: RMSNorm on each head of q and k before rotary),
-`o_bias` (Llama with attention_bias), `moe` (which layers have a sparse MoE block instead of the MLP).
+`o_bias` (Llama with attention_bias), `moe` (which layers have a sparse MoE block instead of the MLP);
+each layer's sliding window comes from the config (sliding_window.layer_sliding_windows).
 Weights load from Hugging Face names through `packed_modules_mapping` (q/k/v -> qkv_proj, gate/up ->
 gate_up_proj) and, for MoE checkpoints, `weight_target` (each expert's tensors -> the stacked experts).
 """
@@ -18,10 +19,19 @@ from nanoserve.engine_pod.layers.linear import MergedColumnParallelLinear, QKVPa
 from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
 from nanoserve.engine_pod.models.moe import MoeSpec, SparseMoeBlock, moe_weight_target
 from nanoserve.engine_pod.rope_params import rope_parameters
+from nanoserve.engine_pod.sliding_window import layer_sliding_windows
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg: dict, max_position: int, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(
+        self,
+        cfg: dict,
+        max_position: int,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,
+        sliding_window: int | None = None,
+    ):
         super().__init__()
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads") or heads
@@ -30,7 +40,7 @@ class DecoderAttention(nn.Module):
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=o_bias)
         self.rotary_emb = RotaryEmbedding(self.head_dim, max_position, *rope_parameters(cfg))
-        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads, sliding_window)
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.q_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps) if qk_norm else None
@@ -56,10 +66,12 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: dict, max_position: int, sparse: MoeSpec | None, **switches):
+    def __init__(
+        self, cfg: dict, max_position: int, sparse: MoeSpec | None, sliding_window: int | None = None, **switches
+    ):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
-        self.self_attn = DecoderAttention(cfg, max_position, **switches)
+        self.self_attn = DecoderAttention(cfg, max_position, sliding_window=sliding_window, **switches)
         self.mlp = (
             SparseMoeBlock(cfg["hidden_size"], sparse)
             if sparse is not None
@@ -83,8 +95,10 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, max_position, moe if moe is not None and i in moe.sparse_layers else None, **switches)
-            for i in range(cfg["num_hidden_layers"])
+            DecoderLayer(
+                cfg, max_position, moe if moe is not None and i in moe.sparse_layers else None, window, **switches
+            )
+            for i, window in enumerate(layer_sliding_windows(cfg))
         )
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
 
