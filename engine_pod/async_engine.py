@@ -232,7 +232,12 @@ class AsyncEngine:
             self.info = info = msg[1]
             cfg = info.config
             self.metrics = EngineMetrics(
-                self.model_name, cfg.max_model_len, cfg.kvcache_block_size, info.num_blocks, cfg.enable_prefix_caching
+                self.model_name,
+                cfg.max_model_len,
+                cfg.kvcache_block_size,
+                info.num_blocks,
+                cfg.enable_prefix_caching,
+                cfg.kv_cache_dtype,
             )
             self._ready.set_result(None)
         elif kind == "failed":

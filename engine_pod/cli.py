@@ -22,12 +22,6 @@ def add_engine_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
     # vLLM's flags whose only value nanoserve has is the one it always uses: accepted, so that vLLM command
     # lines run, and refused at any other value (argparse names the choices).
     p.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        choices=["auto"],
-        help="auto: the model's dtype (an fp8 KV cache is not supported yet)",
-    )
-    p.add_argument(
         "--trust-remote-code",
         action="store_true",
         help="accepted for vLLM's command lines: nanoserve never runs code from a model folder",

@@ -53,6 +53,12 @@ class Config:
         "the weights' and activations' dtype; auto: bfloat16 on GPU, float32 on CPU",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
+    kv_cache_dtype: str = setting(
+        "auto",
+        "the KV cache's dtype: auto (the model's), or fp8 / fp8_e4m3 (float8 e4m3, as vLLM: k and v divided by "
+        "per-layer scales, the checkpoint's k_scale/v_scale or 1.0; twice the blocks in the same memory)",
+        choices=("auto", "fp8", "fp8_e4m3"),
+    )
     seed: int | None = setting(
         None,
         "seeds the sampling of requests that bring no seed, as vLLM's --seed",
@@ -153,6 +159,12 @@ class Config:
         import torch
 
         return getattr(torch, self.dtype)
+
+    @property
+    def kv_torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return self.torch_dtype if self.kv_cache_dtype == "auto" else torch.float8_e4m3fn
 
 
 def engine_argv(settings: dict) -> list[str]:

@@ -9,7 +9,7 @@ from nanoserve.engine_pod.layers.attention import Attention
 
 
 def block_bytes(config: Config, layers: list[Attention]) -> int:
-    a, dtype_size = layers[0], torch.empty((), dtype=config.torch_dtype).element_size()
+    a, dtype_size = layers[0], torch.empty((), dtype=config.kv_torch_dtype).element_size()
     return 2 * len(layers) * config.kvcache_block_size * a.num_kv_heads * a.head_dim * dtype_size
 
 
@@ -50,7 +50,7 @@ def allocate_kv_cache(config: Config, layers: list[Attention], num_blocks: int, 
     """[k/v, layer, block, slot, kv head, head dim]; each layer gets views of its k and v."""
     a = layers[0]
     shape = (2, len(layers), num_blocks, config.kvcache_block_size, a.num_kv_heads, a.head_dim)
-    kv_cache = torch.empty(shape, dtype=config.torch_dtype, device=device)
+    kv_cache = torch.empty(shape, dtype=config.kv_torch_dtype, device=device)
     for i, layer in enumerate(layers):
         layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
     return kv_cache

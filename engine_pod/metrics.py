@@ -99,6 +99,7 @@ class EngineMetrics:
         block_size: int = 16,
         num_blocks: int = 0,
         prefix_caching: bool = True,
+        cache_dtype: str = "auto",
     ):
         self.registry = r = CollectorRegistry()
         labels = ["model_name", "engine"]  # vLLM V1's: the engine core's index (one here: "0")
@@ -219,7 +220,7 @@ class EngineMetrics:
             "cache_config_info",
             block_size=str(block_size),
             num_gpu_blocks=str(num_blocks),
-            cache_dtype="auto",
+            cache_dtype=cache_dtype,
             enable_prefix_caching=str(prefix_caching),
         ).set(1)
         # Present from the start, as vLLM's: an endpoint picker (GAIE's) scrapes a fresh engine before its first step.

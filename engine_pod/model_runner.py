@@ -61,7 +61,9 @@ class ModelRunner:
         torch.set_default_dtype(default_dtype)
         load_model(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        backend = pick_backend(config.attention_backend, config.device, config.kvcache_block_size)
+        backend = pick_backend(
+            config.attention_backend, config.device, config.kvcache_block_size, config.kv_cache_dtype
+        )
         for layer in self.attention_layers:
             layer.backend = backend
         self.num_kvcache_blocks = num_blocks_that_fit(config, self.attention_layers, self.device, self.world)

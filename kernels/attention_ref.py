@@ -1,20 +1,36 @@
 """Plain-PyTorch references for the paged KV cache: the CPU path and the ground truth for the kernels.
 
-KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim].
+KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]. An fp8 (e4m3) cache holds
+k / k_scale and v / v_scale, saturated at +-448 (vLLM's kv_cache_dtype="fp8" with per-layer scales).
 """
 
 import torch
 import torch.nn.functional as F
 
 
+FP8_MAX = 448.0  # float8 e4m3's largest finite value
+
+
+def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` holds it: divided by the scale and saturated when the cache is fp8."""
+    if dtype == x.dtype:
+        return x
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
 def store_kvcache_ref(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> None:
     """Write each token's k/v ([tokens, kv_heads, head_dim]) into its slot; slot -1 is skipped."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k.shape[1:])[slots] = k[keep]
-    v_cache.view(-1, *v.shape[1:])[slots] = v[keep]
+    k_cache.view(-1, *k.shape[1:])[slots] = quantize_kv(k[keep], kv_scales[0], k_cache.dtype)
+    v_cache.view(-1, *v.shape[1:])[slots] = quantize_kv(v[keep], kv_scales[1], v_cache.dtype)
 
 
 def paged_attention_ref(
@@ -28,6 +44,7 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole cached context.
 
@@ -35,7 +52,8 @@ def paged_attention_ref(
     the last tokens of its `context_lens[i]`-token context (so prefill, chunked prefill with a cached
     prefix, and decode are one case). `sliding_window` W: a query at position p sees keys p-W+1..p.
     `sinks` [heads]: a logit per head that joins each softmax's denominator and adds nothing to the output
-    (gpt-oss). `softcap`: scores become softcap * tanh(score / softcap) (Gemma 2).
+    (gpt-oss). `softcap`: scores become softcap * tanh(score / softcap) (Gemma 2). An fp8 cache is read
+    back as its values times `kv_scales` (k, v), in q's dtype.
     """
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
@@ -44,6 +62,8 @@ def paged_attention_ref(
         blocks = block_tables[i, : (length + block_size - 1) // block_size]
         k = k_cache[blocks].flatten(0, 1)[:length]  # [length, kv_heads, head_dim]
         v = v_cache[blocks].flatten(0, 1)[:length]
+        if k.dtype != q.dtype:  # fp8: dequantize
+            k, v = (k.float() * kv_scales[0]).to(q.dtype), (v.float() * kv_scales[1]).to(q.dtype)
         qi = q[start : start + n]
         # Query j sits at position length - n + j and sees keys 0..that position (the last W of them).
         key_pos = torch.arange(length, device=q.device)[None, :]

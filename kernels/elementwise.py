@@ -79,9 +79,11 @@ def _norm_rotate_heads(
     HALF: tl.constexpr,
     HALF_P: tl.constexpr,
     HAS_NORM: tl.constexpr,
+    inv_scale,
+    FP8: tl.constexpr,
 ):
     """One token's heads [NUM, 2 * HALF] from src (strided heads) to dst (contiguous): optional RMSNorm
-    per head, then neox-style rotation."""
+    per head, then neox-style rotation; into an fp8 cache (FP8) divided by its scale and saturated."""
     h = tl.arange(0, NUM_P)[:, None]
     d = tl.arange(0, HALF_P)[None, :]
     mask = (h < NUM) & (d < HALF)
@@ -95,8 +97,13 @@ def _norm_rotate_heads(
         w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0)
         x1 = ((x1 * r).to(dtype) * w1).to(tl.float32)
         x2 = ((x2 * r).to(dtype) * w2).to(tl.float32)
-    tl.store(dst_ptr + h * 2 * HALF + d, (x1 * cos - x2 * sin).to(dtype), mask=mask)
-    tl.store(dst_ptr + h * 2 * HALF + HALF + d, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+    y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if FP8:
+        y1 = tl.clamp(y1.to(dtype).to(tl.float32) * inv_scale, -448.0, 448.0)
+        y2 = tl.clamp(y2.to(dtype).to(tl.float32) * inv_scale, -448.0, 448.0)
+        dtype = dst_ptr.dtype.element_ty
+    tl.store(dst_ptr + h * 2 * HALF + d, y1.to(dtype), mask=mask)
+    tl.store(dst_ptr + h * 2 * HALF + HALF + d, y2.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -119,6 +126,8 @@ def _qk_norm_rotary_kernel(
     stride_vt,
     stride_vh,
     eps,
+    k_inv_scale,
+    v_inv_scale,
     NUM_Q: tl.constexpr,
     NUM_Q_P: tl.constexpr,
     NUM_KV: tl.constexpr,
@@ -127,6 +136,7 @@ def _qk_norm_rotary_kernel(
     HALF_P: tl.constexpr,
     HAS_NORM: tl.constexpr,
     STORE: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     t = tl.program_id(0)
     pos = tl.load(pos_ptr + t)
@@ -146,6 +156,8 @@ def _qk_norm_rotary_kernel(
         HALF,
         HALF_P,
         HAS_NORM,
+        1.0,
+        False,
     )
     width = NUM_KV * 2 * HALF
     if STORE:  # k and v go straight to the token's paged-cache slot (-1: nothing to keep)
@@ -164,11 +176,15 @@ def _qk_norm_rotary_kernel(
                 HALF,
                 HALF_P,
                 HAS_NORM,
+                k_inv_scale,
+                FP8,
             )
             h = tl.arange(0, NUM_KV_P)[:, None]
             c = tl.arange(0, 2 * HALF_P)[None, :]
             mask = (h < NUM_KV) & (c < 2 * HALF)
             v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=mask)
+            if FP8:
+                v = tl.clamp(v.to(tl.float32) * v_inv_scale, -448.0, 448.0).to(v_out_ptr.dtype.element_ty)
             tl.store(v_out_ptr + slot * width + h * 2 * HALF + c, v, mask=mask)
     else:
         _norm_rotate_heads(
@@ -184,14 +200,17 @@ def _qk_norm_rotary_kernel(
             HALF,
             HALF_P,
             HAS_NORM,
+            1.0,
+            False,
         )
 
 
-def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, store=None):
+def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, store=None, kv_scales=(1.0, 1.0)):
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     q_out = torch.empty((tokens, heads, dim), dtype=q.dtype, device=q.device)
     v, v_out, slots = store or (k, k_out, positions)
+    fp8 = k_out.dtype == torch.float8_e4m3fn
     has_norm = q_weight is not None
     p2 = triton.next_power_of_2
     _qk_norm_rotary_kernel[(tokens,)](
@@ -213,6 +232,8 @@ def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, st
         v.stride(0),
         v.stride(1),
         eps,
+        1.0 / kv_scales[0],
+        1.0 / kv_scales[1],
         NUM_Q=heads,
         NUM_Q_P=p2(heads),
         NUM_KV=kv_heads,
@@ -221,6 +242,7 @@ def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, st
         HALF_P=p2(dim // 2),
         HAS_NORM=has_norm,
         STORE=store is not None,
+        FP8=fp8,
         num_warps=4,
     )
     return q_out
@@ -254,12 +276,15 @@ def qk_norm_rotary_store(
     q_weight: torch.Tensor | None = None,
     k_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """`qk_norm_rotary`, and the KV-cache store in the same kernel: each token's rotated k and its v are
     written to its slot of the paged caches ([num_blocks, block_size, kv_heads, dim], contiguous; slot -1:
-    skipped). Returns the new q; k goes nowhere else."""
+    skipped). An fp8 cache (float8_e4m3fn) gets them divided by `kv_scales` (k, v), saturated (the rotated k
+    rounded to the model dtype first, as the reference). Returns the new q; k goes nowhere else."""
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and v.stride(-1) == 1
-    return _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_cache, (v, v_cache, slot_mapping))
+    store = (v, v_cache, slot_mapping)
+    return _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_cache, store, kv_scales)
 
 
 @triton.jit

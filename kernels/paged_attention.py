@@ -7,6 +7,7 @@ Each program takes one sequence, one KV head, a tile of its query tokens and one
 The query rows of a tile are (token, head-of-this-KV-group) pairs, so the KV tile read from memory is
 used by every query head that shares it (GQA). When the batch is too small to fill the GPU, the context
 is split across programs and the partial results are merged through their log-sum-exp.
+An fp8 cache is dequantized as it is read: k's scale folds into the softmax scale, v's into the output.
 Per layer (constexpr, one variant each): a sliding window (a query sees its last WINDOW keys: the loop
 starts at the tile's first visible key), a logit soft-cap, and attention sinks (a per-head logit in the
 softmax denominator; added after the loop, or in the merge when the context is split).
@@ -42,6 +43,7 @@ def _paged_attention_kernel(
     stride_split_l,
     num_heads,
     scale_log2,
+    v_scale,
     GROUP: tl.constexpr,
     GROUP_P: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -101,6 +103,7 @@ def _paged_attention_kernel(
         page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = k.to(q.dtype)  # an fp8 cache: its k_scale is in scale_log2
         if SOFTCAP > 0:  # cap * tanh(score / cap), scores in log2 units after
             s = tl.dot(q, tl.trans(k)) * (scale_log2 / 1.4426950408889634 / SOFTCAP)
             s = (2.0 * tl.sigmoid(2.0 * s) - 1.0) * (SOFTCAP * 1.4426950408889634)
@@ -116,7 +119,7 @@ def _paged_attention_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
 
     if HAS_SINKS and NUM_SPLITS == 1:  # the sink joins the denominator (split contexts: in the merge)
@@ -125,7 +128,7 @@ def _paged_attention_kernel(
         shrink = tl.math.exp2(m_i - m_all)
         acc = acc * shrink[:, None]
         l_i = l_i * shrink + tl.math.exp2(sink - m_all)
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
     token = q_start + t_local
     o_off = split * stride_split_o + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -211,11 +214,13 @@ def paged_attention(
     sliding_window: int | None = None,
     sinks: torch.Tensor | None = None,
     softcap: float | None = None,
+    kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """q: [tokens, heads, head_dim]; caches [num_blocks, block_size, kv_heads, head_dim]; block_tables int32
     [seqs, max_blocks]; cu_seqlens_q int32 [seqs + 1]; context_lens int32 [seqs]. `max_seqlen_q` bounds the
     grid (it is 1 for decode, so a CUDA graph can capture this call). `tiles` overrides `tile_config`
-    (benchmarks tune with it). `sliding_window`, `sinks` [heads], `softcap`: as `paged_attention_ref`."""
+    (benchmarks tune with it). `sliding_window`, `sinks` [heads], `softcap`: as `paged_attention_ref`; an fp8
+    cache (float8_e4m3fn) is read as its values times `kv_scales` (k, v)."""
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -255,7 +260,8 @@ def paged_attention(
         stride_split_o,
         stride_split_l,
         heads,
-        scale * 1.4426950408889634,
+        scale * kv_scales[0] * 1.4426950408889634,
+        kv_scales[1],
         GROUP=group,
         GROUP_P=group_p,
         HEAD_DIM=dim,

@@ -25,9 +25,11 @@ def flash_attn_available() -> bool:
         return False
 
 
-def pick_backend(requested: str | None, device: str, block_size: int) -> str:
+def pick_backend(requested: str | None, device: str, block_size: int, kv_cache_dtype: str = "auto") -> str:
     from nanoserve.engine_pod.errors import ConfigError
 
+    if requested == "flash_attn" and kv_cache_dtype != "auto":
+        raise ConfigError(f"attention_backend='flash_attn' has no kv_cache_dtype={kv_cache_dtype!r}: use 'triton'")
     if requested == "flash_attn" and (not flash_attn_available() or block_size % 256):
         raise ConfigError(
             "attention_backend='flash_attn' needs the flash_attn package and kvcache_block_size a multiple of 256"
@@ -55,6 +57,7 @@ class Attention(nn.Module):
         self.sliding_window, self.logit_softcap = sliding_window or None, logit_softcap or None
         self.backend = "torch"
         self.k_cache = self.v_cache = torch.tensor([])  # bound to the runner's cache after allocation
+        self.k_scale = self.v_scale = 1.0  # an fp8 cache holds k / k_scale and v / v_scale
 
     def forward(
         self,
@@ -76,7 +79,7 @@ class Attention(nn.Module):
             from nanoserve.kernels.paged_attention import paged_attention
 
             q = rotary.rotate_and_store(
-                positions, q, k, v, q_norm, k_norm, self.k_cache, self.v_cache, ctx.slot_mapping
+                positions, q, k, v, q_norm, k_norm, self.k_cache, self.v_cache, ctx.slot_mapping, self.kv_scales
             )
             return paged_attention(
                 q,
@@ -91,11 +94,12 @@ class Attention(nn.Module):
                 sliding_window=self.sliding_window,
                 sinks=sinks,
                 softcap=self.logit_softcap,
+                kv_scales=self.kv_scales,
             )
         q, k = rotary(positions, q, k, q_norm, k_norm)
         if self.backend == "flash_attn":
             return self._flash_attn(q, k, v, ctx, sinks)
-        store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        store_kvcache_ref(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.kv_scales)
         return paged_attention_ref(
             q,
             self.k_cache,
@@ -107,7 +111,12 @@ class Attention(nn.Module):
             self.sliding_window,
             sinks,
             self.logit_softcap,
+            self.kv_scales,
         )
+
+    @property
+    def kv_scales(self) -> tuple[float, float]:
+        return self.k_scale, self.v_scale
 
     def _flash_attn(self, q, k, v, ctx, sinks):
         if sinks is not None:  # raised by the runner's warm-up step, at start

@@ -97,15 +97,16 @@ class RotaryEmbedding(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         slot_mapping: torch.Tensor,
+        kv_scales: tuple[float, float] = (1.0, 1.0),
     ) -> torch.Tensor:
         """CUDA: `forward`, with rotated k and v written straight into their paged-cache slots by the same
-        kernel (one launch a layer fewer). Returns q."""
+        kernel (one launch a layer fewer; an fp8 cache gets them divided by `kv_scales`). Returns q."""
         from nanoserve.kernels.elementwise import qk_norm_rotary_store
 
         args = (positions, q, k, v, self.cos_sin, k_cache, v_cache, slot_mapping)
         if q_norm is None or k_norm is None:
-            return qk_norm_rotary_store(*args)
-        return qk_norm_rotary_store(*args, q_norm.weight, k_norm.weight, q_norm.eps)
+            return qk_norm_rotary_store(*args, kv_scales=kv_scales)
+        return qk_norm_rotary_store(*args, q_norm.weight, k_norm.weight, q_norm.eps, kv_scales=kv_scales)
 
 
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):

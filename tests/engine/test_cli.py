@@ -36,8 +36,8 @@ def test_help_lists_vllms_flags_with_their_defaults():
 
 
 def test_a_value_nanoserve_does_not_have_is_refused_by_name():
-    out = cli("serve", "--kv-cache-dtype", "fp8")
-    assert out.returncode == 2 and "invalid choice: 'fp8'" in out.stderr and "--kv-cache-dtype" in out.stderr
+    out = cli("serve", "--kv-cache-dtype", "fp8_e5m2")
+    assert out.returncode == 2 and "invalid choice: 'fp8_e5m2'" in out.stderr and "--kv-cache-dtype" in out.stderr
     out = cli("serve", "--generation-config", "/some/folder")
     assert out.returncode == 2 and "invalid choice: '/some/folder'" in out.stderr
 
