@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune gemm throughput profile variants tp2 structured moe spec routing serving anchor (tune, gemm and
+# Stages: tests tp kernel tune gemm throughput profile variants fp8kv tp2 structured moe spec routing serving anchor (tune, gemm and
 # offline, the default throughput run alone: only when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
 mkdir -p "$OUT"
-STAGES=" ${*:-tests tp kernel throughput profile variants tp2 structured moe spec routing serving anchor} "
+STAGES=" ${*:-tests tp kernel throughput profile variants fp8kv tp2 structured moe spec routing serving anchor} "
 want() { [[ "$STAGES" == *" $1 "* ]]; }
 # The GPU image has torch/triton/transformers; the few small packages it may lack come as carried wheels
 # (.device_wheels, filled by `pip download` on a machine with an index), since it reaches no registry.
@@ -53,7 +53,7 @@ run() {
   grep -E "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" | tail -n +$(( $(cat "$OUT/.seen" 2>/dev/null || echo 0) + 1 ))
   grep -cE "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" > "$OUT/.seen"
 }
-want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py tests/engine/test_gpu_moe.py -k "not tp2"
+want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py tests/engine/test_gpu_moe.py tests/engine/test_fp8_kv_cache.py -k "not tp2"
 want tp && [ "$NGPU" -ge 2 ] && run 150 python -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py -k tp2
 want kernel && run 200 python bench/attention_kernel.py
 want kernel && run 100 python bench/sampling_kernel.py
@@ -66,6 +66,10 @@ want profile && run 200 python bench/profile_steps.py
 want variants && run 200 python bench/throughput.py --sync --label graphs-sync
 want variants && run 200 python bench/throughput.py --enforce-eager
 want variants && run 200 python bench/throughput.py --prefix-sharing
+# An fp8 (e4m3) KV cache: the same workload, and its distance from the bf16 cache (logprobs, greedy agreement).
+want fp8kv && run 200 python bench/throughput.py --kv-cache-dtype fp8 --profile --label fp8-kv-profiled
+want fp8kv && run 200 python bench/throughput.py --kv-cache-dtype fp8 --label fp8-kv
+want fp8kv && run 200 python bench/fp8_kv_accuracy.py --model qwen3-0.6b
 if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
   run 200 python bench/throughput.py --label graphs-tp1-same-machine

@@ -136,6 +136,7 @@ def main() -> None:
     ap.add_argument("--speculative-config", default=None, help="vLLM's JSON, e.g. the ngram method's")
     ap.add_argument("--model", default=None, help="a model folder or smollm2-135m (default: random Qwen3-0.6B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    ap.add_argument("--kv-cache-dtype", default="auto", help="auto, or fp8 (e4m3, scales 1.0)")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--label", default="")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch's preferred BLAS library for the GEMMs")
@@ -154,6 +155,7 @@ def main() -> None:
         tensor_parallel_size=args.tp,
         async_scheduling=not args.sync,
         speculative_config=args.speculative_config,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     load_s = time.perf_counter() - t0
     if args.repetitive:
@@ -184,6 +186,7 @@ def main() -> None:
         "prefix_sharing": args.prefix_sharing,
         "workload": "repetitive" if args.repetitive else "prefix_sharing" if args.prefix_sharing else "nano_vllm",
         "speculative_config": args.speculative_config,
+        "kv_cache_dtype": args.kv_cache_dtype,
         "seconds": round(t, 3),
         "output_tok_per_s": round(output_tokens / t),
         "prompt_tokens": prompt_tokens,
@@ -209,7 +212,8 @@ def main() -> None:
     if phases is not None:
         result["phases_s"] = {k: round(v, 3) for k, v in phases.items()}
         a = llm.model_runner.attention_layers[0]
-        kv_bytes = 2 * len(llm.model_runner.attention_layers) * a.num_kv_heads * a.head_dim * 2
+        width = llm.model_runner.kv_cache.element_size()  # 1 for an fp8 cache
+        kv_bytes = 2 * len(llm.model_runner.attention_layers) * a.num_kv_heads * a.head_dim * width
         result["steps"] = summarize_steps(steps, kv_bytes * args.tp)
     llm.exit()
     print("RESULT " + json.dumps(result), flush=True)

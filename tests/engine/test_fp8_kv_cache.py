@@ -44,3 +44,20 @@ def test_fp8_cache_holds_four_times_the_float32_blocks_within_a_logprob_bound(mo
 def test_flash_attn_has_no_fp8_cache():
     with pytest.raises(ConfigError, match="kv_cache_dtype='fp8'"):
         pick_backend("flash_attn", "cuda", 256, "fp8")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fp8_cache_on_gpu_with_cuda_graphs(model):
+    # bf16 weights, the Triton kernels and decode graphs: the quantizing store and the dequantizing reads.
+    prompts = random_prompts(240, [30, 70, 5], seed=2)
+    runs = {}
+    for kv_dtype in ("auto", "fp8"):
+        llm = LLM(model, kv_cache_dtype=kv_dtype, num_kvcache_blocks=64)
+        try:
+            outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+            runs[kv_dtype] = (llm.model_runner.kv_cache.dtype, scored(llm, prompts), outs)
+        finally:
+            llm.exit()
+    assert runs["fp8"][0] == torch.float8_e4m3fn and all(len(o["token_ids"]) == 24 for o in runs["fp8"][2])
+    errors = torch.tensor([a - b for e, f in zip(runs["auto"][1], runs["fp8"][1]) for a, b in zip(e, f)]).abs()
+    assert 0 < errors.mean() < 0.2 and errors.max() < 0.75
