@@ -3,10 +3,13 @@
 import glob
 import os
 
+import torch
 from safetensors import safe_open
 from torch import nn
 
 from nanoserve.engine_pod.errors import ModelLoadError
+
+FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
 
 
 def load_model(model: nn.Module, path: str) -> None:
@@ -26,6 +29,11 @@ def load_model(model: nn.Module, path: str) -> None:
                 param = params[target]
                 loader = getattr(param, "weight_loader", None)
                 tensor = f.get_tensor(name)
+                if tensor.dtype != param.dtype and FP8_DTYPES & {tensor.dtype, param.dtype}:
+                    raise ModelLoadError(
+                        f"checkpoint tensor {name!r} is {tensor.dtype} where the model holds {param.dtype}: "
+                        "config.json's quantization_config (its ignore list) does not describe this checkpoint"
+                    )
                 if loader is None:
                     param.data.copy_(tensor)
                 elif shard is None:
@@ -40,6 +48,10 @@ def load_model(model: nn.Module, path: str) -> None:
         raise ModelLoadError(
             f"weights missing from {path!r}: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else "")
         )
+    for module in model.modules():  # e.g. FP8 linear layers: dequantize, or lay out their scales
+        process = getattr(module, "process_weights_after_loading", None)
+        if callable(process):
+            process()
 
 
 def _target(name: str, packed: dict) -> tuple[str, object]:

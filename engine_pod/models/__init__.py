@@ -1,6 +1,7 @@
 """Supported architectures (config.json "architectures") and the decoder switches each one sets."""
 
 from nanoserve.engine_pod.errors import ModelLoadError
+from nanoserve.engine_pod.layers.linear import quantize_model
 from nanoserve.engine_pod.models.decoder import DecoderForCausalLM
 from nanoserve.engine_pod.models.moe import moe_spec
 
@@ -42,4 +43,7 @@ def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:
             f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    return DecoderForCausalLM(cfg, max_position, moe=moe_spec(arch, cfg), **_switches(arch, cfg))
+    model = DecoderForCausalLM(cfg, max_position, moe=moe_spec(arch, cfg), **_switches(arch, cfg))
+    # FP8 checkpoints (layers/linear.py, quantization.py); nothing without a quantization_config
+    quantize_model(model, cfg)
+    return model
