@@ -7,7 +7,6 @@ k / k_scale and v / v_scale, saturated at +-448 (vLLM's kv_cache_dtype="fp8" wit
 import torch
 import torch.nn.functional as F
 
-
 FP8_MAX = 448.0  # float8 e4m3's largest finite value
 
 
