@@ -14,6 +14,7 @@ from aiohttp import web
 
 from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.common.ports import LISTEN_BACKLOG
+from nanoserve.gateway.activator import Activator, ScaleClient
 from nanoserve.gateway.cache_feed import follow_feed
 from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.discovery import EndpointSliceWatcher, Targets, static_targets
@@ -50,6 +51,7 @@ class Gateway:
         self._engine_tasks: dict[str, list[asyncio.Task]] = {}
         self._discovery: asyncio.Task | None = None
         self._background: list[asyncio.Task] = []
+        self.activator: Activator | None = None  # --scale-target
 
     async def start(self) -> None:
         if self.tokenizers.local is None and self.config.model:
@@ -79,8 +81,32 @@ class Gateway:
             self._discovery = asyncio.create_task(watcher.run())
         else:
             self.set_targets(static_targets(self.config.engines))
+        if self.config.scale_target:
+            self.activator = self._activator(ScaleClient(self.config.scale_target, self.config.namespace))
         if self.metrics.multiprocess_dir:  # a worker of several: keep its share of the shared gauges current
             self._background.append(asyncio.create_task(self._refresh_metrics()))
+
+    def _activator(self, scale: object) -> Activator:
+        cfg = self.config
+
+        def changed(event: str) -> None:
+            if event == "held":
+                self.metrics.held_requests.set(activator.held)
+            else:
+                self.metrics.scale_events.labels("up" if event == "scale_up" else "down").inc()
+
+        activator = Activator(
+            self.pool,
+            scale,
+            cfg.activation_timeout,
+            cfg.max_held_requests,
+            cfg.scale_to_zero_after,
+            cfg.metrics_max_age,
+            changed,
+        )
+        if cfg.scale_to_zero_after > 0:
+            self._background.append(asyncio.create_task(activator.run_idle_scaler()))
+        return activator
 
     async def _refresh_metrics(self) -> None:
         while True:
@@ -214,6 +240,8 @@ class Gateway:
         requests arriving meanwhile would wait out."""
         endpoints = self.pool.routable()
         pending = self.tokenizers_pending(endpoints)
+        if self.activator is not None and not endpoints:
+            return True, 0, 0  # ready to take the requests that wake the service from zero
         return len(endpoints) > pending, len(endpoints), pending
 
     async def ready(self, request: web.Request) -> web.Response:

@@ -123,6 +123,18 @@ class GatewayConfig:
     breaker_cooldown: float = setting(2.0, "seconds an open breaker keeps traffic away, doubled per failed trial")
     breaker_max_cooldown: float = setting(60.0, "most seconds of a breaker's cooldown")
     drain_timeout: float = setting(30.0, "on SIGTERM, seconds open requests may still run")
+    # Scale from zero (gateway/activator.py).
+    scale_target: str | None = setting(
+        None,
+        "the InferenceService (in --namespace) whose scale subresource the gateway raises from 0 to 1 when a "
+        "request finds no engine, holding the request meanwhile",
+        unset="none: no engine, 503 at once",
+    )
+    activation_timeout: float = setting(300.0, "with --scale-target: seconds a held request waits for an engine")
+    max_held_requests: int = setting(256, "with --scale-target: requests held at once; 503 beyond")
+    scale_to_zero_after: float = setting(
+        0.0, "with --scale-target: seconds without any request after which the scale goes to 0 (0: never)"
+    )
     workers: int = setting(
         1,
         "gateway processes sharing the port (SO_REUSEPORT), each a whole gateway: more cores for bursts of "

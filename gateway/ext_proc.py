@@ -32,7 +32,7 @@ from google.protobuf import json_format, struct_pb2
 from nanoserve.common.api_errors import error_body
 from nanoserve.gateway.endpoints import Endpoint
 from nanoserve.gateway.middleware import bearer_ok, needs_key
-from nanoserve.gateway.routing import Refusal, Routing, decide, route_by_load
+from nanoserve.gateway.routing import Refusal, Routing, decide, routable_or_wake, route_by_load
 
 if TYPE_CHECKING:
     from nanoserve.gateway.app import Gateway
@@ -193,7 +193,9 @@ class EndpointPicker(pb_grpc.ExternalProcessorServicer):
 
     async def route(self, ex: Exchange) -> Routing | Refusal:
         gw = self.gw
-        endpoints = gw.pool.routable()
+        endpoints = await routable_or_wake(gw)
+        if isinstance(endpoints, Refusal):
+            return endpoints
         if ex.subset is not None:
             endpoints = [ep for ep in endpoints if address(ep.url) in ex.subset]
         path = ex.headers.get(":path", "").partition("?")[0]

@@ -85,6 +85,18 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.held_requests = Gauge(
+            "nanoserve_gateway_held_requests",
+            "Requests held for an engine to start (scale from zero)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.scale_events = Counter(
+            "nanoserve_gateway_scale_events",
+            "Scale subresource changes the gateway made: up (from zero), down (to zero when idle)",
+            ["direction"],
+            registry=r,
+        )
         self.cached_blocks = Gauge(
             "nanoserve_gateway_engine_cached_blocks",
             "Blocks in the gateway's index of the engine's cache",

@@ -67,6 +67,16 @@ def rank(gw: Gateway, endpoints: list[Endpoint], prompt: Prompt | None) -> tuple
     return decision, mode
 
 
+async def routable_or_wake(gw: Gateway) -> list[Endpoint] | Refusal:
+    """The routable engines; with none and scale from zero on, once the engine it starts is (or why not)."""
+    endpoints = gw.pool.routable()
+    if not endpoints and gw.activator is not None:
+        if (why := await gw.activator.wait_for_engine()) is not None:
+            return Refusal(503, f"no healthy engine: {why}", "server_error", "no_healthy_engine")
+        endpoints = gw.pool.routable()
+    return endpoints
+
+
 def route_by_load(gw: Gateway, endpoints: list[Endpoint] | None = None) -> Routing | Refusal:
     """A request without a prompt to match (a GET, a path that is not a generation)."""
     endpoints = gw.pool.routable() if endpoints is None else endpoints
@@ -87,7 +97,11 @@ async def decide(
     served = gw.config.served_model_name
     if served and body.get("model") not in (None, served):
         return Refusal(404, f"model {body.get('model')!r} does not exist", "invalid_request_error", "model_not_found")
-    endpoints = gw.pool.routable() if endpoints is None else endpoints
+    if endpoints is None:
+        woken = await routable_or_wake(gw)
+        if isinstance(woken, Refusal):
+            return woken
+        endpoints = woken
     if not endpoints:
         return NO_ENGINE
     prompt = None

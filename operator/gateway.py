@@ -1,7 +1,8 @@
 """Pure rendering of the gateway: its Deployment, client-facing Service and EndpointSlice RBAC."""
 
 from nanoserve.gateway.config import gateway_argv
-from nanoserve.operator.names import GATEWAY_PORT, engine_name, gateway_name, labels, selector, service_name
+from nanoserve.operator.autoscaling import uses_keda
+from nanoserve.operator.names import GATEWAY_PORT, GROUP, engine_name, gateway_name, labels, selector, service_name
 from nanoserve.operator.pod_overrides import apply_pod_overrides
 from nanoserve.operator.security import container_security, pod_security
 
@@ -11,20 +12,24 @@ GATEWAY_DRAIN_SECONDS = 5
 GATEWAY_GRACE_SECONDS = 60
 
 
-def render_gateway_rbac(name: str) -> list[dict]:
-    """The gateway watches its engines' EndpointSlices, in its own namespace only."""
+def render_gateway_rbac(name: str, spec: dict) -> list[dict]:
+    """The gateway watches its engines' EndpointSlices, in its own namespace only; with scaleToZero it reads
+    and sets its InferenceService's scale (and no other's)."""
     sa = gateway_name(name)
     meta = {"name": sa, "labels": labels(name, "gateway")}
+    rules = [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}]
+    if (spec.get("scaleToZero") or {}).get("enabled"):
+        rules.append(
+            {
+                "apiGroups": [GROUP],
+                "resources": ["inferenceservices/scale"],
+                "resourceNames": [name],
+                "verbs": ["get", "patch"],
+            }
+        )
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta, "automountServiceAccountToken": True},
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "Role",
-            "metadata": meta,
-            "rules": [
-                {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
-            ],
-        },
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "RoleBinding",
@@ -35,7 +40,22 @@ def render_gateway_rbac(name: str) -> list[dict]:
     ]
 
 
-def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
+def scale_args(name: str, spec: dict, keda: bool) -> dict:
+    """The gateway's scale-from-zero flags (gateway/activator.py); idle scale-down is KEDA's where it scales."""
+    zero = spec.get("scaleToZero") or {}
+    if not zero.get("enabled"):
+        return {}
+    args = {
+        "scale_target": name,
+        "activation_timeout": zero.get("activationTimeoutSeconds", 300),
+        "max_held_requests": zero.get("maxHeldRequests", 256),
+    }
+    if not uses_keda(spec, keda) and zero.get("idleSeconds", 600) > 0:
+        args["scale_to_zero_after"] = zero.get("idleSeconds", 600)
+    return args
+
+
+def render_gateway_deployment(name: str, namespace: str, spec: dict, keda: bool = False) -> dict:
     gw = spec["gateway"]
     workers = gw["workers"]  # (the CRD defaults it)
     env: list[dict] = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/tmp/huggingface"}]
@@ -59,6 +79,7 @@ def render_gateway_deployment(name: str, namespace: str, spec: dict) -> dict:
                 "policy": gw["policy"],
                 "drain_timeout": GATEWAY_GRACE_SECONDS,
                 **({"workers": workers} if workers > 1 else {}),
+                **scale_args(name, spec, keda),
             }
         ),
         "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],

@@ -20,8 +20,8 @@ def render(name: str, namespace: str, spec: dict, keda: bool = False) -> list[di
     if spec.get("networkPolicy", {}).get("enabled"):
         objs.append(render_network_policy(name, spec))
     if spec["gateway"]["enabled"]:
-        objs += render_gateway_rbac(name)
-        gateway = render_gateway_deployment(name, namespace, spec)
+        objs += render_gateway_rbac(name, spec)
+        gateway = render_gateway_deployment(name, namespace, spec, keda)
         pooled = spec.get("router") == "inferencePool"  # the gateway is the pool's endpoint picker too
         objs += [render_gateway_service(name), as_endpoint_picker(gateway) if pooled else gateway]
         objs.append(render_pdb(name, "gateway"))

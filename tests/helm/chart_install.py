@@ -196,14 +196,17 @@ def isvc(name: str, spec: dict) -> dict:
 
 
 # Beyond the example: a gateway-less one (the operator deletes gateway children), one whose model
-# PVC is missing (the operator looks it up), one with a model cache to create, one with an InferencePool and one
-# with a KEDA ScaledObject:
+# PVC is missing (the operator looks it up), one with a model cache to create, one that scales to zero (its
+# gateway's Role may set its scale), one with an InferencePool and one with a KEDA ScaledObject:
 # between them, every call the operator can make.
 EXTRA = [
     isvc("no-gateway", {"gateway": {"enabled": False}}),
     isvc("no-pvc", {"model": {"pvc": "absent", "path": "m"}}),
     isvc("cached", {"model": {"s3": {"bucket": "models", "path": "m"}}, "modelCache": {"create": True, "size": "1Gi"}}),
-    isvc("autoscaled", {"autoscaling": {"maxReplicas": 3}, "networkPolicy": {"enabled": True}}),
+    isvc(
+        "autoscaled",
+        {"autoscaling": {"maxReplicas": 3}, "networkPolicy": {"enabled": True}, "scaleToZero": {"enabled": True}},
+    ),
     isvc("pooled", {"router": "inferencePool"}),
     isvc("kedaed", {"autoscaling": {"maxReplicas": 3, "prometheusAddress": "http://prometheus.monitoring.svc:9090"}}),
 ]

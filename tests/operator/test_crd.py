@@ -113,6 +113,11 @@ BAD = {
         "prometheusAddress",
     ),
     "a token for a model on a PVC": ({"model": {"pvc": "m", "path": "x", "tokenSecret": "hf"}}, "tokenSecret"),
+    "scale to zero without the gateway": (
+        {"scaleToZero": {"enabled": True}, "gateway": {"enabled": False}},
+        "needs the gateway",
+    ),
+    "scale to zero holding no request": ({"scaleToZero": {"enabled": True, "maxHeldRequests": 0}}, "minimum"),
 }
 
 

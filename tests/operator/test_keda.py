@@ -80,3 +80,44 @@ def test_switching_keda_leaves_the_other_autoscaler_stale(keda):
 
 def test_threshold_is_the_quantity_as_a_plain_number():
     assert [threshold(q) for q in (4, "4", "500m", "1.5k")] == ["4", "4", "0.5", "1500"]
+
+
+ZERO = {**SPEC, "scaleToZero": {"enabled": True, "idleSeconds": 900}}
+
+
+def gateway_flags(objs: dict) -> list[str]:
+    (c,) = objs["Deployment", "demo-gateway"]["spec"]["template"]["spec"]["containers"]
+    return c["args"]
+
+
+def test_scale_to_zero_with_keda_lets_keda_idle_down_and_the_held_requests_wake_it(keda_schema):
+    objs = kinds(render("demo", "ml", default_spec(ZERO), keda=True))
+    so = objs[SO]
+    assert validation_errors(keda_schema, apply_defaults(keda_schema, so)) == []
+    assert (so["spec"]["minReplicaCount"], so["spec"]["cooldownPeriod"]) == (0, 900)
+    query = so["spec"]["triggers"][0]["metadata"]["query"]
+    assert 'nanoserve_gateway_held_requests{namespace="ml",pod=~"demo-gateway-.*"}' in query
+    assert "vllm:num_requests_waiting" in query and query.count("or vector(0)") == 2
+    args = gateway_flags(objs)
+    assert args[args.index("--scale-target") + 1] == "demo"
+    assert "--scale-to-zero-after" not in args  # KEDA scales down; two scalers would race
+
+
+def test_scale_to_zero_without_keda_the_gateway_idles_down_and_may_patch_only_its_own_scale():
+    objs = kinds(render("demo", "ml", default_spec(ZERO), keda=False))
+    assert objs[HPA]["spec"]["minReplicas"] == 2  # an HPA at 0 replicas stands still until the gateway wakes it
+    args = gateway_flags(objs)
+    assert args[args.index("--scale-to-zero-after") + 1] == "900"
+    assert args[args.index("--activation-timeout") + 1] == "300"
+    scale_rules = [r for r in objs["Role", "demo-gateway"]["rules"] if r["resources"] == ["inferenceservices/scale"]]
+    assert scale_rules == [
+        {
+            "apiGroups": ["serving.nanoserve.io"],
+            "resources": ["inferenceservices/scale"],
+            "resourceNames": ["demo"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    off = kinds(render("demo", "ml", default_spec(SPEC), keda=False))
+    assert "--scale-target" not in gateway_flags(off)
+    assert all(r["resources"] != ["inferenceservices/scale"] for r in off["Role", "demo-gateway"]["rules"])

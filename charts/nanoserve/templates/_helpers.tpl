@@ -86,6 +86,10 @@ Children are written by server-side apply: `create` as well as `patch` for the f
 - apiGroups: [discovery.k8s.io]
   resources: [endpointslices]
   verbs: [get, list, watch]
+# (spec.scaleToZero: the gateway reads and sets its InferenceService's scale.)
+- apiGroups: [serving.nanoserve.io]
+  resources: [inferenceservices/scale]
+  verbs: [get, patch]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
