@@ -6,13 +6,20 @@ from nanoserve.engine_pod.errors import ModelLoadError
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")  # what layers/rotary.py computes
 
 
-def rope_parameters(hf_config: dict) -> tuple[float, dict]:
+def rope_parameters(hf_config: dict, layer_type: str = "full_attention") -> tuple[float, dict]:
     """(theta, scaling): `scaling` has its "rope_type", and for the types that extend a pretrained length
     its "original_max_position_embeddings" (a top-level field wins, as transformers has it, else the
-    model's max_position_embeddings) and "max_position_embeddings"."""
+    model's max_position_embeddings) and "max_position_embeddings".
+    Gemma 3 has a rope per layer type ("sliding_attention" / "full_attention"): transformers 5 writes a
+    `rope_parameters` dict of both; 4.x configs give the sliding layers `rope_local_base_freq`, unscaled."""
     params = hf_config.get("rope_parameters") or {}
-    theta = hf_config.get("rope_theta") or params.get("rope_theta") or 10000.0
-    scaling = dict(hf_config.get("rope_scaling") or params or {})
+    top_theta, top_scaling = hf_config.get("rope_theta"), hf_config.get("rope_scaling")
+    if "full_attention" in params or "sliding_attention" in params:
+        params, top_theta = params.get(layer_type) or {}, None
+    elif layer_type == "sliding_attention" and "rope_local_base_freq" in hf_config:
+        params, top_theta, top_scaling = {}, hf_config["rope_local_base_freq"], None
+    theta = top_theta or params.get("rope_theta") or 10000.0
+    scaling = dict(top_scaling or params or {})
     kind = scaling.get("rope_type") or scaling.get("type") or "default"
     if kind not in ROPE_TYPES:
         raise ModelLoadError(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")

@@ -3,7 +3,8 @@
 """Triton kernels for the small per-layer operations, each one launch instead of the many tiny kernels
 eager PyTorch runs (at decode batch sizes those launches cost more than the math):
 RMSNorm (optionally fused with the residual add), rotary embedding of q and k (with Qwen3's per-head
-q/k RMSNorm, and optionally the KV-cache store, fused in), and SiLU(gate) * up.
+q/k RMSNorm, and optionally the KV-cache store, fused in), and SiLU(gate) * up (or GELU-tanh(gate) * up:
+Gemma). The norms scale in their weight's dtype, then cast: a float32 weight is Gemma's folded 1 + w.
 References: the plain-PyTorch functions in engine_pod/layers (layernorm, rotary, activation).
 """
 
@@ -36,8 +37,8 @@ def _rms_norm_kernel(
         x += tl.load(res_ptr + t * stride_rt + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(res_out_ptr + row + offs, x.to(res_out_ptr.dtype.element_ty), mask=mask)
     y = x * tl.rsqrt(tl.sum(x * x, 0) / n + eps)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + row + offs, y.to(w.dtype) * w, mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)  # scaled in w's dtype: a float32 w is Gemma's (1 + w)
+    tl.store(out_ptr + row + offs, (y.to(w.dtype) * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -91,12 +92,12 @@ def _norm_rotate_heads(
     x2 = tl.load(src_ptr + h * stride_h + HALF + d, mask=mask, other=0.0)
     dtype = x1.dtype
     x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
-    if HAS_NORM:  # rounded like the reference: normalize in float32, cast, scale in the model dtype
+    if HAS_NORM:  # rounded like the reference: normalize in float32, scale in the weight's dtype, cast
         r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
         w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0)
         w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0)
-        x1 = ((x1 * r).to(dtype) * w1).to(tl.float32)
-        x2 = ((x2 * r).to(dtype) * w2).to(tl.float32)
+        x1 = ((x1 * r).to(w1.dtype) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * r).to(w2.dtype) * w2).to(dtype).to(tl.float32)
     y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
     if FP8:
         y1 = tl.clamp(y1.to(dtype).to(tl.float32) * inv_scale, -448.0, 448.0)
@@ -288,20 +289,33 @@ def qk_norm_rotary_store(
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_xt, n, BLOCK: tl.constexpr):
+def _act_and_mul_kernel(x_ptr, out_ptr, stride_xt, n, BLOCK: tl.constexpr, GELU: tl.constexpr):
     t, b = tl.program_id(0), tl.program_id(1)
     offs = b * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     gate = tl.load(x_ptr + t * stride_xt + offs, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * stride_xt + n + offs, mask=mask, other=0.0)
-    y = (gate / (1.0 + tl.exp(-gate))).to(up.dtype) * up
-    tl.store(out_ptr + t * n + offs, y, mask=mask)
+    if GELU:  # tanh approximation: 0.5 (1 + tanh(z)) = sigmoid(2z), z = sqrt(2/pi) (x + 0.044715 x^3)
+        z = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = gate / (1.0 + tl.exp(-2.0 * z))
+    else:
+        act = gate / (1.0 + tl.exp(-gate))
+    tl.store(out_ptr + t * n + offs, act.to(up.dtype) * up, mask=mask)
+
+
+def _act_and_mul(x: torch.Tensor, gelu: bool) -> torch.Tensor:
+    tokens, n = x.shape[0], x.shape[1] // 2
+    out = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
+    block = min(1024, triton.next_power_of_2(n))
+    _act_and_mul_kernel[(tokens, triton.cdiv(n, block))](x, out, x.stride(0), n, BLOCK=block, GELU=gelu)
+    return out
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [tokens, 2n] (gate | up) -> silu(gate) * up: [tokens, n]."""
-    tokens, n = x.shape[0], x.shape[1] // 2
-    out = torch.empty((tokens, n), dtype=x.dtype, device=x.device)
-    block = min(1024, triton.next_power_of_2(n))
-    _silu_and_mul_kernel[(tokens, triton.cdiv(n, block))](x, out, x.stride(0), n, BLOCK=block)
-    return out
+    return _act_and_mul(x, False)
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, 2n] (gate | up) -> gelu_tanh(gate) * up: [tokens, n] (Gemma's GeGLU)."""
+    return _act_and_mul(x, True)

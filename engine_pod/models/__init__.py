@@ -12,11 +12,14 @@ def _switches(arch: str, cfg: dict) -> dict:
         return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
     if arch == "Qwen2ForCausalLM":
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
+    if arch == "Gemma3ForCausalLM":
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm=True, gemma=True)
     return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)  # Llama, and Mistral and Mixtral (Llama's layers;
     # a sliding window bounds max_model_len instead, rope_params.model_max_len)
 
 
 SUPPORTED_ARCHITECTURES = (
+    "Gemma3ForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "MixtralForCausalLM",
@@ -25,6 +28,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3MoeForCausalLM",
 )
 _BY_MODEL_TYPE = {
+    "gemma3_text": "Gemma3ForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
@@ -38,6 +42,11 @@ def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:
     model_type = cfg.get("model_type") or ""
     archs = cfg.get("architectures") or [_BY_MODEL_TYPE.get(model_type, model_type)]
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None and "Gemma3ForConditionalGeneration" in archs:
+        raise ModelLoadError(
+            "Gemma3ForConditionalGeneration (Gemma 3 with its vision tower) is not supported: only the text-only "
+            "Gemma3ForCausalLM (model_type gemma3_text, e.g. gemma-3-1b)"
+        )
     if arch is None:
         raise ModelLoadError(
             f"unsupported model architecture {archs or cfg.get('model_type')!r}; "

@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from nanoserve.engine_pod.layers.activation import gelu_tanh_and_mul as gelu_ref
 from nanoserve.engine_pod.layers.activation import silu_and_mul as silu_ref
 from nanoserve.engine_pod.layers.layernorm import add_rms_norm
 from nanoserve.engine_pod.layers.layernorm import rms_norm as rms_ref
@@ -27,15 +28,22 @@ def dtype(device):
     return torch.bfloat16 if device == "cuda" else torch.float32
 
 
+def norm_weight(n, device, dtype, gemma):
+    """A norm's weight: in the model dtype, or Gemma's folded 1 + w in float32 (scaled in float32, then cast)."""
+    return (1 + rnd(n, device=device, dtype=torch.float32)) if gemma else rnd(n, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("gemma", [False, True])
 @pytest.mark.parametrize("n", [64, 100])
-def test_rms_norm(device, dtype, n):
+def test_rms_norm(device, dtype, n, gemma):
     from nanoserve.kernels.elementwise import rms_norm
 
     x, res, w = (
         rnd(5, n, device=device, dtype=dtype),
         rnd(5, n, device=device, dtype=dtype),
-        rnd(n, device=device, dtype=dtype),
+        norm_weight(n, device, dtype, gemma),
     )
+    assert rms_norm(x, w, 1e-6).dtype == dtype
     assert close(rms_norm(x, w, 1e-6), rms_ref(x, w, 1e-6), dtype)
     out, new_res = rms_norm(x, w, 1e-6, res)
     ref_out, ref_res = add_rms_norm(x, res, w, 1e-6)
@@ -44,7 +52,7 @@ def test_rms_norm(device, dtype, n):
     assert close(rms_norm(heads, w, 1e-6), rms_ref(heads, w, 1e-6), dtype)
 
 
-@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("with_norm", [False, True, "gemma"])
 @pytest.mark.parametrize("dim, heads, kv_heads", [(32, 4, 2), (40, 6, 3)])
 def test_qk_norm_rotary(device, dtype, dim, heads, kv_heads, with_norm):
     from nanoserve.kernels.elementwise import qk_norm_rotary
@@ -55,7 +63,7 @@ def test_qk_norm_rotary(device, dtype, dim, heads, kv_heads, with_norm):
     q, k = q.view(6, heads, dim), k.view(6, kv_heads, dim)
     pos = torch.tensor([0, 3, 7, 8, 40, 63], device=device)
     if with_norm:
-        qw, kw = rnd(dim, device=device, dtype=dtype), rnd(dim, device=device, dtype=dtype)
+        qw, kw = (norm_weight(dim, device, dtype, with_norm == "gemma") for _ in range(2))
         got = qk_norm_rotary(pos, q, k, rope.cos_sin, qw, kw, 1e-6)
         ref = rotary_ref(pos, rms_ref(q, qw, 1e-6), rms_ref(k, kw, 1e-6), rope.cos_sin)
     else:
@@ -100,3 +108,12 @@ def test_silu_and_mul(device, dtype):
 
     x = rnd(7, 2 * 1500, device=device, dtype=dtype)
     assert close(silu_and_mul(x), silu_ref(x), dtype)
+
+
+def test_gelu_tanh_and_mul(device, dtype):
+    from nanoserve.kernels.elementwise import gelu_tanh_and_mul
+
+    x = rnd(7, 2 * 1500, device=device, dtype=dtype) * 2  # into the tails of tanh
+    got = gelu_tanh_and_mul(x)
+    assert got.shape == (7, 1500) and close(got, gelu_ref(x), dtype)
+    assert not close(got, silu_ref(x), dtype)
