@@ -77,6 +77,7 @@ fi
 # Structured output: constrained vs unconstrained at batch 1/64/256, and the mask's host and device cost.
 want structured && run 300 python bench/structured.py
 want moe && run 400 python bench/moe.py
+want moe && run 500 python bench/moe.py --model gpt-oss-20b --layers 4
 # n-gram speculative decoding: the edit-style workload with and without it, and Nano-vLLM's workload with it
 # (nothing there to match: the cost of looking).
 NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}'

@@ -14,12 +14,15 @@ def _switches(arch: str, cfg: dict) -> dict:
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
     if arch == "Gemma3ForCausalLM":
         return dict(qkv_bias=bias, o_bias=bias, qk_norm=True, gemma=True)
+    if arch == "GptOssForCausalLM":
+        return dict(qkv_bias=bias, o_bias=bias, qk_norm=False, sinks=True)
     return dict(qkv_bias=bias, o_bias=bias, qk_norm=False)  # Llama, and Mistral and Mixtral (Llama's layers;
     # a sliding window bounds max_model_len instead, rope_params.model_max_len)
 
 
 SUPPORTED_ARCHITECTURES = (
     "Gemma3ForCausalLM",
+    "GptOssForCausalLM",
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "MixtralForCausalLM",
@@ -29,6 +32,7 @@ SUPPORTED_ARCHITECTURES = (
 )
 _BY_MODEL_TYPE = {
     "gemma3_text": "Gemma3ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
@@ -51,6 +55,11 @@ def build_model(cfg: dict, max_position: int) -> DecoderForCausalLM:
         raise ModelLoadError(
             f"unsupported model architecture {archs or cfg.get('model_type')!r}; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    method = (cfg.get("quantization_config") or {}).get("quant_method")
+    if method == "mxfp4" and arch != "GptOssForCausalLM":
+        raise ModelLoadError(
+            f"quantization_config.quant_method='mxfp4' is supported for GptOssForCausalLM's experts only, not {arch}"
         )
     model = DecoderForCausalLM(cfg, max_position, moe=moe_spec(arch, cfg), **_switches(arch, cfg))
     # FP8 checkpoints (layers/linear.py, quantization.py); nothing without a quantization_config

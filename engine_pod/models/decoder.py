@@ -1,8 +1,9 @@
 """The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Gemma 3 and the MoE kin (Mixtral,
-Qwen3-MoE); they differ only in small switches.
+Qwen3-MoE, gpt-oss); they differ only in small switches.
 
 Switches: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, Gemma 3: RMSNorm on each head of q and k before rotary),
-`o_bias` (Llama with attention_bias), `moe` (which layers have a sparse MoE block instead of the MLP),
+`o_bias` (Llama with attention_bias), `sinks` (gpt-oss: a learned sink logit per head in each softmax),
+`moe` (which layers have a sparse MoE block instead of the MLP),
 `gemma` (Gemma 3: (1 + w) RMSNorms, four a layer as the attention and MLP outputs are normed too, and
 embeddings times sqrt(hidden_size)). From the config: each layer's sliding window
 (sliding_window.layer_sliding_windows) and rope (rope_params.rope_parameters: Gemma 3 has one per layer
@@ -20,6 +21,7 @@ from nanoserve.engine_pod.layers.attention import Attention
 from nanoserve.engine_pod.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanoserve.engine_pod.layers.layernorm import GemmaRMSNorm, RMSNorm
 from nanoserve.engine_pod.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanoserve.engine_pod.layers.parallel import tp_rank
 from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
 from nanoserve.engine_pod.models.moe import MoeSpec, SparseMoeBlock, moe_weight_target
 from nanoserve.engine_pod.rope_params import rope_parameters
@@ -35,6 +37,7 @@ class DecoderAttention(nn.Module):
         o_bias: bool,
         qk_norm: bool,
         gemma: bool = False,
+        sinks: bool = False,
         sliding_window: int | None = None,
     ):
         super().__init__()
@@ -51,6 +54,12 @@ class DecoderAttention(nn.Module):
         eps, norm = cfg.get("rms_norm_eps", 1e-6), GemmaRMSNorm if gemma else RMSNorm
         self.q_norm = norm(self.head_dim, eps) if qk_norm else None
         self.k_norm = norm(self.head_dim, eps) if qk_norm else None
+        self.sinks = nn.Parameter(torch.empty(self.num_heads), requires_grad=False) if sinks else None
+        if self.sinks is not None:
+            self.sinks.weight_loader = self._load_sinks  # pyright: ignore[reportAttributeAccessIssue]
+
+    def _load_sinks(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded.narrow(0, tp_rank() * self.num_heads, self.num_heads))  # this rank's heads
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -58,7 +67,8 @@ class DecoderAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(positions, q, k, v, self.rotary_emb, self.q_norm, self.k_norm).flatten(1))
+        out = self.attn(positions, q, k, v, self.rotary_emb, self.q_norm, self.k_norm, self.sinks)
+        return self.o_proj(out.flatten(1))
 
 
 class DecoderMLP(nn.Module):
@@ -152,10 +162,11 @@ class DecoderForCausalLM(nn.Module):
         qk_norm: bool,
         moe: MoeSpec | None = None,
         gemma: bool = False,
+        sinks: bool = False,
     ):
         super().__init__()
         self.moe = moe
-        switches = dict(qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm, gemma=gemma)
+        switches = dict(qkv_bias=qkv_bias, o_bias=o_bias, qk_norm=qk_norm, gemma=gemma, sinks=sinks)
         self.model = DecoderModel(cfg, max_position, moe, **switches)
         self.final_logit_softcap = cfg.get("final_logit_softcapping")  # Gemma: cap * tanh(logits / cap)
         self.lm_head = ParallelLMHead(cfg["vocab_size"], cfg["hidden_size"])
@@ -165,7 +176,7 @@ class DecoderForCausalLM(nn.Module):
 
     def weight_target(self, name: str) -> tuple[str, object] | None:
         """Our parameter and shard for a checkpoint tensor that `packed_modules_mapping` does not cover."""
-        return moe_weight_target(name) if self.moe is not None else None
+        return moe_weight_target(name, self.moe) if self.moe is not None else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)

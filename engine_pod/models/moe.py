@@ -1,8 +1,10 @@
-"""The sparse MoE block of Qwen3-MoE and Mixtral, which layers have one, and its checkpoint names.
+"""The sparse MoE block of Qwen3-MoE, Mixtral and gpt-oss, which layers have one, and its checkpoint names.
 
-Both route with a replicated linear `gate` (softmax, top-k); Mixtral always renormalises the top-k
-weights, Qwen3-MoE when `norm_topk_prob`. Qwen3-MoE makes layer i sparse unless it is in `mlp_only_layers`
-or (i + 1) is not a multiple of `decoder_sparse_step`; the others keep a dense MLP of `intermediate_size`.
+All route with a replicated linear `gate` (softmax, top-k); Mixtral always renormalises the top-k
+weights, Qwen3-MoE when `norm_topk_prob`; gpt-oss's router has a bias and takes the softmax of the top-k
+logits (the renormalised top-k of the softmax), its experts have biases and a clamped SwiGLU.
+Qwen3-MoE makes layer i sparse unless it is in `mlp_only_layers` or (i + 1) is not a multiple of
+`decoder_sparse_step`; the others keep a dense MLP of `intermediate_size`.
 """
 
 import re
@@ -22,6 +24,8 @@ class MoeSpec:
     intermediate_size: int  # of each expert
     renormalize: bool
     sparse_layers: frozenset[int]
+    bias: bool = False  # on the router and the experts (gpt-oss)
+    swiglu: tuple[float, float] | None = None  # gpt-oss's clamped SwiGLU (alpha, limit); None: SiLU(gate) * up
 
 
 def moe_spec(arch: str, cfg: dict) -> MoeSpec | None:
@@ -31,6 +35,10 @@ def moe_spec(arch: str, cfg: dict) -> MoeSpec | None:
     if arch == "MixtralForCausalLM":
         experts = cfg.get("num_local_experts", 8)
         return MoeSpec(experts, cfg.get("num_experts_per_tok", 2), cfg["intermediate_size"], True, frozenset(layers))
+    if arch == "GptOssForCausalLM":
+        experts, top_k = cfg.get("num_local_experts", 128), cfg.get("num_experts_per_tok", 4)
+        swiglu = (cfg.get("swiglu_alpha", 1.702), cfg.get("swiglu_limit", 7.0))
+        return MoeSpec(experts, top_k, cfg["intermediate_size"], True, frozenset(layers), True, swiglu)
     if arch == "Qwen3MoeForCausalLM":
         # Published checkpoints say num_experts; transformers 5 saves its alias num_local_experts.
         experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 128
@@ -49,8 +57,10 @@ def moe_spec(arch: str, cfg: dict) -> MoeSpec | None:
 class SparseMoeBlock(nn.Module):
     def __init__(self, hidden_size: int, spec: MoeSpec):
         super().__init__()
-        self.gate = LinearBase(hidden_size, spec.num_experts, bias=False)  # the router: the same on every rank
-        self.experts = FusedMoE(spec.num_experts, spec.top_k, hidden_size, spec.intermediate_size, spec.renormalize)
+        self.gate = LinearBase(hidden_size, spec.num_experts, bias=spec.bias)  # the router: the same on every rank
+        self.experts = FusedMoE(
+            spec.num_experts, spec.top_k, hidden_size, spec.intermediate_size, spec.renormalize, spec.bias, spec.swiglu
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.experts(x, self.gate(x))
@@ -61,17 +71,24 @@ class SparseMoeBlock(nn.Module):
 _PER_EXPERT = re.compile(r"(.*)\.experts\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _STACKED = re.compile(r"(.*)\.experts\.(gate_up_proj|down_proj)$")
 _WHICH = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+# gpt-oss: its stacked experts ([E, in, out], gate and up alternating), their biases, their MXFP4 form.
+_GPT_OSS = re.compile(r"(.*)\.experts\.(gate_up|down)_proj(|_bias|_blocks|_scales)$")
 
 
-def moe_weight_target(name: str) -> tuple[str, object] | None:
-    """Our parameter and shard for an MoE checkpoint tensor (experts, or Mixtral's router), else None."""
-    name = name.replace(".block_sparse_moe.", ".mlp.")
+def moe_weight_target(name: str, spec: MoeSpec) -> tuple[str, object] | None:
+    """Our parameter and shard for an MoE checkpoint tensor (experts, or the router), else None."""
+    name = name.replace(".block_sparse_moe.", ".mlp.").replace(".mlp.router.", ".mlp.gate.")
+    if spec.swiglu is not None and (m := _GPT_OSS.match(name)):
+        which, suffix = m[2], m[3]
+        param = f"{m[1]}.experts.{'w2' if which == 'down' else 'w13'}_{'bias' if suffix == '_bias' else 'weight'}"
+        kind = suffix[1:] or ("interleaved" if which == "gate_up" else "io")
+        return param, (None, f"{which}_{kind}")
     if m := _PER_EXPERT.match(name):
         which = _WHICH[m[3]]
         return f"{m[1]}.experts.{'w2' if which == 'down' else 'w13'}_weight", (int(m[2]), which)
     if m := _STACKED.match(name):
         which = "gate_up" if m[2] == "gate_up_proj" else "down"
         return f"{m[1]}.experts.{'w2' if which == 'down' else 'w13'}_weight", (None, which)
-    if name.endswith(".mlp.gate.weight"):
+    if name.endswith((".mlp.gate.weight", ".mlp.gate.bias")):
         return name, None
     return None

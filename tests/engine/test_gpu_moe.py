@@ -1,6 +1,6 @@
 """On a GPU (skipped without CUDA): the fused-MoE Triton kernel against the loop over experts in bf16 at
-Qwen3-30B-A3B-like shapes, and a random Qwen3-MoE in the engine (Triton experts, CUDA graphs) against
-transformers and against itself eager."""
+Qwen3-30B-A3B-like shapes, and a random Qwen3-MoE and gpt-oss in the engine (Triton experts, CUDA graphs)
+against transformers and against itself eager."""
 
 import random
 
@@ -57,10 +57,30 @@ CONFIG = dict(
     eos_token_id=None,
     bos_token_id=None,
 )
+# gpt-oss: sinks, biases, windows of 64 on every other layer (the longer prompts cross them), clamped SwiGLU.
+GPT_OSS = dict(
+    model_type="gpt_oss",
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=128,
+    num_local_experts=16,
+    num_experts_per_tok=4,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=32,
+    sliding_window=64,
+    max_position_embeddings=2048,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+    eos_token_id=None,
+    bos_token_id=None,
+)
+ROUTERS = {"qwen3_moe": "mlp.gate.weight", "gpt_oss": "mlp.router.weight"}
 
 
-@pytest.fixture(scope="module")
-def moe_path(tmp_path_factory):
+@pytest.fixture(scope="module", params=["qwen3_moe", "gpt_oss"])
+def moe_path(tmp_path_factory, request):
     """Random weights, with router logits scaled up: a random router's top-k ties so closely that bf16 rounding
     alone flips experts (seen on an H200: transformers' own bf16 forward then 0.6 off its float32 one), which
     would test the rounding, not the kernels."""
@@ -68,10 +88,11 @@ def moe_path(tmp_path_factory):
 
     from safetensors.torch import load_file, save_file
 
-    path = save_random_model(str(tmp_path_factory.mktemp("gpu") / "qwen3_moe"), CONFIG, seed=4, dtype=torch.bfloat16)
+    config = {"qwen3_moe": CONFIG, "gpt_oss": GPT_OSS}[request.param]
+    path = save_random_model(str(tmp_path_factory.mktemp("gpu") / request.param), config, seed=4, dtype=torch.bfloat16)
     for file in glob.glob(f"{path}/*.safetensors"):
         weights = load_file(file)
-        weights = {k: v * 16 if k.endswith("mlp.gate.weight") else v for k, v in weights.items()}
+        weights = {k: v * 16 if k.endswith(ROUTERS[request.param]) else v for k, v in weights.items()}
         save_file(weights, file, metadata={"format": "pt"})
     return path
 

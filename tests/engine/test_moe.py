@@ -84,7 +84,7 @@ def test_experts_load_their_tp_slice_from_either_layout():
     # the stacked tensors or Mixtral's per-expert w1 (gate), w3 (up), w2 (down).
     from nanoserve.engine_pod.layers.fused_moe import FusedMoE
     from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
-    from nanoserve.engine_pod.models.moe import moe_weight_target
+    from nanoserve.engine_pod.models.moe import MoeSpec, moe_weight_target
 
     experts, hidden, inter = 3, 4, 6
     gate_up, down = torch.randn(experts, 2 * inter, hidden), torch.randn(experts, hidden, inter)
@@ -100,7 +100,8 @@ def test_experts_load_their_tp_slice_from_either_layout():
             moe = FusedMoE(experts, 2, hidden, inter, renormalize=True)
             params = dict(moe.named_parameters(prefix="model.layers.0.mlp.experts"))
             for name, tensor in tensors.items():
-                target, shard = moe_weight_target(name) or ("", None)
+                spec = MoeSpec(experts, 2, inter, True, frozenset([0]))
+                target, shard = moe_weight_target(name, spec) or ("", None)
                 params[target].weight_loader(params[target], tensor, shard)
             half = slice(inter // 2, inter)
             assert torch.equal(moe.w13_weight, torch.cat([gate_up[:, half], gate_up[:, inter:][:, half]], 1))

@@ -37,7 +37,7 @@ def test_kernel_matches_reference(device, num_tokens, num_experts, top_k, skew, 
     x, w13, w2, weights, ids = random_moe(num_tokens, num_experts, top_k, 32, 24, skew, seed, device, dtype)
     ref = fused_experts_ref(x.float(), w13.float(), w2.float(), weights, ids)
     for blocks in (SMALL_BLOCKS, None):  # None: the engine's own tile sizes
-        out = fused_experts(x, w13, w2, weights, ids, blocks)
+        out = fused_experts(x, w13, w2, weights, ids, block_config=blocks)
         assert out.dtype == dtype and out.shape == x.shape
         tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
         assert ((out.float() - ref).norm() / ref.norm()).item() < tol
@@ -62,6 +62,26 @@ def test_all_tokens_on_one_expert(device, num_tokens):
     ids = torch.full((num_tokens, 1), 3, device=device)
     weights = torch.ones(num_tokens, 1, device=device)
     ref = fused_experts_ref(x, w13, w2, weights, ids)
-    out = fused_experts(x, w13, w2, weights, ids, SMALL_BLOCKS)
+    out = fused_experts(x, w13, w2, weights, ids, block_config=SMALL_BLOCKS)
     tol = 1e-2 if device == "cuda" else 1e-5  # tf32 tensor cores on CUDA
     assert ((out - ref).norm() / ref.norm()).item() < tol
+
+
+@settings(max_examples=4, deadline=None)
+@given(num_tokens=st.integers(1, 24), seed=st.integers(0, 1 << 20))
+def test_biases_and_clamped_swiglu_match_reference(device, num_tokens, seed):
+    # gpt-oss's experts: biases after both GEMMs, a SwiGLU clamped at a limit the activations cross.
+    from nanoserve.kernels.fused_moe import fused_experts
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w13, w2, weights, ids = random_moe(num_tokens, 4, 2, 32, 24, 1.0, seed, device, dtype)
+    g = torch.Generator().manual_seed(seed)
+    b13, b2 = (torch.randn(4, n, generator=g).to(device, dtype) for n in (48, 32))
+    swiglu = (1.702, 0.5)
+    assert ((x.float() @ w13[0].float().t()).abs() > 0.5).any()
+    ref = fused_experts_ref(x.float(), w13.float(), w2.float(), weights, ids, b13.float(), b2.float(), swiglu)
+    plain = fused_experts_ref(x.float(), w13.float(), w2.float(), weights, ids)
+    assert ((plain - ref).norm() / ref.norm()).item() > 0.1  # the biases and the clamp change the result
+    out = fused_experts(x, w13, w2, weights, ids, b13, b2, swiglu, block_config=SMALL_BLOCKS)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert ((out.float() - ref).norm() / ref.norm()).item() < tol
