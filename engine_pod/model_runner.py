@@ -7,6 +7,7 @@ forward. Rank 0 waits through `workers` (tp_workers.Workers), which notices a de
 fraction of a second; a worker whose rank 0 has died leaves on its own.
 """
 
+import gc
 import os
 import time
 
@@ -276,6 +277,18 @@ class ModelRunner:
             self.channel.close()
             dist.barrier()
             dist.destroy_process_group()
+        self._release()
+
+    def _release(self) -> None:
+        """Give the device memory back (weights, KV cache, CUDA graphs), so that another engine can start in
+        this process: the KV cache is sized from the free memory."""
+        self.graphs = self.deferred = self.prev_tokens = None
+        self.attention_layers = []
+        for name in ("model", "kv_cache"):
+            self.__dict__.pop(name, None)
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def abandon(self) -> None:
         """Rank 0 leaves without the workers (they are killed): no collective, which could wait forever."""
@@ -286,6 +299,7 @@ class ModelRunner:
                 abort()
             else:
                 dist.destroy_process_group()
+        self._release()
 
 
 def _logits_rows(hidden: torch.Tensor, inputs: StepInputs, t: dict[str, torch.Tensor]) -> torch.Tensor:

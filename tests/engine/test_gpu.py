@@ -229,3 +229,17 @@ def test_speculative_decoding_on_gpu(model_path, prompts):
             assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
         finally:
             llm.exit()
+
+
+def test_engines_one_after_another_in_one_process_get_the_memory_back(model_path, prompts):
+    # The KV cache is sized from the free memory (gpu_memory_utilization): each exit must hand its cache,
+    # weights and graphs back, or the next engine finds no memory (bench/fp8_kv_accuracy.py did).
+    sizes = []
+    for _ in range(2):
+        llm = LLM(model_path, max_model_len=1024, gpu_memory_utilization=0.6)
+        try:
+            sizes.append(llm.block_manager.num_blocks)
+            assert [o["token_ids"] for o in llm.generate(prompts[:2], GREEDY)]
+        finally:
+            llm.exit()
+    assert sizes[1] >= 0.95 * sizes[0]
