@@ -1,7 +1,8 @@
 """kopf handlers: thin glue between InferenceService events and reconcile().
 
-Run: kopf run -m nanoserve.operator.handlers --standalone (--all-namespaces | --namespace=NS)
+Run: kopf run -m nanoserve.operator.handlers (--peering=NAME | --standalone) (--all-namespaces | --namespace=NS)
      [--liveness=http://0.0.0.0:8080/healthz]
+With --peering, replicas elect the one that works (peering.py); --standalone: exactly one may run.
 """
 
 import asyncio
@@ -11,7 +12,7 @@ from typing import cast
 
 import kopf
 
-from nanoserve.operator import kube
+from nanoserve.operator import kube, peering
 from nanoserve.operator.names import GROUP, PLURAL, VERSION
 from nanoserve.operator.reconcile import reconcile
 
@@ -30,6 +31,7 @@ def configure(settings: kopf.OperatorSettings, **_) -> None:
     settings.posting.level = logging.WARNING  # Events for problems only
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300  # re-list now and then: a watch can stall silently
+    peering.configure(settings)  # this replica's priority: the oldest replica works
 
 
 def _new_status(body: kopf.Body) -> dict:
@@ -65,8 +67,8 @@ def served(namespace: str | None, name: str, **_) -> dict:
 
 
 @kopf.on.startup()
-async def start_resync(memo: kopf.Memo, served: kopf.Index, **_) -> None:
-    memo["resync"] = asyncio.create_task(_resync_loop(served))
+async def start_resync(memo: kopf.Memo, served: kopf.Index, settings: kopf.OperatorSettings, **_) -> None:
+    memo["resync"] = asyncio.create_task(_resync_loop(served, settings))
 
 
 @kopf.on.cleanup()
@@ -74,16 +76,28 @@ async def stop_resync(memo: kopf.Memo, **_) -> None:
     memo["resync"].cancel()
 
 
-async def _resync_loop(served: kopf.Index) -> None:
+async def _resync_loop(served: kopf.Index, settings: kopf.OperatorSettings) -> None:
     """Every RESYNC_SECONDS, each InferenceService again: restores children deleted or edited by hand and
-    follows their rollout into the status. A failure of one is logged and retried at the next round."""
+    follows their rollout into the status. A failure of one is logged and retried at the next round.
+    kopf's peering pauses its handlers, not this loop: a round runs only while this replica is the active
+    one (a paused replica's index may still hold what it saw while it was)."""
+    log = logging.getLogger(__name__)
     while True:
         await asyncio.sleep(RESYNC_SECONDS)
-        for namespace, name in list(served):
+        keys = list(served)
+        if not keys:
+            continue
+        try:
+            if not await asyncio.to_thread(peering.active, settings, {ns for ns, _ in keys if ns}):
+                continue
+        except Exception:  # noqa: BLE001 - unsure whether it is this replica's turn: not this round
+            log.exception("reading the peering object failed")
+            continue
+        for namespace, name in keys:
             try:
                 await asyncio.to_thread(resync, namespace, name)
             except Exception:  # noqa: BLE001 - an API outage must not end the loop
-                logging.getLogger(__name__).exception("resync of %s/%s failed", namespace, name)
+                log.exception("resync of %s/%s failed", namespace, name)
 
 
 def resync(namespace: str, name: str) -> None:

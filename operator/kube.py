@@ -87,6 +87,16 @@ def get(api_version: str, kind: str, namespace: str, name: str) -> dict | None:
         raise
 
 
+def get_url(url: str) -> dict | None:
+    """GET of an API path the kinds above do not name (e.g. a cluster-scoped object); None for a 404."""
+    try:
+        return _call("GET", url)
+    except ApiError as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 def list_(api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
     return _call("GET", path(api_version, kind, namespace), query=[("labelSelector", label_selector)])["items"]
 

@@ -62,14 +62,19 @@ def sdk_install(kubeconfig: str, values: dict) -> dict:
     return json.loads(proc.stdout)
 
 
-def operator_command(deployment: dict, port: int) -> tuple[list[str], dict]:
-    """The chart's container command and env, with the liveness endpoint moved to a local port held for it."""
+def operator_command(deployment: dict, port: int, pod: str = "nanoserve-operator-0") -> tuple[list[str], dict]:
+    """The chart's container command and env, with the liveness endpoint moved to a local port held for it;
+    the env's references to the pod's fields resolved as the kubelet would, for a pod named `pod`."""
     (c,) = deployment["spec"]["template"]["spec"]["containers"]
     args = [
         re.sub(r"^--liveness=http://0\.0\.0\.0:\d+", f"--liveness=http://127.0.0.1:{port}", a)
         for a in c.get("args", [])
     ]
-    env = {e["name"]: e["value"] for e in c.get("env", [])}
+    fields = {"metadata.name": pod, "metadata.namespace": deployment["metadata"]["namespace"]}
+    env = {
+        e["name"]: e["value"] if "value" in e else fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        for e in c.get("env", [])
+    }
     return [str(BIN / c["command"][0]), *c["command"][1:], *args], env
 
 

@@ -13,6 +13,7 @@ class Call(NamedTuple):
     group: str
     resource: str  # "deployments" or "inferenceservices/status"
     namespace: str | None  # None: a cluster-scoped call (or one across all namespaces)
+    name: str | None = None  # the object's, for a call on one object (rules may name the objects they allow)
 
 
 def call_of(method: str, path: str, params: dict) -> Call | None:
@@ -34,7 +35,7 @@ def call_of(method: str, path: str, params: dict) -> Call | None:
         verb = "delete" if name else "deletecollection"
     else:
         verb = WRITE_VERBS[method]
-    return Call(verb, group, f"{resource}/{sub}" if sub else resource, namespace)
+    return Call(verb, group, f"{resource}/{sub}" if sub else resource, namespace, name)
 
 
 def calls_of(requests: list[tuple[str, str, dict, str, str]], who: set[int]) -> list[Call]:
@@ -93,6 +94,8 @@ def rule_allows(rule: dict, call: Call) -> bool:
         has(rule.get("apiGroups", []), call.group)
         and has(rule.get("resources", []), call.resource)
         and has(rule.get("verbs", []), call.verb)
+        # resourceNames: only calls on those objects (a list, a watch or a create names none: denied)
+        and ("resourceNames" not in rule or call.name in rule["resourceNames"])
     )
 
 
@@ -101,11 +104,12 @@ def allowed(granted: list[tuple[str | None, dict]], call: Call) -> bool:
 
 
 def expand(granted: list[tuple[str | None, dict]]) -> set[Call]:
-    """Every (verb, group, resource, scope) the rules grant, one by one."""
+    """Every (verb, group, resource, scope, name) the rules grant, one by one (name None: any)."""
     return {
-        Call(v, g, r, scope)
+        Call(v, g, r, scope, n)
         for scope, rule in granted
         for g in rule.get("apiGroups", [])
         for r in rule.get("resources", [])
         for v in rule.get("verbs", [])
+        for n in rule.get("resourceNames", [None])
     }

@@ -5,7 +5,7 @@ import json
 import kubernetes_validate
 import pytest
 import yaml
-from crd_schema import CRD_PATH, apply_defaults, validation_errors, version_schema
+from crd_schema import CRD_PATH, apply_defaults, load_crd, validation_errors, version_schema
 from helm_tool import CHART, HELM_VERSION, REPO
 
 CUSTOM = {
@@ -13,6 +13,8 @@ CUSTOM = {
     "imagePullSecrets": [{"name": "regcred"}],
     "watchNamespaces": ["ml", "team-b"],
     "resyncSeconds": 10,
+    "replicas": 3,
+    "peering": {"lifetimeSeconds": 45},
     "serviceAccount": {"name": "ops", "annotations": {"team": "ml"}},
     "healthPort": 9090,
     "resources": {"requests": {"cpu": "200m", "memory": "300Mi"}, "limits": {"memory": "600Mi"}},
@@ -36,7 +38,9 @@ CUSTOM = {
 }
 VALUES = {"default": {}, "custom": CUSTOM}
 BAD = {
-    "unknown key": {"replicas": 2},
+    "unknown key": {"replica": 2},
+    "no replicas": {"replicas": 0},
+    "peering lifetime": {"peering": {"lifetimeSeconds": 1}},
     "pull policy": {"image": {"pullPolicy": "Sometimes"}},
     "empty repository": {"image": {"repository": ""}},
     "namespace name": {"watchNamespaces": ["Not_A_Namespace"]},
@@ -60,6 +64,10 @@ def operator(objs: list[dict]) -> dict:
     return dep
 
 
+def dep_replicas(objs: list[dict]) -> int:
+    return operator(objs)["spec"]["replicas"]
+
+
 def test_helm_is_the_pinned_version(helm):
     assert helm("version", "--short").stdout.startswith(HELM_VERSION)
 
@@ -74,13 +82,17 @@ def test_lint_strict(helm, values, tmp_path):
 @pytest.mark.parametrize("values", VALUES.values(), ids=VALUES)
 def test_every_rendered_object_is_valid_for_kubernetes_1_37(helm, values):
     objs = helm.template(values, namespace="ml")
-    crs = [o for o in objs if o["kind"] == "InferenceService"]
+    crds = {o["spec"]["names"]["kind"]: o for o in objs if o["kind"] == "CustomResourceDefinition"}
+    crs = [o for o in objs if o["kind"] in crds]
+    assert {"InferenceService", "ClusterKopfPeering", "KopfPeering"} == set(crds)
+    assert {o["kind"] for o in crs} >= {"KopfPeering" if values.get("watchNamespaces") else "ClusterKopfPeering"}
     for obj in objs:
         if obj not in crs and obj["kind"] != "PodMonitor":  # (Prometheus Operator's kind: tested below)
             kubernetes_validate.validate(obj, "1.37", strict=True)
-    schema = version_schema(yaml.safe_load(CRD_PATH.read_text()))
-    for cr in crs:  # custom resources: against the CRD itself
+    for cr in crs:  # custom resources: against their CRDs, in the chart
+        schema = version_schema(crds[cr["kind"]], cr["apiVersion"].split("/")[1])
         assert validation_errors(schema, apply_defaults(schema, cr)) == []
+        assert (crds[cr["kind"]]["spec"]["scope"] == "Namespaced") == ("namespace" in cr["metadata"])
 
 
 @pytest.mark.parametrize(
@@ -103,11 +115,15 @@ def test_schema_rejects_bad_values(helm, values):
     assert proc.returncode != 0 and "values don't meet the specifications of the schema" in proc.stderr
 
 
-def test_crd_is_the_one_in_crds(helm):
-    (crd,) = [o for o in helm.template() if o["kind"] == "CustomResourceDefinition"]
-    assert crd == yaml.safe_load(CRD_PATH.read_text())
-    link = CHART / "crds" / "inferenceservice.yaml"
-    assert link.is_symlink() and link.resolve() == CRD_PATH.resolve()  # one source of truth
+def test_crds_are_the_ones_in_crds(helm):
+    crds = [o for o in helm.template() if o["kind"] == "CustomResourceDefinition"]
+    files = sorted((REPO / "crds").glob("*.yaml"))
+    assert [p.name for p in files] == ["inferenceservice.yaml", "kopfpeering.yaml"]
+    assert crds == [o for p in files for o in yaml.safe_load_all(p.read_text())]
+    assert crds[0] == load_crd(CRD_PATH)
+    for path in files:
+        link = CHART / "crds" / path.name
+        assert link.is_symlink() and link.resolve() == path.resolve()  # one source of truth
 
 
 def test_operator_deployment_defaults(helm):
@@ -117,7 +133,14 @@ def test_operator_deployment_defaults(helm):
     assert (
         c["image"] == f"ghcr.io/nanoserve/operator:{yaml.safe_load((CHART / 'Chart.yaml').read_text())['appVersion']}"
     )
-    assert c["command"] == ["kopf", "run"] and "--all-namespaces" in c["args"] and "--standalone" in c["args"]
+    assert c["command"] == ["kopf", "run"] and "--all-namespaces" in c["args"] and "--standalone" not in c["args"]
+    # Two replicas, one at work: kopf peering through the release's ClusterKopfPeering, each pod its identity.
+    (peering,) = [o for o in objs if o["kind"] == "ClusterKopfPeering"]
+    assert f"--peering={peering['metadata']['name']}" in c["args"] and peering["metadata"]["name"] == "nanoserve"
+    assert dep_replicas(objs) == 2 and operator(objs)["spec"]["strategy"]["type"] == "RollingUpdate"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["NANOSERVE_PEERING_LIFETIME_SECONDS"]["value"] == "30"
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] != 0
     sc = c["securityContext"]
     assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
@@ -145,13 +168,26 @@ def test_custom_values_reach_the_objects(helm):
     assert dep["spec"]["template"]["metadata"]["labels"]["tier"] == "control"
     assert {"--namespace=ml", "--namespace=team-b"} <= set(c["args"]) and "--all-namespaces" not in c["args"]
     assert "--liveness=http://0.0.0.0:9090/healthz" in c["args"]
-    assert {e["name"]: e["value"] for e in c["env"]}["NANOSERVE_RESYNC_SECONDS"] == "10"
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["NANOSERVE_RESYNC_SECONDS"] == "10" and env["NANOSERVE_PEERING_LIFETIME_SECONDS"] == "45"
+    assert dep["spec"]["replicas"] == 3 and "--peering=nanoserve" in c["args"]
     assert pod["serviceAccountName"] == "ops"
     objs_by = by_kind(objs)
     assert objs_by["ServiceAccount", "ml", "ops"]["metadata"]["annotations"] == {"team": "ml"}
     for ns in ("ml", "team-b"):  # namespace-scoped: a Role per watched namespace
         assert ("Role", ns, "nanoserve") in objs_by and ("RoleBinding", ns, "nanoserve") in objs_by
     assert {k[1] for k in objs_by if k[0] == "Role"} == {"ml", "team-b"}
+    # kopf peers in each namespace it serves: a KopfPeering there, its rules in that namespace's Role only.
+    assert {k[1:] for k in objs_by if k[0] == "KopfPeering"} == {("ml", "nanoserve"), ("team-b", "nanoserve")}
+    assert not [k for k in objs_by if k[0] == "ClusterKopfPeering"]
+    peering = {"apiGroups": ["kopf.dev"], "resources": ["kopfpeerings"]}
+    peering_rules = [
+        {**peering, "verbs": ["list", "watch"]},
+        {**peering, "resourceNames": ["nanoserve"], "verbs": ["get", "patch"]},
+    ]
+    for ns in ("ml", "team-b"):
+        assert [r for r in objs_by["Role", ns, "nanoserve"]["rules"] if "kopf.dev" in r["apiGroups"]] == peering_rules
+    assert not [r for r in objs_by["ClusterRole", None, "nanoserve"]["rules"] if "kopf.dev" in r["apiGroups"]]
 
 
 def test_example_is_examples_inferenceservice(helm):

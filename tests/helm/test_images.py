@@ -122,7 +122,8 @@ def test_chart_runs_the_operator_image_as_built(helm, values):
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     assert c["command"] == command(IMAGES["operator"])[:2]
     ctx = kopf.cli.run.make_context("run", list(c["args"]))
-    assert ctx.params["modules"] == ("nanoserve.operator.handlers",) and ctx.params["standalone"]
+    assert ctx.params["modules"] == ("nanoserve.operator.handlers",) and not ctx.params["standalone"]
+    assert ctx.params["peering_name"] == "nanoserve"  # the chart's replicas peer (the image alone runs standalone)
     assert ctx.params["clusterwide"] == (not values) and list(ctx.params["namespaces"]) == values.get(
         "watchNamespaces", []
     )

@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from chart_install import RELEASE_NS, example
+from chart_install import RELEASE, RELEASE_NS, example
+from rbac_rules import Call
 
 from nanoserve.operator.names import MANAGER
 
@@ -22,7 +23,26 @@ def test_crd_is_installed_and_established(installed):
 def test_operator_runs_with_the_charts_settings(installed):
     assert installed.deployment["metadata"]["namespace"] == RELEASE_NS
     (c,) = installed.deployment["spec"]["template"]["spec"]["containers"]
-    assert {e["name"]: e["value"] for e in c["env"]}["NANOSERVE_RESYNC_SECONDS"] == "1"  # from the values
+    assert {e["name"]: e.get("value") for e in c["env"]}["NANOSERVE_RESYNC_SECONDS"] == "1"  # from the values
+
+
+def test_operator_peers_through_the_releases_peering_object(installed):
+    # kopf's keep-alives went to the peering object helm installed (a paused operator would have handled
+    # nothing: installed_chart waited for every InferenceService): cluster-wide one, or one per namespace.
+    (c,) = installed.deployment["spec"]["template"]["spec"]["containers"]
+    namespaces = [a.split("=", 1)[1] for a in c["args"] if a.startswith("--namespace=")]
+    wanted = (
+        {Call("patch", "kopf.dev", "kopfpeerings", ns, RELEASE) for ns in namespaces}
+        if namespaces
+        else {Call("patch", "kopf.dev", "clusterkopfpeerings", None, RELEASE)}
+    )
+    assert wanted <= set(installed.operator_calls)
+    assert f"--peering={RELEASE}" in c["args"]
+    kind = "kopfpeerings" if namespaces else "clusterkopfpeerings"
+    for ns in namespaces or [None]:
+        obj = installed.kubectl.get(kind, RELEASE, ns or "default")  # (-n means nothing to a cluster-scoped kind)
+        assert obj is not None and obj["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+        assert obj["status"] == {}  # it said goodbye as it stopped (SIGTERM): its entry is gone
 
 
 def test_example_is_reconciled_into_owned_children(installed):

@@ -22,12 +22,13 @@ def granted(installed) -> list:
 def needed(installed) -> set[Call]:
     """What the operator did, plus what the Roles it created for gateways grant, in their namespaces."""
     escalation = {
-        Call(v, g, r, role["metadata"]["namespace"])
+        Call(v, g, r, role["metadata"]["namespace"], n)
         for role in installed.gateway_roles
         for rule in role["rules"]
         for g in rule["apiGroups"]
         for r in rule["resources"]
         for v in rule["verbs"]
+        for n in rule.get("resourceNames", [None])
     }
     assert escalation, "the operator created no gateway Role: the run exercised less than it should"
     return set(installed.operator_calls) | escalation

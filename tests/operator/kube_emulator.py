@@ -2,7 +2,8 @@
 
 Each fix is small and named after the gap it closes (tests in test_emulator.py):
   namespaces    GET/POST /api/v1/namespaces[/NAME] crashed kmock's URL parser
-  metadata      uid, resourceVersion, creationTimestamp, generation assigned and bumped
+  metadata      uid, resourceVersion, creationTimestamp, generation assigned and bumped (by status too, for a
+                custom resource without a status subresource, such as kopf's peering objects)
   lists         List responses carry kind/apiVersion and the current resourceVersion
   discovery     core group-version is "v1", not "/v1"
   reasons       errors say NotFound / AlreadyExists / Invalid, as the real server does
@@ -294,8 +295,12 @@ class Emulator(kmock.KubernetesEmulator):
         meta["creationTimestamp"] = before.get("creationTimestamp") or datetime.datetime.now(datetime.UTC).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
-        changed = old is None or {k: v for k, v in old.items() if k not in ("metadata", "status")} != {
-            k: v for k, v in new.items() if k not in ("metadata", "status")
+        # A custom resource without a status subresource counts every change but metadata (kopf's peering
+        # objects); the others leave status out, as the built-in kinds do.
+        custom_plain = res in self._schemas and "status" not in self.resources[res].subresources
+        ignored = ("metadata",) if custom_plain else ("metadata", "status")
+        changed = old is None or {k: v for k, v in old.items() if k not in ignored} != {
+            k: v for k, v in new.items() if k not in ignored
         }
         meta["generation"] = before.get("generation", 0) + 1 if changed else before.get("generation", 1)
         meta["resourceVersion"] = before.get("resourceVersion", "")

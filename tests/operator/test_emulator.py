@@ -1,10 +1,12 @@
 """Each fix the emulator makes to kmock 0.8, checked over plain HTTP as any client would see it."""
 
 import json
+import pathlib
 import urllib.error
 import urllib.request
 
 import pytest
+import yaml
 from kube_emulator import matches_selector
 
 NS = "emu"
@@ -217,3 +219,36 @@ def test_a_json_patch_whose_test_fails_is_unprocessable(api):
     status, err = api("PATCH", f"{DEPLOYMENTS}/jp", ops, "application/json-patch+json")
     assert (status, err["reason"]) == (422, "Invalid")  # kopf retries a 422 on its next cycle, a 500 for a minute
     assert "finalizers" not in api("GET", f"{DEPLOYMENTS}/jp")[1]["metadata"]
+
+
+PEERING_CRDS = pathlib.Path(__file__).parents[2] / "crds" / "kopfpeering.yaml"
+
+
+def test_kopf_peering_objects_keep_alives_in_their_status(api, cluster):
+    # What kopf's peering does (kopf/_core/engines/peering.py): merge patches of the status of a custom
+    # resource that has no status subresource, a null removing a peer, watched by the other peers.
+    for crd in yaml.safe_load_all(PEERING_CRDS.read_text()):
+        url = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd['metadata']['name']}"
+        assert api("PATCH", f"{url}?fieldManager=t&force=true", crd, "application/apply-patch+yaml")[0] in (200, 201)
+    peerings = "/apis/kopf.dev/v1/clusterkopfpeerings"
+    status, created = api("POST", peerings, {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                                            "metadata": {"name": "emu"}})  # fmt: skip
+    assert status == 201 and "namespace" not in created["metadata"]  # cluster-scoped
+    merge = "application/merge-patch+json"
+    url = f"{cluster.url}{peerings}?watch=true&resourceVersion={created['metadata']['resourceVersion']}"
+    with urllib.request.urlopen(url, timeout=10) as stream:
+        peer = {"priority": -5, "lifetime": 60, "lastseen": "2026-01-01T00:00:00+00:00"}
+        _, a = api("PATCH", f"{peerings}/emu", {"status": {"a": peer, "b": {**peer, "priority": -6}}}, merge)
+        assert a["status"] == {"a": peer, "b": {**peer, "priority": -6}}
+        assert a["metadata"]["generation"] == 2  # no status subresource: status is part of the object
+        _, gone = api("PATCH", f"{peerings}/emu", {"status": {"a": None}}, merge)
+        assert gone["status"] == {"b": {**peer, "priority": -6}}
+        events = [json.loads(stream.readline()) for _ in range(2)]
+    assert [e["type"] for e in events] == ["MODIFIED", "MODIFIED"]
+    assert [sorted(e["object"]["status"]) for e in events] == [["a", "b"], ["b"]]
+    assert events[0]["object"]["metadata"]["resourceVersion"] == a["metadata"]["resourceVersion"]
+    assert events[1]["object"]["metadata"]["resourceVersion"] == gone["metadata"]["resourceVersion"]
+    status, plural = api("GET", "/apis/kopf.dev/v1")
+    found = {r["name"]: r for r in plural["resources"]}
+    assert found["clusterkopfpeerings"]["namespaced"] is False and found["kopfpeerings"]["namespaced"] is True
+    assert "clusterkopfpeerings/status" not in found

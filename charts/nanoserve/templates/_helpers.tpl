@@ -94,3 +94,18 @@ Children are written by server-side apply: `create` as well as `patch` for the f
   resources: [events]
   verbs: [create]
 {{- end }}
+
+{{/*
+kopf's peering (peering.yaml): it lists and watches the peering objects of its scope, and writes its keep-alive
+into the status of its own one by merge patch; the resync loop reads that one (operator/peering.py).
+The argument: the resource, clusterkopfpeerings (cluster-wide) or kopfpeerings (in each watched namespace).
+*/}}
+{{- define "nanoserve.peeringRules" -}}
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  verbs: [list, watch]
+- apiGroups: [kopf.dev]
+  resources: [{{ .resource }}]
+  resourceNames: [{{ include "nanoserve.fullname" .root }}]
+  verbs: [get, patch]
+{{- end }}
