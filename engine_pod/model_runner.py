@@ -52,6 +52,8 @@ class ModelRunner:
             raise
 
     def _build(self, config: Config, link: TPLink | None) -> None:
+        if self.device.type == "cuda":  # the KV cache budget counts this engine's peak, not an earlier one's
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.upload = Uploader(self.device)
         self.prev_tokens: torch.Tensor | None = None  # rank 0: the last step's sampled tokens, on the device
         set_tensor_parallel(self.rank, self.world)

@@ -27,7 +27,7 @@ def test_fp8_cache_holds_four_times_the_float32_blocks_within_a_logprob_bound(mo
     prompts = random_prompts(240, [30, 70], seed=2)
     runs = {}
     for kv_dtype in ("auto", "fp8"):
-        llm = LLM(model, kv_cache_dtype=kv_dtype, cpu_kvcache_gib=0.001, max_num_batched_tokens=32)
+        llm = LLM(model, device="cpu", kv_cache_dtype=kv_dtype, cpu_kvcache_gib=0.001, max_num_batched_tokens=32)
         try:
             runs[kv_dtype] = (llm.model_runner.kv_cache.dtype, llm.block_manager.num_blocks, scored(llm, prompts))
         finally:
