@@ -1,4 +1,8 @@
-"""Load Hugging Face safetensors into a (possibly tensor-parallel) model; each parameter loads its shard."""
+"""Load Hugging Face safetensors into a (possibly tensor-parallel) model; each parameter loads its shard.
+
+Streaming: one checkpoint file mapped at a time, one tensor read at a time, so host memory stays near one
+tensor (and an MXFP4 pair) whatever the model's size. Rank 0 shows vLLM's progress bar over the files.
+"""
 
 import glob
 import os
@@ -6,8 +10,10 @@ import os
 import torch
 from safetensors import safe_open
 from torch import nn
+from tqdm import tqdm
 
 from nanoserve.engine_pod.errors import ModelLoadError
+from nanoserve.engine_pod.layers.parallel import tp_rank
 
 FP8_DTYPES = {torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz}
 
@@ -20,7 +26,8 @@ def load_model(model: nn.Module, path: str) -> None:
     packed = getattr(model, "packed_modules_mapping", {})
     special = getattr(model, "weight_target", lambda name: None)  # e.g. MoE experts: checked first
     loaded: set[str] = set()
-    for file in files:
+    bar = tqdm(files, desc="Loading safetensors checkpoint shards", unit="shard", disable=tp_rank() != 0)
+    for file in bar:
         with safe_open(file, "pt", "cpu") as f:
             for name in f.keys():
                 target, shard = special(name) or _target(name, packed)
