@@ -35,8 +35,8 @@ class Config:
     max_model_len: int = setting(  # None: resolved in __post_init__, as the others below
         None,
         "most tokens in a sequence, prompt and output together (at most the model's length)",
-        unset=f"the model's length: max_position_embeddings or YaRN's extended length ({FALLBACK_MAX_MODEL_LEN} "
-        f"if it has none), as vLLM",
+        unset="the model's length: max_position_embeddings or YaRN's / dynamic NTK's extended length "
+        f"({FALLBACK_MAX_MODEL_LEN} if it has none), as vLLM",
     )
     max_num_seqs: int = setting(256, "most sequences running at once")
     max_num_batched_tokens: int = setting(
@@ -142,8 +142,8 @@ class Config:
             self.max_model_len = hf_max or FALLBACK_MAX_MODEL_LEN
         elif hf_max and self.max_model_len > hf_max:
             logging.getLogger("nanoserve.config").warning(
-                "max_model_len %d is beyond the model's length %d (max_position_embeddings, or YaRN's extended "
-                "length): using %d",
+                "max_model_len %d is beyond the model's length %d (max_position_embeddings, or YaRN's / dynamic "
+                "NTK's extended length): using %d",
                 self.max_model_len,
                 hf_max,
                 hf_max,

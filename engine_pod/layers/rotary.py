@@ -1,4 +1,15 @@
-"""Rotary position embedding (neox style, as Llama/Qwen), with linear, Llama-3 and YaRN frequency scaling."""
+"""Rotary position embedding (neox style, as Llama/Qwen), with linear, dynamic NTK, Llama-3, YaRN and LongRoPE
+frequency scaling: one cos/sin table indexed by position, also read by the fused Triton rotary kernels.
+
+transformers recomputes dynamic NTK's and LongRoPE's frequencies in each forward from the sequence's length;
+keys in a paged KV cache stay rotated as they were written, so here, as in vLLM, the frequencies are fixed
+for the served length (max_model_len, the table's length): dynamic NTK's base is the one transformers uses
+for a sequence of that length (vLLM's DynamicNTKScalingRotaryEmbedding at its default length, which is
+max_position_embeddings x factor), and LongRoPE takes its long factors for every position when that length
+passes original_max_position_embeddings, its short ones otherwise (vLLM's Phi3LongRoPEScaledRotaryEmbedding).
+transformers agrees wherever its sequence-length rule picks the same frequencies: dynamic NTK served at most
+max_position_embeddings long (unscaled) or a sequence of exactly max_model_len; LongRoPE served within the
+original length (short factors), or a prompt already past it (long factors for the whole sequence)."""
 
 import math
 
@@ -8,13 +19,22 @@ from torch import nn
 from nanoserve.engine_pod.layers.layernorm import RMSNorm
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict) -> tuple[torch.Tensor, float]:
-    """The rotary frequencies of each pair of dimensions, and the factor on cos and sin (YaRN's attention
-    factor; 1 for the others). `scaling` as rope_params.rope_parameters gives it."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+def inverse_frequencies(
+    head_dim: int, theta: float, scaling: dict, max_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """The rotary frequencies of each pair of dimensions, and the factor on cos and sin (YaRN's and LongRoPE's
+    attention factor; 1 for the others). `scaling` as rope_params.rope_parameters gives it; `max_len`, the
+    longest sequence served, fixes dynamic NTK's base and LongRoPE's factor set (module docstring)."""
     kind = scaling.get("rope_type", "default")
+    if kind == "dynamic":  # NTK-aware: a larger base for a sequence of max_len (transformers' formula)
+        old_len, factor = scaling.get("max_position_embeddings") or max_len or 1, scaling["factor"]
+        length = max(max_len or old_len, old_len)
+        theta = theta * (factor * length / old_len - (factor - 1)) ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if kind == "linear":
         return inv_freq / scaling["factor"], 1.0
+    if kind == "longrope":
+        return _longrope(inv_freq, scaling, max_len)
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -57,12 +77,26 @@ def _yarn(inv_freq: torch.Tensor, dim: int, theta: float, scaling: dict) -> tupl
     return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
 
 
+def _longrope(inv_freq: torch.Tensor, scaling: dict, max_len: int | None) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3, arXiv 2402.13753): each pair's frequency divided by its own factor, the long set when
+    sequences may pass the pretrained length; cos and sin scaled by `attention_factor`, by default
+    sqrt(1 + ln(s) / ln(pretrained length)) with s = `factor` or max_position_embeddings / pretrained length."""
+    old_len = scaling["original_max_position_embeddings"]
+    long = max_len is not None and max_len > old_len
+    factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        s = scaling.get("factor") or scaling["max_position_embeddings"] / old_len
+        attention = 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(old_len))
+    return inv_freq / factors, float(attention)
+
+
 class RotaryEmbedding(nn.Module):
     cos_sin: torch.Tensor  # [max_position, head_dim]: cos then sin (a buffer)
 
     def __init__(self, head_dim: int, max_position: int, theta: float, scaling: dict):
         super().__init__()
-        inv_freq, scale = inverse_frequencies(head_dim, theta, scaling)
+        inv_freq, scale = inverse_frequencies(head_dim, theta, scaling, max_position)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], -1) * scale, persistent=False)
 
