@@ -33,3 +33,15 @@ def engine_greedy(path: str, prompts, max_tokens=MAX_TOKENS, **kwargs) -> list[l
         return [o["token_ids"] for o in outs]
     finally:
         llm.exit()
+
+
+def preempted_greedy(path: str, prompts, num_blocks: int, repeat_from: int = 2) -> tuple[list[list[int]], int, int]:
+    """Greedy tokens of `prompts` + `prompts[repeat_from:]` (repeats that can hit the prefix cache) in a cache
+    of `num_blocks` blocks of 8, small enough to preempt: (tokens, preemptions, prefix-cache hit tokens)."""
+    llm = LLM(path, num_kvcache_blocks=num_blocks, kvcache_block_size=8)
+    try:
+        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        outs = llm.generate(prompts + prompts[repeat_from:], params)
+        return [o["token_ids"] for o in outs], llm.scheduler.num_preemptions, llm.block_manager.prefix_hits
+    finally:
+        llm.exit()

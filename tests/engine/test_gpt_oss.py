@@ -9,12 +9,12 @@ import shutil
 
 import pytest
 import torch
-from parity import MAX_TOKENS, engine_greedy, hf_greedy, random_prompts
+from parity import MAX_TOKENS, engine_greedy, hf_greedy, preempted_greedy, random_prompts
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import build_tiny_model
 
-from nanoserve.engine_pod import LLM, SamplingParams
+from nanoserve.engine_pod import LLM
 from nanoserve.engine_pod.errors import ModelLoadError
 from nanoserve.engine_pod.mxfp4 import quantize_mxfp4
 
@@ -63,15 +63,9 @@ def test_chunked_prefill_mixed_with_decode(case):
 
 def test_preemption_and_prefix_cache(case):
     path, _, prompts, expected = case
-    llm = LLM(path, num_kvcache_blocks=14, kvcache_block_size=8)
-    try:
-        outs = llm.generate(
-            prompts + prompts[3:], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        )
-        assert llm.scheduler.num_preemptions > 0
-        assert [o["token_ids"] for o in outs] == expected + expected[3:]
-    finally:
-        llm.exit()
+    tokens, preemptions, hits = preempted_greedy(path, prompts, num_blocks=14, repeat_from=3)
+    assert preemptions > 0 and hits > 0
+    assert tokens == expected + expected[3:]
 
 
 def test_tp2_equals_tp1(case):

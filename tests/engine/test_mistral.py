@@ -3,10 +3,8 @@ architectures take: preemption with prefix-cache hits, and TP=2 (gloo). Greedy a
 tests/engine/test_rope_scaling.py."""
 
 import pytest
-from parity import MAX_TOKENS, engine_greedy, hf_greedy, random_prompts
+from parity import MAX_TOKENS, engine_greedy, hf_greedy, preempted_greedy, random_prompts
 from tiny_models import build_tiny_model
-
-from nanoserve.engine_pod import LLM, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -18,14 +16,9 @@ def case(tmp_path_factory):
 
 def test_preemption_and_prefix_cache(case):
     path, prompts, expected = case
-    llm = LLM(path, num_kvcache_blocks=12, kvcache_block_size=8)
-    try:
-        params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        outs = llm.generate(prompts + prompts[2:], params)
-        assert llm.scheduler.num_preemptions > 0 and llm.block_manager.prefix_hits > 0
-        assert [o["token_ids"] for o in outs] == expected + expected[2:]
-    finally:
-        llm.exit()
+    tokens, preemptions, hits = preempted_greedy(path, prompts, num_blocks=12)
+    assert preemptions > 0 and hits > 0
+    assert tokens == expected + expected[2:]
 
 
 def test_tp2_equals_transformers(case):
