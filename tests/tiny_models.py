@@ -15,16 +15,20 @@ TINY = dict(
 )
 
 
-# Mixture-of-experts sizes: 8 or 4 small experts, top-2.
+# Mixture-of-experts sizes: 8 or 4 small experts, top-2 (Qwen2-MoE: and a shared expert, 96 wide so that
+# neither its weights nor a transposed load of them are square).
 TINY_MOE = {
     "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=96
+    ),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
 }
 
 
 def build_tiny_model(folder: str, arch: str, seed: int = 0, **overrides) -> str:
-    """Save a small random model of `arch` ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", ...) with its
-    tokenizer into `folder`."""
+    """Save a small random model of `arch` ("llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral",
+    ...) with its tokenizer into `folder`."""
     from nanoserve.engine_pod.random_model import save_random_model
 
     params = {**TINY, **TINY_MOE.get(arch, {}), **overrides, "model_type": arch}

@@ -3,7 +3,8 @@
 w13: [E, 2 * I, H] (each expert's gate rows, then its up rows), w2: [E, H, I]; gpt-oss adds biases (w13_bias
 [E, 2 * I], w2_bias [E, H]) and clamps its SwiGLU (`clamped_swiglu`). Under tensor parallelism
 every rank holds every expert's 1/tp slice of I (vLLM's fused_moe): gate_up is column-sharded, down
-row-sharded, and one all-reduce after the block sums the partial outputs.
+row-sharded, and one all-reduce after the block sums the partial outputs (`reduce_results=False`: the caller's,
+as Qwen2-MoE's block sums its shared expert's partial output in first).
 On CUDA the experts run as one Triton grouped GEMM (kernels/fused_moe.py); elsewhere a loop over experts
 (`fused_experts_ref`), which is also the kernel's test oracle.
 """
@@ -77,7 +78,7 @@ def _gate_then_up(t: torch.Tensor, axis: int) -> torch.Tensor:
 
 class FusedMoE(nn.Module):
     """The experts of one MoE layer: forward(x, router_logits) -> the weighted sum of each token's top-k
-    experts, all-reduced over the tensor-parallel ranks."""
+    experts, all-reduced over the tensor-parallel ranks (or this rank's partial sum: `reduce_results=False`)."""
 
     def __init__(
         self,
@@ -88,9 +89,11 @@ class FusedMoE(nn.Module):
         renormalize: bool,
         bias: bool = False,
         swiglu: Swiglu | None = None,
+        reduce_results: bool = True,
     ):
         super().__init__()
         self.num_experts, self.top_k, self.renormalize, self.swiglu = num_experts, top_k, renormalize, swiglu
+        self.reduce_results = reduce_results
         self.intermediate = divide(intermediate_size, "the experts' intermediate size")  # this rank's slice
         self.w13_weight = self._param(num_experts, 2 * self.intermediate, hidden_size)
         self.w2_weight = self._param(num_experts, hidden_size, self.intermediate)
@@ -165,4 +168,4 @@ class FusedMoE(nn.Module):
             out = fused_experts(*args)
         else:
             out = fused_experts_ref(*args)
-        return all_reduce(out)
+        return all_reduce(out) if self.reduce_results else out

@@ -202,17 +202,19 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(LinearBase):
-    """Input features split across ranks; partial sums are all-reduced (bias added once, on rank 0)."""
+    """Input features split across ranks; partial sums are all-reduced (bias added once, on rank 0), unless
+    `reduce_results` is False: then the caller sums them (an MoE block's shared expert, with its experts)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, reduce_results: bool = True):
         super().__init__(divide(in_features, "input features"), out_features, bias)
+        self.reduce_results = reduce_results
 
     def input_shard(self) -> int:
         return tp_rank() * self.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._linear(x, self.bias if tp_rank() == 0 else None)
-        return all_reduce(y)
+        return all_reduce(y) if self.reduce_results else y
 
 
 def quantize_model(model: nn.Module, cfg: dict) -> QuantConfig | None:

@@ -12,6 +12,8 @@ def _switches(arch: str, cfg: dict) -> dict:
         return dict(qkv_bias=bias, o_bias=bias, qk_norm=True)
     if arch == "Qwen2ForCausalLM":
         return dict(qkv_bias=True, o_bias=False, qk_norm=False)
+    if arch == "Qwen2MoeForCausalLM":  # Qwen2's attention; its config's qkv_bias (default True)
+        return dict(qkv_bias=bool(cfg.get("qkv_bias", True)), o_bias=False, qk_norm=False)
     if arch == "Gemma3ForCausalLM":
         return dict(qkv_bias=bias, o_bias=bias, qk_norm=True, gemma=True)
     if arch == "GptOssForCausalLM":
@@ -27,6 +29,7 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "MixtralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen2MoeForCausalLM",
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
 )
@@ -37,6 +40,7 @@ _BY_MODEL_TYPE = {
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
 }

@@ -1,16 +1,17 @@
 """The decoder-only transformer shared by Llama, Mistral, Qwen2, Qwen3, Gemma 3 and the MoE kin (Mixtral,
-Qwen3-MoE, gpt-oss); they differ only in small switches.
+Qwen3-MoE, Qwen2-MoE, gpt-oss); they differ only in small switches.
 
 Switches: `qkv_bias` (Qwen2), `qk_norm` (Qwen3, Gemma 3: RMSNorm on each head of q and k before rotary),
 `o_bias` (Llama with attention_bias), `sinks` (gpt-oss: a learned sink logit per head in each softmax),
-`moe` (which layers have a sparse MoE block instead of the MLP),
+`moe` (which layers have a sparse MoE block instead of the MLP, and its shared expert: a DecoderMLP),
 `gemma` (Gemma 3: (1 + w) RMSNorms, four a layer as the attention and MLP outputs are normed too, and
 embeddings times sqrt(hidden_size)). From the config: each layer's sliding window
 (sliding_window.layer_sliding_windows) and rope (rope_params.rope_parameters: Gemma 3 has one per layer
 type), the MLP's activation (Gemma's GeGLU), query_pre_attn_scalar and final_logit_softcapping (Gemma 3;
 its attn_logit_softcapping goes unused, as in transformers' Gemma 3).
 Weights load from Hugging Face names through `packed_modules_mapping` (q/k/v -> qkv_proj, gate/up ->
-gate_up_proj) and, for MoE checkpoints, `weight_target` (each expert's tensors -> the stacked experts).
+gate_up_proj, a shared expert's too) and, for MoE checkpoints, `weight_target` (each expert's tensors -> the
+stacked experts).
 """
 
 import torch
@@ -72,10 +73,11 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, bias: bool, act: str = "silu"):
+    def __init__(self, hidden: int, intermediate: int, bias: bool, act: str = "silu", reduce_results: bool = True):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias)
+        # reduce_results=False: this rank's partial sum (a shared expert, summed with the routed experts')
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias, reduce_results=reduce_results)
         self.act_fn = act_and_mul(act)  # silu, or Gemma's gelu_pytorch_tanh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,11 +92,12 @@ class DecoderLayer(nn.Module):
         hidden, eps = cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6)
         self.self_attn = DecoderAttention(cfg, max_position, sliding_window=sliding_window, **switches)
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
-        self.mlp = (
-            SparseMoeBlock(hidden, sparse)
-            if sparse is not None
-            else DecoderMLP(hidden, cfg["intermediate_size"], cfg.get("mlp_bias", False), act)
-        )
+        if sparse is None:
+            self.mlp = DecoderMLP(hidden, cfg["intermediate_size"], cfg.get("mlp_bias", False), act)
+        else:
+            size = sparse.shared_intermediate_size
+            shared = DecoderMLP(hidden, size, False, act, reduce_results=False) if size else None
+            self.mlp = SparseMoeBlock(hidden, sparse, shared)
         gemma = switches.get("gemma", False)
         norm = GemmaRMSNorm if gemma else RMSNorm
         self.input_layernorm = norm(hidden, eps)

@@ -1,9 +1,15 @@
-"""The sparse MoE block of Qwen3-MoE, Mixtral and gpt-oss, which layers have one, and its checkpoint names.
+"""The sparse MoE block of Qwen3-MoE, Qwen2-MoE, Mixtral and gpt-oss, which layers have one, and its
+checkpoint names.
 
 All route with a replicated linear `gate` (softmax, top-k); Mixtral always renormalises the top-k
-weights, Qwen3-MoE when `norm_topk_prob`; gpt-oss's router has a bias and takes the softmax of the top-k
-logits (the renormalised top-k of the softmax), its experts have biases and a clamped SwiGLU.
-Qwen3-MoE makes layer i sparse unless it is in `mlp_only_layers` or (i + 1) is not a multiple of
+weights, Qwen3-MoE and Qwen2-MoE when `norm_topk_prob`; gpt-oss's router has a bias and takes the softmax of
+the top-k logits (the renormalised top-k of the softmax), its experts have biases and a clamped SwiGLU.
+Qwen2-MoE adds a shared expert that every token takes: a dense SwiGLU MLP of
+`shared_expert_intermediate_size` (the decoder's dense MLP, sharded as one), its output times
+sigmoid(shared_expert_gate(x)) (a replicated linear hidden -> 1) added to the experts'; under TP both
+partial sums are added first and all-reduced once. Its checkpoint names (mlp.shared_expert.gate_proj/up_proj/
+down_proj) load through the decoder's packed_modules_mapping like a dense MLP's, mlp.shared_expert_gate as is.
+Qwen3-MoE and Qwen2-MoE make layer i sparse unless it is in `mlp_only_layers` or (i + 1) is not a multiple of
 `decoder_sparse_step`; the others keep a dense MLP of `intermediate_size`.
 """
 
@@ -15,6 +21,7 @@ from torch import nn
 
 from nanoserve.engine_pod.layers.fused_moe import FusedMoE
 from nanoserve.engine_pod.layers.linear import LinearBase
+from nanoserve.engine_pod.layers.parallel import all_reduce
 
 
 @dataclass(frozen=True)
@@ -26,6 +33,7 @@ class MoeSpec:
     sparse_layers: frozenset[int]
     bias: bool = False  # on the router and the experts (gpt-oss)
     swiglu: tuple[float, float] | None = None  # gpt-oss's clamped SwiGLU (alpha, limit); None: SiLU(gate) * up
+    shared_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert; 0: none
 
 
 def moe_spec(arch: str, cfg: dict) -> MoeSpec | None:
@@ -39,31 +47,49 @@ def moe_spec(arch: str, cfg: dict) -> MoeSpec | None:
         experts, top_k = cfg.get("num_local_experts", 128), cfg.get("num_experts_per_tok", 4)
         swiglu = (cfg.get("swiglu_alpha", 1.702), cfg.get("swiglu_limit", 7.0))
         return MoeSpec(experts, top_k, cfg["intermediate_size"], True, frozenset(layers), True, swiglu)
-    if arch == "Qwen3MoeForCausalLM":
+    if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
+        qwen2 = arch == "Qwen2MoeForCausalLM"  # transformers' defaults differ, and it has a shared expert
         # Published checkpoints say num_experts; transformers 5 saves its alias num_local_experts.
-        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 128
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or (60 if qwen2 else 128)
         dense, step = set(cfg.get("mlp_only_layers") or []), cfg.get("decoder_sparse_step", 1)
         sparse = frozenset(i for i in layers if i not in dense and experts > 0 and (i + 1) % step == 0)
         return MoeSpec(
             experts,
-            cfg.get("num_experts_per_tok", 8),
-            cfg.get("moe_intermediate_size", 768),
+            cfg.get("num_experts_per_tok", 4 if qwen2 else 8),
+            cfg.get("moe_intermediate_size", 1408 if qwen2 else 768),
             bool(cfg.get("norm_topk_prob", False)),
             sparse,
+            shared_intermediate_size=cfg.get("shared_expert_intermediate_size", 5632) if qwen2 else 0,
         )
     return None
 
 
 class SparseMoeBlock(nn.Module):
-    def __init__(self, hidden_size: int, spec: MoeSpec):
+    """The routed experts, plus `shared_expert` where the architecture has one (Qwen2-MoE: the decoder's
+    dense MLP, built not to all-reduce): the block then sums both partial outputs and all-reduces once."""
+
+    def __init__(self, hidden_size: int, spec: MoeSpec, shared_expert: nn.Module | None = None):
         super().__init__()
         self.gate = LinearBase(hidden_size, spec.num_experts, bias=spec.bias)  # the router: the same on every rank
         self.experts = FusedMoE(
-            spec.num_experts, spec.top_k, hidden_size, spec.intermediate_size, spec.renormalize, spec.bias, spec.swiglu
+            spec.num_experts,
+            spec.top_k,
+            hidden_size,
+            spec.intermediate_size,
+            spec.renormalize,
+            spec.bias,
+            spec.swiglu,
+            reduce_results=shared_expert is None,
         )
+        self.shared_expert = shared_expert
+        # hidden -> 1, replicated like the router: each rank scales its partial sum by the same factor
+        self.shared_expert_gate = LinearBase(hidden_size, 1, bias=False) if shared_expert is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate(x))
+        out = self.experts(x, self.gate(x))
+        if self.shared_expert is None or self.shared_expert_gate is None:
+            return out
+        return all_reduce(out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x))
 
 
 # One expert's weight as published checkpoints name it (Qwen: gate/up/down_proj; Mixtral: w1/w3/w2 under

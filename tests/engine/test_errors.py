@@ -71,8 +71,8 @@ def test_unsupported_architecture(tiny_models, tmp_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = ["GPT2LMHeadModel"], "gpt2"
     (folder / "config.json").write_text(json.dumps(cfg))
-    supported = "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
-    supported += "Qwen3MoeForCausalLM"
+    supported = "LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM, "
+    supported += "Qwen3ForCausalLM, Qwen3MoeForCausalLM"
     with pytest.raises(ModelLoadError, match=supported):
         LLM(str(folder))
 
