@@ -53,7 +53,7 @@ run() {
   grep -E "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" | tail -n +$(( $(cat "$OUT/.seen" 2>/dev/null || echo 0) + 1 ))
   grep -cE "RESULT|passed|failed|rror|HUNG" "$OUT/log.txt" > "$OUT/.seen"
 }
-want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py tests/engine/test_gpu_moe.py tests/engine/test_fp8_kv_cache.py -k "not tp2"
+want tests && run 400 python -m pytest -q -p no:cacheprovider tests/kernels tests/engine/test_gpu.py tests/engine/test_gpu_moe.py tests/engine/test_gpu_fp8_weights.py tests/engine/test_fp8_kv_cache.py -k "not tp2"
 want tp && [ "$NGPU" -ge 2 ] && run 150 python -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py -k tp2
 want kernel && run 200 python bench/attention_kernel.py
 want kernel && run 100 python bench/sampling_kernel.py

@@ -286,6 +286,7 @@ class ModelRunner:
         this process: the KV cache is sized from the free memory."""
         self.graphs = self.deferred = self.prev_tokens = None
         self.attention_layers = []
+        set_tensor_parallel(0, 1)  # what the layers of a model built next in this process read by default
         for name in ("model", "kv_cache"):
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":

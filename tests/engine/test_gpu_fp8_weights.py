@@ -1,0 +1,77 @@
+"""On a GPU (skipped without CUDA): FP8 weight checkpoints run as FP8 GEMMs (torch._scaled_mm, W8A8 with
+per-token dynamic or static activation scales), block-wise ones dequantized to bf16 at load; the engine's
+top-20 logprobs for the prefill and two decode steps against the same engine on the dequantized weights
+(bf16 GEMMs): what activation quantization costs, within a bound measured on an H200."""
+
+import random
+
+import pytest
+import torch
+from fp8_checkpoints import ct_config, fp8_config, make_fp8
+
+from nanoserve.engine_pod import LLM, SamplingParams
+from nanoserve.engine_pod.layers.linear import LinearBase
+from nanoserve.engine_pod.random_model import save_random_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CONFIG = dict(
+    model_type="qwen3",
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=2048,
+    initializer_range=0.1,
+    tie_word_embeddings=False,
+    eos_token_id=None,
+    bos_token_id=None,
+)
+CASES = {
+    # name: quantization_config, weight strategy, block, static input scales, weights kept in float8
+    "ct-channel-token": (ct_config("channel", "token", ["lm_head"]), "channel", None, False, True),
+    "ct-tensor-static": (ct_config("tensor", "static", ["lm_head"]), "tensor", None, True, True),
+    "fp8-block": (fp8_config((128, 128), ["lm_head"]), "block", (128, 128), False, False),
+}
+THREE = SamplingParams(temperature=0, max_tokens=3, logprobs=20, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu-fp8")
+    return root, save_random_model(str(root / "qwen3"), CONFIG, seed=7, dtype=torch.bfloat16)
+
+
+def run(path: str, prompts) -> tuple[list, dict]:
+    llm = LLM(path, max_model_len=1024, num_kvcache_blocks=512)
+    try:
+        dtypes = {n: m.weight.dtype for n, m in llm.model_runner.model.named_modules() if isinstance(m, LinearBase)}
+        return llm.generate(prompts, THREE), dtypes
+    finally:
+        llm.exit()
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_fp8_weights_on_gpu_against_their_dequantized_weights(base, case):
+    root, path = base
+    qcfg, strategy, block, static, kept = CASES[case]
+    fp8_path, deq_path = make_fp8(path, str(root / case), qcfg, strategy, block, static=static)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1000) for _ in range(n)] for n in (1, 9, 16, 100, 300)]
+    fp8, dtypes = run(fp8_path, prompts)
+    ref, _ = run(deq_path, prompts)
+    assert dtypes["model.layers.0.mlp.gate_up_proj"] == (torch.float8_e4m3fn if kept else torch.bfloat16)
+    assert dtypes["lm_head"] == torch.bfloat16  # ignored: left in the model's dtype
+    diffs, same = [], 0
+    for a, b in zip(fp8, ref):
+        for i in range(3):
+            ref_top = dict(b["logprobs"][i].top)
+            ours = dict(a["logprobs"][i].top)
+            diffs += [abs(ours[t] - lp) for t, lp in ref_top.items() if t in ours]
+            same += a["token_ids"][i] == b["token_ids"][i]
+    mean, worst = sum(diffs) / len(diffs), max(diffs)
+    print(f"{case}: top-20 logprob |diff| mean {mean:.4f} max {worst:.4f}, same tokens {same}/15")
+    assert mean < 0.15 and worst < 0.6 and same >= 12
