@@ -6,7 +6,8 @@ vLLM does."""
 
 from nanoserve.engine_pod.errors import ModelLoadError
 
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")  # what layers/rotary.py computes
+# What layers/rotary.py computes: transformers' ROPE_INIT_FUNCTIONS, and the default.
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "proportional")
 
 
 def rope_parameters(hf_config: dict, layer_type: str = "full_attention") -> tuple[float, dict]:
@@ -28,8 +29,13 @@ def rope_parameters(hf_config: dict, layer_type: str = "full_attention") -> tupl
     kind = "longrope" if kind == "su" else kind  # Phi-3's first name for it (vLLM and transformers map it)
     if kind not in ROPE_TYPES:
         raise ModelLoadError(f"rope type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
-    if (scaling.get("partial_rotary_factor") or hf_config.get("partial_rotary_factor") or 1.0) != 1.0:
-        raise ModelLoadError("a partial rotary embedding (partial_rotary_factor < 1) is not supported")
+    partial = scaling.get("partial_rotary_factor") or hf_config.get("partial_rotary_factor") or 1.0
+    if kind == "proportional":  # its unrotated dimensions keep the table head_dim wide (layers/rotary.py)
+        scaling["partial_rotary_factor"] = partial
+    elif partial != 1.0:
+        raise ModelLoadError(
+            "a partial rotary embedding (partial_rotary_factor < 1) is supported with rope type 'proportional' only"
+        )
     scaling["rope_type"] = kind
     if kind in ("llama3", "yarn", "longrope"):
         top = hf_config.get("original_max_position_embeddings")

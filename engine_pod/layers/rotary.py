@@ -1,5 +1,7 @@
-"""Rotary position embedding (neox style, as Llama/Qwen), with linear, dynamic NTK, Llama-3, YaRN and LongRoPE
-frequency scaling: one cos/sin table indexed by position, also read by the fused Triton rotary kernels.
+"""Rotary position embedding (neox style, as Llama/Qwen), with linear, dynamic NTK, Llama-3, YaRN, LongRoPE and
+proportional frequency scaling: one cos/sin table indexed by position, also read by the fused Triton rotary
+kernels. Proportional rope (Gemma 4's) rotates only the first partial_rotary_factor of each head's pairs: the
+rest get frequency 0 (cos 1, sin 0), so the table stays head_dim wide.
 
 transformers recomputes dynamic NTK's and LongRoPE's frequencies in each forward from the sequence's length;
 keys in a paged KV cache stay rotated as they were written, so here, as in vLLM, the frequencies are fixed
@@ -33,6 +35,9 @@ def inverse_frequencies(
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if kind == "linear":
         return inv_freq / scaling["factor"], 1.0
+    if kind == "proportional":
+        rotated = int(scaling.get("partial_rotary_factor", 1.0) * head_dim // 2)
+        return torch.cat([inv_freq[:rotated], torch.zeros(head_dim // 2 - rotated)]) / scaling.get("factor", 1.0), 1.0
     if kind == "longrope":
         return _longrope(inv_freq, scaling, max_len)
     if kind == "llama3":

@@ -43,6 +43,8 @@ SCALINGS = {
     },
     "yarn-no-truncate": {"rope_type": "yarn", "factor": 3.0, "original_max_position_embeddings": 48, "truncate": False},
     "yarn-factor-from-lengths": {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 64},
+    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "factor": 2.0},
+    "proportional-whole": {"rope_type": "proportional"},
 }
 
 
@@ -87,8 +89,10 @@ def test_model_length_yarn_extends_and_a_sliding_window_does_not_bound():
     assert model_max_len(phi3) == 131072
     assert rope_parameters(phi3)[1]["original_max_position_embeddings"] == 4096
     assert rope_parameters(phi3)[1]["rope_type"] == "longrope"
-    with pytest.raises(ModelLoadError, match="rope type 'proportional' is not supported"):
-        model_max_len({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
+    with pytest.raises(ModelLoadError, match="rope type 'mrope' is not supported"):
+        model_max_len({"max_position_embeddings": 64, "rope_scaling": {"rope_type": "mrope", "factor": 2.0}})
+    with pytest.raises(ModelLoadError, match="with rope type 'proportional' only"):
+        rope_parameters({"partial_rotary_factor": 0.5, "rope_theta": 10000.0})
 
 
 def _table(inv_freq: torch.Tensor, length: int, scale: float = 1.0) -> torch.Tensor:
