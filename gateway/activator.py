@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
+from nanoserve.gateway.config import GatewayConfig
 from nanoserve.gateway.endpoints import EndpointPool
+from nanoserve.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +52,12 @@ class ScaleClient:
 
 
 class Activator:
-    def __init__(
-        self,
-        pool: EndpointPool,
-        scale: Any,
-        activation_timeout: float,
-        max_held: int,
-        idle_after: float,
-        metrics_max_age: float,
-        on_change: Callable[[str], None] = lambda event: None,
-    ) -> None:
-        self.pool, self.client = pool, scale
-        self.activation_timeout, self.max_held, self.idle_after = activation_timeout, max_held, idle_after
-        self.metrics_max_age = metrics_max_age
-        self.on_change = on_change  # "held", "scale_up", "scale_down": for the metrics
+    """`scale`: a ScaleClient, or anything with its replicas() and scale(n)."""
+
+    def __init__(self, pool: EndpointPool, scale: Any, config: GatewayConfig, metrics: GatewayMetrics) -> None:
+        self.pool, self.client, self.metrics = pool, scale, metrics
+        self.activation_timeout, self.max_held = config.activation_timeout, config.max_held_requests
+        self.idle_after, self.metrics_max_age = config.scale_to_zero_after, config.metrics_max_age
         self.held = 0
         self.last_busy = time.monotonic()
         self._waking: asyncio.Task | None = None
@@ -85,7 +78,7 @@ class Activator:
             return f"{self.held} requests already wait for an engine to start"
         self.held += 1
         self.last_busy = time.monotonic()
-        self.on_change("held")
+        self.metrics.held_requests.set(self.held)
         try:
             if self._waking is None or self._waking.done():
                 self._waking = asyncio.create_task(self._wake())
@@ -98,14 +91,14 @@ class Activator:
         finally:
             self.held -= 1
             self.last_busy = time.monotonic()
-            self.on_change("held")
+            self.metrics.held_requests.set(self.held)
 
     async def _wake(self) -> None:
         try:
             if await asyncio.to_thread(self.client.replicas) == 0:
                 await asyncio.to_thread(self.client.scale, 1)
                 log.info("scaled from zero: no engine for a request")
-                self.on_change("scale_up")
+                self.metrics.scale_events.labels("up").inc()
         except Exception as e:  # noqa: BLE001 - API errors: the held requests time out with a 503
             log.warning("could not scale from zero: %r", e)
 
@@ -122,7 +115,7 @@ class Activator:
                 if await asyncio.to_thread(self.client.replicas) > 0 and not self.busy_now():
                     await asyncio.to_thread(self.client.scale, 0)
                     log.info("scaled to zero: idle for %g s", self.idle_after)
-                    self.on_change("scale_down")
+                    self.metrics.scale_events.labels("down").inc()
             except Exception as e:  # noqa: BLE001 - API errors: try again at the next tick
                 log.warning("could not scale to zero: %r", e)
             self.last_busy = time.monotonic()

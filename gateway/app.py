@@ -82,31 +82,12 @@ class Gateway:
         else:
             self.set_targets(static_targets(self.config.engines))
         if self.config.scale_target:
-            self.activator = self._activator(ScaleClient(self.config.scale_target, self.config.namespace))
+            scale = ScaleClient(self.config.scale_target, self.config.namespace)
+            self.activator = Activator(self.pool, scale, self.config, self.metrics)
+            if self.config.scale_to_zero_after > 0:
+                self._background.append(asyncio.create_task(self.activator.run_idle_scaler()))
         if self.metrics.multiprocess_dir:  # a worker of several: keep its share of the shared gauges current
             self._background.append(asyncio.create_task(self._refresh_metrics()))
-
-    def _activator(self, scale: object) -> Activator:
-        cfg = self.config
-
-        def changed(event: str) -> None:
-            if event == "held":
-                self.metrics.held_requests.set(activator.held)
-            else:
-                self.metrics.scale_events.labels("up" if event == "scale_up" else "down").inc()
-
-        activator = Activator(
-            self.pool,
-            scale,
-            cfg.activation_timeout,
-            cfg.max_held_requests,
-            cfg.scale_to_zero_after,
-            cfg.metrics_max_age,
-            changed,
-        )
-        if cfg.scale_to_zero_after > 0:
-            self._background.append(asyncio.create_task(activator.run_idle_scaler()))
-        return activator
 
     async def _refresh_metrics(self) -> None:
         while True:
