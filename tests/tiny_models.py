@@ -15,6 +15,24 @@ TINY = dict(
 )
 
 
+# The GPU tests' random Qwen3 (bf16 there): big enough for the Triton kernels' tiles.
+GPU_QWEN3 = dict(
+    model_type="qwen3",
+    vocab_size=1024,
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=2048,
+    initializer_range=0.1,
+    tie_word_embeddings=True,
+    eos_token_id=None,
+    bos_token_id=None,
+)
+
+
 # Mixture-of-experts sizes: 8 or 4 small experts, top-2 (Qwen2-MoE: and a shared expert, 96 wide so that
 # neither its weights nor a transposed load of them are square).
 TINY_MOE = {

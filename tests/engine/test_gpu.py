@@ -6,27 +6,14 @@ import random
 
 import pytest
 import torch
+from tiny_models import GPU_QWEN3
 
 from nanoserve.engine_pod import LLM, SamplingParams
 from nanoserve.engine_pod.random_model import save_random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-CONFIG = dict(
-    model_type="qwen3",
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    max_position_embeddings=2048,
-    initializer_range=0.1,
-    tie_word_embeddings=True,
-    eos_token_id=None,
-    bos_token_id=None,
-)
+CONFIG = GPU_QWEN3
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 

@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from fp8_checkpoints import ct_config, fp8_config, make_fp8
+from tiny_models import GPU_QWEN3
 
 from nanoserve.engine_pod import LLM, SamplingParams
 from nanoserve.engine_pod.layers.linear import LinearBase, fp8_linear
@@ -16,21 +17,7 @@ from nanoserve.engine_pod.random_model import save_random_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
-CONFIG = dict(
-    model_type="qwen3",
-    vocab_size=1024,
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    head_dim=64,
-    max_position_embeddings=2048,
-    initializer_range=0.1,
-    tie_word_embeddings=False,
-    eos_token_id=None,
-    bos_token_id=None,
-)
+CONFIG = {**GPU_QWEN3, "tie_word_embeddings": False}  # lm_head its own (ignored: left in bf16)
 CASES = {
     # name: quantization_config, weight strategy, block, static input scales, weights kept in float8
     "ct-channel-token": (ct_config("channel", "token", ["lm_head"]), "channel", None, False, True),
