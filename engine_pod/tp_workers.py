@@ -47,6 +47,15 @@ def describe_exit(code: int) -> str:
     return f"exit code {code}"
 
 
+def worker_context() -> mp.context.BaseContext:
+    """Workers fork from a forkserver that has imported torch and the model code once per process (a
+    fresh interpreter, like spawn: no CUDA state or threads are inherited), so that a worker starts in
+    ~0.1 s instead of importing torch again (~1.5 s)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["nanoserve.engine_pod.model_runner"])
+    return ctx
+
+
 class Workers:
     """The spawned worker processes, the shared-memory segment rank 0 writes commands into, and the events."""
 
@@ -55,7 +64,7 @@ class Workers:
         name = f"nanoserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         blocks_per_seq = -(-config.max_model_len // config.kvcache_block_size)
         size = 2**20 + 16 * (4 * config.max_num_batched_tokens + config.max_num_seqs * (blocks_per_seq + 4))
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
         ranks = range(1, config.tensor_parallel_size)
         # The rendezvous port, held until the workers stop: no other process takes it before rank 0 binds it.
         self.port = PortReservation()

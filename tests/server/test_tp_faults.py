@@ -15,14 +15,25 @@ import pytest
 from procs import reserve_port, wait_http
 
 
-def spawned_children(pid: int) -> list[int]:
-    """The processes `pid` spawned with multiprocessing (not its resource tracker): the server's engine core,
-    the engine core's tensor-parallel workers."""
+def _children(pid: int) -> list[int]:
     children = set()
     for task in os.listdir(f"/proc/{pid}/task"):
         with open(f"/proc/{pid}/task/{task}/children") as f:
             children.update(int(c) for c in f.read().split())
-    return [c for c in sorted(children) if b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
+    return sorted(children)
+
+
+def spawned_children(pid: int) -> list[int]:
+    """The processes `pid` started with multiprocessing (not its resource tracker): the server's engine core
+    (spawned), the engine core's tensor-parallel workers (forked by its forkserver)."""
+    found = []
+    for c in _children(pid):
+        cmdline = open(f"/proc/{c}/cmdline", "rb").read()
+        if b"spawn_main" in cmdline:
+            found.append(c)
+        elif b"forkserver" in cmdline:
+            found += _children(c)
+    return found
 
 
 async def _probe(url: str) -> dict[str, list[int]]:
