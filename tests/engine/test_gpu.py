@@ -232,10 +232,6 @@ def test_engines_one_after_another_in_one_process_get_the_memory_back(model_path
     assert sizes[1] >= 0.95 * sizes[0]
 
 
-def _cuda_matmul(queue) -> None:
-    x = torch.ones(64, 64, device="cuda")
-    queue.put(float((x @ x).sum()))
-
 
 def test_a_worker_forked_by_the_forkserver_can_use_cuda_after_rank_0_did():
     # TP workers fork from a forkserver that imported the model code: that import must not initialize CUDA
@@ -243,12 +239,7 @@ def test_a_worker_forked_by_the_forkserver_can_use_cuda_after_rank_0_did():
     from nanoserve.engine_pod.tp_workers import worker_context
 
     torch.ones(1, device="cuda")
-    ctx = worker_context()
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_cuda_matmul, args=(queue,))
+    proc = worker_context().Process(target=torch.cuda.init)  # raises in a child that cannot use CUDA
     proc.start()
-    try:
-        assert queue.get(timeout=120) == 64.0**3
-    finally:
-        proc.join(timeout=30)
+    proc.join(timeout=120)
     assert proc.exitcode == 0
