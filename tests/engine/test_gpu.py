@@ -232,7 +232,6 @@ def test_engines_one_after_another_in_one_process_get_the_memory_back(model_path
     assert sizes[1] >= 0.95 * sizes[0]
 
 
-
 def test_a_worker_forked_by_the_forkserver_can_use_cuda_after_rank_0_did():
     # TP workers fork from a forkserver that imported the model code: that import must not initialize CUDA
     # (a forked child could not use it), whatever rank 0 has done with CUDA by then.
