@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
+from nanoserve.common.gc_heap import freeze_heap
 from nanoserve.engine_pod.config import Config
 
 
@@ -78,6 +79,7 @@ def engine_process(model: str, engine_kwargs: dict, inbox: Connection, outbox: C
     except BaseException as e:
         outbox.send(("failed", portable(e)))
         raise SystemExit(1) from None
+    freeze_heap()  # torch's and the model's objects: the step loop's collections need not walk them
     try:
         outbox.send(("ready", EngineInfo(engine.config, engine.block_manager.num_blocks)))
         EngineCore(engine, outbox).run(inbox)

@@ -7,6 +7,7 @@ import signal
 
 from aiohttp import web
 
+from nanoserve.common.gc_heap import freeze_heap
 from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.common.ports import LISTEN_BACKLOG
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
@@ -87,6 +88,7 @@ async def run_server(
             tokenizer_info, state.tokenizer, state.tokenizer_files, name, engine.config.kvcache_block_size
         )
         state.engine = engine
+        freeze_heap()
         log.info(
             "ready: model %s, %d KV blocks of %d tokens; engine core pid %d",
             name,

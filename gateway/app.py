@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from nanoserve.common.gc_heap import freeze_heap
 from nanoserve.common.http_logs import quiet_client_faults
 from nanoserve.common.ports import LISTEN_BACKLOG
 from nanoserve.gateway.activator import Activator, ScaleClient
@@ -309,4 +310,8 @@ async def run_gateway(config: GatewayConfig) -> None:
             config.policy,
             config.engines or f"service {config.namespace}/{config.service}",
         )
+        # Once ready, the engines' tokenizer (transformers) is loaded: what exists then lives as long as we do.
+        while not gw.ready_now()[0]:
+            await asyncio.sleep(0.1)
+        freeze_heap()
         await asyncio.Event().wait()

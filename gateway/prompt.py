@@ -131,7 +131,7 @@ def build_prompt(path: str, body: dict, tokenizers: list[PromptTokenizer], salt_
     prompt = Prompt(request_text(path, body), salt=request_salt(body, salt_key))
     if not path.endswith("/chat/completions"):
         raw = _first_prompt(body.get("prompt"))
-        if isinstance(raw, list) and all(type(t) is int for t in raw):  # (no bool: not a token id)
+        if isinstance(raw, list) and set(map(type, raw)) <= {int}:  # (no bool: not a token id; C-speed)
             prompt.given_ids = raw
             return prompt
     for tok in tokenizers:
