@@ -98,10 +98,11 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
   ready http://127.0.0.1:8700
   # Each run other prompt ids (--salt): none finds the previous one's prompts in the prefix cache.
   run 150 python bench/serving.py $direct --both --salt 1 --label "$label-direct"
-  # A gateway of one process, then one of GATEWAY_WORKERS (default 4) on the same port, one at a time; the
-  # burst's TTFT varies by ~100 ms from run to run, so direct runs alternate with the gateway's (SERVING_BURSTS each).
-  local w
-  for w in 1 "${GATEWAY_WORKERS:-4}"; do
+  # Gateways of each of GATEWAY_WORKERS processes (default 4, then 8) on the same port, one at a time; the
+  # burst's TTFT varies by tens of ms from run to run, so direct runs alternate with the gateway's (SERVING_BURSTS
+  # each): compare each gateway run with the direct runs beside it. The last gateway also takes the Poisson run.
+  local w workers=(${GATEWAY_WORKERS:-4 8})
+  for w in "${workers[@]}"; do
     python -m nanoserve.gateway --host 127.0.0.1 --port 8701 --engine http://127.0.0.1:8700 --log-level WARNING \
       --workers $w >>"$OUT/gateway.log" 2>&1 & local gw=$!
     ready http://127.0.0.1:8701
@@ -109,12 +110,12 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
       run 150 python bench/serving.py $via --stream --salt $((10 * w + 2 * i)) --label "$label-gateway-w$w"
       run 150 python bench/serving.py $direct --stream --salt $((10 * w + 2 * i + 1)) --label "$label-direct-stream"
     done
-    [ $w = 1 ] && { kill $gw; wait $gw 2>/dev/null; }
+    [ $w != "${workers[-1]}" ] && { kill $gw; wait $gw 2>/dev/null; }
   done
   run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 4 \
     --label "$label-poisson32"
   run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 5 \
-    --label "$label-gateway-w${GATEWAY_WORKERS:-4}-poisson32"
+    --label "$label-gateway-w${workers[-1]}-poisson32"
   kill $gw; kill $srv; wait $srv $gw 2>/dev/null
 }
 want serving && serve_and_bench default

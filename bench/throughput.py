@@ -13,7 +13,9 @@ meaningful acceptance rate; the random Qwen3-0.6B weights copy nothing. Steps wi
 """
 
 import argparse
+import contextlib
 import functools
+import gc
 import json
 import os
 import sys
@@ -125,6 +127,29 @@ def summarize_steps(steps, kv_bytes_per_token: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def gc_pauses():
+    """The garbage collector's collections per generation and their time while the block runs."""
+    out = {"collections": [0, 0, 0], "ms": 0.0, "max_ms": 0.0}
+    began = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            began[0] = time.perf_counter()
+            return
+        ms = (time.perf_counter() - began[0]) * 1000
+        out["collections"][info["generation"]] += 1
+        out["ms"] += ms
+        out["max_ms"] = max(out["max_ms"], ms)
+
+    gc.callbacks.append(callback)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(callback)
+        out["ms"], out["max_ms"] = round(out["ms"], 1), round(out["max_ms"], 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--enforce-eager", action="store_true")
@@ -173,8 +198,9 @@ def main() -> None:
     steps = record_steps(llm) if args.profile else None
     torch.cuda.synchronize()
     t = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
+    with gc_pauses() as pauses:
+        outs = llm.generate(prompts, params)
+        torch.cuda.synchronize()
     t = time.perf_counter() - t
     assert sum(len(o["token_ids"]) for o in outs) == output_tokens
     result = {
@@ -198,6 +224,8 @@ def main() -> None:
         "preemptions": llm.scheduler.num_preemptions,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "card": torch.cuda.get_device_name(),
+        "gc": pauses,  # the garbage collector's pauses in the measured run
+        "gc_tracked_objects": len(gc.get_objects()),
     }
     if llm.config.speculative is not None:
         spec = llm.spec_stats
