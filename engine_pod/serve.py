@@ -4,6 +4,7 @@ engine fault or a drain that had to cut requests)."""
 import asyncio
 import logging
 import signal
+from typing import Any
 
 from aiohttp import web
 
@@ -13,6 +14,7 @@ from nanoserve.common.ports import LISTEN_BACKLOG
 from nanoserve.common.tokenizer_export import export_files, tokenizer_info
 from nanoserve.engine_pod.async_engine import AsyncEngine
 from nanoserve.engine_pod.auth import load_api_keys
+from nanoserve.engine_pod.default_model import existing_folder
 from nanoserve.engine_pod.errors import ServerShutdown
 from nanoserve.engine_pod.server import ServerState, create_app
 from nanoserve.engine_pod.server_logs import banner, log_stats
@@ -21,6 +23,22 @@ from nanoserve.engine_pod.tool_choice import ChatConfig
 log = logging.getLogger("nanoserve.serve")
 FAILED_DRAIN_SECONDS = 5.0  # after an engine fault: time for the error answers to reach their clients
 FAILED_LINGER_SECONDS = 1.0  # ... and at least this long up, so that probes and gateways read why (/health 500)
+
+
+def load_tokenizers(folder: str | None, early: bool = False) -> tuple[Any, Any] | None:
+    """The folder's tokenizer twice: one for the event loop, one for the bulk thread (a tokenizer is not to
+    be shared by threads). None without a folder, once transformers is imported; `early` (while the engine
+    loads): None on an error too, which the engine's load or the load after it then reports."""
+    from transformers import AutoTokenizer
+
+    if folder is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    except Exception:
+        if not early:
+            raise
+        return None
 
 
 async def run_server(
@@ -72,15 +90,16 @@ async def run_server(
     engine, code, stats_task = AsyncEngine(model, engine_kwargs, name), 0, None
     try:
         load = asyncio.ensure_future(engine.start())  # the engine core process loads the model
+        # Meanwhile, on another core: transformers' import (a second) and, from a model folder, the tokenizers.
+        early = asyncio.ensure_future(asyncio.to_thread(load_tokenizers, existing_folder(model), True))
         await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         if not load.done():
             return 0  # stopped while loading
         load.result()
-        from transformers import AutoTokenizer
-
-        folder = engine.config.model  # the resolved folder (the built-in model's cache, for one)
-        state.tokenizer = AutoTokenizer.from_pretrained(folder)
-        state.bulk_tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, folder)
+        # From the resolved folder, if there was none to start from (the built-in model's cache, for one).
+        tokenizers = await early or await asyncio.to_thread(load_tokenizers, engine.config.model)
+        assert tokenizers is not None
+        state.tokenizer, state.bulk_tokenizer = tokenizers
         if chat.chat_template is not None:  # also in the files the gateway loads: it renders chats the same way
             state.tokenizer.chat_template = state.bulk_tokenizer.chat_template = chat.chat_template
         state.tokenizer_files = await asyncio.to_thread(export_files, state.tokenizer)
