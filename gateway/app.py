@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -57,6 +58,8 @@ class Gateway:
     async def start(self) -> None:
         if self.tokenizers.local is None and self.config.model:
             self.tokenizers = Tokenizers(await asyncio.to_thread(load_tokenizer, self.config.model))
+        elif self.policy.uses_cache:  # the engines' tokenizers will need transformers: import it while they start
+            self._background.append(asyncio.ensure_future(asyncio.to_thread(importlib.import_module, "transformers")))
         self.log_mode()
         # auto_decompress off: bodies pass through byte for byte, with their Content-Encoding. Idle connections
         # to the engines are kept a minute (aiohttp's default: 15 s; engine servers keep theirs 75 s or more):
