@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call: GPU tests, kernel micro-benchmark, throughput benchmarks.
 # Usage on the device machine: bash bench/gpu_all.sh [stage ...]; no stage = all of them.
-# Stages: tests tp kernel tune gemm throughput profile variants fp8kv tp2 structured moe spec routing serving anchor (tune, gemm and
+# Stages: tests tp kernel tune gemm throughput gc profile variants fp8kv tp2 structured moe spec routing serving anchor (tune, gemm, gc (a gc.freeze() A/B) and
 # offline, the default throughput run alone: only when named; anchor: Nano-vLLM from .anchor, a copy of ../shared/anchor, run twice on the same model folder). Results under $OUT (or /tmp/nanoserve-out).
 set -u
 OUT=${OUT:-/tmp/nanoserve-out}
@@ -61,6 +61,8 @@ want tune && run 300 python bench/attention_kernel.py --tune-prefill
 want tune && run 300 python bench/attention_kernel.py --tune-decode
 want gemm && run 300 python bench/gemm.py
 (want throughput || want offline) && run 200 python bench/throughput.py
+want gc && run 200 python bench/throughput.py --gc-freeze --label graphs-gc-freeze
+want gc && run 200 python bench/throughput.py --label graphs-again
 want throughput && run 200 python bench/throughput.py --profile --label graphs-profiled
 want profile && run 200 python bench/profile_steps.py
 want variants && run 200 python bench/throughput.py --sync --label graphs-sync

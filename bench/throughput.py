@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import qwen3_0_6b_path  # noqa: E402
 from common import timed as timed_into
+from nanoserve.common.gc_heap import freeze_heap  # noqa: E402
 from nanoserve.engine_pod import LLM, SamplingParams  # noqa: E402
 from nanoserve.engine_pod.spec_decode import SpecStats  # noqa: E402
 
@@ -165,6 +166,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--label", default="")
     ap.add_argument("--blas", choices=["cublas", "cublaslt"], help="torch's preferred BLAS library for the GEMMs")
+    ap.add_argument("--gc-freeze", action="store_true", help="gc.freeze() the heap once the engine is built (A/B)")
     ap.add_argument("--profile", action="store_true", help="split the wall time into host phases and GPU waits")
     args = ap.parse_args()
     path = args.model or qwen3_0_6b_path()
@@ -191,6 +193,8 @@ def main() -> None:
     if not args.prefix_sharing and not args.repetitive:
         assert (prompt_tokens, output_tokens) == (142_827, 133_966), (prompt_tokens, output_tokens)
     llm.generate(["Benchmark: "], SamplingParams())
+    if args.gc_freeze:
+        freeze_heap()
     bm = llm.block_manager
     hits0, queries0 = bm.prefix_hits, bm.prefix_queries
     llm.spec_stats = SpecStats()  # the measured run's alone
@@ -224,6 +228,7 @@ def main() -> None:
         "preemptions": llm.scheduler.num_preemptions,
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "card": torch.cuda.get_device_name(),
+        "gc_freeze": args.gc_freeze,
         "gc": pauses,  # the garbage collector's pauses in the measured run
         "gc_tracked_objects": len(gc.get_objects()),
     }
