@@ -154,6 +154,26 @@ def test_operator_deployment_defaults(helm):
     assert "Role" not in kinds and "InferenceService" not in kinds  # cluster-wide, no example by default
 
 
+def test_replicas_spread_over_nodes_and_a_drain_evicts_one_at_a_time(helm):
+    objs = helm.template()
+    dep = operator(objs)
+    labels = dep["spec"]["selector"]["matchLabels"]
+    (term,) = dep["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["podAffinityTerm"] == {
+        "topologyKey": "kubernetes.io/hostname",
+        "labelSelector": {"matchLabels": labels},
+    }
+    (pdb,) = [o for o in objs if o["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": labels}}
+    assert labels.items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    # One replica: no budget (it would block every drain); the user's own affinity replaces the default.
+    single = helm.template({"replicas": 1, "affinity": CUSTOM["affinity"]})
+    assert not [o for o in single if o["kind"] == "PodDisruptionBudget"]
+    assert operator(single)["spec"]["template"]["spec"]["affinity"] == CUSTOM["affinity"]
+
+
 def test_custom_values_reach_the_objects(helm):
     objs = helm.template(CUSTOM, namespace="ml")
     dep = operator(objs)
