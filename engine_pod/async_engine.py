@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from nanoserve.engine_pod.admission import check_request
 from nanoserve.engine_pod.config import Config
@@ -27,6 +28,15 @@ from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.tp_workers import describe_exit
 
 _GONE_CHECK_S = 1.0  # how often a waiting request checks that its client is still there
+
+
+@dataclass
+class FeedDelta:
+    """A cache-feed event for the subscribers' queues (the prefix-cache feed, gateway_api.cache_events)."""
+
+    kind: str  # snapshot | stored | removed
+    hashes: list[int]
+    sse: bytes | None = None  # its server-sent event, once the first subscriber has encoded it
 
 
 class AsyncEngine:
@@ -165,7 +175,7 @@ class AsyncEngine:
             req.out.put_nowait(error)
 
     def subscribe_cache_events(self) -> asyncio.Queue:
-        """A queue that first gets ("snapshot", hashes), then ("stored"|"removed", [hashes]) deltas."""
+        """A queue that first gets FeedDelta("snapshot", hashes), then "stored" or "removed" ones."""
         q: asyncio.Queue = asyncio.Queue()
         sub_id = next(self._ids)
         self._new_subscribers[sub_id] = q
@@ -227,7 +237,7 @@ class AsyncEngine:
             q = self._new_subscribers.pop(msg[1], None)
             if q is not None:
                 self.subscribers[msg[1]] = q
-                q.put_nowait(("snapshot", msg[2]))
+                q.put_nowait(FeedDelta("snapshot", msg[2]))
         elif kind == "ready":
             self.info = info = msg[1]
             cfg = info.config
@@ -316,8 +326,9 @@ class AsyncEngine:
             m("spec_decode_num_accepted_tokens").inc(out.spec[2])
         self._on_counts(out.counts)
         for kind, hashes in out.cache_events:
+            delta = FeedDelta(kind, hashes)  # one object in every queue: encoded once (gateway_api), not per gateway
             for q in self.subscribers.values():
-                q.put_nowait((kind, hashes))
+                q.put_nowait(delta)
 
     def _on_counts(self, counts: EngineCounts) -> None:
         self.counts = counts

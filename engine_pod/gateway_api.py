@@ -7,7 +7,8 @@ import json
 from aiohttp import web
 
 from nanoserve.engine_pod.api_error import APIError
-from nanoserve.engine_pod.server_state import STATE, engine_for
+from nanoserve.engine_pod.async_engine import FeedDelta
+from nanoserve.engine_pod.server_state import STATE, ServerState, engine_for
 
 
 async def cache_events(request: web.Request) -> web.StreamResponse:
@@ -22,22 +23,30 @@ async def cache_events(request: web.Request) -> web.StreamResponse:
     try:
         while not state.draining:  # checked every second: an open feed must not hold up a drain
             try:
-                kind, hashes = await asyncio.wait_for(q.get(), timeout=1)
+                deltas = [await asyncio.wait_for(q.get(), timeout=1)]
             except TimeoutError:
                 idle += 1
                 if idle % 10 == 0:
                     await resp.write(b": ping\n\n")
                 continue
-            event = {"type": kind, "hashes": hashes}
-            if kind == "snapshot":  # what the hashes mean: a gateway whose tokenizer differs must not use them
-                event["block_size"] = block_size
-                event["tokenizer"] = state.tokenizer_info["fingerprint"] if state.tokenizer_info else None
-            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+            while not q.empty():  # what piled up while this gateway's socket was busy: one write
+                deltas.append(q.get_nowait())
+            await resp.write(b"".join(_sse(d, block_size, state) for d in deltas))
     except ConnectionResetError:
         pass
     finally:
         engine.unsubscribe_cache_events(q)
     return resp
+
+
+def _sse(delta: FeedDelta, block_size: int, state: ServerState) -> bytes:
+    if delta.kind == "snapshot":  # what the hashes mean: a gateway whose tokenizer differs must not use them
+        fingerprint = state.tokenizer_info["fingerprint"] if state.tokenizer_info else None
+        event = {"type": "snapshot", "hashes": delta.hashes, "block_size": block_size, "tokenizer": fingerprint}
+        return f"data: {json.dumps(event)}\n\n".encode()
+    if delta.sse is None:  # the same for every subscriber: the first one encodes it
+        delta.sse = f"data: {json.dumps({'type': delta.kind, 'hashes': delta.hashes})}\n\n".encode()
+    return delta.sse
 
 
 async def tokenizer(request: web.Request) -> web.Response:
