@@ -29,7 +29,7 @@ POLL_S = 0.2  # how often a waiting rank 0 checks that its workers live
 WORKER_TIMEOUT_S = 600  # a live worker busy this long with one step is stuck (first steps compile kernels)
 START_HINT = (
     'If you create LLM(tensor_parallel_size>1) in a script, put it under `if __name__ == "__main__":` '
-    "(each worker is a spawned process that imports the main module again); the worker's own error, "
+    "(each worker is a new process that imports the main module again); the worker's own error, "
     "if any, is printed above"
 )
 
@@ -59,7 +59,7 @@ def worker_context() -> ForkServerContext:
 
 
 class Workers:
-    """The spawned worker processes, the shared-memory segment rank 0 writes commands into, and the events."""
+    """The worker processes, the shared-memory segment rank 0 writes commands into, and the events."""
 
     def __init__(self, config: Config):
         # Unique names: two engines on one host must not share a segment or a port.
