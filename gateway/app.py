@@ -229,6 +229,10 @@ class Gateway:
             return True, 0, 0  # ready to take the requests that wake the service from zero
         return len(endpoints) > pending, len(endpoints), pending
 
+    async def until_ready(self) -> None:
+        while not self.ready_now()[0]:
+            await asyncio.sleep(0.05)
+
     async def ready(self, request: web.Request) -> web.Response:
         ok, engines, pending = self.ready_now()
         body = {"ready": ok, "engines": engines, "tokenizers_pending": pending}
@@ -283,8 +287,7 @@ async def serve(config: GatewayConfig, tokenizer: PromptTokenizer | None = None)
         # listen: it joins once it can route (bounded, so that /health answers for the liveness probe).
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(WORKER_READY_TIMEOUT):
-                while not app[GATEWAY].ready_now()[0]:
-                    await asyncio.sleep(0.05)
+                await app[GATEWAY].until_ready()
     site = web.TCPSite(runner, config.host, config.port, backlog=LISTEN_BACKLOG, reuse_port=config.workers > 1 or None)
     await site.start()
     port = runner.addresses[0][1]
@@ -314,7 +317,6 @@ async def run_gateway(config: GatewayConfig) -> None:
             config.engines or f"service {config.namespace}/{config.service}",
         )
         # Once ready, the engines' tokenizer (transformers) is loaded: what exists then lives as long as we do.
-        while not gw.ready_now()[0]:
-            await asyncio.sleep(0.1)
+        await gw.until_ready()
         freeze_heap()
         await asyncio.Event().wait()
