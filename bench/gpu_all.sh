@@ -96,6 +96,7 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
   env "$@" python -m nanoserve.cli serve --model "$MODEL" --host 127.0.0.1 --port 8700 \
     --served-model-name bench --max-num-batched-tokens 16384 >>"$OUT/serve.log" 2>&1 & local srv=$!
   local direct="--url http://127.0.0.1:8700" via="--url http://127.0.0.1:8701 --metrics-url http://127.0.0.1:8700"
+  local records="--records $OUT/serving_records.jsonl"  # each request's figures, for a closer look
   ready() { for _ in $(seq 240); do python -c "import urllib.request as u; u.urlopen('$1/ready')" 2>/dev/null && return; sleep 0.5; done; }
   ready http://127.0.0.1:8700
   # Each run other prompt ids (--salt): none finds the previous one's prompts in the prefix cache.
@@ -109,10 +110,20 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
       --workers $w >>"$OUT/gateway.log" 2>&1 & local gw=$!
     ready http://127.0.0.1:8701
     for i in $(seq "${SERVING_BURSTS:-3}"); do
-      run 150 python bench/serving.py $via --stream --salt $((10 * w + 2 * i)) --label "$label-gateway-w$w"
-      run 150 python bench/serving.py $direct --stream --salt $((10 * w + 2 * i + 1)) --label "$label-direct-stream"
+      run 150 python bench/serving.py $via --stream --salt $((10 * w + 2 * i)) --label "$label-gateway-w$w" $records
+      run 150 python bench/serving.py $direct --stream --salt $((10 * w + 2 * i + 1)) --label "$label-direct-stream" \
+        $records
     done
     [ $w != "${workers[-1]}" ] && { kill $gw; wait $gw 2>/dev/null; }
+  done
+  # Mixed bursts: every other request through the gateway, the rest direct, in the same burst, so that both
+  # meet the same engine steps (the runs above differ by a prefill step's worth from run to run). 512 at once
+  # put the gateway under the load of 256 at once; 256 at once is the workload above, half of it each way.
+  for i in $(seq "${MIXED_BURSTS:-2}"); do
+    for n in 256 512; do
+      run 200 python bench/serving.py $via --mix-url http://127.0.0.1:8700 --stream --num-prompts $n \
+        --salt $((100 + 10 * i + n / 256)) --label "$label-mixed-$n" $records
+    done
   done
   run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 4 \
     --label "$label-poisson32"

@@ -9,6 +9,7 @@ the engine's own mean inter-token latency from its /metrics. One `RESULT serving
   python bench/serving.py --url http://127.0.0.1:8000 --stream            # a running server or gateway
   python bench/serving.py --model DIR --stream [--gateway] [--serve-args "--max-num-batched-tokens 16384"]
   python bench/serving.py --model DIR --num-prompts 300 --rate 32 --output-len 50 300 --stream
+  python bench/serving.py --url http://gateway --mix-url http://engine --stream   # both in the same burst
 --model starts `nanoserve serve` (and with --gateway a gateway in front of it) and stops them at the end.
 """
 
@@ -93,19 +94,22 @@ async def one_request(session, url: str, req: dict, stream: bool, model: str | N
     return out
 
 
-def client(url: str, reqs: list[dict], t0: float, stream: bool, model: str | None, results) -> None:
-    """One client process: sends its share of the requests at their times (t0 is a shared wall clock)."""
+def client(urls: list[str], reqs: list[dict], t0: float, stream: bool, model: str | None, results) -> None:
+    """One client process: sends its share of the requests at their times (t0 is a shared wall clock), in
+    turn to each of `urls`."""
     import aiohttp
 
     async def main():
         timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
 
-            async def send(req):
+            async def send(i, req):
                 await asyncio.sleep(max(0.0, t0 + req["at"] - time.time()))
-                return await one_request(s, url, req, stream, model)
+                url = urls[i % len(urls)]
+                out = await one_request(s, url, req, stream, model)
+                return out | {"url": url, "prompt_len": len(req["prompt"]), "max_tokens": req["max_tokens"]}
 
-            return await asyncio.gather(*(send(r) for r in reqs))
+            return await asyncio.gather(*(send(i, r) for i, r in enumerate(reqs)))
 
     results.put(asyncio.run(main()))
 
@@ -139,18 +143,8 @@ def pct(xs: list[float]) -> dict[str, float]:
     }
 
 
-def run(url: str, reqs: list[dict], stream: bool, processes: int, model: str | None, metrics_url: str | None) -> dict:
-    before = engine_itl(metrics_url)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    t0 = time.time() + 2.0  # every client process is up by then
-    shares = [reqs[i::processes] for i in range(processes)]
-    procs = [ctx.Process(target=client, args=(url, share, t0, stream, model, results)) for share in shares if share]
-    for p in procs:
-        p.start()
-    outs = [o for _ in procs for o in results.get()]
-    for p in procs:
-        p.join()
+def summary(outs: list[dict], stream: bool, t0: float) -> dict:
+    """Throughput, latencies and errors of one run's requests (or of one group of them)."""
     end = max((o["start"] + o["e2e"] for o in outs if o["ok"]), default=t0)
     ok = [o for o in outs if o["ok"]]
     tokens = sum(o["tokens"] for o in ok)
@@ -159,7 +153,7 @@ def run(url: str, reqs: list[dict], stream: bool, processes: int, model: str | N
         "errors": len(outs) - len(ok),
         "duration_s": round(end - t0, 3),
         "output_tokens": tokens,
-        "output_tok_s": round(tokens / (end - t0), 1),
+        "output_tok_s": round(tokens / max(end - t0, 1e-9), 1),
         "stream": stream,
         "e2e_ms": pct([o["e2e"] for o in ok]),
     }
@@ -170,12 +164,46 @@ def run(url: str, reqs: list[dict], stream: bool, processes: int, model: str | N
         )
         report["itl_ms"] = pct([b - a for o in ok for a, b in zip(o["events"], o["events"][1:])])
         report["events_per_token"] = round(sum(len(o["events"]) for o in ok) / max(tokens, 1), 3)
-    after = engine_itl(metrics_url)
-    if before and after and after[1] > before[1]:
-        report["engine_itl_ms_mean"] = round((after[0] - before[0]) / (after[1] - before[1]) * 1e3, 2)
     errors = [o["error"] for o in outs if not o["ok"]]
     if errors:
         report["first_error"] = errors[0]
+    return report
+
+
+def run(
+    urls: list[str],
+    reqs: list[dict],
+    stream: bool,
+    processes: int,
+    model: str | None,
+    metrics_url: str | None,
+    records: str | None = None,
+    tag: dict | None = None,
+) -> dict:
+    """One run. With two URLs, the requests alternate between them (each client process sends to both), so
+    that both groups meet the same engine in the same run: the report then has each group's figures too."""
+    before = engine_itl(metrics_url)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    t0 = time.time() + 2.0  # every client process is up by then
+    shares = [reqs[i::processes] for i in range(processes)]
+    procs = [ctx.Process(target=client, args=(urls, share, t0, stream, model, results)) for share in shares if share]
+    for p in procs:
+        p.start()
+    outs = [o for _ in procs for o in results.get()]
+    for p in procs:
+        p.join()
+    report = summary(outs, stream, t0)
+    if len(urls) > 1:
+        report["groups"] = {url: summary([o for o in outs if o["url"] == url], stream, t0) for url in urls}
+    after = engine_itl(metrics_url)
+    if before and after and after[1] > before[1]:
+        report["engine_itl_ms_mean"] = round((after[0] - before[0]) / (after[1] - before[1]) * 1e3, 2)
+    if records:
+        with open(records, "a") as f:
+            for o in outs:
+                fields = ("url", "prompt_len", "max_tokens", "start", "ttft", "e2e", "tokens", "ok")
+                f.write(json.dumps({k: o.get(k) for k in fields} | {"t0": t0} | (tag or {})) + "\n")
     return report
 
 
@@ -261,6 +289,8 @@ def main() -> None:
     p.add_argument("--salt", type=int, default=0, help="other prompt ids, same lengths (cold prefix cache)")
     p.add_argument("--warmup", type=int, default=8, help="requests sent first, not counted")
     p.add_argument("--label", default="")
+    p.add_argument("--mix-url", help="a second URL: requests alternate between it and the first in each run")
+    p.add_argument("--records", help="append each request's figures (JSON lines) to this file")
     args = p.parse_args()
     procs: list[subprocess.Popen] = []
     try:
@@ -271,15 +301,16 @@ def main() -> None:
         else:
             raise SystemExit("give --url or --model")
         model = "bench" if args.model else None
+        urls = [url, args.mix_url] if args.mix_url else [url]
         if args.warmup:
-            run(url, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
+            run(urls, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
         for i, stream in enumerate([False, True] if args.both else [args.stream]):
             reqs = workload(
                 args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.rate, args.seed, args.salt + i
             )
-            report = run(
-                url, reqs, stream, args.processes, model, engine_url if args.metrics_url or procs else args.url
-            )
+            metrics = engine_url if args.metrics_url or procs else args.url
+            tag = {"label": args.label, "salt": args.salt + i}
+            report = run(urls, reqs, stream, args.processes, model, metrics, args.records, tag)
             report.update(label=args.label, rate=args.rate, salt=args.salt + i)
             print("RESULT serving " + json.dumps(report), flush=True)
     finally:
