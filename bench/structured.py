@@ -162,12 +162,84 @@ def profiled(llm: LLM, batch: int) -> dict:
     }
 
 
+def timeline(llm: LLM, batch: int) -> dict:
+    """When each part of a constrained step happens, in ms after the step's start (medians over the steps
+    with `batch` rows): the engine thread's phases beside the mask thread's accepts and fill."""
+    import xgrammar as xgr
+
+    import nanoserve.engine_pod.constrained_step as cs
+    import nanoserve.engine_pod.structured_output as so
+
+    marks: list[tuple[str, float]] = []
+    clock = time.perf_counter
+
+    def mark(name, fn):
+        def wrapped(*a, **k):
+            marks.append((name + ">", clock()))
+            try:
+                return fn(*a, **k)
+            finally:
+                marks.append((name + "<", clock()))
+
+        return wrapped
+
+    step_fn = cs.constrained_step
+    cs.constrained_step = mark("step", step_fn)
+    cs.prepare = mark("prepare", cs.prepare)
+    so._accept_and_fill = mark("mask_thread", so._accept_and_fill)
+    accept_fn, fill_fn = (
+        xgr.BatchGrammarMatcher.batch_accept_token,
+        xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask,
+    )
+    xgr.BatchGrammarMatcher.batch_accept_token = staticmethod(mark("accept", accept_fn))
+    xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask = mark("fill", fill_fn)
+    engine = llm
+    for name in ("_mask", "_apply", "_run"):
+        setattr(engine, name, mark(name, getattr(engine, name)))
+    engine.scheduler.schedule = mark("schedule", engine.scheduler.schedule)
+    try:
+        tok_s = throughput(llm, batch, True, 2)
+    finally:
+        cs.constrained_step = step_fn
+        xgr.BatchGrammarMatcher.batch_accept_token = staticmethod(accept_fn)
+        xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask = fill_fn
+        for name in ("_mask", "_apply", "_run"):
+            del engine.__dict__[name]
+        del engine.scheduler.__dict__["schedule"]
+    steps, current = [], None
+    for name, t in marks:
+        if name == "step>":
+            current = {"t0": t, "events": {}}
+            steps.append(current)
+        elif current is not None:
+            key = name
+            while key in current["events"]:  # _run twice a step: sample_deferred, then run
+                key += "'"
+            current["events"][key] = (t - current["t0"]) * 1e3
+    full = [s for s in steps[len(steps) // 4 : -len(steps) // 4 or None] if len(s["events"]) > 10]
+    keys = sorted(
+        {k for s in full for k in s["events"]}, key=lambda k: np.median([s["events"].get(k, 0) for s in full])
+    )
+    gaps = [(b["t0"] - a["t0"]) * 1e3 for a, b in zip(full, full[1:])]
+    return {
+        "bench": "structured-timeline",
+        "batch": batch,
+        "constrained_tok_s": round(tok_s),
+        "steps": len(full),
+        "step_ms_p50": round(float(np.median(gaps)), 3) if gaps else None,
+        "ms_after_step_start_p50": {
+            k: round(float(np.median([s["events"][k] for s in full if k in s["events"]])), 3) for k in keys
+        },
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--mask-only", action="store_true")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--profile", action="store_true", help="then host time by phase, constrained, batch 256")
+    p.add_argument("--timeline", action="store_true", help="then when each part of a constrained step happens")
     args = p.parse_args()
     tokenizer = tokenizer_folder(args.tokenizer)
     print("RESULT " + json.dumps({"bench": "structured-mask", **mask_costs(tokenizer)}), flush=True)
@@ -192,6 +264,8 @@ def main() -> None:
                 ),
                 flush=True,
             )
+        if args.timeline:
+            print("RESULT " + json.dumps(timeline(llm, max(args.batches))), flush=True)
         if args.profile:
             print("RESULT " + json.dumps(profiled(llm, 256)), flush=True)
     finally:
