@@ -237,7 +237,8 @@ class LLMEngine:
     def _mask(
         self, sampling: list[Sequence], accept: tuple | list = (), background: bool = False
     ) -> "Future[GrammarStep]":
-        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept, background)
+        ends = self.grammars.ends if self.grammars is not None else None
+        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept, background, ends)
 
     def _run(self, method: str, *args, local: bool = False):
         """The model runner's `method`, on every rank (or on rank 0 alone: `local`)."""

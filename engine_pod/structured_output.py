@@ -14,6 +14,7 @@ import concurrent.futures
 import json
 import os
 import re
+import sys
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
@@ -51,6 +52,8 @@ class Grammars:
         tokenizer = AutoTokenizer.from_pretrained(model_folder)
         stops = stop_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
+        # The tokens that can complete a matcher (its stop tokens); None: any token can (no stop token).
+        self.ends: frozenset[int] | None = frozenset(self.info.stop_token_ids) or None
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=min(8, os.cpu_count() or 1))
         self.cache: OrderedDict = OrderedDict()
@@ -138,6 +141,11 @@ class GrammarStep:
 
 
 _POOL_ROWS = 16  # fewer rows fill faster in one loop on the engine thread than through the thread and pool
+# Each xgrammar call drops the GIL, and the mask thread gets it back only when the engine thread blocks or
+# its switch interval runs out: so the mask thread makes few calls, and while it works the interval is short
+# (measured on CPU: 256 is_terminated() calls beside a busy thread took 63 ms at 5 ms, 0.4 ms at 1 ms).
+_SWITCH_WHILE_MASKING = 1e-4
+_SWITCH = sys.getswitchinterval()
 _POOL_THREADS = min(8, os.cpu_count() or 1)
 _pool = None  # xgrammar's BatchGrammarMatcher (only the mask thread fills masks)
 _mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
@@ -149,25 +157,38 @@ def grammar_mask(
     pool: bool = False,
     accept: tuple | list[tuple[Any, int]] = (),
     background: bool = False,
+    ends: frozenset[int] | None = None,
 ) -> Future[GrammarStep]:
     """Let each (matcher, token) of `accept` accept its token, then fill the mask of the constrained ones among
-    the sampling rows `seqs`. `background`: on the mask thread, where xgrammar does both without the GIL, so
-    the engine thread applies tokens and schedules the next step meanwhile; until the future is done nothing
-    else may touch those matchers. `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a
+    the sampling rows `seqs`. `ends`: the tokens that can complete a matcher (None: any can; `Grammars.ends`).
+    `background`: on the mask thread, where xgrammar does both without the GIL, so the engine thread applies
+    tokens and schedules the next step meanwhile; until the future is done nothing else may touch those
+    matchers. `pool`: fill the rows on xgrammar's threads (3x faster at 256 rows on a
     16-core GPU host; on a CPU engine they would fight the model's own threads)."""
     # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
     rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None and not seq.is_finished]
     if not rows and not accept:
         return _ready(GrammarStep(None, [], []))
-    args = (list(accept), np.asarray(rows, np.int64), [seqs[i].grammar for i in rows], vocab_size, pool)
+    import xgrammar as xgr
+
+    global _pool
+    if pool and _pool is None:
+        _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
+    bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)  # (here: torch's threads would compete)
+    args = (list(accept), np.asarray(rows, np.int64), [seqs[i].grammar for i in rows], bitmask, pool, ends)
     if not background or len(rows) < _POOL_ROWS and len(accept) < _POOL_ROWS:  # a few rows: no thread handoff
         return _ready(_accept_and_fill(*args))
-    started = threading.Event()
-    job = _mask_thread.submit(_accept_and_fill, *args, started)
-    # Python threads hand the GIL over only every switch interval (5 ms) unless one waits: wait here until
-    # the mask thread is about to enter xgrammar, or its fill would start only when this thread next blocks.
-    started.wait()
-    return job
+    # Shortened until the mask thread is done, or it would start, and resume after each xgrammar call, only
+    # when this thread next blocks.
+    sys.setswitchinterval(_SWITCH_WHILE_MASKING)
+    return _mask_thread.submit(_in_background, *args)
+
+
+def _in_background(*args) -> GrammarStep:
+    try:
+        return _accept_and_fill(*args)
+    finally:
+        sys.setswitchinterval(_SWITCH)  # (before the future is done: the next job is submitted after that)
 
 
 def _ready(step: GrammarStep) -> Future[GrammarStep]:
@@ -177,31 +198,25 @@ def _ready(step: GrammarStep) -> Future[GrammarStep]:
 
 
 def _accept_and_fill(
-    accept: list, rows: np.ndarray, matchers: list, vocab_size: int, pool: bool, started: threading.Event | None = None
+    accept: list, rows: np.ndarray, matchers: list, bitmask: torch.Tensor, pool: bool, ends: frozenset[int] | None
 ) -> GrammarStep:
     import xgrammar as xgr
 
-    global _pool
-    try:
-        if pool and _pool is None:
-            _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
-        bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)
-    finally:
-        if started is not None:
-            started.set()  # (an error too: it reaches the engine thread through the future)
     refused, terminated = [], []
     if accept:
         ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accept], [t for _, t in accept])
-        for i, (matcher, _) in enumerate(accept):
+        for i, (matcher, token) in enumerate(accept):
             if not ok[i]:
                 refused.append(i)
-            elif matcher.is_terminated():
+            elif (ends is None or token in ends) and matcher.is_terminated():
                 terminated.append(i)
     if not len(rows):
         return GrammarStep(None, refused, terminated)
     # A grammar the tokens just completed has no next mask (xgrammar raises): its row samples a token
-    # nobody reads (its request ends with this step's outputs), under an all-refusing mask.
-    live = [j for j, matcher in enumerate(matchers) if not matcher.is_terminated()]
+    # nobody reads (its request ends with this step's outputs), under an all-refusing mask. Others were
+    # completed by earlier steps' tokens, whose requests have ended: they are not among the rows.
+    completed = {id(accept[i][0]) for i in terminated}
+    live = [j for j, matcher in enumerate(matchers) if id(matcher) not in completed]
     if _pool is not None and pool and len(live) >= _POOL_ROWS:
         _pool.batch_fill_next_token_bitmask([matchers[j] for j in live], bitmask, live)
     else:
