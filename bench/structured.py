@@ -87,7 +87,20 @@ def throughput(llm: LLM, batch: int, constrained: bool, run: int) -> float:
     t = time.perf_counter()
     outs = llm.generate(prompts, params)
     elapsed = time.perf_counter() - t
+    if spec is not None:
+        check_tokens(llm, spec, [o["token_ids"] for o in outs])
     return sum(len(o["token_ids"]) for o in outs) / elapsed
+
+
+def check_tokens(llm: LLM, spec: StructuredOutputsParams, outputs: list[list[int]]) -> None:
+    """Every constrained output is a prefix the grammar allows (a fresh matcher accepts each token), or the
+    mask let a wrong token through."""
+    assert llm.grammars is not None
+    for tokens in outputs:
+        matcher = llm.grammars.matcher(spec)
+        bad = next((i for i, t in enumerate(tokens) if not matcher.accept_token(t)), None)
+        if bad is not None:
+            raise AssertionError(f"token {bad} ({tokens[bad]}) of a constrained output is not allowed by its grammar")
 
 
 def mask_costs(tokenizer: str, rows: int = 256) -> dict:
