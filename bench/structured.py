@@ -161,8 +161,8 @@ def profiled(llm: LLM, batch: int) -> dict:
 
     totals = profile_phases(llm)
     timed = functools.partial(timed_into, totals)
-    # accept + fill: on the mask thread in the pipeline (overlapping the engine thread), inline below 16 rows
-    so._accept_and_fill = timed("accept_and_fill (mask thread)", so._accept_and_fill)
+    # the fill: on the mask thread in the pipeline (overlapping the engine thread), inline below 16 rows
+    so._fill = timed("fill (mask thread)", so._fill)
     engine_module.grammar_mask = timed("grammar_mask (rows, submit)", engine_module.grammar_mask)
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
     llm.step = timed("step", llm.step)
@@ -181,7 +181,6 @@ def timeline(llm: LLM, batch: int) -> dict:
     import xgrammar as xgr
 
     import nanoserve.engine_pod.constrained_step as cs
-    import nanoserve.engine_pod.structured_output as so
 
     marks: list[tuple[str, float]] = []
     clock = time.perf_counter
@@ -199,7 +198,6 @@ def timeline(llm: LLM, batch: int) -> dict:
     step_fn = cs.constrained_step
     cs.constrained_step = mark("step", step_fn)
     cs.prepare = mark("prepare", cs.prepare)
-    so._accept_and_fill = mark("mask_thread", so._accept_and_fill)
     accept_fn, fill_fn = (
         xgr.BatchGrammarMatcher.batch_accept_token,
         xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask,
