@@ -16,10 +16,10 @@ if TYPE_CHECKING:
 
 def constrained_step(engine: LLMEngine) -> StepResult:
     """Async scheduling with structured output, as a pipeline. A row's mask needs its previous token, so
-    sampling waits for the mask, but nothing else does: each call has the matchers accept step N's
-    tokens and hands the fill of step N+1's mask to the mask thread (xgrammar, mostly without the GIL),
-    while this thread applies the same tokens and schedules step N+2, all while N+1's forward runs on the
-    GPU; then it launches N+1's sampling and N+2's forward right behind it."""
+    sampling waits for the mask, but nothing else does: each call hands step N's tokens to the mask
+    thread, which has the matchers accept them and then fills step N+1's mask (xgrammar, without the
+    GIL), while this thread applies the same tokens and schedules step N+2, all while N+1's forward runs
+    on the GPU; then it launches N+1's sampling and N+2's forward right behind it."""
     pending, engine.unsampled = engine.unsampled, None
     done, engine.in_flight = engine.in_flight, None
     accept: list[tuple[Sequence, int, int]] = []  # (sequence, its placeholder's position, token)
@@ -59,7 +59,7 @@ def constrained_step(engine: LLMEngine) -> StepResult:
 
 
 def _end_grammars(engine: LLMEngine, out, accept, refused: list[int], terminated: list[int]):
-    """After the step's accepts: a grammar complete ends its request; a refused token (only if
+    """After the mask thread's accepts: a grammar complete ends its request; a refused token (only if
     the sampler left the mask, which it never should) ends it too, the token unseen."""
     for i in terminated:
         seq = accept[i][0]

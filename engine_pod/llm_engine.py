@@ -251,7 +251,7 @@ class LLMEngine:
     def _apply(self, flight: "InFlight", grammar_accepted: bool = False) -> list[tuple[Sequence, int | None]]:
         """Put a step's sampled tokens in place of their placeholders; retire what they finish. A token is
         None for a constrained request that ended because its grammar allowed no token. `grammar_accepted`:
-        the matchers accepted the tokens already (grammar_mask, which says which grammars they complete)."""
+        the mask thread has the matchers accept the tokens (and says which grammars they complete)."""
         out = []
         tokens, accepted = flight.wait()
         logprob_rows = flight.tokens.logprob_rows()

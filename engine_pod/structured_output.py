@@ -131,8 +131,8 @@ class GrammarMask:
 
 @dataclass
 class GrammarStep:
-    """A step's grammar work: the mask filled (None: no constrained row), and of the tokens accepted first,
-    the indices of those refused and of those that completed their grammar."""
+    """What the mask thread did: the mask it filled (None: no constrained row), and of the tokens it was
+    given to accept first, the indices of those refused and of those that completed their grammar."""
 
     mask: GrammarMask | None
     refused: list[int]
@@ -155,33 +155,23 @@ def grammar_mask(
 ) -> Future[GrammarStep]:
     """Let each (matcher, token) of `accept` accept its token, then fill the mask of the constrained ones among
     the sampling rows `seqs`. `ends`: the tokens that can complete a matcher (None: any can; `Grammars.ends`).
-    `background`: the fill on the mask thread, so that the engine thread applies tokens and schedules the next
-    step meanwhile; until the future is done nothing else may touch those matchers. `pool`: fill the rows on
-    xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU engine they would fight the
-    model's own threads)."""
+    `background`: on the mask thread, so that the engine thread applies tokens and schedules the next step
+    meanwhile (xgrammar's calls need the GIL now and then: the mask thread's work mostly waits until the
+    engine thread blocks on it); until the future is done nothing else may touch those matchers. `pool`:
+    fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU engine they
+    would fight the model's own threads)."""
     # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
     rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None and not seq.is_finished]
     if not rows and not accept:
         return _ready(GrammarStep(None, [], []))
-    import xgrammar as xgr
-
-    global _pool
-    if pool and _pool is None:
-        _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
-    # xgrammar's calls take the GIL back several times inside, and a thread gets it from a busy one only
-    # every switch interval (5 ms): a batch accept beside a busy thread took 38 ms instead of 0.4 (CPU).
-    # So the accepts run here, before this thread has other work; only the fill, one call, goes to the
-    # mask thread (its return waits for this thread to block on the result, after it has scheduled).
-    refused, terminated = _accept(accept, ends)
-    completed = {id(accept[i][0]) for i in terminated}
-    matchers = [seqs[i].grammar for i in rows]
-    bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)
-    args = (refused, terminated, np.asarray(rows, np.int64), matchers, completed, bitmask, pool)
-    if not background or len(rows) < _POOL_ROWS:  # a few rows: no thread handoff
-        return _ready(_fill(*args))
+    args = (list(accept), np.asarray(rows, np.int64), [seqs[i].grammar for i in rows], vocab_size, pool, ends)
+    if not background or len(rows) < _POOL_ROWS and len(accept) < _POOL_ROWS:  # a few rows: no thread handoff
+        return _ready(_accept_and_fill(*args))
     started = threading.Event()
-    job = _mask_thread.submit(_fill, *args, started)
-    started.wait()  # until the mask thread is in xgrammar: else it would start when this thread next blocks
+    job = _mask_thread.submit(_accept_and_fill, *args, started)
+    # Python threads hand the GIL over only every switch interval (5 ms) unless one waits: wait here until
+    # the mask thread is about to enter xgrammar, or its fill would start only when this thread next blocks.
+    started.wait()
     return job
 
 
@@ -191,42 +181,41 @@ def _ready(step: GrammarStep) -> Future[GrammarStep]:
     return done
 
 
-def _accept(accept: list | tuple, ends: frozenset[int] | None) -> tuple[list[int], list[int]]:
-    """Each (matcher, token) accepts its token: the indices of those refused and of those completed. A
-    matcher with stop tokens completes only on one: the others are not asked (each call costs a GIL trip)."""
-    import xgrammar as xgr
-
-    refused: list[int] = []
-    terminated: list[int] = []
-    if not accept:
-        return refused, terminated
-    ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accept], [t for _, t in accept])
-    for i, (matcher, token) in enumerate(accept):
-        if not ok[i]:
-            refused.append(i)
-        elif (ends is None or token in ends) and matcher.is_terminated():
-            terminated.append(i)
-    return refused, terminated
-
-
-def _fill(
-    refused: list[int],
-    terminated: list[int],
+def _accept_and_fill(
+    accept: list,
     rows: np.ndarray,
     matchers: list,
-    completed: set[int],
-    bitmask: torch.Tensor,
+    vocab_size: int,
     pool: bool,
+    ends: frozenset[int] | None,
     started: threading.Event | None = None,
 ) -> GrammarStep:
-    """The mask of `rows` (sampling rows) from their matchers, except those of `completed` (ids)."""
-    if started is not None:
-        started.set()
+    import xgrammar as xgr
+
+    global _pool
+    try:
+        if pool and _pool is None:
+            _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
+        bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)
+    finally:
+        if started is not None:
+            started.set()  # (an error too: it reaches the engine thread through the future)
+    refused, terminated = [], []
+    if accept:
+        ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accept], [t for _, t in accept])
+        # Each xgrammar call costs a trip for the GIL (beside a busy thread, 256 is_terminated() calls took
+        # 63 ms on CPU): a matcher with stop tokens completes only on one, so only those are asked.
+        for i, (matcher, token) in enumerate(accept):
+            if not ok[i]:
+                refused.append(i)
+            elif (ends is None or token in ends) and matcher.is_terminated():
+                terminated.append(i)
     if not len(rows):
         return GrammarStep(None, refused, terminated)
     # A grammar the tokens just completed has no next mask (xgrammar raises): its row samples a token
     # nobody reads (its request ends with this step's outputs), under an all-allowing mask. Those completed
     # by earlier steps' tokens are not among the rows: their requests have ended.
+    completed = {id(accept[i][0]) for i in terminated}
     live = [j for j, matcher in enumerate(matchers) if id(matcher) not in completed]
     if _pool is not None and pool and len(live) >= _POOL_ROWS:
         _pool.batch_fill_next_token_bitmask([matchers[j] for j in live], bitmask, live)
