@@ -116,15 +116,6 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
     done
     [ $w != "${workers[-1]}" ] && { kill $gw; wait $gw 2>/dev/null; }
   done
-  # Mixed bursts: every other request through the gateway, the rest direct, in the same burst, so that both
-  # meet the same engine steps (the runs above differ by a prefill step's worth from run to run). 512 at once
-  # put the gateway under the load of 256 at once; 256 at once is the workload above, half of it each way.
-  for i in $(seq "${MIXED_BURSTS:-2}"); do
-    for n in 256 512; do
-      run 200 python bench/serving.py $via --mix-url http://127.0.0.1:8700 --stream --num-prompts $n \
-        --salt $((100 + 10 * i + n / 256)) --label "$label-mixed-$n" $records
-    done
-  done
   run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 4 \
     --label "$label-poisson32"
   run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 5 \

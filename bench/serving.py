@@ -9,7 +9,6 @@ the engine's own mean inter-token latency from its /metrics. One `RESULT serving
   python bench/serving.py --url http://127.0.0.1:8000 --stream            # a running server or gateway
   python bench/serving.py --model DIR --stream [--gateway] [--serve-args "--max-num-batched-tokens 16384"]
   python bench/serving.py --model DIR --num-prompts 300 --rate 32 --output-len 50 300 --stream
-  python bench/serving.py --url http://gateway --mix-url http://engine --stream   # both in the same burst
 --model starts `nanoserve serve` (and with --gateway a gateway in front of it) and stops them at the end.
 """
 
@@ -94,22 +93,20 @@ async def one_request(session, url: str, req: dict, stream: bool, model: str | N
     return out
 
 
-def client(urls: list[str], reqs: list[dict], t0: float, stream: bool, model: str | None, results) -> None:
-    """One client process: sends its share of the requests at their times (t0 is a shared wall clock), in
-    turn to each of `urls`."""
+def client(url: str, reqs: list[dict], t0: float, stream: bool, model: str | None, results) -> None:
+    """One client process: sends its share of the requests at their times (t0 is a shared wall clock)."""
     import aiohttp
 
     async def main():
         timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
 
-            async def send(i, req):
+            async def send(req):
                 await asyncio.sleep(max(0.0, t0 + req["at"] - time.time()))
-                url = urls[i % len(urls)]
                 out = await one_request(s, url, req, stream, model)
                 return out | {"url": url, "prompt_len": len(req["prompt"]), "max_tokens": req["max_tokens"]}
 
-            return await asyncio.gather(*(send(i, r) for i, r in enumerate(reqs)))
+            return await asyncio.gather(*(send(r) for r in reqs))
 
     results.put(asyncio.run(main()))
 
@@ -171,7 +168,7 @@ def summary(outs: list[dict], stream: bool, t0: float) -> dict:
 
 
 def run(
-    urls: list[str],
+    url: str,
     reqs: list[dict],
     stream: bool,
     processes: int,
@@ -180,22 +177,19 @@ def run(
     records: str | None = None,
     tag: dict | None = None,
 ) -> dict:
-    """One run. With two URLs, the requests alternate between them (each client process sends to both), so
-    that both groups meet the same engine in the same run: the report then has each group's figures too."""
+    """One run: its report; each request's figures appended to `records` (JSON lines, with `tag`)."""
     before = engine_itl(metrics_url)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     t0 = time.time() + 2.0  # every client process is up by then
     shares = [reqs[i::processes] for i in range(processes)]
-    procs = [ctx.Process(target=client, args=(urls, share, t0, stream, model, results)) for share in shares if share]
+    procs = [ctx.Process(target=client, args=(url, share, t0, stream, model, results)) for share in shares if share]
     for p in procs:
         p.start()
     outs = [o for _ in procs for o in results.get()]
     for p in procs:
         p.join()
     report = summary(outs, stream, t0)
-    if len(urls) > 1:
-        report["groups"] = {url: summary([o for o in outs if o["url"] == url], stream, t0) for url in urls}
     after = engine_itl(metrics_url)
     if before and after and after[1] > before[1]:
         report["engine_itl_ms_mean"] = round((after[0] - before[0]) / (after[1] - before[1]) * 1e3, 2)
@@ -289,7 +283,6 @@ def main() -> None:
     p.add_argument("--salt", type=int, default=0, help="other prompt ids, same lengths (cold prefix cache)")
     p.add_argument("--warmup", type=int, default=8, help="requests sent first, not counted")
     p.add_argument("--label", default="")
-    p.add_argument("--mix-url", help="a second URL: requests alternate between it and the first in each run")
     p.add_argument("--records", help="append each request's figures (JSON lines) to this file")
     args = p.parse_args()
     procs: list[subprocess.Popen] = []
@@ -301,16 +294,15 @@ def main() -> None:
         else:
             raise SystemExit("give --url or --model")
         model = "bench" if args.model else None
-        urls = [url, args.mix_url] if args.mix_url else [url]
         if args.warmup:
-            run(urls, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
+            run(url, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
         for i, stream in enumerate([False, True] if args.both else [args.stream]):
             reqs = workload(
                 args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.rate, args.seed, args.salt + i
             )
             metrics = engine_url if args.metrics_url or procs else args.url
             tag = {"label": args.label, "salt": args.salt + i}
-            report = run(urls, reqs, stream, args.processes, model, metrics, args.records, tag)
+            report = run(url, reqs, stream, args.processes, model, metrics, args.records, tag)
             report.update(label=args.label, rate=args.rate, salt=args.salt + i)
             print("RESULT serving " + json.dumps(report), flush=True)
     finally:
