@@ -141,7 +141,7 @@ def pct(xs: list[float]) -> dict[str, float]:
 
 
 def summary(outs: list[dict], stream: bool, t0: float) -> dict:
-    """Throughput, latencies and errors of one run's requests (or of one group of them)."""
+    """Throughput, latencies and errors of one run's requests."""
     end = max((o["start"] + o["e2e"] for o in outs if o["ok"]), default=t0)
     ok = [o for o in outs if o["ok"]]
     tokens = sum(o["tokens"] for o in ok)
@@ -303,7 +303,7 @@ def main() -> None:
             metrics = engine_url if args.metrics_url or procs else args.url
             tag = {"label": args.label, "salt": args.salt + i}
             report = run(url, reqs, stream, args.processes, model, metrics, args.records, tag)
-            report.update(label=args.label, rate=args.rate, salt=args.salt + i)
+            report.update(tag, rate=args.rate)
             print("RESULT serving " + json.dumps(report), flush=True)
     finally:
         for proc in reversed(procs):

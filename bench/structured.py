@@ -161,8 +161,8 @@ def profiled(llm: LLM, batch: int) -> dict:
 
     totals = profile_phases(llm)
     timed = functools.partial(timed_into, totals)
-    # the fill: on the mask thread in the pipeline (overlapping the engine thread), inline below 16 rows
-    so._fill = timed("fill (mask thread)", so._fill)
+    # accept + fill: on the mask thread in the pipeline (beside the engine thread), inline below 16 rows
+    so._accept_and_fill = timed("accept_and_fill (mask thread)", so._accept_and_fill)
     engine_module.grammar_mask = timed("grammar_mask (rows, submit)", engine_module.grammar_mask)
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
     llm.step = timed("step", llm.step)
@@ -195,28 +195,26 @@ def timeline(llm: LLM, batch: int) -> dict:
 
         return wrapped
 
-    step_fn = cs.constrained_step
-    cs.constrained_step = mark("step", step_fn)
-    cs.prepare = mark("prepare", cs.prepare)
+    step_fn, prepare_fn = cs.constrained_step, cs.prepare
+    cs.constrained_step, cs.prepare = mark("step", step_fn), mark("prepare", prepare_fn)
     accept_fn, fill_fn = (
         xgr.BatchGrammarMatcher.batch_accept_token,
         xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask,
     )
     xgr.BatchGrammarMatcher.batch_accept_token = staticmethod(mark("accept", accept_fn))
     xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask = mark("fill", fill_fn)
-    engine = llm
     for name in ("_mask", "_apply", "_run"):
-        setattr(engine, name, mark(name, getattr(engine, name)))
-    engine.scheduler.schedule = mark("schedule", engine.scheduler.schedule)
+        setattr(llm, name, mark(name, getattr(llm, name)))
+    llm.scheduler.schedule = mark("schedule", llm.scheduler.schedule)
     try:
         tok_s = throughput(llm, batch, True, 2)
     finally:
-        cs.constrained_step = step_fn
+        cs.constrained_step, cs.prepare = step_fn, prepare_fn
         xgr.BatchGrammarMatcher.batch_accept_token = staticmethod(accept_fn)
         xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask = fill_fn
         for name in ("_mask", "_apply", "_run"):
-            del engine.__dict__[name]
-        del engine.scheduler.__dict__["schedule"]
+            del llm.__dict__[name]
+        del llm.scheduler.__dict__["schedule"]
     steps, current = [], None
     for name, t in marks:
         if name == "step>":
