@@ -23,6 +23,10 @@ python -c "import tvm_ffi" 2>/dev/null || python -m pip install -q --no-deps --n
 python -c "import xgrammar" 2>/dev/null || python -m pip install -q --no-deps --no-index --find-links .device_wheels \
   xgrammar==0.2.9 >>"$OUT/pip.log" 2>&1
 python -c "import xgrammar" || echo "xgrammar did not install: see $OUT/pip.log"
+# jsonschema and hypothesis for tests/engine/test_structured_output.py (the structured stage runs it here too).
+python -c "import jsonschema, hypothesis" 2>/dev/null || python -m pip install -q --no-deps --no-index \
+  --find-links .device_wheels jsonschema jsonschema-specifications referencing rpds-py attrs hypothesis \
+  sortedcontainers >>"$OUT/pip.log" 2>&1
 # The repo's folders as the nanoserve package, without installing it (the image has no network).
 PKG=/tmp/nanoserve-pkg
 mkdir -p $PKG/nanoserve
@@ -76,8 +80,11 @@ if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
   run 200 python bench/throughput.py --label graphs-tp1-same-machine
 fi
-# Structured output: constrained vs unconstrained at batch 1/64/256, and the mask's host and device cost.
-want structured && run 300 python bench/structured.py
+# Structured output: constrained vs unconstrained at batch 1/64/256, the grammars in the grammar process (the
+# default here) and on the mask thread alternating, and the mask's host and device cost; then its CPU tests
+# here, where the bitmask is pinned (the one that needs two GPUs left out).
+want structured && run 400 python bench/structured.py --shapes process thread --rounds 2 --timeline
+want structured && run 200 python -m pytest -q -p no:cacheprovider tests/engine/test_structured_output.py -k "not preemption"
 want moe && run 400 python bench/moe.py
 want moe && run 500 python bench/moe.py --model gpt-oss-20b --layers 4
 # n-gram speculative decoding: the edit-style workload with and without it, and Nano-vLLM's workload with it

@@ -162,7 +162,7 @@ def profiled(llm: LLM, batch: int) -> dict:
     totals = profile_phases(llm)
     timed = functools.partial(timed_into, totals)
     # accept + fill: on the mask thread in the pipeline (beside the engine thread), inline below 16 rows
-    so._accept_and_fill = timed("accept_and_fill (mask thread)", so._accept_and_fill)
+    so.accept_and_fill = timed("accept_and_fill (mask thread)", so.accept_and_fill)
     engine_module.grammar_mask = timed("grammar_mask (rows, submit)", engine_module.grammar_mask)
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
     llm.step = timed("step", llm.step)
@@ -181,6 +181,7 @@ def timeline(llm: LLM, batch: int) -> dict:
     import xgrammar as xgr
 
     import nanoserve.engine_pod.constrained_step as cs
+    import nanoserve.engine_pod.grammar_process as gp
 
     marks: list[tuple[str, float]] = []
     clock = time.perf_counter
@@ -195,8 +196,9 @@ def timeline(llm: LLM, batch: int) -> dict:
 
         return wrapped
 
-    step_fn, prepare_fn = cs.constrained_step, cs.prepare
+    step_fn, prepare_fn, reply_fn = cs.constrained_step, cs.prepare, gp.GrammarReply.result
     cs.constrained_step, cs.prepare = mark("step", step_fn), mark("prepare", prepare_fn)
+    gp.GrammarReply.result = mark("reply", reply_fn)  # (with the grammar process: its accepts and fill are there)
     accept_fn, fill_fn = (
         xgr.BatchGrammarMatcher.batch_accept_token,
         xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask,
@@ -209,7 +211,7 @@ def timeline(llm: LLM, batch: int) -> dict:
     try:
         tok_s = throughput(llm, batch, True, 2)
     finally:
-        cs.constrained_step, cs.prepare = step_fn, prepare_fn
+        cs.constrained_step, cs.prepare, gp.GrammarReply.result = step_fn, prepare_fn, reply_fn
         xgr.BatchGrammarMatcher.batch_accept_token = staticmethod(accept_fn)
         xgr.BatchGrammarMatcher.batch_fill_next_token_bitmask = fill_fn
         for name in ("_mask", "_apply", "_run"):
@@ -249,30 +251,44 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     p.add_argument("--profile", action="store_true", help="then host time by phase, constrained, batch 256")
     p.add_argument("--timeline", action="store_true", help="then when each part of a constrained step happens")
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["default"],
+        choices=["default", "process", "thread"],
+        help="constrained runs with the engine's grammars in the grammar process, on its mask thread, or as "
+        "configured; several alternate in one run, each against the same unconstrained figure",
+    )
+    p.add_argument("--rounds", type=int, default=1, help="measure every batch size this many times")
     args = p.parse_args()
     tokenizer = tokenizer_folder(args.tokenizer)
     print("RESULT " + json.dumps({"bench": "structured-mask", **mask_costs(tokenizer)}), flush=True)
     if args.mask_only:
         return
-    llm = LLM(model_folder(tokenizer), max_model_len=2048)
+    shape = {"async_scheduling": True, "grammar_process": "process" in args.shapes}  # (the pipeline's two kinds)
+    llm = LLM(model_folder(tokenizer), max_model_len=2048, **(shape if args.shapes != ["default"] else {}))
     try:
         for constrained in (False, True):  # warm-up: graphs, kernels, the grammar's compile
             throughput(llm, 8, constrained, run=99)
-        for batch in args.batches:
-            free, forced = throughput(llm, batch, False, 0), throughput(llm, batch, True, 0)
-            print(
-                "RESULT "
-                + json.dumps(
-                    {
+        worker = llm.grammar_process
+        for repeat in range(args.rounds):
+            for batch in args.batches:
+                free = throughput(llm, batch, False, repeat)
+                for shape in args.shapes:
+                    if shape != "default":  # (between runs, with no request in flight: each kind of seq.grammar)
+                        llm.grammar_process = worker if shape == "process" else None
+                    forced = throughput(llm, batch, True, repeat)
+                    result = {
                         "bench": "structured",
+                        "shape": "process" if llm.grammar_process is not None else "thread",
                         "batch": batch,
+                        "round": repeat,
                         "unconstrained_tok_s": round(free),
                         "constrained_tok_s": round(forced),
                         "ratio": round(forced / free, 3),
                     }
-                ),
-                flush=True,
-            )
+                    print("RESULT " + json.dumps(result), flush=True)
+                llm.grammar_process = worker
         if args.timeline:
             print("RESULT " + json.dumps(timeline(llm, max(args.batches))), flush=True)
         if args.profile:

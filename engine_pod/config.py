@@ -80,6 +80,12 @@ class Config:
         None, "attention kernels", unset="triton on CUDA, torch on CPU", choices=("torch", "flash_attn", "triton")
     )
     async_scheduling: bool = setting(None, "schedule step N+1 while step N runs", unset="on with CUDA")
+    grammar_process: bool = setting(
+        None,
+        "structured output's grammars step in a process of their own, beside the engine's step loop (needs "
+        "async scheduling): their masks are made while the next step is scheduled",
+        unset="on with async scheduling on CUDA",
+    )
     generation_config: str = setting(
         "auto",
         "auto: a request's sampling defaults (temperature, top_p, top_k, min_p, repetition_penalty, and "
@@ -127,6 +133,10 @@ class Config:
         self.speculative = parse_speculative_config(self.speculative_config)
         if self.async_scheduling is None:
             self.async_scheduling = self.device.startswith("cuda")
+        if self.grammar_process is None:
+            self.grammar_process = self.async_scheduling and self.device.startswith("cuda")
+        elif self.grammar_process and not self.async_scheduling:
+            raise ConfigError("grammar_process needs async scheduling (its masks are made while a step runs)")
         if self.kvcache_block_size < 1:
             raise ConfigError(f"kvcache_block_size must be >= 1, got {self.kvcache_block_size}")
         if not 1 <= self.tensor_parallel_size <= 8:

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
 
@@ -17,6 +18,7 @@ from nanoserve.engine_pod.admission import check_request
 from nanoserve.engine_pod.block_manager import BlockManager
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.grammar_process import GrammarHandle, GrammarProcess, GrammarReply
 from nanoserve.engine_pod.in_flight import InFlight, StepResult, Unsampled
 from nanoserve.engine_pod.logits_processing import bad_words_ids
 from nanoserve.engine_pod.model_runner import ModelRunner
@@ -31,6 +33,9 @@ from nanoserve.engine_pod.stop import StopChecker
 from nanoserve.engine_pod.structured_output import Grammars, GrammarStep, grammar_mask
 from nanoserve.engine_pod.token_logprobs import unpack_logprobs
 from nanoserve.engine_pod.tp_workers import Workers
+
+if TYPE_CHECKING:
+    import xgrammar
 
 
 class LLMEngine:
@@ -67,6 +72,7 @@ class LLMEngine:
         self.stop_checker = StopChecker(self.tokenizer)
         self.requests: dict[int, Sequence] = {}
         self.grammars: Grammars | None = None  # built by the first constrained request (xgrammar is optional)
+        self.grammar_process: GrammarProcess | None = None  # ... and this with it, if config.grammar_process
         self._grammars_lock = threading.Lock()
         self.constrained: set[int] = set()  # unfinished requests with a grammar
         self.pool_masks = config.device.startswith("cuda")  # masks filled on xgrammar's threads (grammar_mask)
@@ -78,6 +84,8 @@ class LLMEngine:
         if self._closed:
             return
         self._closed = True
+        if self.grammar_process is not None:
+            self.grammar_process.close()
         if self._broken or (self.workers is not None and self.workers.dead()):
             self.model_runner.abandon()
             self._stop_workers(timeout=0)
@@ -123,7 +131,9 @@ class LLMEngine:
         if params.bad_words:
             seq.bad_words_ids = bad_words_ids(self.tokenizer, params.bad_words)
         if params.structured_outputs is not None:
-            seq.grammar = self._grammars().matcher(params.structured_outputs)
+            grammars = self._grammars()
+            spec = params.structured_outputs
+            seq.grammar = grammars.handle(spec, seq.seq_id) if self.grammar_process else grammars.matcher(spec)
         return seq
 
     def _grammars(self) -> Grammars:
@@ -131,11 +141,20 @@ class LLMEngine:
             if self.grammars is None:
                 cfg = self.config
                 try:
-                    self.grammars = Grammars(cfg.model, cfg.hf_config["vocab_size"], cfg.eos_token_ids)
+                    grammars = Grammars(cfg.model, cfg.hf_config["vocab_size"], cfg.eos_token_ids)
                 except ImportError:
                     raise InvalidRequestError(
                         "structured output needs xgrammar on the server (pip install xgrammar)", "structured_outputs"
                     ) from None
+                if cfg.grammar_process:
+                    self.grammar_process = GrammarProcess(
+                        grammars.info.serialize_json(),
+                        cfg.hf_config["vocab_size"],
+                        cfg.max_num_seqs,
+                        self.pool_masks,
+                        self.model_runner.device.type == "cuda",
+                    )
+                self.grammars = grammars
             return self.grammars
 
     def add_sequence(self, seq: Sequence) -> None:
@@ -152,7 +171,7 @@ class LLMEngine:
     def abort(self, seq_id: int) -> None:
         """Drop a request wherever it is; its blocks are free when this returns."""
         seq = self.requests.pop(seq_id, None)
-        self.constrained.discard(seq_id)
+        self._unconstrain(seq_id)
         if seq is not None and not seq.is_finished:
             seq.finish_reason = "abort"
             self.scheduler.finish(seq)
@@ -236,7 +255,9 @@ class LLMEngine:
 
     def _mask(
         self, sampling: list[Sequence], accept: tuple | list = (), background: bool = False
-    ) -> "Future[GrammarStep]":
+    ) -> "Future[GrammarStep] | GrammarReply":
+        if self.grammar_process is not None:  # (only under async scheduling: always in the background)
+            return self.grammar_process.step(sampling, list(accept))
         ends = self.grammars.ends if self.grammars is not None else None
         return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept, background, ends)
 
@@ -270,7 +291,7 @@ class LLMEngine:
                 if seq.params.logprobs is not None and logprob_rows is not None:
                     seq.logprobs.append(unpack_logprobs(logprob_rows[row], seq.params.logprobs))
                 self.scheduler.resolve(seq, position, token)
-            if not grammar_accepted and not seq.is_finished and seq.grammar is not None and seq.grammar.is_terminated():
+            if not grammar_accepted and not seq.is_finished and seq.grammar is not None and _here(seq).is_terminated():
                 seq.finish_reason = "stop"  # the grammar is complete (it accepted a stop token)
                 self.scheduler.finish(seq)
             self._stop_or_retire(seq, position)
@@ -308,11 +329,23 @@ class LLMEngine:
         if not seq.is_finished:
             self.scheduler.finish(seq)
         self.requests.pop(seq.seq_id, None)
-        self.constrained.discard(seq.seq_id)
+        self._unconstrain(seq.seq_id)
+
+    def _unconstrain(self, seq_id: int) -> None:
+        self.constrained.discard(seq_id)
+        if self.grammar_process is not None:  # its matcher there goes with the next step's work
+            self.grammar_process.drop(seq_id)
 
     def decode(self, seq: Sequence) -> str:
         """The completion text, cut before a matched stop string."""
         return self.stop_checker.text(seq)
+
+
+def _here(seq: Sequence) -> "xgrammar.GrammarMatcher":
+    """The matcher of a synchronous step's constrained row: in this process (the grammar process needs async
+    scheduling, whose steps are constrained_step's)."""
+    assert seq.grammar is not None and not isinstance(seq.grammar, GrammarHandle)
+    return seq.grammar
 
 
 def _accepts(matcher, token: int) -> bool:

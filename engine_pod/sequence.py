@@ -10,6 +10,7 @@ from nanoserve.engine_pod.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import xgrammar
 
+    from nanoserve.engine_pod.grammar_process import GrammarHandle
     from nanoserve.engine_pod.spec_decode import TokenMirror
 
 PLACEHOLDER = -1  # a sampled token still on the GPU (overlapped scheduling): its id is not known yet
@@ -46,7 +47,8 @@ class Sequence:
         self.num_preemptions = 0
         self.num_pending = 0  # trailing PLACEHOLDER tokens (sampled, not yet copied back)
         self.pending_row = -1  # row of the newest placeholder in its step's sampled tokens
-        self.grammar: xgrammar.GrammarMatcher | None = None  # structured output: accepted every completion token
+        # structured output: accepted every completion token (the matcher, or in the grammar process its handle)
+        self.grammar: xgrammar.GrammarMatcher | GrammarHandle | None = None
         self.bad_words_ids: list[list[int]] = []  # params.bad_words as token sequences (the engine tokenizes them)
         self.logprobs: list = []  # with params.logprobs: one token_logprobs.TokenLogprobs per completion token
         self.prompt_logprobs: list = []  # with params.prompt_logprobs: one per prompt token from the second on

@@ -30,7 +30,7 @@ from nanoserve.engine_pod.structured_params import StructuredOutputsParams
 # Free whitespace between JSON tokens, at most this many characters a run (indentation 2 nine levels deep
 # fits): a model stuck emitting whitespace (a known failure mode) closes its JSON instead of running to max_tokens.
 MAX_WHITESPACE = 20
-_CACHE_SIZE = 256  # compiled grammars kept (a schema sent by many requests compiles once)
+CACHE_SIZE = 256  # compiled grammars kept (a schema sent by many requests compiles once)
 _WHAT = {
     "json": "JSON schema",
     "regex": "regex",
@@ -56,6 +56,7 @@ class Grammars:
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=min(8, os.cpu_count() or 1))
         self.cache: OrderedDict = OrderedDict()
+        self.serialized: OrderedDict = OrderedDict()  # for the grammar process (grammar_process.py)
         self.lock = threading.Lock()
 
     def compile(self, spec: StructuredOutputsParams):
@@ -71,7 +72,7 @@ class Grammars:
             raise InvalidRequestError(f"'{spec.param}': invalid {_WHAT[spec.kind]}: {_clean(e)}", spec.param) from None
         with self.lock:
             self.cache[key] = compiled
-            while len(self.cache) > _CACHE_SIZE:
+            while len(self.cache) > CACHE_SIZE:
                 self.cache.popitem(last=False)
         return compiled
 
@@ -102,6 +103,25 @@ class Grammars:
 
         # A tokenizer without a stop token: end where the grammar ends, or the request could never finish.
         return xgr.GrammarMatcher(self.compile(spec), terminate_without_stop_token=not self.info.stop_token_ids)
+
+    def handle(self, spec: StructuredOutputsParams, seq_id: int):
+        """What the grammar process makes a request's matcher from: `spec`'s compiled grammar, serialized (on
+        the compiling thread, once per grammar in the cache, as compile)."""
+        from nanoserve.engine_pod.grammar_process import GrammarHandle
+
+        key = spec.key()
+        compiled = self.compile(spec)
+        with self.lock:
+            payload = self.serialized.get(key)
+            if payload is not None:
+                self.serialized.move_to_end(key)
+        if payload is None:
+            payload = compiled.serialize_json()
+            with self.lock:
+                self.serialized[key] = payload
+                while len(self.serialized) > CACHE_SIZE:
+                    self.serialized.popitem(last=False)
+        return GrammarHandle(seq_id, key, payload)
 
 
 def _clean(e: Exception) -> str:
@@ -160,28 +180,33 @@ def grammar_mask(
     engine thread blocks on it); until the future is done nothing else may touch those matchers. `pool`:
     fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU engine they
     would fight the model's own threads)."""
-    # (a row whose request the previous step finished samples a token nobody reads: its matcher is done)
-    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None and not seq.is_finished]
+    rows = constrained_rows(seqs)
     if not rows and not accept:
-        return _ready(GrammarStep(None, [], []))
+        return completed(GrammarStep(None, [], []))
     args = (list(accept), np.asarray(rows, np.int64), [seqs[i].grammar for i in rows], vocab_size, pool, ends)
     if not background or len(rows) < _POOL_ROWS and len(accept) < _POOL_ROWS:  # a few rows: no thread handoff
-        return _ready(_accept_and_fill(*args))
+        return completed(accept_and_fill(*args))
     started = threading.Event()
-    job = _mask_thread.submit(_accept_and_fill, *args, started)
+    job = _mask_thread.submit(accept_and_fill, *args, started)
     # Python threads hand the GIL over only every switch interval (5 ms) unless one waits: wait here until
     # the mask thread is about to enter xgrammar, or its fill would start only when this thread next blocks.
     started.wait()
     return job
 
 
-def _ready(step: GrammarStep) -> Future[GrammarStep]:
+def constrained_rows(seqs: list[Sequence]) -> list[int]:
+    """The sampling rows that need a mask. (A row whose request the previous step finished samples a token
+    nobody reads: its matcher is done.)"""
+    return [i for i, seq in enumerate(seqs) if seq.grammar is not None and not seq.is_finished]
+
+
+def completed(step: GrammarStep) -> Future[GrammarStep]:
     done: Future[GrammarStep] = Future()
     done.set_result(step)
     return done
 
 
-def _accept_and_fill(
+def accept_and_fill(
     accept: list,
     rows: np.ndarray,
     matchers: list,
@@ -189,14 +214,17 @@ def _accept_and_fill(
     pool: bool,
     ends: frozenset[int] | None,
     started: threading.Event | None = None,
+    out: torch.Tensor | None = None,
 ) -> GrammarStep:
+    """grammar_mask's work, here or in the grammar process (grammar_process.py), which passes the shared
+    bitmask as `out` (its first rows are filled)."""
     import xgrammar as xgr
 
     global _pool
     try:
         if pool and _pool is None:
             _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
-        bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size)
+        bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size) if out is None else out[: len(rows)]
     finally:
         if started is not None:
             started.set()  # (an error too: it reaches the engine thread through the future)
@@ -217,6 +245,8 @@ def _accept_and_fill(
     # by earlier steps' tokens are not among the rows: their requests have ended.
     completed = {id(accept[i][0]) for i in terminated}
     live = [j for j, matcher in enumerate(matchers) if id(matcher) not in completed]
+    if out is not None and len(live) < len(rows):  # (allocate_token_bitmask's rows allow all tokens)
+        bitmask[[j for j in range(len(rows)) if id(matchers[j]) in completed]] = -1
     if _pool is not None and pool and len(live) >= _POOL_ROWS:
         _pool.batch_fill_next_token_bitmask([matchers[j] for j in live], bitmask, live)
     else:
@@ -255,6 +285,8 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     from the next step on, when this step's tokens, sampled after the copy, have been waited for."""
     if device.type != "cuda":
         return host
+    if host.is_pinned():  # the grammar process's shared bitmask
+        return host.to(device, non_blocking=True)
     n = host.numel()
     buf = _STAGING.get(host.dtype)
     if buf is None or buf.numel() < n:

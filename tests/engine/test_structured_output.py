@@ -12,6 +12,7 @@ from bpe_model import SCHEMA
 
 from nanoserve.engine_pod import LLM, SamplingParams
 from nanoserve.engine_pod.errors import InvalidRequestError
+from nanoserve.engine_pod.grammar_process import GrammarProcessDied
 from nanoserve.engine_pod.structured_params import StructuredOutputsParams as SO
 
 pytest.importorskip("xgrammar")
@@ -27,13 +28,26 @@ def constrained(spec: SO, seeds=(None, 1, 2), max_tokens=300) -> list[SamplingPa
     ]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sync", "pipelined"])
+STEP_SHAPES = {  # each is the default somewhere: sync on CPU, the grammar process on CUDA
+    "sync": {"async_scheduling": False},
+    "pipelined": {"async_scheduling": True, "grammar_process": False},
+    "process": {"async_scheduling": True, "grammar_process": True},
+}
+
+
+@pytest.fixture(scope="module", params=list(STEP_SHAPES))
 def llm(bpe_model, request):
-    """Both step shapes: synchronous (mask before the forward), and async scheduling's pipeline (the mask
-    thread accepts and fills while the engine thread schedules the next step)."""
-    engine = LLM(bpe_model, num_kvcache_blocks=256, max_model_len=512, async_scheduling=request.param)
+    """Every step shape: synchronous (mask before the forward); async scheduling's pipeline, where a mask
+    thread accepts and fills while the engine thread schedules the next step; the same pipeline with the
+    matchers in the grammar process."""
+    engine = LLM(bpe_model, num_kvcache_blocks=256, max_model_len=512, **STEP_SHAPES[request.param])
     yield engine
     engine.exit()
+
+
+def no_grammar_left(llm) -> bool:
+    """No constrained request in the engine's books, nor a matcher in its grammar process."""
+    return not llm.constrained and (llm.grammar_process is None or llm.grammar_process.held()[0] == 0)
 
 
 def check_json(outs, schema=SCHEMA):
@@ -54,7 +68,7 @@ def test_json_schema_batched_with_unconstrained(llm):
     assert [o["token_ids"] for o in outs[:2]] == [o["token_ids"] for o in alone]  # neighbours change nothing
     check_json(outs[2:])
     assert all(o["text"] == json.dumps(json.loads(o["text"])) for o in outs[2:5])  # no free whitespace
-    assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert no_grammar_left(llm) and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
 def test_choice_regex_grammar_and_json_object(llm):
@@ -134,21 +148,25 @@ def test_preemption_async_scheduling_and_tp_give_the_same_valid_json(bpe_model, 
             SamplingParams(temperature=1.0, seed=9, max_tokens=70, ignore_eos=True),
         ]
     )
+    if llm.grammar_process is not None:
+        pytest.skip("the other step shapes compare the grammar process with and without preemption and TP")
     prompts = ["some prompt words"] * len(params)
     want = llm.generate(prompts, params)
     check_json(want[1:4])
+    small = {"num_kvcache_blocks": 30, "kvcache_block_size": 4}
     for kw in (
-        {"num_kvcache_blocks": 30, "kvcache_block_size": 4},
-        {"async_scheduling": True},
-        {"num_kvcache_blocks": 30, "kvcache_block_size": 4, "async_scheduling": True},
-        {"tensor_parallel_size": 2, "async_scheduling": True},
+        small,
+        {"async_scheduling": True, "grammar_process": False},
+        {**small, "async_scheduling": True, "grammar_process": False},
+        {**small, "async_scheduling": True, "grammar_process": True},
+        {"tensor_parallel_size": 2, "async_scheduling": True, "grammar_process": True},
     ):  # rank 0 masks and samples
         other = LLM(bpe_model, max_model_len=512, **{"num_kvcache_blocks": 256, "async_scheduling": False, **kw})
         try:
             assert other.generate(prompts, params) == want
             if "kvcache_block_size" in kw:
                 assert other.scheduler.num_preemptions > 0
-            assert not other.constrained and other.block_manager.num_free_blocks == other.block_manager.num_blocks
+            assert no_grammar_left(other) and other.block_manager.num_free_blocks == other.block_manager.num_blocks
         finally:
             other.exit()
 
@@ -166,16 +184,16 @@ def test_invalid_constraints_name_their_field(llm):
         SO(regex="a", choice=["b"])
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_a_grammar_the_vocabulary_cannot_spell_ends_the_request_with_no_token(tiny_models, async_scheduling):
-    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, async_scheduling=async_scheduling)  # words w0..w255
+@pytest.mark.parametrize("shape", list(STEP_SHAPES))
+def test_a_grammar_the_vocabulary_cannot_spell_ends_the_request_with_no_token(tiny_models, shape):
+    llm = LLM(tiny_models["qwen3"], num_kvcache_blocks=32, **STEP_SHAPES[shape])  # words w0..w255
     try:
         free, json_object = llm.generate(
             [[5, 6], [7, 8]], [FREE, SamplingParams(structured_outputs=SO(json_object=True))]
         )
         assert free["finish_reason"] == "length" and len(free["token_ids"]) == 12
         assert json_object == {"text": "", "token_ids": [], "finish_reason": "abort"}
-        assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        assert no_grammar_left(llm) and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     finally:
         llm.exit()
 
@@ -245,7 +263,7 @@ def test_random_schemas_always_give_valid_json(llm):  # 210 schemas
             check_json([out], schema)
 
     batch()
-    assert not llm.constrained and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert no_grammar_left(llm) and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
 def test_aborted_constrained_requests_leave_no_grammar_or_block(llm):
@@ -260,13 +278,15 @@ def test_aborted_constrained_requests_leave_no_grammar_or_block(llm):
         if llm.has_unfinished():
             assert llm.step() == []
     assert not llm.has_unfinished()
-    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert no_grammar_left(llm) and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
-def test_constrained_steps_overlap_under_async_scheduling(bpe_model):
+@pytest.mark.parametrize("grammar_process", [False, True])
+def test_constrained_steps_overlap_under_async_scheduling(bpe_model, grammar_process):
     """A mask needs the previous token, but the next forward does not: each step's forward is launched
     before the previous step is sampled (its mask is filled while the next step is scheduled)."""
-    llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=64, async_scheduling=True)
+    shape = {"async_scheduling": True, "grammar_process": grammar_process}
+    llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=64, **shape)
     try:
         seq = llm.add_request("a person:", constrained(SO(json=SCHEMA))[0])
         assert llm.step() == [] and llm.unsampled is not None  # the prefill ran; its sampling waits
@@ -277,3 +297,20 @@ def test_constrained_steps_overlap_under_async_scheduling(bpe_model):
         check_json([{"text": llm.decode(seq), "finish_reason": seq.finish_reason}])
     finally:
         llm.exit()
+
+
+def test_a_dead_grammar_process_fails_the_step(bpe_model):
+    """The grammar process killed mid-run: the next step that needs a mask raises (the engine core then fails
+    every request with it) instead of waiting for a reply that never comes."""
+    llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=64, async_scheduling=True, grammar_process=True)
+    try:
+        for params in constrained(SO(json=SCHEMA), seeds=(1, 2)):
+            llm.add_request("a person:", params)
+        for _ in range(3):
+            llm.step()
+        llm.grammar_process.process.kill()
+        with pytest.raises(GrammarProcessDied, match=r"exited \(signal 9\)"):
+            for _ in range(3):
+                llm.step()
+    finally:
+        llm.exit()  # no hang on the dead process either
