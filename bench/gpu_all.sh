@@ -42,6 +42,7 @@ cat "$OUT/env.txt"
 NGPU=$(python -c 'import torch; print(torch.cuda.device_count())')
 # run LIMIT_S CMD...: a command that outlives its limit gets every Python stack dumped (faulthandler on
 # SIGABRT, its spawned workers too) and is killed, so one hang cannot eat the whole device call.
+descendants() { local c; echo "$1"; for c in $(ps -o pid= --ppid "$1"); do descendants "$c"; done; }
 run() {
   local limit=$1; shift
   echo "== $*"
@@ -50,7 +51,8 @@ run() {
   if kill -0 $pid 2>/dev/null; then
     echo "HUNG after ${limit}s: $*" | tee -a "$OUT/log.txt"
     nvidia-smi >>"$OUT/log.txt" 2>&1
-    pkill -ABRT -f multiprocessing; pkill -ABRT -f "$1"; sleep 5; pkill -9 -f multiprocessing; pkill -9 -f "$1"
+    local tree; tree=$(descendants $pid)  # the command's processes only (not every python on the machine)
+    kill -ABRT $tree 2>/dev/null; sleep 5; kill -9 $tree 2>/dev/null
   fi
   wait $pid
   echo "   exit $?"
@@ -84,7 +86,9 @@ fi
 # default here) and on the mask thread alternating, and the mask's host and device cost; then its CPU tests
 # here, where the bitmask is pinned (the one that needs two GPUs left out).
 want structured && run 400 python bench/structured.py --shapes process thread --rounds 2 --timeline
-want structured && run 200 python -m pytest -q -p no:cacheprovider tests/engine/test_structured_output.py -k "not preemption"
+# (not the random schemas: at bf16 a random model need not close them within max_tokens)
+want structured && run 200 python -m pytest -q -p no:cacheprovider tests/engine/test_structured_output.py \
+  -k "not preemption and not random_schemas"
 want moe && run 400 python bench/moe.py
 want moe && run 500 python bench/moe.py --model gpt-oss-20b --layers 4
 # n-gram speculative decoding: the edit-style workload with and without it, and Nano-vLLM's workload with it
