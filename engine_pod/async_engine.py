@@ -11,6 +11,7 @@ fails, by a fault it reports or a process that dies, ends every open request wit
 import asyncio
 import contextlib
 import itertools
+import logging
 import multiprocessing
 import queue
 import threading
@@ -212,8 +213,11 @@ class AsyncEngine:
             code = self.process.exitcode
             how = "is still running" if code is None else f"exited ({describe_exit(code)})"
             error = EngineDeadError(f"the engine core process (pid {self.process.pid}) closed its pipe and {how}")
-            with contextlib.suppress(RuntimeError):  # the loop has closed: the server is done anyway
-                self.loop.call_soon_threadsafe(self._fail, error)
+        except Exception as e:  # noqa: BLE001 - a message that does not unpickle here (engine_core.portable)
+            logging.getLogger("nanoserve.engine").exception("unreadable message from the engine core")
+            error = EngineDeadError(f"the engine core sent a message this server cannot read: {e!r}")
+        with contextlib.suppress(RuntimeError):  # the loop has closed: the server is done anyway
+            self.loop.call_soon_threadsafe(self._fail, error)
 
     def _dispatch(self, msg: tuple) -> None:
         kind = msg[0]

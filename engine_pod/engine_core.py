@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 from nanoserve.common.gc_heap import freeze_heap
+from nanoserve.engine_pod import errors
 from nanoserve.engine_pod.config import Config
 
 
@@ -57,12 +58,16 @@ class StepOutput:
 
 
 def portable(e: BaseException) -> BaseException:
-    """`e` if it survives pickling (the server re-raises it as it was), else a RuntimeError saying what it was."""
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:  # noqa: BLE001 - e.g. an exception class whose __init__ takes other arguments
-        return RuntimeError(f"{type(e).__name__}: {e}")
+    """`e` if the server can re-raise it as it was, else a RuntimeError saying what it was. The server keeps
+    torch out (common/torch_free.py), so only builtin exceptions and errors.py's travel as themselves: one
+    whose class the server cannot import (torch's OutOfMemoryError) would not unpickle there."""
+    if type(e).__module__ in ("builtins", errors.__name__):
+        try:
+            pickle.loads(pickle.dumps(e))
+            return e
+        except Exception:  # noqa: BLE001 - e.g. an exception class whose __init__ takes other arguments
+            pass
+    return RuntimeError(f"{type(e).__name__}: {e}")
 
 
 def engine_process(model: str, engine_kwargs: dict, inbox: Connection, outbox: Connection) -> None:

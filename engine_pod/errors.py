@@ -30,3 +30,7 @@ class ConfigError(NanoserveError, ValueError):
 
 class EngineDeadError(NanoserveError):
     """The engine core process exited (killed, crashed) without saying why: nothing it held can finish."""
+
+
+class GrammarProcessDied(NanoserveError, RuntimeError):
+    """Structured output's grammar process exited: the step that needed it fails, and the engine with it."""

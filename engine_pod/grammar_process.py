@@ -27,6 +27,7 @@ from typing import cast
 import numpy as np
 import torch
 
+from nanoserve.engine_pod.errors import GrammarProcessDied
 from nanoserve.engine_pod.sequence import Sequence
 from nanoserve.engine_pod.structured_output import (
     CACHE_SIZE,
@@ -36,10 +37,7 @@ from nanoserve.engine_pod.structured_output import (
     completed,
     constrained_rows,
 )
-
-
-class GrammarProcessDied(RuntimeError):
-    """The grammar process exited: the step that needed it fails, and with it the engine's requests."""
+from nanoserve.engine_pod.tp_workers import describe_exit
 
 
 @dataclass(frozen=True)
@@ -152,8 +150,8 @@ class GrammarProcess:
             code = self.process.wait(1)
         except subprocess.TimeoutExpired:
             code = None
-        how = f"signal {-code}" if code is not None and code < 0 else f"code {code}"
-        return GrammarProcessDied(f"the grammar process (pid {self.process.pid}) exited ({how})")
+        how = "is still running" if code is None else f"exited ({describe_exit(code)})"
+        return GrammarProcessDied(f"the grammar process (pid {self.process.pid}) closed its socket and {how}")
 
 
 class GrammarReply:

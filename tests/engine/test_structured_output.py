@@ -11,8 +11,7 @@ import torch
 from bpe_model import SCHEMA
 
 from nanoserve.engine_pod import LLM, SamplingParams
-from nanoserve.engine_pod.errors import InvalidRequestError
-from nanoserve.engine_pod.grammar_process import GrammarProcessDied
+from nanoserve.engine_pod.errors import GrammarProcessDied, InvalidRequestError
 from nanoserve.engine_pod.structured_params import StructuredOutputsParams as SO
 
 pytest.importorskip("xgrammar")
@@ -309,7 +308,7 @@ def test_a_dead_grammar_process_fails_the_step(bpe_model):
         for _ in range(3):
             llm.step()
         llm.grammar_process.process.kill()
-        with pytest.raises(GrammarProcessDied, match=r"exited \(signal 9\)"):
+        with pytest.raises(GrammarProcessDied, match=r"exited \(signal SIGKILL\)"):
             for _ in range(3):
                 llm.step()
     finally:

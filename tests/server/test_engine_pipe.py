@@ -12,7 +12,7 @@ import uvloop
 from poll import until_async
 
 from nanoserve.engine_pod.async_engine import AsyncEngine
-from nanoserve.engine_pod.engine_core import EngineCounts, StepOutput
+from nanoserve.engine_pod.engine_core import EngineCounts, StepOutput, portable
 from nanoserve.engine_pod.metrics import EngineMetrics
 
 
@@ -47,3 +47,18 @@ def test_a_step_message_written_in_pieces_arrives_whole_on_uvloop():
     engine._out_w.close()  # EOF ends the reader thread
     engine._receiver.join(5)
     assert not engine._receiver.is_alive()
+
+
+def test_only_errors_the_torch_free_server_can_unpickle_cross_as_themselves():
+    """The server keeps torch out: an engine error of a class it cannot import (torch's, or a module that
+    imports torch) travels as a RuntimeError naming it; builtin errors and errors.py's as they are."""
+    import torch
+
+    from nanoserve.engine_pod.errors import GrammarProcessDied, InvalidRequestError
+    from nanoserve.engine_pod.tp_workers import WorkerDied
+
+    oom = portable(torch.OutOfMemoryError("CUDA out of memory"))
+    assert type(oom) is RuntimeError and str(oom) == "OutOfMemoryError: CUDA out of memory"
+    assert type(portable(WorkerDied("worker 1 died"))) is RuntimeError
+    for kept in (GrammarProcessDied("gone"), InvalidRequestError("bad", "prompt"), ValueError("v")):
+        assert portable(kept) is kept

@@ -1,5 +1,6 @@
-"""A tensor-parallel worker or the engine core process SIGKILLed mid-generation (issue 16): the server fails
-the engine within seconds, every request ends with an error, /ready says 503, and the server exits 1."""
+"""A tensor-parallel worker, the grammar process or the engine core process SIGKILLed mid-generation (issue
+16): the server fails the engine within seconds, every request ends with an error, /ready says 503, and the
+server exits 1."""
 
 import asyncio
 import json
@@ -8,6 +9,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 import aiohttp
 import prelaunch
@@ -21,6 +23,12 @@ def _children(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children") as f:
             children.update(int(c) for c in f.read().split())
     return sorted(children)
+
+
+def grammar_process(engine_core: int) -> int:
+    """The engine core's grammar process (engine_pod/grammar_process.py), started by its first constrained request."""
+    [pid] = [c for c in _children(engine_core) if b"grammar_process" in open(f"/proc/{c}/cmdline", "rb").read()]
+    return pid
 
 
 def spawned_children(pid: int) -> list[int]:
@@ -58,14 +66,16 @@ def streamed(i: int) -> bool:
     return i % 2 == 0 or i >= EARLY
 
 
-async def _kill_mid_generation(url: str, worker: int):
-    """Requests running, waiting in the scheduler and waiting in the engine's inbox when the worker dies."""
+async def _kill_mid_generation(url: str, victim: Callable[[], int], early: dict):
+    """Requests running, waiting in the scheduler and waiting in the engine's inbox when the `victim()` process
+    dies (asked for once the engine steps); the early ones have `early` in their bodies."""
     async with aiohttp.ClientSession() as s:
         streaming = asyncio.Event()  # a stream has its first token: the engine is stepping
         submitted = [asyncio.Event() for _ in range(EARLY + LATE)]  # a stream's headers are in
 
         async def one(i: int):
             body = {"prompt": [i + 3] * 20, "max_tokens": 400, "ignore_eos": True, "stream": streamed(i)}
+            body |= early if i < EARLY else {}
             async with s.post(url + "/v1/completions", json=body) as r:
                 if not body["stream"]:
                     return r.status, await r.json()
@@ -79,17 +89,21 @@ async def _kill_mid_generation(url: str, worker: int):
 
         tasks = [asyncio.create_task(one(i)) for i in range(EARLY)]
         await asyncio.wait_for(streaming.wait(), 60)
-        # Stopped, the worker holds rank 0 in a collective: what comes now stays in the inbox.
+        # Stopped, the worker holds rank 0 in a collective (the grammar process: in a wait for its reply): what
+        # comes now stays in the inbox.
+        worker = victim()
         os.kill(worker, signal.SIGSTOP)
         tasks += [asyncio.create_task(one(i)) for i in range(EARLY, EARLY + LATE)]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in submitted[EARLY:])), 60)
         os.kill(worker, signal.SIGKILL)
         probe = asyncio.create_task(_probe(url))
         results = await asyncio.wait_for(asyncio.gather(*tasks), 10)  # the bound of issue 16
-        return results, await asyncio.wait_for(probe, 30)
+        return worker, results, await asyncio.wait_for(probe, 30)
 
 
-VICTIMS = ["tp worker", "engine core"]
+VICTIMS = ["tp worker", "grammar process", "engine core"]
+# The grammar process's requests: constrained (it starts with the first), never done within max_tokens.
+CONSTRAINED = {"structured_outputs": {"regex": "[a-z]{2000}"}}
 
 
 def launch_server(victim: str, get) -> tuple[subprocess.Popen, str, pathlib.Path]:
@@ -104,7 +118,7 @@ def launch_server(victim: str, get) -> tuple[subprocess.Popen, str, pathlib.Path
                 "nanoserve.cli",
                 "serve",
                 "--model",
-                get("tiny_models")["qwen3"],
+                get("bpe_model") if victim == "grammar process" else get("tiny_models")["qwen3"],
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -119,6 +133,7 @@ def launch_server(victim: str, get) -> tuple[subprocess.Popen, str, pathlib.Path
                 "256",
                 "--max-model-len",
                 "512",
+                *(["--async-scheduling", "--grammar-process"] if victim == "grammar process" else []),
             ],
             env={**os.environ, "PYTHONSAFEPATH": "1"},
             stdout=out,
@@ -144,13 +159,19 @@ def test_a_killed_engine_process_ends_every_request_with_an_error_and_the_server
     try:
         wait_http(url + "/ready", 120, proc)
         [engine_core] = spawned_children(proc.pid)
-        if victim == "tp worker":
-            [pid] = spawned_children(engine_core)
-            died = f"tensor-parallel worker 1 (pid {pid}) died with signal SIGKILL"
-        else:
-            pid = engine_core
-            died = f"the engine core process (pid {pid}) closed its pipe and exited (signal SIGKILL)"
-        results, probed = asyncio.run(_kill_mid_generation(url, pid))
+        find = {
+            "tp worker": lambda: spawned_children(engine_core)[0],
+            "grammar process": lambda: grammar_process(engine_core),
+            "engine core": lambda: engine_core,
+        }[victim]
+        early = CONSTRAINED if victim == "grammar process" else {}
+        pid, results, probed = asyncio.run(_kill_mid_generation(url, find, early))
+        died = {
+            "tp worker": f"tensor-parallel worker 1 (pid {pid}) died with signal SIGKILL",
+            "grammar process": f"GrammarProcessDied: the grammar process (pid {pid}) closed its socket and exited "
+            "(signal SIGKILL)",
+            "engine core": f"the engine core process (pid {pid}) closed its pipe and exited (signal SIGKILL)",
+        }[victim]
         for i, (status, answer) in enumerate(results):
             if streamed(i):  # it had started, and it ends with an error event instead of [DONE]
                 error = json.loads(answer[-1])["error"]
