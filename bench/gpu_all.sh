@@ -83,9 +83,9 @@ if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 200 python bench/throughput.py --label graphs-tp1-same-machine
 fi
 # Structured output: constrained vs unconstrained at batch 1/64/256, the grammars in the grammar process (the
-# default here) and on the mask thread alternating, and the mask's host and device cost; then its CPU tests
+# default here) and on the engine thread alternating, and the mask's host and device cost; then its CPU tests
 # here, where the bitmask is pinned (the one that needs two GPUs left out).
-want structured && run 400 python bench/structured.py --shapes process thread --rounds 2 --timeline
+want structured && run 400 python bench/structured.py --shapes process inline --rounds 2 --timeline
 # (not the random schemas: at bf16 a random model need not close them within max_tokens)
 want structured && run 200 python -m pytest -q -p no:cacheprovider tests/engine/test_structured_output.py \
   -k "not preemption and not random_schemas"

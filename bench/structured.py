@@ -161,8 +161,8 @@ def profiled(llm: LLM, batch: int) -> dict:
 
     totals = profile_phases(llm)
     timed = functools.partial(timed_into, totals)
-    # accept + fill: on the mask thread in the pipeline (beside the engine thread), inline below 16 rows
-    so.accept_and_fill = timed("accept_and_fill (mask thread)", so.accept_and_fill)
+    # accept + fill on the engine thread (with --shapes inline; the grammar process's are not seen here)
+    so.accept_and_fill = timed("accept_and_fill (inline)", so.accept_and_fill)
     engine_module.grammar_mask = timed("grammar_mask (rows, submit)", engine_module.grammar_mask)
     llm.model_runner.sample_deferred = timed("sample_deferred", llm.model_runner.sample_deferred)
     llm.step = timed("step", llm.step)
@@ -177,7 +177,7 @@ def profiled(llm: LLM, batch: int) -> dict:
 
 def timeline(llm: LLM, batch: int) -> dict:
     """When each part of a constrained step happens, in ms after the step's start (medians over the steps
-    with `batch` rows): the engine thread's phases beside the mask thread's accepts and fill."""
+    with `batch` rows): the engine thread's phases, and the accepts and fill when they are inline."""
     import xgrammar as xgr
 
     import nanoserve.engine_pod.constrained_step as cs
@@ -255,8 +255,8 @@ def main() -> None:
         "--shapes",
         nargs="+",
         default=["default"],
-        choices=["default", "process", "thread"],
-        help="constrained runs with the engine's grammars in the grammar process, on its mask thread, or as "
+        choices=["default", "process", "inline"],
+        help="constrained runs with the engine's grammars in the grammar process, on the engine thread, or as "
         "configured; several alternate in one run, each against the same unconstrained figure",
     )
     p.add_argument("--rounds", type=int, default=1, help="measure every batch size this many times")
@@ -280,7 +280,7 @@ def main() -> None:
                     forced = throughput(llm, batch, True, repeat)
                     result = {
                         "bench": "structured",
-                        "shape": "process" if llm.grammar_process is not None else "thread",
+                        "shape": "process" if llm.grammar_process is not None else "inline",
                         "batch": batch,
                         "round": repeat,
                         "unconstrained_tok_s": round(free),

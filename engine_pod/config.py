@@ -83,7 +83,7 @@ class Config:
     grammar_process: bool = setting(
         None,
         "structured output's grammars step in a process of their own, beside the engine's step loop (needs "
-        "async scheduling): their masks are made while the next step is scheduled",
+        "async scheduling): their masks are made while the next step is scheduled, not after it",
         unset="on with async scheduling on CUDA",
     )
     generation_config: str = setting(

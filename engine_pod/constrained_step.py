@@ -1,5 +1,6 @@
 """The engine's step under async scheduling when requests have grammars: sampling waits for the grammar
-mask, so the step is a pipeline around the mask thread (engine_pod/structured_output.py `grammar_mask`)."""
+mask, so the step is a pipeline around the grammar process (engine_pod/grammar_process.py), or around the
+mask made inline when there is none (`--no-grammar-process`)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ if TYPE_CHECKING:
 
 def constrained_step(engine: LLMEngine) -> StepResult:
     """Async scheduling with structured output, as a pipeline. A row's mask needs its previous token, so
-    sampling waits for the mask, but nothing else does: each call hands step N's tokens to the mask
-    thread, which has the matchers accept them and then fills step N+1's mask (xgrammar, without the
-    GIL), while this thread applies the same tokens and schedules step N+2, all while N+1's forward runs
-    on the GPU; then it launches N+1's sampling and N+2's forward right behind it."""
+    sampling waits for the mask, but nothing else does: each call hands step N's tokens to the grammar
+    process, which has the matchers accept them and then fills step N+1's mask, while this thread applies
+    the same tokens and schedules step N+2, all while N+1's forward runs on the GPU; then it launches N+1's
+    sampling and N+2's forward right behind it."""
     pending, engine.unsampled = engine.unsampled, None
     done, engine.in_flight = engine.in_flight, None
     accept: list[tuple[Sequence, int, int]] = []  # (sequence, its placeholder's position, token)
@@ -31,7 +32,7 @@ def constrained_step(engine: LLMEngine) -> StepResult:
             if seq.grammar is not None and not seq.is_finished and row not in done.blocked
         ]
     to_accept = [(s.grammar, t) for s, _, t in accept]
-    job = engine._mask(pending.seqs if pending is not None else [], to_accept, background=True)
+    job = engine._mask(pending.seqs if pending is not None else [], to_accept)
     out = engine._apply(done, grammar_accepted=True) if done is not None else []
     batch = engine.scheduler.schedule(drafts=False) if engine.constrained or pending is None else []
     if batch:
@@ -59,8 +60,8 @@ def constrained_step(engine: LLMEngine) -> StepResult:
 
 
 def _end_grammars(engine: LLMEngine, out, accept, refused: list[int], terminated: list[int]):
-    """After the mask thread's accepts: a grammar complete ends its request; a refused token (only if
-    the sampler left the mask, which it never should) ends it too, the token unseen."""
+    """After the step's accepts: a grammar complete ends its request; a refused token (only if the sampler
+    left the mask, which it never should) ends it too, the token unseen."""
     for i in terminated:
         seq = accept[i][0]
         if not seq.is_finished:

@@ -253,13 +253,13 @@ class LLMEngine:
                 seq.prompt_logprobs += [unpack_logprobs(rows[i], k) for i in range(start, start + n)]
             start += n
 
-    def _mask(
-        self, sampling: list[Sequence], accept: tuple | list = (), background: bool = False
-    ) -> "Future[GrammarStep] | GrammarReply":
-        if self.grammar_process is not None:  # (only under async scheduling: always in the background)
+    def _mask(self, sampling: list[Sequence], accept: tuple | list = ()) -> "Future[GrammarStep] | GrammarReply":
+        """Accept and fill (grammar_mask): in the grammar process if there is one, whose reply `result()` reads,
+        else here and now."""
+        if self.grammar_process is not None:  # (only under async scheduling: constrained_step's)
             return self.grammar_process.step(sampling, list(accept))
         ends = self.grammars.ends if self.grammars is not None else None
-        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept, background, ends)
+        return grammar_mask(sampling, self.config.hf_config["vocab_size"], self.pool_masks, accept, ends)
 
     def _run(self, method: str, *args, local: bool = False):
         """The model runner's `method`, on every rank (or on rank 0 alone: `local`)."""
@@ -272,7 +272,7 @@ class LLMEngine:
     def _apply(self, flight: "InFlight", grammar_accepted: bool = False) -> list[tuple[Sequence, int | None]]:
         """Put a step's sampled tokens in place of their placeholders; retire what they finish. A token is
         None for a constrained request that ended because its grammar allowed no token. `grammar_accepted`:
-        the mask thread has the matchers accept the tokens (and says which grammars they complete)."""
+        constrained_step has had the matchers accept the tokens (and knows which grammars they complete)."""
         out = []
         tokens, accepted = flight.wait()
         logprob_rows = flight.tokens.logprob_rows()

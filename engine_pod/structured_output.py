@@ -3,14 +3,13 @@
 `Grammars` compiles a request's StructuredOutputsParams into a matcher (a grammar's state) when the request
 is made: on a worker thread of the engine core process, never on its step loop, with a cache keyed by the constraint.
 Each step, `grammar_mask` has the matchers of the constrained rows accept the tokens just sampled, then asks
-them which tokens may come next (a bitmask on the host), on a thread while the engine thread applies the same
-tokens and schedules the next step; rank 0's model runner applies the mask to those rows' logits with
-`apply_grammar_mask` before temperature, top-k and top-p (llm_engine.py; under async scheduling
-constrained_step.py).
+them which tokens may come next (a bitmask on the host); under async scheduling on CUDA that is done in the
+grammar process (grammar_process.py) while the engine thread applies the same tokens and schedules the next
+step (constrained_step.py). Rank 0's model runner applies the mask to those rows' logits with
+`apply_grammar_mask` before temperature, top-k and top-p.
 The mask allows EOS only where the grammar may end; a matcher that accepted EOS is terminated.
 """
 
-import concurrent.futures
 import json
 import os
 import re
@@ -151,18 +150,17 @@ class GrammarMask:
 
 @dataclass
 class GrammarStep:
-    """What the mask thread did: the mask it filled (None: no constrained row), and of the tokens it was
-    given to accept first, the indices of those refused and of those that completed their grammar."""
+    """What a step's grammar work did: the mask it filled (None: no constrained row), and of the tokens it
+    was given to accept first, the indices of those refused and of those that completed their grammar."""
 
     mask: GrammarMask | None
     refused: list[int]
     terminated: list[int]
 
 
-_POOL_ROWS = 16  # fewer rows fill faster in one loop on the engine thread than through the thread and pool
+_POOL_ROWS = 16  # fewer rows fill faster in one loop than through xgrammar's thread pool
 _POOL_THREADS = min(8, os.cpu_count() or 1)
-_pool = None  # xgrammar's BatchGrammarMatcher (only the mask thread fills masks)
-_mask_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
+_pool = None  # xgrammar's BatchGrammarMatcher (one thread fills masks: the engine's, or the grammar process's)
 
 
 def grammar_mask(
@@ -170,28 +168,19 @@ def grammar_mask(
     vocab_size: int,
     pool: bool = False,
     accept: tuple | list[tuple[Any, int]] = (),
-    background: bool = False,
     ends: frozenset[int] | None = None,
 ) -> Future[GrammarStep]:
     """Let each (matcher, token) of `accept` accept its token, then fill the mask of the constrained ones among
-    the sampling rows `seqs`. `ends`: the tokens that can complete a matcher (None: any can; `Grammars.ends`).
-    `background`: on the mask thread, so that the engine thread applies tokens and schedules the next step
-    meanwhile (xgrammar's calls need the GIL now and then: the mask thread's work mostly waits until the
-    engine thread blocks on it); until the future is done nothing else may touch those matchers. `pool`:
-    fill the rows on xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU engine they
-    would fight the model's own threads)."""
+    the sampling rows `seqs`, here and now (a future already done: the grammar process's reply is read the
+    same way). `ends`: the tokens that can complete a matcher (None: any can; `Grammars.ends`). `pool`: fill
+    the rows on xgrammar's threads (3x faster at 256 rows on a 16-core GPU host; on a CPU engine they would
+    fight the model's own threads). A thread of this process would not help: xgrammar's calls take the GIL
+    back several times each, so they run in series with the engine thread's Python (bench/RESULTS.md)."""
     rows = constrained_rows(seqs)
     if not rows and not accept:
         return completed(GrammarStep(None, [], []))
-    args = (list(accept), np.asarray(rows, np.int64), [seqs[i].grammar for i in rows], vocab_size, pool, ends)
-    if not background or len(rows) < _POOL_ROWS and len(accept) < _POOL_ROWS:  # a few rows: no thread handoff
-        return completed(accept_and_fill(*args))
-    started = threading.Event()
-    job = _mask_thread.submit(accept_and_fill, *args, started)
-    # Python threads hand the GIL over only every switch interval (5 ms) unless one waits: wait here until
-    # the mask thread is about to enter xgrammar, or its fill would start only when this thread next blocks.
-    started.wait()
-    return job
+    matchers = [seqs[i].grammar for i in rows]
+    return completed(accept_and_fill(list(accept), np.asarray(rows, np.int64), matchers, vocab_size, pool, ends))
 
 
 def constrained_rows(seqs: list[Sequence]) -> list[int]:
@@ -213,7 +202,6 @@ def accept_and_fill(
     vocab_size: int,
     pool: bool,
     ends: frozenset[int] | None,
-    started: threading.Event | None = None,
     out: torch.Tensor | None = None,
 ) -> GrammarStep:
     """grammar_mask's work, here or in the grammar process (grammar_process.py), which passes the shared
@@ -221,18 +209,13 @@ def accept_and_fill(
     import xgrammar as xgr
 
     global _pool
-    try:
-        if pool and _pool is None:
-            _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
-        bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size) if out is None else out[: len(rows)]
-    finally:
-        if started is not None:
-            started.set()  # (an error too: it reaches the engine thread through the future)
+    if pool and _pool is None:
+        _pool = xgr.BatchGrammarMatcher(max_threads=_POOL_THREADS)
+    bitmask = xgr.allocate_token_bitmask(max(1, len(rows)), vocab_size) if out is None else out[: len(rows)]
     refused, terminated = [], []
     if accept:
         ok = xgr.BatchGrammarMatcher.batch_accept_token([m for m, _ in accept], [t for _, t in accept])
-        # Each xgrammar call costs a trip for the GIL (beside a busy thread, 256 is_terminated() calls took
-        # 63 ms on CPU): a matcher with stop tokens completes only on one, so only those are asked.
+        # A matcher with stop tokens completes only on one, so only those are asked (a call a row fewer).
         for i, (matcher, token) in enumerate(accept):
             if not ok[i]:
                 refused.append(i)

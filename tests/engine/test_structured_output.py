@@ -36,9 +36,9 @@ STEP_SHAPES = {  # each is the default somewhere: sync on CPU, the grammar proce
 
 @pytest.fixture(scope="module", params=list(STEP_SHAPES))
 def llm(bpe_model, request):
-    """Every step shape: synchronous (mask before the forward); async scheduling's pipeline, where a mask
-    thread accepts and fills while the engine thread schedules the next step; the same pipeline with the
-    matchers in the grammar process."""
+    """Every step shape: synchronous (mask before the forward); async scheduling's pipeline, its accepts and
+    fill on the engine thread; the same pipeline with the matchers in the grammar process, which accepts and
+    fills while the engine thread schedules the next step."""
     engine = LLM(bpe_model, num_kvcache_blocks=256, max_model_len=512, **STEP_SHAPES[request.param])
     yield engine
     engine.exit()
