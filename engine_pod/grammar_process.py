@@ -73,6 +73,7 @@ class GrammarProcess:
         self._sent: OrderedDict[tuple, None] = OrderedDict()  # the compiled grammars the worker holds
         self._registered: set[int] = set()  # the requests whose matcher the worker holds
         self._ops: list[tuple] = []  # for the worker before the next step's work: grammars, matchers, drops
+        self._unread = False  # a step's reply not read yet (a step that raised before it needed the mask)
 
     def step(self, seqs: list[Sequence], accept: list[tuple[GrammarHandle, int]]) -> Future[GrammarStep] | GrammarReply:
         """Send: accept each (handle, token) of `accept`, then fill the mask of the constrained rows of `seqs`
@@ -86,8 +87,8 @@ class GrammarProcess:
             if handle.seq_id not in self._registered:
                 self._register(handle)
         work = ([h.seq_id for h, _ in accept], [t for _, t in accept], [h.seq_id for h in handles])
-        self._ops, ops = [], self._ops
-        self._send(("step", ops, *work))
+        self._send(("step", self._take_ops(), *work))
+        self._unread = True
         return GrammarReply(self, np.asarray(rows, np.int64))
 
     def drop(self, seq_id: int) -> None:
@@ -98,8 +99,7 @@ class GrammarProcess:
 
     def held(self) -> tuple[int, int]:
         """(matchers, compiled grammars) the worker holds, after the drops so far."""
-        self._ops, ops = [], self._ops
-        self._send(("held", ops))
+        self._send(("held", self._take_ops()))
         matchers, grammars = self._recv()
         return matchers, grammars
 
@@ -130,6 +130,12 @@ class GrammarProcess:
         while len(self._sent) > CACHE_SIZE:  # (its matchers keep an evicted grammar alive there)
             self._ops.append(("forget", self._sent.popitem(last=False)[0]))
 
+    def _take_ops(self) -> list[tuple]:
+        if self._unread:  # (its mask is not wanted any more; the worker's state moved on all the same)
+            self._recv()
+        self._ops, ops = [], self._ops
+        return ops
+
     def _send(self, msg) -> None:
         try:
             self._conn.send(msg)
@@ -137,6 +143,7 @@ class GrammarProcess:
             raise self._died() from None
 
     def _recv(self):
+        self._unread = False
         try:
             kind, *reply = self._conn.recv()
         except (EOFError, OSError):
@@ -191,7 +198,7 @@ def _serve(conn: Connection, bitmask: torch.Tensor) -> None:
     ends = frozenset(info.stop_token_ids) or None
     grammars: dict[tuple, xgr.CompiledGrammar] = {}
     matchers: dict[int, xgr.GrammarMatcher] = {}
-    while (msg := conn.recv()) is not None:
+    while (msg := _next(conn)) is not None:
         try:
             for op, *args in msg[1]:
                 if op == "grammar":
@@ -213,6 +220,14 @@ def _serve(conn: Connection, bitmask: torch.Tensor) -> None:
             conn.send(("ok", step.refused, step.terminated, blocked))
         except Exception as e:  # noqa: BLE001 - the engine raises it, failing the step
             conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _next(conn: Connection):
+    """The next message; None also when the engine's end is closed (it exited without saying so)."""
+    try:
+        return conn.recv()
+    except EOFError:
+        return None
 
 
 if __name__ == "__main__":

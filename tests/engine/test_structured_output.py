@@ -313,3 +313,21 @@ def test_a_dead_grammar_process_fails_the_step(bpe_model):
                 llm.step()
     finally:
         llm.exit()  # no hang on the dead process either
+
+
+def test_a_grammar_reply_never_read_is_not_taken_for_the_next(bpe_model):
+    """A step that raised after it sent its grammar work leaves that reply unread: the next step reads past
+    it, so the run goes on as if that step had never been (the same tokens as a run without it)."""
+    params = constrained(SO(json=SCHEMA, disable_any_whitespace=True), seeds=(None, 3))
+    llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=64, async_scheduling=True, grammar_process=True)
+    try:
+        want = [o["token_ids"] for o in llm.generate(["a person:"] * 2, params)]
+        seqs = [llm.add_request("a person:", p) for p in params]
+        for _ in range(4):
+            llm.step()
+        llm._mask(seqs, [])  # its work sent, its reply never read (no token to accept: no state changes)
+        while llm.has_unfinished():
+            llm.step()
+        assert [s.completion_token_ids for s in seqs] == want
+    finally:
+        llm.exit()
