@@ -31,7 +31,7 @@ MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's: set before a 
 RESTART_BACKOFF = 1.0  # seconds before a dead worker is started again
 
 
-def _worker_main(config: GatewayConfig, log_level: str) -> None:
+def _worker_main(config: GatewayConfig, log_level: str, supervisor: int) -> None:
     from nanoserve.common import event_loop
     from nanoserve.common.torch_free import keep_torch_out
     from nanoserve.gateway.app import run_gateway
@@ -39,10 +39,24 @@ def _worker_main(config: GatewayConfig, log_level: str) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     keep_torch_out()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the supervisor, which stops us
+    _drain_when_gone(supervisor)
     try:
         event_loop.run(run_gateway(config))
     except asyncio.CancelledError:
         pass  # SIGTERM cancelled the server after draining
+
+
+def _drain_when_gone(supervisor: int) -> None:
+    """SIGTERM (a drain) to this worker when the supervisor dies, even by SIGKILL: an orphan would go on
+    taking the port's connections, with nobody to stop it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):  # not Linux: a SIGKILLed supervisor leaves its workers behind
+        return
+    if os.getppid() != supervisor:  # it died before the line above
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _held_port(host: str) -> tuple[socket.socket, int]:
@@ -66,7 +80,7 @@ def run_workers(config: GatewayConfig, log_level: str = "INFO") -> int:
     stopping = False
 
     def start() -> BaseProcess:
-        proc = ctx.Process(target=_worker_main, args=(config, log_level), name="nanoserve-gateway-worker")
+        proc = ctx.Process(target=_worker_main, args=(config, log_level, os.getpid()), name="nanoserve-gateway-worker")
         proc.start()
         return proc
 

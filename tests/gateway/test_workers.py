@@ -80,3 +80,29 @@ def test_workers_share_the_port_add_up_their_metrics_restart_and_drain(fake_engi
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _running(pid: int) -> bool:
+    """Not exited (a zombie nobody has reaped yet has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_workers_of_a_killed_supervisor_drain_and_exit(fake_engines_shared):
+    """SIGKILL of the supervisor (no chance to stop them): its workers do not go on serving the port alone."""
+    (engine,) = fake_engines_shared(1, serve_tokenizer=False)
+    argv = ["--host", "127.0.0.1", "--port", str(reserve_port()), "--engine", engine.url, "--workers", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nanoserve.gateway", *argv, "--log-level", "WARNING"],
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+    )
+    try:
+        workers = until(lambda: len(_workers(proc.pid)) == 2 and _workers(proc.pid), "two workers")
+        proc.kill()
+        proc.wait()
+        until(lambda: not any(_running(w) for w in workers), "the workers to exit", timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
