@@ -1,6 +1,7 @@
 """Decode attention micro-benchmark: time and achieved bandwidth (KV bytes read / time) of the Triton
 paged-attention kernel at batch 256, 16 query / 8 KV heads, head_dim 128, mean context 256 / 850 / 2000,
-against the card's measured copy bandwidth (same run)."""
+against the card's measured copy bandwidth (same run). `--fp8`: the bf16 and fp8 (e4m3) caches side by side,
+each one's bandwidth counted in its own bytes."""
 
 import json
 import os
@@ -19,7 +20,13 @@ BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
 
 
 def case(
-    mean_ctx: int, block_size: int, num_splits: int | None, copies: int = 3, tiles=None, longest_first: bool = False
+    mean_ctx: int,
+    block_size: int,
+    num_splits: int | None,
+    copies: int = 3,
+    tiles=None,
+    longest_first: bool = False,
+    kv_dtype: torch.dtype = torch.bfloat16,
 ):
     seed(mean_ctx)
     ctx = [randint(max(1, mean_ctx // 2), mean_ctx * 3 // 2) for _ in range(BATCH)]
@@ -29,8 +36,8 @@ def case(
     total = sum(blocks)
     sets = []
     for _ in range(copies):  # rotate inputs so repeated runs do not read from L2
-        kc = torch.randn(total, block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
-        vc = torch.randn_like(kc)
+        kc = torch.randn(total, block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
+        vc = torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
         perm = torch.randperm(total, device="cuda", dtype=torch.int32)
         table = torch.full((BATCH, max(blocks)), -1, dtype=torch.int32, device="cuda")
         i = 0
@@ -47,11 +54,13 @@ def case(
 
     def run():
         q, kc, vc, table = sets[next(it) % copies]
-        paged_attention(q, kc, vc, cu, lens, table, DIM**-0.5, 1, num_splits=splits, tiles=tiles)
+        paged_attention(q, kc, vc, cu, lens, table, DIM**-0.5, 1, num_splits=splits, tiles=tiles, kv_scales=scales)
 
+    scales = (0.5, 0.5) if kv_dtype != torch.bfloat16 else (1.0, 1.0)  # (an fp8 cache: dequantized as it is read)
     ms = triton.testing.do_bench(run, warmup=50, rep=300, return_mode="median")
-    kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * 2  # k and v, bf16
+    kv_bytes = sum(ctx) * KV_HEADS * DIM * 2 * kv_dtype.itemsize  # k and v, in the cache's dtype
     return {
+        "kv_dtype": str(kv_dtype).removeprefix("torch."),
         "mean_ctx": mean_ctx,
         "block_size": block_size,
         "splits": splits,
@@ -164,6 +173,13 @@ def main() -> None:
         return tune_decode()
     bw = copy_bandwidth()
     print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    if "--fp8" in sys.argv:  # batch 256, bf16 and fp8 (e4m3) caches side by side: bandwidth in each one's bytes
+        for mean_ctx in (256, 850, 2000):
+            for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+                r = case(mean_ctx, 16, None, kv_dtype=kv_dtype)
+                r["fraction_of_copy"] = round(r["tb_per_s"] * 1e12 / bw, 3)
+                print("RESULT " + json.dumps(r), flush=True)
+        return
     for block_size in (16, 256):
         for mean_ctx in (256, 850, 2000):
             for splits in (None, 2):

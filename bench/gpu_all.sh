@@ -78,6 +78,7 @@ want variants && run 200 python bench/throughput.py --prefix-sharing
 want fp8kv && run 200 python bench/throughput.py --kv-cache-dtype fp8 --profile --label fp8-kv-profiled
 want fp8kv && run 200 python bench/throughput.py --kv-cache-dtype fp8 --label fp8-kv
 want fp8kv && run 200 python bench/fp8_kv_accuracy.py --model qwen3-0.6b
+want fp8kv && run 100 python bench/attention_kernel.py --fp8  # decode attention's bandwidth in fp8 bytes
 if want tp2 && [ "$NGPU" -ge 2 ]; then
   run 150 python bench/throughput.py --tp 2 --profile --label graphs-tp2
   run 200 python bench/throughput.py --label graphs-tp1-same-machine
