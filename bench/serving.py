@@ -68,6 +68,7 @@ async def one_request(session, url: str, req: dict, stream: bool, model: str | N
             if resp.status != 200:
                 out["error"] = f"status {resp.status}: {(await resp.text())[:200]}"
                 return out
+            out |= server_timing(resp.headers.get("Server-Timing", ""))
             if not stream:
                 data = await resp.json()
                 out["tokens"] = data["usage"]["completion_tokens"]
@@ -90,6 +91,17 @@ async def one_request(session, url: str, req: dict, stream: bool, model: str | N
             out["ok"] = True
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError, KeyError) as e:
         out["error"] = repr(e)
+    return out
+
+
+def server_timing(header: str) -> dict[str, float]:
+    """The gateway's Server-Timing (gateway/proxy.py) as seconds: `gateway_s` (its own share of the time to
+    first byte), `engine_s` (the engine's first byte, as the gateway saw it). Empty for an engine's answer."""
+    out = {}
+    for metric in header.split(","):
+        name, _, rest = metric.strip().partition(";")
+        if name in ("gateway", "engine") and rest.startswith("dur="):
+            out[f"{name}_s"] = float(rest[4:].split(";")[0]) / 1e3
     return out
 
 
@@ -161,6 +173,11 @@ def summary(outs: list[dict], stream: bool, t0: float) -> dict:
         )
         report["itl_ms"] = pct([b - a for o in ok for a, b in zip(o["events"], o["events"][1:])])
         report["events_per_token"] = round(sum(len(o["events"]) for o in ok) / max(tokens, 1), 3)
+    timed = [o for o in ok if "gateway_s" in o]
+    if timed:  # through the gateway: its own share of the time to first byte (Server-Timing), and
+        report["gateway_share_ms"] = pct([o["gateway_s"] for o in timed])
+        if stream:  # the rest of the TTFT past its and the engine's shares: connecting, queueing, the relay
+            report["rest_ms"] = pct([o["ttft"] - o["gateway_s"] - o["engine_s"] for o in timed if o["ttft"]])
     errors = [o["error"] for o in outs if not o["ok"]]
     if errors:
         report["first_error"] = errors[0]
@@ -196,7 +213,18 @@ def run(
     if records:
         with open(records, "a") as f:
             for o in outs:
-                fields = ("url", "prompt_len", "max_tokens", "start", "ttft", "e2e", "tokens", "ok")
+                fields = (
+                    "url",
+                    "prompt_len",
+                    "max_tokens",
+                    "start",
+                    "ttft",
+                    "e2e",
+                    "tokens",
+                    "ok",
+                    "gateway_s",
+                    "engine_s",
+                )
                 f.write(json.dumps({k: o.get(k) for k in fields} | {"t0": t0} | (tag or {})) + "\n")
     return report
 

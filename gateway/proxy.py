@@ -43,6 +43,9 @@ HOP_BY_HOP = {
 RETRY_STATUSES = {429, 503}
 UPSTREAM_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, OSError)
 ENGINE_HEADER = "X-Nanoserve-Engine"  # which engine answered, as its opaque id (endpoints.engine_id)
+# W3C Server-Timing: the gateway's own share of the time to first byte (receipt to the request sent on:
+# reading, tokenizing, routing, earlier attempts) and the engine's (request sent to its first byte).
+TIMING_HEADER = "Server-Timing"
 
 
 @dataclass
@@ -69,6 +72,7 @@ def upstream_headers(headers) -> dict[str, str]:
 
 async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamResponse:
     """POST /v1/completions and /v1/chat/completions."""
+    arrived = time.monotonic()
     raw = await request.read()
     routed = await decide(gw, request.path, raw, request.headers.get("Authorization", ""))
     if isinstance(routed, Refusal):
@@ -90,7 +94,7 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
         attempt += 1
         if prompt is not None:
             ep.record(prompt, mode)
-        result = await _attempt(gw, request, ep, raw, headers, stream)
+        result = await _attempt(gw, request, ep, raw, headers, stream, arrived)
         if not isinstance(result, Failure):
             return result
         failure = result
@@ -106,7 +110,7 @@ async def handle_generate(gw: Gateway, request: web.Request) -> web.StreamRespon
 
 
 async def _attempt(
-    gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes, headers: dict[str, str], stream: bool
+    gw: Gateway, request: web.Request, ep: Endpoint, raw: bytes, headers: dict[str, str], stream: bool, arrived: float
 ) -> web.StreamResponse | Failure:
     """One try on one engine: a prepared response once bytes reached the client, else a Failure. The
     engine's breaker learns the outcome: served (< 500), failed (5xx, broken, silent), or unknown."""
@@ -146,8 +150,11 @@ async def _attempt(
                 return Failure(f"status_{up.status}", up.status, _forward_headers(up.headers), body)
             first = await up.content.readany()  # a failure up to here is still retryable
             served = up.status < 500
-            gw.metrics.ttfb.labels(ep.url).observe(time.monotonic() - start)
+            ttfb = time.monotonic() - start
+            gw.metrics.ttfb.labels(ep.url).observe(ttfb)
             resp = web.StreamResponse(status=up.status, headers=_forward_headers(up.headers))
+            timing = f"gateway;dur={(start - arrived) * 1e3:.3f}, engine;dur={ttfb * 1e3:.3f}"
+            resp.headers[TIMING_HEADER] = ", ".join(filter(None, (up.headers.get(TIMING_HEADER), timing)))
             if "Content-Length" in up.headers:
                 resp.content_length = int(up.headers["Content-Length"])
             resp.headers[ENGINE_HEADER] = ep.id

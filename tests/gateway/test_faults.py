@@ -36,6 +36,9 @@ def test_a_hung_engine_is_marked_down_and_the_stream_retried(spawn_engines, star
             status, headers, body = await post(s, gw.url, STREAM)  # round-robin starts on `hung`
             assert status == 200 and headers["X-Nanoserve-Engine"] == engine_id(good.url)
             assert body.endswith(b"data: [DONE]\n\n")
+            # Server-Timing: the gateway's share of the time to first byte holds the attempt that timed out
+            timing = dict(m.strip().split(";dur=") for m in headers["Server-Timing"].split(","))
+            assert set(timing) == {"gateway", "engine"} and float(timing["gateway"]) >= 300, timing
             assert await requests_seen(s, hung.url) == 1
             metrics = gw.metrics_text().decode()
             assert 'nanoserve_gateway_retries_total{cause="first_byte_timeout"} 1.0' in metrics
