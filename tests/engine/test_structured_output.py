@@ -331,3 +331,24 @@ def test_a_grammar_reply_never_read_is_not_taken_for_the_next(bpe_model):
         assert [s.completion_token_ids for s in seqs] == want
     finally:
         llm.exit()
+
+
+def test_the_grammar_process_keeps_as_many_grammars_as_the_cache(bpe_model, monkeypatch):
+    """More distinct grammars than it keeps, in one step and then again: each evicted one is sent anew when a
+    request needs it, its matchers outlive its eviction, and every output still matches its own regex."""
+    import nanoserve.engine_pod.grammar_process as gp
+
+    monkeypatch.setattr(gp, "CACHE_SIZE", 2)
+    patterns = [f"[a-z]{{2}}-[0-9]{{{k}}}" for k in range(1, 6)]
+    llm = LLM(bpe_model, max_model_len=512, num_kvcache_blocks=128, async_scheduling=True, grammar_process=True)
+    try:
+        for order in (patterns, patterns[::-1] + patterns[:1]):
+            params = [
+                SamplingParams(temperature=1.0, seed=i, n=2, max_tokens=40, structured_outputs=SO(regex=p))
+                for i, p in enumerate(order)
+            ]
+            for pattern, out in zip(order, llm.generate(["code"] * len(order), params)):
+                assert all(re.fullmatch(pattern, o["text"]) for o in out["outputs"]), (pattern, out)
+        assert llm.grammar_process.held() == (0, 2)
+    finally:
+        llm.exit()
