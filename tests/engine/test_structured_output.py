@@ -147,8 +147,8 @@ def test_preemption_async_scheduling_and_tp_give_the_same_valid_json(bpe_model, 
             SamplingParams(temperature=1.0, seed=9, max_tokens=70, ignore_eos=True),
         ]
     )
-    if llm.grammar_process is not None:
-        pytest.skip("the other step shapes compare the grammar process with and without preemption and TP")
+    if llm.config.async_scheduling:  # (the same comparisons from another reference would add nothing)
+        pytest.skip("the sync engine's run is compared with every other step shape, preemption and TP")
     prompts = ["some prompt words"] * len(params)
     want = llm.generate(prompts, params)
     check_json(want[1:4])
