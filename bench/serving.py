@@ -123,21 +123,25 @@ def client(url: str, reqs: list[dict], t0: float, stream: bool, model: str | Non
     results.put(asyncio.run(main()))
 
 
-def engine_itl(metrics_url: str | None) -> tuple[float, float] | None:
-    """(sum, count) of the engine's vllm:inter_token_latency_seconds."""
+ENGINE_HISTOGRAMS = {"itl": "vllm:inter_token_latency_seconds", "ttft": "vllm:time_to_first_token_seconds"}
+
+
+def engine_sums(metrics_url: str | None) -> dict[str, tuple[float, float]] | None:
+    """(sum, count) of each of the engine's ENGINE_HISTOGRAMS."""
     if not metrics_url:
         return None
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(metrics_url + "/metrics", timeout=10).read().decode()
-    total = count = 0.0
+    sums = {key: [0.0, 0.0] for key in ENGINE_HISTOGRAMS}
     for f in text_string_to_metric_families(text):
         for s in f.samples:
-            if s.name == "vllm:inter_token_latency_seconds_sum":
-                total += s.value
-            elif s.name == "vllm:inter_token_latency_seconds_count":
-                count += s.value
-    return total, count
+            for key, name in ENGINE_HISTOGRAMS.items():
+                if s.name == name + "_sum":
+                    sums[key][0] += s.value
+                elif s.name == name + "_count":
+                    sums[key][1] += s.value
+    return {key: (total, count) for key, (total, count) in sums.items()}
 
 
 def pct(xs: list[float]) -> dict[str, float]:
@@ -195,7 +199,7 @@ def run(
     tag: dict | None = None,
 ) -> dict:
     """One run: its report; each request's figures appended to `records` (JSON lines, with `tag`)."""
-    before = engine_itl(metrics_url)
+    before = engine_sums(metrics_url)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     t0 = time.time() + 2.0  # every client process is up by then
@@ -207,9 +211,15 @@ def run(
     for p in procs:
         p.join()
     report = summary(outs, stream, t0)
-    after = engine_itl(metrics_url)
-    if before and after and after[1] > before[1]:
-        report["engine_itl_ms_mean"] = round((after[0] - before[0]) / (after[1] - before[1]) * 1e3, 2)
+    after = engine_sums(metrics_url)
+    for key in ENGINE_HISTOGRAMS if before and after else ():
+        (s0, n0), (s1, n1) = before[key], after[key]
+        if n1 > n0:
+            report[f"engine_{key}_ms_mean"] = round((s1 - s0) / (n1 - n0) * 1e3, 2)
+    if stream and "engine_ttft_ms_mean" in report:
+        # The mean TTFT outside the engine's server (from its request's arrival to its first token): the
+        # prefill's queueing, what makes bursts differ run to run, is inside, so this compares the paths.
+        report["ttft_outside_engine_ms_mean"] = round(report["ttft_ms"]["mean"] - report["engine_ttft_ms_mean"], 2)
     if records:
         with open(records, "a") as f:
             for o in outs:
