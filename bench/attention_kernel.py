@@ -152,15 +152,18 @@ def tune_prefill() -> None:
                     print("RESULT " + json.dumps(r), flush=True)
 
 
-def tune_decode() -> None:
-    """Decode tiles (keys a loop step, warps, stages) and launching the longest contexts first."""
+def tune_decode(kv_dtype: torch.dtype = torch.bfloat16) -> None:
+    """Decode tiles (keys a loop step, warps, stages) and launching the longest contexts first; an fp8 cache
+    (`--fp8`) also tries 256 keys a step (a key is half the bytes)."""
+    wide = (256,) if kv_dtype != torch.bfloat16 else ()
     for mean_ctx in (256, 850, 2000):
-        for block_n in (32, 64, 128):
+        for block_n in (32, 64, 128, *wide):
             for warps in (4, 8):
                 for stages in (2, 3, 4):
                     for longest_first in (False, True):
                         try:
-                            r = case(mean_ctx, 16, 1, tiles=(16, block_n, warps, stages), longest_first=longest_first)
+                            tiles = (16, block_n, warps, stages)
+                            r = case(mean_ctx, 16, 1, tiles=tiles, longest_first=longest_first, kv_dtype=kv_dtype)
                         except Exception as e:  # a tile too big for shared memory
                             r = {"mean_ctx": mean_ctx, "tiles": (block_n, warps, stages), "error": str(e)[:120]}
                         print("RESULT " + json.dumps(r), flush=True)
@@ -170,7 +173,7 @@ def main() -> None:
     if "--tune-prefill" in sys.argv:
         return tune_prefill()
     if "--tune-decode" in sys.argv:
-        return tune_decode()
+        return tune_decode(torch.float8_e4m3fn if "--fp8" in sys.argv else torch.bfloat16)
     bw = copy_bandwidth()
     print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     if "--fp8" in sys.argv:  # batch 256, bf16 and fp8 (e4m3) caches side by side: bandwidth in each one's bytes

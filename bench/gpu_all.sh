@@ -65,6 +65,7 @@ want kernel && run 200 python bench/attention_kernel.py
 want kernel && run 100 python bench/sampling_kernel.py
 want tune && run 300 python bench/attention_kernel.py --tune-prefill
 want tune && run 300 python bench/attention_kernel.py --tune-decode
+want tune && run 300 python bench/attention_kernel.py --tune-decode --fp8
 want gemm && run 300 python bench/gemm.py
 (want throughput || want offline) && run 200 python bench/throughput.py
 want gc && run 200 python bench/throughput.py --gc-freeze --label graphs-gc-freeze
