@@ -36,6 +36,8 @@ from nanoserve.engine_pod.structured_output import (
     accept_and_fill,
     completed,
     constrained_rows,
+    new_matcher,
+    stop_tokens,
 )
 from nanoserve.engine_pod.tp_workers import describe_exit
 
@@ -195,7 +197,7 @@ def _serve(conn: Connection, bitmask: torch.Tensor) -> None:
 
     _, info_json, vocab_size, pool = conn.recv()
     info = xgr.TokenizerInfo.deserialize_json(info_json)
-    ends = frozenset(info.stop_token_ids) or None
+    ends = stop_tokens(info)
     grammars: dict[tuple, xgr.CompiledGrammar] = {}
     matchers: dict[int, xgr.GrammarMatcher] = {}
     while (msg := _next(conn)) is not None:
@@ -203,8 +205,8 @@ def _serve(conn: Connection, bitmask: torch.Tensor) -> None:
             for op, *args in msg[1]:
                 if op == "grammar":
                     grammars[args[0]] = xgr.CompiledGrammar.deserialize_json(args[1], info)
-                elif op == "matcher":  # (no stop token: end where the grammar ends, as Grammars.matcher)
-                    matchers[args[0]] = xgr.GrammarMatcher(grammars[args[1]], terminate_without_stop_token=not ends)
+                elif op == "matcher":
+                    matchers[args[0]] = new_matcher(grammars[args[1]], ends)
                 elif op == "forget":
                     del grammars[args[0]]
                 else:

@@ -50,30 +50,31 @@ class Grammars:
         tokenizer = AutoTokenizer.from_pretrained(model_folder)
         stops = stop_token_ids or ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None)
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stops)
-        # The tokens that can complete a matcher (its stop tokens); None: any token can (no stop token).
-        self.ends: frozenset[int] | None = frozenset(self.info.stop_token_ids) or None
+        self.ends = stop_tokens(self.info)
         self.vocab_size = vocab_size
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=min(8, os.cpu_count() or 1))
-        self.cache: OrderedDict = OrderedDict()
-        self.serialized: OrderedDict = OrderedDict()  # for the grammar process (grammar_process.py)
+        self.cache: OrderedDict[tuple, _Cached] = OrderedDict()
         self.lock = threading.Lock()
 
     def compile(self, spec: StructuredOutputsParams):
         """The compiled grammar of `spec`; InvalidRequestError (naming spec.param) if it does not compile."""
+        return self._cached(spec).compiled
+
+    def _cached(self, spec: StructuredOutputsParams) -> "_Cached":
         key = spec.key()
         with self.lock:
             if key in self.cache:
                 self.cache.move_to_end(key)
                 return self.cache[key]
         try:
-            compiled = self._compile(spec)
+            entry = _Cached(self._compile(spec))
         except (RuntimeError, ValueError, TypeError) as e:
             raise InvalidRequestError(f"'{spec.param}': invalid {_WHAT[spec.kind]}: {_clean(e)}", spec.param) from None
         with self.lock:
-            self.cache[key] = compiled
+            self.cache[key] = entry
             while len(self.cache) > CACHE_SIZE:
                 self.cache.popitem(last=False)
-        return compiled
+        return entry
 
     def _compile(self, spec: StructuredOutputsParams):
         c, kind = self.compiler, spec.kind
@@ -98,29 +99,39 @@ class Grammars:
 
     def matcher(self, spec: StructuredOutputsParams):
         """A fresh matcher for one request (matchers hold one sequence's state; grammars are shared)."""
-        import xgrammar as xgr
-
-        # A tokenizer without a stop token: end where the grammar ends, or the request could never finish.
-        return xgr.GrammarMatcher(self.compile(spec), terminate_without_stop_token=not self.info.stop_token_ids)
+        return new_matcher(self.compile(spec), self.ends)
 
     def handle(self, spec: StructuredOutputsParams, seq_id: int):
         """What the grammar process makes a request's matcher from: `spec`'s compiled grammar, serialized (on
         the compiling thread, once per grammar in the cache, as compile)."""
         from nanoserve.engine_pod.grammar_process import GrammarHandle
 
-        key = spec.key()
-        compiled = self.compile(spec)
-        with self.lock:
-            payload = self.serialized.get(key)
-            if payload is not None:
-                self.serialized.move_to_end(key)
-        if payload is None:
-            payload = compiled.serialize_json()
-            with self.lock:
-                self.serialized[key] = payload
-                while len(self.serialized) > CACHE_SIZE:
-                    self.serialized.popitem(last=False)
-        return GrammarHandle(seq_id, key, payload)
+        entry = self._cached(spec)
+        payload = entry.serialized
+        if payload is None:  # (two threads at once would both serialize it: the same text)
+            payload = entry.serialized = entry.compiled.serialize_json()
+        return GrammarHandle(seq_id, spec.key(), payload)
+
+
+@dataclass
+class _Cached:
+    """A compiled grammar in the cache, and its serialized form once the grammar process has needed it."""
+
+    compiled: Any
+    serialized: str | None = None
+
+
+def stop_tokens(info) -> frozenset[int] | None:
+    """The tokens that can complete a matcher of `info`'s tokenizer (its stop tokens); None: any token can."""
+    return frozenset(info.stop_token_ids) or None
+
+
+def new_matcher(compiled, ends: frozenset[int] | None):
+    """A matcher of `compiled`, here or in the grammar process. A tokenizer without a stop token (`ends` None):
+    it ends where the grammar ends, or the request could never finish."""
+    import xgrammar as xgr
+
+    return xgr.GrammarMatcher(compiled, terminate_without_stop_token=ends is None)
 
 
 def _clean(e: Exception) -> str:
