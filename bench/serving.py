@@ -188,6 +188,10 @@ def summary(outs: list[dict], stream: bool, t0: float) -> dict:
     return report
 
 
+# A request's figures in --records (gateway_s, engine_s: its Server-Timing, through the gateway).
+RECORD_FIELDS = ("url", "prompt_len", "max_tokens", "start", "ttft", "e2e", "tokens", "ok", "gateway_s", "engine_s")
+
+
 def run(
     url: str,
     reqs: list[dict],
@@ -223,19 +227,7 @@ def run(
     if records:
         with open(records, "a") as f:
             for o in outs:
-                fields = (
-                    "url",
-                    "prompt_len",
-                    "max_tokens",
-                    "start",
-                    "ttft",
-                    "e2e",
-                    "tokens",
-                    "ok",
-                    "gateway_s",
-                    "engine_s",
-                )
-                f.write(json.dumps({k: o.get(k) for k in fields} | {"t0": t0} | (tag or {})) + "\n")
+                f.write(json.dumps({k: o.get(k) for k in RECORD_FIELDS} | {"t0": t0} | (tag or {})) + "\n")
     return report
 
 

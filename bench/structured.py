@@ -265,8 +265,8 @@ def main() -> None:
     print("RESULT " + json.dumps({"bench": "structured-mask", **mask_costs(tokenizer)}), flush=True)
     if args.mask_only:
         return
-    shape = {"async_scheduling": True, "grammar_process": "process" in args.shapes}  # (the pipeline's two kinds)
-    llm = LLM(model_folder(tokenizer), max_model_len=2048, **(shape if args.shapes != ["default"] else {}))
+    pipeline = {"async_scheduling": True, "grammar_process": "process" in args.shapes}  # (its two kinds)
+    llm = LLM(model_folder(tokenizer), max_model_len=2048, **(pipeline if args.shapes != ["default"] else {}))
     try:
         for constrained in (False, True):  # warm-up: graphs, kernels, the grammar's compile
             throughput(llm, 8, constrained, run=99)
