@@ -25,10 +25,14 @@ def _children(pid: int) -> list[int]:
     return sorted(children)
 
 
+def only(pids: list[int]) -> int:
+    [pid] = pids
+    return pid
+
+
 def grammar_process(engine_core: int) -> int:
     """The engine core's grammar process (engine_pod/grammar_process.py), started by its first constrained request."""
-    [pid] = [c for c in _children(engine_core) if b"grammar_process" in open(f"/proc/{c}/cmdline", "rb").read()]
-    return pid
+    return only([c for c in _children(engine_core) if b"grammar_process" in open(f"/proc/{c}/cmdline", "rb").read()])
 
 
 def spawned_children(pid: int) -> list[int]:
@@ -160,7 +164,7 @@ def test_a_killed_engine_process_ends_every_request_with_an_error_and_the_server
         wait_http(url + "/ready", 120, proc)
         [engine_core] = spawned_children(proc.pid)
         find = {
-            "tp worker": lambda: spawned_children(engine_core)[0],
+            "tp worker": lambda: only(spawned_children(engine_core)),
             "grammar process": lambda: grammar_process(engine_core),
             "engine core": lambda: engine_core,
         }[victim]
