@@ -156,6 +156,7 @@ def test_preemption_async_scheduling_and_tp_give_the_same_valid_json(bpe_model, 
     for kw in (
         small,
         {"async_scheduling": True, "grammar_process": False},
+        {**small, "async_scheduling": True, "grammar_process": False},
         {**small, "async_scheduling": True, "grammar_process": True},
         {"tensor_parallel_size": 2, "async_scheduling": True, "grammar_process": True},
     ):  # rank 0 masks and samples
