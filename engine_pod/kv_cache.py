@@ -47,10 +47,16 @@ def num_blocks_that_fit(config: Config, layers: list[Attention], device: torch.d
 
 
 def allocate_kv_cache(config: Config, layers: list[Attention], num_blocks: int, device: torch.device) -> torch.Tensor:
-    """[k/v, layer, block, slot, kv head, head dim]; each layer gets views of its k and v."""
-    a = layers[0]
-    shape = (2, len(layers), num_blocks, config.kvcache_block_size, a.num_kv_heads, a.head_dim)
-    kv_cache = torch.empty(shape, dtype=config.kv_torch_dtype, device=device)
+    """[k/v, layer, block, slot, kv head, head dim]; each layer gets views of its k and v. An fp8 cache's v is
+    stored keys-last (each block [kv head, head dim, slot], seen through the same indexing), as its attention
+    kernel reads it; it starts zeroed, so that a block's unused slots hold finite values."""
+    a, block_size = layers[0], config.kvcache_block_size
+    shape = (2, len(layers), num_blocks, block_size, a.num_kv_heads, a.head_dim)
+    fp8 = config.kv_torch_dtype == torch.float8_e4m3fn
+    kv_cache = (torch.zeros if fp8 else torch.empty)(shape, dtype=config.kv_torch_dtype, device=device)
     for i, layer in enumerate(layers):
         layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
+        if fp8:
+            keys_last = kv_cache[1, i].view(num_blocks, a.num_kv_heads, a.head_dim, block_size)
+            layer.v_cache = keys_last.permute(0, 3, 1, 2)
     return kv_cache

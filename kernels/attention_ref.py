@@ -11,10 +11,11 @@ FP8_MAX = 448.0  # float8 e4m3's largest finite value
 
 
 def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """x as a cache of `dtype` holds it: divided by the scale and saturated when the cache is fp8."""
+    """x as a cache of `dtype` holds it: divided by the scale and saturated when the cache is fp8 (NaN: 0,
+    so that no NaN outlives its request in a reused block's unused slots)."""
     if dtype == x.dtype:
         return x
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+    return (x.float() / scale).nan_to_num(0.0).clamp(-FP8_MAX, FP8_MAX).to(dtype)
 
 
 def store_kvcache_ref(
@@ -28,8 +29,9 @@ def store_kvcache_ref(
     """Write each token's k/v ([tokens, kv_heads, head_dim]) into its slot; slot -1 is skipped."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k.shape[1:])[slots] = quantize_kv(k[keep], kv_scales[0], k_cache.dtype)
-    v_cache.view(-1, *v.shape[1:])[slots] = quantize_kv(v[keep], kv_scales[1], v_cache.dtype)
+    blocks, offsets = slots // k_cache.shape[1], slots % k_cache.shape[1]  # (any strides: v may be keys-last)
+    k_cache[blocks, offsets] = quantize_kv(k[keep], kv_scales[0], k_cache.dtype)
+    v_cache[blocks, offsets] = quantize_kv(v[keep], kv_scales[1], v_cache.dtype)
 
 
 def paged_attention_ref(

@@ -99,9 +99,10 @@ def _norm_rotate_heads(
         x1 = ((x1 * r).to(w1.dtype) * w1).to(dtype).to(tl.float32)
         x2 = ((x2 * r).to(w2.dtype) * w2).to(dtype).to(tl.float32)
     y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-    if FP8:
-        y1 = tl.clamp(y1.to(dtype).to(tl.float32) * inv_scale, -448.0, 448.0)
-        y2 = tl.clamp(y2.to(dtype).to(tl.float32) * inv_scale, -448.0, 448.0)
+    if FP8:  # (NaN to 0, as v)
+        y1, y2 = y1.to(dtype).to(tl.float32) * inv_scale, y2.to(dtype).to(tl.float32) * inv_scale
+        y1 = tl.clamp(tl.where(y1 == y1, y1, 0.0), -448.0, 448.0)
+        y2 = tl.clamp(tl.where(y2 == y2, y2, 0.0), -448.0, 448.0)
         dtype = dst_ptr.dtype.element_ty
     tl.store(dst_ptr + h * 2 * HALF + d, y1.to(dtype), mask=mask)
     tl.store(dst_ptr + h * 2 * HALF + HALF + d, y2.to(dtype), mask=mask)
@@ -126,6 +127,11 @@ def _qk_norm_rotary_kernel(
     stride_kh,
     stride_vt,
     stride_vh,
+    block_size,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_cd,
     eps,
     k_inv_scale,
     v_inv_scale,
@@ -184,9 +190,11 @@ def _qk_norm_rotary_kernel(
             c = tl.arange(0, 2 * HALF_P)[None, :]
             mask = (h < NUM_KV) & (c < 2 * HALF)
             v = tl.load(v_ptr + t * stride_vt + h * stride_vh + c, mask=mask)
-            if FP8:
-                v = tl.clamp(v.to(tl.float32) * v_inv_scale, -448.0, 448.0).to(v_out_ptr.dtype.element_ty)
-            tl.store(v_out_ptr + slot * width + h * 2 * HALF + c, v, mask=mask)
+            if FP8:  # a NaN would stay in the slot after its request, where another's masked reads meet it: 0
+                v = v.to(tl.float32) * v_inv_scale
+                v = tl.clamp(tl.where(v == v, v, 0.0), -448.0, 448.0).to(v_out_ptr.dtype.element_ty)
+            v_slot = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs  # v's cache: any strides
+            tl.store(v_out_ptr + v_slot + h * stride_ch + c * stride_cd, v, mask=mask)
     else:
         _norm_rotate_heads(
             k_ptr + t * stride_kt,
@@ -232,6 +240,8 @@ def _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_out, st
         k.stride(1),
         v.stride(0),
         v.stride(1),
+        v_out.shape[1] if store else 1,
+        *(v_out.stride() if store else (0, 0, 0, 0)),
         eps,
         1.0 / kv_scales[0],
         1.0 / kv_scales[1],
@@ -280,10 +290,10 @@ def qk_norm_rotary_store(
     kv_scales: tuple[float, float] = (1.0, 1.0),
 ) -> torch.Tensor:
     """`qk_norm_rotary`, and the KV-cache store in the same kernel: each token's rotated k and its v are
-    written to its slot of the paged caches ([num_blocks, block_size, kv_heads, dim], contiguous; slot -1:
-    skipped). An fp8 cache (float8_e4m3fn) gets them divided by `kv_scales` (k, v), saturated (the rotated k
+    written to its slot of the paged caches ([num_blocks, block_size, kv_heads, dim]; k's contiguous, v's
+    any strides, e.g. keys-last; slot -1: skipped). An fp8 cache (float8_e4m3fn) gets them divided by `kv_scales` (k, v), saturated (the rotated k
     rounded to the model dtype first, as the reference). Returns the new q; k goes nowhere else."""
-    assert k_cache.is_contiguous() and v_cache.is_contiguous() and v.stride(-1) == 1
+    assert k_cache.is_contiguous() and v.stride(-1) == 1
     store = (v, v_cache, slot_mapping)
     return _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_cache, store, kv_scales)
 

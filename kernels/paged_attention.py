@@ -8,6 +8,9 @@ The query rows of a tile are (token, head-of-this-KV-group) pairs, so the KV til
 used by every query head that shares it (GQA). When the batch is too small to fill the GPU, the context
 is split across programs and the partial results are merged through their log-sum-exp.
 An fp8 cache is dequantized as it is read: k's scale folds into the softmax scale, v's into the output.
+Its values go to float16 (exactly: e4m3 is a subset) one instruction a pair, and the dots run in float16
+with q pre-scaled. Its v is kept keys-last (`v_keys_last`): the P.V dot reduces over keys, so its operand
+needs a block's keys adjacent, and 8-bit values have no transposing shared-memory load.
 Per layer (constexpr, one variant each): a sliding window (a query sees its last WINDOW keys: the loop
 starts at the tile's first visible key), a logit soft-cap, and attention sinks (a per-head logit in the
 softmax denominator; added after the loop, or in the merge when the context is split).
@@ -36,6 +39,10 @@ def _paged_attention_kernel(
     stride_kb,
     stride_kt,
     stride_kh,
+    stride_vb,
+    stride_vt,
+    stride_vh,
+    stride_vd,
     stride_ot,
     stride_oh,
     stride_bt,
@@ -56,6 +63,8 @@ def _paged_attention_kernel(
     WINDOW: tl.constexpr,
     SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr,
+    DOT_F16: tl.constexpr,
+    V_RUN: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,6 +91,10 @@ def _paged_attention_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )
+    qk_scale = scale_log2
+    if DOT_F16:  # an fp8 cache: float16 dots, the scale (log2 units, k's scale) applied to q once
+        q = (q.to(tl.float32) * scale_log2).to(tl.float16)
+        qk_scale = 1.0
 
     # Keys this tile may see (causal, within the window), then this split's share, in whole BLOCK_N steps.
     last_t = tl.minimum(q_len, (tile + 1) * BLOCK_T) - 1
@@ -89,6 +102,7 @@ def _paged_attention_kernel(
     kv_start = 0
     if WINDOW > 0:
         kv_start = tl.maximum(ctx - q_len + tile * BLOCK_T - WINDOW + 1, 0)
+        kv_start = kv_start // V_RUN * V_RUN  # whole runs of adjacent v keys (the window masks the extra)
     per_split = tl.cdiv(tl.cdiv(kv_end - kv_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = kv_start + split * per_split
     hi = tl.minimum(kv_end, lo + per_split)
@@ -98,17 +112,22 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     n_offs = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
+        if V_RUN > 1:
+            start = tl.multiple_of(start, V_RUN)
         n = start + n_offs
         n_ok = n < hi
-        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
+        run_ok = n_ok  # keys-last v: loaded by whole runs of adjacent keys (the rest get p = 0)
+        if V_RUN > 1:
+            run_ok = n // V_RUN * V_RUN < hi
+        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=run_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        k = k.to(q.dtype)  # an fp8 cache: its k_scale is in scale_log2
+        k = k.to(q.dtype)  # an fp8 cache: float16 (q's dtype now), its k_scale is in q
         if SOFTCAP > 0:  # cap * tanh(score / cap), scores in log2 units after
-            s = tl.dot(q, tl.trans(k)) * (scale_log2 / 1.4426950408889634 / SOFTCAP)
+            s = tl.dot(q, tl.trans(k)) * (qk_scale / 1.4426950408889634 / SOFTCAP)
             s = (2.0 * tl.sigmoid(2.0 * s) - 1.0) * (SOFTCAP * 1.4426950408889634)
         else:
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.dot(q, tl.trans(k)) * qk_scale
         visible = n_ok[None, :] & (n[None, :] <= pos[:, None])
         if WINDOW > 0:
             visible = visible & (n[None, :] > pos[:, None] - WINDOW)
@@ -118,7 +137,11 @@ def _paged_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v_off = page.to(tl.int64) * stride_vb + (n % BLOCK_SIZE) * stride_vt + kv_head * stride_vh
+        if V_RUN > 1:  # 16-byte loads along the keys
+            v_off = tl.max_contiguous(tl.multiple_of(v_off, V_RUN), V_RUN)
+        v_ptrs = v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd
+        v = tl.load(v_ptrs, mask=run_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
 
@@ -220,7 +243,8 @@ def paged_attention(
     [seqs, max_blocks]; cu_seqlens_q int32 [seqs + 1]; context_lens int32 [seqs]. `max_seqlen_q` bounds the
     grid (it is 1 for decode, so a CUDA graph can capture this call). `tiles` overrides `tile_config`
     (benchmarks tune with it). `sliding_window`, `sinks` [heads], `softcap`: as `paged_attention_ref`; an fp8
-    cache (float8_e4m3fn) is read as its values times `kv_scales` (k, v)."""
+    cache (float8_e4m3fn) is read as its values times `kv_scales` (k, v); `v_cache` may be keys-last (a view
+    from `v_keys_last`, what an fp8 engine cache is), any other strides work too."""
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -231,6 +255,9 @@ def paged_attention(
     num_tiles = -(-max_seqlen_q // block_t)
     out = torch.empty_like(q) if out is None else out
     dim_p = triton.next_power_of_2(dim)
+    v_run = 1  # keys-last v: adjacent keys a load may take (within a block and a loop step)
+    if v_cache.stride(1) == 1 and block_size > 1:
+        v_run = min(block_size & -block_size, block_n, 16)
     if num_splits > 1:
         part = torch.empty((num_splits, tokens, heads, dim_p), dtype=torch.float32, device=q.device)
         lse = torch.empty((num_splits, tokens, heads), dtype=torch.float32, device=q.device)
@@ -254,6 +281,10 @@ def paged_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        v_cache.stride(3),
         t_stride,
         h_stride,
         block_tables.stride(0),
@@ -274,6 +305,8 @@ def paged_attention(
         WINDOW=sliding_window or 0,
         SOFTCAP=float(softcap or 0.0),
         HAS_SINKS=sinks is not None,
+        DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16),
+        V_RUN=v_run,
         num_warps=warps,
         num_stages=stages,
     )
@@ -296,3 +329,9 @@ def paged_attention(
             HAS_SINKS=sinks is not None,
         )
     return out
+
+
+def v_keys_last(v_cache: torch.Tensor) -> torch.Tensor:
+    """v_cache's values, held keys-last: the same [num_blocks, block_size, kv_heads, head_dim] indexing, each
+    block stored as [kv_heads, head_dim, block_size] (as the engine allocates an fp8 cache's v)."""
+    return v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
