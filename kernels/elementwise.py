@@ -291,8 +291,9 @@ def qk_norm_rotary_store(
 ) -> torch.Tensor:
     """`qk_norm_rotary`, and the KV-cache store in the same kernel: each token's rotated k and its v are
     written to its slot of the paged caches ([num_blocks, block_size, kv_heads, dim]; k's contiguous, v's
-    any strides, e.g. keys-last; slot -1: skipped). An fp8 cache (float8_e4m3fn) gets them divided by `kv_scales` (k, v), saturated (the rotated k
-    rounded to the model dtype first, as the reference). Returns the new q; k goes nowhere else."""
+    any strides, e.g. keys-last; slot -1: skipped). An fp8 cache (float8_e4m3fn) gets them divided by
+    `kv_scales` (k, v), saturated, NaN as 0 (the rotated k rounded to the model dtype first, as the
+    reference). Returns the new q; k goes nowhere else."""
     assert k_cache.is_contiguous() and v.stride(-1) == 1
     store = (v, v_cache, slot_mapping)
     return _qk_norm_rotary(positions, q, k, cos_sin, q_weight, k_weight, eps, k_cache, store, kv_scales)
