@@ -65,6 +65,7 @@ def _paged_attention_kernel(
     HAS_SINKS: tl.constexpr,
     DOT_F16: tl.constexpr,
     V_RUN: tl.constexpr,
+    V_LIKE_K: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -137,10 +138,13 @@ def _paged_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_off = page.to(tl.int64) * stride_vb + (n % BLOCK_SIZE) * stride_vt + kv_head * stride_vh
-        if V_RUN > 1:  # 16-byte loads along the keys
-            v_off = tl.max_contiguous(tl.multiple_of(v_off, V_RUN), V_RUN)
-        v_ptrs = v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd
+        if V_LIKE_K:
+            v_ptrs = v_cache_ptr + kv_off[:, None] + d[None, :]
+        else:
+            v_off = page.to(tl.int64) * stride_vb + (n % BLOCK_SIZE) * stride_vt + kv_head * stride_vh
+            if V_RUN > 1:  # 16-byte loads along the keys
+                v_off = tl.max_contiguous(tl.multiple_of(v_off, V_RUN), V_RUN)
+            v_ptrs = v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd
         v = tl.load(v_ptrs, mask=run_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
@@ -307,6 +311,7 @@ def paged_attention(
         HAS_SINKS=sinks is not None,
         DOT_F16=k_cache.dtype == torch.float8_e4m3fn and q.dtype in (torch.bfloat16, torch.float16),
         V_RUN=v_run,
+        V_LIKE_K=v_cache.stride() == k_cache.stride(),  # (the same offsets: no second address computation)
         num_warps=warps,
         num_stages=stages,
     )
