@@ -129,7 +129,10 @@ def _paged_attention_kernel(
             s = (2.0 * tl.sigmoid(2.0 * s) - 1.0) * (SOFTCAP * 1.4426950408889634)
         else:
             s = tl.dot(q, tl.trans(k)) * qk_scale
-        visible = n_ok[None, :] & (n[None, :] <= pos[:, None])
+        if BLOCK_T == 1:  # one token a tile (decode): its keys end at hi, so n < hi is the causal mask
+            visible = n_ok[None, :]
+        else:
+            visible = n_ok[None, :] & (n[None, :] <= pos[:, None])
         if WINDOW > 0:
             visible = visible & (n[None, :] > pos[:, None] - WINDOW)
         s = tl.where(visible, s, float("-inf"))
