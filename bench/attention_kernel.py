@@ -14,7 +14,8 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth  # noqa: E402
-from nanoserve.kernels.paged_attention import num_splits_for, paged_attention, tile_config, v_keys_last  # noqa: E402
+from nanoserve.kernels.paged_attention import paged_attention, tile_config, v_keys_last  # noqa: E402
+from nanoserve.kernels.split_kv import num_splits_for  # noqa: E402
 
 BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
 

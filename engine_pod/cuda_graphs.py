@@ -8,7 +8,7 @@ Inputs are copied into the static buffers the graphs were captured on.
 import torch
 
 from nanoserve.engine_pod.context import Context, set_context
-from nanoserve.kernels.paged_attention import num_splits_for
+from nanoserve.kernels.split_kv import num_splits_for
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:

@@ -76,7 +76,7 @@ class ModelRunner:
         )
         self.graphs, self.num_splits_for, self.graph_capture_s = None, None, 0.0
         if backend == "triton":  # imported here: CPU installs need no triton
-            from nanoserve.kernels.paged_attention import num_splits_for
+            from nanoserve.kernels.split_kv import num_splits_for
 
             self.num_splits_for = num_splits_for
             if not config.enforce_eager:

@@ -6,7 +6,7 @@ a cached prefix, and decode are one kernel). Reference: `attention_ref.paged_att
 Each program takes one sequence, one KV head, a tile of its query tokens and one split of its context.
 The query rows of a tile are (token, head-of-this-KV-group) pairs, so the KV tile read from memory is
 used by every query head that shares it (GQA). When the batch is too small to fill the GPU, the context
-is split across programs and the partial results are merged through their log-sum-exp.
+is split across programs and the partial results are merged through their log-sum-exp (split_kv.py).
 An fp8 cache is dequantized as it is read: k's scale folds into the softmax scale, v's into the output.
 Its values go to float16 (exactly: e4m3 is a subset) one instruction a pair, and the dots run in float16
 with q pre-scaled. Its v is kept keys-last (`v_keys_last`): the P.V dot reduces over keys, so its operand
@@ -19,6 +19,8 @@ softmax denominator; added after the loop, or in the merge when the context is s
 import torch
 import triton
 import triton.language as tl
+
+from nanoserve.kernels.split_kv import merge_splits
 
 
 # Strides that change from step to step (the block table's widest row, the split buffers' token counts):
@@ -167,59 +169,6 @@ def _paged_attention_kernel(
         tl.store(lse_ptr + split * stride_split_l + token * num_heads + head, lse, mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["stride_split_o", "stride_split_l"])
-def _merge_splits_kernel(
-    part_ptr,
-    lse_ptr,
-    out_ptr,
-    sinks_ptr,
-    stride_split_o,
-    stride_split_l,
-    stride_pt,
-    stride_ph,
-    stride_ot,
-    stride_oh,
-    num_heads,
-    NUM_SPLITS: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_P: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
-):
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    s = tl.arange(0, NUM_SPLITS)
-    lse = tl.load(lse_ptr + s * stride_split_l + token * num_heads + head)
-    m = tl.max(lse, 0)
-    if HAS_SINKS:  # the sink: one more term of the denominator, with no value
-        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
-        m = tl.maximum(m, sink)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.math.exp2(lse - m)
-        w = w / tl.maximum(tl.sum(w, 0) + tl.math.exp2(sink - m), 1e-30)
-    else:
-        m = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.math.exp2(lse - m)
-        w = w / tl.maximum(tl.sum(w, 0), 1e-30)
-    d = tl.arange(0, HEAD_DIM_P)
-    part = tl.load(
-        part_ptr + s[:, None] * stride_split_o + token * stride_pt + head * stride_ph + d[None, :],
-        mask=d[None, :] < HEAD_DIM,
-        other=0.0,
-    )
-    out = tl.sum(part * w[:, None], 0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
-
-
-def num_splits_for(num_seqs: int, num_kv_heads: int, max_context: int, num_sms: int) -> int:
-    """Split the context only when sequences x KV heads give fewer than two programs per multiprocessor
-    (on an H200, batch 32 x 8 KV heads at context ~1,200: 56 us unsplit, 48 us in 2 splits)."""
-    programs = num_seqs * num_kv_heads
-    if programs >= 2 * num_sms:
-        return 1
-    splits = triton.next_power_of_2(-(-2 * num_sms // programs))
-    return max(1, min(splits, 16, triton.next_power_of_2(-(-max_context // 256))))
-
-
 def tile_config(max_seqlen_q: int, group_p: int, num_splits: int = 1) -> tuple[int, int, int, int]:
     """(query rows a program, keys a loop step, warps, pipeline stages). Decode: one token's heads of a KV
     group per program, 128 keys a step (H200, batch 256: 2-2.5% faster than 64 at mean context 850-2,000,
@@ -319,23 +268,7 @@ def paged_attention(
         num_stages=stages,
     )
     if num_splits > 1:
-        _merge_splits_kernel[(tokens, heads)](
-            part,
-            lse,
-            out,
-            q if sinks is None else sinks,
-            part.stride(0),
-            lse.stride(0),
-            part.stride(1),
-            part.stride(2),
-            out.stride(0),
-            out.stride(1),
-            heads,
-            NUM_SPLITS=num_splits,
-            HEAD_DIM=dim,
-            HEAD_DIM_P=dim_p,
-            HAS_SINKS=sinks is not None,
-        )
+        merge_splits(part, lse, out, sinks)
     return out
 
 
