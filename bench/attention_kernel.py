@@ -14,7 +14,8 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import copy_bandwidth  # noqa: E402
-from nanoserve.kernels.paged_attention import paged_attention, tile_config, v_keys_last  # noqa: E402
+from nanoserve.kernels.attention_ref import keys_last  # noqa: E402
+from nanoserve.kernels.paged_attention import paged_attention, tile_config  # noqa: E402
 from nanoserve.kernels.split_kv import num_splits_for  # noqa: E402
 
 BATCH, HEADS, KV_HEADS, DIM = 256, 16, 8, 128
@@ -28,7 +29,7 @@ def case(
     tiles=None,
     longest_first: bool = False,
     kv_dtype: torch.dtype = torch.bfloat16,
-    keys_last: bool | None = None,
+    v_keys_last: bool | None = None,
 ):
     seed(mean_ctx)
     ctx = [randint(max(1, mean_ctx // 2), mean_ctx * 3 // 2) for _ in range(BATCH)]
@@ -40,8 +41,8 @@ def case(
     for _ in range(copies):  # rotate inputs so repeated runs do not read from L2
         kc = torch.randn(total, block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
         vc = torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
-        if keys_last if keys_last is not None else kv_dtype != torch.bfloat16:  # the engine's fp8 v
-            vc = v_keys_last(vc)
+        if kv_dtype != torch.bfloat16 if v_keys_last is None else v_keys_last:  # None: as the engine (fp8)
+            vc = keys_last(torch.empty_like(vc)).copy_(vc)
         perm = torch.randperm(total, device="cuda", dtype=torch.int32)
         table = torch.full((BATCH, max(blocks)), -1, dtype=torch.int32, device="cuda")
         i = 0
@@ -182,8 +183,8 @@ def main() -> None:
     print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     if "--fp8" in sys.argv:  # batch 256, bf16 and fp8 (e4m3) caches side by side: bandwidth in each one's bytes
         for mean_ctx in (256, 850, 2000):
-            for kv_dtype, keys_last in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float8_e4m3fn, True)):
-                r = case(mean_ctx, 16, None, kv_dtype=kv_dtype, keys_last=keys_last)
+            for kv_dtype, v_layout in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float8_e4m3fn, True)):
+                r = case(mean_ctx, 16, None, kv_dtype=kv_dtype, v_keys_last=v_layout)
                 r["fraction_of_copy"] = round(r["tb_per_s"] * 1e12 / bw, 3)
                 print("RESULT " + json.dumps(r), flush=True)
         return

@@ -6,6 +6,7 @@ import torch.distributed as dist
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import ConfigError
 from nanoserve.engine_pod.layers.attention import Attention
+from nanoserve.kernels.attention_ref import keys_last
 
 
 def block_bytes(config: Config, layers: list[Attention]) -> int:
@@ -50,13 +51,10 @@ def allocate_kv_cache(config: Config, layers: list[Attention], num_blocks: int, 
     """[k/v, layer, block, slot, kv head, head dim]; each layer gets views of its k and v. An fp8 cache's v is
     stored keys-last (each block [kv head, head dim, slot], seen through the same indexing), as its attention
     kernel reads it; it starts zeroed, so that a block's unused slots hold finite values."""
-    a, block_size = layers[0], config.kvcache_block_size
-    shape = (2, len(layers), num_blocks, block_size, a.num_kv_heads, a.head_dim)
+    a = layers[0]
+    shape = (2, len(layers), num_blocks, config.kvcache_block_size, a.num_kv_heads, a.head_dim)
     fp8 = config.kv_torch_dtype == torch.float8_e4m3fn
     kv_cache = (torch.zeros if fp8 else torch.empty)(shape, dtype=config.kv_torch_dtype, device=device)
     for i, layer in enumerate(layers):
-        layer.k_cache, layer.v_cache = kv_cache[0, i], kv_cache[1, i]
-        if fp8:
-            keys_last = kv_cache[1, i].view(num_blocks, a.num_kv_heads, a.head_dim, block_size)
-            layer.v_cache = keys_last.permute(0, 3, 1, 2)
+        layer.k_cache, layer.v_cache = kv_cache[0, i], keys_last(kv_cache[1, i]) if fp8 else kv_cache[1, i]
     return kv_cache

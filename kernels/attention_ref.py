@@ -1,7 +1,8 @@
 """Plain-PyTorch references for the paged KV cache: the CPU path and the ground truth for the kernels.
 
 KV cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim]. An fp8 (e4m3) cache holds
-k / k_scale and v / v_scale, saturated at +-448 (vLLM's kv_cache_dtype="fp8" with per-layer scales).
+k / k_scale and v / v_scale, saturated at +-448 (vLLM's kv_cache_dtype="fp8" with per-layer scales), its v
+keys-last: indexed the same, each block stored as [num_kv_heads, head_dim, block_size] (`keys_last`).
 """
 
 import torch
@@ -16,6 +17,13 @@ def quantize_kv(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tens
     if dtype == x.dtype:
         return x
     return (x.float() / scale).nan_to_num(0.0).clamp(-FP8_MAX, FP8_MAX).to(dtype)
+
+
+def keys_last(storage: torch.Tensor) -> torch.Tensor:
+    """A contiguous [num_blocks, block_size, kv_heads, head_dim] tensor's memory as a keys-last cache with that
+    indexing (a view: each block's memory read as [kv_heads, head_dim, block_size])."""
+    num_blocks, block_size, kv_heads, head_dim = storage.shape
+    return storage.view(num_blocks, kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
 
 
 def store_kvcache_ref(

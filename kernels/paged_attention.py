@@ -9,7 +9,7 @@ used by every query head that shares it (GQA). When the batch is too small to fi
 is split across programs and the partial results are merged through their log-sum-exp (split_kv.py).
 An fp8 cache is dequantized as it is read: k's scale folds into the softmax scale, v's into the output.
 Its values go to float16 (exactly: e4m3 is a subset) one instruction a pair, and the dots run in float16
-with q pre-scaled. Its v is kept keys-last (`v_keys_last`): the P.V dot reduces over keys, so its operand
+with q pre-scaled. Its v is kept keys-last (`attention_ref.keys_last`): the P.V dot reduces over keys, so its operand
 needs a block's keys adjacent, and 8-bit values have no transposing shared-memory load.
 Per layer (constexpr, one variant each): a sliding window (a query sees its last WINDOW keys: the loop
 starts at the tile's first visible key), a logit soft-cap, and attention sinks (a per-head logit in the
@@ -200,7 +200,7 @@ def paged_attention(
     grid (it is 1 for decode, so a CUDA graph can capture this call). `tiles` overrides `tile_config`
     (benchmarks tune with it). `sliding_window`, `sinks` [heads], `softcap`: as `paged_attention_ref`; an fp8
     cache (float8_e4m3fn) is read as its values times `kv_scales` (k, v); `v_cache` may be keys-last (a view
-    from `v_keys_last`, what an fp8 engine cache is), any other strides work too."""
+    from `attention_ref.keys_last`, what an fp8 engine cache is), any other strides work too."""
     tokens, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
@@ -270,9 +270,3 @@ def paged_attention(
     if num_splits > 1:
         merge_splits(part, lse, out, sinks)
     return out
-
-
-def v_keys_last(v_cache: torch.Tensor) -> torch.Tensor:
-    """v_cache's values, held keys-last: the same [num_blocks, block_size, kv_heads, head_dim] indexing, each
-    block stored as [kv_heads, head_dim, block_size] (as the engine allocates an fp8 cache's v)."""
-    return v_cache.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)

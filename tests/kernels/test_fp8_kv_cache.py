@@ -10,8 +10,7 @@ import torch
 from paged_batch import make_batch, rel_err
 
 from nanoserve.engine_pod.layers.rotary import RotaryEmbedding
-from nanoserve.kernels.attention_ref import paged_attention_ref, quantize_kv, store_kvcache_ref
-from nanoserve.kernels.paged_attention import v_keys_last
+from nanoserve.kernels.attention_ref import keys_last, paged_attention_ref, quantize_kv, store_kvcache_ref
 
 FP8 = torch.float8_e4m3fn
 SCALES = (0.5, 2.0)  # k's and v's: not 1, so a scale dropped or swapped shows
@@ -37,7 +36,7 @@ def test_rotary_store_quantizes_like_the_reference(device):
     pos = torch.tensor([0, 3, 9, 30, 63], device=device)
     slots = torch.tensor([2, 7, -1, 12, 30], device=device)
     k_cache = torch.zeros(4, 8, kv_heads, dim, dtype=FP8, device=device)
-    v_cache = v_keys_last(torch.zeros_like(k_cache))
+    v_cache = keys_last(torch.zeros_like(k_cache))
     ref_k_cache, ref_v_cache = k_cache.clone(), torch.zeros_like(k_cache)
     qk_norm_rotary_store(pos, q, k, v, rope.cos_sin, k_cache, v_cache, slots, kv_scales=SCALES)
     ref_q, ref_k = rope(pos.cpu(), q.cpu(), k.cpu()) if device == "cpu" else rope(pos, q, k)
@@ -80,7 +79,8 @@ def test_attention_over_an_fp8_cache(device, case, num_splits, dtype):
         query_lens, context_lens, block_size, kv_heads, dim, heads, dtype, device, seed=random.randrange(1 << 30)
     )
     kc8 = unused_slots_at_max(quantize_kv(kc, SCALES[0], FP8), context_lens, table)
-    vc8 = v_keys_last(unused_slots_at_max(quantize_kv(vc, SCALES[1], FP8), context_lens, table))
+    vc8 = unused_slots_at_max(quantize_kv(vc, SCALES[1], FP8), context_lens, table)
+    vc8 = keys_last(torch.empty_like(vc8)).copy_(vc8)
     out = torch.full_like(q, float("nan"))
     args = (max(query_lens),)
     paged_attention(
