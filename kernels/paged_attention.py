@@ -114,15 +114,14 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_P], tl.float32)
     n_offs = tl.arange(0, BLOCK_N)
+    runs = tl.arange(0, BLOCK_N // V_RUN)
+    in_run = tl.arange(0, V_RUN)
     for start in range(lo, hi, BLOCK_N):
         if V_RUN > 1:
             start = tl.multiple_of(start, V_RUN)
         n = start + n_offs
         n_ok = n < hi
-        run_ok = n_ok  # keys-last v: loaded by whole runs of adjacent keys (the rest get p = 0)
-        if V_RUN > 1:
-            run_ok = n // V_RUN * V_RUN < hi
-        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=run_ok, other=0)
+        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         k = k.to(q.dtype)  # an fp8 cache: float16 (q's dtype now), its k_scale is in q
@@ -143,14 +142,21 @@ def _paged_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if V_LIKE_K:
-            v_ptrs = v_cache_ptr + kv_off[:, None] + d[None, :]
+        if V_RUN > 1:  # keys-last v, read [dim, runs, run]: a warp's lanes along the dim, 16-byte loads along keys
+            run_start = start + runs * V_RUN  # (whole runs: the keys past hi in the last one get p = 0)
+            run_ok = run_start < hi
+            run_page = tl.load(block_table_ptr + seq * stride_bt + run_start // BLOCK_SIZE, mask=run_ok, other=0)
+            run_off = run_page.to(tl.int64) * stride_vb + (run_start % BLOCK_SIZE) + kv_head * stride_vh
+            run_off = tl.multiple_of(run_off, V_RUN)
+            v_ptrs = v_cache_ptr + run_off[None, :, None] + d[:, None, None] * stride_vd + in_run[None, None, :]
+            v = tl.load(v_ptrs, mask=d_ok[:, None, None] & run_ok[None, :, None], other=0.0)
+            v = tl.trans(tl.reshape(v, (HEAD_DIM_P, BLOCK_N)))
+        elif V_LIKE_K:
+            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
             v_off = page.to(tl.int64) * stride_vb + (n % BLOCK_SIZE) * stride_vt + kv_head * stride_vh
-            if V_RUN > 1:  # 16-byte loads along the keys
-                v_off = tl.max_contiguous(tl.multiple_of(v_off, V_RUN), V_RUN)
             v_ptrs = v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd
-        v = tl.load(v_ptrs, mask=run_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
 
@@ -169,11 +175,18 @@ def _paged_attention_kernel(
         tl.store(lse_ptr + split * stride_split_l + token * num_heads + head, lse, mask=row_ok)
 
 
-def tile_config(max_seqlen_q: int, group_p: int, num_splits: int = 1) -> tuple[int, int, int, int]:
+def tile_config(
+    max_seqlen_q: int, group_p: int, num_splits: int = 1, v_keys_last: bool = False
+) -> tuple[int, int, int, int]:
     """(query rows a program, keys a loop step, warps, pipeline stages). Decode: one token's heads of a KV
     group per program, 128 keys a step (H200, batch 256: 2-2.5% faster than 64 at mean context 850-2,000,
-    equal at 256); split contexts keep 64, so short splits do not round up to a mostly empty step."""
+    equal at 256); split contexts keep 64, so short splits do not round up to a mostly empty step. Keys-last v
+    (an fp8 cache) decodes 64 keys x 2 warps x 5 stages: its [dim, runs, run] read at 128 x 4 takes 152
+    registers and an unswizzled shared buffer (55% slower); at 64 x 2 x 5 it is 7-8% faster than the keys-first
+    read's best (H200, batch 256, fp8)."""
     if max_seqlen_q == 1:
+        if v_keys_last:
+            return max(16, group_p), 64, 2, 5
         return max(16, group_p), 128 if num_splits == 1 else 64, 4, 3
     return max(64, group_p), 32, 4, 3  # best of 24 tiles for a 16k-token prefill on an H200 (186 TFLOP/s)
 
@@ -206,14 +219,14 @@ def paged_attention(
     group = heads // kv_heads
     group_p = triton.next_power_of_2(group)
     num_seqs = context_lens.shape[0]
-    block_m, block_n, warps, stages = tiles or tile_config(max_seqlen_q, group_p, num_splits)
+    v_keys_last = v_cache.stride(1) == 1 and block_size > 1
+    block_m, block_n, warps, stages = tiles or tile_config(max_seqlen_q, group_p, num_splits, v_keys_last)
     block_t = 1 if max_seqlen_q == 1 else block_m // group_p  # decode: one token, its group of heads
     num_tiles = -(-max_seqlen_q // block_t)
     out = torch.empty_like(q) if out is None else out
     dim_p = triton.next_power_of_2(dim)
-    v_run = 1  # keys-last v: adjacent keys a load may take (within a block and a loop step)
-    if v_cache.stride(1) == 1 and block_size > 1:
-        v_run = min(block_size & -block_size, block_n, 16)
+    # keys-last v: adjacent keys a load takes (within a block and a loop step; 16 bytes of fp8)
+    v_run = min(block_size & -block_size, block_n, 16) if v_keys_last else 1
     if num_splits > 1:
         part = torch.empty((num_splits, tokens, heads, dim_p), dtype=torch.float32, device=q.device)
         lse = torch.empty((num_splits, tokens, heads), dtype=torch.float32, device=q.device)
