@@ -114,15 +114,19 @@ def decode_mid_batch(batch: int, mean_ctx: int, splits: int, block_size: int = 1
     }
 
 
-def prefill(tiles, block_size: int = 16, tokens: int = 16384) -> dict:
-    """A prefill step of the throughput workload: prompts of 100-1024 tokens filling 16k tokens."""
+def prefill(tiles, block_size: int = 16, tokens: int = 16384, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A prefill step of the throughput workload: prompts of 100-1024 tokens filling 16k tokens (an fp8 cache's
+    v keys-last, as the engine holds it)."""
     seed(7)
     lens = []
     while sum(lens) < tokens:
         lens.append(min(randint(100, 1024), tokens - sum(lens)))
     blocks = [-(-n // block_size) for n in lens]
-    kc = torch.randn(sum(blocks), block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16)
-    vc = torch.randn_like(kc)
+    kc = torch.randn(sum(blocks), block_size, KV_HEADS, DIM, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
+    vc = torch.randn(kc.shape, device="cuda", dtype=torch.bfloat16).to(kv_dtype)
+    if kv_dtype != torch.bfloat16:
+        vc = keys_last(torch.empty_like(vc)).copy_(vc)
+    scales = (0.5, 0.5) if kv_dtype != torch.bfloat16 else (1.0, 1.0)
     table = torch.zeros((len(lens), max(blocks)), dtype=torch.int32, device="cuda")
     i = 0
     for s, n in enumerate(blocks):
@@ -132,7 +136,7 @@ def prefill(tiles, block_size: int = 16, tokens: int = 16384) -> dict:
     cu = torch.tensor([0] + list(accumulate(lens)), dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
     ms = triton.testing.do_bench(
-        lambda: paged_attention(q, kc, vc, cu, ctx, table, DIM**-0.5, max(lens), tiles=tiles),
+        lambda: paged_attention(q, kc, vc, cu, ctx, table, DIM**-0.5, max(lens), tiles=tiles, kv_scales=scales),
         warmup=20,
         rep=100,
         return_mode="median",
@@ -140,19 +144,20 @@ def prefill(tiles, block_size: int = 16, tokens: int = 16384) -> dict:
     flops = sum(n * (n + 1) // 2 for n in lens) * HEADS * DIM * 4  # QK^T and PV, causal
     return {
         "case": "prefill",
-        "tiles": tiles or tile_config(max(lens), 2),
+        "kv_dtype": str(kv_dtype).removeprefix("torch."),
+        "tiles": tiles or tile_config(max(lens), 2, 1, vc.stride(1) == 1),
         "ms": round(ms, 3),
         "tflops": round(flops / (ms / 1e3) / 1e12, 1),
     }
 
 
-def tune_prefill() -> None:
+def tune_prefill(kv_dtype: torch.dtype = torch.bfloat16) -> None:
     for block_m in (64, 128):
         for block_n in (32, 64, 128):
             for warps in (4, 8):
                 for stages in (2, 3):
                     try:
-                        r = prefill((block_m, block_n, warps, stages))
+                        r = prefill((block_m, block_n, warps, stages), kv_dtype=kv_dtype)
                     except Exception as e:  # a tile too big for shared memory or registers
                         r = {"case": "prefill", "tiles": (block_m, block_n, warps, stages), "error": str(e)[:120]}
                     print("RESULT " + json.dumps(r), flush=True)
@@ -183,10 +188,11 @@ def tune_decode(kv_dtype: torch.dtype = torch.bfloat16) -> None:
 
 
 def main() -> None:
+    kv_dtype = torch.float8_e4m3fn if "--fp8" in sys.argv else torch.bfloat16
     if "--tune-prefill" in sys.argv:
-        return tune_prefill()
+        return tune_prefill(kv_dtype)
     if "--tune-decode" in sys.argv:
-        return tune_decode(torch.float8_e4m3fn if "--fp8" in sys.argv else torch.bfloat16)
+        return tune_decode(kv_dtype)
     bw = copy_bandwidth()
     print(f"card {torch.cuda.get_device_name()}: copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
     if "--fp8" in sys.argv:  # batch 256, bf16 and fp8 (e4m3) caches side by side: bandwidth in each one's bytes
@@ -195,6 +201,8 @@ def main() -> None:
                 r = case(mean_ctx, 16, None, kv_dtype=kv_dtype, v_keys_last=v_layout)
                 r["fraction_of_copy"] = round(r["tb_per_s"] * 1e12 / bw, 3)
                 print("RESULT " + json.dumps(r), flush=True)
+        for kv_dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            print("RESULT " + json.dumps(prefill(None, kv_dtype=kv_dtype)), flush=True)
         return
     for block_size in (16, 256):
         for mean_ctx in (256, 850, 2000):

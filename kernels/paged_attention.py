@@ -181,12 +181,12 @@ def tile_config(
     """(query rows a program, keys a loop step, warps, pipeline stages). Decode: one token's heads of a KV
     group per program, 128 keys a step (H200, batch 256: 2-2.5% faster than 64 at mean context 850-2,000,
     equal at 256); split contexts keep 64, so short splits do not round up to a mostly empty step. Keys-last v
-    (an fp8 cache) decodes 64 keys x 2 warps x 5 stages: its [dim, runs, run] read at 128 x 4 takes 152
-    registers and an unswizzled shared buffer (55% slower); at 64 x 2 x 5 it is 7-8% faster than the keys-first
-    read's best (H200, batch 256, fp8)."""
+    (an fp8 cache) decodes 64 keys x 1 warp x 3 stages, the best of 22 tiles for its [dim, runs, run] read
+    (H200, batch 256, fp8: 134.9 / 53.8 / 292.5 us at mean context 850 / 256 / 2,000, against 161 / 65 / 356 us
+    for the keys-first read at 128 x 4 x 3; at 128 x 4 it takes 152 registers and is 55% slower)."""
     if max_seqlen_q == 1:
         if v_keys_last:
-            return max(16, group_p), 64, 2, 5
+            return max(16, group_p), 64, 1, 3
         return max(16, group_p), 128 if num_splits == 1 else 64, 4, 3
     return max(64, group_p), 32, 4, 3  # best of 24 tiles for a 16k-token prefill on an H200 (186 TFLOP/s)
 
