@@ -129,6 +129,14 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
     done
     [ $w != "${workers[-1]}" ] && { kill $gw; wait $gw 2>/dev/null; }
   done
+  # Short prompts at once (256 x 32-64 tokens: one prefill step for all): no queue of prefill steps ahead of a
+  # request, so its TTFT is the HTTP path's in a burst, through the gateway or not (alternating, 3 each).
+  for i in 1 2 3; do
+    run 100 python bench/serving.py $direct --stream --input-len 32 64 --output-len 64 128 --salt $((100 + 2 * i)) \
+      --label "$label-short-direct" $records
+    run 100 python bench/serving.py $via --stream --input-len 32 64 --output-len 64 128 --salt $((101 + 2 * i)) \
+      --label "$label-short-gateway-w${workers[-1]}" $records
+  done
   run 150 python bench/serving.py $direct --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 4 \
     --label "$label-poisson32"
   run 150 python bench/serving.py $via --stream --num-prompts 300 --output-len 50 300 --rate 32 --salt 5 \
