@@ -121,7 +121,10 @@ def _paged_attention_kernel(
             start = tl.multiple_of(start, V_RUN)
         n = start + n_offs
         n_ok = n < hi
-        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
+        run_ok = n_ok
+        if V_RUN > 1 and BLOCK_T > 1:  # prefill's keys-last v is loaded by whole runs (the keys past hi get p = 0)
+            run_ok = n // V_RUN * V_RUN < hi
+        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=run_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         k = k.to(q.dtype)  # an fp8 cache: float16 (q's dtype now), its k_scale is in q
@@ -142,7 +145,7 @@ def _paged_attention_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if V_RUN > 1:  # keys-last v, read [dim, runs, run]: a warp's lanes along the dim, 16-byte loads along keys
+        if V_RUN > 1 and BLOCK_T == 1:  # decode's keys-last v, read [dim, runs, run]: lanes along the dim
             run_start = start + runs * V_RUN  # (whole runs: the keys past hi in the last one get p = 0)
             run_ok = run_start < hi
             run_page = tl.load(block_table_ptr + seq * stride_bt + run_start // BLOCK_SIZE, mask=run_ok, other=0)
@@ -155,8 +158,11 @@ def _paged_attention_kernel(
             v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         else:
             v_off = page.to(tl.int64) * stride_vb + (n % BLOCK_SIZE) * stride_vt + kv_head * stride_vh
+            if V_RUN > 1:  # prefill's keys-last v, [keys, dim] with 16-byte loads along the keys (H200, 16k-token
+                # fp8 prefill: 0.256 ms at 64 x 32 x 4 x 3; read [dim, runs, run] as decode does, 0.316, its best 0.268)
+                v_off = tl.max_contiguous(tl.multiple_of(v_off, V_RUN), V_RUN)
             v_ptrs = v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=run_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
 
@@ -188,6 +194,8 @@ def tile_config(
         if v_keys_last:
             return max(16, group_p), 64, 1, 3
         return max(16, group_p), 128 if num_splits == 1 else 64, 4, 3
+    if max_seqlen_q * group_p <= 16:  # a verify step's 1 + k tokens a sequence (speculative decoding): one tile
+        return 16, 128, 4, 3  # (H200, batch 256 x 5 tokens, context 850: bf16 220 / fp8 168 us, 64 x 32: 265 / 304)
     return max(64, group_p), 32, 4, 3  # best of 24 tiles for a 16k-token prefill on an H200 (186 TFLOP/s)
 
 

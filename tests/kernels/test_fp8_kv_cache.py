@@ -51,6 +51,7 @@ CASES = [  # (query_lens, context_lens, block_size, kv_heads, heads, head_dim, w
     ([1, 1, 1], [1, 17, 300], 16, 2, 4, 32, None),
     ([5, 9, 1], [5, 30, 90], 16, 1, 8, 64, 24),
     ([1, 7, 1, 20], [33, 7, 64, 50], 32, 2, 2, 32, None),
+    ([5, 2, 5], [40, 33, 90], 16, 2, 4, 64, None),  # a verify step (its own tile)
 ]
 
 

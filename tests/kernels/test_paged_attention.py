@@ -14,6 +14,7 @@ CASES = [  # (query_lens, context_lens, block_size, kv_heads, heads, head_dim)
     ([5, 9], [5, 30], 16, 1, 8, 64),  # prefill, one with a cached prefix, GQA 8
     ([1, 7, 1, 20], [33, 7, 64, 50], 32, 2, 2, 32),  # mixed prefill chunks and decodes, MHA
     ([3], [70], 48, 2, 6, 40),  # odd head dim (padded), GQA 3, block 48
+    ([5, 2, 5], [40, 33, 90], 16, 2, 4, 64),  # a verify step's 1 + k tokens a sequence (its own tile), GQA 2
 ]
 
 
