@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.context import Context, set_context
+from nanoserve.engine_pod.cuda_graphs import padded_rows
 from nanoserve.engine_pod.kv_cache import allocate_kv_cache, num_blocks_that_fit
 from nanoserve.engine_pod.layers.attention import Attention, pick_backend
 from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
@@ -75,6 +76,7 @@ class ModelRunner:
             torch.cuda.get_device_properties(self.device).multi_processor_count if self.device.type == "cuda" else 1
         )
         self.graphs, self.num_splits_for, self.graph_capture_s = None, None, 0.0
+        self.verify_graphs = None  # speculative decoding's verify steps (cuda_graphs.DecodeGraphs, width 1 + K)
         if backend == "triton":  # imported here: CPU installs need no triton
             from nanoserve.kernels.split_kv import num_splits_for
 
@@ -86,21 +88,29 @@ class ModelRunner:
             dist.barrier()
 
     def _capture_graphs(self) -> None:
+        t = time.perf_counter()
+        self.graphs = self.step_graphs(1)
+        self.graphs.capture()
+        if self.config.speculative is not None:  # verify steps: 1 + up to K tokens a sequence
+            self.verify_graphs = self.step_graphs(1 + self.config.speculative.num_speculative_tokens)
+            self.verify_graphs.capture(self.graphs.pool)
+        self.graph_capture_s = time.perf_counter() - t
+
+    def step_graphs(self, width: int):
+        """Graphs (cuda_graphs.DecodeGraphs, not captured yet) of steps of up to `width` tokens a sequence."""
         from nanoserve.engine_pod.cuda_graphs import DecodeGraphs
 
-        cfg, a = self.config, self.attention_layers[0]
-        t = time.perf_counter()
-        self.graphs = DecodeGraphs(
+        cfg = self.config
+        return DecodeGraphs(
             self.model,
             cfg.max_num_seqs,
             -(-cfg.max_model_len // cfg.kvcache_block_size),
             cfg.hf_config["hidden_size"],
-            a.num_kv_heads,
+            self.attention_layers[0].num_kv_heads,
             cfg.torch_dtype,
             self.device,
+            width,
         )
-        self.graphs.capture()
-        self.graph_capture_s = time.perf_counter() - t
 
     # ---- KV cache -----------------------------------------------------------------------------
     # ---- one step -----------------------------------------------------------------------------
@@ -168,6 +178,13 @@ class ModelRunner:
 
     def _forward(self, inputs: StepInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The last hidden states of every token, and the step's arrays as uploaded to the device."""
+        num_seqs = len(inputs.context_lens)
+        is_decode = inputs.max_seqlen_q == 1
+        verify = self.verify_graphs
+        if is_decode or verify is None or not verify.fits(num_seqs, inputs.max_seqlen_q):
+            verify = None
+        else:  # (a verify step, or any of up to 1 + K tokens a sequence)
+            inputs.padded_rows = padded_rows(inputs.cu_seqlens_q, verify.width)
         t = self.upload(inputs)
         input_ids = t["input_ids"]
         if inputs.prev_count and inputs.prev_rows is not None:  # rows whose token only the device has seen
@@ -184,8 +201,6 @@ class ModelRunner:
                 input_ids = prev[rows]
             else:
                 input_ids = torch.where(rows >= 0, prev[rows.clamp(min=0)], input_ids)
-        num_seqs = len(inputs.context_lens)
-        is_decode = inputs.max_seqlen_q == 1
         splits = 1
         if is_decode and self.num_splits_for is not None:
             splits = self.num_splits_for(
@@ -193,6 +208,10 @@ class ModelRunner:
             )
         if is_decode and self.graphs is not None and self.graphs.fits(num_seqs):
             hidden = self.graphs.run(input_ids, t["positions"], t["slot_mapping"], t["context_lens"], t["block_tables"])
+        elif verify is not None:
+            hidden = verify.run(
+                input_ids, t["positions"], t["slot_mapping"], t["context_lens"], t["block_tables"], t["padded_rows"]
+            )
         else:
             set_context(
                 Context(
@@ -284,7 +303,7 @@ class ModelRunner:
     def _release(self) -> None:
         """Give the device memory back (weights, KV cache, CUDA graphs), so that another engine can start in
         this process: the KV cache is sized from the free memory."""
-        self.graphs = self.deferred = self.prev_tokens = None
+        self.graphs = self.verify_graphs = self.deferred = self.prev_tokens = None
         self.attention_layers = []
         set_tensor_parallel(0, 1)  # what the layers of a model built next in this process read by default
         for name in ("model", "kv_cache"):

@@ -43,6 +43,7 @@ class StepInputs:
     prompt_k: int = 0
     prompt_slices: list[tuple[int, int]] | None = None
     spec: SpecInputs | None = None  # speculative decoding: the sampling rows' drafts (a verify step)
+    padded_rows: np.ndarray | None = None  # a verify graph's step: each token's row (cuda_graphs.padded_rows)
 
 
 def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInputs, list[Sequence]]:
@@ -133,6 +134,7 @@ UPLOADED = [
     "prev_rows",
     "prompt_rows",
     "prompt_targets",
+    "padded_rows",
 ]
 
 

@@ -188,9 +188,10 @@ def test_json_schema_on_gpu_is_valid_json(bpe_model):
 
 
 def test_speculative_decoding_on_gpu(model_path, prompts):
-    """n-gram drafts verified eagerly beside graph-replayed decode steps, sync and async: greedy tokens agree with
-    plain decoding (bf16: the verify chunk runs the prefill kernel, so later tokens may drift as between
-    graphs and eager), drafts are proposed, seeded sampling with drafts repeats itself (sync), nothing leaks."""
+    """n-gram drafts verified in their CUDA graphs beside graph-replayed decode steps, sync and async: greedy
+    tokens agree with plain decoding (bf16: the verify chunk runs the prefill kernel, so later tokens may drift
+    as between graphs and eager), drafts are proposed, seeded sampling with drafts repeats itself (sync),
+    nothing leaks."""
     spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
     repeated = [p[:40] * 3 for p in prompts[3:]] + prompts[:3]  # spans repeated: matches from the first step
     plain = engine_tokens(model_path, repeated)
@@ -208,6 +209,7 @@ def test_speculative_decoding_on_gpu(model_path, prompts):
             agree = sum(a == b for o, p in zip(ours, plain) for a, b in zip(o, p))
             assert agree >= 0.9 * sum(map(len, plain))
             assert llm.spec_stats.num_drafts > 0
+            assert llm.model_runner.verify_graphs is not None and len(llm.model_runner.verify_graphs.graphs) > 1
             seeded = SamplingParams(temperature=0.8, top_k=20, seed=7, max_tokens=16, ignore_eos=True)
             first, again = (llm.generate(repeated, seeded) for _ in range(2))
             if not async_scheduling:  # (async: which steps look for drafts depends on the run before)

@@ -386,3 +386,37 @@ def test_sampling_with_drafts_keeps_the_distribution(tiny_models, monkeypatch):
     monkeypatch.setattr(engine_module, "spec_inputs", accept_everything)
     broken, _ = samples(spec, 2 * 10**6)
     assert statistic(plain, broken)[0] > 2 * bound
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [{"num_kvcache_blocks": 14, "kvcache_block_size": 8, "max_num_batched_tokens": 24}, {"async_scheduling": True}],
+    ids=["preemption-chunked", "async"],
+)
+def test_verify_steps_in_the_graphs_padded_layout(case, setup, monkeypatch):
+    """The verify graphs' layout (cuda_graphs.padded_rows: each sequence's tokens last in 1 + K rows, padding
+    rows before them), run eagerly on the CPU where no graph can be captured: greedy tokens still equal
+    transformers', beside prefill chunks and preemption, and with async scheduling."""
+    from nanoserve.engine_pod.cuda_graphs import DecodeGraphs
+
+    path, prompts, expected = case
+    widths = []
+    run = DecodeGraphs.run
+
+    def counted(self, *args):
+        widths.append(self.width)
+        return run(self, *args)
+
+    monkeypatch.setattr(DecodeGraphs, "run", counted)
+    llm = LLM(path, **{"num_kvcache_blocks": 256, **setup, "speculative_config": SPEC})
+    try:
+        runner = llm.model_runner
+        runner.verify_graphs = runner.step_graphs(1 + SPEC["num_speculative_tokens"])
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert [o["token_ids"] for o in outs] == expected
+        assert widths.count(4) > 0 and llm.spec_stats.num_drafts > 0
+        if not setup.get("async_scheduling"):
+            assert llm.spec_stats.num_accepted_tokens > 0 and llm.scheduler.num_preemptions > 0
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    finally:
+        llm.exit()
