@@ -19,22 +19,18 @@ def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[in
     size = len(tokens)
     if k < 1 or size < min_n + 1:
         return []
-    ends = np.flatnonzero(tokens[:-1] == tokens[-1])  # where an earlier occurrence could end
-    if not len(ends):
-        return []
-    length = np.ones(len(ends), np.int64)  # each candidate's match length, up to max_n
-    alive = np.ones(len(ends), bool)
-    for j in range(1, min(max_n, size - 1)):
-        alive &= ends >= j
-        alive &= tokens[np.maximum(ends - j, 0)] == tokens[size - 1 - j]
-        if not alive.any():
-            break
-        length += alive
-    best = int(length.max())
-    if best < min_n:
-        return []
-    end = int(ends[np.flatnonzero(length == best)[-1]])
-    return tokens[end + 1 : end + 1 + k].tolist()
+    # A substring search over the ids' bytes (C speed; numpy over a few candidates cost ~20 us a sequence,
+    # 5 ms a step of 256); a match at an offset that is not a whole id is skipped.
+    data, width = tokens.tobytes(), tokens.itemsize
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        suffix = data[(size - n) * width :]
+        end = (size - 1) * width  # an occurrence ends before the last token
+        while (at := data.rfind(suffix, 0, end)) >= 0 and at % width:
+            end = at + len(suffix) - 1
+        if at >= 0:
+            follower = at // width + n
+            return tokens[follower : follower + k].tolist()
+    return []
 
 
 def can_speculate(seq: Sequence) -> bool:
@@ -51,7 +47,7 @@ class TokenMirror:
     __slots__ = ("array", "size")
 
     def __init__(self) -> None:
-        self.array = np.zeros(64, np.int64)
+        self.array = np.zeros(64, np.int32)  # (ids fit; half the bytes to search)
         self.size = 0
 
     def view(self, token_ids: list[int]) -> np.ndarray:
@@ -59,7 +55,7 @@ class TokenMirror:
         if n < self.size:  # tokens were dropped (never while a sequence speculates; cheap to redo anyway)
             self.size = 0
         if n > len(self.array):
-            grown = np.zeros(max(n, 2 * len(self.array)), np.int64)
+            grown = np.zeros(max(n, 2 * len(self.array)), np.int32)
             grown[: self.size] = self.array[: self.size]
             self.array = grown
         if n > self.size:

@@ -27,10 +27,16 @@ def brute_force(tokens: list[int], lo: int, hi: int, k: int) -> list[int]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 3), min_size=1, max_size=40), st.integers(1, 4), st.integers(0, 3), st.integers(1, 5))
+@given(
+    st.lists(st.sampled_from([0, 1, 2, 3, 256, 65536, 1 << 24]), min_size=1, max_size=40),
+    st.integers(1, 4),
+    st.integers(0, 3),
+    st.integers(1, 5),
+)
 def test_proposer_matches_brute_force(tokens, lo, extra, k):
     hi = lo + extra
-    assert propose_ngram(np.asarray(tokens, np.int64), lo, hi, k) == brute_force(tokens, lo, hi, k)
+    for dtype in (np.int64, np.int32):  # (a byte search: small ids' zero bytes match at offsets that are not ids)
+        assert propose_ngram(np.asarray(tokens, dtype), lo, hi, k) == brute_force(tokens, lo, hi, k)
 
 
 def test_proposer_cases():
@@ -43,6 +49,9 @@ def test_proposer_cases():
     assert propose_ngram(t(7), 1, 3, 3) == [] and propose_ngram(t(1, 2, 1), 1, 3, 0) == []
     # Equally long matches: the most recent wins.
     assert propose_ngram(t(1, 5, 1, 6, 1), 1, 1, 1) == [6]
+    # A byte match that straddles ids (256 is 00 01 00 00 in int32) is no match: the search skips it.
+    assert propose_ngram(np.asarray([256, 0, 7, 1], np.int32), 1, 1, 2) == []
+    assert propose_ngram(np.asarray([1, 9, 256, 0, 7, 1], np.int32), 1, 1, 2) == [9, 256]
 
 
 def test_token_mirror_follows_appends():
