@@ -51,10 +51,10 @@ def prefix_sharing_workload():
     return prompts, params
 
 
-def repetitive_workload(temperature: float):
+def repetitive_workload(temperature: float, num_seqs: int = 256):
     seed(2)
     prompts, params = [], []
-    for _ in range(256):
+    for _ in range(num_seqs):
         passage = [randint(0, 10000) for _ in range(randint(100, 400))]
         edited = list(passage)
         for _ in range(len(passage) // 50):  # a few ids changed: matches break and resume
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--prefix-sharing", action="store_true")
     ap.add_argument("--repetitive", action="store_true", help="edit-style prompts with repeated spans (spec decoding)")
     ap.add_argument("--temperature", type=float, default=0.0, help="the --repetitive workload's temperature")
+    ap.add_argument("--num-prompts", type=int, default=256, help="the --repetitive workload's requests")
     ap.add_argument("--speculative-config", default=None, help="vLLM's JSON, e.g. the ngram method's")
     ap.add_argument("--model", default=None, help="a model folder or smollm2-135m (default: random Qwen3-0.6B)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
@@ -186,7 +187,7 @@ def main() -> None:
     )
     load_s = time.perf_counter() - t0
     if args.repetitive:
-        prompts, params = repetitive_workload(args.temperature)
+        prompts, params = repetitive_workload(args.temperature, args.num_prompts)
     else:
         prompts, params = prefix_sharing_workload() if args.prefix_sharing else nano_vllm_workload()
     prompt_tokens, output_tokens = sum(map(len, prompts)), sum(p.max_tokens for p in params)
@@ -215,6 +216,7 @@ def main() -> None:
         "async_scheduling": llm.config.async_scheduling,
         "prefix_sharing": args.prefix_sharing,
         "workload": "repetitive" if args.repetitive else "prefix_sharing" if args.prefix_sharing else "nano_vllm",
+        "num_prompts": len(prompts),
         "speculative_config": args.speculative_config,
         "kv_cache_dtype": args.kv_cache_dtype,
         "seconds": round(t, 3),
