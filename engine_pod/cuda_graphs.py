@@ -58,6 +58,20 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
+    @classmethod
+    def for_config(cls, model, config, num_kv_heads: int, device: torch.device, width: int = 1) -> "DecodeGraphs":
+        """Sized by an engine Config (max_num_seqs, max_model_len's blocks, hidden size, dtype)."""
+        return cls(
+            model,
+            config.max_num_seqs,
+            -(-config.max_model_len // config.kvcache_block_size),
+            config.hf_config["hidden_size"],
+            num_kv_heads,
+            config.torch_dtype,
+            device,
+            width,
+        )
+
     def _context(self, bs: int, host_lists: bool = False) -> Context:
         from nanoserve.kernels.split_kv import num_splits_for  # (triton: the model runner imports this file on CPU)
 

@@ -97,20 +97,11 @@ class ModelRunner:
         self.graph_capture_s = time.perf_counter() - t
 
     def step_graphs(self, width: int):
-        """Graphs (cuda_graphs.DecodeGraphs, not captured yet) of steps of up to `width` tokens a sequence."""
+        """cuda_graphs.DecodeGraphs (not captured yet) of steps of up to `width` tokens a sequence."""
         from nanoserve.engine_pod.cuda_graphs import DecodeGraphs
 
-        cfg = self.config
-        return DecodeGraphs(
-            self.model,
-            cfg.max_num_seqs,
-            -(-cfg.max_model_len // cfg.kvcache_block_size),
-            cfg.hf_config["hidden_size"],
-            self.attention_layers[0].num_kv_heads,
-            cfg.torch_dtype,
-            self.device,
-            width,
-        )
+        kv_heads = self.attention_layers[0].num_kv_heads
+        return DecodeGraphs.for_config(self.model, self.config, kv_heads, self.device, width)
 
     # ---- KV cache -----------------------------------------------------------------------------
     # ---- one step -----------------------------------------------------------------------------
