@@ -121,10 +121,10 @@ def _paged_attention_kernel(
             start = tl.multiple_of(start, V_RUN)
         n = start + n_offs
         n_ok = n < hi
-        run_ok = n_ok
+        whole_run_ok = n_ok
         if V_RUN > 1 and BLOCK_T > 1:  # prefill's keys-last v is loaded by whole runs (the keys past hi get p = 0)
-            run_ok = n // V_RUN * V_RUN < hi
-        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=run_ok, other=0)
+            whole_run_ok = n // V_RUN * V_RUN < hi
+        page = tl.load(block_table_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=whole_run_ok, other=0)
         kv_off = page.to(tl.int64) * stride_kb + (n % BLOCK_SIZE) * stride_kt + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         k = k.to(q.dtype)  # an fp8 cache: float16 (q's dtype now), its k_scale is in q
@@ -162,7 +162,7 @@ def _paged_attention_kernel(
                 # fp8 prefill: 0.256 ms at 64 x 32 x 4 x 3; read [dim, runs, run] as decode does, 0.316, its best 0.268)
                 v_off = tl.max_contiguous(tl.multiple_of(v_off, V_RUN), V_RUN)
             v_ptrs = v_cache_ptr + v_off[:, None] + d[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=run_ok[:, None] & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=whole_run_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
         m_i = m_new
 
