@@ -13,9 +13,10 @@ from nanoserve.engine_pod.sequence import Sequence
 
 
 def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
-    """Up to `k` tokens following the most recent earlier occurrence of the longest suffix of `tokens` of
-    length `max_n` down to `min_n`; [] when none occurs. An occurrence may overlap the suffix itself (a run
-    of one repeated token proposes more of it)."""
+    """Up to `k` tokens following an earlier occurrence of the longest suffix of `tokens` of length `max_n`
+    down to `min_n`; [] when none occurs. Among that suffix's occurrences, the most recent one followed by the
+    most tokens (at most k): an occurrence within k of the end is cut short by it, and in a loop (a run of one
+    repeated token, a repeated line) an older one proposes the full k, the loop's continuation."""
     size = len(tokens)
     if k < 1 or size < min_n + 1:
         return []
@@ -25,11 +26,18 @@ def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[in
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         suffix = data[(size - n) * width :]
         end = (size - 1) * width  # an occurrence ends before the last token
-        while (at := data.rfind(suffix, 0, end)) >= 0 and at % width:
+        best = -1  # the follower index of the best occurrence so far
+        while (at := data.rfind(suffix, 0, end)) >= 0:
             end = at + len(suffix) - 1
-        if at >= 0:
+            if at % width:
+                continue
             follower = at // width + n
-            return tokens[follower : follower + k].tolist()
+            if best < 0 or min(k, size - follower) > min(k, size - best):
+                best = follower
+            if size - follower >= k:  # full: an older one is no longer
+                break
+        if best >= 0:
+            return tokens[best : best + k].tolist()
     return []
 
 

@@ -17,12 +17,14 @@ from nanoserve.engine_pod.spec_verify import SpecInputs, verify
 
 
 def brute_force(tokens: list[int], lo: int, hi: int, k: int) -> list[int]:
-    """The definition: for n from hi down to lo, the most recent earlier end of the last n tokens."""
+    """The definition: for n from hi down to lo, of the earlier ends of the last n tokens the most recent one
+    followed by the most tokens (at most k)."""
     for n in range(min(hi, len(tokens) - 1), lo - 1, -1):
         suffix = tokens[-n:]
-        for end in range(len(tokens) - 2, n - 2, -1):
-            if tokens[end - n + 1 : end + 1] == suffix:
-                return tokens[end + 1 : end + 1 + k]
+        ends = [e for e in range(len(tokens) - 2, n - 2, -1) if tokens[e - n + 1 : e + 1] == suffix]
+        if ends:
+            best = max(ends, key=lambda e: (min(k, len(tokens) - 1 - e), e))
+            return tokens[best + 1 : best + 1 + k]
     return []
 
 
@@ -45,6 +47,10 @@ def test_proposer_cases():
     assert propose_ngram(t(1, 2, 3, 9, 1, 2, 3), 1, 3, 2) == [9, 1]  # at most k
     assert propose_ngram(t(5, 1, 7, 1), 1, 3, 3) == [7, 1]  # up to the end of the sequence
     assert propose_ngram(t(4, 4, 4), 1, 2, 3) == [4]  # overlapping its own suffix
+    # A loop: the most recent occurrence would propose 1 token, an older one the loop's next 3.
+    assert propose_ngram(t(9, 4, 4, 4, 4, 4), 1, 2, 3) == [4, 4, 4]
+    assert propose_ngram(t(1, 2, 3, 1, 2, 3, 1, 2), 2, 2, 4) == [3, 1, 2, 3]
+    assert propose_ngram(t(1, 2, 3, 1, 2, 3, 1, 2), 2, 2, 2) == [3, 1]  # (full at the most recent one)
     assert propose_ngram(t(1, 2, 8, 3, 2), 2, 3, 3) == []  # only a 1-gram matches: below prompt_lookup_min
     assert propose_ngram(t(7), 1, 3, 3) == [] and propose_ngram(t(1, 2, 1), 1, 3, 0) == []
     # Equally long matches: the most recent wins.
