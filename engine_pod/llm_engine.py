@@ -195,6 +195,7 @@ class LLMEngine:
 
             # (pyright sees this file and nanoserve.engine_pod.llm_engine, its link, as two classes)
             return constrained_step(self)  # pyright: ignore[reportArgumentType]
+        began = time.perf_counter()
         early: list[tuple[Sequence, int | None]] = []
         spec_config = self.config.speculative
         # A big batch decodes plainly (CUDA graphs, overlap kept): its verify steps would cost more than they save.
@@ -235,8 +236,11 @@ class LLMEngine:
             else:
                 out += self._apply(launched)
         if pacing is not None:
-            # Drafts that all failed are worth no more than none: a synchronous step bought nothing.
-            pacing.observe(look and self.scheduler.lookups > 0, self.spec_stats.num_accepted_tokens > accepted)
+            # Drafts that all failed, or that cost more than the overlap they gave up, bought nothing. A step
+            # that looked and found no sequence to look for is neither a look nor an overlapped step.
+            probed, drafted = look and self.scheduler.lookups > 0, self.spec_stats.num_accepted_tokens > accepted
+            if probed or not look:
+                pacing.observe(probed, drafted, len(out), time.perf_counter() - began)
         return StepResult(batch, out)
 
     def _score(self, inputs, prompt) -> None:

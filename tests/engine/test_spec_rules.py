@@ -196,3 +196,20 @@ def test_drain_pacing_backs_off_while_nothing_matches_and_resets_on_a_draft():
     assert pace.due()
     pace.observe(probed=True, drafted=True)
     assert pace.due() and pace.interval == 1
+
+
+def test_drain_pacing_holds_drafts_to_the_overlapped_steps_rate():
+    pace = DrainPacing(most=4, smoothing=0.5)
+    pace.observe(probed=False, drafted=False, tokens=16, seconds=0.010)  # overlapped: 1,600 tokens a second
+    pace.observe(probed=False, drafted=False, tokens=16, seconds=0.010)
+    assert pace.decode_rate == pytest.approx(1600)
+    pace.observe(probed=True, drafted=True, tokens=30, seconds=0.020)  # accepted, but 1,500 a second: no gain
+    assert [pace.due() for _ in range(3)] == [False, False, True]
+    pace.observe(probed=True, drafted=True, tokens=40, seconds=0.020)  # 2,000 a second: look again at once
+    assert pace.due() and pace.interval == 1
+    pace.observe(probed=False, drafted=False, tokens=16, seconds=0.005)  # the overlapped steps got faster (3,200)
+    assert pace.decode_rate == pytest.approx(2400)
+    pace.observe(probed=True, drafted=True, tokens=40, seconds=0.020)  # 2,000 no longer pays
+    assert not pace.due() and pace.interval == 2
+    pace.observe(probed=False, drafted=False)  # a step that gave no tokens (the one after a drain) moves nothing
+    assert pace.decode_rate == pytest.approx(2400)
