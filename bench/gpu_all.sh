@@ -99,10 +99,12 @@ NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, 
 want spec && run 200 python bench/throughput.py --repetitive --label repetitive
 want spec && run 200 python bench/throughput.py --repetitive --speculative-config "$NGRAM" --label repetitive-ngram
 want spec && run 200 python bench/throughput.py --speculative-config "$NGRAM" --label ngram
-# ... and at small batches, where verify steps should pay (16 edit-style requests)
-want spec && run 100 python bench/throughput.py --repetitive --num-prompts 16 --label repetitive-16
-want spec && run 100 python bench/throughput.py --repetitive --num-prompts 16 --speculative-config "$NGRAM" \
-  --label repetitive-16-ngram
+# ... and at small batches, where verify steps should pay (1 and 16 edit-style requests)
+for n in 1 16; do
+  want spec && run 100 python bench/throughput.py --repetitive --num-prompts $n --label repetitive-$n
+  want spec && run 100 python bench/throughput.py --repetitive --num-prompts $n --speculative-config "$NGRAM" \
+    --label repetitive-$n-ngram
+done
 # Routing: 3 engines share the GPU; 6 system prompts of ~2,000 tokens, one engine's 320 blocks hold 2 of them.
 want routing && run 420 python bench/routing.py --gpu --model qwen3-0.6b --system-words 2000 --kv-blocks 320 \
   --users 60 --turns 3 --rate 3 --think 0.3 --max-tokens 16
