@@ -26,18 +26,16 @@ def propose_ngram(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> list[in
     for n in range(min(max_n, size - 1), min_n - 1, -1):
         suffix = data[(size - n) * width :]
         end = (size - 1) * width  # an occurrence ends before the last token
-        best = -1  # the follower index of the best occurrence so far
+        # Older occurrences are followed by more tokens: go back until one is followed by k (or none is left).
+        follower = -1
         while (at := data.rfind(suffix, 0, end)) >= 0:
             end = at + len(suffix) - 1
-            if at % width:
-                continue
-            follower = at // width + n
-            if best < 0 or min(k, size - follower) > min(k, size - best):
-                best = follower
-            if size - follower >= k:  # full: an older one is no longer
-                break
-        if best >= 0:
-            return tokens[best : best + k].tolist()
+            if at % width == 0:
+                follower = at // width + n
+                if size - follower >= k:
+                    break
+        if follower >= 0:
+            return tokens[follower : follower + k].tolist()
     return []
 
 
