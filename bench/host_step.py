@@ -50,9 +50,15 @@ def main() -> None:
             _, sampling = timed("prepare", prepare, batch, 16)
             if sampling:
                 timed("sampling_inputs", sampling_inputs, sampling, rng)
-            launched = (sampling, timed("advance", scheduler.advance, batch, sampling))
+            timed("advance", scheduler.advance, batch, sampling)
+            launched = sampling
         if in_flight:
-            timed("resolve", lambda f=in_flight: [scheduler.resolve(s, p, 7) for s, p in zip(*f) if not s.is_finished])
+            timed(
+                "resolve",
+                lambda f=in_flight: [
+                    scheduler.resolve(s, s.num_tokens - s.num_pending, 7) for s in f if not s.is_finished
+                ],
+            )
         in_flight, steps = launched, steps + 1
     print(
         "RESULT "

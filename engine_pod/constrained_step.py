@@ -27,8 +27,8 @@ def constrained_step(engine: LLMEngine) -> StepResult:
     if done is not None:
         tokens = done.tokens.wait()
         accept = [
-            (seq, position, token)
-            for row, (seq, position, token) in enumerate(zip(done.seqs, done.positions, tokens))
+            (seq, seq.num_tokens - seq.num_pending, token)  # (its oldest placeholder: `done`'s)
+            for row, (seq, token) in enumerate(zip(done.seqs, tokens))
             if seq.grammar is not None and not seq.is_finished and row not in done.blocked
         ]
     to_accept = [(s.grammar, t) for s, _, t in accept]
@@ -42,7 +42,7 @@ def constrained_step(engine: LLMEngine) -> StepResult:
         if sampling:
             inputs.sampling = sampling_inputs(sampling, engine.rng, engine.config.eos_token_ids)
             inputs.defer_sampling = True
-        positions = engine.scheduler.advance(batch, sampling)
+        engine.scheduler.advance(batch, sampling)
     elif pending is None and done is None and engine.has_unfinished():
         raise RuntimeError("scheduler made no progress although requests are pending")
     grammar = job.result()
@@ -50,12 +50,12 @@ def constrained_step(engine: LLMEngine) -> StepResult:
     if pending is not None:
         tokens, logprobs = engine._run("sample_deferred", grammar.mask, local=True)
         blocked = grammar.mask.blocked if grammar.mask is not None else frozenset()
-        engine.in_flight = InFlight(pending.seqs, pending.positions, engine.download(tokens, logprobs), blocked)
+        engine.in_flight = InFlight(pending.seqs, engine.download(tokens, logprobs), blocked)
     if batch:
         _, _, prompt = engine._run("run", inputs)
         engine._score(inputs, prompt)
         if sampling:
-            engine.unsampled = Unsampled(sampling, positions)
+            engine.unsampled = Unsampled(sampling)
     return StepResult(batch, out)
 
 

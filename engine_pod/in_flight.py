@@ -15,13 +15,16 @@ class StepResult(NamedTuple):
 
 @dataclass
 class InFlight:
-    """A launched step's sampling rows: the sequences, their placeholders' positions, the tokens coming."""
+    """A launched step's sampling rows: the sequences and the tokens coming (each row's go into its sequence's
+    oldest placeholders: steps are applied in order)."""
 
     seqs: list[Sequence]
-    positions: list[int]
     tokens: SampledTokens
     blocked: frozenset[int] = frozenset()  # rows whose grammar allowed no token: what they sampled is invalid
     spec_drafts: list[int] | None = None  # a verify step: each row's number of draft tokens
+    looked: bool = False  # the step looked for drafts (speculative decoding's pacing)
+    launched_at: float = 0.0  # perf_counter() when it was launched
+    accepted: int = 0  # draft tokens accepted, counted as it is applied
 
     def wait(self) -> tuple[list[int], list[list[int]] | None]:
         """Each row's (first) token; for a verify step also the accepted tokens after it, per row."""
@@ -35,7 +38,6 @@ class InFlight:
 
 @dataclass
 class Unsampled:
-    """A launched step whose sampling waits for its mask: its sampling rows and their placeholders' positions."""
+    """A launched step whose sampling waits for its mask: its sampling rows."""
 
     seqs: list[Sequence]
-    positions: list[int]

@@ -26,7 +26,7 @@ from nanoserve.engine_pod.sampler import sampling_inputs
 from nanoserve.engine_pod.sampling_params import SamplingParams
 from nanoserve.engine_pod.scheduler import Scheduler
 from nanoserve.engine_pod.sequence import Sequence
-from nanoserve.engine_pod.spec_decode import DrainPacing, SpecStats
+from nanoserve.engine_pod.spec_decode import LookPacing, SpecStats
 from nanoserve.engine_pod.spec_verify import spec_inputs
 from nanoserve.engine_pod.step_inputs import Downloader, prepare
 from nanoserve.engine_pod.stop import StopChecker
@@ -66,7 +66,8 @@ class LLMEngine:
         width = spec.num_speculative_tokens + 2 if spec is not None else 1  # a verify step's row per sequence
         self.download = Downloader(self.model_runner.device, config.max_num_seqs * width)
         self.spec_stats = SpecStats()  # speculative decoding's acceptance so far
-        self.spec_pacing = DrainPacing() if spec is not None else None  # with async scheduling: when to drain
+        self.spec_pacing = LookPacing() if spec is not None else None  # with async scheduling: when to look
+        self._applied_at = time.perf_counter()  # when the last step's tokens were applied (the pacing's clock)
         self.in_flight: InFlight | None = None  # async scheduling: the launched step not yet applied
         self.unsampled: Unsampled | None = None  # ... with structured output: the step whose forward runs unsampled
         self.stop_checker = StopChecker(self.tokenizer)
@@ -188,30 +189,31 @@ class LLMEngine:
         """Run one batch. Returns the batch it scheduled, (sequence, tokens computed), and its outputs,
         `(sequence, new token)` for each sequence that got a token (finished ones have `finish_reason`).
         With async scheduling these are the previous step's tokens: this step is launched first, so the GPU
-        works on it while the host applies them and schedules the next one."""
+        works on it while the host applies them and schedules the next one. Verify steps too: the step after
+        one is laid out as if it accepted every draft token, and the device moves it back (scheduler.drop)."""
         overlap = self.config.async_scheduling
         if overlap and (self.constrained or self.unsampled is not None):
             from nanoserve.engine_pod.constrained_step import constrained_step  # (it imports this module)
 
+            early = []  # constrained_step's pipeline takes one token a row: a verify step's tokens go first
+            if self.in_flight is not None and self.in_flight.spec_drafts is not None:
+                early, self.in_flight = self._apply(self.in_flight), None
             # (pyright sees this file and nanoserve.engine_pod.llm_engine, its link, as two classes)
-            return constrained_step(self)  # pyright: ignore[reportArgumentType]
-        began = time.perf_counter()
-        early: list[tuple[Sequence, int | None]] = []
+            result = constrained_step(self)  # pyright: ignore[reportArgumentType]
+            return StepResult(result.batch, early + result.outputs)
         spec_config = self.config.speculative
-        # A big batch decodes plainly (CUDA graphs, overlap kept): its verify steps would cost more than they save.
+        # A big batch decodes plainly (CUDA graphs): its verify steps would cost more than they save.
         crowded = spec_config is not None and not spec_config.drafts_at(len(self.scheduler.running))
         self.spec_stats.num_steps_over_batch_size += int(crowded)
         pacing = self.spec_pacing if overlap and not crowded else None
         look = not crowded and (pacing.due() if pacing is not None else True)  # for drafts, this step
-        if look and pacing is not None and self.in_flight is not None:  # drafts need its tokens
-            early, self.in_flight = self._apply(self.in_flight), None
-        accepted = self.spec_stats.num_accepted_tokens
         batch = self.scheduler.schedule(drafts=look)
-        sampling, positions, tokens, logprobs, spec = [], [], None, None, None
+        sampling, tokens, logprobs, spec = [], None, None, None
         if batch:
             inputs, sampling = prepare(batch, self.config.kvcache_block_size)
             if inputs.prev_rows is not None and self.in_flight is not None:
                 inputs.prev_count = len(self.in_flight.seqs)
+                inputs.prev_verified = self.in_flight.spec_drafts is not None
             if sampling:
                 inputs.sampling = sampling_inputs(sampling, self.rng, self.config.eos_token_ids)
                 if self.config.speculative is not None:
@@ -220,28 +222,30 @@ class LLMEngine:
                     inputs.grammar = self._mask(sampling).result().mask
             tokens, logprobs, prompt = self._run("run", inputs)
             self._score(inputs, prompt)
-            positions = self.scheduler.advance(batch, sampling)
-        elif self.in_flight is None and self.has_unfinished() and not early:
+            self.scheduler.advance(batch, sampling)
+        elif self.in_flight is None and self.has_unfinished():
             raise RuntimeError("scheduler made no progress although requests are pending")
-        done, self.in_flight = (self.in_flight, None) if overlap else (None, None)
-        out = early + (self._apply(done) if done is not None else [])
+        launched = None
         if sampling:
             assert tokens is not None  # a batch that samples ran the model
-            launched = InFlight(sampling, positions, self.download(tokens, logprobs))
-            if spec is not None:  # applied now: the next step's positions depend on what it accepts
+            looked = look and self.scheduler.lookups > 0
+            launched = InFlight(
+                sampling, self.download(tokens, logprobs), looked=looked, launched_at=time.perf_counter()
+            )
+            if spec is not None:
                 launched.spec_drafts = spec.num_drafts.tolist()
-                out += self._apply(launched)
-            elif overlap:
-                self.in_flight = launched
-            else:
-                out += self._apply(launched)
-        if pacing is not None:
-            # Drafts that all failed, or that cost more than the overlap they gave up, bought nothing. A step
-            # that looked and found no sequence to look for is neither a look nor an overlapped step.
-            probed, drafted = look and self.scheduler.lookups > 0, self.spec_stats.num_accepted_tokens > accepted
-            if probed or not look:
-                pacing.observe(probed, drafted, len(out), time.perf_counter() - began)
+        done, self.in_flight = (self.in_flight, launched) if overlap else (launched, None)
+        out = self._apply(done) if done is not None else []
+        if pacing is not None and done is not None:
+            self._pace(pacing, done, len(out))
         return StepResult(batch, out)
+
+    def _pace(self, pacing: LookPacing, done: InFlight, tokens: int) -> None:
+        """Tell the pacing what the step just applied gave, over the time since the one before was applied
+        (under async scheduling, about its time on the GPU)."""
+        now = time.perf_counter()
+        seconds, self._applied_at = now - max(self._applied_at, done.launched_at), now  # (not the idle time before)
+        pacing.observe(done.looked, done.accepted > 0, tokens, seconds)
 
     def _score(self, inputs, prompt) -> None:
         if prompt is not None and inputs.prompt_slices is not None:
@@ -276,13 +280,16 @@ class LLMEngine:
     def _apply(self, flight: "InFlight", grammar_accepted: bool = False) -> list[tuple[Sequence, int | None]]:
         """Put a step's sampled tokens in place of their placeholders; retire what they finish. A token is
         None for a constrained request that ended because its grammar allowed no token. `grammar_accepted`:
-        constrained_step has had the matchers accept the tokens (and knows which grammars they complete)."""
+        constrained_step has had the matchers accept the tokens (and knows which grammars they complete).
+        A verify step's tokens after a row's first are each checked for a stop as if decoded alone, none kept
+        past one; then the placeholders of rejected drafts go."""
         out = []
         tokens, accepted = flight.wait()
         logprob_rows = flight.tokens.logprob_rows()
-        for row, (seq, position, token) in enumerate(zip(flight.seqs, flight.positions, tokens)):
+        for row, (seq, token) in enumerate(zip(flight.seqs, tokens)):
             if seq.is_finished:  # aborted, or stopped by the step before, while this one ran
                 continue
+            position = seq.num_tokens - seq.num_pending  # its oldest placeholder: this step's first
             if seq.grammar is not None and (
                 row in flight.blocked or not grammar_accepted and not _accepts(seq.grammar, token)
             ):
@@ -300,24 +307,28 @@ class LLMEngine:
                 self.scheduler.finish(seq)
             self._stop_or_retire(seq, position)
             out.append((seq, token))
-            if accepted is not None and flight.spec_drafts is not None:
-                out += self._apply_accepted(seq, accepted[row], flight.spec_drafts[row])
+            more = accepted[row] if accepted is not None else []
+            out += self._apply_more(seq, position, token, more, flight.spec_drafts[row] if flight.spec_drafts else 0)
+            flight.accepted += len(more)
         return out
 
-    def _apply_accepted(self, seq: Sequence, tokens: list[int], num_drafted: int) -> list[tuple[Sequence, int | None]]:
-        """A verify step's tokens after its first: each is checked for a stop as if it had been decoded alone,
-        and none is kept past one. Then the rejected drafts' KV goes."""
+    def _apply_more(
+        self, seq: Sequence, position: int, first: int | None, more: list[int], num_drafted: int
+    ) -> list[tuple[Sequence, int | None]]:
+        """After a row's first token (at `position`): a verify step's accepted tokens, each checked for a stop
+        as if decoded alone, none kept past one; then the scheduler settles the row's placeholders."""
         if num_drafted:
-            self.spec_stats.add(num_drafted, len(tokens))
+            self.spec_stats.add(num_drafted, len(more))
         out: list[tuple[Sequence, int | None]] = []
-        for token in tokens:
+        for token in more:
             if seq.is_finished:
-                break
-            position = self.scheduler.extend(seq)
-            self.scheduler.resolve(seq, position, token)
-            self._stop_or_retire(seq, position)
+                return out
+            self.scheduler.resolve(seq, position + 1 + len(out), token)
+            self._stop_or_retire(seq, position + 1 + len(out))
             out.append((seq, token))
-        self.scheduler.settle(seq)
+        if not seq.is_finished:
+            assert first is not None  # (a row without a token has finished)
+            self.scheduler.settle(seq, position, [first, *more[: len(out)]], 1 + num_drafted)
         return out
 
     def _stop_or_retire(self, seq: Sequence, position: int) -> None:

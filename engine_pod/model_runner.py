@@ -24,7 +24,7 @@ from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
 from nanoserve.engine_pod.sampler import SamplingInputs, sample, token_logprobs
-from nanoserve.engine_pod.spec_verify import verify
+from nanoserve.engine_pod.spec_verify import shift_back, verify
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
 from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
 from nanoserve.engine_pod.tp_commands import CommandChannel, TPLink
@@ -57,6 +57,7 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.upload = Uploader(self.device)
         self.prev_tokens: torch.Tensor | None = None  # rank 0: the last step's sampled tokens, on the device
+        self.prev_shift: torch.Tensor | None = None  # ... after a verify step, each row's rejected draft tokens
         set_tensor_parallel(self.rank, self.world)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(config.torch_dtype)
@@ -146,13 +147,14 @@ class ModelRunner:
         if mask is not None:  # structured output: before all other processing (vLLM's order)
             apply_grammar_mask(logits, mask)
         tokens = self.prev_tokens = sample(logits, sampling, t, self.prev_tokens)
+        self.prev_shift = None
         logprobs = None
         if sampling.num_logprobs >= 0:
             logprobs = token_logprobs(logits, tokens, sampling.num_logprobs)
         return tokens, logprobs
 
     def _verify(self, logits: torch.Tensor, inputs: StepInputs, t: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A verify step (speculative decoding; synchronous steps only): spec_verify.verify's [seqs, width + 2]
+        """A verify step (speculative decoding): spec_verify.verify's [seqs, width + 2]
         rows, flattened, and the logprobs of each row's first token (rows without a draft ask for them)."""
         assert inputs.sampling is not None and inputs.spec is not None
         first = torch.cumsum(t["spec_num_drafts"] + 1, 0) - t["spec_num_drafts"] - 1
@@ -161,7 +163,9 @@ class ModelRunner:
             apply_grammar_mask(rows, inputs.grammar)
             logits = logits.index_copy(0, first, rows)
         out = verify(logits, inputs.sampling, inputs.spec, t, self.prev_tokens)
-        self.prev_tokens = out[:, 1]
+        emitted = out[:, :1]  # each row's last emitted token is the next step's input
+        self.prev_tokens = out.gather(1, emitted).squeeze(1)
+        self.prev_shift = t["spec_num_drafts"] + 1 - emitted.squeeze(1)
         logprobs = None
         if inputs.sampling.num_logprobs >= 0:
             logprobs = token_logprobs(logits[first], out[:, 1], inputs.sampling.num_logprobs)
@@ -178,20 +182,18 @@ class ModelRunner:
             inputs.padded_rows = padded_rows(inputs.cu_seqlens_q, verify.width)
         t = self.upload(inputs)
         input_ids = t["input_ids"]
+        context_lens_list = inputs.context_lens.tolist()
         if inputs.prev_count and inputs.prev_rows is not None:  # rows whose token only the device has seen
-            prev = (
-                self.prev_tokens
-                if self.rank == 0
-                else torch.empty(inputs.prev_count, dtype=torch.int64, device=self.device)
-            )
-            assert prev is not None, "rank 0 keeps the previous step's tokens"
-            if self.world > 1:
-                dist.broadcast(prev, src=0)
+            prev, shift = self._previous(inputs)
             rows = t["prev_rows"]
             if inputs.prev_rows.min() >= 0:  # every row's token is on the device (decode): one gather
                 input_ids = prev[rows]
             else:
                 input_ids = torch.where(rows >= 0, prev[rows.clamp(min=0)], input_ids)
+            if shift is not None:
+                shift_back(t, shift, self.config.kvcache_block_size)
+                if self.attention_layers[0].backend == "torch":  # (the reference reads host lists)
+                    context_lens_list = t["context_lens"].tolist()
         splits = 1
         if is_decode and self.num_splits_for is not None:
             splits = self.num_splits_for(
@@ -213,7 +215,7 @@ class ModelRunner:
                     max_seqlen_q=inputs.max_seqlen_q,
                     max_seqlen_k=inputs.max_seqlen_k,
                     query_lens_list=np.diff(inputs.cu_seqlens_q).tolist(),
-                    context_lens_list=inputs.context_lens.tolist(),
+                    context_lens_list=context_lens_list,
                     is_decode=is_decode,
                     num_splits=splits,
                 )
@@ -221,6 +223,20 @@ class ModelRunner:
             hidden = self.model(input_ids, t["positions"])
             set_context(None)
         return hidden, t
+
+    def _previous(self, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The previous step's sampled tokens by row and, after a verify step, each row's rejected draft
+        tokens: rank 0 keeps them on the device and broadcasts them to the other ranks."""
+        count, verified = inputs.prev_count, inputs.prev_verified
+        if self.rank == 0:
+            assert self.prev_tokens is not None, "rank 0 keeps the previous step's tokens"
+            assert (self.prev_shift is not None) == verified, "the engine and rank 0 disagree on the last step"
+            state = torch.cat([self.prev_tokens, self.prev_shift]) if self.prev_shift is not None else self.prev_tokens
+        else:
+            state = torch.empty(count * (1 + verified), dtype=torch.int64, device=self.device)
+        if self.world > 1:
+            dist.broadcast(state, src=0)
+        return state[:count], state[count:] if verified else None
 
     def warmup(self) -> None:
         """One full-size prefill step and a decode step with sampled and greedy rows, nothing stored: the
@@ -255,7 +271,7 @@ class ModelRunner:
                     sampling=sampling,
                 )
             )
-        self.prev_tokens = None
+        self.prev_tokens = self.prev_shift = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -294,7 +310,7 @@ class ModelRunner:
     def _release(self) -> None:
         """Give the device memory back (weights, KV cache, CUDA graphs), so that another engine can start in
         this process: the KV cache is sized from the free memory."""
-        self.graphs = self.verify_graphs = self.deferred = self.prev_tokens = None
+        self.graphs = self.verify_graphs = self.deferred = self.prev_tokens = self.prev_shift = None
         self.attention_layers = []
         set_tensor_parallel(0, 1)  # what the layers of a model built next in this process read by default
         for name in ("model", "kv_cache"):

@@ -8,9 +8,11 @@ needs a block and none is free, the least important running sequence is preempte
 tokens recomputed later, cheaply when its prefix is still cached).
 
 Speculative decoding (n-gram): a decoding sequence with a draft computes its last token and the draft's tokens
-in one step (1 + k tokens); their KV counts as computed only as the verify step accepts them (`extend`), and
-`settle` frees the blocks that only rejected tokens used. A draft never preempts: when its blocks are not
-free the sequence decodes one token instead.
+in one step (1 + k tokens) and gets a placeholder for each token the step may emit (k + 1), as if every draft
+token were accepted; when the tokens arrive, `settle` takes back what the step rejected (placeholders, computed
+KV, the blocks only they used). So with async scheduling the next step is scheduled while a verify step runs:
+its positions may be too far by the rejected count, which the device subtracts (model_runner: prev_shift).
+A draft never preempts: when its blocks are not free the sequence decodes one token instead.
 """
 
 import bisect
@@ -105,10 +107,13 @@ class Scheduler:
 
     def _propose(self, seq: Sequence, budget: int) -> list[int]:
         """A draft for decoding `seq`, at most as long as the budget, its max_tokens and the model length allow
-        after the token the step adds anyway."""
+        after the token the step adds anyway. When the step in flight has not brought `seq`'s newest tokens
+        back (async scheduling), the lookup runs on the ids known followed by that step's draft, as if all of
+        it were accepted, and its first token, a guess of the newest token, is not drafted: verification is
+        exact, so a wrong guess costs acceptance, never a token."""
         spec = self.spec
         assert spec is not None
-        if seq.num_pending or not can_speculate(seq):
+        if not can_speculate(seq):
             return []
         room = min(
             spec.num_speculative_tokens,
@@ -120,9 +125,15 @@ class Scheduler:
             return []
         if seq.token_mirror is None:
             seq.token_mirror = TokenMirror()
-        tokens = seq.token_mirror.view(seq.token_ids)
+        pending = seq.num_pending  # the step in flight's placeholders: 1 + its draft
+        guess = seq.flight_draft if pending else []
+        tokens = seq.token_mirror.view(seq.token_ids, seq.num_tokens - pending, guess)
         self.lookups += 1
-        return propose_ngram(tokens, spec.prompt_lookup_min, spec.prompt_lookup_max, room)
+        if not pending:
+            return propose_ngram(tokens, spec.prompt_lookup_min, spec.prompt_lookup_max, room)
+        draft = propose_ngram(tokens, spec.prompt_lookup_min, spec.prompt_lookup_max, room + 1)
+        seq.draft_basis = guess + draft[:1]  # what it assumes the step in flight emits (`settle` checks)
+        return draft[1:]
 
     def _preempt(self, seq: Sequence) -> None:
         seq.draft_ids = []
@@ -132,18 +143,18 @@ class Scheduler:
         self.num_preemptions += 1
         self.add(seq)
 
-    def advance(self, batch: list[tuple[Sequence, int]], sampling: list[Sequence]) -> list[int]:
+    def advance(self, batch: list[tuple[Sequence, int]], sampling: list[Sequence]) -> None:
         """The step is launched: count its tokens as computed and give each sampling sequence a
-        placeholder for its token. Returns the placeholders' positions."""
+        placeholder for each token it may emit (1 + its draft)."""
         for seq, n in batch:
-            seq.num_computed_tokens += 1 if seq.draft_ids else n  # a draft's KV counts once accepted (extend)
-        positions = []
+            seq.num_computed_tokens += n
         for row, seq in enumerate(sampling):
-            positions.append(seq.num_tokens)
-            seq.append_token(PLACEHOLDER)
-            seq.num_pending += 1
+            width = 1 + len(seq.draft_ids)
+            seq.token_ids += [PLACEHOLDER] * width
+            seq.num_pending += width
             seq.pending_row = row
-        return positions
+            seq.flight_draft, seq.flight_basis = seq.draft_ids, seq.draft_basis
+            seq.draft_ids, seq.draft_basis = [], []
 
     def resolve(self, seq: Sequence, position: int, token: int) -> None:
         """A sampled token arrived: fill its placeholder, retire `seq` if the token ends it."""
@@ -154,20 +165,19 @@ class Scheduler:
             seq.finish_reason = reason
             self.finish(seq)
 
-    def extend(self, seq: Sequence) -> int:
-        """A verify step accepted the token before `seq`'s placeholder (a draft token, whose KV the step
-        wrote): count it as computed and give `seq` a placeholder for the next accepted token. Returns its
-        position."""
-        seq.num_computed_tokens += 1
-        seq.append_token(PLACEHOLDER)
-        seq.num_pending += 1
-        return seq.num_tokens - 1
-
-    def settle(self, seq: Sequence) -> None:
-        """After a verify step's tokens: the rejected drafts' KV is dropped, with the blocks only they used."""
-        seq.draft_ids = []
-        if not seq.is_finished:
+    def settle(self, seq: Sequence, position: int, emitted: list[int], width: int) -> None:
+        """A step's `emitted` tokens for `seq` are in place from `position`, of the `width` placeholders it had:
+        the rest go (a later step's, behind them, move up), with the KV counted for the rejected drafts and
+        the blocks only they used. A step in flight behind it whose draft assumed other tokens will most likely
+        see it rejected: the next lookup assumes that step emits one token."""
+        if count := width - len(emitted):
+            del seq.token_ids[position + len(emitted) : position + width]
+            seq.num_pending -= count
+            if seq.status == SequenceStatus.RUNNING:  # (a preempted one counts no KV)
+                seq.num_computed_tokens -= count
             self.block_manager.trim(seq)
+        if seq.num_pending and seq.flight_basis != emitted:
+            seq.flight_draft = []
 
     def _stop_reason(self, seq: Sequence, position: int, token: int) -> str | None:
         p = seq.params

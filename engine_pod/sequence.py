@@ -53,6 +53,9 @@ class Sequence:
         self.logprobs: list = []  # with params.logprobs: one token_logprobs.TokenLogprobs per completion token
         self.prompt_logprobs: list = []  # with params.prompt_logprobs: one per prompt token from the second on
         self.draft_ids: list[int] = []  # speculative decoding: this step's draft tokens, verified after the last one
+        self.draft_basis: list[int] = []  # ... the tokens it assumed for the step in flight's placeholders
+        self.flight_draft: list[int] = []  # the draft of the step that made the placeholders (while num_pending)
+        self.flight_basis: list[int] = []  # ... and its draft_basis
         self.token_mirror: TokenMirror | None = None  # spec_decode.TokenMirror of token_ids, made by the first lookup
         self._prompt_unique: np.ndarray | None = None
         self._table_array: tuple[list[int], np.ndarray] | None = None  # (the list it mirrors, its ids)

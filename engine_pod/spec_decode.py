@@ -47,7 +47,7 @@ def can_speculate(seq: Sequence) -> bool:
 
 
 class TokenMirror:
-    """A sequence's token ids as a growing numpy array, extended by what was appended since the last look
+    """A sequence's known token ids as a growing numpy array, extended by what became known since the last look
     (the proposer runs every step: converting the whole list each time would cost O(length))."""
 
     __slots__ = ("array", "size")
@@ -56,36 +56,38 @@ class TokenMirror:
         self.array = np.zeros(64, np.int32)  # (ids fit; half the bytes to search)
         self.size = 0
 
-    def view(self, token_ids: list[int]) -> np.ndarray:
-        n = len(token_ids)
+    def view(self, token_ids: list[int], known: int | None = None, guess: list[int] | tuple[()] = ()) -> np.ndarray:
+        """The first `known` ids (all by default), then `guess`: the draft of a verify step still in flight,
+        written past the known ones (the ids that arrive overwrite it)."""
+        n = len(token_ids) if known is None else known
         if n < self.size:  # tokens were dropped (never while a sequence speculates; cheap to redo anyway)
             self.size = 0
-        if n > len(self.array):
-            grown = np.zeros(max(n, 2 * len(self.array)), np.int32)
+        end = n + len(guess)
+        if end > len(self.array):
+            grown = np.zeros(max(end, 2 * len(self.array)), np.int32)
             grown[: self.size] = self.array[: self.size]
             self.array = grown
         if n > self.size:
-            self.array[self.size : n] = token_ids[self.size :]
+            self.array[self.size : n] = token_ids[self.size : n]
             self.size = n
-        return self.array[:n]
+        self.array[n:end] = guess
+        return self.array[:end]
 
 
-class DrainPacing:
-    """Async scheduling with speculative decoding: which steps look for drafts. A draft needs its sequence's
-    newest token on the host, which an overlapped step has not copied back yet, and a step with drafts is
-    applied before the next is scheduled (the next one's positions depend on what it accepts): a step that
-    looks drains the step in flight first and gives up its overlap. So steps look again at once after a step
-    whose drafts paid: accepted, and its tokens a second at least the overlapped steps' (its overlap is lost:
-    on an H200 a verify step cost ~2.1x an overlapped decode step at batch 1-16 and 256). Otherwise they wait
-    for doubling intervals (up to `most` steps): when nothing matches, or drafts are too short to pay for the
-    drain, 1 step in `most` loses its overlap."""
+class LookPacing:
+    """Async scheduling with speculative decoding: which steps look for drafts. A look is cheap on the host,
+    but a verify step costs the GPU more than a decode step (1 + K rows a sequence) and gives nothing more
+    when its drafts fail. So steps look again at once after a verify step whose drafts paid: accepted, and
+    its tokens a second at least the plain steps' (a moving average); otherwise they wait for doubling
+    intervals (up to `most` steps). What a step gave is known when it is applied, a step after it is
+    scheduled: the pacing hears of each look one step late."""
 
     def __init__(self, most: int = 32, smoothing: float = 0.25):
         self.most = most
         self.interval = 1
-        self.wait = 0  # overlapped steps left before the next drain
+        self.wait = 0  # steps left before the next look
         self.smoothing = smoothing
-        self.decode_rate: float | None = None  # tokens a second of the overlapped steps (a moving average)
+        self.decode_rate: float | None = None  # tokens a second of the steps that did not look (a moving average)
 
     def due(self) -> bool:
         """Called once before each step is scheduled: does it look for drafts?"""
@@ -96,7 +98,7 @@ class DrainPacing:
 
     def observe(self, probed: bool, drafted: bool, tokens: int = 0, seconds: float = 0.0) -> None:
         """After a step that looked for drafts (`probed`), or accepted some (`drafted`), and gave `tokens` in
-        `seconds` of wall time; or after an overlapped step (neither), whose rate the looks are held to."""
+        `seconds` of wall time; or after a step that did not look (neither), whose rate the looks are held to."""
         rate = tokens / seconds if tokens and seconds > 0 else None
         if not probed and not drafted:
             if rate is not None:

@@ -131,3 +131,21 @@ def _draw_residual(scaled, last, drafts, accepted, counts, dev) -> torch.Tensor:
     from nanoserve.kernels.sampling_ref import sample_ref
 
     return sample_ref(f, ones, seeds.tolist())
+
+
+def shift_back(t: dict[str, torch.Tensor], shift: torch.Tensor, block_size: int) -> None:
+    """The step after a verify step (async scheduling): the host laid out each sequence of that step as if it
+    had accepted its whole draft, so its rows' positions, KV slots and context length move back by what the
+    step rejected (`shift`, by the verify step's rows), in place in the uploaded arrays `t`, on the device."""
+    cu = t["cu_seqlens_q"]
+    num_seqs, num_tokens = cu.shape[0] - 1, t["positions"].shape[0]
+    q_lens = cu[1:] - cu[:-1]
+    first_rows = t["prev_rows"][cu[:-1]]  # each sequence's row in the step before (its first token's)
+    back = torch.where(first_rows >= 0, shift[first_rows.clamp(min=0)], 0)
+    per_token = torch.repeat_interleave(back, q_lens, output_size=num_tokens)
+    seq_of = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), q_lens, output_size=num_tokens)
+    positions = t["positions"] - per_token
+    slots = t["block_tables"][seq_of, positions // block_size] * block_size + positions % block_size
+    t["positions"] = positions
+    t["slot_mapping"] = torch.where(per_token > 0, slots, t["slot_mapping"])
+    t["context_lens"] = t["context_lens"] - back

@@ -6,7 +6,8 @@ path and the block tables go through numpy instead of nested Python lists.
 
 With overlapped scheduling a decode row's input token may still be on the GPU (sampled by the step
 before, not yet copied back): its id here is PLACEHOLDER and `prev_rows` says which row of the previous
-step's sampled tokens replaces it on the device.
+step's sampled tokens replaces it on the device. After a verify step its sequence's positions, slots and
+context length assume every draft token was accepted; the device corrects them (model_runner.shift_rows).
 """
 
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ class StepInputs:
     max_seqlen_k: int
     prev_rows: np.ndarray | None = None  # [tokens]: row of the previous step's tokens to use, or -1
     prev_count: int = 0  # rows the previous step sampled (what rank 0 broadcasts)
+    prev_verified: bool = False  # ... in a verify step: rows of its sequences are too far by what it rejected
     sampling: SamplingInputs | None = None  # the rows that sample (in logits_indices order), or None
     grammar: GrammarMask | None = None  # structured output: the constrained rows' token mask (rank 0 only)
     defer_sampling: bool = False  # rank 0 keeps the logits; sample_deferred(mask) samples once the mask is made
@@ -70,7 +72,14 @@ def prepare(batch: list[tuple[Sequence, int]], block_size: int) -> tuple[StepInp
             positions.append(start)
             slots.append(table[start // B] * B + start % B)
         else:  # a prefill chunk, or a verify step: the last token and its draft, each row giving logits
-            input_ids += [seq.token_ids[start], *seq.draft_ids] if seq.draft_ids else seq.token_ids[start:end]
+            if seq.draft_ids:
+                token = seq.token_ids[start]
+                if token == PLACEHOLDER:
+                    pending_at.append(cu[-1])
+                    pending_rows.append(seq.pending_row)
+                input_ids += [token, *seq.draft_ids]
+            else:
+                input_ids += seq.token_ids[start:end]
             positions += range(start, end)
             slots += [table[p // B] * B + p % B for p in range(start, end)]
         if seq.params.prompt_logprobs is not None:

@@ -9,8 +9,10 @@ from collections import Counter
 import pytest
 from parity import engine_greedy, hf_greedy, random_prompts
 
-from nanoserve.engine_pod import LLM, SamplingParams
+from nanoserve.engine_pod import LLM, SamplingParams, model_runner
 from nanoserve.engine_pod.errors import ConfigError
+from nanoserve.engine_pod.spec_decode import LookPacing
+from nanoserve.engine_pod.spec_verify import shift_back
 
 SPEC = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3, "prompt_lookup_min": 1}
 MAX_TOKENS = 16
@@ -36,7 +38,7 @@ def case(tiny_models):
         {"max_num_batched_tokens": 24, "kvcache_block_size": 8},  # chunked prefill beside verify steps
         {"enable_prefix_caching": False, "kvcache_block_size": 4},
         {"num_kvcache_blocks": 14, "kvcache_block_size": 8},  # preemption
-        {"async_scheduling": True},  # overlapped steps drained now and then to look for drafts
+        {"async_scheduling": True},  # verify steps in flight, paced by what they gain (spec_decode.LookPacing)
         {"async_scheduling": True, "num_kvcache_blocks": 14, "kvcache_block_size": 8, "max_num_batched_tokens": 24},
     ],
     ids=["plain", "chunked", "no-prefix-cache", "preemption", "async", "async-preemption-chunked"],
@@ -49,10 +51,40 @@ def test_greedy_equals_transformers(case, setup):
         assert [o["token_ids"] for o in outs] == expected
         stats = llm.spec_stats
         assert stats.num_draft_tokens > stats.num_accepted_tokens  # some drafts rejected
-        # Accepted ones too; with async scheduling fewer steps look for drafts (spec_decode.DrainPacing).
+        # Accepted ones too; with async scheduling fewer steps look for drafts (spec_decode.LookPacing).
         assert stats.num_accepted_tokens > 0 or setup.get("async_scheduling")
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
         if "num_kvcache_blocks" in setup:
+            assert llm.scheduler.num_preemptions > 0
+    finally:
+        llm.exit()
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [{}, {"num_kvcache_blocks": 14, "kvcache_block_size": 8, "max_num_batched_tokens": 24}],
+    ids=["async", "async-preemption-chunked"],
+)
+def test_verify_steps_stay_in_flight(case, setup, monkeypatch):
+    """Async scheduling, every step looking for drafts: each step is launched behind a verify step still in
+    flight, laid out as if that one accepted its whole draft, and the device moves it back by what it rejected
+    (spec_verify.shift_back); greedy tokens still equal transformers', and no block is left behind."""
+    monkeypatch.setattr(LookPacing, "due", lambda self: True)
+    shifts: list[int] = []
+
+    def counted(t, shift, block_size):
+        shifts.append(int(shift.sum()))
+        shift_back(t, shift, block_size)
+
+    monkeypatch.setattr(model_runner, "shift_back", counted)
+    path, prompts, expected = case
+    llm = LLM(path, **{"num_kvcache_blocks": 256, **setup, "async_scheduling": True, "speculative_config": SPEC})
+    try:
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert [o["token_ids"] for o in outs] == expected
+        assert max(shifts) > 0 and llm.spec_stats.num_accepted_tokens > 0
+        assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+        if setup:
             assert llm.scheduler.num_preemptions > 0
     finally:
         llm.exit()
@@ -291,10 +323,15 @@ def test_plain_engine_unchanged_without_config(case):
     assert engine_greedy(path, prompts[:2], MAX_TOKENS) == expected[:2]
 
 
-def test_tensor_parallel_verify_steps(case):
-    """TP=2 (a spawned gloo worker): verify steps' (1 + k)-token chunks run on both ranks, rank 0 accepts."""
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_tensor_parallel_verify_steps(case, async_scheduling, monkeypatch):
+    """TP=2 (a spawned gloo worker): verify steps' (1 + k)-token chunks run on both ranks, rank 0 accepts;
+    with async scheduling rank 0 also sends what each verify step rejected (the worker moves the next back)."""
+    monkeypatch.setattr(LookPacing, "due", lambda self: True)
     path, prompts, expected = case
-    llm = LLM(path, tensor_parallel_size=2, num_kvcache_blocks=64, speculative_config=SPEC)
+    llm = LLM(
+        path, tensor_parallel_size=2, num_kvcache_blocks=64, speculative_config=SPEC, async_scheduling=async_scheduling
+    )
     try:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
         assert [o["token_ids"] for o in outs] == expected and llm.spec_stats.num_accepted_tokens > 0
@@ -408,15 +445,16 @@ def test_verify_steps_in_the_graphs_padded_layout(case, setup, monkeypatch):
         return run(self, *args)
 
     monkeypatch.setattr(DecodeGraphs, "run", counted)
+    monkeypatch.setattr(LookPacing, "due", lambda self: True)  # (async: verify steps behind verify steps)
     llm = LLM(path, **{"num_kvcache_blocks": 256, **setup, "speculative_config": SPEC})
     try:
         runner = llm.model_runner
         runner.verify_graphs = runner.step_graphs(1 + SPEC["num_speculative_tokens"])
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
         assert [o["token_ids"] for o in outs] == expected
-        assert widths.count(4) > 0 and llm.spec_stats.num_drafts > 0
+        assert widths.count(4) > 0 and llm.spec_stats.num_accepted_tokens > 0
         if not setup.get("async_scheduling"):
-            assert llm.spec_stats.num_accepted_tokens > 0 and llm.scheduler.num_preemptions > 0
+            assert llm.scheduler.num_preemptions > 0
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
     finally:
         llm.exit()

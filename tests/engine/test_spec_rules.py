@@ -1,6 +1,8 @@
 """Speculative decoding's parts on their own: the n-gram proposer (against a brute-force lookup), the
---speculative-config parsing, and the verify step's acceptance rule against exact distributions."""
+--speculative-config parsing, the verify step's acceptance rule against exact distributions, the pacing of
+looks, and the scheduler's lookups behind a verify step in flight."""
 
+import json
 import random
 
 import numpy as np
@@ -9,10 +11,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanoserve.engine_pod.block_manager import BlockManager
+from nanoserve.engine_pod.config import Config
 from nanoserve.engine_pod.errors import ConfigError
 from nanoserve.engine_pod.sampler import SamplingInputs
+from nanoserve.engine_pod.sampling_params import SamplingParams
+from nanoserve.engine_pod.scheduler import Scheduler
+from nanoserve.engine_pod.sequence import PLACEHOLDER, Sequence
 from nanoserve.engine_pod.spec_config import SpeculativeConfig, parse_speculative_config
-from nanoserve.engine_pod.spec_decode import DrainPacing, SpecStats, TokenMirror, propose_ngram
+from nanoserve.engine_pod.spec_decode import LookPacing, SpecStats, TokenMirror, propose_ngram
 from nanoserve.engine_pod.spec_verify import SpecInputs, verify
 
 
@@ -183,8 +190,8 @@ def test_spec_stats():
     assert stats.mean_acceptance_length == 2.0
 
 
-def test_drain_pacing_backs_off_while_nothing_matches_and_resets_on_a_draft():
-    pace = DrainPacing(most=4)
+def test_look_pacing_backs_off_while_nothing_matches_and_resets_on_a_draft():
+    pace = LookPacing(most=4)
     assert pace.due()  # at once
     pace.observe(probed=True, drafted=False)  # looked, found nothing: 2 overlapped steps first
     assert [pace.due() for _ in range(3)] == [False, False, True]
@@ -198,8 +205,8 @@ def test_drain_pacing_backs_off_while_nothing_matches_and_resets_on_a_draft():
     assert pace.due() and pace.interval == 1
 
 
-def test_drain_pacing_holds_drafts_to_the_overlapped_steps_rate():
-    pace = DrainPacing(most=4, smoothing=0.5)
+def test_look_pacing_holds_drafts_to_the_overlapped_steps_rate():
+    pace = LookPacing(most=4, smoothing=0.5)
     pace.observe(probed=False, drafted=False, tokens=16, seconds=0.010)  # overlapped: 1,600 tokens a second
     pace.observe(probed=False, drafted=False, tokens=16, seconds=0.010)
     assert pace.decode_rate == pytest.approx(1600)
@@ -213,3 +220,35 @@ def test_drain_pacing_holds_drafts_to_the_overlapped_steps_rate():
     assert not pace.due() and pace.interval == 2
     pace.observe(probed=False, drafted=False)  # a step that gave no tokens (the one after a drain) moves nothing
     assert pace.decode_rate == pytest.approx(2400)
+
+
+def test_lookups_behind_a_verify_step_in_flight(tiny_models):
+    """Async scheduling: a draft proposed while the step before is in flight assumes that step accepts its
+    whole draft (the placeholders say so too); when the step's tokens show otherwise, the rejected
+    placeholders and their KV go and the next lookup assumes the step behind it emits one token."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    config = Config(tiny_models["qwen3"], device="cpu", speculative_config=json.dumps(spec))
+    scheduler = Scheduler(config, BlockManager(64, 4, True))
+    seq = Sequence([1, 2, 3, 4, 5, 6, 1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    scheduler.add(seq)
+
+    def launch() -> list[int]:
+        batch = scheduler.schedule()
+        draft = list(seq.draft_ids)
+        scheduler.advance(batch, [seq])
+        return draft
+
+    assert launch() == []  # A: the prompt
+    assert launch() == [5, 6, 1]  # B, behind A in flight: [4] is A's token guessed, not drafted
+    scheduler.resolve(seq, 9, 4)  # A's token, as guessed
+    scheduler.settle(seq, 9, [4], 1)
+    assert launch() == [3, 4, 5]  # C, behind B: as if B accepted [5, 6, 1] and then emitted 2
+    scheduler.resolve(seq, 10, 5)  # B: 5 accepted, 6 rejected; the model's token is 1
+    scheduler.resolve(seq, 11, 1)
+    scheduler.settle(seq, 10, [5, 1], 4)
+    assert seq.token_ids == [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 1] + [PLACEHOLDER] * 4  # C's placeholders moved up
+    assert seq.num_pending == 4 and seq.num_computed_tokens == 15  # C computes positions 11-14
+    assert len(seq.block_table) == 4  # (16 tokens)
+    # D, behind C: C's draft assumed B emitted [5, 6, 1, 2], so it is taken as rejected, and the lookup runs on
+    # the ids known ([1] -> [2, 3, 4, 5]); trusting C's draft it would have proposed [1, 2, 3] after [3, 4, 5].
+    assert launch() == [3, 4, 5]
