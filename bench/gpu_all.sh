@@ -133,6 +133,12 @@ serve_and_bench() {  # serve_and_bench LABEL [env assignments]: the server, the 
       run 150 python bench/serving.py $direct --stream --salt $((10 * w + 2 * i + 1)) --label "$label-direct-stream" \
         $records
     done
+    # Paired bursts: the requests of one burst alternate between the gateway and the engine, so both halves
+    # see the same engine (by_url in the result): the gateway's TTFT cost without the bursts' scatter.
+    for i in $(seq "${SERVING_PAIRED:-2}"); do
+      run 150 python bench/serving.py $via --paired-url http://127.0.0.1:8700 --stream --salt $((50 + 10 * w + i)) \
+        --label "$label-paired-w$w" $records
+    done
     [ $w != "${workers[-1]}" ] && { kill $gw; wait $gw 2>/dev/null; }
   done
   # Short prompts at once (256 x 32-64 tokens: one prefill step for all): no queue of prefill steps ahead of a

@@ -105,8 +105,9 @@ def server_timing(header: str) -> dict[str, float]:
     return out
 
 
-def client(url: str, reqs: list[dict], t0: float, stream: bool, model: str | None, results) -> None:
-    """One client process: sends its share of the requests at their times (t0 is a shared wall clock)."""
+def client(reqs: list[dict], t0: float, stream: bool, model: str | None, results) -> None:
+    """One client process: sends its share of the requests, each to its "url", at their times (t0 is a
+    shared wall clock)."""
     import aiohttp
 
     async def main():
@@ -115,8 +116,8 @@ def client(url: str, reqs: list[dict], t0: float, stream: bool, model: str | Non
 
             async def send(req):
                 await asyncio.sleep(max(0.0, t0 + req["at"] - time.time()))
-                out = await one_request(s, url, req, stream, model)
-                return out | {"url": url, "prompt_len": len(req["prompt"]), "max_tokens": req["max_tokens"]}
+                out = await one_request(s, req["url"], req, stream, model)
+                return out | {"url": req["url"], "prompt_len": len(req["prompt"]), "max_tokens": req["max_tokens"]}
 
             return await asyncio.gather(*(send(r) for r in reqs))
 
@@ -193,7 +194,7 @@ RECORD_FIELDS = ("url", "prompt_len", "max_tokens", "start", "ttft", "e2e", "tok
 
 
 def run(
-    url: str,
+    urls: list[str],
     reqs: list[dict],
     stream: bool,
     processes: int,
@@ -202,19 +203,25 @@ def run(
     records: str | None = None,
     tag: dict | None = None,
 ) -> dict:
-    """One run: its report; each request's figures appended to `records` (JSON lines, with `tag`)."""
+    """One run: its report; each request's figures appended to `records` (JSON lines, with `tag`). With two
+    URLs the requests alternate between them in one run, and the report has each one's own too (`by_url`):
+    a burst's TTFT scatters by tens of ms from run to run, the same for both halves of one run."""
     before = engine_sums(metrics_url)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     t0 = time.time() + 2.0  # every client process is up by then
+    # (each client process sends to both URLs in turn: request i goes to process i % processes)
+    reqs = [r | {"url": urls[i // processes % len(urls)]} for i, r in enumerate(reqs)]
     shares = [reqs[i::processes] for i in range(processes)]
-    procs = [ctx.Process(target=client, args=(url, share, t0, stream, model, results)) for share in shares if share]
+    procs = [ctx.Process(target=client, args=(share, t0, stream, model, results)) for share in shares if share]
     for p in procs:
         p.start()
     outs = [o for _ in procs for o in results.get()]
     for p in procs:
         p.join()
     report = summary(outs, stream, t0)
+    if len(urls) > 1:
+        report["by_url"] = {u: summary([o for o in outs if o["url"] == u], stream, t0) for u in urls}
     after = engine_sums(metrics_url)
     for key in ENGINE_HISTOGRAMS if before and after else ():
         (s0, n0), (s1, n1) = before[key], after[key]
@@ -297,6 +304,7 @@ def start_servers(args) -> tuple[str, str, list[subprocess.Popen]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", help="a running server or gateway (else --model starts one)")
+    p.add_argument("--paired-url", help="requests alternate between --url and this one, in each run (by_url)")
     p.add_argument("--metrics-url", help="the engine whose /metrics to read (default: --url, or the engine)")
     p.add_argument("--model", help="start `nanoserve serve` on this model folder")
     p.add_argument("--serve-args", default="", help="more `nanoserve serve` flags, one string")
@@ -324,15 +332,16 @@ def main() -> None:
         else:
             raise SystemExit("give --url or --model")
         model = "bench" if args.model else None
+        urls = [url, args.paired_url] if args.paired_url else [url]
         if args.warmup:
-            run(url, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
+            run(urls, workload(args.warmup, (16, 64), (4, 8), float("inf"), 99), True, 1, model, None)
         for i, stream in enumerate([False, True] if args.both else [args.stream]):
             reqs = workload(
                 args.num_prompts, tuple(args.input_len), tuple(args.output_len), args.rate, args.seed, args.salt + i
             )
             metrics = engine_url if args.metrics_url or procs else args.url
             tag = {"label": args.label, "salt": args.salt + i}
-            report = run(url, reqs, stream, args.processes, model, metrics, args.records, tag)
+            report = run(urls, reqs, stream, args.processes, model, metrics, args.records, tag)
             report.update(tag, rate=args.rate)
             print("RESULT serving " + json.dumps(report), flush=True)
     finally:
