@@ -8,8 +8,8 @@ of one generate after a warm-up. `--prefix-sharing` runs the prefix-sharing vari
 then its first half again: a model that copies continues with the rest) whose n-gram matches drafts can come
 from; run it with and without `--speculative-config '{"method": "ngram", ...}'` for the speed-up (the result has
 the acceptance counts). `--model smollm2-135m` (real weights: its induction heads copy repeated spans) gives a
-meaningful acceptance rate; the random Qwen3-0.6B weights copy nothing. Steps with drafts are not overlapped
-(async scheduling drains the step in flight to look for drafts: engine_pod/spec_decode.py DrainPacing).
+meaningful acceptance rate; the random Qwen3-0.6B weights copy nothing. Under async scheduling only some steps
+look for drafts (engine_pod/spec_decode.py LookPacing); verify steps stay in flight like decode steps.
 """
 
 import argparse
