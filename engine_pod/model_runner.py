@@ -24,7 +24,7 @@ from nanoserve.engine_pod.layers.parallel import set_tensor_parallel
 from nanoserve.engine_pod.loader import load_model
 from nanoserve.engine_pod.models import build_model
 from nanoserve.engine_pod.sampler import SamplingInputs, sample, token_logprobs
-from nanoserve.engine_pod.spec_verify import shift_back, verify
+from nanoserve.engine_pod.spec_verify import SpecInputs, shift_back, verify
 from nanoserve.engine_pod.step_inputs import StepInputs, Uploader
 from nanoserve.engine_pod.structured_output import GrammarMask, apply_grammar_mask
 from nanoserve.engine_pod.tp_commands import CommandChannel, TPLink
@@ -241,36 +241,30 @@ class ModelRunner:
     def warmup(self) -> None:
         """One full-size prefill step and a decode step with sampled and greedy rows, nothing stored: the
         kernels compile now instead of under the first requests, and a step that cannot fit in memory
-        fails here."""
+        fails here. With speculative decoding also a verify step and the move back of the step behind one
+        (spec_verify.shift_back): kernels outside the graphs that plain steps never use."""
         cfg = self.config
         tokens = min(cfg.max_num_batched_tokens, cfg.max_num_seqs * cfg.max_model_len)
         lens = [min(cfg.max_model_len, tokens - i) for i in range(0, tokens, cfg.max_model_len)]
         for q_lens in (lens, [1] * min(cfg.max_num_seqs, 8)):
-            n, seqs, longest = sum(q_lens), len(q_lens), max(q_lens)
-            cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
-            rows = np.arange(seqs, dtype=np.int64)
-            sampling = SamplingInputs(
-                temperatures=np.where(rows % 2, 0.0, 1.0),
-                top_k=np.full(seqs, -1),
-                top_p=np.ones(seqs),
-                seeds=rows,
-                all_greedy=False,
-                needs_top=False,
-            )
-            self.run(
-                StepInputs(
-                    input_ids=np.zeros(n, np.int64),
-                    positions=np.concatenate([np.arange(q) for q in q_lens]),
-                    slot_mapping=np.full(n, -1, np.int64),
-                    cu_seqlens_q=cu,
-                    context_lens=np.asarray(q_lens, np.int64),
-                    block_tables=np.zeros((seqs, -(-longest // cfg.kvcache_block_size)), np.int64),
-                    logits_indices=cu[1:] - 1,
-                    max_seqlen_q=longest,
-                    max_seqlen_k=longest,
-                    sampling=sampling,
-                )
-            )
+            self.run(_warmup_step(q_lens, cfg.kvcache_block_size))
+        if cfg.speculative is not None:
+            k, seqs = cfg.speculative.num_speculative_tokens, min(cfg.max_num_seqs, 2)
+            step = _warmup_step([1 + k] * seqs, cfg.kvcache_block_size, every_row=True)
+            rows = seqs * (1 + k)
+            step.spec = SpecInputs(np.full(seqs, k), np.zeros((seqs, k), np.int64), np.arange(rows), np.zeros(rows))
+            self.run(step)
+            after = {  # a decode step of those sequences, its slots stored nowhere unless moved back
+                "cu_seqlens_q": torch.arange(seqs + 1, device=self.device),
+                "positions": torch.full((seqs,), 1 + k, device=self.device),
+                "prev_rows": torch.arange(seqs, device=self.device),
+                "block_tables": torch.zeros(
+                    (seqs, -(-(2 + k) // cfg.kvcache_block_size)), dtype=torch.int64, device=self.device
+                ),
+                "slot_mapping": torch.full((seqs,), -1, device=self.device),
+                "context_lens": torch.full((seqs,), 2 + k, device=self.device),
+            }
+            shift_back(after, torch.zeros(seqs, dtype=torch.int64, device=self.device), cfg.kvcache_block_size)
         self.prev_tokens = self.prev_shift = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -329,6 +323,34 @@ class ModelRunner:
             else:
                 dist.destroy_process_group()
         self._release()
+
+
+def _warmup_step(q_lens: list[int], block_size: int, every_row: bool = False) -> StepInputs:
+    """A step of sequences computing `q_lens` tokens from position 0, half of them sampled and half greedy,
+    that stores nothing (its slots are -1). `every_row`: logits at every token (a verify step's)."""
+    n, seqs, longest = sum(q_lens), len(q_lens), max(q_lens)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int64)
+    rows = np.arange(seqs, dtype=np.int64)
+    sampling = SamplingInputs(
+        temperatures=np.where(rows % 2, 0.0, 1.0),
+        top_k=np.full(seqs, -1),
+        top_p=np.ones(seqs),
+        seeds=rows,
+        all_greedy=False,
+        needs_top=False,
+    )
+    return StepInputs(
+        input_ids=np.zeros(n, np.int64),
+        positions=np.concatenate([np.arange(q) for q in q_lens]),
+        slot_mapping=np.full(n, -1, np.int64),
+        cu_seqlens_q=cu,
+        context_lens=np.asarray(q_lens, np.int64),
+        block_tables=np.zeros((seqs, -(-longest // block_size)), np.int64),
+        logits_indices=np.arange(n) if every_row else cu[1:] - 1,
+        max_seqlen_q=longest,
+        max_seqlen_k=longest,
+        sampling=sampling,
+    )
 
 
 def _logits_rows(hidden: torch.Tensor, inputs: StepInputs, t: dict[str, torch.Tensor]) -> torch.Tensor:

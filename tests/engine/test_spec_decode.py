@@ -7,6 +7,7 @@ import multiprocessing
 from collections import Counter
 
 import pytest
+import torch
 from parity import engine_greedy, hf_greedy, random_prompts
 
 from nanoserve.engine_pod import LLM, SamplingParams, model_runner
@@ -86,6 +87,35 @@ def test_verify_steps_stay_in_flight(case, setup, monkeypatch):
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
         if setup:
             assert llm.scheduler.num_preemptions > 0
+    finally:
+        llm.exit()
+
+
+def test_warmup_runs_a_verify_step_and_stores_nothing(case, monkeypatch):
+    """With speculative decoding the warm-up (run on CUDA at start) also verifies drafts and moves a step
+    back, so their kernels load before the first request; it stores nothing in the KV cache, and the
+    engine's tokens afterwards still equal transformers'."""
+    calls: list[str] = []
+
+    def spied(name, fn):
+        def inner(*args, **kwargs):
+            calls.append(name)
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(model_runner, name, inner)
+
+    spied("verify", model_runner.verify)
+    spied("shift_back", model_runner.shift_back)
+    path, prompts, expected = case
+    llm = LLM(path, num_kvcache_blocks=256, async_scheduling=True, speculative_config=SPEC)
+    try:
+        cache = llm.model_runner.kv_cache.clone()
+        llm.model_runner.warmup()
+        assert calls == ["verify", "shift_back"]
+        assert torch.equal(llm.model_runner.kv_cache, cache)
+        assert llm.model_runner.prev_tokens is None and llm.model_runner.prev_shift is None
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True))
+        assert [o["token_ids"] for o in outs] == expected
     finally:
         llm.exit()
 
