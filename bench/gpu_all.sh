@@ -99,8 +99,8 @@ NGRAM='{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, 
 want spec && run 200 python bench/throughput.py --repetitive --label repetitive
 want spec && run 200 python bench/throughput.py --repetitive --speculative-config "$NGRAM" --label repetitive-ngram
 want spec && run 200 python bench/throughput.py --speculative-config "$NGRAM" --label ngram
-# ... and at small batches, where verify steps should pay (1 and 16 edit-style requests)
-for n in 1 16; do
+# ... and at smaller batches, where verify steps should pay (1, 16 and 64 edit-style requests)
+for n in 1 16 64; do
   want spec && run 100 python bench/throughput.py --repetitive --num-prompts $n --label repetitive-$n
   want spec && run 100 python bench/throughput.py --repetitive --num-prompts $n --speculative-config "$NGRAM" \
     --label repetitive-$n-ngram
