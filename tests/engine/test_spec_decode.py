@@ -7,7 +7,6 @@ import multiprocessing
 from collections import Counter
 
 import pytest
-import torch
 from parity import engine_greedy, hf_greedy, random_prompts
 
 from nanoserve.engine_pod import LLM, SamplingParams, model_runner
