@@ -190,7 +190,7 @@ class LLMEngine:
         `(sequence, new token)` for each sequence that got a token (finished ones have `finish_reason`).
         With async scheduling these are the previous step's tokens: this step is launched first, so the GPU
         works on it while the host applies them and schedules the next one. Verify steps too: the step after
-        one is laid out as if it accepted every draft token, and the device moves it back (scheduler.drop)."""
+        one is laid out as if it accepted every draft token, and the device moves it back (spec_verify.shift_back)."""
         overlap = self.config.async_scheduling
         if overlap and (self.constrained or self.unsampled is not None):
             from nanoserve.engine_pod.constrained_step import constrained_step  # (it imports this module)
@@ -317,6 +317,8 @@ class LLMEngine:
     ) -> list[tuple[Sequence, int | None]]:
         """After a row's first token (at `position`): a verify step's accepted tokens, each checked for a stop
         as if decoded alone, none kept past one; then the scheduler settles the row's placeholders."""
+        if not num_drafted and not seq.flight_basis:  # a plain row, and no draft behind it guessed its token
+            return []
         if num_drafted:
             self.spec_stats.add(num_drafted, len(more))
         out: list[tuple[Sequence, int | None]] = []

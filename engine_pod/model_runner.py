@@ -182,7 +182,7 @@ class ModelRunner:
             inputs.padded_rows = padded_rows(inputs.cu_seqlens_q, verify.width)
         t = self.upload(inputs)
         input_ids = t["input_ids"]
-        context_lens_list = inputs.context_lens.tolist()
+        shifted_lens = None  # the torch backend's host context lengths, when the device moved them back
         if inputs.prev_count and inputs.prev_rows is not None:  # rows whose token only the device has seen
             prev, shift = self._previous(inputs)
             rows = t["prev_rows"]
@@ -193,7 +193,7 @@ class ModelRunner:
             if shift is not None:
                 shift_back(t, shift, self.config.kvcache_block_size)
                 if self.attention_layers[0].backend == "torch":  # (the reference reads host lists)
-                    context_lens_list = t["context_lens"].tolist()
+                    shifted_lens = t["context_lens"].tolist()
         splits = 1
         if is_decode and self.num_splits_for is not None:
             splits = self.num_splits_for(
@@ -215,7 +215,7 @@ class ModelRunner:
                     max_seqlen_q=inputs.max_seqlen_q,
                     max_seqlen_k=inputs.max_seqlen_k,
                     query_lens_list=np.diff(inputs.cu_seqlens_q).tolist(),
-                    context_lens_list=context_lens_list,
+                    context_lens_list=inputs.context_lens.tolist() if shifted_lens is None else shifted_lens,
                     is_decode=is_decode,
                     num_splits=splits,
                 )

@@ -7,7 +7,7 @@ path and the block tables go through numpy instead of nested Python lists.
 With overlapped scheduling a decode row's input token may still be on the GPU (sampled by the step
 before, not yet copied back): its id here is PLACEHOLDER and `prev_rows` says which row of the previous
 step's sampled tokens replaces it on the device. After a verify step its sequence's positions, slots and
-context length assume every draft token was accepted; the device corrects them (model_runner.shift_rows).
+context length assume every draft token was accepted; the device corrects them (spec_verify.shift_back).
 """
 
 from dataclasses import dataclass
