@@ -55,7 +55,11 @@ def burst_figures(outs: list[dict]) -> dict:
 
 def mean_se(xs: list[float]) -> dict:
     se = statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else None
-    return {"mean": round(statistics.fmean(xs), 2), "se": se and round(se, 2), "median": round(statistics.median(xs), 2)}
+    return {
+        "mean": round(statistics.fmean(xs), 2),
+        "se": se and round(se, 2),
+        "median": round(statistics.median(xs), 2),
+    }
 
 
 def run_rounds(args: argparse.Namespace) -> dict:
